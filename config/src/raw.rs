@@ -1,0 +1,73 @@
+//! The configuration as written: every key optional where it has a default,
+//! values untyped (strings and integers), unknown keys refused.
+//!
+//! Keeping these loose lets validation report every bad value with its key
+//! and a useful message instead of a serde type error, and keeps defaults in
+//! one place ([`crate::resolve`]).
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub proxy: Option<RawProxy>,
+    pub old: Option<RawStore>,
+    pub new: Option<RawStore>,
+    pub auth: Option<RawAuth>,
+    pub telemetry: Option<RawTelemetry>,
+    #[serde(default)]
+    pub tables: Vec<RawTable>,
+}
+
+/// `[proxy]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProxy {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub max_connections: Option<i64>,
+    pub max_message_bytes: Option<i64>,
+    pub connect_timeout_ms: Option<i64>,
+    pub client_idle_timeout_secs: Option<i64>,
+    pub tcp_keepalive_secs: Option<i64>,
+    pub shutdown_grace_secs: Option<i64>,
+}
+
+/// `[old]` and `[new]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStore {
+    pub url: Option<String>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAuth {
+    pub method: Option<String>,
+    pub users_file: Option<String>,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTelemetry {
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+}
+
+/// One `[[tables]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTable {
+    pub name: Option<String>,
+    pub phase: Option<String>,
+    pub read_share: Option<i64>,
+}
+
+/// The sections that may be set from the environment
+/// (`SWITCHYARD_<SECTION>__<KEY>`). `[[tables]]` is an array and cannot.
+pub(crate) const ENV_SECTIONS: &[&str] = &["proxy", "old", "new", "auth", "telemetry"];

@@ -1,0 +1,308 @@
+//! Turns the raw, as-written configuration into the typed [`Config`],
+//! applying defaults and collecting every problem with its key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use url::Url;
+
+use crate::error::{ConfigError, Problem};
+use crate::raw::{RawAuth, RawConfig, RawProxy, RawStore, RawTable, RawTelemetry};
+use crate::settings::{AuthMethod, AuthSettings, ProxySettings, StoreSettings, TelemetrySettings};
+use crate::store_url::StoreUrl;
+use crate::tables::{Phase, TableName, TableSettings};
+use crate::users::UsersFile;
+use crate::Config;
+
+/// PostgreSQL refuses messages above `PQ_LARGE_MESSAGE_LIMIT` (1 GiB - 1,
+/// src/include/libpq/libpq.h), so a larger cap would only waste memory.
+const MAX_MESSAGE_BYTES_LIMIT: i64 = 1 << 30;
+
+/// Linux caps TCP_KEEPIDLE at 32767 s (MAX_TCP_KEEPIDLE, include/net/tcp.h).
+const MAX_KEEPALIVE_SECS: i64 = 32_767;
+
+/// Validation state: the problems found so far and where overrides came from.
+pub(crate) struct Resolver<'a> {
+    problems: Vec<Problem>,
+    /// Key path (`proxy.listen`) -> the environment variable that set it.
+    env_keys: &'a HashMap<String, String>,
+    /// What relative `users_file` paths are relative to.
+    base_dir: &'a Path,
+}
+
+impl<'a> Resolver<'a> {
+    pub(crate) fn new(env_keys: &'a HashMap<String, String>, base_dir: &'a Path) -> Self {
+        Self {
+            problems: Vec::new(),
+            env_keys,
+            base_dir,
+        }
+    }
+
+    /// Records `message` against `key`, naming the environment variable if
+    /// one set the key.
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        let mut message = message.into();
+        if let Some(var) = self.env_keys.get(key) {
+            message.push_str(&format!(" (set by environment variable {var})"));
+        }
+        self.problems.push(Problem::new(key, message));
+    }
+
+    /// Resolves the whole configuration, or returns every problem found
+    /// (plus `earlier`, problems found before parsing).
+    pub(crate) fn resolve(mut self, raw: RawConfig, earlier: Vec<Problem>) -> Result<Config, ConfigError> {
+        self.problems = earlier;
+        let proxy = self.proxy(raw.proxy.unwrap_or_default());
+        let old = self.store("old", raw.old.unwrap_or_default());
+        let new = self.store("new", raw.new.unwrap_or_default());
+        if let (Some(o), Some(n)) = (&old, &new) {
+            let same = |u: &StoreUrl| (u.engine, u.host.clone(), u.port, u.database.clone());
+            if same(&o.url) == same(&n.url) {
+                self.problem("new.url", "names the same database as old.url; OLD and NEW must be different databases");
+            }
+        }
+        let auth = self.auth(raw.auth.unwrap_or_default());
+        let telemetry = self.telemetry(raw.telemetry.unwrap_or_default());
+        let tables = self.tables(raw.tables);
+        match (old, new, auth) {
+            (Some(old), Some(new), Some(auth)) if self.problems.is_empty() => Ok(Config {
+                proxy,
+                old,
+                new,
+                auth,
+                telemetry,
+                tables,
+            }),
+            _ => Err(ConfigError::Invalid(self.problems)),
+        }
+    }
+
+    fn proxy(&mut self, raw: RawProxy) -> ProxySettings {
+        let defaults = ProxySettings::default();
+        let listen = match raw.listen {
+            Some(s) => self.socket_addr("proxy.listen", &s).unwrap_or(defaults.listen),
+            None => defaults.listen,
+        };
+        let admin_listen = match raw.admin_listen.as_deref() {
+            None => defaults.admin_listen,
+            Some("off") => None,
+            Some(s) => self.socket_addr("proxy.admin_listen", s).or(defaults.admin_listen),
+        };
+        let max_connections = self.int("proxy.max_connections", raw.max_connections, 1000, 1, i64::from(u32::MAX));
+        let max_message_bytes = self.int(
+            "proxy.max_message_bytes",
+            raw.max_message_bytes,
+            256 * 1024 * 1024,
+            1024,
+            MAX_MESSAGE_BYTES_LIMIT,
+        );
+        let connect_ms = self.int("proxy.connect_timeout_ms", raw.connect_timeout_ms, 5000, 1, i64::MAX);
+        let idle = self.int("proxy.client_idle_timeout_secs", raw.client_idle_timeout_secs, 0, 0, i64::MAX);
+        let keepalive = self.int("proxy.tcp_keepalive_secs", raw.tcp_keepalive_secs, 60, 0, MAX_KEEPALIVE_SECS);
+        let grace = self.int("proxy.shutdown_grace_secs", raw.shutdown_grace_secs, 30, 0, i64::MAX);
+        ProxySettings {
+            listen,
+            admin_listen,
+            max_connections: u32::try_from(max_connections).unwrap_or(u32::MAX),
+            max_message_bytes: usize::try_from(max_message_bytes).unwrap_or(usize::MAX),
+            connect_timeout: Duration::from_millis(connect_ms),
+            client_idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
+            tcp_keepalive: (keepalive > 0).then(|| Duration::from_secs(keepalive)),
+            shutdown_grace: Duration::from_secs(grace),
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, s: &str) -> Option<SocketAddr> {
+        match s.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                let off = if key.ends_with("admin_listen") { ", or \"off\"" } else { "" };
+                self.problem(
+                    key,
+                    format!("{s:?} is not an IP address and port such as \"127.0.0.1:6432\" or \"[::1]:6432\"{off}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// An integer setting within `min..=max`, or `default` when absent (or
+    /// invalid, after recording the problem).
+    fn int(&mut self, key: &str, value: Option<i64>, default: u64, min: i64, max: i64) -> u64 {
+        match value {
+            None => default,
+            Some(v) if (min..=max).contains(&v) => u64::try_from(v).unwrap_or(default),
+            Some(v) if max == i64::MAX => {
+                self.problem(key, format!("{v} is out of range; must be at least {min}"));
+                default
+            }
+            Some(v) => {
+                self.problem(key, format!("{v} is out of range; must be between {min} and {max}"));
+                default
+            }
+        }
+    }
+
+    fn store(&mut self, section: &str, raw: RawStore) -> Option<StoreSettings> {
+        let key = format!("{section}.url");
+        match raw.url {
+            None => {
+                let var = format!("SWITCHYARD_{}__URL", section.to_ascii_uppercase());
+                self.problem(
+                    &key,
+                    format!("missing; set url in [{section}] (for example \"postgres://user@127.0.0.1:5432/db\") or {var}"),
+                );
+                None
+            }
+            Some(s) => match StoreUrl::parse(&s) {
+                Ok(url) => Some(StoreSettings { url }),
+                Err(why) => {
+                    self.problem(&key, why);
+                    None
+                }
+            },
+        }
+    }
+
+    fn auth(&mut self, raw: RawAuth) -> Option<AuthSettings> {
+        let method = match raw.method.as_deref() {
+            None => Some(AuthMethod::ScramSha256),
+            Some(s) => s.parse().map_err(|why: String| self.problem("auth.method", why)).ok(),
+        };
+        let users_file = match raw.users_file {
+            Some(s) if s.is_empty() => {
+                self.problem("auth.users_file", "is empty; name a users file");
+                return None;
+            }
+            Some(s) => Some(self.base_dir.join(s)),
+            None => None,
+        };
+        let users = match (&users_file, method) {
+            (None, Some(AuthMethod::Trust)) => UsersFile::default(),
+            (None, Some(method)) => {
+                self.problem(
+                    "auth.users_file",
+                    format!("missing; auth method {method} needs a users file (or set method = \"trust\")"),
+                );
+                return None;
+            }
+            // An unknown method was reported already; still check the file's format.
+            (Some(path), method) => self.users(path, method.unwrap_or(AuthMethod::Trust))?,
+            (None, None) => return None,
+        };
+        Some(AuthSettings {
+            method: method?,
+            users_file,
+            users,
+        })
+    }
+
+    fn users(&mut self, path: &PathBuf, method: AuthMethod) -> Option<UsersFile> {
+        match UsersFile::load(path, method) {
+            Ok(users) => Some(users),
+            Err(ConfigError::Invalid(problems)) => {
+                self.problems.extend(problems);
+                None
+            }
+            Err(e) => {
+                self.problem("auth.users_file", e.to_string());
+                None
+            }
+        }
+    }
+
+    fn telemetry(&mut self, raw: RawTelemetry) -> TelemetrySettings {
+        let defaults = TelemetrySettings::default();
+        let log_format = match raw.log_format {
+            None => defaults.log_format,
+            Some(s) => s
+                .parse()
+                .map_err(|why: String| self.problem("telemetry.log_format", why))
+                .unwrap_or(defaults.log_format),
+        };
+        let log_level = self.non_empty("telemetry.log_level", raw.log_level, defaults.log_level);
+        let service_name = self.non_empty("telemetry.service_name", raw.service_name, defaults.service_name);
+        let otlp_endpoint = raw.otlp_endpoint.and_then(|s| match Url::parse(&s) {
+            Ok(url) if url.scheme() == "http" && url.host().is_some() => Some(url),
+            Ok(url) => {
+                self.problem(
+                    "telemetry.otlp_endpoint",
+                    format!("{s:?} has scheme {:?}; expected an http:// URL of an OTLP/HTTP collector", url.scheme()),
+                );
+                None
+            }
+            Err(e) => {
+                self.problem("telemetry.otlp_endpoint", format!("{s:?} is not a valid URL: {e}"));
+                None
+            }
+        });
+        TelemetrySettings {
+            log_format,
+            log_level,
+            otlp_endpoint,
+            service_name,
+        }
+    }
+
+    fn non_empty(&mut self, key: &str, value: Option<String>, default: String) -> String {
+        match value {
+            None => default,
+            Some(s) if s.trim().is_empty() => {
+                self.problem(key, "is empty");
+                default
+            }
+            Some(s) => s,
+        }
+    }
+
+    fn tables(&mut self, raw: Vec<RawTable>) -> Vec<TableSettings> {
+        let mut tables = Vec::with_capacity(raw.len());
+        let mut seen: HashMap<TableName, usize> = HashMap::new();
+        for (i, t) in raw.into_iter().enumerate() {
+            let key = format!("tables[{i}]");
+            let name = match t.name.as_deref().map(str::parse::<TableName>) {
+                None => {
+                    self.problem(&format!("{key}.name"), "missing; write name = \"schema.table\"");
+                    None
+                }
+                Some(Err(why)) => {
+                    self.problem(&format!("{key}.name"), why);
+                    None
+                }
+                Some(Ok(name)) => {
+                    if let Some(first) = seen.insert(name.clone(), i) {
+                        self.problem(&format!("{key}.name"), format!("table {name} is already listed as tables[{first}]"));
+                    }
+                    Some(name)
+                }
+            };
+            let which = name.as_ref().map_or_else(String::new, |n| format!("table {n}: "));
+            let phase = match t.phase.as_deref().map(str::parse::<Phase>) {
+                None => {
+                    let valid = Phase::valid_names();
+                    self.problem(&format!("{key}.phase"), format!("{which}missing; expected one of {valid}"));
+                    None
+                }
+                Some(Err(why)) => {
+                    self.problem(&format!("{key}.phase"), format!("{which}{why}"));
+                    None
+                }
+                Some(Ok(phase)) => Some(phase),
+            };
+            let read_share = match t.read_share.unwrap_or(0) {
+                v @ 0..=100 => u8::try_from(v).ok(),
+                v => {
+                    self.problem(&format!("{key}.read_share"), format!("{which}{v} is not a percentage from 0 to 100"));
+                    None
+                }
+            };
+            if let (Some(name), Some(phase), Some(read_share)) = (name, phase, read_share) {
+                tables.push(TableSettings { name, phase, read_share });
+            }
+        }
+        tables
+    }
+}

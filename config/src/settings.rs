@@ -1,0 +1,212 @@
+//! The resolved sections of the configuration: `[proxy]`, `[old]`/`[new]`,
+//! `[auth]` and `[telemetry]`.
+//!
+//! These are what programs use. Each field notes the TOML key it comes from;
+//! serializing gives back those keys (with secrets redacted).
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+use url::Url;
+
+use crate::store_url::StoreUrl;
+use crate::users::UsersFile;
+
+/// `[proxy]`: the listening sockets and per-connection limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProxySettings {
+    /// `listen`: where applications connect (default `127.0.0.1:6432`).
+    pub listen: SocketAddr,
+    /// `admin_listen`: the HTTP admin API (default `127.0.0.1:6490`);
+    /// `None` when set to `"off"`.
+    #[serde(serialize_with = "ser_admin_listen")]
+    pub admin_listen: Option<SocketAddr>,
+    /// `max_connections`: client connections at once (default 1000); beyond
+    /// that, new clients get FATAL 53300 (too_many_connections).
+    pub max_connections: u32,
+    /// `max_message_bytes`: largest wire message accepted, length field
+    /// included (default 256 MiB, at least 1024, at most 1 GiB).
+    pub max_message_bytes: usize,
+    /// `connect_timeout_ms`: upstream connect plus login (default 5 s).
+    #[serde(rename = "connect_timeout_ms", serialize_with = "ser_ms")]
+    pub connect_timeout: Duration,
+    /// `client_idle_timeout_secs`: close client connections idle this long
+    /// outside a transaction; `None` (written 0, the default) = never.
+    #[serde(rename = "client_idle_timeout_secs", serialize_with = "ser_opt_secs")]
+    pub client_idle_timeout: Option<Duration>,
+    /// `tcp_keepalive_secs`: TCP keepalive idle time on client and upstream
+    /// sockets (default 60 s); `None` (written 0) = keepalive off.
+    #[serde(rename = "tcp_keepalive_secs", serialize_with = "ser_opt_secs")]
+    pub tcp_keepalive: Option<Duration>,
+    /// `shutdown_grace_secs`: on SIGTERM, how long running sessions may
+    /// finish before they are cut (default 30 s; 0 = cut at once).
+    #[serde(rename = "shutdown_grace_secs", serialize_with = "ser_secs")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ProxySettings {
+    /// The documented defaults.
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 6432)),
+            admin_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 6490))),
+            max_connections: 1000,
+            max_message_bytes: 256 * 1024 * 1024,
+            connect_timeout: Duration::from_millis(5000),
+            client_idle_timeout: None,
+            tcp_keepalive: Some(Duration::from_secs(60)),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[old]` or `[new]`: one store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoreSettings {
+    /// `url`: how to reach the store (serialized with the password hidden).
+    pub url: StoreUrl,
+}
+
+/// How the proxy authenticates clients (`[auth] method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum AuthMethod {
+    /// `trust`: no password asked.
+    #[serde(rename = "trust")]
+    Trust,
+    /// `md5`: PostgreSQL's MD5 password challenge.
+    #[serde(rename = "md5")]
+    Md5,
+    /// `scram-sha-256`: SCRAM-SHA-256 (RFC 7677), the default.
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+impl AuthMethod {
+    /// Every method.
+    pub const ALL: [AuthMethod; 3] = [AuthMethod::Trust, AuthMethod::Md5, AuthMethod::ScramSha256];
+
+    /// The name used in configuration files, as in `pg_hba.conf`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trust => "trust",
+            Self::Md5 => "md5",
+            Self::ScramSha256 => "scram-sha-256",
+        }
+    }
+}
+
+impl fmt::Display for AuthMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AuthMethod {
+    type Err = String;
+
+    /// Parses a method name; the error lists the valid names.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown method {s:?}; expected one of trust, md5, scram-sha-256")
+            })
+    }
+}
+
+/// `[auth]`: client authentication.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuthSettings {
+    /// `method` (default `scram-sha-256`).
+    pub method: AuthMethod,
+    /// `users_file`, resolved to an absolute path if it was relative.
+    /// Required unless `method = "trust"`.
+    pub users_file: Option<PathBuf>,
+    /// The users read from `users_file` and checked against `method`; empty
+    /// when there is no users file.
+    pub users: UsersFile,
+}
+
+/// `[telemetry] log_format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    /// Parses `text` or `json`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(format!("unknown log format {s:?}; expected text or json")),
+        }
+    }
+}
+
+/// `[telemetry]`: logs and OpenTelemetry export. The section is optional.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TelemetrySettings {
+    /// `log_format` (default `text`).
+    pub log_format: LogFormat,
+    /// `log_level`: a `tracing_subscriber::EnvFilter` directive string,
+    /// passed through unchecked (default `info`).
+    pub log_level: String,
+    /// `otlp_endpoint`: when set, traces and metrics are exported over
+    /// OTLP/HTTP to this `http://` URL.
+    #[serde(serialize_with = "ser_opt_url", skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<Url>,
+    /// `service_name`: the OpenTelemetry `service.name` (default
+    /// `switchyard`).
+    pub service_name: String,
+}
+
+impl Default for TelemetrySettings {
+    /// The documented defaults.
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Text,
+            log_level: "info".to_string(),
+            otlp_endpoint: None,
+            service_name: "switchyard".to_string(),
+        }
+    }
+}
+
+fn ser_admin_listen<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(addr) => s.collect_str(addr),
+        None => s.serialize_str("off"),
+    }
+}
+
+fn ser_ms<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ser_secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+fn ser_opt_secs<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.map_or(0, |d| d.as_secs()))
+}
+
+fn ser_opt_url<S: Serializer>(u: &Option<Url>, s: S) -> Result<S::Ok, S::Error> {
+    match u {
+        Some(u) => s.collect_str(u),
+        None => s.serialize_none(),
+    }
+}

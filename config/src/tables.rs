@@ -1,0 +1,191 @@
+//! Per-table migration settings (`[[tables]]`): which table, which phase,
+//! and how much read traffic NEW serves.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Where a table is in its migration from OLD to NEW.
+///
+/// The phases run in the order listed, and a table may be rolled back from any
+/// phase to an earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// OLD serves everything; NEW is not touched.
+    Passthrough,
+    /// OLD is authoritative; writes are mirrored to NEW; reads from OLD.
+    DualWrite,
+    /// As `DualWrite`, and reads also run on NEW to compare results; clients
+    /// get OLD's answer.
+    ShadowRead,
+    /// As `DualWrite`, and `read_share` percent of eligible reads are served
+    /// by NEW.
+    ReadShift,
+    /// NEW is authoritative and writes are mirrored back to OLD, so a
+    /// rollback loses nothing.
+    Cutover,
+    /// NEW serves everything; OLD is no longer written.
+    Done,
+}
+
+impl Phase {
+    /// Every phase, in migration order.
+    pub const ALL: [Phase; 6] = [
+        Phase::Passthrough,
+        Phase::DualWrite,
+        Phase::ShadowRead,
+        Phase::ReadShift,
+        Phase::Cutover,
+        Phase::Done,
+    ];
+
+    /// The name used in configuration files: `passthrough`, `dual_write`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Passthrough => "passthrough",
+            Self::DualWrite => "dual_write",
+            Self::ShadowRead => "shadow_read",
+            Self::ReadShift => "read_shift",
+            Self::Cutover => "cutover",
+            Self::Done => "done",
+        }
+    }
+
+    /// The valid names, comma separated, for error messages.
+    pub(crate) fn valid_names() -> String {
+        Self::ALL.map(Phase::as_str).join(", ")
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Phase {
+    type Err = String;
+
+    /// Parses a phase name; the error lists the valid names.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown phase {s:?}; expected one of {}",
+                    Self::valid_names()
+                )
+            })
+    }
+}
+
+/// A schema-qualified table name. Written `schema.table` or `table` (which
+/// means `public.table`); `Display` always gives `schema.table`.
+///
+/// Names are kept exactly as written, so they match PostgreSQL's stored
+/// (folded to lowercase, for unquoted identifiers) names only if written
+/// that way.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    /// The schema, `public` when none was written.
+    pub schema: String,
+    /// The table.
+    pub table: String,
+}
+
+impl TableName {
+    /// Builds a name from its parts, without validation.
+    pub fn new(schema: impl Into<String>, table: impl Into<String>) -> Self {
+        Self {
+            schema: schema.into(),
+            table: table.into(),
+        }
+    }
+}
+
+impl FromStr for TableName {
+    type Err = String;
+
+    /// Parses `schema.table` or `table`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split('.').collect();
+        let (schema, table) = match parts.as_slice() {
+            [table] => ("public", *table),
+            [schema, table] => (*schema, *table),
+            _ => {
+                return Err(format!(
+                    "table name {s:?} has too many dots; write \"schema.table\" or \"table\""
+                ))
+            }
+        };
+        for part in [schema, table] {
+            if part.is_empty() {
+                return Err(format!(
+                    "table name {s:?} has an empty part; write \"schema.table\" or \"table\""
+                ));
+            }
+            if part
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '"')
+            {
+                return Err(format!(
+                    "table name {s:?} contains whitespace, control characters or quotes"
+                ));
+            }
+        }
+        Ok(Self::new(schema, table))
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+/// Serializes as the string `schema.table`.
+impl Serialize for TableName {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// One `[[tables]]` entry, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TableSettings {
+    /// The table this entry is about.
+    pub name: TableName,
+    /// Its migration phase.
+    pub phase: Phase,
+    /// Percent (0..=100) of eligible reads served by NEW in
+    /// [`Phase::ReadShift`].
+    pub read_share: u8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_names_round_trip() {
+        for phase in Phase::ALL {
+            assert_eq!(phase.as_str().parse::<Phase>().unwrap(), phase);
+        }
+        let err = "dualwrite".parse::<Phase>().unwrap_err();
+        assert!(err.contains("dual_write") && err.contains("done"), "{err}");
+    }
+
+    #[test]
+    fn table_names() {
+        let t: TableName = "accounts".parse().unwrap();
+        assert_eq!(t.to_string(), "public.accounts");
+        let t: TableName = "billing.invoices".parse().unwrap();
+        assert_eq!((t.schema.as_str(), t.table.as_str()), ("billing", "invoices"));
+        for bad in ["", ".x", "x.", "a.b.c", "a b", "\"x\""] {
+            assert!(bad.parse::<TableName>().is_err(), "{bad:?}");
+        }
+    }
+}

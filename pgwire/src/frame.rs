@@ -1,0 +1,152 @@
+//! Framing: find whole messages in a buffer before looking inside them.
+//!
+//! After startup every message is a tag byte, a big-endian `i32` length that counts itself but
+//! not the tag, and a body. The proxy checks that a whole frame is buffered and that its length
+//! is sane, then forwards or parses it; bodies it does not rewrite are never copied.
+
+use crate::ProtocolError;
+
+/// Caps applied while framing, so a peer cannot make us buffer without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageLimits {
+    /// Largest accepted message, tag and length included.
+    pub max_message_bytes: usize,
+}
+
+impl Default for MessageLimits {
+    fn default() -> Self {
+        MessageLimits {
+            max_message_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// The tag and size of one complete or partial frame at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// The message type byte.
+    pub tag: u8,
+    /// Total frame size: tag (1) + length field (4) + body.
+    pub frame_len: usize,
+}
+
+impl FrameHeader {
+    /// Size of the tag and length field.
+    pub const SIZE: usize = 5;
+
+    /// The body's range within a buffer that starts with this frame.
+    pub fn body_range(&self) -> std::ops::Range<usize> {
+        Self::SIZE..self.frame_len
+    }
+}
+
+/// Reads the header of the frame at the start of `buf`.
+///
+/// Returns `Ok(None)` when fewer than five bytes are buffered. The caller still has to check
+/// that `frame_len` bytes are present before touching the body; knowing the length early lets it
+/// reserve buffer space once.
+pub fn peek_header(buf: &[u8], limits: MessageLimits) -> Result<Option<FrameHeader>, ProtocolError> {
+    let Some(head) = buf.get(..FrameHeader::SIZE) else {
+        return Ok(None);
+    };
+    let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+    if len < 4 {
+        return Err(ProtocolError::InvalidLength { len: len.into() });
+    }
+    // `len` is positive and at most i32::MAX, so the sum cannot overflow usize.
+    let frame_len = len as usize + 1;
+    if frame_len > limits.max_message_bytes {
+        return Err(ProtocolError::TooLarge {
+            len: frame_len,
+            limit: limits.max_message_bytes,
+        });
+    }
+    Ok(Some(FrameHeader {
+        tag: head[0],
+        frame_len,
+    }))
+}
+
+/// Iterates over the complete frames at the start of a buffer.
+///
+/// Stops at the first partial frame; [`Frames::consumed`] then tells how many bytes the complete
+/// frames cover, which is what a forwarder writes out in one go.
+pub struct Frames<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    limits: MessageLimits,
+}
+
+impl<'a> Frames<'a> {
+    /// Starts iterating at the beginning of `buf`.
+    pub fn new(buf: &'a [u8], limits: MessageLimits) -> Self {
+        Frames { buf, pos: 0, limits }
+    }
+
+    /// Bytes covered by the frames returned so far.
+    pub fn consumed(&self) -> usize {
+        self.pos
+    }
+
+    /// Header of the partial frame that stopped the iteration, if its header is buffered.
+    pub fn pending(&self) -> Result<Option<FrameHeader>, ProtocolError> {
+        peek_header(&self.buf[self.pos..], self.limits)
+    }
+}
+
+impl<'a> Iterator for Frames<'a> {
+    type Item = Result<(FrameHeader, &'a [u8]), ProtocolError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = &self.buf[self.pos..];
+        match peek_header(rest, self.limits) {
+            Ok(Some(h)) if rest.len() >= h.frame_len => {
+                self.pos += h.frame_len;
+                Some(Ok((h, &rest[h.body_range()])))
+            }
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: MessageLimits = MessageLimits {
+        max_message_bytes: 64,
+    };
+
+    #[test]
+    fn splits_complete_frames_and_stops_at_a_partial_one() {
+        let mut buf = vec![b'Q', 0, 0, 0, 9, b's', b'e', b'l', b'\0'];
+        buf.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        buf.extend_from_slice(&[b'Q', 0, 0, 0, 9, b'x']);
+        let mut frames = Frames::new(&buf, LIMITS);
+        let (h, body) = frames.next().unwrap().unwrap();
+        assert_eq!((h.tag, h.frame_len, body), (b'Q', 10, &b"sel\0"[..]));
+        let (h, body) = frames.next().unwrap().unwrap();
+        assert_eq!((h.tag, h.frame_len, body.len()), (b'S', 5, 0));
+        assert!(frames.next().is_none());
+        assert_eq!(frames.consumed(), 15);
+        assert_eq!(frames.pending().unwrap().unwrap().frame_len, 10);
+    }
+
+    #[test]
+    fn rejects_lengths_below_four_and_above_the_cap() {
+        assert_eq!(
+            peek_header(&[b'Q', 0, 0, 0, 3], LIMITS),
+            Err(ProtocolError::InvalidLength { len: 3 })
+        );
+        assert_eq!(
+            peek_header(&[b'Q', 0xff, 0xff, 0xff, 0xff], LIMITS),
+            Err(ProtocolError::InvalidLength { len: -1 })
+        );
+        assert!(matches!(
+            peek_header(&[b'Q', 0, 0, 1, 0], LIMITS),
+            Err(ProtocolError::TooLarge { len: 257, limit: 64 })
+        ));
+        assert_eq!(peek_header(&[b'Q', 0, 0], LIMITS), Ok(None));
+    }
+}

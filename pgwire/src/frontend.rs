@@ -1,0 +1,306 @@
+//! Messages a client sends after startup, and builders for the ones the proxy sends upstream.
+//!
+//! Parsing borrows from the frame body: nothing is copied unless the caller keeps it.
+
+use bytes::{BufMut, BytesMut};
+
+use crate::read::BodyReader;
+use crate::startup::put_cstr;
+use crate::ProtocolError;
+
+/// Which kind of object a Describe or Close names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A prepared statement (`'S'`).
+    Statement,
+    /// A portal (`'P'`).
+    Portal,
+}
+
+/// A message from the client, borrowed from its frame body.
+///
+/// Text fields are bytes: they are in the client's encoding, which need not be UTF-8.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage<'a> {
+    /// Simple query: one or more statements separated by semicolons.
+    Query {
+        /// The query text.
+        sql: &'a [u8],
+    },
+    /// Parse: create a prepared statement (unnamed when `statement` is empty).
+    Parse {
+        /// Statement name.
+        statement: &'a [u8],
+        /// Query text.
+        sql: &'a [u8],
+    },
+    /// Bind: create a portal from a prepared statement and parameter values.
+    Bind {
+        /// Portal name.
+        portal: &'a [u8],
+        /// Statement name.
+        statement: &'a [u8],
+    },
+    /// Describe a statement or portal.
+    Describe {
+        /// Statement or portal.
+        target: Target,
+        /// Its name.
+        name: &'a [u8],
+    },
+    /// Execute a portal.
+    Execute {
+        /// Portal name.
+        portal: &'a [u8],
+        /// Row limit, 0 for all.
+        max_rows: i32,
+    },
+    /// Close a statement or portal.
+    Close {
+        /// Statement or portal.
+        target: Target,
+        /// Its name.
+        name: &'a [u8],
+    },
+    /// End of an extended-protocol batch.
+    Sync,
+    /// Ask the server to flush its output.
+    Flush,
+    /// The client is leaving.
+    Terminate,
+    /// COPY FROM STDIN data.
+    CopyData(&'a [u8]),
+    /// End of COPY FROM STDIN data.
+    CopyDone,
+    /// The client aborts COPY FROM STDIN.
+    CopyFail {
+        /// Why.
+        message: &'a [u8],
+    },
+    /// Fast-path function call (legacy).
+    FunctionCall(&'a [u8]),
+    /// PasswordMessage, SASLInitialResponse, SASLResponse or GSSResponse: which one depends on
+    /// the authentication exchange in progress.
+    Password(&'a [u8]),
+}
+
+/// Whether `tag` names a frontend message after startup.
+pub fn is_known_tag(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'X' | b'd' | b'c' | b'f' | b'F' | b'p'
+    )
+}
+
+/// Parses the body of a frontend message with the given tag.
+pub fn parse(tag: u8, body: &[u8]) -> Result<ClientMessage<'_>, ProtocolError> {
+    let msg = match tag {
+        b'Q' => {
+            let mut r = BodyReader::new(body, "Query");
+            let sql = r.cstr()?;
+            r.finish()?;
+            ClientMessage::Query { sql }
+        }
+        b'P' => {
+            let mut r = BodyReader::new(body, "Parse");
+            let statement = r.cstr()?;
+            let sql = r.cstr()?;
+            let n = r.i16()?;
+            if n < 0 {
+                return Err(ProtocolError::malformed("Parse", "negative parameter count"));
+            }
+            r.bytes(n as usize * 4)?;
+            r.finish()?;
+            ClientMessage::Parse { statement, sql }
+        }
+        b'B' => {
+            let mut r = BodyReader::new(body, "Bind");
+            let portal = r.cstr()?;
+            let statement = r.cstr()?;
+            ClientMessage::Bind { portal, statement }
+        }
+        b'D' | b'C' => {
+            let what = if tag == b'D' { "Describe" } else { "Close" };
+            let mut r = BodyReader::new(body, what);
+            let target = match r.u8()? {
+                b'S' => Target::Statement,
+                b'P' => Target::Portal,
+                _ => return Err(ProtocolError::malformed(what, "target must be 'S' or 'P'")),
+            };
+            let name = r.cstr()?;
+            r.finish()?;
+            if tag == b'D' {
+                ClientMessage::Describe { target, name }
+            } else {
+                ClientMessage::Close { target, name }
+            }
+        }
+        b'E' => {
+            let mut r = BodyReader::new(body, "Execute");
+            let portal = r.cstr()?;
+            let max_rows = r.i32()?;
+            r.finish()?;
+            ClientMessage::Execute { portal, max_rows }
+        }
+        b'S' | b'H' | b'X' | b'c' => {
+            if !body.is_empty() {
+                return Err(ProtocolError::malformed(
+                    "Sync/Flush/Terminate/CopyDone",
+                    "unexpected body",
+                ));
+            }
+            match tag {
+                b'S' => ClientMessage::Sync,
+                b'H' => ClientMessage::Flush,
+                b'X' => ClientMessage::Terminate,
+                _ => ClientMessage::CopyDone,
+            }
+        }
+        b'd' => ClientMessage::CopyData(body),
+        b'f' => {
+            let mut r = BodyReader::new(body, "CopyFail");
+            let message = r.cstr()?;
+            ClientMessage::CopyFail { message }
+        }
+        b'F' => ClientMessage::FunctionCall(body),
+        b'p' => ClientMessage::Password(body),
+        other => return Err(ProtocolError::UnknownTag(other)),
+    };
+    Ok(msg)
+}
+
+/// Parses a SASLInitialResponse body: mechanism name and the initial client response.
+pub fn parse_sasl_initial_response(body: &[u8]) -> Result<(&str, &[u8]), ProtocolError> {
+    let mut r = BodyReader::new(body, "SASLInitialResponse");
+    let mechanism = r.str()?;
+    let len = r.i32()?;
+    let data = if len < 0 { &[][..] } else { r.bytes(len as usize)? };
+    r.finish()?;
+    Ok((mechanism, data))
+}
+
+/// Parses a PasswordMessage body (a NUL-terminated password or md5 digest).
+pub fn parse_password(body: &[u8]) -> Result<&[u8], ProtocolError> {
+    let mut r = BodyReader::new(body, "PasswordMessage");
+    let password = r.cstr()?;
+    r.finish()?;
+    Ok(password)
+}
+
+fn begin(out: &mut BytesMut, tag: u8) -> usize {
+    out.put_u8(tag);
+    let start = out.len();
+    out.put_i32(0);
+    start
+}
+
+/// Writes a simple Query message.
+pub fn query(out: &mut BytesMut, sql: &str) {
+    let start = begin(out, b'Q');
+    put_cstr(out, sql.as_bytes());
+    crate::startup::patch_len(out, start);
+}
+
+/// Writes a PasswordMessage (cleartext password or md5 digest).
+pub fn password(out: &mut BytesMut, password: &[u8]) {
+    let start = begin(out, b'p');
+    put_cstr(out, password);
+    crate::startup::patch_len(out, start);
+}
+
+/// Writes a SASLInitialResponse.
+pub fn sasl_initial_response(out: &mut BytesMut, mechanism: &str, data: &[u8]) {
+    let start = begin(out, b'p');
+    put_cstr(out, mechanism.as_bytes());
+    out.put_i32(data.len() as i32);
+    out.put_slice(data);
+    crate::startup::patch_len(out, start);
+}
+
+/// Writes a SASLResponse.
+pub fn sasl_response(out: &mut BytesMut, data: &[u8]) {
+    let start = begin(out, b'p');
+    out.put_slice(data);
+    crate::startup::patch_len(out, start);
+}
+
+/// Writes a Terminate message.
+pub fn terminate(out: &mut BytesMut) {
+    out.put_slice(&[b'X', 0, 0, 0, 4]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Frames, MessageLimits};
+
+    fn one(buf: &[u8]) -> ClientMessage<'_> {
+        let (h, body) = Frames::new(buf, MessageLimits::default())
+            .next()
+            .unwrap()
+            .unwrap();
+        parse(h.tag, body).unwrap()
+    }
+
+    #[test]
+    fn parses_what_the_builders_write() {
+        let mut buf = BytesMut::new();
+        query(&mut buf, "select 1");
+        assert_eq!(one(&buf), ClientMessage::Query { sql: b"select 1" });
+        buf.clear();
+        sasl_initial_response(&mut buf, "SCRAM-SHA-256", b"n,,n=,r=abc");
+        let ClientMessage::Password(body) = one(&buf) else {
+            panic!()
+        };
+        assert_eq!(
+            parse_sasl_initial_response(body).unwrap(),
+            ("SCRAM-SHA-256", &b"n,,n=,r=abc"[..])
+        );
+        buf.clear();
+        password(&mut buf, b"md5abc");
+        let ClientMessage::Password(body) = one(&buf) else {
+            panic!()
+        };
+        assert_eq!(parse_password(body).unwrap(), b"md5abc");
+    }
+
+    #[test]
+    fn parses_extended_protocol_messages() {
+        let parse_body = b"s1\0select $1\0\0\x01\0\0\0\x17";
+        assert_eq!(
+            parse(b'P', parse_body).unwrap(),
+            ClientMessage::Parse {
+                statement: b"s1",
+                sql: b"select $1"
+            }
+        );
+        assert_eq!(
+            parse(b'E', b"p\0\0\0\0\x05").unwrap(),
+            ClientMessage::Execute {
+                portal: b"p",
+                max_rows: 5
+            }
+        );
+        assert_eq!(
+            parse(b'C', b"Sstmt\0").unwrap(),
+            ClientMessage::Close {
+                target: Target::Statement,
+                name: b"stmt"
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_bodies() {
+        assert!(parse(b'Q', b"no terminator").is_err());
+        assert!(parse(b'P', b"s\0q\0\xff\xff").is_err());
+        assert!(parse(b'D', b"Xname\0").is_err());
+        assert!(parse(b'S', b"x").is_err());
+        assert_eq!(parse(b'!', b""), Err(ProtocolError::UnknownTag(b'!')));
+        // Text in a client encoding other than UTF-8 passes through untouched.
+        assert_eq!(
+            parse(b'Q', b"\xff\xfe\0").unwrap(),
+            ClientMessage::Query { sql: b"\xff\xfe" }
+        );
+    }
+}

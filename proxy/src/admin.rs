@@ -1,0 +1,99 @@
+//! The admin HTTP API: `/health`, `/status` (JSON), `/metrics` (Prometheus text).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::server::ProxyState;
+use crate::shutdown::{Shutdown, ShutdownState};
+
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serves the admin API until shutdown.
+pub(crate) async fn serve(state: Arc<ProxyState>, listener: TcpListener, mut shutdown: Shutdown) {
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    let stop = async move {
+        shutdown.changed_from(ShutdownState::Running).await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        tracing::warn!(error = %e, "admin API stopped");
+    }
+}
+
+/// 200 when the authoritative store (OLD, in every phase built so far) answers, 503 otherwise.
+async fn health(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
+    let (old, new) = tokio::join!(
+        state.old_store.ping(PING_TIMEOUT),
+        state.new_store.ping(PING_TIMEOUT)
+    );
+    let draining = state.shutdown.state() != ShutdownState::Running;
+    let report = |r: &Result<Duration, switchyard_store::StoreError>| match r {
+        Ok(d) => json!({"ok": true, "latency_ms": d.as_secs_f64() * 1000.0}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    };
+    let healthy = old.is_ok() && !draining;
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if healthy { "ok" } else if draining { "draining" } else { "degraded" },
+        "old": report(&old),
+        "new": report(&new),
+    });
+    (code, Json(body))
+}
+
+async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
+    let counters = &state.metrics.counters;
+    let config = &state.config;
+    let tables: Vec<_> = config
+        .tables
+        .iter()
+        .map(|t| {
+            json!({
+                "name": t.name.to_string(),
+                "phase": t.phase.as_str(),
+                "read_share": t.read_share,
+            })
+        })
+        .collect();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "state": match state.shutdown.state() {
+            ShutdownState::Running => "running",
+            ShutdownState::Draining { .. } => "draining",
+            ShutdownState::Immediate => "stopping",
+        },
+        "listen": config.proxy.listen.to_string(),
+        "old": config.old.url.redacted().to_string(),
+        "new": config.new.url.redacted().to_string(),
+        "auth_method": config.auth.method.as_str(),
+        "connections": {
+            "active": counters.connections_active(),
+            "total": counters.connections_total(),
+            "max": config.proxy.max_connections,
+        },
+        "tables": tables,
+    }))
+}
+
+async fn metrics(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render_prometheus(),
+    )
+}

@@ -1,0 +1,66 @@
+//! Cancel keys of live sessions, so a CancelRequest reaches the backend it names.
+//!
+//! Clients see their real backend's process id and secret key (BackendKeyData is forwarded
+//! unchanged), so a CancelRequest arriving on a new connection carries an upstream key. The proxy
+//! only forwards keys it handed out itself; an unknown key is dropped silently, as PostgreSQL does.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use dashmap::DashMap;
+use switchyard_pgwire::startup::CancelKey;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Live sessions' cancel keys and the upstream address each one belongs to.
+#[derive(Debug, Default)]
+pub struct CancelRegistry {
+    keys: DashMap<CancelKey, SocketAddr>,
+}
+
+/// Removes a key from the registry when its session ends.
+pub struct CancelGuard {
+    registry: Arc<CancelRegistry>,
+    key: CancelKey,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        self.registry.keys.remove(&self.key);
+    }
+}
+
+impl CancelRegistry {
+    /// Records a session's key; the returned guard removes it again.
+    pub fn register(self: &Arc<Self>, key: CancelKey, upstream: SocketAddr) -> CancelGuard {
+        self.keys.insert(key.clone(), upstream);
+        CancelGuard {
+            registry: Arc::clone(self),
+            key,
+        }
+    }
+
+    /// Number of registered sessions.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether no session is registered.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Forwards a CancelRequest to the backend that owns `key`. Returns whether it was known.
+    pub async fn forward(&self, key: &CancelKey) -> std::io::Result<bool> {
+        let Some(addr) = self.keys.get(key).map(|e| *e.value()) else {
+            return Ok(false);
+        };
+        let mut out = BytesMut::with_capacity(16);
+        key.encode_request(&mut out);
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.write_all(&out).await?;
+        stream.shutdown().await?;
+        Ok(true)
+    }
+}

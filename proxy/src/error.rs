@@ -1,0 +1,126 @@
+//! Errors of the proxy layer.
+//!
+//! Every error knows where it came from ([`ErrorSource`], a metrics label) and what the client
+//! should be told. Errors from a store are forwarded to the client byte for byte and never become
+//! one of these; these are the proxy's own.
+
+use switchyard_pgwire::backend::ErrorResponse;
+use switchyard_pgwire::{sqlstate, ProtocolError};
+
+/// Who caused an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    /// The client sent something wrong.
+    Client,
+    /// The OLD store failed or went away.
+    Old,
+    /// The NEW store failed or went away.
+    New,
+    /// The proxy itself.
+    Internal,
+}
+
+impl ErrorSource {
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorSource::Client => "client",
+            ErrorSource::Old => "old",
+            ErrorSource::New => "new",
+            ErrorSource::Internal => "internal",
+        }
+    }
+}
+
+/// Starting the proxy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address from the config.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration cannot be served by this build.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Reading the users file or another start-up input failed.
+    #[error("{0}")]
+    Config(String),
+    /// Telemetry could not be set up.
+    #[error("telemetry: {0}")]
+    Telemetry(String),
+}
+
+/// Why a client session ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The client's socket failed.
+    #[error("client I/O: {0}")]
+    ClientIo(std::io::Error),
+    /// The OLD store's socket failed.
+    #[error("upstream I/O: {0}")]
+    UpstreamIo(std::io::Error),
+    /// The client broke the protocol.
+    #[error("client protocol violation: {0}")]
+    ClientProtocol(#[from] ProtocolError),
+    /// The upstream server broke the protocol.
+    #[error("upstream protocol violation: {0}")]
+    UpstreamProtocol(ProtocolError),
+    /// Login to the store failed before the session started.
+    #[error("upstream login: {0}")]
+    UpstreamLogin(String),
+    /// The proxy refused the session (auth, limits, shutdown) and told the client why.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The client or upstream did not answer in time.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+}
+
+impl SessionError {
+    /// Who caused it, for metrics.
+    pub fn source(&self) -> ErrorSource {
+        match self {
+            SessionError::ClientIo(_) | SessionError::ClientProtocol(_) | SessionError::Refused(_) => {
+                ErrorSource::Client
+            }
+            SessionError::Timeout(_) => ErrorSource::Client,
+            SessionError::UpstreamIo(_)
+            | SessionError::UpstreamProtocol(_)
+            | SessionError::UpstreamLogin(_) => ErrorSource::Old,
+        }
+    }
+
+    /// Short kind label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SessionError::ClientIo(_) | SessionError::UpstreamIo(_) => "io",
+            SessionError::ClientProtocol(_) | SessionError::UpstreamProtocol(_) => "protocol",
+            SessionError::UpstreamLogin(_) => "login",
+            SessionError::Refused(_) => "refused",
+            SessionError::Timeout(_) => "timeout",
+        }
+    }
+
+    /// The FATAL message the client should get before the connection closes, if any.
+    pub fn client_message(&self) -> Option<ErrorResponse> {
+        match self {
+            SessionError::ClientProtocol(e) => Some(ErrorResponse::fatal(e.sqlstate(), e.to_string())),
+            SessionError::UpstreamProtocol(_) => Some(ErrorResponse::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "the upstream server sent an invalid message",
+            )),
+            SessionError::UpstreamIo(_) => Some(ErrorResponse::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                "lost the connection to the database server",
+            )),
+            SessionError::ClientIo(_)
+            | SessionError::UpstreamLogin(_)
+            | SessionError::Refused(_)
+            | SessionError::Timeout(_) => None,
+        }
+    }
+}

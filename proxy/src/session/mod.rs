@@ -1,0 +1,257 @@
+//! One client session: startup, authentication, upstream login, relay, goodbye.
+//!
+//! Startup and authentication are straight-line async code; after login the session is a relay
+//! loop ([`relay`]). Every way a session ends is decided here: the client gets a FATAL
+//! ErrorResponse with a proper SQLSTATE when the proxy ends it, and the upstream gets Terminate.
+
+mod client_auth;
+mod io;
+mod relay;
+pub(crate) mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use switchyard_pgwire::backend::{self, ErrorResponse};
+use switchyard_pgwire::startup::{StartupMessage, StartupPacket};
+use switchyard_pgwire::{frontend, sqlstate};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use client_auth::send_fatal;
+pub(crate) use client_auth::ClientAuth;
+use relay::{RelayEnd, RelayParams};
+use upstream::LoginOutcome;
+
+use crate::error::SessionError;
+use crate::metrics::ErrorKind;
+use crate::server::ProxyState;
+use crate::shutdown::ShutdownState;
+
+/// How long a client may take from connecting to finishing authentication (PostgreSQL's
+/// `authentication_timeout` default).
+const AUTHENTICATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Serves one accepted client connection to the end.
+pub(crate) async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr, id: u64) {
+    let span = tracing::info_span!(
+        "session",
+        id,
+        %peer,
+        user = tracing::field::Empty,
+        backend_pid = tracing::field::Empty
+    );
+    let counters = &state.metrics.counters;
+    counters.connection_opened();
+    let result = run_session(&state, stream).instrument(span.clone()).await;
+    counters.connection_closed();
+    let _entered = span.enter();
+    match result {
+        Ok(end) => tracing::debug!(?end, "session ended"),
+        Err(e) => {
+            counters.error(e.source(), ErrorKind::from_label(e.kind()));
+            match &e {
+                SessionError::ClientIo(_) | SessionError::Refused(_) => {
+                    tracing::debug!(error = %e, "session ended")
+                }
+                _ => tracing::warn!(error = %e, source = e.source().as_str(), "session failed"),
+            }
+        }
+    }
+}
+
+async fn run_session(state: &ProxyState, mut client: TcpStream) -> Result<RelayEnd, SessionError> {
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let startup =
+        match tokio::time::timeout(AUTHENTICATION_TIMEOUT, handshake(state, &mut client, &mut buf)).await {
+            Ok(Ok(Some(startup))) => startup,
+            Ok(Ok(None)) => return Ok(RelayEnd::ClientClosed),
+            Ok(Err(e)) => {
+                if let Some(fatal) = e.client_message() {
+                    send_fatal(&mut client, fatal).await;
+                }
+                return Err(e);
+            }
+            Err(_) => return Err(SessionError::Timeout("client authentication")),
+        };
+    let user = startup.param("user").unwrap_or_default().to_owned();
+    tracing::Span::current().record("user", user.as_str());
+
+    let _permit = match state.connection_slots.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => {
+            let e = ErrorResponse::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already");
+            send_fatal(&mut client, e).await;
+            return Err(SessionError::Refused("max_connections reached".into()));
+        }
+    };
+    if state.shutdown.state() != ShutdownState::Running {
+        let e = ErrorResponse::fatal(sqlstate::CANNOT_CONNECT_NOW, "the proxy is shutting down");
+        send_fatal(&mut client, e).await;
+        return Err(SessionError::Refused("shutting down".into()));
+    }
+
+    let settings = &state.config.proxy;
+    let login = state
+        .upstream
+        .connect(
+            startup.protocol,
+            &startup.params,
+            settings.connect_timeout,
+            settings.tcp_keepalive,
+        )
+        .await;
+    let upstream = match login {
+        Ok(LoginOutcome::Ready(u)) => u,
+        Ok(LoginOutcome::Refused(refused)) => {
+            // The server's own error, byte for byte.
+            let _ = client.write_all(&refused.raw).await;
+            return Err(SessionError::UpstreamLogin(refused.message));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open a session on the OLD store");
+            let fatal = ErrorResponse::fatal(
+                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                "the proxy cannot reach the database server",
+            )
+            .with_hint("see the proxy's log for details");
+            send_fatal(&mut client, fatal).await;
+            return Err(e);
+        }
+    };
+    let upstream_addr = upstream.stream.peer_addr().map_err(SessionError::UpstreamIo)?;
+    let _cancel_guard = upstream.cancel_key.clone().map(|key| {
+        tracing::Span::current().record("backend_pid", key.pid);
+        state.cancel.register(key, upstream_addr)
+    });
+
+    let mut hello = BytesMut::with_capacity(upstream.greeting.len() + 9);
+    backend::auth_ok(&mut hello);
+    hello.extend_from_slice(&upstream.greeting);
+    client.write_all(&hello).await.map_err(SessionError::ClientIo)?;
+
+    let (mut client_rd, mut client_wr) = client.into_split();
+    let (mut up_rd, mut up_wr) = upstream.stream.into_split();
+    let params = RelayParams {
+        limits: state.limits,
+        idle_timeout: settings.client_idle_timeout,
+        metrics: &state.metrics,
+    };
+    let end = relay::relay(
+        params,
+        (&mut client_rd, &mut client_wr),
+        buf,
+        (&mut up_rd, &mut up_wr),
+        upstream.buf,
+        state.shutdown.clone(),
+    )
+    .await;
+
+    let goodbye = match &end {
+        Ok(RelayEnd::Drained | RelayEnd::ShutdownNow) => Some(ErrorResponse::fatal(
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection due to administrator command",
+        )),
+        Ok(RelayEnd::IdleTimeout) => Some(ErrorResponse::fatal(
+            sqlstate::IDLE_SESSION_TIMEOUT,
+            "terminating connection due to idle-session timeout",
+        )),
+        Err(e) => e.client_message(),
+        Ok(_) => None,
+    };
+    if let Some(fatal) = goodbye {
+        send_fatal(&mut client_wr, fatal).await;
+    }
+    if !matches!(end, Ok(RelayEnd::ClientTerminated | RelayEnd::UpstreamClosed)) {
+        let mut bye = BytesMut::with_capacity(5);
+        frontend::terminate(&mut bye);
+        let _ = up_wr.write_all(&bye).await;
+    }
+    let _ = client_wr.shutdown().await;
+    let _ = up_wr.shutdown().await;
+    end
+}
+
+/// Reads the startup packet (answering SSL and GSS encryption requests with 'N', forwarding
+/// cancel requests), checks the parameters, and authenticates the client.
+///
+/// Returns `None` when the connection only carried a CancelRequest.
+async fn handshake(
+    state: &ProxyState,
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Option<StartupMessage>, SessionError> {
+    let startup = loop {
+        match io::read_startup(client, buf).await? {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                // TLS is not configured: refuse, and the client goes on in plain text.
+                if !buf.is_empty() {
+                    // Bytes after an encryption request, before our answer, would be a
+                    // man-in-the-middle's injection (CVE-2021-23214): refuse them.
+                    return Err(SessionError::ClientProtocol(
+                        switchyard_pgwire::ProtocolError::Malformed {
+                            what: "SSLRequest",
+                            detail: "unexpected data after the encryption request",
+                        },
+                    ));
+                }
+                client.write_all(b"N").await.map_err(SessionError::ClientIo)?;
+            }
+            StartupPacket::Cancel(key) => {
+                match state.cancel.forward(&key).await {
+                    Ok(true) => tracing::debug!(pid = key.pid, "cancel request forwarded"),
+                    Ok(false) => tracing::debug!(pid = key.pid, "cancel request for an unknown key dropped"),
+                    Err(e) => tracing::warn!(pid = key.pid, error = %e, "cannot forward cancel request"),
+                }
+                return Ok(None);
+            }
+            StartupPacket::Startup(startup) => break startup,
+        }
+    };
+
+    let Some(user) = startup.param("user").filter(|u| !u.is_empty()) else {
+        let e = ErrorResponse::fatal(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            "no PostgreSQL user name specified in startup packet",
+        );
+        send_fatal(client, e).await;
+        return Err(SessionError::Refused("no user name".into()));
+    };
+    if startup
+        .param("replication")
+        .is_some_and(|v| v != "false" && v != "0" && v != "off")
+    {
+        let e = ErrorResponse::fatal(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "replication connections are not supported through the proxy",
+        )
+        .with_hint("connect to the database server directly for replication");
+        send_fatal(client, e).await;
+        return Err(SessionError::Refused("replication connection".into()));
+    }
+    state
+        .client_auth
+        .authenticate(client, buf, user, state.limits)
+        .await?;
+
+    // Checked after authentication, as PostgreSQL does, so it reveals nothing to strangers.
+    let database = startup
+        .param("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(user);
+    if database != state.upstream.url.database {
+        let e = ErrorResponse::fatal(
+            sqlstate::INVALID_CATALOG_NAME,
+            format!("database \"{database}\" does not exist"),
+        )
+        .with_hint(format!(
+            "this proxy serves the database \"{}\"",
+            state.upstream.url.database
+        ));
+        send_fatal(client, e).await;
+        return Err(SessionError::Refused(format!("unknown database {database}")));
+    }
+    Ok(Some(startup))
+}

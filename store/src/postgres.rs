@@ -1,0 +1,70 @@
+//! PostgreSQL adapter (sqlx).
+
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use switchyard_config::StoreUrl;
+
+use crate::{Role, StoreError};
+
+/// A PostgreSQL store: a small sqlx pool for the proxy's own queries.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    role: Role,
+    url: String,
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Builds the pool without connecting.
+    pub fn connect_lazy(role: Role, url: &StoreUrl) -> PgStore {
+        let mut options = PgConnectOptions::new()
+            .host(&url.host)
+            .port(url.port)
+            .username(&url.user)
+            .database(&url.database)
+            .application_name("switchyard");
+        if let Some(password) = &url.password {
+            options = options.password(password);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(5))
+            .idle_timeout(Duration::from_secs(60))
+            .connect_lazy_with(options);
+        PgStore {
+            role,
+            url: url.redacted().to_string(),
+            pool,
+        }
+    }
+
+    /// Which side this store is.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The pool, for adapters built on top.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// `SELECT 1` with a deadline.
+    pub async fn ping(&self, timeout: Duration) -> Result<Duration, StoreError> {
+        let started = Instant::now();
+        match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&self.pool)).await {
+            Ok(Ok(_)) => Ok(started.elapsed()),
+            Ok(Err(source)) => Err(StoreError::Unavailable {
+                role: self.role.as_str(),
+                url: self.url.clone(),
+                source,
+            }),
+            Err(_) => Err(StoreError::Timeout {
+                role: self.role.as_str(),
+                url: self.url.clone(),
+                timeout,
+            }),
+        }
+    }
+}
