@@ -74,9 +74,7 @@ pub(crate) fn select_overrides(env: HashMap<String, String>) -> Overrides {
             [section, _] if !ENV_SECTIONS.contains(section) => {
                 format!("unknown section {section:?}; expected one of {sections}")
             }
-            _ => format!(
-                "expected SWITCHYARD_<SECTION>__<KEY> with one of {sections} as the section"
-            ),
+            _ => format!("expected SWITCHYARD_<SECTION>__<KEY> with one of {sections} as the section"),
         };
         out.problems
             .push(Problem::new(format!("environment variable {name}"), problem));
@@ -84,4 +82,25 @@ pub(crate) fn select_overrides(env: HashMap<String, String>) -> Overrides {
     // HashMap order is random; keep messages stable.
     out.problems.sort_by(|a, b| a.key.cmp(&b.key));
     out
+}
+
+/// Names the override variables a `config` crate error is about: those
+/// whose key (`proxy.listen`) or whose section and field (`proxy`, `lisen`)
+/// the message mentions; all of them if none match.
+pub(crate) fn blame(keys: &HashMap<String, String>, message: &str) -> String {
+    let mut vars: Vec<&str> = keys
+        .iter()
+        .filter(|(key, _)| {
+            let (section, field) = key.split_once('.').unwrap_or((key.as_str(), ""));
+            message.contains(&format!("`{key}`"))
+                || (message.contains(&format!("`{section}`")) && message.contains(&format!("`{field}`")))
+        })
+        .map(|(_, var)| var.as_str())
+        .collect();
+    if vars.is_empty() {
+        vars = keys.values().map(String::as_str).collect();
+    }
+    vars.sort_unstable();
+    let plural = if vars.len() == 1 { "" } else { "s" };
+    format!("environment variable{plural} {}", vars.join(", "))
 }

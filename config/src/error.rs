@@ -108,29 +108,38 @@ pub(crate) fn toml_error_line(text: &str, err: &toml::de::Error) -> String {
     let before = text.get(..span.start).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    // The table header the error falls under, so the key can be found even
-    // when the message names only the field (`unknown field `lisen``).
-    let lines: Vec<&str> = text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).collect();
+    // Name the key: the table header the error falls under plus the key on
+    // the error's line, so `unknown field `lisen`` becomes `proxy.lisen`.
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .collect();
     let is_header = |l: &&str| l.starts_with('[') && l.ends_with(']');
     let error_line = lines.get(line - 1).copied().unwrap_or("");
-    let section = if is_header(&error_line) {
-        None
-    } else {
-        let above = lines.get(..line - 1).unwrap_or(&[]);
-        above.iter().rposition(|l| is_header(l)).map(|at| {
-            let header = above[at];
-            match header.strip_prefix("[[").and_then(|h| h.strip_suffix("]]")) {
-                // Array of tables: name the entry by index, as validation does.
-                Some(array) => {
-                    let index = above[..at].iter().filter(|l| **l == header).count();
-                    format!("{}[{index}]", array.trim())
-                }
-                None => header.to_string(),
-            }
-        })
-    };
-    match section {
-        Some(section) => format!("line {line}, column {column}, in {section}: {message}"),
-        None => format!("line {line}, column {column}: {message}"),
+    if is_header(&error_line) {
+        return format!("line {line}, column {column}: {message}");
     }
+    let above = lines.get(..line - 1).unwrap_or(&[]);
+    let section = above.iter().rposition(is_header).map(|at| {
+        let header = above[at];
+        match header.strip_prefix("[[").and_then(|h| h.strip_suffix("]]")) {
+            // Array of tables: name the entry by index, as validation does.
+            Some(array) => {
+                let index = above[..at].iter().filter(|l| **l == header).count();
+                format!("{}[{index}]", array.trim())
+            }
+            None => header.trim_matches(['[', ']']).trim().to_string(),
+        }
+    });
+    let key = error_line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches(['"', '\'']))
+        .filter(|k| !k.is_empty());
+    let path = match (section, key) {
+        (Some(section), Some(key)) => format!("{section}.{key}"),
+        (Some(section), None) => section,
+        (None, Some(key)) => key.to_string(),
+        (None, None) => return format!("line {line}, column {column}: {message}"),
+    };
+    format!("line {line}, column {column}, {path}: {message}")
 }

@@ -30,9 +30,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 pub use error::{ConfigError, Problem};
-pub use settings::{
-    AuthMethod, AuthSettings, LogFormat, ProxySettings, StoreSettings, TelemetrySettings,
-};
+pub use settings::{AuthMethod, AuthSettings, LogFormat, ProxySettings, StoreSettings, TelemetrySettings};
 pub use store_url::{Engine, RedactedStoreUrl, StoreUrl};
 pub use tables::{Phase, TableName, TableSettings};
 pub use url::Url;
@@ -186,11 +184,13 @@ impl Config {
             .and_then(|c| c.try_deserialize::<raw::RawConfig>());
         let raw = match merged {
             Ok(raw) => raw,
+            // The file was fine on its own, so the environment is at fault.
             Err(e) if earlier.is_empty() => {
+                let message = e.to_string();
                 return Err(ConfigError::Parse {
-                    origin: origin.to_string(),
-                    message: e.to_string(),
-                })
+                    origin: env::blame(&overrides.keys, &message),
+                    message,
+                });
             }
             // Bad variable names explain most failures here; report those.
             Err(_) => return Err(ConfigError::Invalid(earlier)),

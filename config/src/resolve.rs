@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use url::Url;
@@ -61,7 +61,10 @@ impl<'a> Resolver<'a> {
         if let (Some(o), Some(n)) = (&old, &new) {
             let same = |u: &StoreUrl| (u.engine, u.host.clone(), u.port, u.database.clone());
             if same(&o.url) == same(&n.url) {
-                self.problem("new.url", "names the same database as old.url; OLD and NEW must be different databases");
+                self.problem(
+                    "new.url",
+                    "names the same database as old.url; OLD and NEW must be different databases",
+                );
             }
         }
         let auth = self.auth(raw.auth.unwrap_or_default());
@@ -89,9 +92,17 @@ impl<'a> Resolver<'a> {
         let admin_listen = match raw.admin_listen.as_deref() {
             None => defaults.admin_listen,
             Some("off") => None,
-            Some(s) => self.socket_addr("proxy.admin_listen", s).or(defaults.admin_listen),
+            Some(s) => self
+                .socket_addr("proxy.admin_listen", s)
+                .or(defaults.admin_listen),
         };
-        let max_connections = self.int("proxy.max_connections", raw.max_connections, 1000, 1, i64::from(u32::MAX));
+        let max_connections = self.int(
+            "proxy.max_connections",
+            raw.max_connections,
+            1000,
+            1,
+            i64::from(u32::MAX),
+        );
         let max_message_bytes = self.int(
             "proxy.max_message_bytes",
             raw.max_message_bytes,
@@ -99,10 +110,34 @@ impl<'a> Resolver<'a> {
             1024,
             MAX_MESSAGE_BYTES_LIMIT,
         );
-        let connect_ms = self.int("proxy.connect_timeout_ms", raw.connect_timeout_ms, 5000, 1, i64::MAX);
-        let idle = self.int("proxy.client_idle_timeout_secs", raw.client_idle_timeout_secs, 0, 0, i64::MAX);
-        let keepalive = self.int("proxy.tcp_keepalive_secs", raw.tcp_keepalive_secs, 60, 0, MAX_KEEPALIVE_SECS);
-        let grace = self.int("proxy.shutdown_grace_secs", raw.shutdown_grace_secs, 30, 0, i64::MAX);
+        let connect_ms = self.int(
+            "proxy.connect_timeout_ms",
+            raw.connect_timeout_ms,
+            5000,
+            1,
+            i64::MAX,
+        );
+        let idle = self.int(
+            "proxy.client_idle_timeout_secs",
+            raw.client_idle_timeout_secs,
+            0,
+            0,
+            i64::MAX,
+        );
+        let keepalive = self.int(
+            "proxy.tcp_keepalive_secs",
+            raw.tcp_keepalive_secs,
+            60,
+            0,
+            MAX_KEEPALIVE_SECS,
+        );
+        let grace = self.int(
+            "proxy.shutdown_grace_secs",
+            raw.shutdown_grace_secs,
+            30,
+            0,
+            i64::MAX,
+        );
         ProxySettings {
             listen,
             admin_listen,
@@ -119,7 +154,11 @@ impl<'a> Resolver<'a> {
         match s.parse() {
             Ok(addr) => Some(addr),
             Err(_) => {
-                let off = if key.ends_with("admin_listen") { ", or \"off\"" } else { "" };
+                let off = if key.ends_with("admin_listen") {
+                    ", or \"off\""
+                } else {
+                    ""
+                };
                 self.problem(
                     key,
                     format!("{s:?} is not an IP address and port such as \"127.0.0.1:6432\" or \"[::1]:6432\"{off}"),
@@ -140,7 +179,10 @@ impl<'a> Resolver<'a> {
                 default
             }
             Some(v) => {
-                self.problem(key, format!("{v} is out of range; must be between {min} and {max}"));
+                self.problem(
+                    key,
+                    format!("{v} is out of range; must be between {min} and {max}"),
+                );
                 default
             }
         }
@@ -170,7 +212,10 @@ impl<'a> Resolver<'a> {
     fn auth(&mut self, raw: RawAuth) -> Option<AuthSettings> {
         let method = match raw.method.as_deref() {
             None => Some(AuthMethod::ScramSha256),
-            Some(s) => s.parse().map_err(|why: String| self.problem("auth.method", why)).ok(),
+            Some(s) => s
+                .parse()
+                .map_err(|why: String| self.problem("auth.method", why))
+                .ok(),
         };
         let users_file = match raw.users_file {
             Some(s) if s.is_empty() => {
@@ -200,7 +245,7 @@ impl<'a> Resolver<'a> {
         })
     }
 
-    fn users(&mut self, path: &PathBuf, method: AuthMethod) -> Option<UsersFile> {
+    fn users(&mut self, path: &Path, method: AuthMethod) -> Option<UsersFile> {
         match UsersFile::load(path, method) {
             Ok(users) => Some(users),
             Err(ConfigError::Invalid(problems)) => {
@@ -230,12 +275,18 @@ impl<'a> Resolver<'a> {
             Ok(url) => {
                 self.problem(
                     "telemetry.otlp_endpoint",
-                    format!("{s:?} has scheme {:?}; expected an http:// URL of an OTLP/HTTP collector", url.scheme()),
+                    format!(
+                        "{s:?} has scheme {:?}; expected an http:// URL of an OTLP/HTTP collector",
+                        url.scheme()
+                    ),
                 );
                 None
             }
             Err(e) => {
-                self.problem("telemetry.otlp_endpoint", format!("{s:?} is not a valid URL: {e}"));
+                self.problem(
+                    "telemetry.otlp_endpoint",
+                    format!("{s:?} is not a valid URL: {e}"),
+                );
                 None
             }
         });
@@ -274,7 +325,10 @@ impl<'a> Resolver<'a> {
                 }
                 Some(Ok(name)) => {
                     if let Some(first) = seen.insert(name.clone(), i) {
-                        self.problem(&format!("{key}.name"), format!("table {name} is already listed as tables[{first}]"));
+                        self.problem(
+                            &format!("{key}.name"),
+                            format!("table {name} is already listed as tables[{first}]"),
+                        );
                     }
                     Some(name)
                 }
@@ -283,7 +337,10 @@ impl<'a> Resolver<'a> {
             let phase = match t.phase.as_deref().map(str::parse::<Phase>) {
                 None => {
                     let valid = Phase::valid_names();
-                    self.problem(&format!("{key}.phase"), format!("{which}missing; expected one of {valid}"));
+                    self.problem(
+                        &format!("{key}.phase"),
+                        format!("{which}missing; expected one of {valid}"),
+                    );
                     None
                 }
                 Some(Err(why)) => {
@@ -295,12 +352,19 @@ impl<'a> Resolver<'a> {
             let read_share = match t.read_share.unwrap_or(0) {
                 v @ 0..=100 => u8::try_from(v).ok(),
                 v => {
-                    self.problem(&format!("{key}.read_share"), format!("{which}{v} is not a percentage from 0 to 100"));
+                    self.problem(
+                        &format!("{key}.read_share"),
+                        format!("{which}{v} is not a percentage from 0 to 100"),
+                    );
                     None
                 }
             };
             if let (Some(name), Some(phase), Some(read_share)) = (name, phase, read_share) {
-                tables.push(TableSettings { name, phase, read_share });
+                tables.push(TableSettings {
+                    name,
+                    phase,
+                    read_share,
+                });
             }
         }
         tables

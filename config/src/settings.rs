@@ -113,9 +113,7 @@ impl FromStr for AuthMethod {
         Self::ALL
             .into_iter()
             .find(|m| m.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown method {s:?}; expected one of trust, md5, scram-sha-256")
-            })
+            .ok_or_else(|| format!("unknown method {s:?}; expected one of trust, md5, scram-sha-256"))
     }
 }
 

@@ -73,12 +73,7 @@ impl FromStr for Phase {
         Self::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown phase {s:?}; expected one of {}",
-                    Self::valid_names()
-                )
-            })
+            .ok_or_else(|| format!("unknown phase {s:?}; expected one of {}", Self::valid_names()))
     }
 }
 

@@ -25,6 +25,7 @@ use crate::settings::AuthMethod;
 
 /// The contents of a users file, validated.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(transparent)]
 pub struct UsersFile {
     /// The users, in file order; names are unique.
     pub users: Vec<UserEntry>,
@@ -166,14 +167,23 @@ fn parse(text: &str, file: Option<&Path>, method: AuthMethod) -> Result<UsersFil
         let key = format!("users[{i}]");
         let name = user.name;
         if name.is_empty() || name.contains('\0') {
-            problem(format!("{key}.name"), format!("user name {name:?} must be non-empty and contain no NUL"));
+            problem(
+                format!("{key}.name"),
+                format!("user name {name:?} must be non-empty and contain no NUL"),
+            );
         }
         if !seen.insert(name.clone()) {
-            problem(format!("{key}.name"), format!("user {name:?} is defined more than once"));
+            problem(
+                format!("{key}.name"),
+                format!("user {name:?} is defined more than once"),
+            );
         }
         let credential = match (user.password, user.secret) {
             (Some(_), Some(_)) => {
-                problem(key, format!("user {name:?}: give either password or secret, not both"));
+                problem(
+                    key,
+                    format!("user {name:?}: give either password or secret, not both"),
+                );
                 continue;
             }
             (None, None) => {
@@ -181,7 +191,10 @@ fn parse(text: &str, file: Option<&Path>, method: AuthMethod) -> Result<UsersFil
                 continue;
             }
             (Some(password), None) if password.is_empty() => {
-                problem(format!("{key}.password"), format!("user {name:?}: the password is empty"));
+                problem(
+                    format!("{key}.password"),
+                    format!("user {name:?}: the password is empty"),
+                );
                 continue;
             }
             (Some(password), None) => UserCredential::Password(password),
@@ -225,7 +238,9 @@ fn classify_secret(secret: &str) -> Result<UserCredential, String> {
         Ok(UserCredential::ScramSecret(secret.to_string()))
     } else if let Some(hex) = secret.strip_prefix("md5") {
         if hex.len() != 32 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err("malformed md5 secret; expected \"md5\" followed by 32 lowercase hex digits".to_string());
+            return Err(
+                "malformed md5 secret; expected \"md5\" followed by 32 lowercase hex digits".to_string(),
+            );
         }
         Ok(UserCredential::Md5Secret(secret.to_string()))
     } else {
@@ -237,12 +252,16 @@ fn classify_secret(secret: &str) -> Result<UserCredential, String> {
 /// PostgreSQL's format: src/backend/libpq/auth-scram.c, `parse_scram_secret`.
 fn check_scram_shape(rest: &str) -> Result<(), &'static str> {
     let (iter_salt, keys) = rest.split_once('$').ok_or("no '$' before the keys")?;
-    let (iterations, salt) = iter_salt.split_once(':').ok_or("no ':' after the iteration count")?;
+    let (iterations, salt) = iter_salt
+        .split_once(':')
+        .ok_or("no ':' after the iteration count")?;
     match iterations.parse::<u32>() {
         Ok(n) if n > 0 => {}
         _ => return Err("the iteration count is not a positive integer"),
     }
-    let (stored, server) = keys.split_once(':').ok_or("no ':' between StoredKey and ServerKey")?;
+    let (stored, server) = keys
+        .split_once(':')
+        .ok_or("no ':' between StoredKey and ServerKey")?;
     if salt.is_empty() || !is_base64(salt) {
         return Err("the salt is not base64");
     }

@@ -46,9 +46,22 @@ fn wrong_type_names_key() {
 }
 
 #[test]
+fn file_types_are_strict() {
+    let e = error(&with("[proxy]\nlisten = 6432"));
+    assert_mentions(&e, &["proxy.listen", "line 10", "expected a string"]);
+    let e = error(&with("[[tables]]\nname = 5\nphase = \"done\""));
+    assert_mentions(&e, &["tables[0].name", "expected a string"]);
+    let e = error(&with("[[tables]]\nname = \"a\"\nphase = \"done\"\n[[tables]]\nname = \"b\"\nphase = \"done\"\nread_share = 1.5"));
+    assert_mentions(&e, &["tables[1].read_share"]);
+}
+
+#[test]
 fn missing_urls() {
     let e = error("[auth]\nmethod = \"trust\"\n");
-    assert_mentions(&e, &["old.url: missing", "new.url: missing", "SWITCHYARD_OLD__URL"]);
+    assert_mentions(
+        &e,
+        &["old.url: missing", "new.url: missing", "SWITCHYARD_OLD__URL"],
+    );
     // One line per problem.
     assert_eq!(e.lines().count(), 2, "{e}");
     let e = error("[old]\n[new]\nurl = \"postgres://u@h/d\"\n[auth]\nmethod = \"trust\"\n");
@@ -78,7 +91,10 @@ fn same_database_twice() {
 #[test]
 fn bad_listen_addresses() {
     let e = error(&with("[proxy]\nlisten = \"localhost\"\nadmin_listen = \"\""));
-    assert_mentions(&e, &["proxy.listen", "\"localhost\"", "proxy.admin_listen", "\"off\""]);
+    assert_mentions(
+        &e,
+        &["proxy.listen", "\"localhost\"", "proxy.admin_listen", "\"off\""],
+    );
 }
 
 #[test]
@@ -175,7 +191,16 @@ fn users_file_problems_name_file_and_user() {
     );
     let text = MINIMAL.replace("method = \"trust\"", "users_file = \"users.toml\"");
     let e = error_in(&text, no_env(), &scratch.dir);
-    assert_mentions(&e, &[&users.display().to_string(), "users[0]", "\"bob\"", "md5", "scram-sha-256"]);
+    assert_mentions(
+        &e,
+        &[
+            &users.display().to_string(),
+            "users[0]",
+            "\"bob\"",
+            "md5",
+            "scram-sha-256",
+        ],
+    );
 }
 
 #[test]
@@ -184,7 +209,15 @@ fn users_file_syntax_error_names_path() {
     let users = scratch.write("users.toml", "[[users]]\nname = \"bob\"\npasword = \"x\"\n");
     let text = MINIMAL.replace("method = \"trust\"", "users_file = \"users.toml\"");
     let e = error_in(&text, no_env(), &scratch.dir);
-    assert_mentions(&e, &["auth.users_file", &users.display().to_string(), "pasword", "line 3"]);
+    assert_mentions(
+        &e,
+        &[
+            "auth.users_file",
+            &users.display().to_string(),
+            "pasword",
+            "line 3",
+        ],
+    );
 }
 
 #[test]
@@ -248,13 +281,44 @@ fn environment_values_are_checked_and_named() {
 
 #[test]
 fn unknown_environment_keys_are_refused() {
-    let e = error_in(MINIMAL, env(&[("SWITCHYARD_PROXY__LISEN", "127.0.0.1:1")]), Path::new("."));
-    assert_mentions(&e, &["lisen"]);
-    let e = error_in(MINIMAL, env(&[("SWITCHYARD_PROXI__LISTEN", "127.0.0.1:1")]), Path::new("."));
+    let e = error_in(
+        MINIMAL,
+        env(&[("SWITCHYARD_PROXY__LISEN", "127.0.0.1:1")]),
+        Path::new("."),
+    );
+    assert_mentions(&e, &["environment variable SWITCHYARD_PROXY__LISEN", "lisen"]);
+    let e = error_in(
+        MINIMAL,
+        env(&[
+            ("SWITCHYARD_PROXY__MAX_CONNECTIONS", "lots"),
+            ("SWITCHYARD_PROXY__LISTEN", "127.0.0.1:1"),
+        ]),
+        Path::new("."),
+    );
+    assert_mentions(
+        &e,
+        &[
+            "environment variable SWITCHYARD_PROXY__MAX_CONNECTIONS:",
+            "proxy.max_connections",
+        ],
+    );
+    let e = error_in(
+        MINIMAL,
+        env(&[("SWITCHYARD_PROXI__LISTEN", "127.0.0.1:1")]),
+        Path::new("."),
+    );
     assert_mentions(&e, &["SWITCHYARD_PROXI__LISTEN", "unknown section \"proxi\""]);
-    let e = error_in(MINIMAL, env(&[("SWITCHYARD_TABLES__0__PHASE", "done")]), Path::new("."));
+    let e = error_in(
+        MINIMAL,
+        env(&[("SWITCHYARD_TABLES__0__PHASE", "done")]),
+        Path::new("."),
+    );
     assert_mentions(&e, &["SWITCHYARD_TABLES__0__PHASE", "[[tables]]"]);
-    let e = error_in(MINIMAL, env(&[("SWITCHYARD_PROXY__LISTEN__X", "1")]), Path::new("."));
+    let e = error_in(
+        MINIMAL,
+        env(&[("SWITCHYARD_PROXY__LISTEN__X", "1")]),
+        Path::new("."),
+    );
     assert_mentions(&e, &["SWITCHYARD_PROXY__LISTEN__X"]);
 }
 
@@ -272,5 +336,8 @@ fn file_errors_name_the_file() {
     let scratch = Scratch::new();
     let path = scratch.write("bad.toml", &with("[proxy]\nlisen = 1"));
     let err = Config::load_with_env(&path, no_env()).unwrap_err();
-    assert_mentions(&err.to_string(), &[&path.display().to_string(), "lisen"]);
+    assert_mentions(
+        &err.to_string(),
+        &[&path.display().to_string(), "line 10", "proxy.lisen"],
+    );
 }

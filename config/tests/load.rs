@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use common::{env, no_env, parse, Scratch, MINIMAL};
 use switchyard_config::{
-    AuthMethod, Config, Engine, LogFormat, Phase, ProxySettings, TableName, TelemetrySettings,
-    UserCredential,
+    AuthMethod, Config, Engine, LogFormat, Phase, ProxySettings, TableName, TelemetrySettings, UserCredential,
 };
 
 #[test]
@@ -161,7 +160,10 @@ fn users_file_relative_to_base_dir() {
     let text = MINIMAL.replace("method = \"trust\"", "users_file = \"users.toml\"");
     let c = Config::from_toml_str_in(&text, no_env(), &scratch.dir).unwrap();
     assert_eq!(c.auth.method, AuthMethod::ScramSha256);
-    assert_eq!(c.auth.users_file.as_deref(), Some(scratch.dir.join("users.toml").as_path()));
+    assert_eq!(
+        c.auth.users_file.as_deref(),
+        Some(scratch.dir.join("users.toml").as_path())
+    );
     let app = c.auth.users.get("app").unwrap();
     assert_eq!(app.credential, UserCredential::Password("pw".into()));
     assert_eq!(c.load_users().unwrap(), c.auth.users);
@@ -196,7 +198,10 @@ users_file = "users.toml"
     for shown in [&debug, &toml_out] {
         assert!(!shown.contains("pw-123"), "secret leaked:\n{shown}");
     }
-    assert!(toml_out.contains("url = \"postgres://u:***@h:5432/a?password=***\""), "{toml_out}");
+    assert!(
+        toml_out.contains("url = \"postgres://u:***@h:5432/a?password=***\""),
+        "{toml_out}"
+    );
     assert!(toml_out.contains("credential = \"password\""), "{toml_out}");
     assert!(toml_out.contains("connect_timeout_ms = 5000"), "{toml_out}");
     assert!(toml_out.contains("method = \"scram-sha-256\""), "{toml_out}");
@@ -206,8 +211,12 @@ users_file = "users.toml"
 
 #[test]
 fn changes_needing_restart_ignores_tables() {
-    let a = parse(&format!("{MINIMAL}\n[[tables]]\nname = \"t\"\nphase = \"passthrough\"\n"));
-    let b = parse(&format!("{MINIMAL}\n[[tables]]\nname = \"t\"\nphase = \"read_shift\"\nread_share = 5\n"));
+    let a = parse(&format!(
+        "{MINIMAL}\n[[tables]]\nname = \"t\"\nphase = \"passthrough\"\n"
+    ));
+    let b = parse(&format!(
+        "{MINIMAL}\n[[tables]]\nname = \"t\"\nphase = \"read_shift\"\nread_share = 5\n"
+    ));
     assert!(a.changes_needing_restart(&b).is_empty());
     let c = parse(&format!("{MINIMAL}\n[proxy]\nlisten = \"127.0.0.1:1\"\n"));
     assert_eq!(a.changes_needing_restart(&c), vec!["proxy"]);
@@ -219,16 +228,18 @@ fn changes_needing_restart_ignores_tables() {
 fn example_config_loads() {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let workspace = crate_dir.parent().unwrap();
-    let c = Config::load_with_env_in(
-        &crate_dir.join("switchyard.example.toml"),
-        no_env(),
-        workspace,
-    )
-    .unwrap_or_else(|e| panic!("example config invalid:\n{e}"));
-    assert_eq!(c.old.url.redacted().to_string(), "postgres://postgres@127.0.0.1:5432/switchyard_demo_old");
+    let c = Config::load_with_env_in(&crate_dir.join("switchyard.example.toml"), no_env(), workspace)
+        .unwrap_or_else(|e| panic!("example config invalid:\n{e}"));
+    assert_eq!(
+        c.old.url.redacted().to_string(),
+        "postgres://postgres@127.0.0.1:5432/switchyard_demo_old"
+    );
     assert_eq!(c.new.url.database, "switchyard_demo_new");
     assert_eq!(c.auth.method, AuthMethod::ScramSha256);
-    assert_eq!(c.auth.users_file.as_deref(), Some(workspace.join("config/users.toml").as_path()));
+    assert_eq!(
+        c.auth.users_file.as_deref(),
+        Some(workspace.join("config/users.toml").as_path())
+    );
     assert_eq!(c.auth.users.users.len(), 1);
     assert_eq!(
         c.auth.users.get("app").map(|u| &u.credential),

@@ -25,12 +25,25 @@ fn err(text: &str, method: AuthMethod) -> String {
 
 #[test]
 fn all_credential_kinds() {
-    let text = users(&[("a", "password", "pw"), ("b", "secret", SCRAM), ("c", "secret", MD5)]);
+    let text = users(&[
+        ("a", "password", "pw"),
+        ("b", "secret", SCRAM),
+        ("c", "secret", MD5),
+    ]);
     let u = UsersFile::from_toml_str(&text, AuthMethod::Trust).unwrap();
     assert_eq!(u.users.len(), 3);
-    assert_eq!(u.get("a").unwrap().credential, UserCredential::Password("pw".into()));
-    assert_eq!(u.get("b").unwrap().credential, UserCredential::ScramSecret(SCRAM.into()));
-    assert_eq!(u.get("c").unwrap().credential, UserCredential::Md5Secret(MD5.into()));
+    assert_eq!(
+        u.get("a").unwrap().credential,
+        UserCredential::Password("pw".into())
+    );
+    assert_eq!(
+        u.get("b").unwrap().credential,
+        UserCredential::ScramSecret(SCRAM.into())
+    );
+    assert_eq!(
+        u.get("c").unwrap().credential,
+        UserCredential::Md5Secret(MD5.into())
+    );
     assert!(u.get("d").is_none());
 }
 
@@ -38,7 +51,10 @@ fn all_credential_kinds() {
 fn method_compatibility() {
     let scram = users(&[("a", "password", "pw"), ("b", "secret", SCRAM)]);
     assert!(UsersFile::from_toml_str(&scram, AuthMethod::ScramSha256).is_ok());
-    assert_mentions(&err(&scram, AuthMethod::Md5), &["users[1]", "\"b\"", "scram-sha-256", "md5"]);
+    assert_mentions(
+        &err(&scram, AuthMethod::Md5),
+        &["users[1]", "\"b\"", "scram-sha-256", "md5"],
+    );
 
     let md5 = users(&[("a", "password", "pw"), ("c", "secret", MD5)]);
     assert!(UsersFile::from_toml_str(&md5, AuthMethod::Md5).is_ok());
@@ -48,7 +64,10 @@ fn method_compatibility() {
 #[test]
 fn duplicate_names() {
     let text = users(&[("a", "password", "x"), ("a", "password", "y")]);
-    assert_mentions(&err(&text, AuthMethod::Trust), &["users[1].name", "\"a\"", "more than once"]);
+    assert_mentions(
+        &err(&text, AuthMethod::Trust),
+        &["users[1].name", "\"a\"", "more than once"],
+    );
 }
 
 #[test]
@@ -56,7 +75,10 @@ fn exactly_one_of_password_and_secret() {
     let both = format!("[[users]]\nname = \"a\"\npassword = \"x\"\nsecret = \"{MD5}\"\n");
     assert_mentions(&err(&both, AuthMethod::Trust), &["users[0]", "\"a\"", "not both"]);
     let neither = "[[users]]\nname = \"a\"\n";
-    assert_mentions(&err(neither, AuthMethod::Trust), &["users[0]", "\"a\"", "password or a secret"]);
+    assert_mentions(
+        &err(neither, AuthMethod::Trust),
+        &["users[0]", "\"a\"", "password or a secret"],
+    );
     let empty = users(&[("a", "password", "")]);
     assert_mentions(&err(&empty, AuthMethod::Trust), &["users[0].password", "empty"]);
 }
@@ -85,12 +107,18 @@ fn unknown_keys_and_missing_name() {
         &["passwd", "line 3"],
     );
     assert_mentions(&err("[[user]]\nname = \"a\"\n", AuthMethod::Trust), &["user"]);
-    assert_mentions(&err("[[users]]\npassword = \"x\"\n", AuthMethod::Trust), &["name"]);
+    assert_mentions(
+        &err("[[users]]\npassword = \"x\"\n", AuthMethod::Trust),
+        &["name"],
+    );
 }
 
 #[test]
 fn no_users_only_with_trust() {
-    assert!(UsersFile::from_toml_str("", AuthMethod::Trust).unwrap().users.is_empty());
+    assert!(UsersFile::from_toml_str("", AuthMethod::Trust)
+        .unwrap()
+        .users
+        .is_empty());
     assert_mentions(&err("", AuthMethod::ScramSha256), &["users", "at least one"]);
 }
 

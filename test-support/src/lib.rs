@@ -17,9 +17,12 @@
 
 pub mod cluster;
 pub mod db;
+pub mod proxy;
+pub mod wire;
 
 pub use cluster::{ClusterOptions, TestCluster};
 pub use db::{sweep_stale, TestDb};
+pub use proxy::{ProxyConfig, TestProxy};
 
 /// Admin URL used when `SWITCHYARD_TEST_PG` is not set.
 pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";

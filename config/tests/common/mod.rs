@@ -1,7 +1,7 @@
 //! Helpers shared by the config tests: scratch directories and a minimal
 //! valid configuration. Tests never read or change the process environment.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,10 +18,7 @@ impl Scratch {
     pub fn new() -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "switchyard-config-test-{}-{n}",
-            std::process::id()
-        ));
+        let dir = std::env::temp_dir().join(format!("switchyard-config-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Self { dir }
     }

@@ -1,0 +1,188 @@
+//! An in-process proxy on an ephemeral port, driven through the same `run` as the binary.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use switchyard_config::Config;
+use switchyard_proxy::{Listeners, ShutdownTrigger, StartError};
+use tokio::task::JoinHandle;
+
+/// Builds a config for tests: ports 0, the given stores, the given `[auth]` section.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// OLD store URL.
+    pub old_url: String,
+    /// NEW store URL.
+    pub new_url: String,
+    /// `trust`, `md5` or `scram-sha-256`.
+    pub auth_method: String,
+    /// Absolute path of a users file, when the method needs one.
+    pub users_file: Option<String>,
+    /// Extra lines for the `[proxy]` section, e.g. `max_connections = 2`.
+    pub proxy_extra: Vec<String>,
+    /// Whether to serve the admin API (on an ephemeral port).
+    pub admin: bool,
+}
+
+impl ProxyConfig {
+    /// Trust auth, admin API on, no extras.
+    pub fn passthrough(old_url: &str, new_url: &str) -> Self {
+        ProxyConfig {
+            old_url: old_url.to_owned(),
+            new_url: new_url.to_owned(),
+            auth_method: "trust".to_owned(),
+            users_file: None,
+            proxy_extra: Vec::new(),
+            admin: true,
+        }
+    }
+
+    /// Adds a line to `[proxy]`.
+    pub fn with_proxy_setting(mut self, line: &str) -> Self {
+        self.proxy_extra.push(line.to_owned());
+        self
+    }
+
+    /// Uses `method` with a users file.
+    pub fn with_auth(mut self, method: &str, users_file: &Path) -> Self {
+        self.auth_method = method.to_owned();
+        self.users_file = Some(users_file.display().to_string());
+        self
+    }
+
+    /// The TOML text.
+    pub fn to_toml(&self) -> String {
+        let mut toml = String::from("[proxy]\nlisten = \"127.0.0.1:0\"\n");
+        toml.push_str(if self.admin {
+            "admin_listen = \"127.0.0.1:0\"\n"
+        } else {
+            "admin_listen = \"off\"\n"
+        });
+        for line in &self.proxy_extra {
+            toml.push_str(line);
+            toml.push('\n');
+        }
+        toml.push_str(&format!(
+            "[old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n[auth]\nmethod = \"{}\"\n",
+            self.old_url, self.new_url, self.auth_method
+        ));
+        if let Some(users) = &self.users_file {
+            toml.push_str(&format!("users_file = \"{users}\"\n"));
+        }
+        toml
+    }
+}
+
+/// A running proxy. Dropping it stops the proxy immediately.
+pub struct TestProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// The admin API, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    /// The resolved config it runs with.
+    pub config: Config,
+    trigger: ShutdownTrigger,
+    task: Option<JoinHandle<Result<(), StartError>>>,
+}
+
+impl TestProxy {
+    /// Starts a proxy with this config.
+    pub async fn start(config: &ProxyConfig) -> anyhow::Result<TestProxy> {
+        crate::init_tracing();
+        let config = Config::from_toml_str(&config.to_toml(), HashMap::new())
+            .map_err(|e| anyhow::anyhow!("test config invalid: {e}"))?;
+        let listeners = Listeners::bind(&config)?;
+        let addr = listeners.client_addr().context("no client address")?;
+        let admin_addr = listeners.admin_addr();
+        let (trigger, shutdown) = switchyard_proxy::shutdown::channel();
+        let task = tokio::spawn(switchyard_proxy::run(
+            std::sync::Arc::new(config.clone()),
+            listeners,
+            shutdown,
+        ));
+        Ok(TestProxy {
+            addr,
+            admin_addr,
+            config,
+            trigger,
+            task: Some(task),
+        })
+    }
+
+    /// A passthrough proxy with trust auth in front of `old`.
+    pub async fn passthrough(old_url: &str, new_url: &str) -> anyhow::Result<TestProxy> {
+        Self::start(&ProxyConfig::passthrough(old_url, new_url)).await
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// A libpq-style URL for `user` on the proxy's database.
+    pub fn url(&self, user: &str) -> String {
+        format!(
+            "postgres://{user}@127.0.0.1:{}/{}?sslmode=disable",
+            self.addr.port(),
+            self.config.old.url.database
+        )
+    }
+
+    /// A tokio-postgres connection through the proxy as `postgres`.
+    pub async fn client(&self) -> anyhow::Result<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// Fetches an admin API path (`/status`, `/metrics`, `/health`) with a bare HTTP/1.0 GET.
+    pub async fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.admin_addr.context("admin API disabled")?;
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await?;
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await??;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("bad HTTP status line")?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Ok((code, body))
+    }
+
+    /// Starts a graceful drain.
+    pub fn drain(&self, grace: Duration) {
+        self.trigger.drain(grace);
+    }
+
+    /// Stops at once and waits for `run` to return.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.trigger.immediate();
+        self.join().await
+    }
+
+    /// Waits for `run` to return (after a drain or stop).
+    pub async fn join(&mut self) -> anyhow::Result<()> {
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .context("proxy did not stop within 30 s")???;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.trigger.immediate();
+    }
+}

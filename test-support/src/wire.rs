@@ -1,0 +1,303 @@
+//! A raw PostgreSQL wire client for byte-level tests: it sends exactly the bytes it is given and
+//! returns every message the server sent, so a test can compare a transcript run directly with
+//! the same transcript run through the proxy.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::{BufMut, Bytes, BytesMut};
+use switchyard_pgwire::startup::{StartupMessage, PROTOCOL_3_0};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long a test waits for any single message.
+const READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One server message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg {
+    /// Tag byte.
+    pub tag: u8,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Msg {
+    /// `'E'` or `'N'` field value.
+    pub fn field(&self, kind: u8) -> Option<String> {
+        let mut rest = &self.body[..];
+        while let Some((&k, tail)) = rest.split_first() {
+            if k == 0 {
+                break;
+            }
+            let end = tail.iter().position(|&b| b == 0)?;
+            if k == kind {
+                return Some(String::from_utf8_lossy(&tail[..end]).into_owned());
+            }
+            rest = &tail[end + 1..];
+        }
+        None
+    }
+
+    /// SQLSTATE of an ErrorResponse or NoticeResponse.
+    pub fn code(&self) -> Option<String> {
+        self.field(b'C')
+    }
+}
+
+/// A raw connection.
+pub struct RawConn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawConn {
+    /// Opens a TCP connection without sending anything.
+    pub async fn open(addr: SocketAddr) -> anyhow::Result<RawConn> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(RawConn {
+            stream,
+            buf: BytesMut::with_capacity(16 * 1024),
+        })
+    }
+
+    /// Opens a connection and logs in with trust auth; returns the startup replies.
+    pub async fn login(addr: SocketAddr, user: &str, database: &str) -> anyhow::Result<(RawConn, Vec<Msg>)> {
+        let mut conn = Self::open(addr).await?;
+        let mut out = BytesMut::new();
+        StartupMessage {
+            protocol: PROTOCOL_3_0,
+            params: vec![
+                ("user".into(), user.into()),
+                ("database".into(), database.into()),
+                ("application_name".into(), "switchyard-tests".into()),
+            ],
+        }
+        .encode(&mut out);
+        conn.send(&out).await?;
+        let greeting = conn.read_until_ready(1).await?;
+        if let Some(err) = greeting.iter().find(|m| m.tag == b'E') {
+            bail!("login refused: {:?}", err.field(b'M'));
+        }
+        Ok((conn, greeting))
+    }
+
+    /// Writes raw bytes.
+    pub async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Reads one message; `None` when the server closed the connection.
+    pub async fn read_msg(&mut self) -> anyhow::Result<Option<Msg>> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+                let total = usize::try_from(len).context("negative length")? + 1;
+                if self.buf.len() >= total {
+                    let frame = self.buf.split_to(total).freeze();
+                    return Ok(Some(Msg {
+                        tag: frame[0],
+                        body: frame.slice(5..),
+                    }));
+                }
+            }
+            let n = tokio::time::timeout(READ_TIMEOUT, self.stream.read_buf(&mut self.buf))
+                .await
+                .context("timed out waiting for the server")??;
+            if n == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                // A lone status byte (the answer to SSLRequest) is not a frame.
+                if self.buf.len() < 5 {
+                    let b = self.buf.split_to(self.buf.len()).freeze();
+                    return Ok(Some(Msg { tag: b[0], body: b.slice(1..) }));
+                }
+                bail!("connection closed inside a message ({} bytes buffered)", self.buf.len());
+            }
+        }
+    }
+
+    /// Reads a single byte (the answer to SSLRequest or GSSENCRequest).
+    pub async fn read_byte(&mut self) -> anyhow::Result<Option<u8>> {
+        if self.buf.is_empty() {
+            let n = tokio::time::timeout(READ_TIMEOUT, self.stream.read_buf(&mut self.buf)).await??;
+            if n == 0 {
+                return Ok(None);
+            }
+        }
+        let b = self.buf.split_to(1);
+        Ok(Some(b[0]))
+    }
+
+    /// Reads messages until `n` ReadyForQuery messages have arrived (or the server closes).
+    pub async fn read_until_ready(&mut self, n: usize) -> anyhow::Result<Vec<Msg>> {
+        let mut msgs = Vec::new();
+        let mut seen = 0;
+        while seen < n {
+            let Some(msg) = self.read_msg().await? else {
+                break;
+            };
+            if msg.tag == b'Z' {
+                seen += 1;
+            }
+            let fatal = msg.tag == b'E' && msg.field(b'V').as_deref() == Some("FATAL");
+            msgs.push(msg);
+            if fatal {
+                break;
+            }
+        }
+        Ok(msgs)
+    }
+
+    /// Reads everything until the server closes the connection.
+    pub async fn read_to_close(&mut self) -> anyhow::Result<Vec<Msg>> {
+        let mut msgs = Vec::new();
+        while let Some(msg) = self.read_msg().await? {
+            msgs.push(msg);
+        }
+        Ok(msgs)
+    }
+}
+
+/// Builds frontend messages for transcripts.
+#[derive(Default)]
+pub struct Frontend {
+    out: BytesMut,
+    requests: usize,
+}
+
+impl Frontend {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn msg(&mut self, tag: u8, body: impl FnOnce(&mut BytesMut)) -> &mut Self {
+        self.out.put_u8(tag);
+        let start = self.out.len();
+        self.out.put_i32(0);
+        body(&mut self.out);
+        let len = (self.out.len() - start) as i32;
+        self.out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+        self
+    }
+
+    /// Query.
+    pub fn query(&mut self, sql: &str) -> &mut Self {
+        self.requests += 1;
+        self.msg(b'Q', |o| cstr(o, sql))
+    }
+
+    /// Parse with optional parameter type OIDs.
+    pub fn parse(&mut self, name: &str, sql: &str, types: &[u32]) -> &mut Self {
+        self.msg(b'P', |o| {
+            cstr(o, name);
+            cstr(o, sql);
+            o.put_i16(types.len() as i16);
+            for t in types {
+                o.put_u32(*t);
+            }
+        })
+    }
+
+    /// Bind with text parameters (None = NULL) and result formats (0 text, 1 binary).
+    pub fn bind(&mut self, portal: &str, stmt: &str, params: &[Option<&[u8]>], param_formats: &[i16], result_formats: &[i16]) -> &mut Self {
+        self.msg(b'B', |o| {
+            cstr(o, portal);
+            cstr(o, stmt);
+            o.put_i16(param_formats.len() as i16);
+            for f in param_formats {
+                o.put_i16(*f);
+            }
+            o.put_i16(params.len() as i16);
+            for p in params {
+                match p {
+                    Some(v) => {
+                        o.put_i32(v.len() as i32);
+                        o.put_slice(v);
+                    }
+                    None => o.put_i32(-1),
+                }
+            }
+            o.put_i16(result_formats.len() as i16);
+            for f in result_formats {
+                o.put_i16(*f);
+            }
+        })
+    }
+
+    /// Describe `'S'` or `'P'`.
+    pub fn describe(&mut self, kind: u8, name: &str) -> &mut Self {
+        self.msg(b'D', |o| {
+            o.put_u8(kind);
+            cstr(o, name);
+        })
+    }
+
+    /// Execute.
+    pub fn execute(&mut self, portal: &str, max_rows: i32) -> &mut Self {
+        self.msg(b'E', |o| {
+            cstr(o, portal);
+            o.put_i32(max_rows);
+        })
+    }
+
+    /// Close `'S'` or `'P'`.
+    pub fn close(&mut self, kind: u8, name: &str) -> &mut Self {
+        self.msg(b'C', |o| {
+            o.put_u8(kind);
+            cstr(o, name);
+        })
+    }
+
+    /// Sync.
+    pub fn sync(&mut self) -> &mut Self {
+        self.requests += 1;
+        self.msg(b'S', |_| {})
+    }
+
+    /// Flush.
+    pub fn flush(&mut self) -> &mut Self {
+        self.msg(b'H', |_| {})
+    }
+
+    /// CopyData.
+    pub fn copy_data(&mut self, data: &[u8]) -> &mut Self {
+        self.msg(b'd', |o| o.put_slice(data))
+    }
+
+    /// CopyDone.
+    pub fn copy_done(&mut self) -> &mut Self {
+        self.msg(b'c', |_| {})
+    }
+
+    /// CopyFail.
+    pub fn copy_fail(&mut self, why: &str) -> &mut Self {
+        self.msg(b'f', |o| cstr(o, why))
+    }
+
+    /// Raw bytes, for malformed input.
+    pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.out.put_slice(bytes);
+        self
+    }
+
+    /// How many ReadyForQuery messages the batch should produce.
+    pub fn requests(&self) -> usize {
+        self.requests
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.out
+    }
+}
+
+fn cstr(o: &mut BytesMut, s: &str) {
+    o.put_slice(s.as_bytes());
+    o.put_u8(0);
+}
