@@ -66,7 +66,8 @@ def diag_summary(diag) -> dict:
         "message_hint": diag.message_hint,
         "statement_position": diag.statement_position,
         "context": diag.context,
-        "schema_name": diag.schema_name,
+        # temp schemas are per backend (pg_temp_3 vs pg_temp_4): compare the kind
+        "schema_name": "pg_temp" if (diag.schema_name or "").startswith("pg_temp_") else diag.schema_name,
         "constraint_name": diag.constraint_name,
         "column_name": diag.column_name,
         "datatype_name": diag.datatype_name,
