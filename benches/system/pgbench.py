@@ -427,7 +427,8 @@ admin_listen = "{HOST}:{a.admin_port}"
 url = "{url}"
 
 [new]
-url = "{url}"
+# Passthrough never writes to NEW; it must differ from OLD and is only health-checked.
+url = "{url}_new"
 
 [auth]
 method = "trust"

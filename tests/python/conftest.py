@@ -113,3 +113,10 @@ def cleanup(dsns):
 def apg_params(dsns):
     """apg_params(target) -> kwargs for asyncpg.connect / create_pool."""
     return lambda target, **settings: asyncpg_params(dsns[target], **settings)
+
+
+def pytest_report_header(config):
+    env = _read_env()
+    if isinstance(env, str):
+        return [f"switchyard: {env}"]
+    return [f"switchyard: direct={env['direct']!r} proxy={env['proxy']!r}"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 from psycopg.conninfo import conninfo_to_dict
 
@@ -55,8 +56,20 @@ def run_async(coro, timeout: float = 30):
 # comparison helpers
 
 
+_TEMP_SCHEMA = re.compile(r"\bpg_temp_\d+\b")
+
+
+def _untemp(v):
+    # temp schemas are per backend (pg_temp_3 vs pg_temp_4): compare the kind
+    return _TEMP_SCHEMA.sub("pg_temp", v) if isinstance(v, str) else v
+
+
 def diag_summary(diag) -> dict:
     """The parts of an error/notice that must be identical direct vs proxy."""
+    return {k: _untemp(v) for k, v in _diag_fields(diag).items()}
+
+
+def _diag_fields(diag) -> dict:
     return {
         "severity": diag.severity,
         "severity_nonlocalized": diag.severity_nonlocalized,
@@ -66,8 +79,7 @@ def diag_summary(diag) -> dict:
         "message_hint": diag.message_hint,
         "statement_position": diag.statement_position,
         "context": diag.context,
-        # temp schemas are per backend (pg_temp_3 vs pg_temp_4): compare the kind
-        "schema_name": "pg_temp" if (diag.schema_name or "").startswith("pg_temp_") else diag.schema_name,
+        "schema_name": diag.schema_name,
         "constraint_name": diag.constraint_name,
         "column_name": diag.column_name,
         "datatype_name": diag.datatype_name,

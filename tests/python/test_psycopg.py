@@ -436,9 +436,8 @@ def test_copy_text_roundtrip(connect):
         with conn.cursor().copy("copy t (id, v, d) from stdin") as cp:
             for r in rows_in:
                 cp.write_row(r)
-        status = conn.cursor()
         out = []
-        with status.copy("copy (select id, v, d from t order by id) to stdout") as cp:
+        with conn.cursor().copy("copy (select id, v, d from t order by id) to stdout") as cp:
             cp.set_types(["int4", "text", "date"])
             for row in cp.rows():
                 out.append(row)
