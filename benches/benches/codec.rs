@@ -49,7 +49,10 @@ fn framing(c: &mut Criterion) {
 
     let query = {
         let mut out = BytesMut::new();
-        frontend::query(&mut out, "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;");
+        frontend::query(
+            &mut out,
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
+        );
         out
     };
     c.bench_function("parse_simple_query", |b| {

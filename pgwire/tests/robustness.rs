@@ -17,8 +17,8 @@ use switchyard_pgwire::frame::MessageLimits;
 use switchyard_pgwire::frontend;
 use switchyard_pgwire::sqlstate;
 use switchyard_pgwire::startup::{
-    CancelKey, StartupMessage, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, MAX_STARTUP_PACKET_LEN, PROTOCOL_3_0,
-    PROTOCOL_3_2, SSL_REQUEST_CODE,
+    CancelKey, StartupMessage, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, MAX_STARTUP_PACKET_LEN,
+    PROTOCOL_3_0, PROTOCOL_3_2, SSL_REQUEST_CODE,
 };
 
 /// SplitMix64: deterministic and, unlike ChaCha, cheap in an unoptimised test build.
@@ -156,7 +156,16 @@ fn random_startup(rng: &mut TestRng) -> Vec<u8> {
 /// A pair of SCRAM client messages assembled from attribute syntax, joined by a NUL.
 fn random_scram(rng: &mut TestRng) -> Vec<u8> {
     const GS2: &[&[u8]] = &[b"n,,", b"y,,", b"p=x,,", b"n,a=u,", b"n,", b"x,,", b""];
-    const FIRST: &[&[u8]] = &[b"n=", b"n=user", b"r=", b"r=abc", b"r=a\x7fb", b"m=x", b"x=1", b"1=x"];
+    const FIRST: &[&[u8]] = &[
+        b"n=",
+        b"n=user",
+        b"r=",
+        b"r=abc",
+        b"r=a\x7fb",
+        b"m=x",
+        b"x=1",
+        b"1=x",
+    ];
     const FINAL: &[&[u8]] = &[
         b"c=biws",
         b"c=eSws",
@@ -169,7 +178,10 @@ fn random_scram(rng: &mut TestRng) -> Vec<u8> {
         b"p=",
     ];
     let mut out = GS2[rng.gen_range(0..GS2.len())].to_vec();
-    for (parts, n, last) in [(FIRST, rng.gen_range(0..4), false), (FINAL, rng.gen_range(0..5), true)] {
+    for (parts, n, last) in [
+        (FIRST, rng.gen_range(0..4), false),
+        (FINAL, rng.gen_range(0..5), true),
+    ] {
         for i in 0..n {
             if i > 0 {
                 out.push(b',');
@@ -238,7 +250,13 @@ fn valid_startup_packets() -> Vec<Vec<u8>> {
         .encode_request(&mut out);
         packets.push(out.split().to_vec());
     }
-    packets.push(8i32.to_be_bytes().iter().chain(&SSL_REQUEST_CODE.to_be_bytes()).copied().collect());
+    packets.push(
+        8i32.to_be_bytes()
+            .iter()
+            .chain(&SSL_REQUEST_CODE.to_be_bytes())
+            .copied()
+            .collect(),
+    );
     packets
 }
 
@@ -276,10 +294,13 @@ fn valid_client_messages() -> Vec<Vec<u8>> {
 fn valid_server_messages() -> Vec<Vec<u8>> {
     let mut out = BytesMut::new();
     let mut msgs = Vec::new();
-    ErrorResponse::fatal(sqlstate::INVALID_PASSWORD, "password authentication failed for user \"app\"")
-        .with_detail("detail")
-        .with_hint("check users.toml")
-        .encode(&mut out);
+    ErrorResponse::fatal(
+        sqlstate::INVALID_PASSWORD,
+        "password authentication failed for user \"app\"",
+    )
+    .with_detail("detail")
+    .with_hint("check users.toml")
+    .encode(&mut out);
     msgs.push(out.split().to_vec());
     ErrorResponse::new(Severity::Warning, sqlstate::WARNING, "careful").encode(&mut out);
     msgs.push(out.split().to_vec());
@@ -295,7 +316,11 @@ fn valid_server_messages() -> Vec<Vec<u8>> {
     msgs.push(out.split().to_vec());
     backend::parameter_status(&mut out, "server_version", "16.2");
     msgs.push(out.split().to_vec());
-    for status in [TransactionStatus::Idle, TransactionStatus::InTransaction, TransactionStatus::Failed] {
+    for status in [
+        TransactionStatus::Idle,
+        TransactionStatus::InTransaction,
+        TransactionStatus::Failed,
+    ] {
         backend::ready_for_query(&mut out, status);
         msgs.push(out.split().to_vec());
     }
@@ -306,8 +331,29 @@ fn valid_server_messages() -> Vec<Vec<u8>> {
 /// Length values that sit on the decoders' boundaries.
 fn corrupt_lengths(actual: usize) -> Vec<i32> {
     let a = actual as i32;
-    let mut v = vec![i32::MIN, -1, 0, 1, 3, 4, 5, 7, 8, 9, a - 1, a + 1, a + 100, i32::MAX];
-    v.extend([511, 512, 513, MAX_STARTUP_PACKET_LEN as i32, MAX_STARTUP_PACKET_LEN as i32 + 1]);
+    let mut v = vec![
+        i32::MIN,
+        -1,
+        0,
+        1,
+        3,
+        4,
+        5,
+        7,
+        8,
+        9,
+        a - 1,
+        a + 1,
+        a + 100,
+        i32::MAX,
+    ];
+    v.extend([
+        511,
+        512,
+        513,
+        MAX_STARTUP_PACKET_LEN as i32,
+        MAX_STARTUP_PACKET_LEN as i32 + 1,
+    ]);
     v
 }
 
@@ -370,7 +416,10 @@ fn mutated_client_messages() {
     let msgs = valid_client_messages();
     for msg in &msgs {
         let parsed = checks::check_stream(msg, MessageLimits::default(), |tag, body| {
-            assert!(frontend::parse(tag, body).is_ok(), "valid message rejected: {msg:?}");
+            assert!(
+                frontend::parse(tag, body).is_ok(),
+                "valid message rejected: {msg:?}"
+            );
             checks::check_frontend_message(tag, body);
         });
         assert_eq!(parsed, 1);
@@ -400,7 +449,10 @@ fn mutated_server_messages() {
     let msgs = valid_server_messages();
     for msg in &msgs {
         let parsed = checks::check_stream(msg, MessageLimits::default(), |tag, body| {
-            assert!(backend::parse(tag, body).is_ok(), "valid message rejected: {msg:?}");
+            assert!(
+                backend::parse(tag, body).is_ok(),
+                "valid message rejected: {msg:?}"
+            );
             checks::check_backend_message(tag, body);
         });
         assert_eq!(parsed, 1);
@@ -453,11 +505,17 @@ fn mutated_scram_exchange() {
     let same = |f: &[u8], l: &[u8]| l == last && f.get(1..) == first.get(1..);
     mutate(&first, 0, &mut rng, |f| {
         let accepted = checks::check_scram(&secret, f, &last).is_some();
-        assert!(!accepted || same(f, &last), "mutated client-first accepted: {f:?}");
+        assert!(
+            !accepted || same(f, &last),
+            "mutated client-first accepted: {f:?}"
+        );
     });
     mutate(&last, 0, &mut rng, |l| {
         let accepted = checks::check_scram(&secret, &first, l).is_some();
-        assert!(!accepted || same(&first, l), "mutated client-final accepted: {l:?}");
+        assert!(
+            !accepted || same(&first, l),
+            "mutated client-final accepted: {l:?}"
+        );
     });
 }
 

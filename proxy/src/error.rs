@@ -32,6 +32,46 @@ impl ErrorSource {
     }
 }
 
+/// Error kinds counted per source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A store answered a statement with an ErrorResponse.
+    Statement,
+    /// A socket failed.
+    Io,
+    /// A peer broke the protocol.
+    Protocol,
+    /// Logging in failed.
+    Login,
+    /// The proxy refused a connection.
+    Refused,
+    /// Something did not answer in time.
+    Timeout,
+}
+
+pub(crate) const ERROR_KINDS: [ErrorKind; 6] = [
+    ErrorKind::Statement,
+    ErrorKind::Io,
+    ErrorKind::Protocol,
+    ErrorKind::Login,
+    ErrorKind::Refused,
+    ErrorKind::Timeout,
+];
+
+impl ErrorKind {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Statement => "statement",
+            ErrorKind::Io => "io",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Login => "login",
+            ErrorKind::Refused => "refused",
+            ErrorKind::Timeout => "timeout",
+        }
+    }
+}
+
 /// Starting the proxy failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -94,14 +134,14 @@ impl SessionError {
         }
     }
 
-    /// Short kind label for metrics.
-    pub fn kind(&self) -> &'static str {
+    /// What kind of failure it is, for metrics.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            SessionError::ClientIo(_) | SessionError::UpstreamIo(_) => "io",
-            SessionError::ClientProtocol(_) | SessionError::UpstreamProtocol(_) => "protocol",
-            SessionError::UpstreamLogin(_) => "login",
-            SessionError::Refused(_) => "refused",
-            SessionError::Timeout(_) => "timeout",
+            SessionError::ClientIo(_) | SessionError::UpstreamIo(_) => ErrorKind::Io,
+            SessionError::ClientProtocol(_) | SessionError::UpstreamProtocol(_) => ErrorKind::Protocol,
+            SessionError::UpstreamLogin(_) => ErrorKind::Login,
+            SessionError::Refused(_) => ErrorKind::Refused,
+            SessionError::Timeout(_) => ErrorKind::Timeout,
         }
     }
 

@@ -15,7 +15,7 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::Resource;
 
 use crate::classify::{Protocol, StatementKind};
-use crate::error::{ErrorSource, StartError};
+use crate::error::{ErrorKind, ErrorSource, StartError, ERROR_KINDS};
 
 const SOURCES: [ErrorSource; 4] = [
     ErrorSource::Client,
@@ -24,61 +24,13 @@ const SOURCES: [ErrorSource; 4] = [
     ErrorSource::Internal,
 ];
 
-/// Error kinds counted per source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// A store answered a statement with an ErrorResponse.
-    Statement,
-    /// A socket failed.
-    Io,
-    /// A peer broke the protocol.
-    Protocol,
-    /// Logging in failed.
-    Login,
-    /// The proxy refused a connection.
-    Refused,
-    /// Something did not answer in time.
-    Timeout,
-}
-
-const ERROR_KINDS: [ErrorKind; 6] = [
-    ErrorKind::Statement,
-    ErrorKind::Io,
-    ErrorKind::Protocol,
-    ErrorKind::Login,
-    ErrorKind::Refused,
-    ErrorKind::Timeout,
-];
-
-impl ErrorKind {
-    /// Label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::Statement => "statement",
-            ErrorKind::Io => "io",
-            ErrorKind::Protocol => "protocol",
-            ErrorKind::Login => "login",
-            ErrorKind::Refused => "refused",
-            ErrorKind::Timeout => "timeout",
-        }
-    }
-
-    /// The kind matching a [`crate::error::SessionError::kind`] label.
-    pub fn from_label(label: &str) -> ErrorKind {
-        ERROR_KINDS
-            .into_iter()
-            .find(|k| k.as_str() == label)
-            .unwrap_or(ErrorKind::Io)
-    }
-}
-
 /// Counters shared by every session of one proxy instance.
 #[derive(Debug, Default)]
 pub struct Counters {
     connections_total: AtomicU64,
     connections_active: AtomicI64,
     statements: [[AtomicU64; StatementKind::COUNT]; 2],
-    errors: [[AtomicU64; 6]; 4],
+    errors: [[AtomicU64; ERROR_KINDS.len()]; SOURCES.len()],
 }
 
 impl Counters {

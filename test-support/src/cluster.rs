@@ -94,8 +94,7 @@ impl TestCluster {
         } else {
             None
         };
-        let root = Path::new(CLUSTER_PARENT)
-            .join(format!("{DIR_PREFIX}{}", crate::unique_suffix(&COUNTER)));
+        let root = Path::new(CLUSTER_PARENT).join(format!("{DIR_PREFIX}{}", crate::unique_suffix(&COUNTER)));
         std::fs::create_dir(&root).with_context(|| format!("creating {}", root.display()))?;
         // From here on, Drop removes the directory if anything fails.
         let mut cluster = TestCluster {
@@ -269,8 +268,7 @@ impl TestCluster {
             .await
             .with_context(|| format!("{verb} ROLE {user}"))?;
         self.password_users.retain(|(u, _)| u != user);
-        self.password_users
-            .push((user.to_owned(), method.to_owned()));
+        self.password_users.push((user.to_owned(), method.to_owned()));
         self.write_hba()?;
         admin.simple_query("SELECT pg_reload_conf()").await?;
 
@@ -404,10 +402,7 @@ impl TestCluster {
             .current_dir(&self.root)
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        let output = cmd
-            .output()
-            .await
-            .with_context(|| format!("running {program}"))?;
+        let output = cmd.output().await.with_context(|| format!("running {program}"))?;
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         if !output.status.success() {
             bail!(
@@ -457,10 +452,7 @@ impl Drop for TestCluster {
             }
         }
         if let Err(err) = std::fs::remove_dir_all(&self.root) {
-            eprintln!(
-                "switchyard-test-support: removing {}: {err}",
-                self.root.display()
-            );
+            eprintln!("switchyard-test-support: removing {}: {err}", self.root.display());
         }
     }
 }
@@ -503,8 +495,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 fn effective_uid() -> anyhow::Result<u32> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     // `Uid:` real, effective, saved, filesystem.
     status
         .lines()

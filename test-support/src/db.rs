@@ -123,10 +123,7 @@ impl Drop for TestDb {
             Ok(Ok(Err(err))) => {
                 eprintln!("switchyard-test-support: dropping {}: {err:#}", self.name)
             }
-            Ok(Err(_)) => eprintln!(
-                "switchyard-test-support: dropping {}: thread panicked",
-                self.name
-            ),
+            Ok(Err(_)) => eprintln!("switchyard-test-support: dropping {}: thread panicked", self.name),
             Err(err) => eprintln!(
                 "switchyard-test-support: dropping {}: spawn failed: {err}",
                 self.name
@@ -192,9 +189,7 @@ fn sanitize_label(label: &str) -> String {
 }
 
 fn like_escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('_', "\\_")
-        .replace('%', "\\%")
+    s.replace('\\', "\\\\").replace('_', "\\_").replace('%', "\\%")
 }
 
 /// The pid in `sy_<label>_<pid>_<counter>_<random>` (the label may contain `_`).

@@ -155,7 +155,10 @@ impl TestProxy {
             .nth(1)
             .and_then(|c| c.parse().ok())
             .context("bad HTTP status line")?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         Ok((code, body))
     }
 

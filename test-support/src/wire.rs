@@ -114,9 +114,15 @@ impl RawConn {
                 // A lone status byte (the answer to SSLRequest) is not a frame.
                 if self.buf.len() < 5 {
                     let b = self.buf.split_to(self.buf.len()).freeze();
-                    return Ok(Some(Msg { tag: b[0], body: b.slice(1..) }));
+                    return Ok(Some(Msg {
+                        tag: b[0],
+                        body: b.slice(1..),
+                    }));
                 }
-                bail!("connection closed inside a message ({} bytes buffered)", self.buf.len());
+                bail!(
+                    "connection closed inside a message ({} bytes buffered)",
+                    self.buf.len()
+                );
             }
         }
     }
@@ -205,7 +211,14 @@ impl Frontend {
     }
 
     /// Bind with text parameters (None = NULL) and result formats (0 text, 1 binary).
-    pub fn bind(&mut self, portal: &str, stmt: &str, params: &[Option<&[u8]>], param_formats: &[i16], result_formats: &[i16]) -> &mut Self {
+    pub fn bind(
+        &mut self,
+        portal: &str,
+        stmt: &str,
+        params: &[Option<&[u8]>],
+        param_formats: &[i16],
+        result_formats: &[i16],
+    ) -> &mut Self {
         self.msg(b'B', |o| {
             cstr(o, portal);
             cstr(o, stmt);

@@ -113,18 +113,11 @@ async fn cluster_stops_starts_and_survives_a_crash() {
     assert!(cluster.client("postgres").await.is_err());
     cluster.start_again().await.unwrap();
     let client = cluster.client("postgres").await.unwrap();
-    let kept: String = client
-        .query_one("SELECT v FROM kept", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let kept: String = client.query_one("SELECT v FROM kept", &[]).await.unwrap().get(0);
     assert_eq!(kept, "before");
 
     cluster.restart().await.unwrap();
-    assert_eq!(
-        select_one(&cluster.client("postgres").await.unwrap()).await,
-        1
-    );
+    assert_eq!(select_one(&cluster.client("postgres").await.unwrap()).await, 1);
 
     drop(cluster);
     assert!(!dir.exists(), "cluster directory left behind");

@@ -113,7 +113,13 @@ fn password_failed(user: &str) -> String {
 }
 
 /// Runs psql with a 10 s limit; returns (exit success, stdout, stderr).
-async fn psql(port: u16, user: &str, password: &str, database: &str, sql: &str) -> anyhow::Result<(bool, String, String)> {
+async fn psql(
+    port: u16,
+    user: &str,
+    password: &str,
+    database: &str,
+    sql: &str,
+) -> anyhow::Result<(bool, String, String)> {
     let child = tokio::process::Command::new("psql")
         .args(["-X", "-w", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .env("PGHOST", "127.0.0.1")
@@ -153,10 +159,18 @@ async fn scram_with_password_and_stored_secret() -> anyhow::Result<()> {
     assert_eq!(p.login("hashed", "pw").await?, "postgres");
 
     assert_refused(p.login("app", "wrong").await, "28P01", &password_failed("app"));
-    assert_refused(p.login("hashed", "app-secret").await, "28P01", &password_failed("hashed"));
+    assert_refused(
+        p.login("hashed", "app-secret").await,
+        "28P01",
+        &password_failed("hashed"),
+    );
     assert_refused(p.login("app", "").await, "28P01", &password_failed("app"));
     // An unknown user gets exactly the same answer as a wrong password.
-    assert_refused(p.login("nobody", "app-secret").await, "28P01", &password_failed("nobody"));
+    assert_refused(
+        p.login("nobody", "app-secret").await,
+        "28P01",
+        &password_failed("nobody"),
+    );
     // The database is checked after authentication.
     let wrong_db = connect(&p.url("app", "app-secret", "no_such_db")).await;
     assert_refused(wrong_db, "3D000", "database \"no_such_db\" does not exist");
@@ -174,7 +188,14 @@ async fn psql_logs_in_with_scram() -> anyhow::Result<()> {
     let users = "[[users]]\nname = \"app\"\npassword = \"app-secret\"\n";
     let p = AuthProxy::start("auth_psql", "scram-sha-256", users).await?;
     let port = p.proxy.port();
-    let (ok, out, err) = psql(port, "app", "app-secret", p.old.name(), "select current_user, 6 * 7").await?;
+    let (ok, out, err) = psql(
+        port,
+        "app",
+        "app-secret",
+        p.old.name(),
+        "select current_user, 6 * 7",
+    )
+    .await?;
     ensure!(ok, "psql failed: {err}");
     assert_eq!(out.trim(), "postgres|42");
 
@@ -196,8 +217,16 @@ async fn md5_with_password_and_stored_secret() -> anyhow::Result<()> {
     assert_eq!(p.login("hashed", "pw5").await?, "postgres");
 
     assert_refused(p.login("app", "wrong").await, "28P01", &password_failed("app"));
-    assert_refused(p.login("hashed", "app-secret").await, "28P01", &password_failed("hashed"));
-    assert_refused(p.login("nobody", "app-secret").await, "28P01", &password_failed("nobody"));
+    assert_refused(
+        p.login("hashed", "app-secret").await,
+        "28P01",
+        &password_failed("hashed"),
+    );
+    assert_refused(
+        p.login("nobody", "app-secret").await,
+        "28P01",
+        &password_failed("nobody"),
+    );
     let wrong_db = connect(&p.url("hashed", "pw5", "no_such_db")).await;
     assert_refused(wrong_db, "3D000", "database \"no_such_db\" does not exist");
 
@@ -220,12 +249,20 @@ async fn upstream_login_with_each_password_method() -> anyhow::Result<()> {
         let proxy = TestProxy::passthrough(&old, new.url()).await?;
         let client = connect(&proxy.url("whoever")).await?;
         let row = client.query_one("select current_user::text", &[]).await?;
-        assert_eq!(row.get::<_, String>(0), user, "logged in upstream as the URL's user");
+        assert_eq!(
+            row.get::<_, String>(0),
+            user,
+            "logged in upstream as the URL's user"
+        );
         drop(client);
 
         let wrong = format!("postgres://{user}:not-{password}@127.0.0.1:{port}/postgres");
         let proxy = TestProxy::passthrough(&wrong, new.url()).await?;
-        assert_refused(connect(&proxy.url("whoever")).await, "28P01", &password_failed(user));
+        assert_refused(
+            connect(&proxy.url("whoever")).await,
+            "28P01",
+            &password_failed(user),
+        );
 
         // Byte level: the server's own ErrorResponse is the first and only thing the client sees.
         let err = raw_refusal(&proxy).await?;
@@ -268,13 +305,25 @@ async fn unreachable_old_store_is_reported_as_08001() -> anyhow::Result<()> {
     let proxy = TestProxy::passthrough(&old, new.url()).await?;
 
     let started = std::time::Instant::now();
-    let err = connect(&proxy.url("postgres")).await.expect_err("no server behind the proxy");
-    let db = err.as_db_error().with_context(|| format!("expected an ErrorResponse, got {err:?}"))?;
+    let err = connect(&proxy.url("postgres"))
+        .await
+        .expect_err("no server behind the proxy");
+    let db = err
+        .as_db_error()
+        .with_context(|| format!("expected an ErrorResponse, got {err:?}"))?;
     assert_eq!(db.code().code(), "08001", "{db:?}");
     assert_eq!(db.severity(), "FATAL");
     // No internal detail (address, OS error) leaks to the client.
-    ensure!(!db.message().contains(&port.to_string()), "leaks the address: {}", db.message());
-    ensure!(started.elapsed() < Duration::from_secs(5), "refused connect took {:?}", started.elapsed());
+    ensure!(
+        !db.message().contains(&port.to_string()),
+        "leaks the address: {}",
+        db.message()
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused connect took {:?}",
+        started.elapsed()
+    );
 
     let err = raw_refusal(&proxy).await?;
     assert_eq!(err.code().as_deref(), Some("08001"));

@@ -35,7 +35,9 @@ impl Fixture {
         }
         let proxy = TestProxy::start(&config).await?;
         let (mut healthy, _) = RawConn::login(proxy.addr, "postgres", db.name()).await?;
-        select_42(&mut healthy).await.context("healthy session before the bad one")?;
+        select_42(&mut healthy)
+            .await
+            .context("healthy session before the bad one")?;
         Ok(Fixture {
             proxy,
             db,
@@ -62,9 +64,13 @@ impl Fixture {
             mut healthy,
             ..
         } = self;
-        select_42(&mut healthy).await.context("healthy session after the bad one")?;
+        select_42(&mut healthy)
+            .await
+            .context("healthy session after the bad one")?;
         let (mut fresh, _) = RawConn::login(proxy.addr, "postgres", db.name()).await?;
-        select_42(&mut fresh).await.context("new session after the bad one")?;
+        select_42(&mut fresh)
+            .await
+            .context("new session after the bad one")?;
         for mut conn in [healthy, fresh] {
             conn.send(&[b'X', 0, 0, 0, 4]).await?;
             let rest = read_until_closed(&mut conn).await?;
@@ -82,7 +88,10 @@ async fn select_42(conn: &mut RawConn) -> anyhow::Result<()> {
     conn.send(f.bytes()).await?;
     let msgs = tokio::time::timeout(WAIT, conn.read_until_ready(1)).await??;
     let tags: Vec<char> = msgs.iter().map(|m| m.tag as char).collect();
-    ensure!(tags == ['T', 'D', 'C', 'Z'], "unexpected answer to select: {msgs:?}");
+    ensure!(
+        tags == ['T', 'D', 'C', 'Z'],
+        "unexpected answer to select: {msgs:?}"
+    );
     ensure!(msgs[1].body.ends_with(b"42"), "wrong row: {:?}", msgs[1]);
     Ok(())
 }
@@ -196,7 +205,10 @@ async fn unknown_tag_after_login_is_a_protocol_violation() -> anyhow::Result<()>
     bad.send(&frame(b'y', 4, b"")).await?;
     let err = expect_fatal(&mut bad, "08P01").await?;
     // PostgreSQL's wording (postgres.c: "invalid frontend message type %d").
-    assert_eq!(err.field(b'M').as_deref(), Some("invalid frontend message type 121"));
+    assert_eq!(
+        err.field(b'M').as_deref(),
+        Some("invalid frontend message type 121")
+    );
     fx.finish().await
 }
 
@@ -234,7 +246,11 @@ async fn oversized_message_is_refused_with_program_limit_exceeded() -> anyhow::R
 async fn http_request_before_startup_is_refused() -> anyhow::Result<()> {
     let fx = Fixture::start("bad_http", &[]).await?;
     let mut bad = RawConn::open(fx.addr()).await?;
-    send_lenient(&mut bad, b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: curl\r\n\r\n").await?;
+    send_lenient(
+        &mut bad,
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: curl\r\n\r\n",
+    )
+    .await?;
     expect_fatal(&mut bad, "08P01").await?;
     fx.finish().await
 }
@@ -244,8 +260,11 @@ async fn unsupported_protocol_versions_are_refused() -> anyhow::Result<()> {
     let fx = Fixture::start("bad_proto", &[]).await?;
     for (protocol, label) in [(0x0002_0000, "2.0"), (0x0004_0000, "4.0")] {
         let mut bad = RawConn::open(fx.addr()).await?;
-        bad.send(&startup(protocol, &[("user", "postgres"), ("database", fx.db.name())]))
-            .await?;
+        bad.send(&startup(
+            protocol,
+            &[("user", "postgres"), ("database", fx.db.name())],
+        ))
+        .await?;
         let err = expect_fatal(&mut bad, "0A000")
             .await
             .with_context(|| format!("protocol {label}"))?;
@@ -263,19 +282,33 @@ async fn newer_minor_versions_are_negotiated_as_postgresql_does() -> anyhow::Res
     let fx = Fixture::start("neg_proto", &[]).await?;
     let direct_addr: SocketAddr = "127.0.0.1:5432".parse()?;
     for (protocol, label) in [(0x0003_0002, "3.2"), (0x0003_0003, "3.3")] {
-        let params = [("user", "postgres"), ("database", fx.db.name()), ("_pq_.sy_test", "1")];
+        let params = [
+            ("user", "postgres"),
+            ("database", fx.db.name()),
+            ("_pq_.sy_test", "1"),
+        ];
         let mut answers = Vec::new();
         for addr in [direct_addr, fx.addr()] {
             let mut conn = RawConn::open(addr).await?;
             conn.send(&startup(protocol, &params)).await?;
             let greeting = tokio::time::timeout(WAIT, conn.read_until_ready(1)).await??;
             conn.send(&[b'X', 0, 0, 0, 4]).await?;
-            let negotiate: Vec<Msg> = greeting.iter().filter(|m| m.tag != b'S' && m.tag != b'K').cloned().collect();
+            let negotiate: Vec<Msg> = greeting
+                .iter()
+                .filter(|m| m.tag != b'S' && m.tag != b'K')
+                .cloned()
+                .collect();
             answers.push(negotiate);
         }
         let direct = &answers[0];
-        ensure!(direct.first().is_some_and(|m| m.tag == b'v'), "PostgreSQL negotiates {label}: {direct:?}");
-        assert_eq!(answers[1], answers[0], "protocol {label}: proxy answer differs from PostgreSQL's");
+        ensure!(
+            direct.first().is_some_and(|m| m.tag == b'v'),
+            "PostgreSQL negotiates {label}: {direct:?}"
+        );
+        assert_eq!(
+            answers[1], answers[0],
+            "protocol {label}: proxy answer differs from PostgreSQL's"
+        );
     }
     fx.finish().await
 }
@@ -294,7 +327,13 @@ async fn complete_messages_before_a_bad_one_still_run() -> anyhow::Result<()> {
     let tags: Vec<u8> = msgs.iter().map(|m| m.tag).collect();
     assert_eq!(tags, b"CZE", "{msgs:?}");
     assert_eq!(msgs[2].code().as_deref(), Some("08P01"));
-    let n: i64 = fx.db.client().await?.query_one("select count(*) from t", &[]).await?.get(0);
+    let n: i64 = fx
+        .db
+        .client()
+        .await?
+        .query_one("select count(*) from t", &[])
+        .await?
+        .get(0);
     assert_eq!(n, 1, "the insert sent before the bad message ran");
     fx.finish().await
 }
@@ -305,7 +344,11 @@ async fn startup_packet_over_10000_bytes_is_refused() -> anyhow::Result<()> {
     let filler = "o".repeat(12_000);
     let packet = startup(
         PROTOCOL_3_0,
-        &[("user", "postgres"), ("database", fx.db.name()), ("options", &filler)],
+        &[
+            ("user", "postgres"),
+            ("database", fx.db.name()),
+            ("options", &filler),
+        ],
     );
     assert!(packet.len() > 10_000);
     let mut bad = RawConn::open(fx.addr()).await?;
@@ -317,7 +360,10 @@ async fn startup_packet_over_10000_bytes_is_refused() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_without_user_is_refused() -> anyhow::Result<()> {
     let fx = Fixture::start("bad_nouser", &[]).await?;
-    for params in [vec![("database", fx.db.name())], vec![("user", ""), ("database", fx.db.name())]] {
+    for params in [
+        vec![("database", fx.db.name())],
+        vec![("user", ""), ("database", fx.db.name())],
+    ] {
         let mut bad = RawConn::open(fx.addr()).await?;
         bad.send(&startup(PROTOCOL_3_0, &params)).await?;
         let err = expect_fatal(&mut bad, "28000").await?;
@@ -375,7 +421,11 @@ async fn bytes_after_ssl_request_before_the_answer_are_refused() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssl_and_gssenc_requests_are_answered_n_then_login_works() -> anyhow::Result<()> {
     let fx = Fixture::start("ok_sslreq", &[]).await?;
-    for requests in [&[SSL_REQUEST][..], &[GSSENC_REQUEST], &[GSSENC_REQUEST, SSL_REQUEST]] {
+    for requests in [
+        &[SSL_REQUEST][..],
+        &[GSSENC_REQUEST],
+        &[GSSENC_REQUEST, SSL_REQUEST],
+    ] {
         let mut conn = RawConn::open(fx.addr()).await?;
         for request in requests {
             conn.send(request).await?;
@@ -406,7 +456,11 @@ async fn replication_startup_is_refused() -> anyhow::Result<()> {
         let mut bad = RawConn::open(fx.addr()).await?;
         bad.send(&startup(
             PROTOCOL_3_0,
-            &[("user", "postgres"), ("database", fx.db.name()), ("replication", value)],
+            &[
+                ("user", "postgres"),
+                ("database", fx.db.name()),
+                ("replication", value),
+            ],
         ))
         .await?;
         expect_fatal(&mut bad, "0A000")
@@ -417,11 +471,18 @@ async fn replication_startup_is_refused() -> anyhow::Result<()> {
     let mut conn = RawConn::open(fx.addr()).await?;
     conn.send(&startup(
         PROTOCOL_3_0,
-        &[("user", "postgres"), ("database", fx.db.name()), ("replication", "false")],
+        &[
+            ("user", "postgres"),
+            ("database", fx.db.name()),
+            ("replication", "false"),
+        ],
     ))
     .await?;
     let greeting = tokio::time::timeout(WAIT, conn.read_until_ready(1)).await??;
-    ensure!(greeting.last().is_some_and(|m| m.tag == b'Z'), "refused: {greeting:?}");
+    ensure!(
+        greeting.last().is_some_and(|m| m.tag == b'Z'),
+        "refused: {greeting:?}"
+    );
     conn.send(&[b'X', 0, 0, 0, 4]).await?;
     fx.finish().await
 }

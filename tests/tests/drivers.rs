@@ -51,15 +51,22 @@ async fn tokio_postgres_prepared_transactions_binary_copy() -> anyhow::Result<()
     client
         .batch_execute("create table kv (k int primary key, v text, f float8, b bytea, at timestamptz)")
         .await?;
-    let insert = client.prepare("insert into kv values ($1, $2, $3, $4, now())").await?;
+    let insert = client
+        .prepare("insert into kv values ($1, $2, $3, $4, now())")
+        .await?;
     for i in 0..200i32 {
         let n = client
-            .execute(&insert, &[&i, &format!("v{i}"), &(i as f64 / 3.0), &vec![i as u8; 3]])
+            .execute(
+                &insert,
+                &[&i, &format!("v{i}"), &(i as f64 / 3.0), &vec![i as u8; 3]],
+            )
             .await?;
         assert_eq!(n, 1);
     }
     // tokio-postgres reads results in binary.
-    let rows = client.query("select k, v, f, b from kv where k >= $1 order by k", &[&190i32]).await?;
+    let rows = client
+        .query("select k, v, f, b from kv where k >= $1 order by k", &[&190i32])
+        .await?;
     assert_eq!(rows.len(), 10);
     let f: f64 = rows[0].get(2);
     assert!((f - 190.0 / 3.0).abs() < 1e-9);
@@ -76,12 +83,20 @@ async fn tokio_postgres_prepared_transactions_binary_copy() -> anyhow::Result<()
     assert_eq!(row.get::<_, i64>(0), 200);
     assert_eq!(row.get::<_, String>(1), "v99");
 
-    let err = client.execute("insert into kv (k) values (1)", &[]).await.unwrap_err();
-    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION));
+    let err = client
+        .execute("insert into kv (k) values (1)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+    );
 
     // COPY OUT through the proxy.
     use futures_util::{pin_mut, TryStreamExt};
-    let stream = client.copy_out("copy (select k from kv order by k) to stdout").await?;
+    let stream = client
+        .copy_out("copy (select k from kv order by k) to stdout")
+        .await?;
     pin_mut!(stream);
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.try_next().await? {
@@ -133,7 +148,9 @@ async fn sqlx_pool_prepared_statements_and_transactions() -> anyhow::Result<()> 
     let mut tx = pool.begin().await?;
     sqlx::query("delete from t").execute(&mut *tx).await?;
     tx.rollback().await?;
-    let row = sqlx::query("select count(*) as c, sum(id)::int8 as s from t").fetch_one(&pool).await?;
+    let row = sqlx::query("select count(*) as c, sum(id)::int8 as s from t")
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(row.get::<i64, _>("c"), 100);
     assert_eq!(row.get::<i64, _>("s"), 5050);
     let err = sqlx::query("select 1/0").execute(&pool).await.unwrap_err();
@@ -189,7 +206,10 @@ async fn pgbench_in_every_query_mode() -> anyhow::Result<()> {
     };
     let mut init = Command::new("pgbench");
     base(&mut init);
-    run(init.args(["-i", "-s", "1", "-q"]).arg(old.name()), Duration::from_secs(120))?;
+    run(
+        init.args(["-i", "-s", "1", "-q"]).arg(old.name()),
+        Duration::from_secs(120),
+    )?;
     for mode in ["simple", "extended", "prepared"] {
         let mut bench = Command::new("pgbench");
         base(&mut bench);
@@ -207,7 +227,10 @@ async fn pgbench_in_every_query_mode() -> anyhow::Result<()> {
     }
     // The transactions really reached the database.
     let client = old.client().await?;
-    let n: i64 = client.query_one("select count(*) from pgbench_history", &[]).await?.get(0);
+    let n: i64 = client
+        .query_one("select count(*) from pgbench_history", &[])
+        .await?
+        .get(0);
     assert_eq!(n, 600);
     Ok(())
 }
@@ -218,7 +241,10 @@ async fn pgbench_in_every_query_mode() -> anyhow::Result<()> {
 async fn python_drivers_psycopg_and_asyncpg() -> anyhow::Result<()> {
     let (old, _new, proxy) = setup("drv_python").await?;
     let suite = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
-    let direct = format!("postgres://postgres@127.0.0.1:5432/{}?sslmode=disable", old.name());
+    let direct = format!(
+        "postgres://postgres@127.0.0.1:5432/{}?sslmode=disable",
+        old.name()
+    );
     let out = tokio::task::spawn_blocking({
         let proxied = proxy.url("postgres");
         move || {

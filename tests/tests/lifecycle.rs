@@ -84,7 +84,10 @@ impl Session {
     async fn value(&mut self, sql: &str) -> anyhow::Result<String> {
         let msgs = self.query(sql).await?;
         ensure!(!msgs.iter().any(|m| m.tag == b'E'), "{sql} failed: {msgs:?}");
-        ensure!(msgs.last().is_some_and(|m| m.tag == b'Z'), "{sql}: no ReadyForQuery: {msgs:?}");
+        ensure!(
+            msgs.last().is_some_and(|m| m.tag == b'Z'),
+            "{sql}: no ReadyForQuery: {msgs:?}"
+        );
         let row = msgs.iter().find(|m| m.tag == b'D').context("no row")?;
         let len = i32::from_be_bytes(row.body[2..6].try_into()?);
         let len = usize::try_from(len).context("NULL value")?;
@@ -95,7 +98,10 @@ impl Session {
     async fn ok(&mut self, sql: &str) -> anyhow::Result<u8> {
         let msgs = self.query(sql).await?;
         ensure!(!msgs.iter().any(|m| m.tag == b'E'), "{sql} failed: {msgs:?}");
-        let z = msgs.last().filter(|m| m.tag == b'Z').context("no ReadyForQuery")?;
+        let z = msgs
+            .last()
+            .filter(|m| m.tag == b'Z')
+            .context("no ReadyForQuery")?;
         Ok(z.body[0])
     }
 
@@ -151,7 +157,9 @@ fn is_reset(e: &anyhow::Error) -> bool {
 /// The connection ends with a FATAL `code` as its last message.
 async fn expect_fatal_close(conn: &mut RawConn, code: &str) -> anyhow::Result<Vec<Msg>> {
     let msgs = read_until_closed(conn).await?;
-    let last = msgs.last().with_context(|| format!("closed without FATAL {code}"))?;
+    let last = msgs
+        .last()
+        .with_context(|| format!("closed without FATAL {code}"))?;
     ensure!(
         last.tag == b'E'
             && last.code().as_deref() == Some(code)
@@ -177,7 +185,10 @@ async fn wait_active(proxy: &TestProxy, want: i64) -> anyhow::Result<()> {
         if active == want {
             return Ok(());
         }
-        ensure!(Instant::now() < deadline, "connections.active is {active}, want {want}");
+        ensure!(
+            Instant::now() < deadline,
+            "connections.active is {active}, want {want}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -219,7 +230,10 @@ async fn tokio_postgres_cancel_reaches_the_backend() -> anyhow::Result<()> {
     let pid: i32 = client.query_one("select pg_backend_pid()", &[]).await?.get(0);
     let token = client.cancel_token();
 
-    let sleeping = tokio::time::timeout(Duration::from_secs(15), client.simple_query("select pg_sleep(10)"));
+    let sleeping = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.simple_query("select pg_sleep(10)"),
+    );
     let cancel = async {
         wait_until(&direct, PID_ACTIVE, pid, "pg_sleep runs").await?;
         // Connects to the proxy: the key is the real backend's, the proxy routes it.
@@ -279,9 +293,15 @@ async fn cancel_with_a_wrong_key_does_nothing() -> anyhow::Result<()> {
         send_cancel(addr, &key).await?;
     }
     let msgs = tokio::time::timeout(WAIT, s.conn.read_until_ready(1)).await??;
-    ensure!(!msgs.iter().any(|m| m.tag == b'E'), "query was disturbed: {msgs:?}");
+    ensure!(
+        !msgs.iter().any(|m| m.tag == b'E'),
+        "query was disturbed: {msgs:?}"
+    );
     ensure!(msgs.iter().any(|m| m.tag == b'D'), "no row: {msgs:?}");
-    ensure!(started.elapsed() >= Duration::from_millis(1400), "pg_sleep ended early");
+    ensure!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "pg_sleep ended early"
+    );
 
     // The right key, sent raw, does cancel.
     let mut f = Frontend::new();
@@ -303,7 +323,10 @@ async fn client_sees_the_real_backend_pid_and_its_application_name() -> anyhow::
     let app = format!("sy-life-{:08x}", rand::random::<u32>());
     let mut s = Session::login(fx.proxy.addr, fx.old.name(), &app).await?;
     let pid: i32 = s.value("select pg_backend_pid()").await?.parse()?;
-    assert_eq!(pid, s.key.pid, "BackendKeyData names the backend serving the session");
+    assert_eq!(
+        pid, s.key.pid,
+        "BackendKeyData names the backend serving the session"
+    );
 
     let direct = fx.old.client().await?;
     let row = direct
@@ -393,7 +416,11 @@ async fn abrupt_client_disconnect_ends_its_backend() -> anyhow::Result<()> {
 
     // Closed (FIN) inside an open transaction holding a lock.
     let mut s = fx.login().await?;
-    assert_eq!(s.ok("begin; insert into t values (1); lock table t in access exclusive mode").await?, b'T');
+    assert_eq!(
+        s.ok("begin; insert into t values (1); lock table t in access exclusive mode")
+            .await?,
+        b'T'
+    );
     let pid = s.key.pid;
     drop(s);
     wait_until(&direct, PID_GONE, pid, "the backend of a closed client exits").await?;
@@ -484,7 +511,10 @@ async fn idle_timeout_spares_open_transactions() -> anyhow::Result<()> {
 /// inside the implicit transaction of an unfinished extended-protocol batch.
 async fn unsynced_batch(s: &mut Session, sql: &str) -> anyhow::Result<()> {
     let mut f = Frontend::new();
-    f.parse("", sql, &[]).bind("", "", &[], &[], &[]).execute("", 0).flush();
+    f.parse("", sql, &[])
+        .bind("", "", &[], &[], &[])
+        .execute("", 0)
+        .flush();
     s.conn.send(f.bytes()).await?;
     for want in [b'1', b'2', b'C'] {
         let msg = tokio::time::timeout(WAIT, s.conn.read_msg())
@@ -518,7 +548,13 @@ async fn idle_timeout_spares_an_unsynced_extended_batch() -> anyhow::Result<()> 
     unsynced_batch(&mut s, "insert into t values (1)").await?;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     sync(&mut s).await?;
-    let n: i64 = fx.old.client().await?.query_one("select count(*) from t", &[]).await?.get(0);
+    let n: i64 = fx
+        .old
+        .client()
+        .await?
+        .query_one("select count(*) from t", &[])
+        .await?
+        .get(0);
     assert_eq!(n, 1, "the batch committed at Sync");
     s.terminate().await
 }
@@ -533,7 +569,10 @@ async fn max_connections_refuses_the_extra_client() -> anyhow::Result<()> {
     third.send(&startup(fx.old.name(), "third")).await?;
     let msgs = expect_fatal_close(&mut third, "53300").await?;
     assert_eq!(msgs.len(), 1, "{msgs:?}");
-    assert_eq!(msgs[0].field(b'M').as_deref(), Some("sorry, too many clients already"));
+    assert_eq!(
+        msgs[0].field(b'M').as_deref(),
+        Some("sorry, too many clients already")
+    );
 
     assert_eq!(a.value("select 'a'").await?, "a");
     b.terminate().await?;
@@ -563,7 +602,10 @@ async fn expect_refused_while_draining(addr: SocketAddr, database: &str) -> anyh
         return Ok(());
     }
     let msgs = read_until_closed(&mut conn).await?;
-    ensure!(!msgs.iter().any(|m| m.tag == b'Z'), "a session started during the drain: {msgs:?}");
+    ensure!(
+        !msgs.iter().any(|m| m.tag == b'Z'),
+        "a session started during the drain: {msgs:?}"
+    );
     if let Some(err) = msgs.iter().find(|m| m.tag == b'E') {
         assert_eq!(err.code().as_deref(), Some("57P03"), "{err:?}");
     }
@@ -583,7 +625,11 @@ async fn graceful_drain_lets_transactions_finish() -> anyhow::Result<()> {
 
     let msgs = expect_fatal_close(&mut idle.conn, "57P01").await?;
     assert_eq!(msgs.len(), 1, "{msgs:?}");
-    ensure!(drained_at.elapsed() < Duration::from_secs(2), "idle session closed after {:?}", drained_at.elapsed());
+    ensure!(
+        drained_at.elapsed() < Duration::from_secs(2),
+        "idle session closed after {:?}",
+        drained_at.elapsed()
+    );
 
     expect_refused_while_draining(fx.proxy.addr, fx.old.name()).await?;
 
@@ -600,7 +646,13 @@ async fn graceful_drain_lets_transactions_finish() -> anyhow::Result<()> {
     assert_eq!(&msgs[1].body[..], b"I");
 
     fx.proxy.join().await?;
-    let n: i64 = fx.old.client().await?.query_one("select count(*) from t", &[]).await?.get(0);
+    let n: i64 = fx
+        .old
+        .client()
+        .await?
+        .query_one("select count(*) from t", &[])
+        .await?
+        .get(0);
     assert_eq!(n, 2, "the drained transaction committed");
     Ok(())
 }
@@ -618,7 +670,13 @@ async fn graceful_drain_waits_for_sync() -> anyhow::Result<()> {
     sync(&mut s).await?;
     expect_fatal_close(&mut s.conn, "57P01").await?;
     fx.proxy.join().await?;
-    let n: i64 = fx.old.client().await?.query_one("select count(*) from t", &[]).await?.get(0);
+    let n: i64 = fx
+        .old
+        .client()
+        .await?
+        .query_one("select count(*) from t", &[])
+        .await?
+        .get(0);
     assert_eq!(n, 1, "the batch committed at Sync");
     Ok(())
 }
@@ -671,7 +729,13 @@ async fn drain_deadline_cuts_a_stuck_transaction() -> anyhow::Result<()> {
     fx.proxy.join().await?;
 
     let direct = fx.old.client().await?;
-    wait_until(&direct, PID_GONE, stuck.key.pid, "the cut session's backend exits").await?;
+    wait_until(
+        &direct,
+        PID_GONE,
+        stuck.key.pid,
+        "the cut session's backend exits",
+    )
+    .await?;
     let n: i64 = direct.query_one("select count(*) from t", &[]).await?.get(0);
     assert_eq!(n, 0, "the cut transaction rolled back");
     Ok(())
@@ -684,7 +748,10 @@ async fn wait_health(proxy: &TestProxy, want: u16) -> anyhow::Result<String> {
         if code == want {
             return Ok(body);
         }
-        ensure!(Instant::now() < deadline, "/health stays {code}, want {want}: {body}");
+        ensure!(
+            Instant::now() < deadline,
+            "/health stays {code}, want {want}: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -727,7 +794,8 @@ async fn old_store_going_away_mid_session() -> anyhow::Result<()> {
     cluster.kill().await?;
     let msgs = read_until_closed(&mut s.conn).await?;
     ensure!(
-        msgs.iter().all(|m| m.tag == b'E' && m.field(b'V').as_deref() == Some("FATAL")),
+        msgs.iter()
+            .all(|m| m.tag == b'E' && m.field(b'V').as_deref() == Some("FATAL")),
         "after a crash: {msgs:?}"
     );
     wait_active(&proxy, 0).await?;
@@ -748,7 +816,9 @@ async fn metrics_and_health_after_traffic() -> anyhow::Result<()> {
     let client = fx.proxy.client().await?;
     client.simple_query("select 1").await?;
     client.query("select $1::int", &[&1i32]).await?;
-    client.batch_execute("create table t (id int); insert into t values (1)").await?;
+    client
+        .batch_execute("create table t (id int); insert into t values (1)")
+        .await?;
     assert!(client.simple_query("select 1/0").await.is_err());
     drop(client);
     // A client the proxy throws out.
@@ -772,7 +842,10 @@ async fn metrics_and_health_after_traffic() -> anyhow::Result<()> {
         .lines()
         .find_map(|l| l.strip_prefix("switchyard_connections_total "))
         .and_then(|v| v.trim().parse::<f64>().ok());
-    assert!(connections.is_some_and(|n| n >= 2.0), "connections: {connections:?}\n{metrics}");
+    assert!(
+        connections.is_some_and(|n| n >= 2.0),
+        "connections: {connections:?}\n{metrics}"
+    );
     assert!(
         metrics.contains("switchyard_errors_total{kind=\"protocol\",source=\"client\"}"),
         "{metrics}"

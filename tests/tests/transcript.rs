@@ -57,19 +57,27 @@ fn steps() -> Vec<(&'static str, Frontend)> {
             .query("select name, price from items order by id");
     });
     add("COPY FROM STDIN aborted by the client", &|f| {
-        f.query("copy items (name) from stdin").copy_data(b"zzz\n").copy_fail("changed my mind");
+        f.query("copy items (name) from stdin")
+            .copy_data(b"zzz\n")
+            .copy_fail("changed my mind");
     });
     add("COPY FROM STDIN with bad data", &|f| {
-        f.query("copy items (name, price) from stdin").copy_data(b"g\tnot-a-number\n").copy_done();
+        f.query("copy items (name, price) from stdin")
+            .copy_data(b"g\tnot-a-number\n")
+            .copy_done();
     });
     add("extended: named statement, describe, portal suspended", &|f| {
-        f.parse("s1", "select id, name, price from items where id > $1 order by id", &[23])
-            .describe(b'S', "s1")
-            .bind("", "s1", &[Some(b"0")], &[], &[])
-            .describe(b'P', "")
-            .execute("", 2)
-            .execute("", 0)
-            .sync();
+        f.parse(
+            "s1",
+            "select id, name, price from items where id > $1 order by id",
+            &[23],
+        )
+        .describe(b'S', "s1")
+        .bind("", "s1", &[Some(b"0")], &[], &[])
+        .describe(b'P', "")
+        .execute("", 2)
+        .execute("", 0)
+        .sync();
     });
     add("extended: binary results and binary parameters", &|f| {
         f.bind("p1", "s1", &[Some(&1i32.to_be_bytes())], &[1], &[1])
@@ -93,10 +101,14 @@ fn steps() -> Vec<(&'static str, Frontend)> {
     add("extended: pipelined batches, NULL parameter, RETURNING", &|f| {
         for i in 0..3 {
             let name = format!("pipelined {i}");
-            f.parse("", "insert into items (name, price) values ($1, $2) returning id, name, price", &[])
-                .bind("", "", &[Some(name.as_bytes()), None], &[], &[])
-                .execute("", 0)
-                .sync();
+            f.parse(
+                "",
+                "insert into items (name, price) values ($1, $2) returning id, name, price",
+                &[],
+            )
+            .bind("", "", &[Some(name.as_bytes()), None], &[], &[])
+            .execute("", 0)
+            .sync();
         }
     });
     add("extended: Flush then Sync, close statement", &|f| {
@@ -112,12 +124,15 @@ fn steps() -> Vec<(&'static str, Frontend)> {
         f.bind("", "nosuch", &[], &[], &[]).execute("", 0).sync();
     });
     add("LISTEN / NOTIFY", &|f| {
-        f.query("listen chan; notify chan, 'payload ✓'").query("unlisten *");
+        f.query("listen chan; notify chan, 'payload ✓'")
+            .query("unlisten *");
     });
     add("SET, SHOW, RESET of a startup parameter", &|f| {
         f.query("set application_name = 'changed'; show application_name")
             .query("reset application_name; show application_name")
-            .query("set datestyle = 'SQL, DMY'; select '2021-02-03'::date; reset all; select '2021-02-03'::date");
+            .query(
+                "set datestyle = 'SQL, DMY'; select '2021-02-03'::date; reset all; select '2021-02-03'::date",
+            );
     });
     add("large result", &|f| {
         f.query("select g, repeat('x', 1000) from generate_series(1, 3000) g");
@@ -181,23 +196,38 @@ async fn transcripts_match_direct_byte_for_byte() -> anyhow::Result<()> {
     let direct = run("127.0.0.1:5432".parse()?, direct_db.name()).await?;
     let proxied = run(proxy.addr, proxied_db.name()).await?;
 
-    let names: Vec<&str> = std::iter::once("startup").chain(steps().iter().map(|(n, _)| *n)).collect();
+    let names: Vec<&str> = std::iter::once("startup")
+        .chain(steps().iter().map(|(n, _)| *n))
+        .collect();
     assert_eq!(direct.len(), proxied.len());
     for ((name, d), p) in names.iter().zip(&direct).zip(&proxied) {
         assert!(!d.is_empty(), "step {name}: no answer from PostgreSQL");
-        assert_eq!(normalize(d), normalize(p), "step {name}: proxy answer differs from direct");
+        assert_eq!(
+            normalize(d),
+            normalize(p),
+            "step {name}: proxy answer differs from direct"
+        );
     }
 
     // Guard against a transcript that compares nothing interesting.
     let tags = |i: usize| -> Vec<u8> { direct[i].iter().map(|m| m.tag).collect() };
-    assert!(tags(0).contains(&b'K') && tags(0).contains(&b'S'), "startup has key data and parameters");
+    assert!(
+        tags(0).contains(&b'K') && tags(0).contains(&b'S'),
+        "startup has key data and parameters"
+    );
     let codes = |i: usize| -> Vec<String> { direct[i].iter().filter_map(Msg::code).collect() };
     assert_eq!(codes(2), vec!["22012"], "division by zero reported");
     assert!(tags(3).contains(&b'I'), "EmptyQueryResponse");
     assert_eq!(codes(4), vec!["00000", "01000"], "notice and warning");
-    assert!(codes(5).contains(&"42703".to_owned()), "undefined column in a transaction");
+    assert!(
+        codes(5).contains(&"42703".to_owned()),
+        "undefined column in a transaction"
+    );
     assert_eq!(codes(6), vec!["23505"]);
-    assert!(tags(7).contains(&b'H') && tags(7).contains(&b'd'), "COPY OUT data");
+    assert!(
+        tags(7).contains(&b'H') && tags(7).contains(&b'd'),
+        "COPY OUT data"
+    );
     assert!(tags(8).contains(&b'G'), "COPY IN started");
     assert_eq!(codes(9), vec!["57014"], "COPY FROM aborted by client");
     assert_eq!(codes(10), vec!["22P02"], "bad COPY data");

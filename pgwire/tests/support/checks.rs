@@ -198,7 +198,11 @@ pub fn check_stream(data: &[u8], limits: MessageLimits, mut on_frame: impl FnMut
     // Reading the stream in two chunks sees the same frames as reading it at once.
     let half = frame_items(&data[..data.len() / 2], limits);
     assert!(half.len() <= items.len());
-    assert_eq!(&half[..], &items[..half.len()], "framing a prefix disagrees with the whole");
+    assert_eq!(
+        &half[..],
+        &items[..half.len()],
+        "framing a prefix disagrees with the whole"
+    );
     count
 }
 
@@ -356,11 +360,19 @@ pub fn check_md5(response: &[u8]) {
     // right length, the others fail the same comparison.
     if response.len() == MD5_RESPONSE.len() {
         let password = Md5Source::Password("secret".to_owned());
-        assert_eq!(verify_md5_response(&password, MD5_USER, MD5_SALT, response), right);
+        assert_eq!(
+            verify_md5_response(&password, MD5_USER, MD5_SALT, response),
+            right
+        );
     }
     // A stored "secret" built from the input is never trusted unless it is well formed.
     if let Ok(text) = std::str::from_utf8(response) {
-        let _ = verify_md5_response(&Md5Source::Secret(text.to_owned()), MD5_USER, MD5_SALT, MD5_RESPONSE);
+        let _ = verify_md5_response(
+            &Md5Source::Secret(text.to_owned()),
+            MD5_USER,
+            MD5_SALT,
+            MD5_RESPONSE,
+        );
     }
 }
 
@@ -430,7 +442,10 @@ fn check_server_message(tag: u8, body: &[u8], msg: &ServerMessage<'_>) {
             if !out.is_empty() {
                 assert_eq!(out[0], tag);
                 let encoded_body = &out[FrameHeader::SIZE..];
-                assert!(body.starts_with(encoded_body), "Authentication does not round-trip");
+                assert!(
+                    body.starts_with(encoded_body),
+                    "Authentication does not round-trip"
+                );
             }
         }
         ServerMessage::BackendKeyData { pid, secret } => {
@@ -477,7 +492,10 @@ fn check_error_fields(body: &[u8], fields: &ErrorFields<'_>) {
 }
 
 fn touch_scram_error(e: &ScramError) {
-    assert!(e.is_client_error(), "client input caused a non-client error: {e:?}");
+    assert!(
+        e.is_client_error(),
+        "client input caused a non-client error: {e:?}"
+    );
     let _ = e.kind();
     let _ = e.sqlstate().as_str();
     assert!(!e.to_string().is_empty());
@@ -497,17 +515,16 @@ pub fn check_scram(secret: &ScramSecret, client_first: &[u8], client_final: &[u8
     // server-first = "r=" client-nonce server-nonce ",s=" salt ",i=" iterations
     let server_first = std::str::from_utf8(awaiting.server_first_message()).expect("server-first is UTF-8");
     let stored = secret.to_string();
-    let salt_b64 = stored
-        .split(['$', ':'])
-        .nth(2)
-        .expect("stored form has a salt");
+    let salt_b64 = stored.split(['$', ':']).nth(2).expect("stored form has a salt");
     let tail = format!("{SCRAM_SERVER_NONCE},s={salt_b64},i={}", secret.iterations);
     let client_nonce = server_first
         .strip_prefix("r=")
         .and_then(|s| s.strip_suffix(&tail))
         .unwrap_or_else(|| panic!("unexpected server-first {server_first:?}"));
     assert!(!client_nonce.is_empty());
-    assert!(client_nonce.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b','));
+    assert!(client_nonce
+        .bytes()
+        .all(|b| (0x21..=0x7e).contains(&b) && b != b','));
     let needle = format!("r={client_nonce}");
     assert!(
         client_first.windows(needle.len()).any(|w| w == needle.as_bytes()),
@@ -516,7 +533,11 @@ pub fn check_scram(secret: &ScramSecret, client_first: &[u8], client_final: &[u8
     match awaiting.client_final(client_final) {
         Ok(server_final) => {
             assert!(server_final.starts_with(b"v="));
-            assert_eq!(server_final.len(), 2 + 44, "server signature is not 32 bytes of base64");
+            assert_eq!(
+                server_final.len(),
+                2 + 44,
+                "server signature is not 32 bytes of base64"
+            );
             Some(server_final)
         }
         Err(e) => {

@@ -59,12 +59,14 @@ impl ClientAuth {
                 (AuthMethod::ScramSha256, UserCredential::ScramSecret(s)) => Verifier::Scram(
                     ScramSecret::parse(s).map_err(|e| format!("users file: user \"{}\": {e}", entry.name))?,
                 ),
-                (method, credential) => return Err(format!(
+                (method, credential) => {
+                    return Err(format!(
                     "users file: user \"{}\" has a {} credential, which cannot be used with auth method {}",
                     entry.name,
                     credential.kind(),
                     method.as_str()
-                )),
+                ))
+                }
             };
             verifiers.insert(entry.name.clone(), verifier);
         }

@@ -26,7 +26,6 @@ use relay::{RelayEnd, RelayParams};
 use upstream::LoginOutcome;
 
 use crate::error::SessionError;
-use crate::metrics::ErrorKind;
 use crate::server::ProxyState;
 use crate::shutdown::ShutdownState;
 
@@ -51,7 +50,7 @@ pub(crate) async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: Socke
     match result {
         Ok(end) => tracing::debug!(?end, "session ended"),
         Err(e) => {
-            counters.error(e.source(), ErrorKind::from_label(e.kind()));
+            counters.error(e.source(), e.kind());
             match &e {
                 SessionError::ClientIo(_) | SessionError::Refused(_) => {
                     tracing::debug!(error = %e, "session ended")

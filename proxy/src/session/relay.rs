@@ -21,8 +21,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::io::reserve_for_read;
 use crate::classify::{Protocol, StatementKind};
-use crate::error::{ErrorSource, SessionError};
-use crate::metrics::{ErrorKind, Metrics};
+use crate::error::{ErrorKind, ErrorSource, SessionError};
+use crate::metrics::Metrics;
 use crate::shutdown::{Shutdown, ShutdownState};
 
 /// Largest message accepted from the server: PostgreSQL's own 1 GB cap plus headroom.
