@@ -73,7 +73,7 @@ fn check_config(file: PathBuf, print: bool) -> anyhow::Result<ExitCode> {
 
 fn run_proxy(file: PathBuf) -> anyhow::Result<ExitCode> {
     let config = Config::load(&file).with_context(|| format!("invalid configuration {}", file.display()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -32,6 +32,7 @@ pub(crate) struct RawProxy {
     pub client_idle_timeout_secs: Option<i64>,
     pub tcp_keepalive_secs: Option<i64>,
     pub shutdown_grace_secs: Option<i64>,
+    pub worker_threads: Option<i64>,
 }
 
 /// `[old]` and `[new]`.

@@ -138,6 +138,7 @@ impl<'a> Resolver<'a> {
             0,
             i64::MAX,
         );
+        let workers = self.int("proxy.worker_threads", raw.worker_threads, 0, 0, 1024);
         ProxySettings {
             listen,
             admin_listen,
@@ -147,6 +148,7 @@ impl<'a> Resolver<'a> {
             client_idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
             tcp_keepalive: (keepalive > 0).then(|| Duration::from_secs(keepalive)),
             shutdown_grace: Duration::from_secs(grace),
+            worker_threads: usize::try_from(workers).unwrap_or(0),
         }
     }
 

@@ -46,6 +46,10 @@ pub struct ProxySettings {
     /// finish before they are cut (default 30 s; 0 = cut at once).
     #[serde(rename = "shutdown_grace_secs", serialize_with = "ser_secs")]
     pub shutdown_grace: Duration,
+    /// `worker_threads`: event-loop threads serving client sessions, each with its own
+    /// listening socket (`SO_REUSEPORT`) and every session on one thread; 0 (the default) =
+    /// one per available CPU.
+    pub worker_threads: usize,
 }
 
 impl Default for ProxySettings {
@@ -60,6 +64,7 @@ impl Default for ProxySettings {
             client_idle_timeout: None,
             tcp_keepalive: Some(Duration::from_secs(60)),
             shutdown_grace: Duration::from_secs(30),
+            worker_threads: 0,
         }
     }
 }

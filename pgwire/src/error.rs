@@ -26,7 +26,7 @@ pub enum ProtocolError {
     #[error("invalid frontend message type {0}")]
     UnknownTag(u8),
     /// The startup packet asked for a protocol version we do not speak.
-    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.2")]
+    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.x")]
     UnsupportedProtocol {
         /// Major version requested.
         major: u16,

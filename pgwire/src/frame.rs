@@ -75,12 +75,18 @@ pub struct Frames<'a> {
     buf: &'a [u8],
     pos: usize,
     limits: MessageLimits,
+    failed: bool,
 }
 
 impl<'a> Frames<'a> {
     /// Starts iterating at the beginning of `buf`.
     pub fn new(buf: &'a [u8], limits: MessageLimits) -> Self {
-        Frames { buf, pos: 0, limits }
+        Frames {
+            buf,
+            pos: 0,
+            limits,
+            failed: false,
+        }
     }
 
     /// Bytes covered by the frames returned so far.
@@ -97,7 +103,11 @@ impl<'a> Frames<'a> {
 impl<'a> Iterator for Frames<'a> {
     type Item = Result<(FrameHeader, &'a [u8]), ProtocolError>;
 
+    /// Ends after the first error: nothing after a broken frame can be framed.
     fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
         let rest = &self.buf[self.pos..];
         match peek_header(rest, self.limits) {
             Ok(Some(h)) if rest.len() >= h.frame_len => {
@@ -105,7 +115,10 @@ impl<'a> Iterator for Frames<'a> {
                 Some(Ok((h, &rest[h.body_range()])))
             }
             Ok(_) => None,
-            Err(e) => Some(Err(e)),
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
         }
     }
 }
@@ -120,16 +133,16 @@ mod tests {
 
     #[test]
     fn splits_complete_frames_and_stops_at_a_partial_one() {
-        let mut buf = vec![b'Q', 0, 0, 0, 9, b's', b'e', b'l', b'\0'];
+        let mut buf = vec![b'Q', 0, 0, 0, 8, b's', b'e', b'l', b'\0'];
         buf.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         buf.extend_from_slice(&[b'Q', 0, 0, 0, 9, b'x']);
         let mut frames = Frames::new(&buf, LIMITS);
         let (h, body) = frames.next().unwrap().unwrap();
-        assert_eq!((h.tag, h.frame_len, body), (b'Q', 10, &b"sel\0"[..]));
+        assert_eq!((h.tag, h.frame_len, body), (b'Q', 9, &b"sel\0"[..]));
         let (h, body) = frames.next().unwrap().unwrap();
         assert_eq!((h.tag, h.frame_len, body.len()), (b'S', 5, 0));
         assert!(frames.next().is_none());
-        assert_eq!(frames.consumed(), 15);
+        assert_eq!(frames.consumed(), 14);
         assert_eq!(frames.pending().unwrap().unwrap().frame_len, 10);
     }
 
@@ -148,5 +161,13 @@ mod tests {
             Err(ProtocolError::TooLarge { len: 257, limit: 64 })
         ));
         assert_eq!(peek_header(&[b'Q', 0, 0], LIMITS), Ok(None));
+    }
+
+    #[test]
+    fn stops_after_the_first_error() {
+        let buf = [b'S', 0, 0, 0, 4, b'Q', 0, 0, 0, 1, b'S', 0, 0, 0, 4];
+        let results: Vec<_> = Frames::new(&buf, LIMITS).collect();
+        assert_eq!(results.len(), 2);
+        assert!(results[0].is_ok() && results[1].is_err());
     }
 }

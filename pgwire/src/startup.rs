@@ -124,7 +124,9 @@ pub fn decode(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, ProtocolErro
         }
         _ => {
             let (major, minor) = ((code >> 16) as u16, (code & 0xffff) as u16);
-            if major != 3 || minor > 2 {
+            // Any 3.x: a newer minor version is negotiated down by the server
+            // (NegotiateProtocolVersion), which the proxy forwards.
+            if major != 3 {
                 return Err(ProtocolError::UnsupportedProtocol { major, minor });
             }
             StartupPacket::Startup(StartupMessage {
@@ -210,6 +212,16 @@ mod tests {
         assert!(matches!(
             decode(&[0, 0, 0, 8, 0, 2, 0, 0]),
             Err(ProtocolError::UnsupportedProtocol { major: 2, minor: 0 })
+        ));
+        assert!(matches!(
+            decode(&[0, 0, 0, 9, 0, 3, 0, 7, 0]),
+            Ok(Some((
+                StartupPacket::Startup(StartupMessage {
+                    protocol: 0x0003_0007,
+                    ..
+                }),
+                9
+            )))
         ));
         // parameters without the final terminator
         assert!(decode(&[0, 0, 0, 10, 0, 3, 0, 0, b'u', 0]).is_err());

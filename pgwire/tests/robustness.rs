@@ -6,6 +6,9 @@
 //! invariants must hold, and whatever parses must re-encode to the same bytes. Everything is
 //! deterministic (fixed seeds) and bounded.
 
+// Test helpers outside #[test] functions fail by panicking, like the tests themselves.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "support/checks.rs"]
 mod checks;
 

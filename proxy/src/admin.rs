@@ -16,7 +16,9 @@ use crate::shutdown::{Shutdown, ShutdownState};
 
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Serves the admin API until shutdown.
+/// Serves the admin API until an immediate shutdown. During a drain it keeps answering (health
+/// says 503 "draining", so load balancers stop sending clients); `run` stops it once every
+/// session has ended.
 pub(crate) async fn serve(state: Arc<ProxyState>, listener: TcpListener, mut shutdown: Shutdown) {
     let app = Router::new()
         .route("/health", get(health))
@@ -24,7 +26,10 @@ pub(crate) async fn serve(state: Arc<ProxyState>, listener: TcpListener, mut shu
         .route("/metrics", get(metrics))
         .with_state(state);
     let stop = async move {
-        shutdown.changed_from(ShutdownState::Running).await;
+        let mut state = shutdown.state();
+        while state != ShutdownState::Immediate {
+            state = shutdown.changed_from(state).await;
+        }
     };
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
         tracing::warn!(error = %e, "admin API stopped");

@@ -37,24 +37,45 @@ pub(crate) struct ProxyState {
 /// The sockets a proxy serves, bound before [`run`] so tests can bind port 0 and read the port.
 #[derive(Debug)]
 pub struct Listeners {
-    /// Where applications connect.
-    pub client: TcpListener,
+    /// Where applications connect: one socket per worker thread, all bound to the same address
+    /// with `SO_REUSEPORT`, so the kernel spreads new connections over the workers.
+    pub client: Vec<std::net::TcpListener>,
     /// The admin HTTP API, if enabled.
     pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds the addresses in the config. The client socket sets `SO_REUSEPORT`, so a new proxy
-    /// process can bind the same address while the old one drains (zero-downtime upgrade).
+    /// Binds the addresses in the config, one client socket per worker thread. `SO_REUSEPORT`
+    /// also lets a new proxy process bind the same address while the old one drains
+    /// (zero-downtime upgrade). Must be called inside a tokio runtime (for the admin socket).
     pub fn bind(config: &Config) -> Result<Listeners, StartError> {
-        let client = bind_reuseport(config.proxy.listen)?;
-        let admin = config.proxy.admin_listen.map(bind_reuseport).transpose()?;
+        let workers = match config.proxy.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let first = bind_reuseport(config.proxy.listen)?;
+        // With port 0 the kernel picked a port: the other workers bind that one.
+        let addr = first.local_addr().map_err(|source| StartError::Bind {
+            addr: config.proxy.listen,
+            source,
+        })?;
+        let mut client = vec![first];
+        for _ in 1..workers {
+            client.push(bind_reuseport(addr)?);
+        }
+        let admin = match config.proxy.admin_listen {
+            Some(addr) => {
+                let std = bind_reuseport(addr)?;
+                Some(TcpListener::from_std(std).map_err(|source| StartError::Bind { addr, source })?)
+            }
+            None => None,
+        };
         Ok(Listeners { client, admin })
     }
 
-    /// The client listener's address.
+    /// The client listeners' address.
     pub fn client_addr(&self) -> Option<SocketAddr> {
-        self.client.local_addr().ok()
+        self.client.first().and_then(|l| l.local_addr().ok())
     }
 
     /// The admin listener's address.
@@ -63,7 +84,7 @@ impl Listeners {
     }
 }
 
-fn bind_reuseport(addr: SocketAddr) -> Result<TcpListener, StartError> {
+fn bind_reuseport(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
     let err = |source| StartError::Bind { addr, source };
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -76,7 +97,7 @@ fn bind_reuseport(addr: SocketAddr) -> Result<TcpListener, StartError> {
     socket.set_nonblocking(true).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
     socket.listen(1024).map_err(err)?;
-    TcpListener::from_std(socket.into()).map_err(err)
+    Ok(socket.into())
 }
 
 /// Low latency and dead-peer detection on both sides of a session.
@@ -94,20 +115,69 @@ pub(crate) fn tune_socket(stream: &TcpStream, keepalive: Option<Duration>) {
 /// Runs the proxy until `shutdown` completes: serves clients on `listeners.client` and the admin
 /// API on `listeners.admin`.
 ///
+/// Each client socket gets a worker thread with its own single-threaded runtime; a session lives
+/// on the worker that accepted it, so its two sockets never wake another thread. (On a machine
+/// where the proxy shares cores with the database and the clients, cross-thread wake-ups were
+/// the largest cost of the multi-threaded scheduler.) The admin API runs on the caller's runtime.
 /// Returns when every session has ended after a drain or an immediate shutdown.
 pub async fn run(config: Arc<Config>, listeners: Listeners, shutdown: Shutdown) -> Result<(), StartError> {
     let state = Arc::new(build_state(config, shutdown.clone())?);
-    if let Some(admin) = listeners.admin {
-        tokio::spawn(crate::admin::serve(Arc::clone(&state), admin, shutdown.clone()));
+    let admin = listeners
+        .admin
+        .map(|admin| tokio::spawn(crate::admin::serve(Arc::clone(&state), admin, shutdown.clone())));
+    let addr = listeners.client.first().and_then(|l| l.local_addr().ok());
+    let mut workers = Vec::with_capacity(listeners.client.len());
+    for (i, listener) in listeners.client.into_iter().enumerate() {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let state = Arc::clone(&state);
+        let shutdown = shutdown.clone();
+        std::thread::Builder::new()
+            .name(format!("switchyard-worker-{i}"))
+            .spawn(move || {
+                let _ = done.send(worker(state, listener, shutdown));
+            })
+            .map_err(|e| StartError::Config(format!("cannot start worker thread {i}: {e}")))?;
+        workers.push(finished);
     }
     tracing::info!(
-        listen = ?listeners.client.local_addr().ok(),
+        listen = ?addr,
+        workers = workers.len(),
         old = %state.upstream.url.redacted(),
         "proxy ready"
     );
-    let result = accept_loop(&state, listeners.client, shutdown).await;
+    let mut result = Ok(());
+    for finished in workers {
+        match finished.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(_) => result = Err(StartError::Config("a worker thread died".into())),
+        }
+    }
+    tracing::info!("all sessions ended");
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     state.metrics.shutdown();
     result
+}
+
+/// One worker thread: a single-threaded runtime accepting on its own socket.
+fn worker(
+    state: Arc<ProxyState>,
+    listener: std::net::TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), StartError> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    runtime.block_on(async move {
+        let listener = TcpListener::from_std(listener).map_err(|source| StartError::Bind { addr, source })?;
+        accept_loop(&state, listener, shutdown).await
+    })
 }
 
 fn build_state(config: Arc<Config>, shutdown: Shutdown) -> Result<ProxyState, StartError> {

@@ -126,7 +126,10 @@ async fn run_session(state: &ProxyState, mut client: TcpStream) -> Result<RelayE
         state.cancel.register(key, upstream_addr)
     });
 
-    let mut hello = BytesMut::with_capacity(upstream.greeting.len() + 9);
+    let mut hello = BytesMut::with_capacity(upstream.greeting.len() + 64);
+    if let Some(negotiation) = &upstream.negotiation {
+        hello.extend_from_slice(negotiation);
+    }
     backend::auth_ok(&mut hello);
     hello.extend_from_slice(&upstream.greeting);
     client.write_all(&hello).await.map_err(SessionError::ClientIo)?;
@@ -218,10 +221,7 @@ async fn handshake(
         send_fatal(client, e).await;
         return Err(SessionError::Refused("no user name".into()));
     };
-    if startup
-        .param("replication")
-        .is_some_and(|v| v != "false" && v != "0" && v != "off")
-    {
+    if startup.param("replication").is_some_and(asks_for_replication) {
         let e = ErrorResponse::fatal(
             sqlstate::FEATURE_NOT_SUPPORTED,
             "replication connections are not supported through the proxy",
@@ -253,4 +253,28 @@ async fn handshake(
         return Err(SessionError::Refused(format!("unknown database {database}")));
     }
     Ok(Some(startup))
+}
+
+/// Whether a `replication` startup parameter asks for a replication connection: `database`, or
+/// a true boolean as PostgreSQL's `parse_bool` reads it (unique prefixes of true/yes/on, 1).
+/// Values it cannot read are left for the server to reject.
+fn asks_for_replication(value: &str) -> bool {
+    let v = value.trim().to_ascii_lowercase();
+    let prefix_of = |word: &str| !v.is_empty() && word.starts_with(v.as_str());
+    v == "database" || v == "1" || v == "on" || prefix_of("true") || prefix_of("yes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::asks_for_replication;
+
+    #[test]
+    fn replication_values_read_like_postgresql() {
+        for yes in ["database", "true", "t", "TRUE", "yes", "y", "on", "1"] {
+            assert!(asks_for_replication(yes), "{yes}");
+        }
+        for no in ["false", "f", "no", "n", "off", "0", "of", "bogus", "o"] {
+            assert!(!asks_for_replication(no), "{no}");
+        }
+    }
 }

@@ -30,6 +30,9 @@ const SERVER_LIMITS: MessageLimits = MessageLimits {
     max_message_bytes: (1 << 30) + 1024,
 };
 
+/// How long answers to requests sent before a protocol violation may take to reach the client.
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
+
 /// How a relayed session ended without an I/O or protocol error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RelayEnd {
@@ -55,15 +58,26 @@ struct Shared {
     outstanding: AtomicUsize,
     /// The server is in COPY FROM STDIN mode: Sync and Flush are not requests there.
     copy_in: AtomicBool,
+    /// Extended-protocol messages were sent since the last Sync: the session is inside an
+    /// implicit transaction even though the last ReadyForQuery said idle.
+    in_batch: AtomicBool,
     draining: AtomicBool,
+    /// The client broke the protocol; the upstream pump stops once earlier requests are answered.
+    client_failed: AtomicBool,
+    /// When the session last became idle, in ns since `epoch`.
+    idle_since: AtomicU64,
     /// When the oldest outstanding request was sent, in ns since `epoch`.
     request_started: AtomicU64,
     epoch: Instant,
 }
 
 impl Shared {
+    /// Outside any transaction block, with nothing sent and unanswered: closing the session
+    /// now loses nothing.
     fn idle(&self) -> bool {
-        self.status.load(Relaxed) == TransactionStatus::Idle.as_byte() && self.outstanding.load(Relaxed) == 0
+        self.status.load(Relaxed) == TransactionStatus::Idle.as_byte()
+            && self.outstanding.load(Relaxed) == 0
+            && !self.in_batch.load(Relaxed)
     }
 
     fn now_ns(&self) -> u64 {
@@ -91,7 +105,10 @@ pub(crate) async fn relay(
         status: AtomicU8::new(TransactionStatus::Idle.as_byte()),
         outstanding: AtomicUsize::new(0),
         copy_in: AtomicBool::new(false),
+        in_batch: AtomicBool::new(false),
         draining: AtomicBool::new(false),
+        client_failed: AtomicBool::new(false),
+        idle_since: AtomicU64::new(0),
         request_started: AtomicU64::new(0),
         epoch: Instant::now(),
     };
@@ -115,7 +132,20 @@ pub(crate) async fn relay(
             return Ok(RelayEnd::ShutdownNow);
         }
         tokio::select! {
-            end = &mut to_upstream => return end,
+            end = &mut to_upstream => {
+                return match end {
+                    Err(e @ SessionError::ClientProtocol(_)) => {
+                        // The complete messages before the bad one were forwarded; let their
+                        // answers reach the client before it gets the FATAL, as PostgreSQL does.
+                        shared.client_failed.store(true, Relaxed);
+                        if shared.outstanding.load(Relaxed) > 0 {
+                            let _ = tokio::time::timeout(ANSWER_GRACE, &mut to_client).await;
+                        }
+                        Err(e)
+                    }
+                    other => other,
+                };
+            }
             end = &mut to_client => return end,
             next = shutdown.changed_from(state) => state = next,
             () = async { if let Some(d) = deadline.as_mut() { d.await } }, if deadline.is_some() => {
@@ -187,39 +217,33 @@ async fn client_to_upstream(
     loop {
         let mut frames = Frames::new(&buf, params.limits);
         let mut terminate = false;
+        let mut violation = None;
         for frame in &mut frames {
-            let (header, body) = frame?;
-            if !frontend::is_known_tag(header.tag) {
-                return Err(ProtocolError::UnknownTag(header.tag).into());
-            }
-            match header.tag {
-                b'Q' | b'P' | b'B' | b'E' | b'C' | b'D' | b'f' | b'S' | b'H' | b'X' | b'c' => {
-                    let msg = frontend::parse(header.tag, body)?;
-                    kinds.note(&msg, params);
-                    match msg {
-                        ClientMessage::Query { .. } => request_sent(shared),
-                        ClientMessage::Sync if !shared.copy_in.load(Relaxed) => request_sent(shared),
-                        ClientMessage::CopyDone | ClientMessage::CopyFail { .. } => {
-                            shared.copy_in.store(false, Relaxed);
-                        }
-                        ClientMessage::Terminate => {
-                            terminate = true;
-                            break;
-                        }
-                        _ => {}
-                    }
+            match inspect_client_frame(frame, params, shared, &mut kinds) {
+                Ok(true) => {}
+                Ok(false) => {
+                    terminate = true;
+                    break;
                 }
-                b'F' => request_sent(shared),
-                _ => {}
+                Err(e) => {
+                    violation = Some(e);
+                    break;
+                }
             }
         }
         let consumed = frames.consumed();
-        let pending = frames.pending()?.map(|h| h.frame_len);
+        let pending = match violation {
+            Some(_) => Ok(None),
+            None => frames.pending().map(|h| h.map(|h| h.frame_len)),
+        };
         if consumed > 0 {
             let chunk = buf.split_to(consumed);
             wr.write_all(&chunk).await.map_err(SessionError::UpstreamIo)?;
         }
-        if let Some(frame_len) = pending {
+        if let Some(e) = violation {
+            return Err(e);
+        }
+        if let Some(frame_len) = pending? {
             let missing = frame_len.saturating_sub(buf.len());
             reserve_for_read(&mut buf, missing);
         }
@@ -227,18 +251,85 @@ async fn client_to_upstream(
             return Ok(RelayEnd::ClientTerminated);
         }
         reserve_for_read(&mut buf, 4096);
-        let read = rd.read_buf(&mut buf);
         let n = match params.idle_timeout {
-            Some(limit) if shared.idle() => match tokio::time::timeout(limit, read).await {
-                Ok(r) => r,
-                Err(_) if shared.idle() => return Ok(RelayEnd::IdleTimeout),
-                Err(_) => continue,
+            None => rd.read_buf(&mut buf).await,
+            Some(limit) => match read_unless_idle(rd, &mut buf, shared, limit).await {
+                Some(r) => r,
+                None => return Ok(RelayEnd::IdleTimeout),
             },
-            _ => read.await,
         }
         .map_err(SessionError::ClientIo)?;
         if n == 0 {
             return Ok(RelayEnd::ClientClosed);
+        }
+    }
+}
+
+/// Checks one client frame and updates the session state. Returns `Ok(false)` for Terminate.
+fn inspect_client_frame(
+    frame: Result<(switchyard_pgwire::FrameHeader, &[u8]), ProtocolError>,
+    params: &RelayParams<'_>,
+    shared: &Shared,
+    kinds: &mut StatementKinds,
+) -> Result<bool, SessionError> {
+    let (header, body) = frame?;
+    if !frontend::is_known_tag(header.tag) {
+        return Err(ProtocolError::UnknownTag(header.tag).into());
+    }
+    match header.tag {
+        b'd' => {}
+        b'F' => request_sent(shared),
+        tag => {
+            let msg = frontend::parse(tag, body)?;
+            kinds.note(&msg, params);
+            match msg {
+                ClientMessage::Query { .. } => request_sent(shared),
+                ClientMessage::Sync if !shared.copy_in.load(Relaxed) => {
+                    request_sent(shared);
+                    shared.in_batch.store(false, Relaxed);
+                }
+                ClientMessage::Parse { .. }
+                | ClientMessage::Bind { .. }
+                | ClientMessage::Execute { .. }
+                | ClientMessage::Describe { .. }
+                | ClientMessage::Close { .. }
+                | ClientMessage::Flush => shared.in_batch.store(true, Relaxed),
+                ClientMessage::CopyDone | ClientMessage::CopyFail { .. } => {
+                    shared.copy_in.store(false, Relaxed);
+                }
+                ClientMessage::Terminate => return Ok(false),
+                _ => {}
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Reads from the client, or returns `None` once the session has been idle for `limit`.
+/// The clock restarts whenever the session becomes idle again (`read_buf` is cancel-safe).
+async fn read_unless_idle(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    shared: &Shared,
+    limit: Duration,
+) -> Option<std::io::Result<usize>> {
+    let mut deadline = tokio::time::Instant::now() + limit;
+    loop {
+        tokio::select! {
+            r = rd.read_buf(buf) => return Some(r),
+            () = tokio::time::sleep_until(deadline) => {
+                if shared.idle() {
+                    let idle_for = Duration::from_nanos(
+                        shared.now_ns().saturating_sub(shared.idle_since.load(Relaxed)),
+                    );
+                    if idle_for >= limit {
+                        return None;
+                    }
+                    deadline += limit - idle_for;
+                } else {
+                    deadline = tokio::time::Instant::now() + limit;
+                }
+            }
         }
     }
 }
@@ -286,6 +377,9 @@ async fn upstream_to_client(
         if shared.draining.load(Relaxed) && shared.idle() {
             return Ok(RelayEnd::Drained);
         }
+        if shared.client_failed.load(Relaxed) && shared.outstanding.load(Relaxed) == 0 {
+            return Ok(RelayEnd::ClientClosed);
+        }
         reserve_for_read(&mut buf, 8192);
         if rd.read_buf(&mut buf).await.map_err(SessionError::UpstreamIo)? == 0 {
             return Ok(RelayEnd::UpstreamClosed);
@@ -305,13 +399,16 @@ fn ready_for_query(params: &RelayParams<'_>, shared: &Shared, body: &[u8]) -> Re
     };
     shared.status.store(status, Relaxed);
     shared.copy_in.store(false, Relaxed);
+    let now = shared.now_ns();
+    if status == TransactionStatus::Idle.as_byte() {
+        shared.idle_since.store(now, Relaxed);
+    }
     let before = shared
         .outstanding
         .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)))
         .unwrap_or(0);
     if before >= 1 {
         let started = shared.request_started.load(Relaxed);
-        let now = shared.now_ns();
         params
             .metrics
             .old_round_trip(Duration::from_nanos(now.saturating_sub(started)));

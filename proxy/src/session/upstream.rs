@@ -36,6 +36,9 @@ pub(crate) struct Upstream {
     pub(crate) greeting: Bytes,
     /// The backend's cancel key, if it sent one.
     pub(crate) cancel_key: Option<CancelKey>,
+    /// The server's NegotiateProtocolVersion, when it downgraded the client's requested minor
+    /// version or ignored `_pq_` options; the client must see it before AuthenticationOk.
+    pub(crate) negotiation: Option<Bytes>,
 }
 
 /// Login ended with the server's ErrorResponse, to be forwarded to the client as it came.
@@ -99,6 +102,7 @@ impl UpstreamTarget {
         let limits = MessageLimits::default();
         let mut buf = BytesMut::with_capacity(8 * 1024);
         let mut scram: Option<ScramSha256> = None;
+        let mut negotiation = None;
         // Authentication exchange.
         loop {
             let (tag, body) = read_frame(&mut stream, &mut buf, limits, Peer::Upstream).await?;
@@ -153,7 +157,11 @@ impl UpstreamTarget {
                         message: fields.message(),
                     }));
                 }
-                // NegotiateProtocolVersion and notices may precede authentication.
+                ServerMessage::Other(b'v') => {
+                    negotiation = Some(reframe(tag, &body));
+                    continue;
+                }
+                // Notices may precede authentication.
                 _ => continue,
             }
             if !out.is_empty() {
@@ -191,6 +199,7 @@ impl UpstreamTarget {
             buf,
             greeting: greeting.freeze(),
             cancel_key,
+            negotiation,
         }))
     }
 
