@@ -108,6 +108,10 @@ def parse_args():
                    help="seconds allowed for cargo build (env BUILD_TIMEOUT)")
     p.add_argument("--pg-port", type=int, default=int(env("PG_PORT", "5432")),
                    help="PostgreSQL port on 127.0.0.1 (env PG_PORT)")
+    p.add_argument("--proxy-workers", type=int, default=int(env("PROXY_WORKERS", "1")),
+                   help="proxy worker_threads in the generated config; 1 compares with "
+                        "single-threaded pgbouncer at equal threads, 0 = one per CPU (the "
+                        "product default) (env PROXY_WORKERS)")
     p.add_argument("--proxy-port", type=int, default=int(env("PROXY_PORT", "6532")),
                    help="Switchyard listen port (env PROXY_PORT)")
     p.add_argument("--pgbouncer-port", type=int, default=int(env("PGBOUNCER_PORT", "6533")),
@@ -421,6 +425,7 @@ def start_proxy(a, workdir, binp):
         cfg.write_text(f"""\
 [proxy]
 listen = "{HOST}:{a.proxy_port}"
+worker_threads = {a.proxy_workers}
 admin_listen = "{HOST}:{a.admin_port}"
 
 [old]
