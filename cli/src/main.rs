@@ -73,12 +73,13 @@ fn check_config(file: PathBuf, print: bool) -> anyhow::Result<ExitCode> {
 
 fn run_proxy(file: PathBuf) -> anyhow::Result<ExitCode> {
     let config = Config::load(&file).with_context(|| format!("invalid configuration {}", file.display()))?;
+    // Outside the runtime: the OTLP exporters use blocking HTTP clients on their own threads.
+    let _telemetry = telemetry::init(&config.telemetry)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let _telemetry = telemetry::init(&config.telemetry)?;
         let listeners = switchyard_proxy::Listeners::bind(&config)?;
         let (trigger, shutdown) = switchyard_proxy::shutdown::channel();
         signals::spawn_handler(trigger, config.proxy.shutdown_grace)?;

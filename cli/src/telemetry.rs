@@ -4,6 +4,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use switchyard_config::{LogFormat, TelemetrySettings};
+use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -28,11 +29,17 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
         _ => EnvFilter::try_new(&settings.log_level)?,
     };
     let fmt = match settings.log_format {
+        // A line when a span closes: one per session at info, one per statement at debug, with
+        // the span's fields and its busy/idle time.
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
+            .with_span_events(FmtSpan::CLOSE)
             .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_span_events(FmtSpan::CLOSE)
+            .boxed(),
     };
     let mut tracer = None;
     let otel = match &settings.otlp_endpoint {

@@ -121,7 +121,17 @@ pub(crate) fn tune_socket(stream: &TcpStream, keepalive: Option<Duration>) {
 /// the largest cost of the multi-threaded scheduler.) The admin API runs on the caller's runtime.
 /// Returns when every session has ended after a drain or an immediate shutdown.
 pub async fn run(config: Arc<Config>, listeners: Listeners, shutdown: Shutdown) -> Result<(), StartError> {
-    let state = Arc::new(build_state(config, shutdown.clone())?);
+    // The OTLP exporter's blocking HTTP client must be built and shut down off the runtime.
+    let telemetry = config.telemetry.clone();
+    let metrics = tokio::task::spawn_blocking(move || {
+        Metrics::new(
+            &telemetry.service_name,
+            telemetry.otlp_endpoint.as_ref().map(|u| u.as_str()),
+        )
+    })
+    .await
+    .map_err(|e| StartError::Telemetry(e.to_string()))??;
+    let state = Arc::new(build_state(config, metrics, shutdown.clone())?);
     let admin = listeners
         .admin
         .map(|admin| tokio::spawn(crate::admin::serve(Arc::clone(&state), admin, shutdown.clone())));
@@ -157,7 +167,8 @@ pub async fn run(config: Arc<Config>, listeners: Listeners, shutdown: Shutdown) 
     if let Some(admin) = admin {
         admin.abort();
     }
-    state.metrics.shutdown();
+    let flush = Arc::clone(&state);
+    let _ = tokio::task::spawn_blocking(move || flush.metrics.shutdown()).await;
     result
 }
 
@@ -180,7 +191,7 @@ fn worker(
     })
 }
 
-fn build_state(config: Arc<Config>, shutdown: Shutdown) -> Result<ProxyState, StartError> {
+fn build_state(config: Arc<Config>, metrics: Metrics, shutdown: Shutdown) -> Result<ProxyState, StartError> {
     for (role, url) in [("old", &config.old.url), ("new", &config.new.url)] {
         if url.engine != Engine::Postgres {
             return Err(StartError::Unsupported(format!(
@@ -190,11 +201,6 @@ fn build_state(config: Arc<Config>, shutdown: Shutdown) -> Result<ProxyState, St
         }
     }
     let client_auth = ClientAuth::new(config.auth.method, &config.auth.users).map_err(StartError::Config)?;
-    let telemetry = &config.telemetry;
-    let metrics = Metrics::new(
-        &telemetry.service_name,
-        telemetry.otlp_endpoint.as_ref().map(|u| u.as_str()),
-    )?;
     let store_err = |e: switchyard_store::StoreError| StartError::Unsupported(e.to_string());
     Ok(ProxyState {
         client_auth,
@@ -242,11 +248,10 @@ async fn accept_loop(
     }
     // Stop accepting: a successor process bound with SO_REUSEPORT takes new clients from here.
     drop(listener);
-    tracing::info!(
+    tracing::debug!(
         sessions = sessions.len(),
-        "no longer accepting; waiting for sessions to end"
+        "worker no longer accepting; waiting for its sessions to end"
     );
     while sessions.join_next().await.is_some() {}
-    tracing::info!("all sessions ended");
     Ok(())
 }

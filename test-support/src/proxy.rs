@@ -25,6 +25,8 @@ pub struct ProxyConfig {
     pub proxy_extra: Vec<String>,
     /// Whether to serve the admin API (on an ephemeral port).
     pub admin: bool,
+    /// Whole sections appended as they are, e.g. `[telemetry]\notlp_endpoint = "..."`.
+    pub extra_sections: Vec<String>,
 }
 
 impl ProxyConfig {
@@ -37,6 +39,7 @@ impl ProxyConfig {
             users_file: None,
             proxy_extra: Vec::new(),
             admin: true,
+            extra_sections: Vec::new(),
         }
     }
 
@@ -71,6 +74,10 @@ impl ProxyConfig {
         ));
         if let Some(users) = &self.users_file {
             toml.push_str(&format!("users_file = \"{users}\"\n"));
+        }
+        for section in &self.extra_sections {
+            toml.push_str(section);
+            toml.push('\n');
         }
         toml
     }

@@ -44,7 +44,7 @@ pub(crate) async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: Socke
     );
     let counters = &state.metrics.counters;
     counters.connection_opened();
-    let result = run_session(&state, stream).instrument(span.clone()).await;
+    let result = run_session(&state, stream, &span).await;
     counters.connection_closed();
     let _entered = span.enter();
     match result {
@@ -61,22 +61,31 @@ pub(crate) async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: Socke
     }
 }
 
-async fn run_session(state: &ProxyState, mut client: TcpStream) -> Result<RelayEnd, SessionError> {
+/// Startup and login run inside the session span; the relay does not enter it on every poll
+/// (that costs a subscriber call per wake-up on the hot path) but parents its statement spans
+/// to it explicitly.
+async fn run_session(
+    state: &ProxyState,
+    mut client: TcpStream,
+    span: &tracing::Span,
+) -> Result<RelayEnd, SessionError> {
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let startup =
-        match tokio::time::timeout(AUTHENTICATION_TIMEOUT, handshake(state, &mut client, &mut buf)).await {
-            Ok(Ok(Some(startup))) => startup,
-            Ok(Ok(None)) => return Ok(RelayEnd::ClientClosed),
-            Ok(Err(e)) => {
-                if let Some(fatal) = e.client_message() {
-                    send_fatal(&mut client, fatal).await;
-                }
-                return Err(e);
+    let startup = match tokio::time::timeout(AUTHENTICATION_TIMEOUT, handshake(state, &mut client, &mut buf))
+        .instrument(span.clone())
+        .await
+    {
+        Ok(Ok(Some(startup))) => startup,
+        Ok(Ok(None)) => return Ok(RelayEnd::ClientClosed),
+        Ok(Err(e)) => {
+            if let Some(fatal) = e.client_message() {
+                send_fatal(&mut client, fatal).await;
             }
-            Err(_) => return Err(SessionError::Timeout("client authentication")),
-        };
+            return Err(e);
+        }
+        Err(_) => return Err(SessionError::Timeout("client authentication")),
+    };
     let user = startup.param("user").unwrap_or_default().to_owned();
-    tracing::Span::current().record("user", user.as_str());
+    span.record("user", user.as_str());
 
     let _permit = match state.connection_slots.clone().try_acquire_owned() {
         Ok(p) => p,
@@ -101,6 +110,7 @@ async fn run_session(state: &ProxyState, mut client: TcpStream) -> Result<RelayE
             settings.connect_timeout,
             settings.tcp_keepalive,
         )
+        .instrument(span.clone())
         .await;
     let upstream = match login {
         Ok(LoginOutcome::Ready(u)) => u,
@@ -122,7 +132,7 @@ async fn run_session(state: &ProxyState, mut client: TcpStream) -> Result<RelayE
     };
     let upstream_addr = upstream.stream.peer_addr().map_err(SessionError::UpstreamIo)?;
     let _cancel_guard = upstream.cancel_key.clone().map(|key| {
-        tracing::Span::current().record("backend_pid", key.pid);
+        span.record("backend_pid", key.pid);
         state.cancel.register(key, upstream_addr)
     });
 
@@ -140,6 +150,7 @@ async fn run_session(state: &ProxyState, mut client: TcpStream) -> Result<RelayE
         limits: state.limits,
         idle_timeout: settings.client_idle_timeout,
         metrics: &state.metrics,
+        span,
     };
     let end = relay::relay(
         params,

@@ -7,8 +7,9 @@
 //! length, and the body of the messages it inspects), and writes the complete frames out in one
 //! call. Bodies are never copied.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -66,6 +67,10 @@ struct Shared {
     client_failed: AtomicBool,
     /// When the session last became idle, in ns since `epoch`.
     idle_since: AtomicU64,
+    /// Per-request `statement` spans (debug level), closed at their ReadyForQuery. Only touched
+    /// when such spans are enabled; `open_spans` says whether any is queued.
+    spans: Mutex<VecDeque<tracing::Span>>,
+    open_spans: AtomicUsize,
     /// When the oldest outstanding request was sent, in ns since `epoch`.
     request_started: AtomicU64,
     epoch: Instant,
@@ -90,6 +95,8 @@ pub(crate) struct RelayParams<'a> {
     pub(crate) limits: MessageLimits,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) metrics: &'a Metrics,
+    /// The session's span, parent of the statement spans.
+    pub(crate) span: &'a tracing::Span,
 }
 
 /// Relays until one side ends. Returns the halves so the caller can say goodbye properly.
@@ -109,6 +116,8 @@ pub(crate) async fn relay(
         draining: AtomicBool::new(false),
         client_failed: AtomicBool::new(false),
         idle_since: AtomicU64::new(0),
+        spans: Mutex::new(VecDeque::new()),
+        open_spans: AtomicUsize::new(0),
         request_started: AtomicU64::new(0),
         epoch: Instant::now(),
     };
@@ -160,16 +169,18 @@ pub(crate) async fn relay(
 struct StatementKinds {
     statements: HashMap<Vec<u8>, StatementKind>,
     portals: HashMap<Vec<u8>, StatementKind>,
+    /// Executes since the last Sync, and the kind of the last statement (for the span).
+    batch_executes: u32,
+    batch_kind: Option<StatementKind>,
 }
 
 impl StatementKinds {
     fn note(&mut self, msg: &ClientMessage<'_>, params: &RelayParams<'_>) {
         match *msg {
             ClientMessage::Query { sql } => {
-                params
-                    .metrics
-                    .counters
-                    .statement(Protocol::Simple, StatementKind::of(sql));
+                let kind = StatementKind::of(sql);
+                params.metrics.counters.statement(Protocol::Simple, kind);
+                self.batch_kind = Some(kind);
             }
             ClientMessage::Parse { statement, sql } => {
                 set(&mut self.statements, statement, StatementKind::of(sql));
@@ -185,6 +196,8 @@ impl StatementKinds {
             ClientMessage::Execute { portal, .. } => {
                 let kind = self.portals.get(portal).copied().unwrap_or(StatementKind::Other);
                 params.metrics.counters.statement(Protocol::Extended, kind);
+                self.batch_executes += 1;
+                self.batch_kind = Some(kind);
             }
             ClientMessage::Close { target, name } => {
                 match target {
@@ -278,14 +291,38 @@ fn inspect_client_frame(
     }
     match header.tag {
         b'd' => {}
-        b'F' => request_sent(shared),
+        b'F' => request_sent(
+            shared,
+            || tracing::debug_span!(parent: params.span, "statement", protocol = "function_call"),
+        ),
         tag => {
             let msg = frontend::parse(tag, body)?;
             kinds.note(&msg, params);
             match msg {
-                ClientMessage::Query { .. } => request_sent(shared),
+                ClientMessage::Query { sql } => request_sent(shared, || {
+                    let kind = kinds.batch_kind.take().map_or("other", StatementKind::as_str);
+                    tracing::debug_span!(
+                        parent: params.span,
+                        "statement",
+                        protocol = "simple",
+                        kind,
+                        sql_bytes = sql.len(),
+                        status = tracing::field::Empty
+                    )
+                }),
                 ClientMessage::Sync if !shared.copy_in.load(Relaxed) => {
-                    request_sent(shared);
+                    let executes = std::mem::take(&mut kinds.batch_executes);
+                    let kind = kinds.batch_kind.take();
+                    request_sent(shared, || {
+                        tracing::debug_span!(
+                            parent: params.span,
+                            "statement",
+                            protocol = "extended",
+                            kind = kind.map_or("other", StatementKind::as_str),
+                            executes,
+                            status = tracing::field::Empty
+                        )
+                    });
                     shared.in_batch.store(false, Relaxed);
                 }
                 ClientMessage::Parse { .. }
@@ -334,9 +371,18 @@ async fn read_unless_idle(
     }
 }
 
-fn request_sent(shared: &Shared) {
+/// A request (Query, Sync, FunctionCall) goes upstream: it will be answered by one
+/// ReadyForQuery. `span` builds its `statement` span; a disabled span costs nothing further.
+fn request_sent(shared: &Shared, span: impl FnOnce() -> tracing::Span) {
     if shared.outstanding.fetch_add(1, Relaxed) == 0 {
         shared.request_started.store(shared.now_ns(), Relaxed);
+    }
+    let span = span();
+    if !span.is_disabled() {
+        if let Ok(mut spans) = shared.spans.lock() {
+            spans.push_back(span);
+            shared.open_spans.fetch_add(1, Relaxed);
+        }
     }
 }
 
@@ -407,6 +453,12 @@ fn ready_for_query(params: &RelayParams<'_>, shared: &Shared, body: &[u8]) -> Re
         .outstanding
         .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)))
         .unwrap_or(0);
+    if shared.open_spans.load(Relaxed) > 0 {
+        if let Some(span) = shared.spans.lock().ok().and_then(|mut s| s.pop_front()) {
+            shared.open_spans.fetch_sub(1, Relaxed);
+            span.record("status", (status as char).encode_utf8(&mut [0; 4]) as &str);
+        }
+    }
     if before >= 1 {
         let started = shared.request_started.load(Relaxed);
         params

@@ -1,0 +1,244 @@
+//! The binary as operators use it: `check-config` exit codes and messages, and `proxy` under
+//! SIGTERM (graceful drain) and SIGINT (immediate stop).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use switchyard_test_support::TestDb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+fn temp_config(text: &str) -> tempfile_path::TempPath {
+    tempfile_path::TempPath::with(text)
+}
+
+/// A config file that deletes itself.
+mod tempfile_path {
+    use super::*;
+    pub struct TempPath(pub std::path::PathBuf);
+    impl TempPath {
+        pub fn with(text: &str) -> TempPath {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!("sy-cli-{}-{n}.toml", std::process::id()));
+            let mut f = std::fs::File::create(&path).unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+            TempPath(path)
+        }
+    }
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+#[test]
+fn check_config_accepts_the_example() {
+    let out = Command::new(BIN)
+        .current_dir(WORKSPACE)
+        .args(["check-config", "config/switchyard.example.toml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is valid"));
+}
+
+#[test]
+fn check_config_names_every_bad_key_and_exits_1() {
+    let cfg = temp_config(
+        "[proxy]\nlisten = \"127.0.0.1:6432\"\n[old]\nurl = \"postgres://u@127.0.0.1/a\"\n\
+         [new]\nurl = \"postgres://u@127.0.0.1/b\"\n[auth]\nmethod = \"trust\"\n\
+         [[tables]]\nname = \"public.t\"\nphase = \"sideways\"\nread_share = 150\n",
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&cfg.0)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tables[0].phase") && err.contains("sideways"),
+        "{err}"
+    );
+    assert!(err.contains("read_share"), "{err}");
+
+    let cfg = temp_config("[proxy]\nlisten = \"127.0.0.1:6432\"\nlisen = \"x\"\n");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&cfg.0)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lisen"));
+
+    let out = Command::new(BIN)
+        .args(["check-config", "/nonexistent/switchyard.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/switchyard.toml"));
+}
+
+#[test]
+fn proxy_refuses_an_invalid_config_with_exit_1() {
+    let cfg = temp_config("[proxy]\nlisten = \"not an address\"\n");
+    let out = Command::new(BIN)
+        .arg("proxy")
+        .arg("--config")
+        .arg(&cfg.0)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.listen"));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proxy {
+    child: Child,
+    port: u16,
+    _cfg: tempfile_path::TempPath,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_proxy(old: &TestDb, new: &TestDb) -> Proxy {
+    let port = free_port();
+    let cfg = temp_config(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"off\"\nshutdown_grace_secs = 20\n\
+         [old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n[auth]\nmethod = \"trust\"\n[telemetry]\nlog_level = \"warn\"\n",
+        old.url(),
+        new.url()
+    ));
+    let child = Command::new(BIN)
+        .arg("proxy")
+        .arg("--config")
+        .arg(&cfg.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(20), "proxy did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Proxy {
+        child,
+        port,
+        _cfg: cfg,
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(started.elapsed() < limit, "proxy did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn connect(port: u16, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let url = format!("postgres://postgres@127.0.0.1:{port}/{db}?sslmode=disable&connect_timeout=5");
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_open_transactions_finish_then_exits_0() {
+    let old = TestDb::create("cli_term").await.unwrap();
+    let new = TestDb::create("cli_term_new").await.unwrap();
+    old.execute_batch("create table t (id int)").await.unwrap();
+    let mut proxy = start_proxy(&old, &new);
+
+    let idle = connect(proxy.port, old.name()).await.unwrap();
+    let busy = connect(proxy.port, old.name()).await.unwrap();
+    busy.batch_execute("begin; insert into t values (1)")
+        .await
+        .unwrap();
+
+    signal(&proxy.child, "-TERM");
+    // The idle session is closed at once; the one in a transaction may finish it.
+    let started = Instant::now();
+    while !idle.is_closed() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "idle session not closed"
+        );
+        let _ = idle.simple_query("select 1").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        connect(proxy.port, old.name()).await.is_err(),
+        "new sessions are refused while draining"
+    );
+    busy.batch_execute("insert into t values (2); commit")
+        .await
+        .unwrap();
+
+    let status = tokio::task::spawn_blocking(move || {
+        let status = wait_exit(&mut proxy.child, Duration::from_secs(15));
+        (status, proxy)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert!(status.success(), "exit status {status}");
+    let n: i64 = old
+        .client()
+        .await
+        .unwrap()
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "the transaction committed during the drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_at_once() {
+    let old = TestDb::create("cli_int").await.unwrap();
+    let new = TestDb::create("cli_int_new").await.unwrap();
+    let mut proxy = start_proxy(&old, &new);
+    let busy = connect(proxy.port, old.name()).await.unwrap();
+    busy.batch_execute("begin").await.unwrap();
+    signal(&proxy.child, "-INT");
+    let (status, _proxy) = tokio::task::spawn_blocking(move || {
+        let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
+        (status, proxy)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(busy.simple_query("select 1").await.is_err());
+}
