@@ -231,10 +231,13 @@ async fn client_to_upstream(
         let mut frames = Frames::new(&buf, params.limits);
         let mut terminate = false;
         let mut violation = None;
-        for frame in &mut frames {
+        // Bytes of the frames that passed inspection: a broken frame is never forwarded.
+        let mut consumed = 0;
+        while let Some(frame) = frames.next() {
             match inspect_client_frame(frame, params, shared, &mut kinds) {
-                Ok(true) => {}
+                Ok(true) => consumed = frames.consumed(),
                 Ok(false) => {
+                    consumed = frames.consumed();
                     terminate = true;
                     break;
                 }
@@ -244,7 +247,6 @@ async fn client_to_upstream(
                 }
             }
         }
-        let consumed = frames.consumed();
         let pending = match violation {
             Some(_) => Ok(None),
             None => frames.pending().map(|h| h.map(|h| h.frame_len)),
