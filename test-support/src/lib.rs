@@ -9,6 +9,9 @@
 //!   test may stop, crash, restart or reconfigure (password authentication)
 //!   without disturbing anyone else.
 //!
+//! Between the proxy under test and a store, a [`FaultProxy`] relays TCP and
+//! injects network faults: delay, blackhole, reset, refusal.
+//!
 //! There is no global state beyond counters used to make names unique.
 
 // This crate is only ever linked into tests: a failed fixture should fail the
@@ -17,11 +20,13 @@
 
 pub mod cluster;
 pub mod db;
+pub mod faults;
 pub mod proxy;
 pub mod wire;
 
 pub use cluster::{ClusterOptions, TestCluster};
 pub use db::{sweep_stale, TestDb};
+pub use faults::FaultProxy;
 pub use proxy::{ProxyConfig, TestProxy};
 
 /// Admin URL used when `SWITCHYARD_TEST_PG` is not set.
