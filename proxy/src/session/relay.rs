@@ -6,10 +6,17 @@
 //! its results. Each pump reads as much as is available, checks every complete frame (tag,
 //! length, and the body of the messages it inspects), and writes the complete frames out in one
 //! call. Bodies are never copied.
+//!
+//! The relay polls only the branch whose waker fired ([`Branches`]): `select!` would poll both
+//! pumps and the shutdown watch on every wake-up, so each message also paid for a read attempt
+//! on the idle socket and a look at the watch.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -128,20 +135,61 @@ pub(crate) async fn relay(
     tokio::pin!(to_upstream, to_client);
 
     let mut state = shutdown.state();
-    let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let branches = Branches::new();
     loop {
         if let ShutdownState::Draining { grace } = state {
             shared.draining.store(true, Relaxed);
             if shared.idle() {
                 return Ok(RelayEnd::Drained);
             }
-            deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(grace)));
+            if deadline.is_none() {
+                deadline = Some(Box::pin(tokio::time::sleep(grace)));
+                branches.wake(DEADLINE);
+            }
         }
         if state == ShutdownState::Immediate {
             return Ok(RelayEnd::ShutdownNow);
         }
-        tokio::select! {
-            end = &mut to_upstream => {
+        let changed = shutdown.changed_from(state);
+        tokio::pin!(changed);
+        branches.wake(SHUTDOWN);
+        let woke = std::future::poll_fn(|cx| {
+            let mut woken = branches.begin(cx);
+            // Shutdown first, so a stop is noticed even while both directions are busy.
+            if woken & SHUTDOWN != 0 {
+                woken &= !SHUTDOWN;
+                if let Poll::Ready(next) = branches.poll(SHUTDOWN, changed.as_mut()) {
+                    branches.wake(woken);
+                    return Poll::Ready(Woke::Shutdown(next));
+                }
+            }
+            if woken & DEADLINE != 0 {
+                woken &= !DEADLINE;
+                if let Some(d) = deadline.as_mut() {
+                    if branches.poll(DEADLINE, d.as_mut()).is_ready() {
+                        branches.wake(woken);
+                        return Poll::Ready(Woke::Deadline);
+                    }
+                }
+            }
+            if woken & TO_UPSTREAM != 0 {
+                woken &= !TO_UPSTREAM;
+                if let Poll::Ready(end) = branches.poll(TO_UPSTREAM, to_upstream.as_mut()) {
+                    branches.wake(woken);
+                    return Poll::Ready(Woke::ToUpstream(end));
+                }
+            }
+            if woken & TO_CLIENT != 0 {
+                if let Poll::Ready(end) = branches.poll(TO_CLIENT, to_client.as_mut()) {
+                    return Poll::Ready(Woke::ToClient(end));
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        match woke {
+            Woke::ToUpstream(end) => {
                 return match end {
                     Err(e @ SessionError::ClientProtocol(_)) => {
                         // The complete messages before the bad one were forwarded; let their
@@ -155,12 +203,100 @@ pub(crate) async fn relay(
                     other => other,
                 };
             }
-            end = &mut to_client => return end,
-            next = shutdown.changed_from(state) => state = next,
-            () = async { if let Some(d) = deadline.as_mut() { d.await } }, if deadline.is_some() => {
-                return Ok(RelayEnd::ShutdownNow);
-            }
+            Woke::ToClient(end) => return end,
+            Woke::Shutdown(next) => state = next,
+            Woke::Deadline => return Ok(RelayEnd::ShutdownNow),
         }
+    }
+}
+
+/// What ended one wait of the relay loop.
+enum Woke {
+    ToUpstream(Result<RelayEnd, SessionError>),
+    ToClient(Result<RelayEnd, SessionError>),
+    Shutdown(ShutdownState),
+    Deadline,
+}
+
+/// The relay's branches, one bit each.
+const SHUTDOWN: u8 = 1;
+const DEADLINE: u8 = 2;
+const TO_UPSTREAM: u8 = 4;
+const TO_CLIENT: u8 = 8;
+const BRANCHES: [u8; 4] = [SHUTDOWN, DEADLINE, TO_UPSTREAM, TO_CLIENT];
+
+/// One waker per branch of the relay, so a wake-up polls only the branches that asked for it.
+///
+/// A future that returned `Pending` has arranged to wake the waker it was polled with, so a
+/// branch whose waker has not fired has nothing to do and is skipped.
+struct Branches {
+    state: Arc<BranchState>,
+    wakers: [Waker; 4],
+}
+
+struct BranchState {
+    /// Branches woken since they were last polled.
+    woken: AtomicU8,
+    /// The relay task's own waker, from its latest poll.
+    task: Mutex<Option<Waker>>,
+}
+
+struct BranchWaker {
+    state: Arc<BranchState>,
+    bit: u8,
+}
+
+impl Wake for BranchWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.state.woken.fetch_or(self.bit, AcqRel);
+        let task = self.state.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(task) = task.as_ref() {
+            task.wake_by_ref();
+        }
+    }
+}
+
+impl Branches {
+    /// Every branch starts woken, so each is polled once.
+    fn new() -> Branches {
+        let state = Arc::new(BranchState {
+            woken: AtomicU8::new(BRANCHES.iter().fold(0, |all, b| all | b)),
+            task: Mutex::new(None),
+        });
+        let wakers = BRANCHES.map(|bit| {
+            Waker::from(Arc::new(BranchWaker {
+                state: Arc::clone(&state),
+                bit,
+            }))
+        });
+        Branches { state, wakers }
+    }
+
+    /// Remembers the task's waker and takes the set of woken branches.
+    fn begin(&self, cx: &Context<'_>) -> u8 {
+        let mut task = self.state.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *task = Some(cx.waker().clone());
+        }
+        drop(task);
+        self.state.woken.swap(0, AcqRel)
+    }
+
+    /// Marks branches as woken: new ones, or woken ones a poll that ended early did not reach.
+    fn wake(&self, bits: u8) {
+        if bits != 0 {
+            self.state.woken.fetch_or(bits, AcqRel);
+        }
+    }
+
+    /// Polls one branch with its own waker.
+    fn poll<F: Future>(&self, bit: u8, fut: Pin<&mut F>) -> Poll<F::Output> {
+        let waker = &self.wakers[bit.trailing_zeros() as usize];
+        fut.poll(&mut Context::from_waker(waker))
     }
 }
 
