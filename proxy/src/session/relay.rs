@@ -301,10 +301,18 @@ impl Branches {
 }
 
 /// Per-session memory of which statement each portal runs, for statement-kind metrics.
+///
+/// Most drivers bind every query to the unnamed portal and many use the unnamed statement, so
+/// those live in fields of their own, and the last named statement bound is remembered: a
+/// prepared statement run again costs a byte comparison instead of hash lookups.
 #[derive(Default)]
 struct StatementKinds {
-    statements: HashMap<Vec<u8>, StatementKind>,
-    portals: HashMap<Vec<u8>, StatementKind>,
+    statements: NameMap,
+    portals: NameMap,
+    /// The named statement the last Bind used, and its kind; `None` once Parse or Close
+    /// touches that name.
+    last_bound: Vec<u8>,
+    last_bound_kind: Option<StatementKind>,
     /// Executes since the last Sync, and the kind of the last statement (for the span).
     batch_executes: u32,
     batch_kind: Option<StatementKind>,
@@ -319,38 +327,87 @@ impl StatementKinds {
                 self.batch_kind = Some(kind);
             }
             ClientMessage::Parse { statement, sql } => {
-                set(&mut self.statements, statement, StatementKind::of(sql));
+                self.forget_bound(statement);
+                self.statements.set(statement, StatementKind::of(sql));
             }
             ClientMessage::Bind { portal, statement } => {
-                let kind = self
-                    .statements
-                    .get(statement)
-                    .copied()
-                    .unwrap_or(StatementKind::Other);
-                set(&mut self.portals, portal, kind);
+                let kind = self.bound_statement(statement);
+                self.portals.set(portal, kind);
             }
             ClientMessage::Execute { portal, .. } => {
-                let kind = self.portals.get(portal).copied().unwrap_or(StatementKind::Other);
+                let kind = self.portals.get(portal);
                 params.metrics.counters.statement(Protocol::Extended, kind);
                 self.batch_executes += 1;
                 self.batch_kind = Some(kind);
             }
-            ClientMessage::Close { target, name } => {
-                match target {
-                    Target::Statement => self.statements.remove(name),
-                    Target::Portal => self.portals.remove(name),
-                };
-            }
+            ClientMessage::Close { target, name } => match target {
+                Target::Statement => {
+                    self.forget_bound(name);
+                    self.statements.remove(name);
+                }
+                Target::Portal => self.portals.remove(name),
+            },
             _ => {}
+        }
+    }
+
+    /// The kind of the statement a Bind names.
+    fn bound_statement(&mut self, statement: &[u8]) -> StatementKind {
+        if statement.is_empty() {
+            return self.statements.get(statement);
+        }
+        if let Some(kind) = self.last_bound_kind {
+            if self.last_bound == statement {
+                return kind;
+            }
+        }
+        let kind = self.statements.get(statement);
+        self.last_bound.clear();
+        self.last_bound.extend_from_slice(statement);
+        self.last_bound_kind = Some(kind);
+        kind
+    }
+
+    fn forget_bound(&mut self, statement: &[u8]) {
+        if self.last_bound == statement {
+            self.last_bound_kind = None;
         }
     }
 }
 
-fn set(map: &mut HashMap<Vec<u8>, StatementKind>, name: &[u8], kind: StatementKind) {
-    match map.get_mut(name) {
-        Some(slot) => *slot = kind,
-        None => {
-            map.insert(name.to_vec(), kind);
+/// Statement kinds by statement or portal name; the unnamed one in a field of its own.
+#[derive(Default)]
+struct NameMap {
+    unnamed: Option<StatementKind>,
+    named: HashMap<Vec<u8>, StatementKind>,
+}
+
+impl NameMap {
+    /// The kind stored under `name`, `Other` if none.
+    fn get(&self, name: &[u8]) -> StatementKind {
+        let kind = if name.is_empty() {
+            self.unnamed
+        } else {
+            self.named.get(name).copied()
+        };
+        kind.unwrap_or(StatementKind::Other)
+    }
+
+    fn set(&mut self, name: &[u8], kind: StatementKind) {
+        if name.is_empty() {
+            self.unnamed = Some(kind);
+        } else if let Some(slot) = self.named.get_mut(name) {
+            *slot = kind;
+        } else {
+            self.named.insert(name.to_vec(), kind);
+        }
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        if name.is_empty() {
+            self.unnamed = None;
+        } else {
+            self.named.remove(name);
         }
     }
 }
