@@ -2,9 +2,13 @@
 //!
 //! Hot-path counts are plain atomics that OpenTelemetry observable instruments read at
 //! collection time, so a statement costs a relaxed increment, not an attribute-set lookup.
-//! Latency goes to OpenTelemetry histograms. Each proxy instance owns its own registry and
-//! meter provider (no globals), so tests can run several proxies in one process.
+//! Latency goes to an OpenTelemetry histogram when metrics are pushed over OTLP; otherwise to
+//! [`LatencyHistogram`], lock-free buckets rendered into the same Prometheus text (an SDK
+//! histogram record hashes its attribute set under a lock: about a tenth of the proxy's CPU per
+//! request). Each proxy instance owns its own registry and meter provider (no globals), so tests
+//! can run several proxies in one process.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,11 +80,26 @@ impl Counters {
     }
 }
 
+/// Name, description and bucket bounds (seconds) of the store latency histogram.
+const LATENCY_NAME: &str = "switchyard_store_latency";
+const LATENCY_HELP: &str = "Time from a request's first message to the store's ReadyForQuery";
+const LATENCY_BOUNDS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Where request latencies are recorded.
+enum Latency {
+    /// Lock-free buckets, rendered into the Prometheus registry.
+    Native(Arc<LatencyHistogram>),
+    /// The OpenTelemetry SDK histogram, which the OTLP exporter reads.
+    Otel(Histogram<f64>),
+}
+
 /// A proxy instance's metrics: counters, latency histograms and the exporters.
 pub struct Metrics {
     /// Hot-path counters.
     pub counters: Arc<Counters>,
-    old_latency: Histogram<f64>,
+    old_latency: Latency,
     registry: prometheus::Registry,
     provider: SdkMeterProvider,
 }
@@ -97,6 +116,15 @@ impl Metrics {
     /// Builds the instruments and the Prometheus exporter; adds a periodic OTLP/HTTP exporter
     /// when `otlp_endpoint` is set.
     pub fn new(service_name: &str, otlp_endpoint: Option<&str>) -> Result<Metrics, StartError> {
+        Metrics::build(service_name, otlp_endpoint, otlp_endpoint.is_none())
+    }
+
+    /// `native_latency`: record latency in [`LatencyHistogram`] rather than the SDK histogram.
+    fn build(
+        service_name: &str,
+        otlp_endpoint: Option<&str>,
+        native_latency: bool,
+    ) -> Result<Metrics, StartError> {
         let registry = prometheus::Registry::new();
         let prometheus = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -178,15 +206,24 @@ impl Metrics {
                 }
             })
             .build();
-        let old_latency = meter
-            .f64_histogram("switchyard_store_latency")
-            .with_unit("s")
-            .with_description("Time from a request's first message to the store's ReadyForQuery")
-            .with_boundaries(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                5.0, 10.0,
-            ])
-            .build();
+        let old_latency = if native_latency {
+            let histogram = Arc::new(LatencyHistogram::default());
+            let collector = LatencyCollector::new(Arc::clone(&histogram))
+                .map_err(|e| StartError::Telemetry(e.to_string()))?;
+            registry
+                .register(Box::new(collector))
+                .map_err(|e| StartError::Telemetry(e.to_string()))?;
+            Latency::Native(histogram)
+        } else {
+            Latency::Otel(
+                meter
+                    .f64_histogram(LATENCY_NAME)
+                    .with_unit("s")
+                    .with_description(LATENCY_HELP)
+                    .with_boundaries(LATENCY_BOUNDS.to_vec())
+                    .build(),
+            )
+        };
         Ok(Metrics {
             counters,
             old_latency,
@@ -197,8 +234,10 @@ impl Metrics {
 
     /// Records one request's round trip to the OLD store.
     pub fn old_round_trip(&self, elapsed: Duration) {
-        self.old_latency
-            .record(elapsed.as_secs_f64(), &[KeyValue::new("store", "old")]);
+        match &self.old_latency {
+            Latency::Native(h) => h.record(elapsed.as_secs_f64()),
+            Latency::Otel(h) => h.record(elapsed.as_secs_f64(), &[KeyValue::new("store", "old")]),
+        }
     }
 
     /// Renders every metric in the Prometheus text format.
@@ -216,5 +255,130 @@ impl Metrics {
         if let Err(e) = self.provider.shutdown() {
             tracing::debug!(error = %e, "metrics provider shutdown");
         }
+    }
+}
+
+/// Cumulative latency buckets for one store, updated with relaxed atomics.
+///
+/// Buckets are upper-inclusive, as in the SDK and in Prometheus (`le`); the last one is +Inf.
+/// The count is the sum of the buckets, so the two always agree in a scrape.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    /// Sum of the recorded seconds, as `f64` bits.
+    sum: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one latency in seconds; NaN and infinities are ignored, as the SDK does.
+    pub fn record(&self, secs: f64) {
+        if !secs.is_finite() {
+            return;
+        }
+        let i = LATENCY_BOUNDS.partition_point(|&b| b < secs);
+        self.buckets[i].fetch_add(1, Relaxed);
+        let _ = self.sum.fetch_update(Relaxed, Relaxed, |bits| {
+            Some((f64::from_bits(bits) + secs).to_bits())
+        });
+    }
+}
+
+/// Renders a [`LatencyHistogram`] as the family the OpenTelemetry Prometheus exporter would:
+/// same name (unit suffix included), help, `store` label and buckets; absent until a first
+/// latency is recorded.
+struct LatencyCollector {
+    histogram: Arc<LatencyHistogram>,
+    desc: prometheus::core::Desc,
+}
+
+impl LatencyCollector {
+    fn new(histogram: Arc<LatencyHistogram>) -> prometheus::Result<LatencyCollector> {
+        let desc = prometheus::core::Desc::new(
+            format!("{LATENCY_NAME}_seconds"),
+            LATENCY_HELP.to_owned(),
+            Vec::new(),
+            HashMap::from([("store".to_owned(), "old".to_owned())]),
+        )?;
+        Ok(LatencyCollector { histogram, desc })
+    }
+}
+
+impl prometheus::core::Collector for LatencyCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use prometheus::proto;
+        let mut buckets = Vec::with_capacity(LATENCY_BOUNDS.len());
+        let mut count = 0;
+        for (bound, n) in LATENCY_BOUNDS.iter().zip(&self.histogram.buckets) {
+            count += n.load(Relaxed);
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(*bound);
+            b.set_cumulative_count(count);
+            buckets.push(b);
+        }
+        count += self.histogram.buckets[LATENCY_BOUNDS.len()].load(Relaxed);
+        if count == 0 {
+            return Vec::new();
+        }
+        let mut h = proto::Histogram::default();
+        h.set_sample_sum(f64::from_bits(self.histogram.sum.load(Relaxed)));
+        h.set_sample_count(count);
+        h.set_bucket(buckets);
+        let mut m = proto::Metric::default();
+        m.set_label(self.desc.const_label_pairs.clone());
+        m.set_histogram(h);
+        let mut family = proto::MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(proto::MetricType::HISTOGRAM);
+        family.set_metric(vec![m]);
+        vec![family]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn latency_lines(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .render_prometheus()
+            .lines()
+            .filter(|l| l.contains(LATENCY_NAME))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn native_latency_renders_like_the_sdk_histogram() {
+        let native = Metrics::build("t", None, true).unwrap();
+        let sdk = Metrics::build("t", None, false).unwrap();
+        assert!(latency_lines(&native).is_empty());
+        assert!(latency_lines(&sdk).is_empty());
+        // On a bound, between bounds, below the first, above the last.
+        for us in [100, 250, 300, 7, 12_000_000, 1_000, 999, 0, 42_000] {
+            native.old_round_trip(Duration::from_micros(us));
+            sdk.old_round_trip(Duration::from_micros(us));
+        }
+        let lines = latency_lines(&native);
+        assert_eq!(lines, latency_lines(&sdk));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l
+                    .starts_with("switchyard_store_latency_seconds_bucket{store=\"old\",le=\"0.0001\"} 3")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l == "switchyard_store_latency_seconds_count{store=\"old\"} 9"),
+            "{lines:#?}"
+        );
+        native.shutdown();
+        sdk.shutdown();
     }
 }
