@@ -30,9 +30,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 pub use error::{ConfigError, Problem};
-pub use settings::{AuthMethod, AuthSettings, LogFormat, ProxySettings, StoreSettings, TelemetrySettings};
+pub use settings::{
+    AuthMethod, AuthSettings, LogFormat, MirrorSettings, ProxySettings, StoreSettings, TelemetrySettings,
+};
 pub use store_url::{Engine, RedactedStoreUrl, StoreUrl};
-pub use tables::{Phase, TableName, TableSettings};
+pub use tables::{Phase, TableName, TableSettings, UncapturedPolicy};
 pub use url::Url;
 pub use users::{UserCredential, UserEntry, UsersFile};
 
@@ -55,6 +57,8 @@ pub struct Config {
     pub auth: AuthSettings,
     /// `[telemetry]`: logging and OpenTelemetry export.
     pub telemetry: TelemetrySettings,
+    /// `[mirror]`: the dual-write engine's connections, deadlines and repair loop.
+    pub mirror: MirrorSettings,
     /// `[[tables]]`: the tables being migrated, in file order, names unique.
     pub tables: Vec<TableSettings>,
 }
@@ -121,13 +125,14 @@ impl Config {
     /// A reload applies `tables` (phase, read share) and users, and reports
     /// these as needing a restart.
     pub fn changes_needing_restart(&self, newer: &Config) -> Vec<&'static str> {
-        let checks: [(&'static str, bool); 6] = [
+        let checks: [(&'static str, bool); 7] = [
             ("proxy", self.proxy != newer.proxy),
             ("old", self.old != newer.old),
             ("new", self.new != newer.new),
             ("auth.method", self.auth.method != newer.auth.method),
             ("auth.users_file", self.auth.users_file != newer.auth.users_file),
             ("telemetry", self.telemetry != newer.telemetry),
+            ("mirror", self.mirror != newer.mirror),
         ];
         checks
             .into_iter()

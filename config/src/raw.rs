@@ -16,6 +16,7 @@ pub(crate) struct RawConfig {
     pub new: Option<RawStore>,
     pub auth: Option<RawAuth>,
     pub telemetry: Option<RawTelemetry>,
+    pub mirror: Option<RawMirror>,
     #[serde(default)]
     pub tables: Vec<RawTable>,
 }
@@ -60,6 +61,16 @@ pub(crate) struct RawTelemetry {
     pub service_name: Option<String>,
 }
 
+/// `[mirror]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMirror {
+    pub pool_size: Option<i64>,
+    pub timeout_ms: Option<i64>,
+    pub repair_interval_ms: Option<i64>,
+    pub stale_intent_secs: Option<i64>,
+}
+
 /// One `[[tables]]` entry.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,8 +78,10 @@ pub(crate) struct RawTable {
     pub name: Option<String>,
     pub phase: Option<String>,
     pub read_share: Option<i64>,
+    pub key: Option<Vec<String>>,
+    pub on_uncaptured: Option<String>,
 }
 
 /// The sections that may be set from the environment
 /// (`SWITCHYARD_<SECTION>__<KEY>`). `[[tables]]` is an array and cannot.
-pub(crate) const ENV_SECTIONS: &[&str] = &["proxy", "old", "new", "auth", "telemetry"];
+pub(crate) const ENV_SECTIONS: &[&str] = &["proxy", "old", "new", "auth", "telemetry", "mirror"];

@@ -9,10 +9,12 @@ use std::time::Duration;
 use url::Url;
 
 use crate::error::{ConfigError, Problem};
-use crate::raw::{RawAuth, RawConfig, RawProxy, RawStore, RawTable, RawTelemetry};
-use crate::settings::{AuthMethod, AuthSettings, ProxySettings, StoreSettings, TelemetrySettings};
+use crate::raw::{RawAuth, RawConfig, RawMirror, RawProxy, RawStore, RawTable, RawTelemetry};
+use crate::settings::{
+    AuthMethod, AuthSettings, MirrorSettings, ProxySettings, StoreSettings, TelemetrySettings,
+};
 use crate::store_url::StoreUrl;
-use crate::tables::{Phase, TableName, TableSettings};
+use crate::tables::{Phase, TableName, TableSettings, UncapturedPolicy};
 use crate::users::UsersFile;
 use crate::Config;
 
@@ -69,6 +71,7 @@ impl<'a> Resolver<'a> {
         }
         let auth = self.auth(raw.auth.unwrap_or_default());
         let telemetry = self.telemetry(raw.telemetry.unwrap_or_default());
+        let mirror = self.mirror(raw.mirror.unwrap_or_default());
         let tables = self.tables(raw.tables);
         match (old, new, auth) {
             (Some(old), Some(new), Some(auth)) if self.problems.is_empty() => Ok(Config {
@@ -77,6 +80,7 @@ impl<'a> Resolver<'a> {
                 new,
                 auth,
                 telemetry,
+                mirror,
                 tables,
             }),
             _ => Err(ConfigError::Invalid(self.problems)),
@@ -311,6 +315,33 @@ impl<'a> Resolver<'a> {
         }
     }
 
+    fn mirror(&mut self, raw: RawMirror) -> MirrorSettings {
+        let d = MirrorSettings::default();
+        let ms = |d: Duration| d.as_millis() as u64;
+        let pool_size = self.int("mirror.pool_size", raw.pool_size, u64::from(d.pool_size), 1, 1000);
+        let timeout = self.int("mirror.timeout_ms", raw.timeout_ms, ms(d.timeout), 10, 600_000);
+        let repair = self.int(
+            "mirror.repair_interval_ms",
+            raw.repair_interval_ms,
+            ms(d.repair_interval),
+            10,
+            3_600_000,
+        );
+        let stale = self.int(
+            "mirror.stale_intent_secs",
+            raw.stale_intent_secs,
+            d.stale_intent.as_secs(),
+            1,
+            86_400,
+        );
+        MirrorSettings {
+            pool_size: u32::try_from(pool_size).unwrap_or(d.pool_size),
+            timeout: Duration::from_millis(timeout),
+            repair_interval: Duration::from_millis(repair),
+            stale_intent: Duration::from_secs(stale),
+        }
+    }
+
     fn tables(&mut self, raw: Vec<RawTable>) -> Vec<TableSettings> {
         let mut tables = Vec::with_capacity(raw.len());
         let mut seen: HashMap<TableName, usize> = HashMap::new();
@@ -361,11 +392,42 @@ impl<'a> Resolver<'a> {
                     None
                 }
             };
-            if let (Some(name), Some(phase), Some(read_share)) = (name, phase, read_share) {
+            let key_cols = t.key.unwrap_or_default();
+            let mut key_ok = true;
+            for (j, col) in key_cols.iter().enumerate() {
+                if col.trim().is_empty() || col.contains('"') || col.chars().any(char::is_control) {
+                    self.problem(
+                        &format!("{key}.key"),
+                        format!(
+                            "{which}column name {col:?} is empty or contains quotes or control characters"
+                        ),
+                    );
+                    key_ok = false;
+                } else if key_cols[..j].contains(col) {
+                    self.problem(
+                        &format!("{key}.key"),
+                        format!("{which}column {col:?} is listed twice"),
+                    );
+                    key_ok = false;
+                }
+            }
+            let on_uncaptured = match t.on_uncaptured.as_deref().map(str::parse::<UncapturedPolicy>) {
+                None => Some(UncapturedPolicy::Refuse),
+                Some(Ok(p)) => Some(p),
+                Some(Err(why)) => {
+                    self.problem(&format!("{key}.on_uncaptured"), format!("{which}{why}"));
+                    None
+                }
+            };
+            if let (Some(name), Some(phase), Some(read_share), Some(on_uncaptured), true) =
+                (name, phase, read_share, on_uncaptured, key_ok)
+            {
                 tables.push(TableSettings {
                     name,
                     phase,
                     read_share,
+                    key: key_cols,
+                    on_uncaptured,
                 });
             }
         }

@@ -213,3 +213,33 @@ fn ser_opt_url<S: Serializer>(u: &Option<Url>, s: S) -> Result<S::Ok, S::Error> 
         None => s.serialize_none(),
     }
 }
+
+/// `[mirror]`: how the proxy mirrors writes to NEW in `dual_write` and later phases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MirrorSettings {
+    /// `pool_size`: connections to NEW shared by all sessions for mirrored writes (default 16).
+    pub pool_size: u32,
+    /// `timeout_ms`: longest a mirrored apply or commit on NEW may take before NEW is treated as
+    /// failed for that transaction and its keys are left for repair (default 2000).
+    #[serde(rename = "timeout_ms", serialize_with = "ser_ms")]
+    pub timeout: Duration,
+    /// `repair_interval_ms`: how often the repair loop looks for pending repairs (default 1000).
+    #[serde(rename = "repair_interval_ms", serialize_with = "ser_ms")]
+    pub repair_interval: Duration,
+    /// `stale_intent_secs`: an intent older than this is repaired by any proxy, not only the one
+    /// that wrote it (a proxy that died between the two commits leaves such intents; default 30).
+    #[serde(rename = "stale_intent_secs", serialize_with = "ser_secs")]
+    pub stale_intent: Duration,
+}
+
+impl Default for MirrorSettings {
+    /// The documented defaults.
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            timeout: Duration::from_millis(2000),
+            repair_interval: Duration::from_millis(1000),
+            stale_intent: Duration::from_secs(30),
+        }
+    }
+}

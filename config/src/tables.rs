@@ -158,6 +158,47 @@ pub struct TableSettings {
     /// Percent (0..=100) of eligible reads served by NEW in
     /// [`Phase::ReadShift`].
     pub read_share: u8,
+    /// `key`: the columns that identify a row, for tables without a primary key. Empty (the
+    /// default) means the table's primary key; a table with neither is mirrored append-only.
+    pub key: Vec<String>,
+    /// `on_uncaptured`: what happens to a write the proxy cannot capture as row images.
+    pub on_uncaptured: UncapturedPolicy,
+}
+
+/// What to do with a write on a migrated table that cannot be mirrored as row images (TRUNCATE,
+/// COPY FROM, DDL, a data-modifying CTE, UPDATE or DELETE on a table without a key, an UPDATE
+/// that changes the key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UncapturedPolicy {
+    /// Refuse the statement with an error naming the table (the default): nothing diverges.
+    Refuse,
+    /// Run it on OLD only and mark the table as needing a full verification before cutover.
+    MarkForVerify,
+}
+
+impl UncapturedPolicy {
+    /// The name used in configuration files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refuse => "refuse",
+            Self::MarkForVerify => "mark_for_verify",
+        }
+    }
+}
+
+impl FromStr for UncapturedPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "refuse" => Ok(Self::Refuse),
+            "mark_for_verify" => Ok(Self::MarkForVerify),
+            _ => Err(format!(
+                "unknown policy {s:?}; expected refuse or mark_for_verify"
+            )),
+        }
+    }
 }
 
 #[cfg(test)]

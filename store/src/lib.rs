@@ -5,14 +5,24 @@
 //! backfill arrive. Engines are variants of one enum rather than trait objects, so every engine
 //! keeps native async functions and the compiler lists each place a new engine must handle.
 //! PostgreSQL is implemented; MySQL/MariaDB (sqlx) and MongoDB (mongodb driver) join later.
+//!
+//! [`load_table`] reads a PostgreSQL table's columns and keys, [`compare`] checks NEW's copy
+//! against OLD's, and [`prepare()`] creates the side tables that dual writes and the backfill use.
 
+pub mod mirror;
 mod postgres;
+pub mod prepare;
 
 use std::time::Duration;
 
 use switchyard_config::{Engine, StoreUrl};
 
+pub use postgres::catalog::{
+    compare, effective_key, keys_table_name, load_table, quote_ident, quote_table, Column, Identity,
+    Mismatch, TableSchema, SIDE_SCHEMA,
+};
 pub use postgres::PgStore;
+pub use prepare::{prepare, PrepareReport, PreparedTable};
 
 /// Which side of the migration a store is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +74,60 @@ pub enum StoreError {
         /// The limit.
         timeout: Duration,
     },
+    /// Reading a table's definition from the system catalogs failed ([`load_table`], which does
+    /// not know which store it was given; callers that do turn this into [`StoreError::Query`]).
+    #[error("reading the catalog entry of {table}: {}", describe(.source))]
+    Catalog {
+        /// The table, `schema.table`.
+        table: String,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+    /// A statement failed on a store (or the store could not be reached to run it).
+    #[error("{role} store: {action}: {}", describe(.source))]
+    Query {
+        /// Which store.
+        role: &'static str,
+        /// What the statement was doing, e.g. `creating switchyard.switchyard_tables`.
+        action: String,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+}
+
+/// A driver error for people: a server error as its message, SQLSTATE, detail and hint (sqlx's
+/// own `Display` appends the line of PostgreSQL's C source that raised it, which reads like a
+/// line of the statement); anything else as sqlx words it.
+fn describe(error: &sqlx::Error) -> String {
+    let Some(db) = error.as_database_error() else {
+        return error.to_string();
+    };
+    let mut text = db.message().to_owned();
+    if let Some(code) = db.code() {
+        text.push_str(&format!(" (SQLSTATE {code})"));
+    }
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        for (label, value) in [("detail", pg.detail()), ("hint", pg.hint())] {
+            if let Some(value) = value {
+                text.push_str(&format!("; {label}: {value}"));
+            }
+        }
+    }
+    text
+}
+
+impl StoreError {
+    /// Names the store a [`StoreError::Catalog`] came from; other errors are returned as they are.
+    pub fn in_store(self, role: Role) -> StoreError {
+        match self {
+            StoreError::Catalog { table, source } => StoreError::Query {
+                role: role.as_str(),
+                action: format!("reading the catalog entry of {table}"),
+                source,
+            },
+            other => other,
+        }
+    }
 }
 
 /// One store, whatever its engine.

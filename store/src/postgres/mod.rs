@@ -1,5 +1,7 @@
 //! PostgreSQL adapter (sqlx).
 
+pub mod catalog;
+
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
