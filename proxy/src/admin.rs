@@ -68,13 +68,38 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
         .tables
         .iter()
         .map(|t| {
+            let mirrored = state
+                .mirror
+                .as_ref()
+                .and_then(|m| m.tables.iter().find(|mt| mt.name == t.name));
             json!({
                 "name": t.name.to_string(),
                 "phase": t.phase.as_str(),
                 "read_share": t.read_share,
+                "mirrored": mirrored.is_some(),
+                "key": mirrored.map(|m| m.key.clone()),
+                "on_uncaptured": t.on_uncaptured.as_str(),
             })
         })
         .collect();
+    let mirror = state.mirror.as_ref().map(|m| {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &m.stats;
+        let n = s.latency_count.load(Relaxed);
+        json!({
+            "new_available": m.new_available(),
+            "mirrored_transactions": s.mirrored.load(Relaxed),
+            "mirror_failures": s.mirror_failures.load(Relaxed),
+            "repairs": s.repairs.load(Relaxed),
+            "repair_failures": s.repair_failures.load(Relaxed),
+            "pending_repairs": s.pending_intents.load(Relaxed),
+            "uncaptured_writes": s.uncaptured.load(Relaxed),
+            "mirror_latency_ms": {
+                "mean": if n > 0 { s.latency_us_sum.load(Relaxed) as f64 / n as f64 / 1000.0 } else { 0.0 },
+                "max": s.latency_us_max.load(Relaxed) as f64 / 1000.0,
+            },
+        })
+    });
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": state.started.elapsed().as_secs(),
@@ -93,6 +118,7 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
             "max": config.proxy.max_connections,
         },
         "tables": tables,
+        "mirror": mirror,
     }))
 }
 

@@ -92,6 +92,9 @@ pub enum StartError {
     /// Telemetry could not be set up.
     #[error("telemetry: {0}")]
     Telemetry(String),
+    /// Dual writes cannot start: a table, its schema or the side objects are not ready.
+    #[error("dual writes: {0}")]
+    Mirror(String),
 }
 
 /// Why a client session ended abnormally.

@@ -1,8 +1,9 @@
 //! Switchyard's PostgreSQL front end.
 //!
-//! Applications connect here as they would to PostgreSQL. In phase `passthrough` (the only one
-//! built so far) every session is relayed to the OLD store unchanged; later phases mirror writes
-//! to NEW and shift reads. Entry point: [`run`], with [`Listeners`] bound beforehand and a
+//! Applications connect here as they would to PostgreSQL. With every table in phase
+//! `passthrough`, sessions are relayed to the OLD store unchanged; when a table is in
+//! `dual_write` (or `shadow_read`/`read_shift`), sessions run the dual-write relay (`mirror`),
+//! which mirrors row images of writes to NEW. Entry point: [`run`], with [`Listeners`] bound beforehand and a
 //! [`shutdown::Shutdown`] to stop it.
 //!
 //! Layout: [`server`] accepts; `session` runs one client from startup to goodbye (client auth,
@@ -14,11 +15,13 @@ pub mod cancel;
 pub mod classify;
 pub mod error;
 pub mod metrics;
+mod mirror;
 pub mod server;
 pub mod shutdown;
 
 mod session;
 
 pub use error::StartError;
+pub use mirror::MirrorStats;
 pub use server::{run, Listeners};
 pub use shutdown::{Shutdown, ShutdownState, ShutdownTrigger};

@@ -250,6 +250,63 @@ impl Metrics {
         out
     }
 
+    /// Adds the dual-write engine's instruments: mirrored transactions, failures, repairs,
+    /// pending intents and mirror latency.
+    pub fn register_mirror(&self, stats: Arc<crate::mirror::MirrorStats>) {
+        let meter = self.provider.meter("switchyard");
+        let counter =
+            |name: &'static str, help: &'static str, read: fn(&crate::mirror::MirrorStats) -> u64| {
+                let s = Arc::clone(&stats);
+                meter
+                    .u64_observable_counter(name)
+                    .with_description(help)
+                    .with_callback(move |o| o.observe(read(&s), &[]))
+                    .build();
+            };
+        counter(
+            "switchyard_mirrored_transactions",
+            "Transactions whose row images NEW committed",
+            |s| s.mirrored.load(Relaxed),
+        );
+        counter(
+            "switchyard_mirror_failures",
+            "Transactions committed on OLD whose NEW side failed (left for repair)",
+            |s| s.mirror_failures.load(Relaxed),
+        );
+        counter(
+            "switchyard_repairs",
+            "Intents repaired by re-copying their keys from OLD",
+            |s| s.repairs.load(Relaxed),
+        );
+        counter(
+            "switchyard_repair_failures",
+            "Repair rounds that failed and were retried",
+            |s| s.repair_failures.load(Relaxed),
+        );
+        counter(
+            "switchyard_uncaptured_writes",
+            "Writes on migrated tables that could not be captured (refused or marked for verification)",
+            |s| s.uncaptured.load(Relaxed),
+        );
+        let s = Arc::clone(&stats);
+        meter
+            .i64_observable_gauge("switchyard_repairs_pending")
+            .with_description("Intents on OLD not yet confirmed on NEW (pending repairs included)")
+            .with_callback(move |o| o.observe(s.pending_intents.load(Relaxed), &[]))
+            .build();
+        let s = Arc::clone(&stats);
+        meter
+            .f64_observable_gauge("switchyard_mirror_latency_mean_seconds")
+            .with_description("Mean time from applying row images on NEW to NEW's commit")
+            .with_callback(move |o| {
+                let n = s.latency_count.load(Relaxed);
+                if n > 0 {
+                    o.observe(s.latency_us_sum.load(Relaxed) as f64 / n as f64 / 1e6, &[]);
+                }
+            })
+            .build();
+    }
+
     /// Flushes and stops the exporters.
     pub fn shutdown(&self) {
         if let Err(e) = self.provider.shutdown() {

@@ -32,6 +32,8 @@ pub(crate) struct ProxyState {
     pub(crate) started: Instant,
     pub(crate) old_store: Store,
     pub(crate) new_store: Store,
+    /// The dual-write engine, when some table is in a mirrored phase.
+    pub(crate) mirror: Option<Arc<crate::mirror::Mirror>>,
 }
 
 /// The sockets a proxy serves, bound before [`run`] so tests can bind port 0 and read the port.
@@ -131,7 +133,14 @@ pub async fn run(config: Arc<Config>, listeners: Listeners, shutdown: Shutdown) 
     })
     .await
     .map_err(|e| StartError::Telemetry(e.to_string()))??;
-    let state = Arc::new(build_state(config, metrics, shutdown.clone())?);
+    let mirror = crate::mirror::Mirror::start(&config).await?;
+    if let Some(m) = &mirror {
+        metrics.register_mirror(Arc::clone(&m.stats));
+        tracing::info!(tables = m.tables.len(), "dual writes enabled");
+    }
+    let mut state = build_state(config, metrics, shutdown.clone())?;
+    state.mirror = mirror;
+    let state = Arc::new(state);
     let admin = listeners
         .admin
         .map(|admin| tokio::spawn(crate::admin::serve(Arc::clone(&state), admin, shutdown.clone())));
@@ -220,6 +229,7 @@ fn build_state(config: Arc<Config>, metrics: Metrics, shutdown: Shutdown) -> Res
         started: Instant::now(),
         old_store: Store::connect_lazy(Role::Old, &config.old.url).map_err(store_err)?,
         new_store: Store::connect_lazy(Role::New, &config.new.url).map_err(store_err)?,
+        mirror: None,
         config,
     })
 }

@@ -20,12 +20,14 @@
 
 pub mod cluster;
 pub mod db;
+pub mod dual;
 pub mod faults;
 pub mod proxy;
 pub mod wire;
 
 pub use cluster::{ClusterOptions, TestCluster};
 pub use db::{sweep_stale, TestDb};
+pub use dual::{DualEnv, DualTable};
 pub use faults::FaultProxy;
 pub use proxy::{ProxyConfig, TestProxy};
 

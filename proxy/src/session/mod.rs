@@ -6,7 +6,7 @@
 
 mod client_auth;
 mod io;
-mod relay;
+pub(crate) mod relay;
 pub(crate) mod upstream;
 
 use std::net::SocketAddr;
@@ -152,15 +152,31 @@ async fn run_session(
         metrics: &state.metrics,
         span,
     };
-    let end = relay::relay(
-        params,
-        (&mut client_rd, &mut client_wr),
-        buf,
-        (&mut up_rd, &mut up_wr),
-        upstream.buf,
-        state.shutdown.clone(),
-    )
-    .await;
+    let end = match &state.mirror {
+        None => {
+            relay::relay(
+                params,
+                (&mut client_rd, &mut client_wr),
+                buf,
+                (&mut up_rd, &mut up_wr),
+                upstream.buf,
+                state.shutdown.clone(),
+            )
+            .await
+        }
+        Some(mirror) => {
+            crate::mirror::session::relay(
+                mirror,
+                params,
+                (&mut client_rd, &mut client_wr),
+                buf,
+                (&mut up_rd, &mut up_wr),
+                upstream.buf,
+                state.shutdown.clone(),
+            )
+            .await
+        }
+    };
 
     let goodbye = match &end {
         Ok(RelayEnd::Drained | RelayEnd::ShutdownNow) => Some(ErrorResponse::fatal(

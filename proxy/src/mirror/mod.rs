@@ -1,0 +1,424 @@
+//! Dual writes: sessions that touch migrated tables mirror their row images to NEW.
+//!
+//! [`Mirror`] is shared by every session of a proxy: the statement analyzer, the mirrored
+//! tables' apply statements, a pool of connections to NEW, the health of NEW, and two
+//! background loops: one deletes the intents of transactions NEW committed, one repairs the
+//! rest. The per-session protocol work is in [`session`]; the SQL is in
+//! `switchyard_store::mirror`. The mechanism and the promises it keeps are described in
+//! `docs/dual-writes.md`.
+
+pub(crate) mod session;
+pub(crate) mod sql;
+pub(crate) mod wire;
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Postgres;
+use switchyard_config::{Config, MirrorSettings, Phase, StoreUrl, TableSettings, UncapturedPolicy};
+use switchyard_store::mirror::{self as store_mirror, Change, MirrorTable, RepairOutcome};
+use tokio::sync::mpsc;
+
+use crate::error::StartError;
+use sql::{Analyzer, MigratedTables};
+
+/// Counters and gauges of the dual-write engine, read by the metrics and `/status`.
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    /// Transactions whose images NEW committed.
+    pub mirrored: AtomicU64,
+    /// Transactions whose NEW side failed (left for repair).
+    pub mirror_failures: AtomicU64,
+    /// Intents repaired (keys re-copied).
+    pub repairs: AtomicU64,
+    /// Repair attempts that failed (retried with backoff).
+    pub repair_failures: AtomicU64,
+    /// Intents on OLD at the last count: transactions not yet confirmed on NEW.
+    pub pending_intents: AtomicI64,
+    /// Statements refused or marked for verification because they cannot be captured.
+    pub uncaptured: AtomicU64,
+    /// Sum and count of NEW apply+commit times, in microseconds, for the mean.
+    pub latency_us_sum: AtomicU64,
+    pub latency_count: AtomicU64,
+    /// Largest NEW apply+commit time seen, in microseconds.
+    pub latency_us_max: AtomicU64,
+}
+
+/// The dual-write engine shared by a proxy's sessions.
+pub(crate) struct Mirror {
+    pub(crate) analyzer: Analyzer,
+    pub(crate) tables: Vec<MirrorTable>,
+    pub(crate) policies: Vec<UncapturedPolicy>,
+    pub(crate) old: PgPool,
+    pub(crate) new: PgPool,
+    pub(crate) settings: MirrorSettings,
+    pub(crate) proxy_id: String,
+    pub(crate) stats: Arc<MirrorStats>,
+    /// NEW is considered down until this instant (ns since `epoch`): transactions skip it and
+    /// leave their intents for the repair loop instead of waiting on a dead store.
+    new_down_until: AtomicU64,
+    epoch: Instant,
+    /// Intents whose NEW commit succeeded: deleted in batches.
+    done_tx: mpsc::UnboundedSender<i64>,
+    /// Intents of this proxy whose NEW side failed: repaired first.
+    failed: Mutex<Vec<i64>>,
+}
+
+/// Whether a table is mirrored by the proxy (OLD authoritative, writes copied to NEW).
+fn mirrored_phase(phase: Phase) -> bool {
+    matches!(phase, Phase::DualWrite | Phase::ShadowRead | Phase::ReadShift)
+}
+
+fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptions {
+    let mut options = PgConnectOptions::new()
+        .host(&url.host)
+        .port(url.port)
+        .username(&url.user)
+        .database(&url.database)
+        .application_name(application_name)
+        // A mirrored transaction whose proxy vanished must not hold NEW's row locks for long.
+        .options([("idle_in_transaction_session_timeout", "60s")]);
+    if let Some(password) = &url.password {
+        options = options.password(password);
+    }
+    options
+}
+
+impl Mirror {
+    /// Sets up mirroring for the tables in a mirrored phase; `None` when there are none (every
+    /// session then runs the plain passthrough relay). Fails when a table's schema cannot be
+    /// read, when `switchyard prepare` has not been run, or for phases not built yet.
+    pub(crate) async fn start(config: &Config) -> Result<Option<Arc<Mirror>>, StartError> {
+        if let Some(t) = config
+            .tables
+            .iter()
+            .find(|t| matches!(t.phase, Phase::Cutover | Phase::Done))
+        {
+            return Err(StartError::Mirror(format!(
+                "table {}: phase {} is not supported yet (the proxy mirrors OLD to NEW in dual_write, shadow_read and read_shift)",
+                t.name, t.phase
+            )));
+        }
+        let mirrored: Vec<&TableSettings> =
+            config.tables.iter().filter(|t| mirrored_phase(t.phase)).collect();
+        if mirrored.is_empty() {
+            return Ok(None);
+        }
+        let settings = config.mirror.clone();
+        let old = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(settings.timeout.max(Duration::from_secs(5)))
+            .connect_lazy_with(connect_options(&config.old.url, "switchyard-repair"));
+        let new = PgPoolOptions::new()
+            .max_connections(settings.pool_size)
+            .min_connections(0)
+            .acquire_timeout(settings.timeout)
+            .idle_timeout(Duration::from_secs(60))
+            .connect_lazy_with(connect_options(&config.new.url, "switchyard-mirror"));
+
+        let mut tables = Vec::new();
+        let mut names = Vec::new();
+        let mut policies = Vec::new();
+        for t in mirrored {
+            let err = |store: &str, e: switchyard_store::StoreError| {
+                StartError::Mirror(format!(
+                    "table {}: cannot read its definition on {store}: {e}",
+                    t.name
+                ))
+            };
+            let old_schema = switchyard_store::load_table(&old, &t.name)
+                .await
+                .map_err(|e| err("OLD", e))?
+                .ok_or_else(|| StartError::Mirror(format!("table {} does not exist on OLD", t.name)))?;
+            let new_schema = switchyard_store::load_table(&new, &t.name)
+                .await
+                .map_err(|e| err("NEW", e))?
+                .ok_or_else(|| {
+                    StartError::Mirror(format!(
+                        "table {} does not exist on NEW; create it there and run `switchyard prepare`",
+                        t.name
+                    ))
+                })?;
+            let key = switchyard_store::effective_key(t, &old_schema);
+            let mismatches = switchyard_store::compare(&old_schema, &new_schema, &key);
+            if !mismatches.is_empty() {
+                let list: Vec<String> = mismatches.iter().map(ToString::to_string).collect();
+                return Err(StartError::Mirror(format!(
+                    "OLD and NEW differ; run `switchyard prepare` for the full report: {}",
+                    list.join("; ")
+                )));
+            }
+            names.push((t.name.clone(), key.clone()));
+            policies.push(t.on_uncaptured);
+            tables.push(MirrorTable::new(t.name.clone(), key, &old_schema, &new_schema));
+        }
+        check_prepared(&old, &new, &tables).await?;
+
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let mirror = Arc::new(Mirror {
+            analyzer: Analyzer::new(MigratedTables::new(&names)),
+            tables,
+            policies,
+            old,
+            new,
+            settings,
+            proxy_id: format!("{}-{:08x}", std::process::id(), rand::random::<u32>()),
+            stats: Arc::new(MirrorStats::default()),
+            new_down_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            done_tx,
+            failed: Mutex::new(Vec::new()),
+        });
+        tokio::spawn(cleanup_loop(Arc::downgrade(&mirror), done_rx));
+        tokio::spawn(repair_loop(Arc::downgrade(&mirror)));
+        Ok(Some(mirror))
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Whether NEW is believed reachable (no recent failure).
+    pub(crate) fn new_available(&self) -> bool {
+        self.now_ns() >= self.new_down_until.load(Relaxed)
+    }
+
+    fn new_failed(&self, why: &str) {
+        tracing::warn!(error = why, "NEW store failed; its writes are left for repair");
+        let until = self.now_ns() + Duration::from_secs(1).as_nanos() as u64;
+        self.new_down_until.store(until, Relaxed);
+    }
+
+    /// Step 1 on NEW: `BEGIN` and the images, in one round trip, on a pooled connection. `None`
+    /// when NEW is down, slow or refuses the images: the transaction then relies on its intent.
+    pub(crate) async fn begin_on_new(
+        &self,
+        changes: &[Change],
+        intent_id: i64,
+    ) -> Option<PoolConnection<Postgres>> {
+        if !self.new_available() {
+            return None;
+        }
+        let sql = store_mirror::apply_sql(&self.tables, changes, intent_id);
+        let work = async {
+            let mut conn = self.new.acquire().await?;
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await {
+                Ok(_) => Ok(conn),
+                Err(e) => {
+                    // Leave no aborted transaction in the pool.
+                    let _ = conn.detach();
+                    Err(e)
+                }
+            }
+        };
+        match tokio::time::timeout(self.settings.timeout, work).await {
+            Ok(Ok(conn)) => Some(conn),
+            Ok(Err(e)) => {
+                self.new_failed(&e.to_string());
+                None
+            }
+            Err(_) => {
+                self.new_failed("timed out applying row images");
+                None
+            }
+        }
+    }
+
+    /// Step 3: commit NEW after OLD committed. On failure the intent stays on OLD and this
+    /// proxy repairs it first.
+    pub(crate) async fn commit_on_new(
+        &self,
+        conn: Option<PoolConnection<Postgres>>,
+        intent_id: i64,
+        started: Instant,
+    ) {
+        let committed = match conn {
+            None => false,
+            Some(mut conn) => {
+                let work = sqlx::raw_sql("COMMIT").execute(&mut *conn);
+                match tokio::time::timeout(self.settings.timeout, work).await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(e)) => {
+                        let _ = conn.detach();
+                        self.new_failed(&e.to_string());
+                        false
+                    }
+                    Err(_) => {
+                        let _ = conn.detach();
+                        self.new_failed("timed out committing");
+                        false
+                    }
+                }
+            }
+        };
+        if committed {
+            let us = started.elapsed().as_micros() as u64;
+            self.stats.mirrored.fetch_add(1, Relaxed);
+            self.stats.latency_us_sum.fetch_add(us, Relaxed);
+            self.stats.latency_count.fetch_add(1, Relaxed);
+            self.stats.latency_us_max.fetch_max(us, Relaxed);
+            let _ = self.done_tx.send(intent_id);
+        } else {
+            self.stats.mirror_failures.fetch_add(1, Relaxed);
+            self.note_failed(intent_id);
+        }
+    }
+
+    /// OLD did not commit: drop NEW's side.
+    pub(crate) async fn rollback_on_new(&self, conn: Option<PoolConnection<Postgres>>) {
+        if let Some(mut conn) = conn {
+            let work = sqlx::raw_sql("ROLLBACK").execute(&mut *conn);
+            if !matches!(tokio::time::timeout(self.settings.timeout, work).await, Ok(Ok(_))) {
+                let _ = conn.detach();
+            }
+        }
+    }
+
+    /// An intent this proxy knows may be stale on NEW (its NEW commit failed, or OLD's outcome
+    /// is unknown): the repair loop takes it first.
+    pub(crate) fn note_failed(&self, intent_id: i64) {
+        if let Ok(mut f) = self.failed.lock() {
+            f.push(intent_id);
+        }
+    }
+
+    /// A write the proxy cannot capture ran on OLD under `mark_for_verify`: record it on OLD.
+    pub(crate) fn mark_for_verify(self: &Arc<Self>, table: usize, what: &'static str) {
+        self.stats.uncaptured.fetch_add(1, Relaxed);
+        let Some(t) = self.tables.get(table) else { return };
+        let name = t.name.clone();
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let reason = format!("{what} ran through the proxy and was not mirrored");
+            if let Err(e) = store_mirror::mark_for_verify(&me.old, &name, &reason).await {
+                tracing::warn!(table = %name, error = %e, "cannot mark the table for verification");
+            } else {
+                tracing::warn!(table = %name, what, "write not mirrored; table marked for full verification");
+            }
+        });
+    }
+}
+
+/// Refuses to start when `switchyard prepare` has not created the side objects.
+async fn check_prepared(old: &PgPool, new: &PgPool, tables: &[MirrorTable]) -> Result<(), StartError> {
+    let missing = |store: &str, what: String| {
+        StartError::Mirror(format!(
+            "{what} is missing on {store}; run `switchyard prepare --config FILE` first"
+        ))
+    };
+    let exists = |pool: &PgPool, rel: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>("SELECT to_regclass($1)::text")
+                .bind(rel)
+                .fetch_one(&pool)
+                .await
+        }
+    };
+    let unreachable = |store: &str, e: sqlx::Error| StartError::Mirror(format!("cannot reach {store}: {e}"));
+    if exists(old, "switchyard.switchyard_intents".into())
+        .await
+        .map_err(|e| unreachable("OLD", e))?
+        .is_none()
+    {
+        return Err(missing("OLD", "switchyard.switchyard_intents".into()));
+    }
+    if exists(new, "switchyard.switchyard_applied".into())
+        .await
+        .map_err(|e| unreachable("NEW", e))?
+        .is_none()
+    {
+        return Err(missing("NEW", "switchyard.switchyard_applied".into()));
+    }
+    for t in tables.iter().filter(|t| t.keyed()) {
+        let rel = format!("switchyard.{}", switchyard_store::keys_table_name(&t.name));
+        if exists(new, rel.clone())
+            .await
+            .map_err(|e| unreachable("NEW", e))?
+            .is_none()
+        {
+            return Err(missing("NEW", format!("{rel} (key records of {})", t.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the intents of transactions NEW committed, in batches.
+async fn cleanup_loop(mirror: std::sync::Weak<Mirror>, mut done: mpsc::UnboundedReceiver<i64>) {
+    let mut batch = Vec::new();
+    while let Some(id) = done.recv().await {
+        batch.push(id);
+        while let Ok(id) = done.try_recv() {
+            batch.push(id);
+        }
+        let Some(m) = mirror.upgrade() else { return };
+        match store_mirror::delete_intents(&m.old, &m.new, &batch).await {
+            Ok(()) => batch.clear(),
+            Err(e) => {
+                // Left in place they are repaired later (a no-op, NEW has them); keep trying.
+                tracing::debug!(error = %e, "cannot delete finished intents yet");
+                if batch.len() > 100_000 {
+                    batch.clear();
+                }
+            }
+        }
+        drop(m);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Repairs intents: this proxy's failed ones first, then anyone's that are older than
+/// `stale_intent`. Backs off while NEW (or OLD) keeps failing.
+async fn repair_loop(mirror: std::sync::Weak<Mirror>) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        let interval = match mirror.upgrade() {
+            Some(m) => m.settings.repair_interval,
+            None => return,
+        };
+        tokio::time::sleep(interval + backoff).await;
+        let Some(m) = mirror.upgrade() else { return };
+        match repair_round(&m).await {
+            Ok(()) => backoff = Duration::ZERO,
+            Err(e) => {
+                m.stats.repair_failures.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "repair round failed; retrying with backoff");
+                backoff = (backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn repair_round(m: &Mirror) -> Result<(), switchyard_store::StoreError> {
+    let mine: Vec<i64> = m.failed.lock().map(|f| f.clone()).unwrap_or_default();
+    let ids =
+        store_mirror::pending_intents(&m.old, &mine, m.settings.stale_intent.as_secs_f64(), 500).await?;
+    for id in ids {
+        let outcome = store_mirror::repair_intent(&m.old, &m.new, &m.tables, id).await?;
+        if let RepairOutcome::Repaired { keys, appended } = outcome {
+            m.stats.repairs.fetch_add(1, Relaxed);
+            tracing::info!(intent = id, keys, appended, "repaired");
+        }
+        if let Ok(mut f) = m.failed.lock() {
+            f.retain(|&x| x != id);
+        }
+    }
+    // Intents of ours that no longer exist (OLD rolled back, or repaired by another proxy).
+    if !mine.is_empty() {
+        let still = store_mirror::pending_intents(&m.old, &mine, 1e9, i64::MAX).await?;
+        if let Ok(mut f) = m.failed.lock() {
+            f.retain(|x| still.contains(x) || !mine.contains(x));
+        }
+    }
+    // NEW answers again: let transactions mirror directly instead of leaving intents.
+    let ping = tokio::time::timeout(m.settings.timeout, sqlx::query("SELECT 1").execute(&m.new)).await;
+    if matches!(ping, Ok(Ok(_))) {
+        m.new_down_until.store(0, Relaxed);
+    }
+    let n = store_mirror::count_intents(&m.old).await?;
+    m.stats.pending_intents.store(n, Relaxed);
+    Ok(())
+}

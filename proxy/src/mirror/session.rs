@@ -1,0 +1,1222 @@
+//! The dual-write relay: one client session when some table is mirrored.
+//!
+//! Unlike the passthrough relay this one works message by message, because it must act between
+//! the client's messages and the server's answers: rewrite a captured write (row-image column),
+//! strip that column from the answers, open a transaction for an autocommit write, and run the
+//! commit sequence (images to NEW, intent on OLD, COMMIT on OLD, COMMIT on NEW) before the
+//! client hears COMMIT.
+//!
+//! Every message sent upstream, the client's or our own, pushes an [`Expect`] saying what its
+//! answers are and whether the client sees them. Answers are processed strictly in order. The
+//! session only waits for answers it is sure to get (the last message sent was a Sync, Flush or
+//! Query; before the commit sequence the proxy sends a Flush of its own), and while it waits for
+//! the client it also reads the server, so notifications reach an idle listener.
+//!
+//! Simple-protocol strings with several statements that need attention are run one statement
+//! at a time (as several Query messages), inside a transaction the proxy opens when the client
+//! had none, which keeps the all-or-nothing behaviour of such a string.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use switchyard_config::UncapturedPolicy;
+use switchyard_pgwire::frame::{peek_header, MessageLimits};
+use switchyard_pgwire::sqlstate;
+use switchyard_store::mirror::{Change, ChangeOp};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::sql::{Analysis, Capture, Stmt, TxnOp, WriteOp};
+use super::wire;
+use super::Mirror;
+use crate::error::SessionError;
+use crate::session::relay::{RelayEnd, RelayParams};
+use crate::shutdown::{Shutdown, ShutdownState};
+
+const SERVER_LIMITS: MessageLimits = MessageLimits {
+    max_message_bytes: (1 << 30) + 1024,
+};
+
+/// Names of the statements and portals the proxy injects (PostgreSQL reserves nothing, so these
+/// are long and unlikely; they are closed again in the same batch).
+const INJECTED: &[u8] = b"__switchyard_injected";
+
+/// What the answers to one message sent upstream look like, and what the client sees of them.
+#[derive(Debug)]
+enum Expect {
+    /// ParseComplete.
+    Parse { forward: bool },
+    /// BindComplete.
+    Bind { forward: bool },
+    /// CloseComplete.
+    Close { forward: bool },
+    /// ParameterDescription, then RowDescription or NoData.
+    DescribeStatement {
+        capture: Option<Arc<Capture>>,
+        got_params: bool,
+    },
+    /// RowDescription or NoData.
+    DescribePortal { capture: Option<Arc<Capture>> },
+    /// Rows, then CommandComplete, EmptyQueryResponse or PortalSuspended (or a COPY).
+    Execute {
+        capture: Option<Arc<Capture>>,
+        forward: bool,
+        commit: Option<CommitWait>,
+        /// Transaction control to apply once the statement completed.
+        txn: Option<TxnOp>,
+        /// Row images received so far.
+        rows: Vec<String>,
+    },
+    /// Everything up to and including ReadyForQuery.
+    Query {
+        capture: Option<Arc<Capture>>,
+        forward: bool,
+        forward_ready: bool,
+        commit: Option<CommitWait>,
+        txn: Option<TxnOp>,
+        rows: Vec<String>,
+    },
+    /// ReadyForQuery.
+    Sync { forward: bool },
+    /// FunctionCallResponse, then ReadyForQuery.
+    FunctionCall,
+}
+
+impl Expect {
+    fn exec(capture: Option<Arc<Capture>>, forward: bool, commit: Option<CommitWait>) -> Expect {
+        Expect::Execute {
+            capture,
+            forward,
+            commit,
+            txn: None,
+            rows: Vec::new(),
+        }
+    }
+
+    fn query(
+        capture: Option<Arc<Capture>>,
+        forward: bool,
+        forward_ready: bool,
+        commit: Option<CommitWait>,
+    ) -> Expect {
+        Expect::Query {
+            capture,
+            forward,
+            forward_ready,
+            commit,
+            txn: None,
+            rows: Vec::new(),
+        }
+    }
+
+    /// The same expectation, applying `op` to the images once the statement completes.
+    fn with_txn(mut self, op: TxnOp) -> Expect {
+        if let Expect::Execute { txn, .. } | Expect::Query { txn, .. } = &mut self {
+            *txn = Some(op);
+        }
+        self
+    }
+}
+
+/// A COMMIT sent to OLD whose outcome decides NEW's.
+#[derive(Debug, Clone, Copy)]
+struct CommitWait {
+    intent_id: i64,
+}
+
+/// The row images of the client's open transaction.
+#[derive(Debug, Default)]
+struct TxnImages {
+    changes: Vec<Change>,
+    /// Savepoints and how many changes existed when each was set.
+    savepoints: Vec<(String, usize)>,
+}
+
+impl TxnImages {
+    fn clear(&mut self) {
+        self.changes.clear();
+        self.savepoints.clear();
+    }
+}
+
+/// What the NEW side of a commit in progress holds.
+struct PendingCommit {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+    intent_id: i64,
+    started: Instant,
+}
+
+struct MirrorSession<'a> {
+    mirror: &'a Arc<Mirror>,
+    params: &'a RelayParams<'a>,
+    client_rd: &'a mut OwnedReadHalf,
+    client_wr: &'a mut OwnedWriteHalf,
+    up_rd: &'a mut OwnedReadHalf,
+    up_wr: &'a mut OwnedWriteHalf,
+    client_buf: BytesMut,
+    up_buf: BytesMut,
+    to_client: BytesMut,
+    to_up: BytesMut,
+    expect: VecDeque<Expect>,
+    /// Answers to everything in `expect` are sure to come (a Sync, Flush or Query went last).
+    flushed: bool,
+    /// Transaction status from the last ReadyForQuery the session saw.
+    status: u8,
+    /// The client's own transaction block is open (BEGIN seen, not yet ended), or the proxy
+    /// opened one for this batch (`implicit`).
+    in_block: bool,
+    implicit: bool,
+    /// An error was answered in the current extended-protocol batch.
+    batch_failed: bool,
+    statements: HashMap<Vec<u8>, Arc<Stmt>>,
+    portals: HashMap<Vec<u8>, Arc<Stmt>>,
+    txn: TxnImages,
+    pending: Option<PendingCommit>,
+    /// Answers are held back from the client while the proxy's own transaction around an
+    /// autocommit write is open: the client hears CommandComplete only once both stores
+    /// committed, as it would from PostgreSQL.
+    hold_client: bool,
+}
+
+/// Runs a session in dual-write mode until one side ends.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn relay(
+    mirror: &Arc<Mirror>,
+    params: RelayParams<'_>,
+    client: (&mut OwnedReadHalf, &mut OwnedWriteHalf),
+    client_buf: BytesMut,
+    upstream: (&mut OwnedReadHalf, &mut OwnedWriteHalf),
+    up_buf: BytesMut,
+    mut shutdown: Shutdown,
+) -> Result<RelayEnd, SessionError> {
+    let mut s = MirrorSession {
+        mirror,
+        params: &params,
+        client_rd: client.0,
+        client_wr: client.1,
+        up_rd: upstream.0,
+        up_wr: upstream.1,
+        client_buf,
+        up_buf,
+        to_client: BytesMut::with_capacity(8192),
+        to_up: BytesMut::with_capacity(8192),
+        expect: VecDeque::new(),
+        flushed: true,
+        status: b'I',
+        in_block: false,
+        implicit: false,
+        batch_failed: false,
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        txn: TxnImages::default(),
+        pending: None,
+        hold_client: false,
+    };
+    let result = s.run(&mut shutdown).await;
+    if let Some(p) = s.pending.take() {
+        // The session died inside the commit sequence: OLD's outcome is unknown here, the intent
+        // (if OLD committed) is on OLD; let the repair loop decide.
+        mirror.rollback_on_new(p.conn).await;
+        mirror.note_failed(p.intent_id);
+    }
+    result
+}
+
+impl MirrorSession<'_> {
+    async fn run(&mut self, shutdown: &mut Shutdown) -> Result<RelayEnd, SessionError> {
+        loop {
+            // Process every complete client message already buffered.
+            while let Some((tag, frame)) =
+                take_frame(&mut self.client_buf, self.params.limits).map_err(SessionError::ClientProtocol)?
+            {
+                if tag == b'X' {
+                    self.flush_upstream().await?;
+                    self.drain().await?;
+                    self.up_wr
+                        .write_all(&frame)
+                        .await
+                        .map_err(SessionError::UpstreamIo)?;
+                    self.flush_client().await?;
+                    return Ok(RelayEnd::ClientTerminated);
+                }
+                if !switchyard_pgwire::frontend::is_known_tag(tag) {
+                    return Err(SessionError::ClientProtocol(
+                        switchyard_pgwire::ProtocolError::UnknownTag(tag),
+                    ));
+                }
+                self.client_message(tag, frame).await?;
+            }
+            self.flush_upstream().await?;
+            if self.flushed {
+                self.drain().await?;
+            }
+            self.flush_client().await?;
+            let idle = self.status == b'I' && self.expect.is_empty() && !self.in_block;
+            match shutdown.state() {
+                ShutdownState::Immediate => return Ok(RelayEnd::ShutdownNow),
+                ShutdownState::Draining { .. } if idle => return Ok(RelayEnd::Drained),
+                _ => {}
+            }
+            // Wait for the client, forwarding whatever the server says meanwhile (NOTIFY).
+            reserve(&mut self.client_buf, 4096);
+            let idle_timeout = self.params.idle_timeout.filter(|_| idle);
+            tokio::select! {
+                n = self.client_rd.read_buf(&mut self.client_buf) => {
+                    if n.map_err(SessionError::ClientIo)? == 0 {
+                        return Ok(RelayEnd::ClientClosed);
+                    }
+                }
+                n = self.up_rd.read_buf(&mut self.up_buf) => {
+                    if n.map_err(SessionError::UpstreamIo)? == 0 {
+                        return Ok(RelayEnd::UpstreamClosed);
+                    }
+                    self.process_server_buffer().await?;
+                    self.flush_client().await?;
+                }
+                _ = shutdown.changed_from(shutdown.state()) => {}
+                () = async {
+                    match idle_timeout {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => return Ok(RelayEnd::IdleTimeout),
+            }
+        }
+    }
+
+    async fn flush_upstream(&mut self) -> Result<(), SessionError> {
+        if !self.to_up.is_empty() {
+            let chunk = self.to_up.split();
+            self.up_wr
+                .write_all(&chunk)
+                .await
+                .map_err(SessionError::UpstreamIo)?;
+        }
+        Ok(())
+    }
+
+    async fn flush_client(&mut self) -> Result<(), SessionError> {
+        // Held answers are bounded: a huge RETURNING result goes out early.
+        if self.hold_client && self.to_client.len() < (1 << 20) {
+            return Ok(());
+        }
+        if !self.to_client.is_empty() {
+            let chunk = self.to_client.split();
+            self.client_wr
+                .write_all(&chunk)
+                .await
+                .map_err(SessionError::ClientIo)?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, frame: &[u8], expect: Option<Expect>) {
+        self.to_up.extend_from_slice(frame);
+        if let Some(e) = expect {
+            self.expect.push_back(e);
+        }
+    }
+
+    /// Sends a Flush if needed and processes answers until none are outstanding.
+    async fn barrier(&mut self) -> Result<(), SessionError> {
+        if !self.expect.is_empty() && !self.flushed {
+            wire::flush(&mut self.to_up);
+            self.flushed = true;
+        }
+        self.flush_upstream().await?;
+        self.drain().await
+    }
+
+    /// Reads and processes server messages until every expected answer has arrived.
+    async fn drain(&mut self) -> Result<(), SessionError> {
+        self.flush_upstream().await?;
+        loop {
+            self.process_server_buffer().await?;
+            if self.expect.is_empty() {
+                return Ok(());
+            }
+            if self.to_client.len() > 64 * 1024 {
+                self.flush_client().await?;
+            }
+            reserve(&mut self.up_buf, 8192);
+            // While the server streams a result, the client may already be reading.
+            self.flush_client().await?;
+            if self
+                .up_rd
+                .read_buf(&mut self.up_buf)
+                .await
+                .map_err(SessionError::UpstreamIo)?
+                == 0
+            {
+                return Err(SessionError::UpstreamIo(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    async fn process_server_buffer(&mut self) -> Result<(), SessionError> {
+        while let Some((tag, frame)) =
+            take_frame(&mut self.up_buf, SERVER_LIMITS).map_err(SessionError::UpstreamProtocol)?
+        {
+            self.server_message(tag, frame).await?;
+        }
+        Ok(())
+    }
+
+    // ---- client side ----
+
+    async fn client_message(&mut self, tag: u8, frame: Bytes) -> Result<(), SessionError> {
+        tracing::trace!(tag = %(tag as char), len = frame.len(), expect = self.expect.len(), "client message");
+        let body = frame.slice(5..);
+        match tag {
+            b'Q' => {
+                let sql = cstr_text(&body);
+                self.simple_query(frame, &sql).await
+            }
+            b'P' => {
+                self.flushed = false;
+                let Some((name, sql, rest)) = wire::split_parse(&body) else {
+                    // Malformed: let the server answer it.
+                    self.send(&frame, Some(Expect::Parse { forward: true }));
+                    return Ok(());
+                };
+                let analysis = self.mirror.analyzer.analyze(&String::from_utf8_lossy(sql));
+                let stmt = if analysis.stmts.len() == 1 {
+                    analysis.stmts[0].stmt.clone()
+                } else {
+                    Stmt::Plain
+                };
+                match &stmt {
+                    Stmt::Capture(c) => {
+                        let mut out = BytesMut::new();
+                        wire::parse_with(&mut out, name, &c.sql, rest);
+                        self.send(&out, Some(Expect::Parse { forward: true }));
+                    }
+                    _ => self.send(&frame, Some(Expect::Parse { forward: true })),
+                }
+                set_name(&mut self.statements, name, Arc::new(stmt));
+                Ok(())
+            }
+            b'B' => {
+                self.flushed = false;
+                let (portal, statement) = two_cstrs(&body);
+                let stmt = self
+                    .statements
+                    .get(statement)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Stmt::Plain));
+                if let Stmt::Capture(_) = &*stmt {
+                    self.begin_if_idle();
+                    match wire::bind_with_image_format(&body) {
+                        Some(b) => {
+                            let mut out = BytesMut::new();
+                            wire::message(&mut out, b'B', &b);
+                            self.send(&out, Some(Expect::Bind { forward: true }));
+                        }
+                        None => self.send(&frame, Some(Expect::Bind { forward: true })),
+                    }
+                } else {
+                    self.send(&frame, Some(Expect::Bind { forward: true }));
+                }
+                let portal = portal.to_vec();
+                set_name(&mut self.portals, &portal, stmt);
+                Ok(())
+            }
+            b'D' => {
+                self.flushed = false;
+                let (target, name) = (
+                    body.first().copied(),
+                    body.get(1..).map(cstr_bytes).unwrap_or_default(),
+                );
+                let capture = match target {
+                    Some(b'S') => self.statements.get(name),
+                    _ => self.portals.get(name),
+                }
+                .and_then(|s| match &**s {
+                    Stmt::Capture(c) => Some(Arc::new(c.clone())),
+                    _ => None,
+                });
+                let e = if target == Some(b'S') {
+                    Expect::DescribeStatement {
+                        capture,
+                        got_params: false,
+                    }
+                } else {
+                    Expect::DescribePortal { capture }
+                };
+                self.send(&frame, Some(e));
+                Ok(())
+            }
+            b'E' => {
+                self.flushed = false;
+                let portal = cstr_bytes(&body).to_vec();
+                let stmt = self
+                    .portals
+                    .get(&portal)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Stmt::Plain));
+                self.execute(frame, &body, &stmt).await
+            }
+            b'C' => {
+                self.flushed = false;
+                let name = body.get(1..).map(cstr_bytes).unwrap_or_default().to_vec();
+                match body.first() {
+                    Some(b'S') => self.statements.remove(&name),
+                    _ => self.portals.remove(&name),
+                };
+                self.send(&frame, Some(Expect::Close { forward: true }));
+                Ok(())
+            }
+            b'S' => self.sync(frame).await,
+            b'H' => {
+                self.send(&frame, None);
+                self.flushed = true;
+                Ok(())
+            }
+            b'F' => {
+                self.send(&frame, Some(Expect::FunctionCall));
+                self.flushed = true;
+                Ok(())
+            }
+            // CopyData, CopyDone, CopyFail outside COPY: the server answers them.
+            _ => {
+                self.send(&frame, None);
+                Ok(())
+            }
+        }
+    }
+
+    /// Opens a transaction for an autocommit write in an extended-protocol batch.
+    fn begin_if_idle(&mut self) {
+        if !self.in_block && !self.implicit {
+            let mut out = BytesMut::new();
+            wire::parse(&mut out, INJECTED, "BEGIN");
+            wire::bind(&mut out, INJECTED, INJECTED);
+            wire::execute(&mut out, INJECTED, 0);
+            wire::close(&mut out, b'P', INJECTED);
+            wire::close(&mut out, b'S', INJECTED);
+            self.to_up.extend_from_slice(&out);
+            self.expect.push_back(Expect::Parse { forward: false });
+            self.expect.push_back(Expect::Bind { forward: false });
+            self.expect.push_back(Expect::exec(None, false, None));
+            self.expect.push_back(Expect::Close { forward: false });
+            self.expect.push_back(Expect::Close { forward: false });
+            self.implicit = true;
+            self.hold_client = true;
+        }
+    }
+
+    /// Injects one statement as extended-protocol messages whose answers the client never sees.
+    fn inject_statement(&mut self, sql: &str, commit: Option<CommitWait>, forward: bool) {
+        let mut out = BytesMut::new();
+        wire::parse(&mut out, INJECTED, sql);
+        wire::bind(&mut out, INJECTED, INJECTED);
+        wire::execute(&mut out, INJECTED, 0);
+        wire::close(&mut out, b'P', INJECTED);
+        wire::close(&mut out, b'S', INJECTED);
+        self.to_up.extend_from_slice(&out);
+        self.expect.push_back(Expect::Parse { forward: false });
+        self.expect.push_back(Expect::Bind { forward: false });
+        self.expect.push_back(Expect::exec(None, forward, commit));
+        self.expect.push_back(Expect::Close { forward: false });
+        self.expect.push_back(Expect::Close { forward: false });
+        self.flushed = false;
+    }
+
+    async fn execute(&mut self, frame: Bytes, body: &Bytes, stmt: &Stmt) -> Result<(), SessionError> {
+        match stmt {
+            Stmt::Capture(c) => {
+                self.begin_if_idle();
+                let mut out = BytesMut::new();
+                match wire::execute_all_rows(body) {
+                    Some(b) => wire::message(&mut out, b'E', &b),
+                    None => out.extend_from_slice(&frame),
+                }
+                self.send(&out, Some(Expect::exec(Some(Arc::new(c.clone())), true, None)));
+            }
+            Stmt::Txn(op) => {
+                let op = op.clone();
+                self.txn_sent(&op);
+                if let TxnOp::Commit { .. } = op {
+                    if let Some(commit) = self.prepare_commit().await? {
+                        let intent = self.intent_sql(commit.intent_id);
+                        self.inject_statement(&intent, None, false);
+                        self.send(&frame, Some(Expect::exec(None, true, Some(commit))));
+                        return Ok(());
+                    }
+                }
+                if let TxnOp::Prepare = op {
+                    if !self.txn.changes.is_empty() {
+                        self.refuse_extended(
+                            "PREPARE TRANSACTION of a transaction that wrote migrated tables",
+                        );
+                        return Ok(());
+                    }
+                }
+                self.send(&frame, Some(Expect::exec(None, true, None).with_txn(op)));
+            }
+            Stmt::Uncaptured { table, what } => {
+                if self.mirror.policies.get(*table) == Some(&UncapturedPolicy::MarkForVerify) {
+                    self.mirror.mark_for_verify(*table, what);
+                    self.send(&frame, Some(Expect::exec(None, true, None)));
+                } else {
+                    self.mirror
+                        .stats
+                        .uncaptured
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let msg = self.refusal_message(*table, what);
+                    self.refuse_extended(&msg);
+                }
+            }
+            Stmt::Plain => self.send(&frame, Some(Expect::exec(None, true, None))),
+        }
+        Ok(())
+    }
+
+    fn refusal_message(&self, table: usize, what: &str) -> String {
+        let name = self
+            .mirror
+            .tables
+            .get(table)
+            .map(|t| t.name.to_string())
+            .unwrap_or_default();
+        format!("{what} on table {name} cannot be mirrored to the new database during the migration")
+    }
+
+    /// The server itself raises the refusal, so its transaction state (aborted block, skip to
+    /// Sync) is exactly what a failed statement leaves.
+    fn refuse_extended(&mut self, message: &str) {
+        let sql = refusal_sql(message);
+        self.inject_statement(&sql, None, true);
+    }
+
+    async fn sync(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        if !self.implicit {
+            self.send(&frame, Some(Expect::Sync { forward: true }));
+            self.flushed = true;
+            self.batch_failed = false;
+            return Ok(());
+        }
+        // The proxy opened a transaction for this batch: finish it before the client's Sync.
+        self.barrier().await?;
+        self.implicit = false;
+        if self.batch_failed || self.status == b'E' {
+            self.send(&frame, Some(Expect::Sync { forward: false }));
+            self.flushed = true;
+            self.drain().await?;
+            self.rollback_quietly().await?;
+            wire::ready_for_query(&mut self.to_client, b'I');
+            self.batch_failed = false;
+            self.hold_client = false;
+            return Ok(());
+        }
+        if let Some(commit) = self.prepare_commit().await? {
+            let intent = self.intent_sql(commit.intent_id);
+            self.inject_statement(&intent, None, false);
+            self.inject_statement("COMMIT", Some(commit), false);
+        } else {
+            self.inject_statement("COMMIT", None, false);
+        }
+        self.barrier().await?;
+        let failed = self.batch_failed;
+        self.send(&frame, Some(Expect::Sync { forward: !failed }));
+        self.flushed = true;
+        self.drain().await?;
+        if failed {
+            // The intent or COMMIT failed: the server holds an aborted block the client never
+            // opened. Close it; the client already has the error.
+            self.rollback_quietly().await?;
+            wire::ready_for_query(&mut self.to_client, b'I');
+        }
+        self.batch_failed = false;
+        self.hold_client = false;
+        Ok(())
+    }
+
+    async fn rollback_quietly(&mut self) -> Result<(), SessionError> {
+        let mut out = BytesMut::new();
+        wire::query(&mut out, "ROLLBACK");
+        self.send(&out, Some(Expect::query(None, false, false, None)));
+        self.flushed = true;
+        self.flush_upstream().await?;
+        self.drain().await?;
+        self.txn.clear();
+        self.status = b'I';
+        self.in_block = false;
+        Ok(())
+    }
+
+    /// Transaction control about to be sent: only BEGIN matters now (so an autocommit write
+    /// after it in the same batch gets no transaction of the proxy's).
+    fn txn_sent(&mut self, op: &TxnOp) {
+        if let TxnOp::Begin = op {
+            self.in_block = true;
+        }
+    }
+
+    /// Savepoint bookkeeping once a transaction-control statement succeeded.
+    fn txn_done(&mut self, op: &TxnOp) {
+        match op {
+            TxnOp::Rollback { .. } => self.txn.clear(),
+            TxnOp::Savepoint(name) => self.txn.savepoints.push((name.clone(), self.txn.changes.len())),
+            TxnOp::RollbackTo(name) => {
+                if let Some(pos) = self.txn.savepoints.iter().rposition(|(n, _)| n == name) {
+                    let keep = self.txn.savepoints[pos].1;
+                    self.txn.changes.truncate(keep);
+                    self.txn.savepoints.truncate(pos + 1);
+                }
+            }
+            TxnOp::Release(name) => {
+                if let Some(pos) = self.txn.savepoints.iter().rposition(|(n, _)| n == name) {
+                    self.txn.savepoints.truncate(pos);
+                }
+            }
+            TxnOp::Begin | TxnOp::Commit { .. } | TxnOp::Prepare => {}
+        }
+    }
+
+    /// The images a completed statement produced.
+    fn record_change(&mut self, c: &Capture, rows: Vec<String>) {
+        if rows.is_empty() {
+            return;
+        }
+        let op = match c.op {
+            WriteOp::Upsert | WriteOp::Update => ChangeOp::Upsert,
+            WriteOp::Delete => ChangeOp::Delete,
+            WriteOp::Append => ChangeOp::Append,
+        };
+        self.txn.changes.push(Change {
+            table: c.table,
+            op,
+            rows,
+        });
+    }
+
+    /// Before OLD commits: waits for every earlier answer, then applies the images on NEW.
+    /// `None` when there is nothing to mirror or the transaction already failed.
+    async fn prepare_commit(&mut self) -> Result<Option<CommitWait>, SessionError> {
+        self.barrier().await?;
+        if self.txn.changes.is_empty() || self.status == b'E' || self.batch_failed {
+            self.txn.clear();
+            return Ok(None);
+        }
+        let intent_id = (rand::random::<u64>() >> 1) as i64;
+        let started = Instant::now();
+        let conn = self.mirror.begin_on_new(&self.txn.changes, intent_id).await;
+        self.pending = Some(PendingCommit {
+            conn,
+            intent_id,
+            started,
+        });
+        Ok(Some(CommitWait { intent_id }))
+    }
+
+    fn intent_sql(&self, intent_id: i64) -> String {
+        switchyard_store::mirror::intent_sql(
+            &self.mirror.tables,
+            &self.txn.changes,
+            intent_id,
+            &self.mirror.proxy_id,
+        )
+    }
+
+    /// OLD answered the COMMIT: finish NEW accordingly.
+    async fn finish_commit(&mut self, committed: bool) {
+        let Some(p) = self.pending.take() else { return };
+        if committed {
+            self.mirror.commit_on_new(p.conn, p.intent_id, p.started).await;
+        } else {
+            self.mirror.rollback_on_new(p.conn).await;
+        }
+        self.txn.clear();
+    }
+
+    // ---- simple protocol ----
+
+    async fn simple_query(&mut self, frame: Bytes, sql: &str) -> Result<(), SessionError> {
+        let analysis = self.mirror.analyzer.analyze(sql);
+        if !analysis.matters() {
+            self.send(&frame, Some(Expect::query(None, true, true, None)));
+            self.flushed = true;
+            return Ok(());
+        }
+        self.stepwise_query(&analysis).await
+    }
+
+    /// Runs a query string that needs attention one statement at a time.
+    async fn stepwise_query(&mut self, analysis: &Analysis) -> Result<(), SessionError> {
+        self.barrier().await?;
+        let has_txn_control = analysis.stmts.iter().any(|s| matches!(s.stmt, Stmt::Txn(_)));
+        let has_capture = analysis.stmts.iter().any(|s| matches!(s.stmt, Stmt::Capture(_)));
+        let wrap = self.status == b'I' && !has_txn_control && (has_capture || analysis.stmts.len() > 1);
+        if wrap {
+            self.hold_client = true;
+            self.run_query("BEGIN", None, false, None).await?;
+        }
+        let mut failed = false;
+        for s in &analysis.stmts {
+            match &s.stmt {
+                Stmt::Plain => failed = self.run_query(&s.text, None, true, None).await?,
+                Stmt::Capture(c) if !wrap && !self.in_block => {
+                    // An autocommit write among transaction-control statements: give it a
+                    // transaction of its own.
+                    self.hold_client = true;
+                    self.run_query("BEGIN", None, false, None).await?;
+                    failed = self
+                        .run_query(&c.sql, Some(Arc::new(c.clone())), true, None)
+                        .await?;
+                    failed |= self.finish_wrapped(failed).await?;
+                    self.hold_client = false;
+                }
+                Stmt::Capture(c) => {
+                    failed = self
+                        .run_query(&c.sql, Some(Arc::new(c.clone())), true, None)
+                        .await?;
+                }
+                Stmt::Uncaptured { table, what } => {
+                    if self.mirror.policies.get(*table) == Some(&UncapturedPolicy::MarkForVerify) {
+                        self.mirror.mark_for_verify(*table, what);
+                        failed = self.run_query(&s.text, None, true, None).await?;
+                    } else {
+                        self.mirror
+                            .stats
+                            .uncaptured
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let msg = self.refusal_message(*table, what);
+                        failed = self.run_query(&refusal_sql(&msg), None, true, None).await?;
+                    }
+                }
+                Stmt::Txn(op) => {
+                    self.txn_sent(op);
+                    match op {
+                        TxnOp::Commit { .. } => {
+                            if let Some(commit) = self.prepare_commit().await? {
+                                let intent = self.intent_sql(commit.intent_id);
+                                failed = self.run_query(&intent, None, false, None).await?;
+                                // An intent that failed aborted the transaction: COMMIT answers
+                                // ROLLBACK, as the server decides.
+                                failed |= self.run_query(&s.text, None, true, Some(commit)).await?;
+                            } else {
+                                failed = self.run_query(&s.text, None, true, None).await?;
+                            }
+                            if self.status == b'I' {
+                                self.in_block = false;
+                            }
+                        }
+                        TxnOp::Prepare if !self.txn.changes.is_empty() => {
+                            let msg = "PREPARE TRANSACTION of a transaction that wrote migrated tables cannot be mirrored";
+                            failed = self.run_query(&refusal_sql(msg), None, true, None).await?;
+                        }
+                        _ => {
+                            failed = self
+                                .run_query_txn(&s.text, None, true, None, Some(op.clone()))
+                                .await?
+                        }
+                    }
+                }
+            }
+            if failed {
+                break;
+            }
+        }
+        if wrap {
+            self.finish_wrapped(failed).await?;
+            self.hold_client = false;
+        }
+        let status = self.status;
+        wire::ready_for_query(&mut self.to_client, status);
+        Ok(())
+    }
+
+    /// Ends the transaction the proxy opened around simple-protocol statements: ROLLBACK after
+    /// a failure, else the commit sequence. Returns whether the commit failed.
+    async fn finish_wrapped(&mut self, failed: bool) -> Result<bool, SessionError> {
+        if failed || self.status == b'E' {
+            self.run_query("ROLLBACK", None, false, None).await?;
+            self.txn.clear();
+            return Ok(false);
+        }
+        if let Some(commit) = self.prepare_commit().await? {
+            let intent = self.intent_sql(commit.intent_id);
+            // If the intent fails the transaction is aborted and COMMIT answers ROLLBACK.
+            let bad = self.run_query(&intent, None, false, None).await?;
+            let bad_commit = self.run_query("COMMIT", None, false, Some(commit)).await?;
+            Ok(bad || bad_commit)
+        } else {
+            self.run_query("COMMIT", None, false, None).await
+        }
+    }
+
+    /// Sends one Query and processes its answers; the ReadyForQuery is kept from the client.
+    /// Returns whether it failed.
+    async fn run_query(
+        &mut self,
+        sql: &str,
+        capture: Option<Arc<Capture>>,
+        forward: bool,
+        commit: Option<CommitWait>,
+    ) -> Result<bool, SessionError> {
+        self.run_query_txn(sql, capture, forward, commit, None).await
+    }
+
+    /// [`Self::run_query`] for a transaction-control statement: `txn` is applied to the images
+    /// if it succeeds.
+    async fn run_query_txn(
+        &mut self,
+        sql: &str,
+        capture: Option<Arc<Capture>>,
+        forward: bool,
+        commit: Option<CommitWait>,
+        txn: Option<TxnOp>,
+    ) -> Result<bool, SessionError> {
+        let mut out = BytesMut::new();
+        wire::query(&mut out, sql);
+        self.batch_failed = false;
+        self.send(
+            &out,
+            Some(match txn {
+                Some(op) => Expect::query(capture, forward, false, commit).with_txn(op),
+                None => Expect::query(capture, forward, false, commit),
+            }),
+        );
+        self.flushed = true;
+        self.flush_upstream().await?;
+        self.drain().await?;
+        let failed = self.batch_failed;
+        self.batch_failed = false;
+        Ok(failed)
+    }
+
+    // ---- server side ----
+
+    async fn server_message(&mut self, tag: u8, frame: Bytes) -> Result<(), SessionError> {
+        tracing::trace!(tag = %(tag as char), head = ?self.expect.front(), "server message");
+        match tag {
+            // Asynchronous messages: always the client's.
+            b'N' | b'A' | b'S' => {
+                self.to_client.extend_from_slice(&frame);
+                return Ok(());
+            }
+            b'E' => return self.server_error(frame).await,
+            b'G' => {
+                // COPY FROM STDIN: relay the client's data until it is done.
+                self.to_client.extend_from_slice(&frame);
+                return self.copy_in().await;
+            }
+            _ => {}
+        }
+        let body = frame.slice(5..);
+        let (is_query, forward_ready) = match self.expect.front() {
+            Some(Expect::Query { forward_ready, .. }) => (true, *forward_ready),
+            _ => (false, false),
+        };
+        let Some(head) = self.expect.front_mut() else {
+            // Nothing expected (a server-initiated message): pass it on.
+            self.to_client.extend_from_slice(&frame);
+            return Ok(());
+        };
+        match head {
+            Expect::Parse { forward } | Expect::Bind { forward } | Expect::Close { forward } => {
+                if *forward {
+                    self.to_client.extend_from_slice(&frame);
+                }
+                self.expect.pop_front();
+            }
+            Expect::DescribeStatement { capture, got_params } => match tag {
+                b't' if !*got_params => {
+                    *got_params = true;
+                    self.to_client.extend_from_slice(&frame);
+                }
+                b'T' => {
+                    describe_answer(capture.as_deref(), &body, &frame, &mut self.to_client);
+                    self.expect.pop_front();
+                }
+                _ => {
+                    self.to_client.extend_from_slice(&frame);
+                    self.expect.pop_front();
+                }
+            },
+            Expect::DescribePortal { capture } => {
+                if tag == b'T' {
+                    describe_answer(capture.as_deref(), &body, &frame, &mut self.to_client);
+                } else {
+                    self.to_client.extend_from_slice(&frame);
+                }
+                self.expect.pop_front();
+            }
+            Expect::Execute {
+                capture,
+                forward,
+                commit,
+                rows,
+                ..
+            }
+            | Expect::Query {
+                capture,
+                forward,
+                commit,
+                rows,
+                ..
+            } => {
+                let (forward, commit) = (*forward, *commit);
+                match tag {
+                    b'D' => {
+                        if let Some(c) = capture.as_deref() {
+                            let keep = forward && c.client_returning;
+                            if let Some(image) = wire::split_data_row(&body, keep, &mut self.to_client) {
+                                rows.push(image);
+                            }
+                        } else if forward {
+                            self.to_client.extend_from_slice(&frame);
+                        }
+                    }
+                    b'T' => match capture.as_deref() {
+                        Some(c) if forward && c.client_returning => {
+                            describe_answer(Some(c), &body, &frame, &mut self.to_client)
+                        }
+                        Some(_) => {}
+                        None if forward => self.to_client.extend_from_slice(&frame),
+                        None => {}
+                    },
+                    b'C' | b'I' | b's' if !is_query || tag == b'C' => {
+                        // The statement completed: its images and transaction control count.
+                        let done_rows = std::mem::take(rows);
+                        let capture = capture.clone();
+                        let txn_op = match self.expect.front_mut() {
+                            Some(Expect::Execute { txn, .. } | Expect::Query { txn, .. }) => txn.take(),
+                            _ => None,
+                        };
+                        if !is_query {
+                            self.expect.pop_front();
+                        }
+                        if let Some(c) = capture {
+                            self.record_change(&c, done_rows);
+                        }
+                        if let Some(op) = txn_op {
+                            self.txn_done(&op);
+                        }
+                        if commit.is_some() {
+                            let committed = tag == b'C' && wire::command_tag(&body) == b"COMMIT";
+                            self.finish_commit(committed).await;
+                        }
+                        if forward {
+                            self.to_client.extend_from_slice(&frame);
+                        }
+                        if tag == b'C' {
+                            self.track_block(&body);
+                        }
+                    }
+                    b'Z' if is_query => {
+                        self.expect.pop_front();
+                        self.ready(&body);
+                        if commit.is_some() && self.pending.is_some() {
+                            // COMMIT never answered with CommandComplete (it failed).
+                            self.finish_commit(false).await;
+                        }
+                        if forward_ready {
+                            self.to_client.extend_from_slice(&frame);
+                        }
+                    }
+                    _ => {
+                        if forward {
+                            self.to_client.extend_from_slice(&frame);
+                        }
+                    }
+                }
+            }
+            Expect::Sync { forward } => {
+                let forward = *forward;
+                if tag == b'Z' {
+                    self.expect.pop_front();
+                    self.ready(&body);
+                }
+                if forward {
+                    self.to_client.extend_from_slice(&frame);
+                }
+            }
+            Expect::FunctionCall => {
+                if tag == b'Z' {
+                    self.expect.pop_front();
+                    self.ready(&body);
+                }
+                self.to_client.extend_from_slice(&frame);
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes BEGIN/COMMIT/ROLLBACK that completed, by command tag (covers statements the
+    /// analyzer did not look at).
+    fn track_block(&mut self, body: &Bytes) {
+        match wire::command_tag(body) {
+            b"BEGIN" | b"START TRANSACTION" => self.in_block = true,
+            b"COMMIT" | b"ROLLBACK" if self.pending.is_none() => self.in_block = false,
+            _ => {}
+        }
+    }
+
+    fn ready(&mut self, body: &Bytes) {
+        let status = body.first().copied().unwrap_or(b'I');
+        self.status = status;
+        self.in_block = status != b'I';
+        if status == b'I' && !self.txn.changes.is_empty() && self.pending.is_none() && !self.implicit {
+            // A transaction ended without the commit sequence (a COMMIT inside a procedure, for
+            // example): whether its writes are on OLD is not known here and no intent records
+            // them, so the tables are marked for a full verification instead of guessing.
+            let mut tables: Vec<usize> = self.txn.changes.iter().map(|c| c.table).collect();
+            tables.dedup();
+            for t in tables {
+                self.mirror
+                    .mark_for_verify(t, "a transaction that ended outside the proxy's commit sequence");
+            }
+            self.txn.clear();
+        }
+    }
+
+    async fn server_error(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        self.params
+            .metrics
+            .counters
+            .error(crate::error::ErrorSource::Old, crate::error::ErrorKind::Statement);
+        self.batch_failed = true;
+        self.to_client.extend_from_slice(&frame);
+        // The failing message's expectation ends here. In a simple Query the ReadyForQuery
+        // still follows; in the extended protocol the server skips everything up to Sync.
+        match self.expect.front() {
+            Some(Expect::Query { commit, .. }) => {
+                if commit.is_some() && self.pending.is_some() {
+                    self.finish_commit(false).await;
+                }
+            }
+            Some(Expect::Sync { .. }) | Some(Expect::FunctionCall) | None => {}
+            Some(_) => {
+                let mut commit_failed = false;
+                while let Some(e) = self.expect.front() {
+                    if matches!(
+                        e,
+                        Expect::Sync { .. } | Expect::Query { .. } | Expect::FunctionCall
+                    ) {
+                        break;
+                    }
+                    if let Some(Expect::Execute { commit: Some(_), .. }) = self.expect.pop_front() {
+                        commit_failed = true;
+                    }
+                }
+                if commit_failed || (self.pending.is_some() && self.expect.is_empty()) {
+                    self.finish_commit(false).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Relays COPY FROM STDIN data from the client until CopyDone or CopyFail.
+    async fn copy_in(&mut self) -> Result<(), SessionError> {
+        self.flush_client().await?;
+        loop {
+            while let Some((tag, frame)) =
+                take_frame(&mut self.client_buf, self.params.limits).map_err(SessionError::ClientProtocol)?
+            {
+                match tag {
+                    b'd' | b'c' | b'f' | b'H' | b'S' => {
+                        self.to_up.extend_from_slice(&frame);
+                        if tag == b'c' || tag == b'f' {
+                            self.flush_upstream().await?;
+                            return Ok(());
+                        }
+                    }
+                    _ => {
+                        return Err(SessionError::ClientProtocol(
+                            switchyard_pgwire::ProtocolError::Malformed {
+                                what: "COPY",
+                                detail: "unexpected message during COPY FROM STDIN",
+                            },
+                        ))
+                    }
+                }
+            }
+            self.flush_upstream().await?;
+            reserve(&mut self.client_buf, 64 * 1024);
+            if self
+                .client_rd
+                .read_buf(&mut self.client_buf)
+                .await
+                .map_err(SessionError::ClientIo)?
+                == 0
+            {
+                return Err(SessionError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+}
+
+/// Answers a Describe of a captured statement: the client's columns only, or NoData when it
+/// asked for no RETURNING.
+fn describe_answer(capture: Option<&Capture>, body: &Bytes, frame: &Bytes, out: &mut BytesMut) {
+    match capture {
+        None => out.extend_from_slice(frame),
+        Some(c) if c.client_returning => {
+            if wire::trim_row_description(body, out).is_none() {
+                out.extend_from_slice(frame);
+            }
+        }
+        Some(_) => wire::no_data(out),
+    }
+}
+
+/// A statement that makes the server raise the refusal (SQLSTATE 0A000).
+fn refusal_sql(message: &str) -> String {
+    let msg = message.replace('\'', "''");
+    let hint = "Run it directly on both databases, or set on_uncaptured = \"mark_for_verify\" for the table and verify it before cutover."
+        .replace('\'', "''");
+    format!(
+        "DO $switchyard$ BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = '{msg}', HINT = '{hint}'; END $switchyard$",
+        sqlstate::FEATURE_NOT_SUPPORTED.as_str()
+    )
+}
+
+fn reserve(buf: &mut BytesMut, want: usize) {
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want.max(8192));
+    }
+}
+
+/// Takes one whole frame off the front of `buf`.
+fn take_frame(
+    buf: &mut BytesMut,
+    limits: MessageLimits,
+) -> Result<Option<(u8, Bytes)>, switchyard_pgwire::ProtocolError> {
+    match peek_header(buf, limits)? {
+        Some(h) if buf.len() >= h.frame_len => Ok(Some((h.tag, buf.split_to(h.frame_len).freeze()))),
+        Some(h) => {
+            reserve(buf, h.frame_len - buf.len());
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
+fn cstr_bytes(b: &[u8]) -> &[u8] {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    &b[..end]
+}
+
+fn cstr_text(b: &[u8]) -> String {
+    String::from_utf8_lossy(cstr_bytes(b)).into_owned()
+}
+
+fn two_cstrs(b: &[u8]) -> (&[u8], &[u8]) {
+    let first = cstr_bytes(b);
+    let rest = b.get(first.len() + 1..).unwrap_or_default();
+    (first, cstr_bytes(rest))
+}
+
+fn set_name(map: &mut HashMap<Vec<u8>, Arc<Stmt>>, name: &[u8], stmt: Arc<Stmt>) {
+    match map.get_mut(name) {
+        Some(slot) => *slot = stmt,
+        None => {
+            map.insert(name.to_vec(), stmt);
+        }
+    }
+}

@@ -1,0 +1,622 @@
+//! Which statements write to migrated tables, and how to capture their row images.
+//!
+//! Statements are parsed with `pg_query` (PostgreSQL's own grammar, from libpg_query), so what we
+//! decide matches what the server will do: a CTE that deletes, an `INSERT ... ON CONFLICT DO
+//! UPDATE`, a quoted identifier, a comment that looks like a keyword. A capturable write is
+//! rewritten by appending one output column, `row_to_json(<target>.*)::text`, to its RETURNING
+//! list (adding RETURNING if the client had none). The text of the client's statement is kept
+//! byte for byte and the column goes at the end, so error positions the server reports still
+//! point into the client's own text, and the session can drop the extra column (or the whole
+//! result, when the client asked for none) before the client sees it.
+//!
+//! Analyses are cached per statement text: prepared statements and repeated queries are parsed
+//! once per proxy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use pg_query::protobuf::{self, Token, TransactionStmtKind};
+use pg_query::{NodeEnum, NodeRef};
+use switchyard_config::TableName;
+
+/// Name of the output column that carries the row image.
+pub(crate) const IMAGE_COLUMN: &str = "__switchyard_image";
+
+/// Cached analyses at most; beyond this, statements are analysed every time (simple-protocol
+/// clients that inline literals would otherwise fill memory with one-off texts).
+const CACHE_LIMIT: usize = 10_000;
+
+/// The migrated tables the proxy mirrors (phase `dual_write` and later), by name.
+#[derive(Debug, Default)]
+pub(crate) struct MigratedTables {
+    by_name: HashMap<(String, String), usize>,
+    keyed: Vec<bool>,
+    key_columns: Vec<Vec<String>>,
+    /// Lower-cased table names, for the cheap pre-filter.
+    needles: Vec<Vec<u8>>,
+}
+
+impl MigratedTables {
+    /// Registers table number `index` (`key` empty = append-only).
+    pub(crate) fn new(tables: &[(TableName, Vec<String>)]) -> MigratedTables {
+        let mut m = MigratedTables::default();
+        for (i, (name, key)) in tables.iter().enumerate() {
+            m.by_name.insert((name.schema.clone(), name.table.clone()), i);
+            m.keyed.push(!key.is_empty());
+            m.key_columns.push(key.clone());
+            let needle = name.table.to_ascii_lowercase().into_bytes();
+            if !m.needles.contains(&needle) {
+                m.needles.push(needle);
+            }
+        }
+        m
+    }
+
+    fn lookup(&self, rel: &protobuf::RangeVar) -> Option<usize> {
+        let schema = if rel.schemaname.is_empty() {
+            "public"
+        } else {
+            rel.schemaname.as_str()
+        };
+        self.by_name
+            .get(&(schema.to_owned(), rel.relname.clone()))
+            .copied()
+    }
+
+    fn lookup_name(&self, names: &[String]) -> Option<usize> {
+        let (schema, table) = match names {
+            [t] => ("public", t.as_str()),
+            [s, t] => (s.as_str(), t.as_str()),
+            [_, s, t] => (s.as_str(), t.as_str()),
+            _ => return None,
+        };
+        self.by_name.get(&(schema.to_owned(), table.to_owned())).copied()
+    }
+
+    /// Whether `sql` could possibly concern a migrated table or a transaction: it names one of
+    /// the tables (case-insensitively, as a substring) or contains a transaction keyword.
+    /// False positives only cost a parse.
+    fn might_matter(&self, sql: &[u8]) -> bool {
+        let lower: Vec<u8> = sql.iter().map(u8::to_ascii_lowercase).collect();
+        if self
+            .needles
+            .iter()
+            .any(|n| lower.windows(n.len()).any(|w| w == n.as_slice()))
+        {
+            return true;
+        }
+        lower
+            .split(|b| !b.is_ascii_alphabetic())
+            .any(|w| TXN_WORDS.contains(&w))
+    }
+}
+
+const TXN_WORDS: &[&[u8]] = &[
+    b"begin",
+    b"start",
+    b"commit",
+    b"end",
+    b"rollback",
+    b"abort",
+    b"savepoint",
+    b"release",
+    b"prepare",
+];
+
+/// A data-changing statement kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteOp {
+    /// INSERT into a keyed table (an upsert on NEW).
+    Upsert,
+    /// UPDATE of a keyed table (an upsert on NEW).
+    Update,
+    /// DELETE from a keyed table.
+    Delete,
+    /// INSERT into a table without a key: mirrored append-only.
+    Append,
+}
+
+/// A write whose row images can be captured.
+#[derive(Debug, Clone)]
+pub(crate) struct Capture {
+    /// Index into the migrated tables.
+    pub(crate) table: usize,
+    pub(crate) op: WriteOp,
+    /// The client wrote its own RETURNING: it sees all columns but the last.
+    pub(crate) client_returning: bool,
+    /// The statement with the image column appended.
+    pub(crate) sql: String,
+}
+
+/// Transaction control statements the session must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TxnOp {
+    Begin,
+    /// COMMIT or END (with or without AND CHAIN).
+    Commit {
+        chain: bool,
+    },
+    /// ROLLBACK or ABORT.
+    Rollback {
+        chain: bool,
+    },
+    Savepoint(String),
+    RollbackTo(String),
+    Release(String),
+    /// PREPARE TRANSACTION: two-phase commit by the client, which cannot be mirrored.
+    Prepare,
+}
+
+/// What one statement is, for the dual-write session.
+#[derive(Debug, Clone)]
+pub(crate) enum Stmt {
+    /// Touches no migrated table's data: forwarded unchanged.
+    Plain,
+    Txn(TxnOp),
+    Capture(Capture),
+    /// Changes a migrated table in a way row images cannot capture.
+    Uncaptured {
+        table: usize,
+        what: &'static str,
+    },
+}
+
+impl Stmt {
+    /// Whether the session must look at this statement (anything but `Plain`).
+    pub(crate) fn matters(&self) -> bool {
+        !matches!(self, Stmt::Plain)
+    }
+}
+
+/// One statement of a query string: its text and what it is.
+#[derive(Debug, Clone)]
+pub(crate) struct Analyzed {
+    pub(crate) text: String,
+    pub(crate) stmt: Stmt,
+}
+
+/// A whole query string, statement by statement. `None` statements means the text could not be
+/// parsed: it is forwarded as is and the server reports the syntax error.
+#[derive(Debug)]
+pub(crate) struct Analysis {
+    pub(crate) stmts: Vec<Analyzed>,
+}
+
+impl Analysis {
+    /// Whether any statement needs the session's attention.
+    pub(crate) fn matters(&self) -> bool {
+        self.stmts.iter().any(|s| s.stmt.matters())
+    }
+}
+
+/// Parses and classifies statements, with a cache per statement text.
+pub(crate) struct Analyzer {
+    tables: MigratedTables,
+    cache: DashMap<String, Arc<Analysis>>,
+}
+
+impl Analyzer {
+    pub(crate) fn new(tables: MigratedTables) -> Analyzer {
+        Analyzer {
+            tables,
+            cache: DashMap::new(),
+        }
+    }
+
+    /// Analyses a query string (one or more statements).
+    pub(crate) fn analyze(&self, sql: &str) -> Arc<Analysis> {
+        if let Some(hit) = self.cache.get(sql) {
+            return hit.clone();
+        }
+        let analysis = Arc::new(self.analyze_uncached(sql));
+        if self.cache.len() < CACHE_LIMIT {
+            self.cache.insert(sql.to_owned(), analysis.clone());
+        }
+        analysis
+    }
+
+    fn analyze_uncached(&self, sql: &str) -> Analysis {
+        let plain = || Analysis {
+            stmts: vec![Analyzed {
+                text: sql.to_owned(),
+                stmt: Stmt::Plain,
+            }],
+        };
+        if !self.tables.might_matter(sql.as_bytes()) {
+            return plain();
+        }
+        let Ok(parsed) = pg_query::parse(sql, 0) else {
+            return plain();
+        };
+        let mut stmts = Vec::with_capacity(parsed.protobuf.stmts.len());
+        for raw in &parsed.protobuf.stmts {
+            let start = usize::try_from(raw.stmt_location).unwrap_or(0).min(sql.len());
+            let end = match usize::try_from(raw.stmt_len).unwrap_or(0) {
+                0 => sql.len(),
+                n => (start + n).min(sql.len()),
+            };
+            let text = sql.get(start..end).unwrap_or(sql);
+            let stmt = match raw.stmt.as_deref().and_then(|n| n.node.as_ref()) {
+                Some(node) => self.classify(node, text),
+                None => Stmt::Plain,
+            };
+            stmts.push(Analyzed {
+                text: text.to_owned(),
+                stmt,
+            });
+        }
+        if stmts.is_empty() {
+            return plain();
+        }
+        Analysis { stmts }
+    }
+
+    fn classify(&self, node: &NodeEnum, text: &str) -> Stmt {
+        match node {
+            NodeEnum::TransactionStmt(t) => txn_op(t).map_or(Stmt::Plain, Stmt::Txn),
+            NodeEnum::InsertStmt(s) => {
+                if let Some(u) = self.nested_write(node) {
+                    return u;
+                }
+                let Some(rel) = &s.relation else {
+                    return Stmt::Plain;
+                };
+                let Some(table) = self.tables.lookup(rel) else {
+                    return Stmt::Plain;
+                };
+                let keyed = self.tables.keyed[table];
+                if let Some(oc) = &s.on_conflict_clause {
+                    if self.sets_key(table, &oc.target_list) {
+                        return Stmt::Uncaptured {
+                            table,
+                            what: "INSERT ... ON CONFLICT DO UPDATE that changes the key",
+                        };
+                    }
+                    if !keyed && oc.action == protobuf::OnConflictAction::OnconflictUpdate as i32 {
+                        return Stmt::Uncaptured {
+                            table,
+                            what: "INSERT ... ON CONFLICT DO UPDATE on a table without a key",
+                        };
+                    }
+                }
+                let op = if keyed { WriteOp::Upsert } else { WriteOp::Append };
+                self.capture(table, op, rel, s.returning_clause.as_ref(), text)
+            }
+            NodeEnum::UpdateStmt(s) => {
+                if let Some(u) = self.nested_write(node) {
+                    return u;
+                }
+                let Some(rel) = &s.relation else {
+                    return Stmt::Plain;
+                };
+                let Some(table) = self.tables.lookup(rel) else {
+                    return Stmt::Plain;
+                };
+                if !self.tables.keyed[table] {
+                    return Stmt::Uncaptured {
+                        table,
+                        what: "UPDATE of a table without a key",
+                    };
+                }
+                if self.sets_key(table, &s.target_list) {
+                    return Stmt::Uncaptured {
+                        table,
+                        what: "UPDATE that changes the key",
+                    };
+                }
+                self.capture(table, WriteOp::Update, rel, s.returning_clause.as_ref(), text)
+            }
+            NodeEnum::DeleteStmt(s) => {
+                if let Some(u) = self.nested_write(node) {
+                    return u;
+                }
+                let Some(rel) = &s.relation else {
+                    return Stmt::Plain;
+                };
+                let Some(table) = self.tables.lookup(rel) else {
+                    return Stmt::Plain;
+                };
+                if !self.tables.keyed[table] {
+                    return Stmt::Uncaptured {
+                        table,
+                        what: "DELETE from a table without a key",
+                    };
+                }
+                self.capture(table, WriteOp::Delete, rel, s.returning_clause.as_ref(), text)
+            }
+            NodeEnum::MergeStmt(s) => match s.relation.as_ref().and_then(|r| self.tables.lookup(r)) {
+                Some(table) => Stmt::Uncaptured { table, what: "MERGE" },
+                None => self.nested_write(node).unwrap_or(Stmt::Plain),
+            },
+            NodeEnum::TruncateStmt(s) => s
+                .relations
+                .iter()
+                .find_map(|n| match n.node.as_ref() {
+                    Some(NodeEnum::RangeVar(r)) => self.tables.lookup(r),
+                    _ => None,
+                })
+                .map_or(Stmt::Plain, |table| Stmt::Uncaptured {
+                    table,
+                    what: "TRUNCATE",
+                }),
+            NodeEnum::CopyStmt(s) if s.is_from => s
+                .relation
+                .as_ref()
+                .and_then(|r| self.tables.lookup(r))
+                .map_or(Stmt::Plain, |table| Stmt::Uncaptured {
+                    table,
+                    what: "COPY FROM",
+                }),
+            NodeEnum::AlterTableStmt(s) => {
+                s.relation
+                    .as_ref()
+                    .and_then(|r| self.tables.lookup(r))
+                    .map_or(Stmt::Plain, |table| Stmt::Uncaptured {
+                        table,
+                        what: "ALTER TABLE",
+                    })
+            }
+            NodeEnum::RenameStmt(s) => {
+                s.relation
+                    .as_ref()
+                    .and_then(|r| self.tables.lookup(r))
+                    .map_or(Stmt::Plain, |table| Stmt::Uncaptured {
+                        table,
+                        what: "ALTER TABLE ... RENAME",
+                    })
+            }
+            NodeEnum::DropStmt(s) => s
+                .objects
+                .iter()
+                .find_map(|o| match o.node.as_ref() {
+                    Some(NodeEnum::List(l)) => {
+                        let names: Vec<String> = l
+                            .items
+                            .iter()
+                            .filter_map(|i| match i.node.as_ref() {
+                                Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+                                _ => None,
+                            })
+                            .collect();
+                        self.tables.lookup_name(&names)
+                    }
+                    _ => None,
+                })
+                .filter(|_| s.remove_type == protobuf::ObjectType::ObjectTable as i32)
+                .map_or(Stmt::Plain, |table| Stmt::Uncaptured {
+                    table,
+                    what: "DROP TABLE",
+                }),
+            // A SELECT (or anything else) can hide a data-modifying CTE.
+            other => self.nested_write(other).unwrap_or(Stmt::Plain),
+        }
+    }
+
+    /// A data-modifying statement nested below `node` (in a WITH clause) that targets a
+    /// migrated table.
+    fn nested_write(&self, node: &NodeEnum) -> Option<Stmt> {
+        // The first node is `node` itself.
+        for (inner, _, _, _) in node.nodes().into_iter().skip(1) {
+            let rel = match inner {
+                NodeRef::InsertStmt(s) => s.relation.as_ref(),
+                NodeRef::UpdateStmt(s) => s.relation.as_ref(),
+                NodeRef::DeleteStmt(s) => s.relation.as_ref(),
+                NodeRef::MergeStmt(s) => s.relation.as_ref(),
+                _ => None,
+            };
+            if let Some(table) = rel.and_then(|r| self.tables.lookup(r)) {
+                return Some(Stmt::Uncaptured {
+                    table,
+                    what: "a data-modifying WITH query",
+                });
+            }
+        }
+        None
+    }
+
+    fn sets_key(&self, table: usize, targets: &[pg_query::Node]) -> bool {
+        let key = &self.tables.key_columns[table];
+        targets.iter().any(|t| match t.node.as_ref() {
+            Some(NodeEnum::ResTarget(r)) => key.iter().any(|k| k == &r.name),
+            _ => false,
+        })
+    }
+
+    fn capture(
+        &self,
+        table: usize,
+        op: WriteOp,
+        rel: &protobuf::RangeVar,
+        returning: Option<&protobuf::ReturningClause>,
+        text: &str,
+    ) -> Stmt {
+        let client_returning = returning.is_some_and(|r| !r.exprs.is_empty());
+        if returning.is_some_and(|r| !r.options.is_empty()) {
+            // PostgreSQL 18's RETURNING WITH (OLD AS ...): leave it to the server, uncaptured.
+            return Stmt::Uncaptured {
+                table,
+                what: "RETURNING WITH (...)",
+            };
+        }
+        let Some(end) = statement_end(text) else {
+            return Stmt::Plain;
+        };
+        let target = rel
+            .alias
+            .as_ref()
+            .map_or(rel.relname.as_str(), |a| a.aliasname.as_str());
+        let mut sql = String::with_capacity(end + 64);
+        sql.push_str(&text[..end]);
+        sql.push_str(if client_returning { ", " } else { " RETURNING " });
+        sql.push_str("row_to_json(");
+        sql.push_str(&quote_ident(target));
+        sql.push_str(".*)::text AS ");
+        sql.push_str(IMAGE_COLUMN);
+        Stmt::Capture(Capture {
+            table,
+            op,
+            client_returning,
+            sql,
+        })
+    }
+}
+
+/// The byte offset just past the statement's last real token (trailing comments, white space
+/// and semicolons excluded), where a RETURNING item can be appended.
+fn statement_end(text: &str) -> Option<usize> {
+    let tokens = pg_query::scan_tokens(text).ok()?;
+    tokens
+        .iter()
+        .filter(|t| {
+            t.token != Token::SqlComment as i32
+                && t.token != Token::CComment as i32
+                && t.token != Token::Ascii59 as i32
+        })
+        .map(|t| usize::try_from(t.end).unwrap_or(0))
+        .max()
+        .filter(|&e| e > 0 && e <= text.len())
+}
+
+fn txn_op(t: &protobuf::TransactionStmt) -> Option<TxnOp> {
+    let kind = TransactionStmtKind::try_from(t.kind).ok()?;
+    Some(match kind {
+        TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart => TxnOp::Begin,
+        TransactionStmtKind::TransStmtCommit => TxnOp::Commit { chain: t.chain },
+        TransactionStmtKind::TransStmtRollback => TxnOp::Rollback { chain: t.chain },
+        TransactionStmtKind::TransStmtSavepoint => TxnOp::Savepoint(t.savepoint_name.clone()),
+        TransactionStmtKind::TransStmtRollbackTo => TxnOp::RollbackTo(t.savepoint_name.clone()),
+        TransactionStmtKind::TransStmtRelease => TxnOp::Release(t.savepoint_name.clone()),
+        TransactionStmtKind::TransStmtPrepare => TxnOp::Prepare,
+        _ => return None,
+    })
+}
+
+/// Quotes an SQL identifier.
+pub(crate) fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn analyzer() -> Analyzer {
+        Analyzer::new(MigratedTables::new(&[
+            (TableName::new("public", "accounts"), vec!["id".to_owned()]),
+            (TableName::new("public", "history"), vec![]),
+            (
+                TableName::new("shop", "Orders"),
+                vec!["a".to_owned(), "b".to_owned()],
+            ),
+        ]))
+    }
+
+    fn one(sql: &str) -> Stmt {
+        let a = analyzer().analyze(sql);
+        assert_eq!(a.stmts.len(), 1, "{sql}");
+        a.stmts[0].stmt.clone()
+    }
+
+    fn captured(sql: &str) -> Capture {
+        match one(sql) {
+            Stmt::Capture(c) => c,
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn captures_writes_with_an_image_column() {
+        let c = captured("insert into accounts (id, n) values (1, 2)");
+        assert_eq!(c.op, WriteOp::Upsert);
+        assert!(!c.client_returning);
+        assert_eq!(
+            c.sql,
+            "insert into accounts (id, n) values (1, 2) RETURNING row_to_json(\"accounts\".*)::text AS __switchyard_image"
+        );
+        let c = captured(
+            "UPDATE public.accounts a SET n = n + 1 FROM x WHERE a.id = x.id RETURNING a.n -- trailing\n;",
+        );
+        assert_eq!(c.op, WriteOp::Update);
+        assert!(c.client_returning);
+        assert!(
+            c.sql
+                .ends_with("RETURNING a.n, row_to_json(\"a\".*)::text AS __switchyard_image"),
+            "{}",
+            c.sql
+        );
+        let c = captured("delete from accounts using y where accounts.id = y.id /* c */");
+        assert_eq!(c.op, WriteOp::Delete);
+        assert!(c.sql.ends_with(
+            "accounts.id = y.id RETURNING row_to_json(\"accounts\".*)::text AS __switchyard_image"
+        ));
+        let c = captured("insert into history values (1) on conflict do nothing");
+        assert_eq!(c.op, WriteOp::Append);
+        let c = captured("insert into shop.\"Orders\" values (1, 2)");
+        assert_eq!(c.table, 2);
+    }
+
+    #[test]
+    fn untouched_tables_and_reads_are_plain() {
+        for sql in [
+            "select * from accounts",
+            "insert into other values (1)",
+            "update shop.orders set a = 1",
+            "insert into other select * from accounts",
+            "select 1",
+            "not even sql accounts",
+        ] {
+            assert!(matches!(one(sql), Stmt::Plain), "{sql}");
+        }
+    }
+
+    #[test]
+    fn uncapturable_writes_are_named() {
+        for (sql, what) in [
+            ("truncate accounts", "TRUNCATE"),
+            ("copy accounts from stdin", "COPY FROM"),
+            ("alter table accounts add column x int", "ALTER TABLE"),
+            ("drop table accounts", "DROP TABLE"),
+            ("update history set x = 1", "UPDATE of a table without a key"),
+            ("delete from history", "DELETE from a table without a key"),
+            (
+                "update accounts set id = 2 where id = 1",
+                "UPDATE that changes the key",
+            ),
+            (
+                "with d as (delete from accounts returning *) select * from d",
+                "a data-modifying WITH query",
+            ),
+            (
+                "insert into accounts values (1) on conflict (id) do update set id = 3",
+                "INSERT ... ON CONFLICT DO UPDATE that changes the key",
+            ),
+        ] {
+            match one(sql) {
+                Stmt::Uncaptured { what: w, .. } => assert_eq!(w, what, "{sql}"),
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn transaction_control_and_multi_statement_strings() {
+        let a = analyzer().analyze("BEGIN; update accounts set n = 1 where id = 1; SAVEPOINT s1; ROLLBACK TO s1; RELEASE s1; COMMIT AND CHAIN; end");
+        let kinds: Vec<String> = a.stmts.iter().map(|s| format!("{:?}", s.stmt)).collect();
+        assert_eq!(a.stmts.len(), 7, "{kinds:?}");
+        assert!(matches!(a.stmts[0].stmt, Stmt::Txn(TxnOp::Begin)));
+        assert!(matches!(a.stmts[1].stmt, Stmt::Capture(_)));
+        assert_eq!(a.stmts[1].text.trim(), "update accounts set n = 1 where id = 1");
+        assert!(matches!(&a.stmts[2].stmt, Stmt::Txn(TxnOp::Savepoint(s)) if s == "s1"));
+        assert!(matches!(&a.stmts[3].stmt, Stmt::Txn(TxnOp::RollbackTo(s)) if s == "s1"));
+        assert!(matches!(&a.stmts[4].stmt, Stmt::Txn(TxnOp::Release(s)) if s == "s1"));
+        assert!(matches!(
+            a.stmts[5].stmt,
+            Stmt::Txn(TxnOp::Commit { chain: true })
+        ));
+        assert!(matches!(
+            a.stmts[6].stmt,
+            Stmt::Txn(TxnOp::Commit { chain: false })
+        ));
+    }
+}

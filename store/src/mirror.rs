@@ -1,0 +1,503 @@
+//! The fenced apply of row images on NEW, the intent records on OLD, and repairs.
+//!
+//! A mirrored transaction goes like this (the session drives it; see `docs/dual-writes.md`):
+//!
+//! 1. While OLD still holds the row locks of the client's transaction, NEW gets one round trip:
+//!    `BEGIN`, one statement per captured client statement ([`apply_sql`]), and a row in
+//!    `switchyard.switchyard_applied` naming the transaction's intent id.
+//! 2. OLD gets the intent record ([`intent_sql`]: the keys, or for tables without a key the
+//!    rows, the transaction changed) in the client's own transaction, then `COMMIT`.
+//! 3. NEW gets `COMMIT`. Only then does the client hear its COMMIT.
+//!
+//! The intent is durable exactly when OLD's transaction is, so whatever happens to the proxy or
+//! to NEW, OLD alone says which keys may be stale on NEW: an intent still present after its
+//! transaction finished means "re-copy these keys". The proxy deletes its own intents once NEW
+//! committed ([`delete_intents`]); what is left is repaired ([`repair_intent`]) by re-reading
+//! the keys from OLD under `FOR UPDATE` (so no client write to them can interleave) and writing
+//! them to NEW with a higher version. The `switchyard_applied` row makes a repair of an intent
+//! whose NEW transaction did commit a no-op (which matters for append-only tables, where
+//! re-inserting would duplicate rows).
+//!
+//! Every image write bumps the key's record in the table's `switchyard_keys_*` side table
+//! (version + 1, deleted flag); the backfill only writes where no record exists, so it can never
+//! overwrite a mirrored row or resurrect a deleted one.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+
+use serde_json::{Map, Value};
+use sqlx::postgres::PgPool;
+use sqlx::{Connection, Row};
+use switchyard_config::TableName;
+
+use crate::{keys_table_name, quote_ident, Identity, StoreError, TableSchema, SIDE_SCHEMA};
+
+fn failed(role: &'static str, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
+    move |source| StoreError::Query {
+        role,
+        action: action.to_owned(),
+        source,
+    }
+}
+
+/// What a captured statement did to its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeOp {
+    /// The rows now look like the images (INSERT, UPDATE, upsert).
+    Upsert,
+    /// The rows with these keys are gone.
+    Delete,
+    /// New rows of a table without a key.
+    Append,
+}
+
+/// The row images one statement produced: JSON objects as `row_to_json` wrote them on OLD.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// Index into the mirrored tables.
+    pub table: usize,
+    pub op: ChangeOp,
+    pub rows: Vec<String>,
+}
+
+/// One mirrored table: its names and the SQL to apply images to it on NEW, built once.
+#[derive(Debug, Clone)]
+pub struct MirrorTable {
+    pub name: TableName,
+    /// Key columns; empty = append-only.
+    pub key: Vec<String>,
+    /// `switchyard.switchyard_keys_...`, quoted, when the table has a key.
+    keys_table: Option<String>,
+    /// `"schema"."table"`.
+    qualified: String,
+    /// Mirrored columns, quoted, comma separated.
+    columns: String,
+    /// `OVERRIDING SYSTEM VALUE ` when NEW has an identity ALWAYS column among them.
+    overriding: &'static str,
+    /// `c = EXCLUDED.c, ...` for the non-key columns.
+    set_list: String,
+    keys_list: String,
+}
+
+impl MirrorTable {
+    /// Builds the apply statements for a table: the columns OLD has and NEW stores (generated
+    /// columns on NEW compute their own values), keyed by `key`.
+    pub fn new(name: TableName, key: Vec<String>, old: &TableSchema, new: &TableSchema) -> MirrorTable {
+        let mirrored: Vec<&str> = old
+            .columns
+            .iter()
+            .filter_map(|c| new.column(&c.name))
+            .filter(|c| !c.generated)
+            .map(|c| c.name.as_str())
+            .collect();
+        let overriding = if mirrored.iter().any(|c| {
+            new.column(c)
+                .is_some_and(|c| matches!(c.identity, Some(Identity::Always)))
+        }) {
+            "OVERRIDING SYSTEM VALUE "
+        } else {
+            ""
+        };
+        let quote_list = |cols: &[&str]| cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+        let key_refs: Vec<&str> = key.iter().map(String::as_str).collect();
+        let set_list = mirrored
+            .iter()
+            .filter(|c| !key.iter().any(|k| k == *c))
+            .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        MirrorTable {
+            keys_table: (!key.is_empty()).then(|| {
+                format!(
+                    "{}.{}",
+                    quote_ident(SIDE_SCHEMA),
+                    quote_ident(&keys_table_name(&name))
+                )
+            }),
+            qualified: format!("{}.{}", quote_ident(&name.schema), quote_ident(&name.table)),
+            columns: quote_list(&mirrored),
+            overriding,
+            set_list,
+            keys_list: quote_list(&key_refs),
+            name,
+            key,
+        }
+    }
+
+    /// Whether the table has a key (else it is mirrored append-only).
+    pub fn keyed(&self) -> bool {
+        !self.key.is_empty()
+    }
+
+    /// One statement applying `op` with the image array `images` (an SQL literal of a JSON
+    /// array) to NEW, bumping the key records.
+    fn apply_statement(&self, op: ChangeOp, images: &str, out: &mut String) {
+        let t = &self.qualified;
+        let cols = &self.columns;
+        let keys = &self.keys_list;
+        let ov = self.overriding;
+        let img = format!("json_populate_recordset(NULL::{t}, {images}::json)");
+        match (op, &self.keys_table) {
+            (ChangeOp::Append, _) | (_, None) => {
+                let _ = write!(out, "INSERT INTO {t} ({cols}) {ov}SELECT {cols} FROM {img}");
+            }
+            (ChangeOp::Upsert, Some(k)) => {
+                let conflict = if self.set_list.is_empty() {
+                    "DO NOTHING".to_owned()
+                } else {
+                    format!("DO UPDATE SET {}", self.set_list)
+                };
+                let _ = write!(
+                    out,
+                    "WITH img AS (SELECT * FROM {img}), \
+                     w AS (INSERT INTO {t} AS t ({cols}) {ov}SELECT {cols} FROM img ON CONFLICT ({keys}) {conflict}), \
+                     v AS (INSERT INTO {k} AS v ({keys}, sy_version, sy_deleted) SELECT {keys}, 1, false FROM img \
+                     ON CONFLICT ({keys}) DO UPDATE SET sy_version = v.sy_version + 1, sy_deleted = false, sy_updated_at = now()) \
+                     SELECT 1"
+                );
+            }
+            (ChangeOp::Delete, Some(k)) => {
+                let on = self
+                    .key
+                    .iter()
+                    .map(|c| format!("t.{0} = img.{0}", quote_ident(c)))
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                let _ = write!(
+                    out,
+                    "WITH img AS (SELECT {keys} FROM {img}), \
+                     d AS (DELETE FROM {t} AS t USING img WHERE {on}), \
+                     v AS (INSERT INTO {k} AS v ({keys}, sy_version, sy_deleted) SELECT {keys}, 1, true FROM img \
+                     ON CONFLICT ({keys}) DO UPDATE SET sy_version = v.sy_version + 1, sy_deleted = true, sy_updated_at = now()) \
+                     SELECT 1"
+                );
+            }
+        }
+    }
+
+    /// The key of a row image, as a JSON object of the key columns (for intents), or `None` if
+    /// the image lacks one.
+    fn key_of(&self, image: &str) -> Option<Map<String, Value>> {
+        let Ok(Value::Object(mut row)) = serde_json::from_str::<Value>(image) else {
+            return None;
+        };
+        let mut key = Map::new();
+        for k in &self.key {
+            key.insert(k.clone(), row.remove(k)?);
+        }
+        Some(key)
+    }
+}
+
+/// An SQL string literal that means the same whatever `standard_conforming_strings` says.
+pub fn escape_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 3);
+    out.push_str("E'");
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+fn json_array(rows: &[String]) -> String {
+    let mut s = String::with_capacity(rows.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
+    s.push('[');
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(r);
+    }
+    s.push(']');
+    s
+}
+
+/// The statements of step 1 on NEW, as one simple-protocol string: `BEGIN`, the changes in
+/// order, and the applied marker for `intent_id`.
+pub fn apply_sql(tables: &[MirrorTable], changes: &[Change], intent_id: i64) -> String {
+    let mut sql = String::from("BEGIN;");
+    for c in changes.iter().filter(|c| !c.rows.is_empty()) {
+        let Some(table) = tables.get(c.table) else {
+            continue;
+        };
+        table.apply_statement(c.op, &escape_literal(&json_array(&c.rows)), &mut sql);
+        sql.push(';');
+    }
+    let _ = write!(
+        sql,
+        "INSERT INTO {}.switchyard_applied (intent_id) VALUES ({intent_id})",
+        quote_ident(SIDE_SCHEMA)
+    );
+    sql
+}
+
+/// The intent record of a transaction, to run on OLD inside the client's transaction just
+/// before its COMMIT: for keyed tables the keys changed, for the others the rows appended.
+pub fn intent_sql(tables: &[MirrorTable], changes: &[Change], intent_id: i64, proxy: &str) -> String {
+    let mut per_table: Vec<(usize, Vec<Value>, Vec<Value>)> = Vec::new();
+    for c in changes {
+        let Some(table) = tables.get(c.table) else {
+            continue;
+        };
+        let slot = match per_table.iter().position(|(t, _, _)| *t == c.table) {
+            Some(i) => i,
+            None => {
+                per_table.push((c.table, Vec::new(), Vec::new()));
+                per_table.len() - 1
+            }
+        };
+        for row in &c.rows {
+            if table.keyed() && c.op != ChangeOp::Append {
+                if let Some(k) = table.key_of(row) {
+                    per_table[slot].1.push(Value::Object(k));
+                }
+            } else if let Ok(v) = serde_json::from_str::<Value>(row) {
+                per_table[slot].2.push(v);
+            }
+        }
+    }
+    let entries: Vec<Value> = per_table
+        .into_iter()
+        .filter_map(|(t, keys, rows)| {
+            let table = tables.get(t)?;
+            let mut e = Map::new();
+            e.insert("t".into(), Value::String(table.name.to_string()));
+            if !keys.is_empty() {
+                e.insert("k".into(), Value::Array(keys));
+            }
+            if !rows.is_empty() {
+                e.insert("r".into(), Value::Array(rows));
+            }
+            Some(Value::Object(e))
+        })
+        .collect();
+    let changes = Value::Array(entries).to_string();
+    format!(
+        "INSERT INTO {}.switchyard_intents (id, proxy, changes) VALUES ({intent_id}, {}, {}::jsonb)",
+        quote_ident(SIDE_SCHEMA),
+        escape_literal(proxy),
+        escape_literal(&changes)
+    )
+}
+
+/// Deletes intents whose NEW transaction committed (on OLD), then their applied markers (on
+/// NEW). Markers are only removed after their intents, so a repair never sees an intent without
+/// its marker when the NEW transaction did commit.
+pub async fn delete_intents(old: &PgPool, new: &PgPool, ids: &[i64]) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM switchyard.switchyard_intents WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(old)
+        .await
+        .map_err(failed("old", "deleting finished intents"))?;
+    sqlx::query("DELETE FROM switchyard.switchyard_applied WHERE intent_id = ANY($1)")
+        .bind(ids)
+        .execute(new)
+        .await
+        .map_err(failed("new", "deleting applied markers"))?;
+    Ok(())
+}
+
+/// Intents that need a repair: those of `proxy` listed in `mine` (its NEW commit failed), and
+/// anyone's older than `stale_secs` (their proxy likely died between the two commits).
+pub async fn pending_intents(
+    old: &PgPool,
+    mine: &[i64],
+    stale_secs: f64,
+    limit: i64,
+) -> Result<Vec<i64>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id FROM switchyard.switchyard_intents \
+         WHERE id = ANY($1) OR created_at < now() - make_interval(secs => $2) ORDER BY created_at LIMIT $3",
+    )
+    .bind(mine)
+    .bind(stale_secs)
+    .bind(limit)
+    .fetch_all(old)
+    .await
+    .map_err(failed("old", "listing intents to repair"))?;
+    Ok(rows.iter().filter_map(|r| r.try_get::<i64, _>(0).ok()).collect())
+}
+
+/// How many intents exist on OLD (transactions whose NEW side is unconfirmed or pending repair).
+pub async fn count_intents(old: &PgPool) -> Result<i64, StoreError> {
+    sqlx::query_scalar("SELECT count(*) FROM switchyard.switchyard_intents")
+        .fetch_one(old)
+        .await
+        .map_err(failed("old", "counting intents"))
+}
+
+/// What a repair did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairOutcome {
+    /// Keys re-copied (upserted or deleted on NEW) and rows appended.
+    Repaired { keys: usize, appended: usize },
+    /// NEW already had the transaction; the intent was just removed.
+    AlreadyApplied,
+    /// Another proxy holds the intent, or it is gone.
+    Skipped,
+}
+
+/// Repairs one intent: locks it and its keys on OLD, re-reads the rows, writes them to NEW with
+/// higher versions (deleting the keys OLD no longer has), then removes the intent.
+pub async fn repair_intent(
+    old: &PgPool,
+    new: &PgPool,
+    tables: &[MirrorTable],
+    id: i64,
+) -> Result<RepairOutcome, StoreError> {
+    let oerr = failed("old", "repairing an intent");
+    let nerr = failed("new", "repairing an intent");
+    let mut otx = old.begin().await.map_err(oerr)?;
+    let changes: Option<String> = sqlx::query_scalar(
+        "SELECT changes::text FROM switchyard.switchyard_intents WHERE id = $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(id)
+    .fetch_optional(&mut *otx)
+    .await
+    .map_err(oerr)?;
+    let Some(changes) = changes else {
+        return Ok(RepairOutcome::Skipped);
+    };
+    let entries: Vec<Value> = serde_json::from_str(&changes).unwrap_or_default();
+
+    let mut apply: Vec<Change> = Vec::new();
+    let mut keys_done = 0;
+    let mut appended = 0;
+    for entry in &entries {
+        let Some(name) = entry.get("t").and_then(Value::as_str) else {
+            continue;
+        };
+        let Some(ti) = tables.iter().position(|t| t.name.to_string() == name) else {
+            continue;
+        };
+        let table = &tables[ti];
+        if let Some(Value::Array(keys)) = entry.get("k") {
+            let keys_json = Value::Array(keys.clone()).to_string();
+            let key_cols = table.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>();
+            let sql = format!(
+                "SELECT row_to_json(t.*)::text FROM {q} AS t WHERE ({tk}) IN \
+                 (SELECT {kk} FROM json_populate_recordset(NULL::{q}, $1::json) AS k) FOR UPDATE OF t",
+                q = table.qualified,
+                tk = key_cols
+                    .iter()
+                    .map(|c| format!("t.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                kk = key_cols
+                    .iter()
+                    .map(|c| format!("k.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(&keys_json)
+                .fetch_all(&mut *otx)
+                .await
+                .map_err(oerr)?;
+            let found: HashSet<String> = rows
+                .iter()
+                .filter_map(|r| table.key_of(r))
+                .map(|k| Value::Object(k).to_string())
+                .collect();
+            let gone: Vec<String> = keys
+                .iter()
+                .map(Value::to_string)
+                .filter(|k| !found.contains(k))
+                .collect();
+            keys_done += rows.len() + gone.len();
+            apply.push(Change {
+                table: ti,
+                op: ChangeOp::Upsert,
+                rows,
+            });
+            apply.push(Change {
+                table: ti,
+                op: ChangeOp::Delete,
+                rows: gone,
+            });
+        }
+        if let Some(Value::Array(rows)) = entry.get("r") {
+            appended += rows.len();
+            apply.push(Change {
+                table: ti,
+                op: ChangeOp::Append,
+                rows: rows.iter().map(Value::to_string).collect(),
+            });
+        }
+    }
+
+    let mut nconn = new.acquire().await.map_err(nerr)?;
+    let mut ntx = nconn.begin().await.map_err(nerr)?;
+    let marked = sqlx::query(
+        "INSERT INTO switchyard.switchyard_applied (intent_id) VALUES ($1) ON CONFLICT DO NOTHING",
+    )
+    .bind(id)
+    .execute(&mut *ntx)
+    .await
+    .map_err(nerr)?
+    .rows_affected();
+    let outcome = if marked == 0 {
+        ntx.rollback().await.map_err(nerr)?;
+        RepairOutcome::AlreadyApplied
+    } else {
+        let mut sql = String::new();
+        for c in apply.iter().filter(|c| !c.rows.is_empty()) {
+            tables[c.table].apply_statement(c.op, &escape_literal(&json_array(&c.rows)), &mut sql);
+            sql.push(';');
+        }
+        if !sql.is_empty() {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *ntx)
+                .await
+                .map_err(nerr)?;
+        }
+        ntx.commit().await.map_err(nerr)?;
+        RepairOutcome::Repaired {
+            keys: keys_done,
+            appended,
+        }
+    };
+    sqlx::query("DELETE FROM switchyard.switchyard_intents WHERE id = $1")
+        .bind(id)
+        .execute(&mut *otx)
+        .await
+        .map_err(oerr)?;
+    otx.commit().await.map_err(oerr)?;
+    Ok(outcome)
+}
+
+/// Marks a table on OLD as needing a full verification (a write the proxy could not capture
+/// ran there).
+pub async fn mark_for_verify(old: &PgPool, table: &TableName, reason: &str) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO switchyard.switchyard_verify (table_name, reason) VALUES ($1, $2) \
+         ON CONFLICT (table_name) DO UPDATE SET reason = EXCLUDED.reason, marked_at = now()",
+    )
+    .bind(table.to_string())
+    .bind(reason)
+    .execute(old)
+    .await
+    .map_err(failed("old", "marking a table for verification"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_literal;
+
+    #[test]
+    fn literals_escape_quotes_and_backslashes() {
+        assert_eq!(
+            escape_literal(r#"{"a":"it's \"x\"\\"}"#),
+            r#"E'{"a":"it''s \\"x\\"\\\\"}'"#
+        );
+    }
+}

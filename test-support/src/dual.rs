@@ -1,0 +1,198 @@
+//! Dual-write fixtures: an OLD and a NEW database with the same schema, prepared by
+//! `switchyard prepare`, proxies in phase `dual_write`, and a full comparison of both stores.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use switchyard_config::{Config, Phase, TableName, TableSettings, UncapturedPolicy};
+
+use crate::{ProxyConfig, TestDb, TestProxy};
+
+/// One migrated table of a [`DualEnv`].
+#[derive(Debug, Clone)]
+pub struct DualTable {
+    /// `schema.table`.
+    pub name: String,
+    /// Config `key` (empty = primary key or append-only).
+    pub key: Vec<String>,
+    /// Config `on_uncaptured`.
+    pub on_uncaptured: &'static str,
+}
+
+impl DualTable {
+    /// A table identified by its primary key, uncapturable writes refused.
+    pub fn new(name: &str) -> DualTable {
+        DualTable {
+            name: name.to_owned(),
+            key: Vec::new(),
+            on_uncaptured: "refuse",
+        }
+    }
+}
+
+/// OLD and NEW with the same tables, prepared for dual writes.
+pub struct DualEnv {
+    pub old: TestDb,
+    pub new: TestDb,
+    pub tables: Vec<DualTable>,
+}
+
+impl DualEnv {
+    /// Creates both databases, runs `schema` on each and prepares the tables.
+    pub async fn new(label: &str, schema: &str, tables: Vec<DualTable>) -> anyhow::Result<DualEnv> {
+        let (old, new) = TestDb::create_pair(label).await?;
+        old.execute_batch(schema).await?;
+        new.execute_batch(schema).await?;
+        let env = DualEnv { old, new, tables };
+        env.prepare().await?;
+        Ok(env)
+    }
+
+    fn settings(&self) -> anyhow::Result<Vec<TableSettings>> {
+        self.tables
+            .iter()
+            .map(|t| {
+                Ok(TableSettings {
+                    name: t.name.parse::<TableName>().map_err(anyhow::Error::msg)?,
+                    phase: Phase::DualWrite,
+                    read_share: 0,
+                    key: t.key.clone(),
+                    on_uncaptured: if t.on_uncaptured == "mark_for_verify" {
+                        UncapturedPolicy::MarkForVerify
+                    } else {
+                        UncapturedPolicy::Refuse
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Runs `switchyard prepare` (the library call) and fails on any mismatch.
+    pub async fn prepare(&self) -> anyhow::Result<()> {
+        let old = sqlx::PgPool::connect(self.old.url()).await?;
+        let new = sqlx::PgPool::connect(self.new.url()).await?;
+        let report = switchyard_store::prepare(&old, &new, &self.settings()?, true).await?;
+        anyhow::ensure!(report.mismatches.is_empty(), "prepare: {:?}", report.mismatches);
+        old.close().await;
+        new.close().await;
+        Ok(())
+    }
+
+    /// A proxy config with every table in `dual_write` and NEW reached at `new_url` (a fault
+    /// injector in front of NEW, for example).
+    pub fn proxy_config_via(&self, new_url: &str) -> ProxyConfig {
+        let mut cfg = ProxyConfig::passthrough(self.old.url(), new_url);
+        for t in &self.tables {
+            let mut section = format!(
+                "[[tables]]\nname = \"{}\"\nphase = \"dual_write\"\non_uncaptured = \"{}\"\n",
+                t.name, t.on_uncaptured
+            );
+            if !t.key.is_empty() {
+                let cols: Vec<String> = t.key.iter().map(|k| format!("\"{k}\"")).collect();
+                section.push_str(&format!("key = [{}]\n", cols.join(", ")));
+            }
+            cfg.extra_sections.push(section);
+        }
+        cfg
+    }
+
+    /// A proxy config with every table in `dual_write`.
+    pub fn proxy_config(&self) -> ProxyConfig {
+        self.proxy_config_via(self.new.url())
+    }
+
+    /// Starts a proxy in `dual_write`.
+    pub async fn proxy(&self) -> anyhow::Result<TestProxy> {
+        TestProxy::start(&self.proxy_config()).await
+    }
+
+    /// Every row of `table` in OLD and NEW, as `row_to_json` text, sorted.
+    async fn rows(db: &TestDb, table: &str) -> anyhow::Result<Vec<String>> {
+        let client = db.client().await?;
+        let rows = client
+            .query(&format!("SELECT row_to_json(t)::text FROM {table} t"), &[])
+            .await
+            .with_context(|| format!("reading {table} on {}", db.name()))?;
+        let mut out: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Full comparison of one table: the rows only OLD has and the rows only NEW has (as
+    /// multisets, so duplicates in tables without a key count).
+    pub async fn diff(&self, table: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+        let old = Self::rows(&self.old, table).await?;
+        let new = Self::rows(&self.new, table).await?;
+        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+        for r in &old {
+            *counts.entry(r).or_default() += 1;
+        }
+        for r in &new {
+            *counts.entry(r).or_default() -= 1;
+        }
+        let only_old = counts
+            .iter()
+            .filter(|(_, &n)| n > 0)
+            .flat_map(|(r, &n)| std::iter::repeat_n(r.to_string(), n as usize))
+            .collect();
+        let only_new = counts
+            .iter()
+            .filter(|(_, &n)| n < 0)
+            .flat_map(|(r, &n)| std::iter::repeat_n(r.to_string(), (-n) as usize))
+            .collect();
+        Ok((only_old, only_new))
+    }
+
+    /// Fails with the differing rows unless every table is identical in OLD and NEW.
+    pub async fn assert_converged(&self) -> anyhow::Result<()> {
+        let mut problems = Vec::new();
+        for t in &self.tables {
+            let (only_old, only_new) = self.diff(&t.name).await?;
+            if !only_old.is_empty() || !only_new.is_empty() {
+                let show = |v: &[String]| v.iter().take(5).cloned().collect::<Vec<_>>().join("\n    ");
+                problems.push(format!(
+                    "{}: {} rows only in OLD, {} only in NEW\n  OLD:\n    {}\n  NEW:\n    {}",
+                    t.name,
+                    only_old.len(),
+                    only_new.len(),
+                    show(&only_old),
+                    show(&only_new)
+                ));
+            }
+        }
+        anyhow::ensure!(problems.is_empty(), "stores differ:\n{}", problems.join("\n"));
+        Ok(())
+    }
+
+    /// Intents on OLD (transactions not yet confirmed on NEW).
+    pub async fn pending_intents(&self) -> anyhow::Result<i64> {
+        let c = self.old.client().await?;
+        Ok(
+            c.query_one("SELECT count(*) FROM switchyard.switchyard_intents", &[])
+                .await?
+                .get(0),
+        )
+    }
+
+    /// Waits until no intent is left on OLD (cleanup and repairs done), up to `limit`.
+    pub async fn wait_for_no_intents(&self, limit: std::time::Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let n = self.pending_intents().await?;
+            if n == 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{n} intents still pending after {limit:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The config a CLI run would use, for tests that start the binary.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        Config::from_toml_str(&self.proxy_config().to_toml(), Default::default())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}

@@ -1,0 +1,290 @@
+//! Dual writes statement by statement, against real OLD and NEW databases: every kind of write
+//! in simple and extended protocol reaches NEW exactly as OLD has it, and the client sees what
+//! it would see from PostgreSQL directly.
+
+use std::time::Duration;
+
+use switchyard_test_support::{DualEnv, DualTable};
+use tokio_postgres::SimpleQueryMessage;
+
+const SCHEMA: &str = "
+CREATE TABLE accounts (
+    id bigserial PRIMARY KEY,
+    owner text NOT NULL,
+    balance numeric(12,2) NOT NULL DEFAULT 0,
+    tags text[],
+    meta jsonb,
+    created timestamptz NOT NULL DEFAULT now(),
+    noise double precision DEFAULT random()
+);
+CREATE TABLE ledger (
+    entry uuid NOT NULL DEFAULT gen_random_uuid(),
+    account bigint NOT NULL,
+    amount numeric NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE pairs (a int, b text, v text, PRIMARY KEY (a, b));
+CREATE TABLE other (id int PRIMARY KEY, v text);
+";
+
+async fn env(label: &str) -> DualEnv {
+    DualEnv::new(
+        label,
+        SCHEMA,
+        vec![
+            DualTable::new("public.accounts"),
+            DualTable::new("ledger"),
+            DualTable::new("pairs"),
+        ],
+    )
+    .await
+    .expect("dual env")
+}
+
+fn tags(msgs: &[SimpleQueryMessage]) -> Vec<String> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(format!("C{n}")),
+            SimpleQueryMessage::Row(r) => Some(format!(
+                "R{}:{}",
+                r.len(),
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn simple_protocol_writes_reach_new_with_old_generated_values() {
+    let env = env("dw_simple").await;
+    let proxy = env.proxy().await.unwrap();
+    let c = proxy.client().await.unwrap();
+
+    // Autocommit inserts: serial ids, DEFAULT now(), random(), arrays, jsonb.
+    let m = c
+        .simple_query("INSERT INTO accounts (owner, tags, meta) VALUES ('ann', '{a,b}', '{\"k\": [1, 2]}'), ('bob', NULL, NULL)")
+        .await
+        .unwrap();
+    assert_eq!(
+        tags(&m),
+        vec!["C2"],
+        "no rows leak to a client that asked for none"
+    );
+    // The client's own RETURNING: only its columns.
+    let m = c
+        .simple_query("INSERT INTO accounts (owner, balance) VALUES ('cy', 5) RETURNING id, owner")
+        .await
+        .unwrap();
+    assert_eq!(tags(&m), vec!["R2:3,cy", "C1"]);
+    // UPDATE with FROM, DELETE with USING.
+    c.batch_execute("UPDATE accounts a SET balance = a.balance + o.v::numeric FROM (VALUES (1, '10.5')) o(id, v) WHERE a.id = o.id")
+        .await
+        .unwrap();
+    let m = c
+        .simple_query("DELETE FROM accounts a USING (VALUES (2)) d(id) WHERE a.id = d.id RETURNING a.owner")
+        .await
+        .unwrap();
+    assert_eq!(tags(&m), vec!["R1:bob", "C1"]);
+    // Upserts.
+    c.batch_execute(
+        "INSERT INTO pairs VALUES (1, 'x', 'first') ON CONFLICT (a, b) DO UPDATE SET v = EXCLUDED.v",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("INSERT INTO pairs VALUES (1, 'x', 'second') ON CONFLICT (a, b) DO UPDATE SET v = pairs.v || '+' || EXCLUDED.v")
+        .await
+        .unwrap();
+    let m = c
+        .simple_query("INSERT INTO pairs VALUES (1, 'x', 'ignored') ON CONFLICT DO NOTHING")
+        .await
+        .unwrap();
+    assert_eq!(tags(&m), vec!["C0"]);
+    // A table without a primary key: append-only, OLD's generated uuid and clock_timestamp().
+    c.batch_execute("INSERT INTO ledger (account, amount) VALUES (1, 10.5), (3, 5)")
+        .await
+        .unwrap();
+    // Several statements in one string: one implicit transaction.
+    let m = c
+        .simple_query("INSERT INTO pairs VALUES (2, 'y', 'a'); UPDATE pairs SET v = 'b' WHERE a = 2; SELECT v FROM pairs WHERE a = 2")
+        .await
+        .unwrap();
+    assert_eq!(tags(&m), vec!["C1", "C1", "R1:b", "C1"]);
+    // A non-migrated table is untouched on NEW.
+    c.batch_execute("INSERT INTO other VALUES (1, 'old only')")
+        .await
+        .unwrap();
+
+    env.assert_converged().await.unwrap();
+    let n: i64 = env
+        .new
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM other", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    env.wait_for_no_intents(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test]
+async fn transactions_savepoints_and_rollbacks() {
+    let env = env("dw_txn").await;
+    let proxy = env.proxy().await.unwrap();
+    let c = proxy.client().await.unwrap();
+
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO pairs VALUES (1, 'kept', 'v');
+         SAVEPOINT s1;
+         INSERT INTO pairs VALUES (2, 'discarded', 'v');
+         UPDATE pairs SET v = 'discarded too' WHERE a = 1;
+         ROLLBACK TO SAVEPOINT s1;
+         SAVEPOINT s2;
+         INSERT INTO pairs VALUES (3, 'released', 'v');
+         RELEASE s2;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("BEGIN; INSERT INTO pairs VALUES (9, 'rolled back', 'v'); ROLLBACK;")
+        .await
+        .unwrap();
+    // An error aborts the transaction: COMMIT answers ROLLBACK and nothing is mirrored.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("INSERT INTO pairs VALUES (10, 'aborted', 'v')")
+        .await
+        .unwrap();
+    assert!(c
+        .batch_execute("INSERT INTO pairs VALUES (10, 'aborted', 'dup')")
+        .await
+        .is_err());
+    let m = c.simple_query("COMMIT").await.unwrap();
+    assert_eq!(
+        tags(&m),
+        vec!["C0"],
+        "COMMIT of an aborted transaction is ROLLBACK"
+    );
+    // A failing statement in an autocommit string leaves nothing behind.
+    assert!(c
+        .batch_execute("INSERT INTO pairs VALUES (20, 'x', 'v'); INSERT INTO pairs VALUES (20, 'x', 'dup')")
+        .await
+        .is_err());
+
+    // The session is usable afterwards and reports idle.
+    let m = c.simple_query("SELECT count(*) FROM pairs").await.unwrap();
+    assert_eq!(tags(&m), vec!["R1:2", "C1"]);
+    env.assert_converged().await.unwrap();
+}
+
+#[tokio::test]
+async fn extended_protocol_prepared_statements_reused() {
+    let env = env("dw_ext").await;
+    let proxy = env.proxy().await.unwrap();
+    let c = proxy.client().await.unwrap();
+
+    let insert = c
+        .prepare("INSERT INTO accounts (owner, balance) VALUES ($1, $2::text::numeric) RETURNING id")
+        .await
+        .unwrap();
+    assert_eq!(
+        insert.columns().len(),
+        1,
+        "Describe shows only the client's columns"
+    );
+    let update = c
+        .prepare("UPDATE accounts SET balance = balance + $2::text::numeric WHERE id = $1")
+        .await
+        .unwrap();
+    assert!(
+        update.columns().is_empty(),
+        "Describe of a write without RETURNING: NoData"
+    );
+    let delete = c.prepare("DELETE FROM accounts WHERE id = $1").await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..50i64 {
+        let row = c
+            .query_one(&insert, &[&format!("user{i}"), &format!("{i}.25")])
+            .await
+            .unwrap();
+        ids.push(row.get::<_, i64>(0));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let n = c.execute(&update, &[id, &format!("{i}")]).await.unwrap();
+        assert_eq!(n, 1);
+    }
+    for id in ids.iter().step_by(3) {
+        assert_eq!(c.execute(&delete, &[id]).await.unwrap(), 1);
+    }
+    // Binary result format of the client's own RETURNING column (tokio-postgres asks binary).
+    let row = c
+        .query_one(
+            "UPDATE accounts SET owner = owner || '!' WHERE id = $1 RETURNING id, owner, balance",
+            &[&ids[1]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.len(), 3);
+    assert_eq!(row.get::<_, i64>(0), ids[1]);
+    assert_eq!(row.get::<_, String>(1), "user1!");
+    // An explicit transaction through the extended protocol.
+    let mut c = c;
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO pairs VALUES ($1, $2, 'in tx')", &[&7i32, &"t"])
+        .await
+        .unwrap();
+    tx.execute("UPDATE pairs SET v = 'updated in tx' WHERE a = $1", &[&7i32])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO pairs VALUES ($1, $2, 'rolled back')", &[&8i32, &"t"])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+
+    env.assert_converged().await.unwrap();
+    env.wait_for_no_intents(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test]
+async fn uncapturable_writes_are_refused_with_a_clear_error() {
+    let env = env("dw_refuse").await;
+    let proxy = env.proxy().await.unwrap();
+    let c = proxy.client().await.unwrap();
+    c.batch_execute("INSERT INTO pairs VALUES (1, 'a', 'v')")
+        .await
+        .unwrap();
+    for sql in [
+        "TRUNCATE pairs",
+        "UPDATE pairs SET a = 5 WHERE a = 1",
+        "UPDATE ledger SET amount = 0",
+        "WITH d AS (DELETE FROM pairs RETURNING *) SELECT count(*) FROM d",
+        "ALTER TABLE pairs ADD COLUMN extra int",
+    ] {
+        let err = c.batch_execute(sql).await.expect_err(sql);
+        let db = err.as_db_error().expect("a server error");
+        assert_eq!(db.code().code(), "0A000", "{sql}");
+        assert!(
+            db.message().contains("public.pairs") || db.message().contains("public.ledger"),
+            "{}",
+            db.message()
+        );
+    }
+    // Also through the extended protocol, and inside a transaction (which it aborts).
+    let err = c.execute("TRUNCATE pairs", &[]).await.expect_err("extended");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("0A000"));
+    c.batch_execute("BEGIN").await.unwrap();
+    assert!(c.batch_execute("TRUNCATE pairs").await.is_err());
+    let m = c.simple_query("COMMIT").await.unwrap();
+    assert_eq!(tags(&m), vec!["C0"]);
+    // Nothing changed anywhere; the session still works.
+    let m = c.simple_query("SELECT count(*) FROM pairs").await.unwrap();
+    assert_eq!(tags(&m), vec!["R1:1", "C1"]);
+    env.assert_converged().await.unwrap();
+}
