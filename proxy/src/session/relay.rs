@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use switchyard_pgwire::backend::TransactionStatus;
 use switchyard_pgwire::frame::{Frames, MessageLimits};
 use switchyard_pgwire::frontend::{self, ClientMessage, Target};
@@ -445,8 +445,8 @@ async fn client_to_upstream(
             None => frames.pending().map(|h| h.map(|h| h.frame_len)),
         };
         if consumed > 0 {
-            let chunk = buf.split_to(consumed);
-            wr.write_all(&chunk).await.map_err(SessionError::UpstreamIo)?;
+            wr.write_all(&buf[..consumed]).await.map_err(SessionError::UpstreamIo)?;
+            buf.advance(consumed);
         }
         if let Some(e) = violation {
             return Err(e);
@@ -608,8 +608,8 @@ async fn upstream_to_client(
             .map_err(SessionError::UpstreamProtocol)?
             .map(|h| h.frame_len);
         if consumed > 0 {
-            let chunk = buf.split_to(consumed);
-            wr.write_all(&chunk).await.map_err(SessionError::ClientIo)?;
+            wr.write_all(&buf[..consumed]).await.map_err(SessionError::ClientIo)?;
+            buf.advance(consumed);
         }
         if let Some(frame_len) = pending {
             let missing = frame_len.saturating_sub(buf.len());
