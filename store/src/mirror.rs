@@ -175,6 +175,14 @@ impl MirrorTable {
         }
     }
 
+    /// The apply statement for `op` with the image array as parameter `$1` (text, a JSON array),
+    /// for preparing once per connection.
+    pub fn prepared_apply(&self, op: ChangeOp) -> String {
+        let mut sql = String::new();
+        self.apply_statement(op, "$1", &mut sql);
+        sql
+    }
+
     /// The key of a row image, as a JSON object of the key columns (for intents), or `None` if
     /// the image lacks one.
     fn key_of(&self, image: &str) -> Option<Map<String, Value>> {
@@ -204,7 +212,11 @@ pub fn escape_literal(s: &str) -> String {
     out
 }
 
-fn json_array(rows: &[String]) -> String {
+/// The statement marking an intent as applied on NEW (parameter `$1`: the intent id).
+pub const APPLIED_SQL: &str = "INSERT INTO switchyard.switchyard_applied (intent_id) VALUES ($1)";
+
+/// The rows of a change as one JSON array (the parameter of [`MirrorTable::prepared_apply`]).
+pub fn json_array(rows: &[String]) -> String {
     let mut s = String::with_capacity(rows.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
     s.push('[');
     for (i, r) in rows.iter().enumerate() {

@@ -7,6 +7,7 @@
 //! `switchyard_store::mirror`. The mechanism and the promises it keeps are described in
 //! `docs/dual-writes.md`.
 
+pub(crate) mod newlink;
 pub(crate) mod session;
 pub(crate) mod sql;
 pub(crate) mod wire;
@@ -15,15 +16,45 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::Postgres;
 use switchyard_config::{Config, MirrorSettings, Phase, StoreUrl, TableSettings, UncapturedPolicy};
-use switchyard_store::mirror::{self as store_mirror, Change, MirrorTable, RepairOutcome};
+use switchyard_store::mirror::{self as store_mirror, Change, ChangeOp, MirrorTable, RepairOutcome};
 use tokio::sync::mpsc;
 
 use crate::error::StartError;
+use newlink::{BatchStatement, LinkConn, NewLink};
 use sql::{Analyzer, MigratedTables};
+
+/// The prepared apply statements of one table: name and SQL per operation.
+pub(crate) struct ApplyStatements {
+    upsert: (String, String),
+    delete: (String, String),
+    append: (String, String),
+}
+
+impl ApplyStatements {
+    fn new(index: usize, table: &MirrorTable) -> ApplyStatements {
+        let one = |tag: &str, op| {
+            (
+                format!("switchyard_apply_{index}_{tag}"),
+                table.prepared_apply(op),
+            )
+        };
+        ApplyStatements {
+            upsert: one("u", ChangeOp::Upsert),
+            delete: one("d", ChangeOp::Delete),
+            append: one("a", ChangeOp::Append),
+        }
+    }
+
+    fn get(&self, op: ChangeOp) -> &(String, String) {
+        match op {
+            ChangeOp::Upsert => &self.upsert,
+            ChangeOp::Delete => &self.delete,
+            ChangeOp::Append => &self.append,
+        }
+    }
+}
 
 /// Counters and gauges of the dual-write engine, read by the metrics and `/status`.
 #[derive(Debug, Default)]
@@ -53,7 +84,11 @@ pub(crate) struct Mirror {
     pub(crate) tables: Vec<MirrorTable>,
     pub(crate) policies: Vec<UncapturedPolicy>,
     pub(crate) old: PgPool,
+    /// sqlx pool to NEW, for repairs and bookkeeping.
     pub(crate) new: PgPool,
+    /// Wire-protocol connections to NEW for the mirrored transactions themselves.
+    link: NewLink,
+    statements: Vec<ApplyStatements>,
     pub(crate) settings: MirrorSettings,
     pub(crate) proxy_id: String,
     pub(crate) stats: Arc<MirrorStats>,
@@ -113,7 +148,7 @@ impl Mirror {
             .acquire_timeout(settings.timeout.max(Duration::from_secs(5)))
             .connect_lazy_with(connect_options(&config.old.url, "switchyard-repair"));
         let new = PgPoolOptions::new()
-            .max_connections(settings.pool_size)
+            .max_connections(4)
             .min_connections(0)
             .acquire_timeout(settings.timeout)
             .idle_timeout(Duration::from_secs(60))
@@ -157,6 +192,19 @@ impl Mirror {
         }
         check_prepared(&old, &new, &tables).await?;
 
+        let statements = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ApplyStatements::new(i, t))
+            .collect();
+        let link = NewLink::new(
+            &config.new.url,
+            settings.pool_size,
+            config
+                .proxy
+                .connect_timeout
+                .min(settings.timeout.max(Duration::from_secs(1))),
+        );
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let mirror = Arc::new(Mirror {
             analyzer: Analyzer::new(MigratedTables::new(&names)),
@@ -164,6 +212,8 @@ impl Mirror {
             policies,
             old,
             new,
+            link,
+            statements,
             settings,
             proxy_id: format!("{}-{:08x}", std::process::id(), rand::random::<u32>()),
             stats: Arc::new(MirrorStats::default()),
@@ -192,27 +242,39 @@ impl Mirror {
         self.new_down_until.store(until, Relaxed);
     }
 
-    /// Step 1 on NEW: `BEGIN` and the images, in one round trip, on a pooled connection. `None`
-    /// when NEW is down, slow or refuses the images: the transaction then relies on its intent.
-    pub(crate) async fn begin_on_new(
-        &self,
-        changes: &[Change],
-        intent_id: i64,
-    ) -> Option<PoolConnection<Postgres>> {
+    /// Step 1 on NEW: `BEGIN`, the images and the applied marker, in one round trip, on a
+    /// pooled connection. `None` when NEW is down, slow or refuses the images: the transaction
+    /// then relies on its intent.
+    pub(crate) async fn begin_on_new(&self, changes: &[Change], intent_id: i64) -> Option<LinkConn> {
         if !self.new_available() {
             return None;
         }
-        let sql = store_mirror::apply_sql(&self.tables, changes, intent_id);
+        let params: Vec<String> = changes
+            .iter()
+            .map(|c| store_mirror::json_array(&c.rows))
+            .collect();
+        let id = intent_id.to_string();
+        let mut batch = Vec::with_capacity(changes.len() + 1);
+        for (c, p) in changes.iter().zip(&params) {
+            let Some(st) = self.statements.get(c.table) else {
+                continue;
+            };
+            let (name, sql) = st.get(c.op);
+            batch.push(BatchStatement {
+                name,
+                sql,
+                params: vec![p.as_str()],
+            });
+        }
+        batch.push(BatchStatement {
+            name: "switchyard_applied",
+            sql: store_mirror::APPLIED_SQL,
+            params: vec![id.as_str()],
+        });
         let work = async {
-            let mut conn = self.new.acquire().await?;
-            match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await {
-                Ok(_) => Ok(conn),
-                Err(e) => {
-                    // Leave no aborted transaction in the pool.
-                    let _ = conn.detach();
-                    Err(e)
-                }
-            }
+            let mut conn = self.link.acquire().await?;
+            conn.conn.begin_batch(&batch).await?;
+            Ok::<_, newlink::LinkError>(conn)
         };
         match tokio::time::timeout(self.settings.timeout, work).await {
             Ok(Ok(conn)) => Some(conn),
@@ -229,25 +291,25 @@ impl Mirror {
 
     /// Step 3: commit NEW after OLD committed. On failure the intent stays on OLD and this
     /// proxy repairs it first.
-    pub(crate) async fn commit_on_new(
-        &self,
-        conn: Option<PoolConnection<Postgres>>,
-        intent_id: i64,
-        started: Instant,
-    ) {
+    pub(crate) async fn commit_on_new(&self, conn: Option<LinkConn>, intent_id: i64, started: Instant) {
         let committed = match conn {
             None => false,
             Some(mut conn) => {
-                let work = sqlx::raw_sql("COMMIT").execute(&mut *conn);
+                let work = conn.conn.simple("COMMIT");
                 match tokio::time::timeout(self.settings.timeout, work).await {
-                    Ok(Ok(_)) => true,
+                    Ok(Ok(b'I')) => {
+                        self.link.release(conn);
+                        true
+                    }
+                    Ok(Ok(_)) => {
+                        self.new_failed("COMMIT left a transaction open");
+                        false
+                    }
                     Ok(Err(e)) => {
-                        let _ = conn.detach();
                         self.new_failed(&e.to_string());
                         false
                     }
                     Err(_) => {
-                        let _ = conn.detach();
                         self.new_failed("timed out committing");
                         false
                     }
@@ -268,11 +330,11 @@ impl Mirror {
     }
 
     /// OLD did not commit: drop NEW's side.
-    pub(crate) async fn rollback_on_new(&self, conn: Option<PoolConnection<Postgres>>) {
+    pub(crate) async fn rollback_on_new(&self, conn: Option<LinkConn>) {
         if let Some(mut conn) = conn {
-            let work = sqlx::raw_sql("ROLLBACK").execute(&mut *conn);
-            if !matches!(tokio::time::timeout(self.settings.timeout, work).await, Ok(Ok(_))) {
-                let _ = conn.detach();
+            let work = conn.conn.simple("ROLLBACK");
+            if let Ok(Ok(b'I')) = tokio::time::timeout(self.settings.timeout, work).await {
+                self.link.release(conn);
             }
         }
     }

@@ -143,7 +143,7 @@ impl TxnImages {
 
 /// What the NEW side of a commit in progress holds.
 struct PendingCommit {
-    conn: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+    conn: Option<super::newlink::LinkConn>,
     intent_id: i64,
     started: Instant,
 }
@@ -170,6 +170,9 @@ struct MirrorSession<'a> {
     implicit: bool,
     /// An error was answered in the current extended-protocol batch.
     batch_failed: bool,
+    /// The server is skipping messages until the client's next Sync (an error came before
+    /// that Sync was sent): those messages get no answers.
+    skipping: bool,
     statements: HashMap<Vec<u8>, Arc<Stmt>>,
     portals: HashMap<Vec<u8>, Arc<Stmt>>,
     txn: TxnImages,
@@ -208,6 +211,7 @@ pub(crate) async fn relay(
         in_block: false,
         implicit: false,
         batch_failed: false,
+        skipping: false,
         statements: HashMap::new(),
         portals: HashMap::new(),
         txn: TxnImages::default(),
@@ -315,7 +319,14 @@ impl MirrorSession<'_> {
     fn send(&mut self, frame: &[u8], expect: Option<Expect>) {
         self.to_up.extend_from_slice(frame);
         if let Some(e) = expect {
-            self.expect.push_back(e);
+            // After an error in an extended-protocol batch the server ignores everything up to
+            // Sync: only the Sync will be answered.
+            if matches!(e, Expect::Sync { .. }) {
+                self.skipping = false;
+                self.expect.push_back(e);
+            } else if !self.skipping {
+                self.expect.push_back(e);
+            }
         }
     }
 
@@ -329,12 +340,42 @@ impl MirrorSession<'_> {
         self.drain().await
     }
 
+    /// Waits until every statement sent so far has completed (its images and errors are known).
+    /// Parse, Bind, Describe and Close answers may still be outstanding: they carry no images,
+    /// and if one of them fails, the server skips what follows up to Sync, which the session
+    /// sees in order (an injected COMMIT then counts as not committed).
+    async fn settle(&mut self) -> Result<(), SessionError> {
+        let busy = |q: &VecDeque<Expect>| {
+            q.iter().any(|e| {
+                matches!(
+                    e,
+                    Expect::Execute { .. }
+                        | Expect::Query { .. }
+                        | Expect::Sync { .. }
+                        | Expect::FunctionCall
+                )
+            })
+        };
+        if !busy(&self.expect) {
+            return Ok(());
+        }
+        if !self.flushed {
+            wire::flush(&mut self.to_up);
+            self.flushed = true;
+        }
+        self.drain_while(busy).await
+    }
+
     /// Reads and processes server messages until every expected answer has arrived.
     async fn drain(&mut self) -> Result<(), SessionError> {
+        self.drain_while(|q| !q.is_empty()).await
+    }
+
+    async fn drain_while(&mut self, pending: impl Fn(&VecDeque<Expect>) -> bool) -> Result<(), SessionError> {
         self.flush_upstream().await?;
         loop {
             self.process_server_buffer().await?;
-            if self.expect.is_empty() {
+            if !pending(&self.expect) {
                 return Ok(());
             }
             if self.to_client.len() > 64 * 1024 {
@@ -618,17 +659,16 @@ impl MirrorSession<'_> {
         } else {
             self.inject_statement("COMMIT", None, false);
         }
-        self.barrier().await?;
-        let failed = self.batch_failed;
-        self.send(&frame, Some(Expect::Sync { forward: !failed }));
+        // The commit and the client's Sync go together; the client's ReadyForQuery is ours.
+        self.send(&frame, Some(Expect::Sync { forward: false }));
         self.flushed = true;
         self.drain().await?;
-        if failed {
-            // The intent or COMMIT failed: the server holds an aborted block the client never
-            // opened. Close it; the client already has the error.
+        if self.status != b'I' {
+            // The intent or COMMIT failed inside the block the proxy opened: close it; the
+            // client already has the error.
             self.rollback_quietly().await?;
-            wire::ready_for_query(&mut self.to_client, b'I');
         }
+        wire::ready_for_query(&mut self.to_client, b'I');
         self.batch_failed = false;
         self.hold_client = false;
         Ok(())
@@ -696,7 +736,7 @@ impl MirrorSession<'_> {
     /// Before OLD commits: waits for every earlier answer, then applies the images on NEW.
     /// `None` when there is nothing to mirror or the transaction already failed.
     async fn prepare_commit(&mut self) -> Result<Option<CommitWait>, SessionError> {
-        self.barrier().await?;
+        self.settle().await?;
         if self.txn.changes.is_empty() || self.status == b'E' || self.batch_failed {
             self.txn.clear();
             return Ok(None);
@@ -1102,6 +1142,9 @@ impl MirrorSession<'_> {
                     if let Some(Expect::Execute { commit: Some(_), .. }) = self.expect.pop_front() {
                         commit_failed = true;
                     }
+                }
+                if !self.expect.iter().any(|e| matches!(e, Expect::Sync { .. })) {
+                    self.skipping = true;
                 }
                 if commit_failed || (self.pending.is_some() && self.expect.is_empty()) {
                     self.finish_commit(false).await;

@@ -1,0 +1,228 @@
+//! Connections to NEW for mirrored transactions, speaking the wire protocol directly.
+//!
+//! The mirror's hot path needs two things sqlx does not offer: pipelining (`BEGIN`, every
+//! image statement and the applied marker leave in one write and are answered in one round
+//! trip) and statements prepared once per connection and reused (planning the apply statements
+//! for every transaction cost NEW a third of its throughput in our measurements). So the
+//! mirror logs in with the same code as the session's upstream login and keeps a small pool
+//! of such connections; repairs and bookkeeping, which are off the hot path, use sqlx.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use switchyard_config::StoreUrl;
+use switchyard_pgwire::frame::{peek_header, MessageLimits};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::wire;
+use crate::session::upstream::{LoginOutcome, UpstreamTarget};
+
+/// Why NEW did not do what the mirror asked.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkError {
+    #[error("cannot connect to NEW: {0}")]
+    Connect(String),
+    #[error("NEW connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("NEW refused the statement: {0}")]
+    Statement(String),
+    #[error("NEW sent an unexpected message ({0})")]
+    Protocol(&'static str),
+}
+
+/// One statement of an apply batch: a name it is prepared under, its SQL, its text parameters.
+pub(crate) struct BatchStatement<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) sql: &'a str,
+    pub(crate) params: Vec<&'a str>,
+}
+
+/// A logged-in connection to NEW.
+pub(crate) struct NewConn {
+    stream: TcpStream,
+    buf: BytesMut,
+    prepared: HashSet<String>,
+}
+
+impl NewConn {
+    /// Sends `BEGIN`, the statements and a Sync in one write, and reads the answers. On success
+    /// the transaction is open on NEW.
+    pub(crate) async fn begin_batch(&mut self, stmts: &[BatchStatement<'_>]) -> Result<(), LinkError> {
+        let mut out = BytesMut::with_capacity(1024);
+        wire::query(&mut out, "BEGIN");
+        let mut newly = Vec::new();
+        for s in stmts {
+            if !self.prepared.contains(s.name) && !newly.contains(&s.name) {
+                wire::parse(&mut out, s.name.as_bytes(), s.sql);
+                newly.push(s.name);
+            }
+            bind_text(&mut out, s.name.as_bytes(), &s.params);
+            wire::execute(&mut out, b"", 0);
+        }
+        out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        self.stream.write_all(&out).await?;
+        // BEGIN's ReadyForQuery, then the batch's.
+        self.until_ready().await?;
+        let result = self.until_ready().await;
+        if result.is_ok() {
+            for n in newly {
+                self.prepared.insert(n.to_owned());
+            }
+        }
+        match result? {
+            b'T' => Ok(()),
+            _ => Err(LinkError::Protocol("batch did not leave a transaction open")),
+        }
+    }
+
+    /// Runs a simple statement (`COMMIT`, `ROLLBACK`).
+    pub(crate) async fn simple(&mut self, sql: &str) -> Result<u8, LinkError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        wire::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        self.until_ready().await
+    }
+
+    /// Reads answers up to ReadyForQuery; returns its status, or the first error.
+    async fn until_ready(&mut self) -> Result<u8, LinkError> {
+        let mut error: Option<String> = None;
+        loop {
+            while let Some((tag, body)) = self.take_frame()? {
+                match tag {
+                    b'E' if error.is_none() => error = Some(error_text(&body)),
+                    b'Z' => {
+                        let status = body.first().copied().unwrap_or(b'I');
+                        return match error {
+                            Some(e) => Err(LinkError::Statement(e)),
+                            None => Ok(status),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(8192);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(LinkError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    fn take_frame(&mut self) -> Result<Option<(u8, Bytes)>, LinkError> {
+        let limits = MessageLimits::default();
+        match peek_header(&self.buf, limits).map_err(|_| LinkError::Protocol("bad frame"))? {
+            Some(h) if self.buf.len() >= h.frame_len => {
+                let frame = self.buf.split_to(h.frame_len).freeze();
+                Ok(Some((h.tag, frame.slice(h.body_range()))))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+fn bind_text(out: &mut BytesMut, statement: &[u8], params: &[&str]) {
+    let mut b = Vec::with_capacity(64 + params.iter().map(|p| p.len() + 4).sum::<usize>());
+    b.push(0); // unnamed portal
+    b.extend_from_slice(statement);
+    b.push(0);
+    b.extend_from_slice(&0i16.to_be_bytes()); // all parameters in text
+    b.extend_from_slice(&i16::try_from(params.len()).unwrap_or(i16::MAX).to_be_bytes());
+    for p in params {
+        b.put_i32(i32::try_from(p.len()).unwrap_or(i32::MAX));
+        b.extend_from_slice(p.as_bytes());
+    }
+    b.extend_from_slice(&0i16.to_be_bytes()); // results in text
+    wire::message(out, b'B', &b);
+}
+
+/// Severity, SQLSTATE and message of an ErrorResponse body.
+fn error_text(body: &[u8]) -> String {
+    let mut code = "";
+    let mut message = "";
+    for field in body.split(|&b| b == 0) {
+        match field.split_first() {
+            Some((b'C', v)) => code = std::str::from_utf8(v).unwrap_or(""),
+            Some((b'M', v)) => message = std::str::from_utf8(v).unwrap_or(""),
+            _ => {}
+        }
+    }
+    format!("{message} (SQLSTATE {code})")
+}
+
+/// A pooled NEW connection; goes back to the pool with [`NewLink::release`].
+pub(crate) struct LinkConn {
+    pub(crate) conn: NewConn,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The pool of NEW connections shared by a proxy's sessions.
+pub(crate) struct NewLink {
+    target: UpstreamTarget,
+    idle: Mutex<Vec<NewConn>>,
+    slots: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+impl NewLink {
+    pub(crate) fn new(url: &StoreUrl, size: u32, timeout: Duration) -> NewLink {
+        NewLink {
+            target: UpstreamTarget { url: url.clone() },
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(size as usize)),
+            timeout,
+        }
+    }
+
+    /// A connection: an idle one, or a new login. Waits for a free slot.
+    pub(crate) async fn acquire(&self) -> Result<LinkConn, LinkError> {
+        let permit = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| LinkError::Connect("pool closed".into()))?;
+        let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let conn = match idle {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        Ok(LinkConn {
+            conn,
+            _permit: permit,
+        })
+    }
+
+    async fn connect(&self) -> Result<NewConn, LinkError> {
+        let params = [
+            ("application_name".to_owned(), "switchyard-mirror".to_owned()),
+            // A mirrored transaction whose proxy vanished must not hold NEW's locks for long.
+            (
+                "options".to_owned(),
+                "-c idle_in_transaction_session_timeout=60000".to_owned(),
+            ),
+        ];
+        match self
+            .target
+            .connect(196_608, &params, self.timeout, Some(Duration::from_secs(30)))
+            .await
+        {
+            Ok(LoginOutcome::Ready(u)) => Ok(NewConn {
+                stream: u.stream,
+                buf: u.buf,
+                prepared: HashSet::new(),
+            }),
+            Ok(LoginOutcome::Refused(r)) => Err(LinkError::Connect(r.message)),
+            Err(e) => Err(LinkError::Connect(e.to_string())),
+        }
+    }
+
+    /// Returns a connection that is idle (its last answer said so) to the pool.
+    pub(crate) fn release(&self, c: LinkConn) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(c.conn);
+        }
+    }
+}
