@@ -247,7 +247,7 @@ fn example_config_loads() {
     );
     assert_eq!(c.tables.len(), 1);
     assert_eq!(c.tables[0].name.to_string(), "public.accounts");
-    assert_eq!(c.tables[0].phase, Phase::Passthrough);
+    assert_eq!(c.tables[0].phase, Phase::DualWrite);
     assert_eq!(c.proxy, ProxySettings::default());
     assert_eq!(c.telemetry, TelemetrySettings::default());
 }
