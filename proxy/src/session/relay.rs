@@ -301,18 +301,10 @@ impl Branches {
 }
 
 /// Per-session memory of which statement each portal runs, for statement-kind metrics.
-///
-/// Most drivers bind every query to the unnamed portal and many use the unnamed statement, so
-/// those live in fields of their own, and the last named statement bound is remembered: a
-/// prepared statement run again costs a byte comparison instead of hash lookups.
 #[derive(Default)]
 struct StatementKinds {
     statements: NameMap,
     portals: NameMap,
-    /// The named statement the last Bind used, and its kind; `None` once Parse or Close
-    /// touches that name.
-    last_bound: Vec<u8>,
-    last_bound_kind: Option<StatementKind>,
     /// Executes since the last Sync, and the kind of the last statement (for the span).
     batch_executes: u32,
     batch_kind: Option<StatementKind>,
@@ -327,11 +319,10 @@ impl StatementKinds {
                 self.batch_kind = Some(kind);
             }
             ClientMessage::Parse { statement, sql } => {
-                self.forget_bound(statement);
                 self.statements.set(statement, StatementKind::of(sql));
             }
             ClientMessage::Bind { portal, statement } => {
-                let kind = self.bound_statement(statement);
+                let kind = self.statements.get(statement);
                 self.portals.set(portal, kind);
             }
             ClientMessage::Execute { portal, .. } => {
@@ -341,45 +332,30 @@ impl StatementKinds {
                 self.batch_kind = Some(kind);
             }
             ClientMessage::Close { target, name } => match target {
-                Target::Statement => {
-                    self.forget_bound(name);
-                    self.statements.remove(name);
-                }
+                Target::Statement => self.statements.remove(name),
                 Target::Portal => self.portals.remove(name),
             },
             _ => {}
         }
     }
-
-    /// The kind of the statement a Bind names.
-    fn bound_statement(&mut self, statement: &[u8]) -> StatementKind {
-        if statement.is_empty() {
-            return self.statements.get(statement);
-        }
-        if let Some(kind) = self.last_bound_kind {
-            if self.last_bound == statement {
-                return kind;
-            }
-        }
-        let kind = self.statements.get(statement);
-        self.last_bound.clear();
-        self.last_bound.extend_from_slice(statement);
-        self.last_bound_kind = Some(kind);
-        kind
-    }
-
-    fn forget_bound(&mut self, statement: &[u8]) {
-        if self.last_bound == statement {
-            self.last_bound_kind = None;
-        }
-    }
 }
 
-/// Statement kinds by statement or portal name; the unnamed one in a field of its own.
+/// Named entries a [`NameMap`] keeps in its list before it moves them to its hash map.
+const FEW_NAMES: usize = 16;
+
+/// Statement kinds by statement or portal name.
+///
+/// Most drivers bind every query to the unnamed portal and many use the unnamed statement, so
+/// the unnamed entry is a field. A session's first named entries are a list searched by
+/// comparing bytes, which for a few short names costs less than hashing one (SipHash, kept for
+/// its resistance to collisions chosen by the client); past [`FEW_NAMES`] they move to a hash
+/// map, so a session with many statements does not pay for a long scan.
 #[derive(Default)]
 struct NameMap {
     unnamed: Option<StatementKind>,
-    named: HashMap<Vec<u8>, StatementKind>,
+    /// Used while `many` is empty; emptied into `many` when full.
+    few: Vec<(Box<[u8]>, StatementKind)>,
+    many: HashMap<Box<[u8]>, StatementKind>,
 }
 
 impl NameMap {
@@ -387,8 +363,10 @@ impl NameMap {
     fn get(&self, name: &[u8]) -> StatementKind {
         let kind = if name.is_empty() {
             self.unnamed
+        } else if self.many.is_empty() {
+            self.few.iter().find(|(n, _)| **n == *name).map(|&(_, k)| k)
         } else {
-            self.named.get(name).copied()
+            self.many.get(name).copied()
         };
         kind.unwrap_or(StatementKind::Other)
     }
@@ -396,18 +374,32 @@ impl NameMap {
     fn set(&mut self, name: &[u8], kind: StatementKind) {
         if name.is_empty() {
             self.unnamed = Some(kind);
-        } else if let Some(slot) = self.named.get_mut(name) {
+        } else if !self.many.is_empty() {
+            match self.many.get_mut(name) {
+                Some(slot) => *slot = kind,
+                None => {
+                    self.many.insert(name.into(), kind);
+                }
+            }
+        } else if let Some((_, slot)) = self.few.iter_mut().find(|(n, _)| **n == *name) {
             *slot = kind;
+        } else if self.few.len() < FEW_NAMES {
+            self.few.push((name.into(), kind));
         } else {
-            self.named.insert(name.to_vec(), kind);
+            self.many.extend(self.few.drain(..));
+            self.many.insert(name.into(), kind);
         }
     }
 
     fn remove(&mut self, name: &[u8]) {
         if name.is_empty() {
             self.unnamed = None;
+        } else if self.many.is_empty() {
+            if let Some(i) = self.few.iter().position(|(n, _)| **n == *name) {
+                self.few.swap_remove(i);
+            }
         } else {
-            self.named.remove(name);
+            self.many.remove(name);
         }
     }
 }
@@ -445,7 +437,9 @@ async fn client_to_upstream(
             None => frames.pending().map(|h| h.map(|h| h.frame_len)),
         };
         if consumed > 0 {
-            wr.write_all(&buf[..consumed]).await.map_err(SessionError::UpstreamIo)?;
+            wr.write_all(&buf[..consumed])
+                .await
+                .map_err(SessionError::UpstreamIo)?;
             buf.advance(consumed);
         }
         if let Some(e) = violation {
@@ -608,7 +602,9 @@ async fn upstream_to_client(
             .map_err(SessionError::UpstreamProtocol)?
             .map(|h| h.frame_len);
         if consumed > 0 {
-            wr.write_all(&buf[..consumed]).await.map_err(SessionError::ClientIo)?;
+            wr.write_all(&buf[..consumed])
+                .await
+                .map_err(SessionError::ClientIo)?;
             buf.advance(consumed);
         }
         if let Some(frame_len) = pending {
@@ -666,4 +662,47 @@ fn ready_for_query(params: &RelayParams<'_>, shared: &Shared, body: &[u8]) -> Re
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_map_behaves_like_a_map_across_its_representations() {
+        let mut map = NameMap::default();
+        let mut model: HashMap<Vec<u8>, StatementKind> = HashMap::new();
+        let kinds = [StatementKind::Read, StatementKind::Write, StatementKind::Ddl];
+        let names: Vec<Vec<u8>> = (0..40).map(|i| format!("s{i}").into_bytes()).collect();
+        // Grow past FEW_NAMES, overwrite, remove down to nothing, grow again.
+        let mut ops = Vec::new();
+        for (i, n) in names.iter().enumerate() {
+            ops.push((true, n.clone(), kinds[i % 3]));
+        }
+        for (i, n) in names.iter().enumerate().step_by(3) {
+            ops.push((true, n.clone(), kinds[(i + 1) % 3]));
+        }
+        for n in &names {
+            ops.push((false, n.clone(), StatementKind::Other));
+        }
+        for (i, n) in names.iter().take(20).enumerate() {
+            ops.push((true, n.clone(), kinds[i % 3]));
+        }
+        ops.push((true, Vec::new(), StatementKind::Transaction));
+        for (set, name, kind) in ops {
+            if set {
+                map.set(&name, kind);
+                model.insert(name, kind);
+            } else {
+                map.remove(&name);
+                model.remove(&name);
+            }
+            for n in names.iter().chain([&Vec::new()]) {
+                let want = model.get(n).copied().unwrap_or(StatementKind::Other);
+                assert_eq!(map.get(n), want, "{}", String::from_utf8_lossy(n));
+            }
+            assert!(map.few.is_empty() || map.many.is_empty());
+            assert!(map.few.len() <= FEW_NAMES);
+        }
+    }
 }
