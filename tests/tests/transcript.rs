@@ -8,7 +8,7 @@
 //! comparing.
 
 use switchyard_test_support::wire::{Frontend, Msg, RawConn};
-use switchyard_test_support::{TestDb, TestProxy};
+use switchyard_test_support::{DualEnv, DualTable, TestDb, TestProxy};
 
 /// One step: a batch of frontend messages sent in one write.
 fn steps() -> Vec<(&'static str, Frontend)> {
@@ -179,7 +179,8 @@ fn mask_table_oids(body: &[u8]) -> Vec<u8> {
 async fn run(addr: std::net::SocketAddr, db: &str) -> anyhow::Result<Vec<Vec<Msg>>> {
     let (mut conn, greeting) = RawConn::login(addr, "postgres", db).await?;
     let mut out = vec![greeting];
-    for (_, step) in steps() {
+    for (name, step) in steps() {
+        eprintln!("transcript step: {name}");
         conn.send(step.bytes()).await?;
         out.push(conn.read_until_ready(step.requests()).await?);
     }
@@ -192,9 +193,28 @@ async fn transcripts_match_direct_byte_for_byte() -> anyhow::Result<()> {
     let proxied_db = TestDb::create("tr_proxy").await?;
     let other = TestDb::create("tr_new").await?;
     let proxy = TestProxy::passthrough(proxied_db.url(), other.url()).await?;
+    compare_transcripts(&direct_db, &proxy, proxied_db.name()).await
+}
 
+/// The same transcript through a proxy in dual-write mode (a migrated table exists, so every
+/// session runs the dual-write relay): statements that touch no migrated table must come back
+/// exactly as from PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcripts_match_direct_through_the_dual_write_relay() -> anyhow::Result<()> {
+    let direct_db = TestDb::create("tr_dw_direct").await?;
+    let env = DualEnv::new(
+        "tr_dw",
+        "create table mirror_probe (id int primary key, v text)",
+        vec![DualTable::new("mirror_probe")],
+    )
+    .await?;
+    let proxy = env.proxy().await?;
+    compare_transcripts(&direct_db, &proxy, env.old.name()).await
+}
+
+async fn compare_transcripts(direct_db: &TestDb, proxy: &TestProxy, proxied_db: &str) -> anyhow::Result<()> {
     let direct = run("127.0.0.1:5432".parse()?, direct_db.name()).await?;
-    let proxied = run(proxy.addr, proxied_db.name()).await?;
+    let proxied = run(proxy.addr, proxied_db).await?;
 
     let names: Vec<&str> = std::iter::once("startup")
         .chain(steps().iter().map(|(n, _)| *n))

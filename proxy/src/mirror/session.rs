@@ -173,6 +173,8 @@ struct MirrorSession<'a> {
     /// The server is skipping messages until the client's next Sync (an error came before
     /// that Sync was sent): those messages get no answers.
     skipping: bool,
+    /// CopyDone/CopyFail messages forwarded before their COPY started.
+    copy_ends_sent: usize,
     statements: HashMap<Vec<u8>, Arc<Stmt>>,
     portals: HashMap<Vec<u8>, Arc<Stmt>>,
     txn: TxnImages,
@@ -212,6 +214,7 @@ pub(crate) async fn relay(
         implicit: false,
         batch_failed: false,
         skipping: false,
+        copy_ends_sent: 0,
         statements: HashMap::new(),
         portals: HashMap::new(),
         txn: TxnImages::default(),
@@ -520,8 +523,12 @@ impl MirrorSession<'_> {
                 self.flushed = true;
                 Ok(())
             }
-            // CopyData, CopyDone, CopyFail outside COPY: the server answers them.
+            // CopyData, CopyDone, CopyFail sent ahead of the server's CopyInResponse (pipelined
+            // by the client), or outside COPY, where the server answers them.
             _ => {
+                if tag == b'c' || tag == b'f' {
+                    self.copy_ends_sent += 1;
+                }
                 self.send(&frame, None);
                 Ok(())
             }
@@ -940,8 +947,13 @@ impl MirrorSession<'_> {
             }
             b'E' => return self.server_error(frame).await,
             b'G' => {
-                // COPY FROM STDIN: relay the client's data until it is done.
+                // COPY FROM STDIN: relay the client's data until it is done, unless the client
+                // already sent all of it (pipelined after its query).
                 self.to_client.extend_from_slice(&frame);
+                if self.copy_ends_sent > 0 {
+                    self.copy_ends_sent -= 1;
+                    return Ok(());
+                }
                 return self.copy_in().await;
             }
             _ => {}
