@@ -48,6 +48,66 @@ impl DualEnv {
         Ok(env)
     }
 
+    /// Like [`DualEnv::new`], but NEW is created on the server at `new_admin_url` (for example a
+    /// [`crate::TestCluster`]'s `url("postgres")`, so a test can stop, restart or kill NEW) while
+    /// OLD stays on the shared server.
+    pub async fn new_with_new_admin(
+        label: &str,
+        schema: &str,
+        tables: Vec<DualTable>,
+        new_admin_url: &str,
+    ) -> anyhow::Result<DualEnv> {
+        let old = TestDb::create(&format!("{label}_old")).await?;
+        let new = TestDb::create_at(new_admin_url, &format!("{label}_new")).await?;
+        old.execute_batch(schema).await?;
+        new.execute_batch(schema).await?;
+        let env = DualEnv { old, new, tables };
+        env.prepare().await?;
+        Ok(env)
+    }
+
+    /// Wraps two databases a test filled itself (for example with `pgbench -i`, which makes the
+    /// same rows on both) and prepares the tables.
+    pub async fn from_dbs(old: TestDb, new: TestDb, tables: Vec<DualTable>) -> anyhow::Result<DualEnv> {
+        let env = DualEnv { old, new, tables };
+        env.prepare().await?;
+        Ok(env)
+    }
+
+    /// NEW's URL with its host and port replaced by `addr` (a [`crate::FaultProxy`] in front of
+    /// NEW's server), same user and database.
+    pub fn new_url_via(&self, addr: std::net::SocketAddr) -> String {
+        let url = self.new.url();
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let user = rest.split_once('@').map_or("postgres", |(u, _)| u);
+        format!("postgres://{user}@{addr}/{}", self.new.name())
+    }
+
+    /// A proxy config as [`DualEnv::proxy_config_via`] with a `[mirror]` section, e.g.
+    /// `&[("timeout_ms", 500), ("repair_interval_ms", 200), ("stale_intent_secs", 5)]`.
+    pub fn proxy_config_with_mirror(&self, new_url: &str, mirror: &[(&str, u64)]) -> ProxyConfig {
+        let mut cfg = self.proxy_config_via(new_url);
+        let mut section = String::from("[mirror]\n");
+        for (key, value) in mirror {
+            section.push_str(&format!("{key} = {value}\n"));
+        }
+        cfg.extra_sections.push(section);
+        cfg
+    }
+
+    /// Every mirrored table's row count on OLD and on NEW, for progress reports.
+    pub async fn row_counts(&self) -> anyhow::Result<Vec<(String, i64, i64)>> {
+        let (old, new) = (self.old.client().await?, self.new.client().await?);
+        let mut out = Vec::new();
+        for t in &self.tables {
+            let sql = format!("SELECT count(*) FROM {}", t.name);
+            let o: i64 = old.query_one(&sql, &[]).await?.get(0);
+            let n: i64 = new.query_one(&sql, &[]).await?.get(0);
+            out.push((t.name.clone(), o, n));
+        }
+        Ok(out)
+    }
+
     fn settings(&self) -> anyhow::Result<Vec<TableSettings>> {
         self.tables
             .iter()
