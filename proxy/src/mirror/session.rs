@@ -799,7 +799,7 @@ impl MirrorSession<'_> {
         let wrap = self.status == b'I' && !has_txn_control && (has_capture || analysis.stmts.len() > 1);
         if wrap {
             self.hold_client = true;
-            self.run_query("BEGIN", None, false, None).await?;
+            self.queue_query("BEGIN");
         }
         let mut failed = false;
         for s in &analysis.stmts {
@@ -809,7 +809,7 @@ impl MirrorSession<'_> {
                     // An autocommit write among transaction-control statements: give it a
                     // transaction of its own.
                     self.hold_client = true;
-                    self.run_query("BEGIN", None, false, None).await?;
+                    self.queue_query("BEGIN");
                     failed = self
                         .run_query(&c.sql, Some(Arc::new(c.clone())), true, None)
                         .await?;
@@ -840,10 +840,10 @@ impl MirrorSession<'_> {
                         TxnOp::Commit { .. } => {
                             if let Some(commit) = self.prepare_commit().await? {
                                 let intent = self.intent_sql(commit.intent_id);
-                                failed = self.run_query(&intent, None, false, None).await?;
+                                self.queue_query(&intent);
                                 // An intent that failed aborted the transaction: COMMIT answers
                                 // ROLLBACK, as the server decides.
-                                failed |= self.run_query(&s.text, None, true, Some(commit)).await?;
+                                failed = self.run_query(&s.text, None, true, Some(commit)).await?;
                             } else {
                                 failed = self.run_query(&s.text, None, true, None).await?;
                             }
@@ -887,16 +887,24 @@ impl MirrorSession<'_> {
         if let Some(commit) = self.prepare_commit().await? {
             let intent = self.intent_sql(commit.intent_id);
             // If the intent fails the transaction is aborted and COMMIT answers ROLLBACK.
-            let bad = self.run_query(&intent, None, false, None).await?;
-            let bad_commit = self.run_query("COMMIT", None, false, Some(commit)).await?;
-            Ok(bad || bad_commit)
+            self.queue_query(&intent);
+            self.run_query("COMMIT", None, false, Some(commit)).await
         } else {
             self.run_query("COMMIT", None, false, None).await
         }
     }
 
-    /// Sends one Query and processes its answers; the ReadyForQuery is kept from the client.
-    /// Returns whether it failed.
+    /// Queues a Query whose answers the client does not see (errors excepted); it is sent and
+    /// answered together with the next [`Self::run_query`], saving a round trip.
+    fn queue_query(&mut self, sql: &str) {
+        let mut out = BytesMut::new();
+        wire::query(&mut out, sql);
+        self.send(&out, Some(Expect::query(None, false, false, None)));
+        self.flushed = true;
+    }
+
+    /// Sends one Query (and any queued ones) and processes the answers; the ReadyForQuery is
+    /// kept from the client. Returns whether any failed.
     async fn run_query(
         &mut self,
         sql: &str,
