@@ -288,3 +288,215 @@ async fn uncapturable_writes_are_refused_with_a_clear_error() {
     assert_eq!(tags(&m), vec!["R1:1", "C1"]);
     env.assert_converged().await.unwrap();
 }
+
+#[tokio::test]
+async fn failed_commit_on_old_rolls_new_back_and_versions_grow_per_write() {
+    let env = DualEnv::new(
+        "dw_commitfail",
+        "CREATE TABLE d (id int PRIMARY KEY, u int, CONSTRAINT d_u UNIQUE (u) DEFERRABLE INITIALLY DEFERRED)",
+        vec![DualTable::new("d")],
+    )
+    .await
+    .unwrap();
+    let proxy = env.proxy().await.unwrap();
+    let c = proxy.client().await.unwrap();
+    // The deferred constraint fails at COMMIT, on OLD: the client gets OLD's error, NEW keeps
+    // nothing, and no intent is left behind.
+    c.batch_execute("BEGIN; INSERT INTO d VALUES (1, 5); INSERT INTO d VALUES (2, 5);")
+        .await
+        .unwrap();
+    let err = c
+        .batch_execute("COMMIT")
+        .await
+        .expect_err("deferred unique violation");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("23505"));
+    // Same through an autocommit multi-statement string.
+    let err = c
+        .batch_execute("INSERT INTO d VALUES (3, 7); INSERT INTO d VALUES (4, 7)")
+        .await
+        .expect_err("deferred unique violation");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("23505"));
+    env.assert_converged().await.unwrap();
+    let new = env.new.client().await.unwrap();
+    let n: i64 = new.query_one("SELECT count(*) FROM d", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+    env.wait_for_no_intents(Duration::from_secs(10)).await.unwrap();
+
+    // Versions: an insert and four updates give version 5; a delete leaves a tombstone.
+    c.batch_execute("INSERT INTO d VALUES (10, 1)").await.unwrap();
+    let upd = c.prepare("UPDATE d SET u = u + 1 WHERE id = 10").await.unwrap();
+    for _ in 0..4 {
+        c.execute(&upd, &[]).await.unwrap();
+    }
+    let row = new
+        .query_one(
+            "SELECT sy_version, sy_deleted FROM switchyard.switchyard_keys_public_d WHERE id = 10",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, bool>(1)), (5, false));
+    c.batch_execute("DELETE FROM d WHERE id = 10").await.unwrap();
+    let row = new
+        .query_one(
+            "SELECT sy_version, sy_deleted FROM switchyard.switchyard_keys_public_d WHERE id = 10",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, bool>(1)), (6, true));
+    env.assert_converged().await.unwrap();
+}
+
+#[tokio::test]
+async fn mark_for_verify_runs_the_write_on_old_and_records_the_table() {
+    let mut t = DualTable::new("pairs");
+    t.on_uncaptured = "mark_for_verify";
+    let env = DualEnv::new("dw_verify", SCHEMA, vec![t]).await.unwrap();
+    let proxy = env.proxy().await.unwrap();
+    let c = proxy.client().await.unwrap();
+    c.batch_execute("INSERT INTO pairs VALUES (1, 'a', 'v'), (2, 'b', 'v')")
+        .await
+        .unwrap();
+    c.batch_execute("TRUNCATE pairs").await.unwrap();
+    let old = env.old.client().await.unwrap();
+    let n: i64 = old
+        .query_one("SELECT count(*) FROM pairs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "TRUNCATE ran on OLD");
+    // The mark is written in the background: wait for it, bounded.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = old
+            .query(
+                "SELECT reason FROM switchyard.switchyard_verify WHERE table_name = 'public.pairs'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if let Some(r) = rows.first() {
+            assert!(r.get::<_, String>(0).contains("TRUNCATE"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "table not marked for verification"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, body) = proxy.admin_get("/metrics").await.unwrap();
+    assert!(body.contains("switchyard_uncaptured_writes"), "{body}");
+    // NEW still has the rows: the difference is exactly what the verification must find.
+    let (only_old, only_new) = env.diff("pairs").await.unwrap();
+    assert_eq!((only_old.len(), only_new.len()), (0, 2));
+}
+
+/// Raw extended-protocol batches (pipelined Parse/Bind/Execute with an error in the middle, an
+/// explicit transaction and savepoints inside one batch) answer exactly as PostgreSQL does, and
+/// only the committed work reaches NEW.
+#[tokio::test]
+async fn pipelined_extended_batches_answer_like_postgres() {
+    use switchyard_test_support::wire::{Frontend, RawConn};
+    use switchyard_test_support::TestDb;
+
+    let env = env("dw_pipe").await;
+    let direct_db = TestDb::create("dw_pipe_direct").await.unwrap();
+    direct_db.execute_batch(SCHEMA).await.unwrap();
+    let proxy = env.proxy().await.unwrap();
+
+    let batches: Vec<Frontend> = {
+        let mut v = Vec::new();
+        // Autocommit batch: insert, failing insert, insert; nothing survives.
+        let mut f = Frontend::new();
+        f.parse("", "INSERT INTO pairs VALUES ($1::int, 'a', 'v')", &[])
+            .bind("", "", &[Some(b"1")], &[], &[])
+            .execute("", 0)
+            .parse("", "INSERT INTO pairs VALUES (1, 'a', 'dup')", &[])
+            .bind("", "", &[], &[], &[])
+            .execute("", 0)
+            .parse("", "INSERT INTO pairs VALUES (2, 'b', 'v')", &[])
+            .bind("", "", &[], &[], &[])
+            .execute("", 0)
+            .sync();
+        v.push(f);
+        // Autocommit batch that succeeds, with RETURNING and binary results.
+        let mut f = Frontend::new();
+        f.parse(
+            "ins",
+            "INSERT INTO pairs VALUES ($1::int, $2, 'w') RETURNING a, b",
+            &[],
+        )
+        .bind("", "ins", &[Some(b"3"), Some(b"c")], &[], &[1])
+        .describe(b'P', "")
+        .execute("", 0)
+        .bind("", "ins", &[Some(b"4"), Some(b"d")], &[], &[0, 0])
+        .execute("", 0)
+        .sync();
+        v.push(f);
+        // Explicit transaction with savepoints in one batch.
+        let mut f = Frontend::new();
+        f.parse("", "BEGIN", &[])
+            .bind("", "", &[], &[], &[])
+            .execute("", 0)
+            .bind("", "ins", &[Some(b"5"), Some(b"e")], &[], &[])
+            .execute("", 0)
+            .parse("", "SAVEPOINT s", &[])
+            .bind("", "", &[], &[], &[])
+            .execute("", 0)
+            .bind("", "ins", &[Some(b"6"), Some(b"f")], &[], &[])
+            .execute("", 0)
+            .parse("", "ROLLBACK TO SAVEPOINT s", &[])
+            .bind("", "", &[], &[], &[])
+            .execute("", 0)
+            .parse("", "COMMIT", &[])
+            .bind("", "", &[], &[], &[])
+            .execute("", 0)
+            .sync();
+        v.push(f);
+        let mut f = Frontend::new();
+        f.query("SELECT a, b, v FROM pairs ORDER BY a");
+        v.push(f);
+        v
+    };
+    let mut answers = Vec::new();
+    for (addr, db) in [
+        ("127.0.0.1:5432".parse().unwrap(), direct_db.name()),
+        (proxy.addr, env.old.name()),
+    ] {
+        let (mut conn, _) = RawConn::login(addr, "postgres", db).await.unwrap();
+        let mut all = Vec::new();
+        for b in &batches {
+            conn.send(b.bytes()).await.unwrap();
+            let msgs = conn.read_until_ready(b.requests()).await.unwrap();
+            all.push(
+                msgs.iter()
+                    .map(|m| format!("{}:{}", m.tag as char, m.code().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+            all.push(
+                msgs.iter()
+                    .filter(|m| m.tag == b'D' || m.tag == b'C')
+                    .map(|m| format!("{:?}", m.body))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        answers.push(all);
+    }
+    assert_eq!(answers[0], answers[1], "proxy answers differ from PostgreSQL's");
+    assert!(answers[0][0].contains("E:23505"), "{:?}", answers[0]);
+    env.assert_converged().await.unwrap();
+    let n: i64 = env
+        .new
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM pairs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3, "rows 3, 4 and 5 mirrored; 1, 2 and 6 never committed");
+}

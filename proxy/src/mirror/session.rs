@@ -514,6 +514,8 @@ impl MirrorSession<'_> {
             }
             b'S' => self.sync(frame).await,
             b'H' => {
+                // The client wants its answers now, even those held for a commit in progress.
+                self.hold_client = false;
                 self.send(&frame, None);
                 self.flushed = true;
                 Ok(())
