@@ -31,7 +31,8 @@ use serde::Serialize;
 
 pub use error::{ConfigError, Problem};
 pub use settings::{
-    AuthMethod, AuthSettings, LogFormat, MirrorSettings, ProxySettings, StoreSettings, TelemetrySettings,
+    AuthMethod, AuthSettings, LogFormat, MirrorFault, MirrorSettings, ProxySettings, StoreSettings,
+    TelemetrySettings,
 };
 pub use store_url::{Engine, RedactedStoreUrl, StoreUrl};
 pub use tables::{Phase, TableName, TableSettings, UncapturedPolicy};

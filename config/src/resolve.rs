@@ -334,7 +334,13 @@ impl<'a> Resolver<'a> {
             1,
             86_400,
         );
+        let fault_injection = raw.fault_injection.and_then(|f| {
+            f.parse()
+                .map_err(|why: String| self.problem("mirror.fault_injection", why))
+                .ok()
+        });
         MirrorSettings {
+            fault_injection,
             pool_size: u32::try_from(pool_size).unwrap_or(d.pool_size),
             timeout: Duration::from_millis(timeout),
             repair_interval: Duration::from_millis(repair),

@@ -230,6 +230,36 @@ pub struct MirrorSettings {
     /// that wrote it (a proxy that died between the two commits leaves such intents; default 30).
     #[serde(rename = "stale_intent_secs", serialize_with = "ser_secs")]
     pub stale_intent: Duration,
+    /// `fault_injection`: for crash tests only. Sessions die (drop both connections, as if the
+    /// proxy process were killed) at this point of the commit sequence. Never set in production.
+    pub fault_injection: Option<MirrorFault>,
+}
+
+/// A point in the commit sequence where `[mirror] fault_injection` makes a session die.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MirrorFault {
+    /// Images applied on NEW (not committed), OLD not committed.
+    BeforeOldCommit,
+    /// OLD committed, NEW not.
+    AfterOldCommit,
+    /// Both committed, the intent not yet cleaned up.
+    AfterNewCommit,
+}
+
+impl FromStr for MirrorFault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "before_old_commit" => Ok(Self::BeforeOldCommit),
+            "after_old_commit" => Ok(Self::AfterOldCommit),
+            "after_new_commit" => Ok(Self::AfterNewCommit),
+            _ => Err(format!(
+                "unknown fault point {s:?}; expected before_old_commit, after_old_commit or after_new_commit"
+            )),
+        }
+    }
 }
 
 impl Default for MirrorSettings {
@@ -240,6 +270,7 @@ impl Default for MirrorSettings {
             timeout: Duration::from_millis(2000),
             repair_interval: Duration::from_millis(1000),
             stale_intent: Duration::from_secs(30),
+            fault_injection: None,
         }
     }
 }

@@ -121,6 +121,9 @@ pub enum SessionError {
     /// The client or upstream did not answer in time.
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    /// `[mirror] fault_injection` made the session die here (crash tests).
+    #[error("injected fault: {0}")]
+    Injected(&'static str),
 }
 
 impl SessionError {
@@ -131,6 +134,7 @@ impl SessionError {
                 ErrorSource::Client
             }
             SessionError::Timeout(_) => ErrorSource::Client,
+            SessionError::Injected(_) => ErrorSource::Internal,
             SessionError::UpstreamIo(_)
             | SessionError::UpstreamProtocol(_)
             | SessionError::UpstreamLogin(_) => ErrorSource::Old,
@@ -145,6 +149,7 @@ impl SessionError {
             SessionError::UpstreamLogin(_) => ErrorKind::Login,
             SessionError::Refused(_) => ErrorKind::Refused,
             SessionError::Timeout(_) => ErrorKind::Timeout,
+            SessionError::Injected(_) => ErrorKind::Refused,
         }
     }
 
@@ -163,7 +168,8 @@ impl SessionError {
             SessionError::ClientIo(_)
             | SessionError::UpstreamLogin(_)
             | SessionError::Refused(_)
-            | SessionError::Timeout(_) => None,
+            | SessionError::Timeout(_)
+            | SessionError::Injected(_) => None,
         }
     }
 }

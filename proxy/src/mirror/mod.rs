@@ -291,7 +291,14 @@ impl Mirror {
 
     /// Step 3: commit NEW after OLD committed. On failure the intent stays on OLD and this
     /// proxy repairs it first.
-    pub(crate) async fn commit_on_new(&self, conn: Option<LinkConn>, intent_id: i64, started: Instant) {
+    /// `cleanup` false leaves the intent in place (crash tests).
+    pub(crate) async fn commit_on_new(
+        &self,
+        conn: Option<LinkConn>,
+        intent_id: i64,
+        started: Instant,
+        cleanup: bool,
+    ) {
         let committed = match conn {
             None => false,
             Some(mut conn) => {
@@ -322,7 +329,9 @@ impl Mirror {
             self.stats.latency_us_sum.fetch_add(us, Relaxed);
             self.stats.latency_count.fetch_add(1, Relaxed);
             self.stats.latency_us_max.fetch_max(us, Relaxed);
-            let _ = self.done_tx.send(intent_id);
+            if cleanup {
+                let _ = self.done_tx.send(intent_id);
+            }
         } else {
             self.stats.mirror_failures.fetch_add(1, Relaxed);
             self.note_failed(intent_id);

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use switchyard_config::UncapturedPolicy;
+use switchyard_config::{MirrorFault, UncapturedPolicy};
 use switchyard_pgwire::frame::{peek_header, MessageLimits};
 use switchyard_pgwire::sqlstate;
 use switchyard_store::mirror::{Change, ChangeOp};
@@ -753,6 +753,10 @@ impl MirrorSession<'_> {
         let intent_id = (rand::random::<u64>() >> 1) as i64;
         let started = Instant::now();
         let conn = self.mirror.begin_on_new(&self.txn.changes, intent_id).await;
+        if self.mirror.settings.fault_injection == Some(MirrorFault::BeforeOldCommit) {
+            drop(conn);
+            return Err(SessionError::Injected("before OLD's commit"));
+        }
         self.pending = Some(PendingCommit {
             conn,
             intent_id,
@@ -771,14 +775,29 @@ impl MirrorSession<'_> {
     }
 
     /// OLD answered the COMMIT: finish NEW accordingly.
-    async fn finish_commit(&mut self, committed: bool) {
-        let Some(p) = self.pending.take() else { return };
+    async fn finish_commit(&mut self, committed: bool) -> Result<(), SessionError> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let fault = self.mirror.settings.fault_injection;
         if committed {
-            self.mirror.commit_on_new(p.conn, p.intent_id, p.started).await;
+            if fault == Some(MirrorFault::AfterOldCommit) {
+                // Die as a killed proxy would: NEW's transaction goes with its connection.
+                drop(p.conn);
+                return Err(SessionError::Injected("after OLD's commit"));
+            }
+            let cleanup = fault != Some(MirrorFault::AfterNewCommit);
+            self.mirror
+                .commit_on_new(p.conn, p.intent_id, p.started, cleanup)
+                .await;
+            if !cleanup {
+                return Err(SessionError::Injected("after NEW's commit"));
+            }
         } else {
             self.mirror.rollback_on_new(p.conn).await;
         }
         self.txn.clear();
+        Ok(())
     }
 
     // ---- simple protocol ----
@@ -1060,7 +1079,7 @@ impl MirrorSession<'_> {
                         }
                         if commit.is_some() {
                             let committed = tag == b'C' && wire::command_tag(&body) == b"COMMIT";
-                            self.finish_commit(committed).await;
+                            self.finish_commit(committed).await?;
                         }
                         if forward {
                             self.to_client.extend_from_slice(&frame);
@@ -1074,7 +1093,7 @@ impl MirrorSession<'_> {
                         self.ready(&body);
                         if commit.is_some() && self.pending.is_some() {
                             // COMMIT never answered with CommandComplete (it failed).
-                            self.finish_commit(false).await;
+                            self.finish_commit(false).await?;
                         }
                         if forward_ready {
                             self.to_client.extend_from_slice(&frame);
@@ -1148,7 +1167,7 @@ impl MirrorSession<'_> {
         match self.expect.front() {
             Some(Expect::Query { commit, .. }) => {
                 if commit.is_some() && self.pending.is_some() {
-                    self.finish_commit(false).await;
+                    self.finish_commit(false).await?;
                 }
             }
             Some(Expect::Sync { .. }) | Some(Expect::FunctionCall) | None => {}
@@ -1169,7 +1188,7 @@ impl MirrorSession<'_> {
                     self.skipping = true;
                 }
                 if commit_failed || (self.pending.is_some() && self.expect.is_empty()) {
-                    self.finish_commit(false).await;
+                    self.finish_commit(false).await?;
                 }
             }
         }
