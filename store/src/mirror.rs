@@ -290,7 +290,10 @@ pub fn intent_sql(tables: &[MirrorTable], changes: &[Change], intent_id: i64, pr
         .collect();
     let changes = Value::Array(entries).to_string();
     format!(
-        "INSERT INTO {}.switchyard_intents (id, proxy, changes) VALUES ({intent_id}, {}, {}::jsonb)",
+        // clock_timestamp(), not now(): the age that makes an intent stale must count from its
+        // commit, not from the start of a long client transaction.
+        "INSERT INTO {}.switchyard_intents (id, created_at, proxy, changes) \
+         VALUES ({intent_id}, clock_timestamp(), {}, {}::jsonb)",
         quote_ident(SIDE_SCHEMA),
         escape_literal(proxy),
         escape_literal(&changes)
