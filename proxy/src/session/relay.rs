@@ -136,7 +136,7 @@ pub(crate) async fn relay(
 
     let mut state = shutdown.state();
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    let branches = Branches::new();
+    let mut branches = Branches::new();
     loop {
         if let ShutdownState::Draining { grace } = state {
             shared.draining.store(true, Relaxed);
@@ -232,6 +232,8 @@ const BRANCHES: [u8; 4] = [SHUTDOWN, DEADLINE, TO_UPSTREAM, TO_CLIENT];
 struct Branches {
     state: Arc<BranchState>,
     wakers: [Waker; 4],
+    /// The task waker last stored in `state`, compared without taking its lock.
+    task: Option<Waker>,
 }
 
 struct BranchState {
@@ -273,16 +275,20 @@ impl Branches {
                 bit,
             }))
         });
-        Branches { state, wakers }
+        Branches {
+            state,
+            wakers,
+            task: None,
+        }
     }
 
     /// Remembers the task's waker and takes the set of woken branches.
-    fn begin(&self, cx: &Context<'_>) -> u8 {
-        let mut task = self.state.task.lock().unwrap_or_else(PoisonError::into_inner);
-        if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            *task = Some(cx.waker().clone());
+    fn begin(&mut self, cx: &Context<'_>) -> u8 {
+        if !self.task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let task = cx.waker().clone();
+            *self.state.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.clone());
+            self.task = Some(task);
         }
-        drop(task);
         self.state.woken.swap(0, AcqRel)
     }
 
