@@ -352,16 +352,38 @@ const FEW_NAMES: usize = 16;
 /// Statement kinds by statement or portal name.
 ///
 /// Most drivers bind every query to the unnamed portal and many use the unnamed statement, so
-/// the unnamed entry is a field. A session's first named entries are a list searched by
-/// comparing bytes, which for a few short names costs less than hashing one (SipHash, kept for
-/// its resistance to collisions chosen by the client); past [`FEW_NAMES`] they move to a hash
-/// map, so a session with many statements does not pay for a long scan.
+/// the unnamed entry is a field. A session's first named entries are a list searched by the
+/// [`fingerprint`] of each name, then its bytes: for a few names that costs less than hashing
+/// one (SipHash, kept for its resistance to collisions chosen by the client). Past
+/// [`FEW_NAMES`] they move to a hash map, so a session with many statements does not pay for a
+/// long scan.
 #[derive(Default)]
 struct NameMap {
     unnamed: Option<StatementKind>,
     /// Used while `many` is empty; emptied into `many` when full.
-    few: Vec<(Box<[u8]>, StatementKind)>,
+    few: Vec<FewEntry>,
     many: HashMap<Box<[u8]>, StatementKind>,
+}
+
+struct FewEntry {
+    fingerprint: u64,
+    name: Box<[u8]>,
+    kind: StatementKind,
+}
+
+/// A name's length and up to eight of its bytes: all of a short name, the last eight of a long
+/// one (where generated names such as `P0_12` or `S_3` differ). Equal names have equal
+/// fingerprints; unequal ones usually do not.
+fn fingerprint(name: &[u8]) -> u64 {
+    let n = name.len();
+    let word = |b: &[u8]| b.iter().fold(0, |f, &x| f << 8 | u64::from(x));
+    let u32_at = |i: usize| u64::from(u32::from_le_bytes(name[i..i + 4].try_into().unwrap_or_default()));
+    let bytes = match n {
+        8.. => u64::from_le_bytes(name[n - 8..].try_into().unwrap_or_default()),
+        4..=7 => u32_at(0) << 32 | u32_at(n - 4),
+        _ => word(name),
+    };
+    bytes ^ (n as u64).rotate_right(8)
 }
 
 impl NameMap {
@@ -370,11 +392,18 @@ impl NameMap {
         let kind = if name.is_empty() {
             self.unnamed
         } else if self.many.is_empty() {
-            self.few.iter().find(|(n, _)| **n == *name).map(|&(_, k)| k)
+            self.find(name).map(|i| self.few[i].kind)
         } else {
             self.many.get(name).copied()
         };
         kind.unwrap_or(StatementKind::Other)
+    }
+
+    fn find(&self, name: &[u8]) -> Option<usize> {
+        let fingerprint = fingerprint(name);
+        self.few
+            .iter()
+            .position(|e| e.fingerprint == fingerprint && *e.name == *name)
     }
 
     fn set(&mut self, name: &[u8], kind: StatementKind) {
@@ -387,12 +416,16 @@ impl NameMap {
                     self.many.insert(name.into(), kind);
                 }
             }
-        } else if let Some((_, slot)) = self.few.iter_mut().find(|(n, _)| **n == *name) {
-            *slot = kind;
+        } else if let Some(i) = self.find(name) {
+            self.few[i].kind = kind;
         } else if self.few.len() < FEW_NAMES {
-            self.few.push((name.into(), kind));
+            self.few.push(FewEntry {
+                fingerprint: fingerprint(name),
+                name: name.into(),
+                kind,
+            });
         } else {
-            self.many.extend(self.few.drain(..));
+            self.many.extend(self.few.drain(..).map(|e| (e.name, e.kind)));
             self.many.insert(name.into(), kind);
         }
     }
@@ -401,7 +434,7 @@ impl NameMap {
         if name.is_empty() {
             self.unnamed = None;
         } else if self.many.is_empty() {
-            if let Some(i) = self.few.iter().position(|(n, _)| **n == *name) {
+            if let Some(i) = self.find(name) {
                 self.few.swap_remove(i);
             }
         } else {
@@ -679,7 +712,15 @@ mod tests {
         let mut map = NameMap::default();
         let mut model: HashMap<Vec<u8>, StatementKind> = HashMap::new();
         let kinds = [StatementKind::Read, StatementKind::Write, StatementKind::Ddl];
-        let names: Vec<Vec<u8>> = (0..40).map(|i| format!("s{i}").into_bytes()).collect();
+        // Names of under four bytes, of four to seven, and long ones sharing their last eight.
+        let names: Vec<Vec<u8>> = (0..40)
+            .map(|i| match i % 3 {
+                0 => format!("s{i}"),
+                1 => format!("stm{i}"),
+                _ => format!("stmt_{i}_same_tail"),
+            })
+            .map(String::into_bytes)
+            .collect();
         // Grow past FEW_NAMES, overwrite, remove down to nothing, grow again.
         let mut ops = Vec::new();
         for (i, n) in names.iter().enumerate() {
