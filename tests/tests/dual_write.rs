@@ -500,3 +500,51 @@ async fn pipelined_extended_batches_answer_like_postgres() {
         .get(0);
     assert_eq!(n, 3, "rows 3, 4 and 5 mirrored; 1, 2 and 6 never committed");
 }
+
+/// A drain ends idle dual-write sessions at once and one inside a transaction after the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_ends_idle_sessions_and_cuts_open_transactions_after_the_grace() {
+    let env = env("dw_drain").await;
+    let proxy = env.proxy().await.unwrap();
+    let idle = proxy.client().await.unwrap();
+    let busy = proxy.client().await.unwrap();
+    busy.batch_execute("BEGIN; INSERT INTO pairs VALUES (1, 'open', 'v')")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    proxy.drain(Duration::from_millis(1500));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        idle.batch_execute("SELECT 1").await.is_err(),
+        "idle session ended by the drain"
+    );
+    // The open transaction may still work within the grace period...
+    busy.batch_execute("INSERT INTO pairs VALUES (2, 'open', 'v')")
+        .await
+        .unwrap();
+    // ...and is cut after it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while busy.batch_execute("SELECT 1").await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "session not cut after the grace"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "cut before the grace ended"
+    );
+    // Its uncommitted writes are nowhere.
+    env.assert_converged().await.unwrap();
+    let n: i64 = env
+        .old
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM pairs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}

@@ -233,6 +233,7 @@ pub(crate) async fn relay(
 
 impl MirrorSession<'_> {
     async fn run(&mut self, shutdown: &mut Shutdown) -> Result<RelayEnd, SessionError> {
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
             // Process every complete client message already buffered.
             while let Some((tag, frame)) =
@@ -264,6 +265,13 @@ impl MirrorSession<'_> {
             match shutdown.state() {
                 ShutdownState::Immediate => return Ok(RelayEnd::ShutdownNow),
                 ShutdownState::Draining { .. } if idle => return Ok(RelayEnd::Drained),
+                ShutdownState::Draining { grace } => {
+                    // A transaction may finish within the grace period, then the session ends.
+                    let deadline = *drain_deadline.get_or_insert_with(|| tokio::time::Instant::now() + grace);
+                    if tokio::time::Instant::now() >= deadline {
+                        return Ok(RelayEnd::ShutdownNow);
+                    }
+                }
                 _ => {}
             }
             // Wait for the client, forwarding whatever the server says meanwhile (NOTIFY).
@@ -289,6 +297,12 @@ impl MirrorSession<'_> {
                         None => std::future::pending().await,
                     }
                 } => return Ok(RelayEnd::IdleTimeout),
+                () = async {
+                    match drain_deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => return Ok(RelayEnd::ShutdownNow),
             }
         }
     }
