@@ -265,8 +265,12 @@ pub fn intent_sql(tables: &[MirrorTable], changes: &[Change], intent_id: i64, pr
         };
         for row in &c.rows {
             if table.keyed() && c.op != ChangeOp::Append {
-                if let Some(k) = table.key_of(row) {
-                    per_table[slot].1.push(Value::Object(k));
+                // A key written several times in the transaction is listed once: a repair
+                // re-copies its final state, and one statement may touch a key only once.
+                if let Some(k) = table.key_of(row).map(Value::Object) {
+                    if !per_table[slot].1.contains(&k) {
+                        per_table[slot].1.push(k);
+                    }
                 }
             } else if let Ok(v) = serde_json::from_str::<Value>(row) {
                 per_table[slot].2.push(v);
@@ -422,11 +426,13 @@ pub async fn repair_intent(
                 .filter_map(|r| table.key_of(r))
                 .map(|k| Value::Object(k).to_string())
                 .collect();
-            let gone: Vec<String> = keys
-                .iter()
-                .map(Value::to_string)
-                .filter(|k| !found.contains(k))
-                .collect();
+            let mut gone: Vec<String> = Vec::new();
+            for k in keys.iter().map(Value::to_string) {
+                // Intents written before keys were de-duplicated may list a key twice.
+                if !found.contains(&k) && !gone.contains(&k) {
+                    gone.push(k);
+                }
+            }
             keys_done += rows.len() + gone.len();
             apply.push(Change {
                 table: ti,

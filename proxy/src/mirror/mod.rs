@@ -273,8 +273,20 @@ impl Mirror {
         });
         let work = async {
             let mut conn = self.link.acquire().await?;
-            conn.conn.begin_batch(&batch).await?;
-            Ok::<_, newlink::LinkError>(conn)
+            match conn.conn.begin_batch(&batch).await {
+                Ok(()) => Ok(conn),
+                // A pooled connection that NEW (or the network) closed meanwhile: NEW rolled
+                // back whatever reached it, so one retry on a fresh connection is safe. The
+                // other idle connections likely died with it.
+                Err(newlink::LinkError::Io(_)) if conn.reused => {
+                    drop(conn);
+                    self.link.clear_idle();
+                    let mut fresh = self.link.acquire().await?;
+                    fresh.conn.begin_batch(&batch).await?;
+                    Ok(fresh)
+                }
+                Err(e) => Err(e),
+            }
         };
         match tokio::time::timeout(self.settings.timeout, work).await {
             Ok(Ok(conn)) => Some(conn),
@@ -467,14 +479,57 @@ async fn repair_round(m: &Mirror) -> Result<(), switchyard_store::StoreError> {
     let mine: Vec<i64> = m.failed.lock().map(|f| f.clone()).unwrap_or_default();
     let ids =
         store_mirror::pending_intents(&m.old, &mine, m.settings.stale_intent.as_secs_f64(), 500).await?;
+    // One intent that cannot be repaired must not hold up the others: skip it (it is retried
+    // next round) unless failures pile up, which means a store is down: then back off.
+    let (mut repaired, mut failures, mut last_error) = (0u64, 0u32, None);
     for id in ids {
-        let outcome = store_mirror::repair_intent(&m.old, &m.new, &m.tables, id).await?;
+        let limit = m.settings.timeout * 5;
+        let outcome =
+            match tokio::time::timeout(limit, store_mirror::repair_intent(&m.old, &m.new, &m.tables, id))
+                .await
+            {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(e)) => {
+                    m.stats.repair_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(intent = id, error = %e, "repair failed; retried later");
+                    failures += 1;
+                    last_error = Some(e);
+                    if failures >= 3 {
+                        break;
+                    }
+                    continue;
+                }
+                Err(_) => {
+                    m.stats.repair_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(intent = id, ?limit, "repair timed out; retried later");
+                    failures += 1;
+                    last_error = Some(switchyard_store::StoreError::Timeout {
+                        role: "old or new",
+                        url: format!("repair of intent {id}"),
+                        timeout: limit,
+                    });
+                    if failures >= 3 {
+                        break;
+                    }
+                    continue;
+                }
+            };
+        failures = 0;
         if let RepairOutcome::Repaired { keys, appended } = outcome {
             m.stats.repairs.fetch_add(1, Relaxed);
-            tracing::info!(intent = id, keys, appended, "repaired");
+            repaired += 1;
+            tracing::debug!(intent = id, keys, appended, "repaired");
         }
         if let Ok(mut f) = m.failed.lock() {
             f.retain(|&x| x != id);
+        }
+    }
+    if repaired > 0 {
+        tracing::info!(intents = repaired, "repaired keys NEW had missed");
+    }
+    if failures >= 3 {
+        if let Some(e) = last_error {
+            return Err(e);
         }
     }
     // Intents of ours that no longer exist (OLD rolled back, or repaired by another proxy).

@@ -157,6 +157,8 @@ fn error_text(body: &[u8]) -> String {
 /// A pooled NEW connection; goes back to the pool with [`NewLink::release`].
 pub(crate) struct LinkConn {
     pub(crate) conn: NewConn,
+    /// It came from the pool (it may have died while idle).
+    pub(crate) reused: bool,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -185,12 +187,13 @@ impl NewLink {
             .await
             .map_err(|_| LinkError::Connect("pool closed".into()))?;
         let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
-        let conn = match idle {
-            Some(c) => c,
-            None => self.connect().await?,
+        let (conn, reused) = match idle {
+            Some(c) => (c, true),
+            None => (self.connect().await?, false),
         };
         Ok(LinkConn {
             conn,
+            reused,
             _permit: permit,
         })
     }
@@ -215,7 +218,17 @@ impl NewLink {
                 prepared: HashSet::new(),
             }),
             Ok(LoginOutcome::Refused(r)) => Err(LinkError::Connect(r.message)),
+            Err(crate::error::SessionError::Timeout(_)) => {
+                Err(LinkError::Connect(format!("no answer within {:?}", self.timeout)))
+            }
             Err(e) => Err(LinkError::Connect(e.to_string())),
+        }
+    }
+
+    /// Closes every idle connection (after one of them turned out dead).
+    pub(crate) fn clear_idle(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
         }
     }
 
