@@ -190,11 +190,8 @@ fn worker(
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Config(e.to_string()))?;
-    // Sessions need sockets and timers only. Without the signal and process drivers (signals are
-    // handled on the main runtime) each park of the event loop does less work.
     let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
+        .enable_all()
         .build()
         .map_err(|source| StartError::Bind { addr, source })?;
     runtime.block_on(async move {
