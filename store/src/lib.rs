@@ -9,6 +9,7 @@
 //! [`load_table`] reads a PostgreSQL table's columns and keys, [`compare`] checks NEW's copy
 //! against OLD's, and [`prepare()`] creates the side tables that dual writes and the backfill use.
 
+pub mod backfill_state;
 pub mod mirror;
 mod postgres;
 pub mod prepare;

@@ -5,7 +5,9 @@
 //!
 //! - on NEW, `switchyard_tables` (one row per configured table: its keys table and key columns),
 //!   one `switchyard_keys_<schema>_<table>` per keyed table (per-key version and tombstone, the
-//!   backfill's fence) and `switchyard_applied` (the intents whose changes NEW has applied);
+//!   backfill's fence), `switchyard_applied` (the intents whose changes NEW has applied), and the
+//!   backfill's progress tables `switchyard_backfill_tables` and `switchyard_backfill_chunks`
+//!   ([`crate::backfill_state`]);
 //! - on OLD, `switchyard_intents` (the changes of each mirrored transaction, committed with it)
 //!   and `switchyard_verify` (tables marked for a full verification).
 //!
@@ -255,6 +257,7 @@ fn new_side_ddl(tables: &[PreparedTable]) -> Vec<Step> {
             "intent_id bigint PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now()",
         ),
     ];
+    steps.extend(crate::backfill_state::backfill_ddl());
     for table in tables {
         let Some(keys_table) = &table.keys_table else {
             continue;
@@ -390,9 +393,10 @@ mod tests {
     fn keys_table_ddl_quotes_and_uses_new_types() {
         let steps = new_side_ddl(&[table("public.t", &["Id", "n"]), table("public.log", &[])]);
         let sql: Vec<&str> = steps.iter().map(|(s, _)| s.as_str()).collect();
-        assert_eq!(sql.len(), 5, "{sql:#?}");
+        let backfill = crate::backfill_state::backfill_ddl().len();
+        assert_eq!(sql.len(), 5 + backfill, "{sql:#?}");
         assert_eq!(
-            sql[4],
+            sql[4 + backfill],
             "CREATE TABLE IF NOT EXISTS \"switchyard\".\"switchyard_keys_public_t\" (\"Id\" uuid NOT NULL, \
              \"n\" character varying(20) NOT NULL, sy_version bigint NOT NULL, sy_deleted boolean NOT NULL \
              DEFAULT false, sy_updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (\"Id\", \"n\"))"

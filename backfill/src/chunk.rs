@@ -1,0 +1,701 @@
+//! One worker's connections and the three things it does to a table: set up its state row,
+//! plan the next chunk, and copy a leased chunk with the fenced merge.
+//!
+//! A chunk's copy is one NEW transaction: lease the chunk (`FOR UPDATE SKIP LOCKED` on its
+//! state row, so no other worker can take it while this transaction lives, and a dead worker's
+//! chunk is free again once NEW drops its connection), stream OLD's rows of the range from a
+//! `REPEATABLE READ` snapshot through binary COPY into a temporary staging table, claim the
+//! staged keys in the keys table (version 0, `ON CONFLICT DO NOTHING`), insert the rows of the
+//! keys claimed, mark the chunk `done` with its counts, commit. Everything or nothing.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{AssertSqlSafe, Connection as _, Row as _};
+use switchyard_config::StoreUrl;
+use switchyard_store::StoreError;
+
+use crate::copy_keys::KeyExtractor;
+use crate::target::TargetTable;
+use crate::BackfillError;
+
+/// COPY data is forwarded to NEW in pieces of about this size: OLD sends one CopyData message
+/// per row, and NEW accepts data split anywhere, so gathering rows saves a write per row.
+/// <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-COPY>
+const COPY_BUFFER: usize = 256 * 1024;
+
+/// The state tables, qualified.
+const TABLES: &str = "switchyard.switchyard_backfill_tables";
+const CHUNKS: &str = "switchyard.switchyard_backfill_chunks";
+
+/// How to reach one store.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    role: &'static str,
+    options: PgConnectOptions,
+    url: String,
+    timeout: Duration,
+}
+
+impl Endpoint {
+    /// The store at `url`; connections give up after `timeout`.
+    pub fn new(role: &'static str, url: &StoreUrl, timeout: Duration) -> Endpoint {
+        let mut options = PgConnectOptions::new()
+            .host(&url.host)
+            .port(url.port)
+            .username(&url.user)
+            .database(&url.database)
+            .application_name("switchyard-backfill");
+        if let Some(password) = &url.password {
+            options = options.password(password);
+        }
+        Endpoint {
+            role,
+            options,
+            url: url.redacted().to_string(),
+            timeout,
+        }
+    }
+
+    /// The connect options (for pools).
+    pub fn options(&self) -> &PgConnectOptions {
+        &self.options
+    }
+
+    /// A new connection, or the store named in the error.
+    pub async fn connect(&self) -> Result<PgConnection, StoreError> {
+        match tokio::time::timeout(self.timeout, PgConnection::connect_with(&self.options)).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(source)) => Err(StoreError::Unavailable {
+                role: self.role,
+                url: self.url.clone(),
+                source,
+            }),
+            Err(_) => Err(StoreError::Timeout {
+                role: self.role,
+                url: self.url.clone(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// The error for a failed statement on this store.
+    fn failed(&self, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
+        let role = self.role;
+        move |source| StoreError::Query {
+            role,
+            action: action.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Whether a failure is worth another try on fresh connections: lost connections, server
+/// restarts, deadlocks (a mirrored transaction and a chunk can wait on each other's key) and
+/// serialization failures.
+pub fn retryable(error: &BackfillError) -> bool {
+    let BackfillError::Store(error) = error else {
+        return false;
+    };
+    let source = match error {
+        StoreError::Unavailable { .. } | StoreError::Timeout { .. } => return true,
+        StoreError::Query { source, .. } | StoreError::Catalog { source, .. } => source,
+        StoreError::UnsupportedEngine { .. } => return false,
+    };
+    match source {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // 40001 serialization_failure, 40P01 deadlock_detected, 55P03 lock_not_available,
+            // class 08 connection exceptions, 57P01..57P03 shutdown / cannot connect now.
+            // <https://www.postgresql.org/docs/current/errcodes-appendix.html>
+            matches!(&*code, "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03")
+                || code.starts_with("08")
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// What the start of a run found about a table.
+#[derive(Debug, Clone)]
+pub struct TableStart {
+    /// Its backfill was already complete.
+    pub done: bool,
+    /// Rows read by chunks done before this run.
+    pub rows_before: u64,
+    /// OLD's estimated row count.
+    pub rows_estimated: u64,
+}
+
+/// One leased and copied chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkDone {
+    /// Its id within the table.
+    pub chunk_id: i64,
+    /// Rows read from OLD.
+    pub read: u64,
+    /// Keys claimed (no record existed).
+    pub claimed: u64,
+    /// Rows inserted into NEW's table.
+    pub copied: u64,
+}
+
+/// What looking for a chunk found.
+#[derive(Debug, Clone, Copy)]
+pub enum Lease {
+    /// A chunk was copied.
+    Copied(ChunkDone),
+    /// No pending chunk is free (none, or all leased by other workers).
+    NoneFree,
+}
+
+/// What planning found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// One more chunk is pending.
+    Planned,
+    /// Every chunk up to the upper bound is planned already.
+    Complete,
+}
+
+/// A NEW connection and the staging tables it has created.
+struct NewConn {
+    conn: PgConnection,
+    staged: HashSet<usize>,
+}
+
+/// One worker: a connection to each store, opened on first use and dropped after any failure.
+pub struct Worker {
+    /// Recorded in the chunks it copies: `host:pid/n`.
+    pub id: String,
+    old_end: Endpoint,
+    new_end: Endpoint,
+    old: Option<PgConnection>,
+    new: Option<NewConn>,
+}
+
+impl Worker {
+    /// A worker with no connections yet.
+    pub fn new(id: String, old: Endpoint, new: Endpoint) -> Worker {
+        Worker {
+            id,
+            old_end: old,
+            new_end: new,
+            old: None,
+            new: None,
+        }
+    }
+
+    async fn take_old(&mut self) -> Result<PgConnection, StoreError> {
+        match self.old.take() {
+            Some(c) => Ok(c),
+            None => self.old_end.connect().await,
+        }
+    }
+
+    async fn take_new(&mut self) -> Result<NewConn, StoreError> {
+        if let Some(c) = self.new.take() {
+            return Ok(c);
+        }
+        let mut conn = self.new_end.connect().await?;
+        // Best effort: when the backfill and a mirrored transaction deadlock on a key, let the
+        // backfill notice first and be the one rolled back (its chunk is simply retried).
+        // Needs superuser; without it NEW's default applies.
+        // <https://www.postgresql.org/docs/current/runtime-config-locks.html#GUC-DEADLOCK-TIMEOUT>
+        if sqlx::raw_sql("SET deadlock_timeout = '100ms'")
+            .execute(&mut conn)
+            .await
+            .is_err()
+        {
+            tracing::debug!("deadlock_timeout not settable; using NEW's default");
+        }
+        Ok(NewConn {
+            conn,
+            staged: HashSet::new(),
+        })
+    }
+
+    /// Drops both connections (after a failure, or a stop in the middle of a chunk).
+    pub fn reset(&mut self) {
+        self.old = None;
+        self.new = None;
+    }
+
+    /// Creates or reads `table`'s state row; on the first run computes the upper bound (OLD's
+    /// largest key) and the row estimate. Serialized with other processes by the row's lock.
+    pub async fn start_table(
+        &mut self,
+        t: &TargetTable,
+        chunk_rows: u64,
+    ) -> Result<TableStart, BackfillError> {
+        let mut old = self.take_old().await?;
+        let mut new = self.take_new().await?;
+        let result = start_table(
+            &self.old_end,
+            &self.new_end,
+            &mut old,
+            &mut new.conn,
+            t,
+            chunk_rows,
+        )
+        .await;
+        if result.is_ok() {
+            self.old = Some(old);
+            self.new = Some(new);
+        }
+        result
+    }
+
+    /// Plans the next `ahead` chunks of `t` after the cursor, if any are left.
+    pub async fn plan(&mut self, t: &TargetTable, ahead: u64) -> Result<Plan, BackfillError> {
+        let mut old = self.take_old().await?;
+        let mut new = self.take_new().await?;
+        let ahead = i64::try_from(ahead.max(1)).unwrap_or(1);
+        let result = plan_chunk(&self.old_end, &self.new_end, &mut old, &mut new.conn, t, ahead).await;
+        if result.is_ok() {
+            self.old = Some(old);
+            self.new = Some(new);
+        }
+        result
+    }
+
+    /// Leases a pending chunk of `t` and copies it.
+    pub async fn copy(&mut self, t: &TargetTable) -> Result<Lease, BackfillError> {
+        let mut old = self.take_old().await?;
+        let mut new = self.take_new().await?;
+        self.ensure_staging(&mut new, t).await?;
+        let mut result = copy_chunk(
+            &self.old_end,
+            &self.new_end,
+            &mut old,
+            &mut new.conn,
+            t,
+            &self.id,
+            true,
+        )
+        .await;
+        if result.as_ref().err().is_some_and(unique_violation) {
+            // The fast path met a key written meanwhile: redo the chunk with the per-key claim,
+            // on fresh connections (the failed COPY left both mid-transaction).
+            tracing::debug!(table = %t.name, "fast path met a concurrent write; redoing the chunk");
+            drop((old, new));
+            old = self.take_old().await?;
+            new = self.take_new().await?;
+            self.ensure_staging(&mut new, t).await?;
+            result = copy_chunk(
+                &self.old_end,
+                &self.new_end,
+                &mut old,
+                &mut new.conn,
+                t,
+                &self.id,
+                false,
+            )
+            .await;
+        }
+        if result.is_ok() {
+            self.old = Some(old);
+            self.new = Some(new);
+        }
+        result
+    }
+
+    async fn ensure_staging(&self, new: &mut NewConn, t: &TargetTable) -> Result<(), BackfillError> {
+        if !new.staged.contains(&t.index) {
+            sqlx::raw_sql(AssertSqlSafe(t.create_staging_sql()))
+                .execute(&mut new.conn)
+                .await
+                .map_err(self.new_end.failed("creating the staging table"))?;
+            new.staged.insert(t.index);
+        }
+        Ok(())
+    }
+
+    /// Marks `t` done if every chunk is planned and copied; true when it is done (now or before).
+    pub async fn finish(&mut self, t: &TargetTable) -> Result<bool, BackfillError> {
+        let mut new = self.take_new().await?;
+        let result = sqlx::query_scalar::<_, bool>(AssertSqlSafe(format!(
+            "WITH f AS (UPDATE {TABLES} SET status = 'done', finished_at = now() \
+               WHERE table_name = $1 AND status = 'running' AND planning_done \
+               AND NOT EXISTS (SELECT 1 FROM {CHUNKS} WHERE table_name = $1 AND status = 'pending') \
+               RETURNING 1) \
+             SELECT EXISTS (SELECT 1 FROM f) OR coalesce((SELECT status = 'done' FROM {TABLES} WHERE table_name = $1), false)"
+        )))
+        .bind(t.name.to_string())
+        .fetch_one(&mut new.conn)
+        .await
+        .map_err(self.new_end.failed("marking a table's backfill done"))
+        .map_err(BackfillError::from);
+        if result.is_ok() {
+            self.new = Some(new);
+        }
+        result
+    }
+}
+
+fn text_array(row: &sqlx::postgres::PgRow, i: usize) -> Result<Option<Vec<String>>, sqlx::Error> {
+    row.try_get::<Option<Vec<String>>, _>(i)
+}
+
+async fn start_table(
+    old_end: &Endpoint,
+    new_end: &Endpoint,
+    old: &mut PgConnection,
+    new: &mut PgConnection,
+    t: &TargetTable,
+    chunk_rows: u64,
+) -> Result<TableStart, BackfillError> {
+    let nerr = new_end.failed("setting up the table's backfill state");
+    let oerr = old_end.failed("reading the table's key range");
+    let name = t.name.to_string();
+    let chunk_rows = i32::try_from(chunk_rows).unwrap_or(i32::MAX);
+    let mut tx = new.begin().await.map_err(nerr)?;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {TABLES} (table_name, key_columns, chunk_rows) VALUES ($1, $2, $3) \
+         ON CONFLICT (table_name) DO NOTHING"
+    )))
+    .bind(&name)
+    .bind(&t.key)
+    .bind(chunk_rows)
+    .execute(&mut *tx)
+    .await
+    .map_err(nerr)?;
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT status, key_columns, rows_estimated, \
+                (SELECT coalesce(sum(rows_read), 0)::int8 FROM {CHUNKS} WHERE table_name = $1 AND status = 'done') \
+         FROM {TABLES} WHERE table_name = $1 FOR UPDATE"
+    )))
+    .bind(&name)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(nerr)?;
+    let status: String = row.try_get(0).map_err(nerr)?;
+    let key_columns: Vec<String> = row.try_get(1).map_err(nerr)?;
+    let estimate: Option<i64> = row.try_get(2).map_err(nerr)?;
+    let rows_before: i64 = row.try_get(3).map_err(nerr)?;
+    if key_columns != t.key {
+        return Err(BackfillError::KeyChanged {
+            table: t.name.clone(),
+            was: key_columns.join(", "),
+            now: t.key.join(", "),
+        });
+    }
+    let estimate = match estimate {
+        Some(e) => e,
+        None => {
+            // First run: fix the upper bound. Rows with larger keys committed after this were
+            // written under dual writes and reach NEW as mirrored writes.
+            let upper = sqlx::raw_sql(AssertSqlSafe(t.upper_bound_sql()))
+                .fetch_optional(&mut *old)
+                .await
+                .map_err(oerr)?
+                .map(|r| text_array(&r, 0))
+                .transpose()
+                .map_err(oerr)?
+                .flatten();
+            let mut estimate: i64 = sqlx::raw_sql(AssertSqlSafe(t.estimate_sql()))
+                .fetch_one(&mut *old)
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(oerr)?;
+            if estimate < 0 {
+                estimate = sqlx::raw_sql(AssertSqlSafe(t.count_sql()))
+                    .fetch_one(&mut *old)
+                    .await
+                    .and_then(|r| r.try_get(0))
+                    .map_err(oerr)?;
+            }
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE {TABLES} SET upper_bound = $2, planning_done = ($2::text[] IS NULL), rows_estimated = $3 \
+                 WHERE table_name = $1"
+            )))
+            .bind(&name)
+            .bind(&upper)
+            .bind(estimate)
+            .execute(&mut *tx)
+            .await
+            .map_err(nerr)?;
+            estimate
+        }
+    };
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {TABLES} SET chunk_rows = $2 WHERE table_name = $1"
+    )))
+    .bind(&name)
+    .bind(chunk_rows)
+    .execute(&mut *tx)
+    .await
+    .map_err(nerr)?;
+    tx.commit().await.map_err(nerr)?;
+    Ok(TableStart {
+        done: status == "done",
+        rows_before: u64::try_from(rows_before).unwrap_or(0),
+        rows_estimated: u64::try_from(estimate).unwrap_or(0),
+    })
+}
+
+async fn plan_chunk(
+    old_end: &Endpoint,
+    new_end: &Endpoint,
+    old: &mut PgConnection,
+    new: &mut PgConnection,
+    t: &TargetTable,
+    ahead: i64,
+) -> Result<Plan, BackfillError> {
+    let nerr = new_end.failed("planning a chunk");
+    let oerr = old_end.failed("finding the next chunk's upper bound");
+    let name = t.name.to_string();
+    let mut tx = new.begin().await.map_err(nerr)?;
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT planning_done, cursor, upper_bound, next_chunk, chunk_rows::int8 FROM {TABLES} \
+         WHERE table_name = $1 FOR UPDATE"
+    )))
+    .bind(&name)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(nerr)?;
+    let planning_done: bool = row.try_get(0).map_err(nerr)?;
+    let cursor = text_array(&row, 1).map_err(nerr)?;
+    let upper = text_array(&row, 2).map_err(nerr)?;
+    let next_chunk: i64 = row.try_get(3).map_err(nerr)?;
+    let chunk_rows: i64 = row.try_get(4).map_err(nerr)?;
+    let Some(upper) = upper.filter(|_| !planning_done) else {
+        tx.rollback().await.map_err(nerr)?;
+        return Ok(Plan::Complete);
+    };
+    let rows = sqlx::raw_sql(AssertSqlSafe(t.next_bounds_sql(
+        cursor.as_deref(),
+        &upper,
+        chunk_rows,
+        ahead,
+    )))
+    .fetch_all(&mut *old)
+    .await
+    .map_err(oerr)?;
+    let mut bounds = rows
+        .iter()
+        .map(|r| text_array(r, 0).map(Option::unwrap_or_default))
+        .collect::<Result<Vec<Vec<String>>, _>>()
+        .map_err(oerr)?;
+    // Fewer bounds than asked for: the rest of the range, up to the upper bound, is the last
+    // chunk. (A bound equal to the upper bound ends planning too.)
+    if let Some(at) = bounds.iter().position(|b| *b == upper) {
+        bounds.truncate(at + 1);
+    } else if i64::try_from(bounds.len()).unwrap_or(i64::MAX) < ahead {
+        bounds.push(upper.clone());
+    }
+    let last = bounds.last().is_some_and(|b| *b == upper);
+    let mut lo = cursor;
+    let mut id = next_chunk;
+    for hi in &bounds {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {CHUNKS} (table_name, chunk_id, lo, hi) VALUES ($1, $2, $3, $4)"
+        )))
+        .bind(&name)
+        .bind(id)
+        .bind(&lo)
+        .bind(hi)
+        .execute(&mut *tx)
+        .await
+        .map_err(nerr)?;
+        lo = Some(hi.clone());
+        id += 1;
+    }
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {TABLES} SET cursor = $2, next_chunk = $3, planning_done = $4 WHERE table_name = $1"
+    )))
+    .bind(&name)
+    .bind(&lo)
+    .bind(id)
+    .bind(last)
+    .execute(&mut *tx)
+    .await
+    .map_err(nerr)?;
+    tx.commit().await.map_err(nerr)?;
+    Ok(Plan::Planned)
+}
+
+/// Whether an error is a unique violation (23505): on the fast path, a key got a record or a
+/// row between the range check and the COPY.
+pub fn unique_violation(error: &BackfillError) -> bool {
+    match error {
+        BackfillError::Store(StoreError::Query {
+            source: sqlx::Error::Database(db),
+            ..
+        }) => db.code().as_deref() == Some("23505"),
+        _ => false,
+    }
+}
+
+/// Streams OLD's rows of `(lo, hi]` (one `REPEATABLE READ` snapshot) into `sql`'s COPY on NEW,
+/// passing every piece to `inspect`; returns the rows NEW took.
+#[allow(clippy::too_many_arguments)]
+async fn pipe(
+    old: &mut PgConnection,
+    new: &mut PgConnection,
+    t: &TargetTable,
+    lo: Option<&[String]>,
+    hi: &[String],
+    sql: &str,
+    oerr: impl Fn(sqlx::Error) -> StoreError + Copy,
+    nerr: impl Fn(sqlx::Error) -> StoreError + Copy,
+    mut inspect: impl FnMut(&[u8]) -> Result<(), BackfillError>,
+) -> Result<u64, BackfillError> {
+    // <https://www.postgresql.org/docs/current/transaction-iso.html#XACT-REPEATABLE-READ>
+    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *old)
+        .await
+        .map_err(oerr)?;
+    let read = {
+        let mut rows = old.copy_out_raw(&t.copy_out_sql(lo, hi)).await.map_err(oerr)?;
+        let mut sink = new.copy_in_raw(sql).await.map_err(nerr)?;
+        let mut buf: Vec<u8> = Vec::with_capacity(COPY_BUFFER + 64 * 1024);
+        while let Some(piece) = rows.next().await {
+            let piece = piece.map_err(oerr)?;
+            inspect(&piece)?;
+            buf.extend_from_slice(&piece);
+            if buf.len() >= COPY_BUFFER {
+                sink.send(buf.as_slice()).await.map_err(nerr)?;
+                buf.clear();
+            }
+        }
+        if !buf.is_empty() {
+            sink.send(buf.as_slice()).await.map_err(nerr)?;
+        }
+        sink.finish().await.map_err(nerr)?
+    };
+    sqlx::raw_sql("COMMIT").execute(&mut *old).await.map_err(oerr)?;
+    Ok(read)
+}
+
+async fn copy_chunk(
+    old_end: &Endpoint,
+    new_end: &Endpoint,
+    old: &mut PgConnection,
+    new: &mut PgConnection,
+    t: &TargetTable,
+    worker: &str,
+    try_fast: bool,
+) -> Result<Lease, BackfillError> {
+    let started = Instant::now();
+    let nerr = new_end.failed("copying a chunk");
+    let oerr = old_end.failed("reading a chunk");
+    let name = t.name.to_string();
+    let mut tx = new.begin().await.map_err(nerr)?;
+    let leased = sqlx::query(AssertSqlSafe(format!(
+        "SELECT chunk_id, lo, hi FROM {CHUNKS} WHERE table_name = $1 AND status = 'pending' \
+         ORDER BY chunk_id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    )))
+    .bind(&name)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(nerr)?;
+    let Some(leased) = leased else {
+        tx.rollback().await.map_err(nerr)?;
+        return Ok(Lease::NoneFree);
+    };
+    let chunk_id: i64 = leased.try_get(0).map_err(nerr)?;
+    let lo = text_array(&leased, 1).map_err(nerr)?;
+    let hi = text_array(&leased, 2).map_err(nerr)?.unwrap_or_default();
+
+    let fast = match &t.key_positions {
+        Some(positions) if try_fast => {
+            let taken: bool = sqlx::raw_sql(AssertSqlSafe(t.range_has_records_sql(lo.as_deref(), &hi)))
+                .fetch_one(&mut *tx)
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(nerr)?;
+            (!taken).then(|| positions.clone())
+        }
+        _ => None,
+    };
+    let (read, claimed, copied) = match fast {
+        // Fast path: no key of the range has a record. COPY the rows straight into the table,
+        // then COPY their claims into the keys table; a key that got a record or a row
+        // meanwhile fails the chunk with a unique violation and it is redone on the slow path.
+        Some(positions) => {
+            let mut keys = KeyExtractor::new(positions);
+            let read = pipe(
+                old,
+                &mut tx,
+                t,
+                lo.as_deref(),
+                &hi,
+                &t.copy_into_table_sql(),
+                oerr,
+                nerr,
+                |piece| keys.feed(piece).map_err(|e| BackfillError::CopyData(e.0)),
+            )
+            .await?;
+            let (claims, rows) = keys.finish().map_err(|e| BackfillError::CopyData(e.0))?;
+            if rows != read {
+                return Err(BackfillError::CopyData(
+                    "row count of the claims differs from the copy",
+                ));
+            }
+            let mut sink = tx.copy_in_raw(&t.copy_claims_sql()).await.map_err(nerr)?;
+            sink.send(claims.as_slice()).await.map_err(nerr)?;
+            sink.finish().await.map_err(nerr)?;
+            (read, read, read)
+        }
+        // The claim as one statement: INSERT ... ON CONFLICT DO NOTHING RETURNING into the keys
+        // table, then only the claimed keys' rows from the staging table.
+        None => {
+            let read = pipe(
+                old,
+                &mut tx,
+                t,
+                lo.as_deref(),
+                &hi,
+                &t.copy_in_sql(),
+                oerr,
+                nerr,
+                |_| Ok(()),
+            )
+            .await?;
+            let (claimed, copied): (i64, i64) = if read == 0 {
+                (0, 0)
+            } else {
+                sqlx::query_as(AssertSqlSafe(t.merge_sql()))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(nerr)?
+            };
+            (
+                read,
+                u64::try_from(claimed).unwrap_or(0),
+                u64::try_from(copied).unwrap_or(0),
+            )
+        }
+    };
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {CHUNKS} SET status = 'done', rows_read = $3, rows_copied = $4, rows_skipped = $5, \
+         rows_conflicting = $6, worker = $7, copied_at = now(), copy_ms = $8 \
+         WHERE table_name = $1 AND chunk_id = $2"
+    )))
+    .bind(&name)
+    .bind(chunk_id)
+    .bind(read as i64)
+    .bind(copied as i64)
+    .bind(read.saturating_sub(claimed) as i64)
+    .bind(claimed.saturating_sub(copied) as i64)
+    .bind(worker)
+    .bind(i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX))
+    .execute(&mut *tx)
+    .await
+    .map_err(nerr)?;
+    tx.commit().await.map_err(nerr)?;
+    Ok(Lease::Copied(ChunkDone {
+        chunk_id,
+        read,
+        claimed,
+        copied,
+    }))
+}

@@ -1,0 +1,607 @@
+//! The backfill against real OLD and NEW databases: it converges under a concurrent dual-write
+//! workload through two proxies, never overwrites a mirrored row nor resurrects a deleted one
+//! (also against writes in flight on NEW), handles many key types, resumes after a stop without
+//! copying a chunk twice, throttles, and fails with clear errors.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use switchyard_backfill::progress::RunStatus;
+use switchyard_backfill::{BackfillError, BackfillOptions, Summary};
+use switchyard_config::Config;
+use switchyard_test_support::{DualEnv, DualTable, ProxyConfig, TestDb};
+
+/// Bounds every test: a backfill that hangs fails instead.
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn options(workers: usize, chunk_rows: u64) -> BackfillOptions {
+    BackfillOptions {
+        workers,
+        chunk_rows,
+        ..BackfillOptions::default()
+    }
+}
+
+async fn backfill(config: &Config, options: &BackfillOptions) -> Result<Summary, BackfillError> {
+    let (_trigger, stop) = switchyard_backfill::stop_channel();
+    tokio::time::timeout(LIMIT, switchyard_backfill::run(config, options, stop))
+        .await
+        .expect("backfill within the time limit")
+}
+
+async fn scalar(db: &TestDb, sql: &str) -> i64 {
+    db.client()
+        .await
+        .unwrap()
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Per chunk: `(rows_read, rows_copied, rows_skipped, rows_conflicting)` of every done chunk,
+/// and the number of chunks not done.
+async fn chunk_totals(new: &TestDb, table: &str) -> ((i64, i64, i64, i64), i64) {
+    let c = new.client().await.unwrap();
+    let row = c
+        .query_one(
+            "SELECT coalesce(sum(rows_read), 0)::int8, coalesce(sum(rows_copied), 0)::int8, \
+             coalesce(sum(rows_skipped), 0)::int8, coalesce(sum(rows_conflicting), 0)::int8, \
+             count(*) FILTER (WHERE status <> 'done') \
+             FROM switchyard.switchyard_backfill_chunks WHERE table_name = $1",
+            &[&table],
+        )
+        .await
+        .unwrap();
+    ((row.get(0), row.get(1), row.get(2), row.get(3)), row.get(4))
+}
+
+const ITEMS: &str = "CREATE TABLE items (
+    id bigint PRIMARY KEY,
+    owner text NOT NULL,
+    qty integer NOT NULL,
+    note text,
+    updated timestamptz NOT NULL DEFAULT now()
+);";
+
+/// One workload client: random updates, deletes, inserts and small transactions over the whole
+/// key range (even ids exist before the backfill, odd ids are new), through a proxy. Returns
+/// the ids it deleted.
+async fn workload(proxy_url: String, seed: u64, stop: Arc<AtomicBool>, max_id: i64) -> (u64, Vec<i64>) {
+    let (client, conn) = tokio_postgres::connect(&proxy_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut rng = StdRng::seed_from_u64(seed);
+    let update = client
+        .prepare("UPDATE items SET qty = qty + 1, note = $2 WHERE id = $1")
+        .await
+        .unwrap();
+    let delete = client
+        .prepare("DELETE FROM items WHERE id = $1 RETURNING id")
+        .await
+        .unwrap();
+    let insert = client
+        .prepare("INSERT INTO items (id, owner, qty) VALUES ($1, $2, 0) ON CONFLICT (id) DO NOTHING")
+        .await
+        .unwrap();
+    let mut deleted = Vec::new();
+    let mut ops = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let id = rng.gen_range(1..=max_id);
+        let roll = rng.gen_range(0..100);
+        ops += 1;
+        if roll < 45 {
+            client
+                .execute(&update, &[&id, &format!("w{seed}-{ops}")])
+                .await
+                .unwrap();
+        } else if roll < 65 {
+            if !client.query(&delete, &[&id]).await.unwrap().is_empty() {
+                deleted.push(id);
+            }
+        } else if roll < 90 {
+            client
+                .execute(&insert, &[&id, &format!("new{seed}")])
+                .await
+                .unwrap();
+        } else {
+            // A transaction over three random keys.
+            let (a, b, c) = (id, rng.gen_range(1..=max_id), rng.gen_range(1..=max_id));
+            let sql = format!(
+                "BEGIN; UPDATE items SET qty = qty - 1 WHERE id = {a}; DELETE FROM items WHERE id = {b}; \
+                 INSERT INTO items (id, owner, qty) VALUES ({c}, 'tx', 1) ON CONFLICT (id) DO NOTHING; COMMIT"
+            );
+            client.batch_execute(&sql).await.unwrap();
+            deleted.push(b);
+        }
+    }
+    (ops, deleted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backfill_under_concurrent_dual_writes_converges() {
+    let env = DualEnv::new("bf_conc", ITEMS, vec![DualTable::new("items")])
+        .await
+        .unwrap();
+    // 200,000 rows that exist before dual writes: even ids 2..=400,000.
+    env.old
+        .execute_batch(
+            "INSERT INTO items (id, owner, qty, note) \
+             SELECT 2 * g, 'owner' || (g % 97), g % 1000, md5(g::text) FROM generate_series(1, 200000) g; \
+             ANALYZE items",
+        )
+        .await
+        .unwrap();
+    let proxies = [env.proxy().await.unwrap(), env.proxy().await.unwrap()];
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for i in 0..4u64 {
+        let url = proxies[(i % 2) as usize].url("postgres");
+        clients.push(tokio::spawn(workload(url, 0x5eed + i, stop.clone(), 400_001)));
+    }
+    // Let the workload touch keys before the backfill reaches them, then backfill slowly
+    // enough that writes keep landing in chunks before, during and after their copy.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let config = env.config().unwrap();
+    let opts = BackfillOptions {
+        max_rows_per_sec: Some(80_000),
+        ..options(3, 4000)
+    };
+    let summary = backfill(&config, &opts).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut ops = 0;
+    let mut deleted = Vec::new();
+    for c in clients {
+        let (n, d) = c.await.unwrap();
+        ops += n;
+        deleted.extend(d);
+    }
+    env.wait_for_no_intents(Duration::from_secs(30)).await.unwrap();
+
+    assert_eq!(summary.status, RunStatus::Done, "{summary:?}");
+    let t = &summary.tables[0];
+    assert!(
+        t.this_run.rows_skipped > 0,
+        "the workload got to some keys first: {t:?}"
+    );
+    assert!(ops > 1000, "the workload ran alongside: {ops} operations");
+    env.assert_converged().await.unwrap();
+
+    // No deleted key is back: every key deleted and not inserted again is absent from NEW, and
+    // no key with a tombstone has a row.
+    let old = env.old.client().await.unwrap();
+    let new = env.new.client().await.unwrap();
+    let still_there: Vec<i64> = old
+        .query("SELECT id FROM items WHERE id = ANY($1)", &[&deleted])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let gone: Vec<i64> = deleted
+        .iter()
+        .copied()
+        .filter(|id| !still_there.contains(id))
+        .collect();
+    assert!(gone.len() > 100, "{} deleted keys", gone.len());
+    let resurrected: i64 = new
+        .query_one("SELECT count(*) FROM items WHERE id = ANY($1)", &[&gone])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(resurrected, 0);
+    let tombstoned_rows: i64 = new
+        .query_one(
+            "SELECT count(*) FROM items i JOIN switchyard.switchyard_keys_public_items k USING (id) \
+             WHERE k.sy_deleted",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tombstoned_rows, 0);
+    // Every chunk done once; the counts add up.
+    let ((read, copied, skipped, conflicting), pending) = chunk_totals(&env.new, "public.items").await;
+    assert_eq!(pending, 0);
+    assert_eq!(read, copied + skipped + conflicting);
+    assert_eq!(conflicting, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_many_types_are_backfilled() {
+    let schema = "
+        CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+        CREATE TABLE k_big (id bigint PRIMARY KEY, v text);
+        CREATE TABLE k_uuid (id uuid PRIMARY KEY, v text);
+        CREATE TABLE k_text (name text PRIMARY KEY, v int);
+        CREATE TABLE k_bytes (id bytea PRIMARY KEY, v int);
+        CREATE TABLE k_comp (tenant int, code text, at timestamptz NOT NULL, v numeric, PRIMARY KEY (tenant, code));
+        CREATE TABLE k_day (day date, seq bigint, payload jsonb, PRIMARY KEY (day, seq));
+        CREATE TABLE k_enum (id int PRIMARY KEY, moods mood[], m mood);
+        CREATE TABLE k_ident (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text NOT NULL,
+                              g int GENERATED ALWAYS AS (length(v)) STORED);
+        CREATE TABLE k_custom (a int NOT NULL, b text NOT NULL, v text);
+        CREATE UNIQUE INDEX k_custom_ab ON k_custom (a, b);
+    ";
+    let mut tables: Vec<DualTable> = [
+        "k_big", "k_uuid", "k_text", "k_bytes", "k_comp", "k_day", "k_enum", "k_ident",
+    ]
+    .iter()
+    .map(|t| DualTable::new(t))
+    .collect();
+    tables.push(DualTable {
+        key: vec!["a".into(), "b".into()],
+        ..DualTable::new("k_custom")
+    });
+    let env = DualEnv::new("bf_types", schema, tables).await.unwrap();
+    env.old
+        .execute_batch(
+            r#"
+            INSERT INTO k_big SELECT g * 7919 % 100003 - 50000, 'v' || g FROM generate_series(1, 3000) g;
+            INSERT INTO k_uuid SELECT gen_random_uuid(), 'v' || g FROM generate_series(1, 3000) g;
+            INSERT INTO k_text SELECT s, g FROM (
+                SELECT g, CASE g % 5 WHEN 0 THEN 'it''s ' || g WHEN 1 THEN E'back\\slash ' || g
+                       WHEN 2 THEN 'ünïcødé ' || g WHEN 3 THEN ' lead ' || g ELSE 'tab	' || g END AS s
+                FROM generate_series(1, 3000) g) x;
+            INSERT INTO k_text VALUES ('', -1);
+            INSERT INTO k_bytes SELECT decode(md5(g::text), 'hex'), g FROM generate_series(1, 3000) g;
+            INSERT INTO k_comp SELECT g % 13, 'code ' || g, now() - g * interval '1 minute', g / 7.0
+                FROM generate_series(1, 3000) g;
+            INSERT INTO k_day SELECT date '2020-01-01' + g % 40, g, jsonb_build_object('g', g, 's', 'x"y')
+                FROM generate_series(1, 3000) g;
+            INSERT INTO k_enum SELECT g, ARRAY['sad', 'happy']::mood[], (ARRAY['sad','ok','happy'])[1 + g % 3]::mood
+                FROM generate_series(1, 3000) g;
+            INSERT INTO k_ident (v) SELECT repeat('x', g % 17) FROM generate_series(1, 3000) g;
+            INSERT INTO k_custom SELECT g % 50, 'b' || g, 'v' FROM generate_series(1, 3000) g;
+            "#,
+        )
+        .await
+        .unwrap();
+    // Mirrored writes before the backfill: updates and deletes leave version records and
+    // tombstones the backfill must respect.
+    let proxy = env.proxy().await.unwrap();
+    let c = proxy.client().await.unwrap();
+    c.batch_execute(
+        "UPDATE k_big SET v = 'mirrored' WHERE id % 10 = 0;
+         DELETE FROM k_big WHERE id % 10 = 1;
+         UPDATE k_text SET v = v + 1000 WHERE v % 9 = 0;
+         DELETE FROM k_text WHERE v % 9 = 1;
+         DELETE FROM k_comp WHERE tenant = 3;
+         UPDATE k_day SET payload = '{}' WHERE seq % 11 = 0;
+         UPDATE k_enum SET m = 'ok' WHERE id % 5 = 0;
+         DELETE FROM k_ident WHERE id % 4 = 0;
+         UPDATE k_custom SET v = 'mirrored' WHERE a = 7;
+         DELETE FROM k_uuid WHERE v LIKE '%7';",
+    )
+    .await
+    .unwrap();
+    let summary = backfill(&env.config().unwrap(), &options(3, 700)).await.unwrap();
+    assert_eq!(summary.status, RunStatus::Done, "{summary:?}");
+    for t in &summary.tables {
+        let total = t.total.as_ref().unwrap();
+        assert!(total.chunks_done >= 4, "{} in several chunks: {total:?}", t.table);
+    }
+    env.assert_converged().await.unwrap();
+    // Mirrored records kept their versions; backfilled keys have version 0.
+    let v: i64 = scalar(
+        &env.new,
+        "SELECT count(*) FROM switchyard.switchyard_keys_public_k_big WHERE sy_version >= 1",
+    )
+    .await;
+    assert!(v > 300, "{v}");
+    // A second run finds everything done and copies nothing.
+    let again = backfill(&env.config().unwrap(), &options(2, 700)).await.unwrap();
+    assert!(again.tables.iter().all(|t| t.this_run.chunks == 0), "{again:?}");
+}
+
+/// The fence is a claim, not a read: a mirrored transaction still open on NEW (its key record
+/// uncommitted) makes the chunk wait, and once it commits the backfill skips the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_in_flight_on_new_win_over_the_backfill() {
+    let env = DualEnv::new("bf_inflight", ITEMS, vec![DualTable::new("items")])
+        .await
+        .unwrap();
+    env.old
+        .execute_batch(
+            "INSERT INTO items (id, owner, qty) SELECT g, 'old', 0 FROM generate_series(1, 5000) g",
+        )
+        .await
+        .unwrap();
+    let new = env.new.client().await.unwrap();
+    // Committed before the backfill: a newer version of 100 and a tombstone for 200.
+    new.batch_execute(
+        "INSERT INTO items (id, owner, qty) VALUES (100, 'mirrored', 3);
+         INSERT INTO switchyard.switchyard_keys_public_items (id, sy_version, sy_deleted) VALUES (100, 3, false), (200, 2, true);",
+    )
+    .await
+    .unwrap();
+    // In flight: an upsert of 2500 and a delete of 4000, as a mirrored transaction leaves them
+    // between its apply and its commit.
+    new.batch_execute(
+        "BEGIN;
+         INSERT INTO items (id, owner, qty) VALUES (2500, 'in flight', 7);
+         INSERT INTO switchyard.switchyard_keys_public_items (id, sy_version, sy_deleted) VALUES (2500, 1, false), (4000, 1, true);",
+    )
+    .await
+    .unwrap();
+    let config = env.config().unwrap();
+    let run = tokio::spawn(async move { backfill(&config, &options(2, 1000)).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !run.is_finished(),
+        "the chunks holding 2500 and 4000 wait for the open transaction"
+    );
+    new.batch_execute("COMMIT").await.unwrap();
+    let summary = run.await.unwrap().unwrap();
+    assert_eq!(summary.status, RunStatus::Done);
+    let rows = new
+        .query(
+            "SELECT id, owner FROM items WHERE id IN (100, 200, 2500, 4000) ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got, vec![(100, "mirrored".into()), (2500, "in flight".into())]);
+    assert_eq!(scalar(&env.new, "SELECT count(*) FROM items").await, 4998);
+    let ((read, copied, skipped, _), _) = chunk_totals(&env.new, "public.items").await;
+    assert_eq!((read, copied, skipped), (5000, 4996, 4));
+}
+
+/// The race a single-statement mirrored delete leaves: the delete runs while a chunk that claimed
+/// the key is still open, sees no row, then turns the chunk's version-0 record into a tombstone
+/// after the chunk commits. The fence trigger deletes the row then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_racing_an_open_chunk_leaves_no_row() {
+    let env = DualEnv::new("bf_delrace", ITEMS, vec![DualTable::new("items")])
+        .await
+        .unwrap();
+    env.old
+        .execute_batch("INSERT INTO items (id, owner, qty) VALUES (1, 'a', 1), (2, 'b', 2)")
+        .await
+        .unwrap();
+    // A backfill run installs the trigger (and copies both rows).
+    backfill(&env.config().unwrap(), &options(1, 10)).await.unwrap();
+    env.new
+        .execute_batch("DELETE FROM items; DELETE FROM switchyard.switchyard_keys_public_items;")
+        .await
+        .unwrap();
+
+    // The chunk, by hand: claim key 5 and insert its row, not committed yet.
+    let chunk = env.new.client().await.unwrap();
+    chunk
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO switchyard.switchyard_keys_public_items (id, sy_version, sy_deleted) VALUES (5, 0, false);
+             INSERT INTO items (id, owner, qty) VALUES (5, 'backfilled', 0);",
+        )
+        .await
+        .unwrap();
+    // The mirrored delete of key 5, exactly as the proxy sends it.
+    let pool = sqlx::PgPool::connect(env.new.url()).await.unwrap();
+    let old_pool = sqlx::PgPool::connect(env.old.url()).await.unwrap();
+    let name: switchyard_config::TableName = "public.items".parse().unwrap();
+    let schema = switchyard_store::load_table(&old_pool, &name)
+        .await
+        .unwrap()
+        .unwrap();
+    let table = switchyard_store::mirror::MirrorTable::new(name, vec!["id".into()], &schema, &schema);
+    let delete = table.prepared_apply(switchyard_store::mirror::ChangeOp::Delete);
+    let mut mirror = pool.begin().await.unwrap();
+    let mirrored = tokio::spawn(async move {
+        sqlx::query(sqlx::AssertSqlSafe(delete))
+            .bind(r#"[{"id": 5, "owner": "backfilled", "qty": 0}]"#)
+            .execute(&mut *mirror)
+            .await
+            .unwrap();
+        mirror.commit().await.unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!mirrored.is_finished(), "the delete waits for the chunk's claim");
+    chunk.batch_execute("COMMIT").await.unwrap();
+    mirrored.await.unwrap();
+    assert_eq!(
+        scalar(&env.new, "SELECT count(*) FROM items WHERE id = 5").await,
+        0
+    );
+    assert_eq!(
+        scalar(
+            &env.new,
+            "SELECT count(*) FROM switchyard.switchyard_keys_public_items WHERE id = 5 AND sy_deleted"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_backfill_resumes_without_copying_a_chunk_twice() {
+    let env = DualEnv::new("bf_resume", ITEMS, vec![DualTable::new("items")])
+        .await
+        .unwrap();
+    env.old
+        .execute_batch("INSERT INTO items (id, owner, qty) SELECT g, 'o', g FROM generate_series(1, 40000) g")
+        .await
+        .unwrap();
+    let config = env.config().unwrap();
+    let (trigger, stop) = switchyard_backfill::stop_channel();
+    let opts = BackfillOptions {
+        max_rows_per_sec: Some(20_000),
+        ..options(2, 1000)
+    };
+    let started = Instant::now();
+    let run = {
+        let config = config.clone();
+        let opts = opts.clone();
+        tokio::spawn(async move { switchyard_backfill::run(&config, &opts, stop).await })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    trigger.graceful();
+    let first = tokio::time::timeout(LIMIT, run).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.status, RunStatus::Interrupted, "{first:?}");
+    // Throttled to 20,000 rows/s: about 14 chunks in 0.7 s, never all 40.
+    let ((read, copied, _, _), pending) = chunk_totals(&env.new, "public.items").await;
+    assert!(read > 0 && read < 40_000, "{read}");
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    // Nothing half-written: NEW has exactly the rows of the chunks marked done.
+    assert_eq!(scalar(&env.new, "SELECT count(*) FROM items").await, copied);
+    assert!(pending > 0 || read < 40_000);
+
+    let second = backfill(&config, &options(3, 1000)).await.unwrap();
+    assert_eq!(second.status, RunStatus::Done);
+    let ((read, copied, skipped, _), pending) = chunk_totals(&env.new, "public.items").await;
+    assert_eq!((read, copied, skipped, pending), (40_000, 40_000, 0, 0));
+    assert_eq!(
+        second.tables[0].this_run.rows_read + first.tables[0].this_run.rows_read,
+        40_000,
+        "each row read by exactly one run"
+    );
+    assert_eq!(
+        scalar(
+            &env.new,
+            "SELECT count(*) FROM switchyard.switchyard_keys_public_items WHERE sy_version = 0"
+        )
+        .await,
+        40_000
+    );
+    env.assert_converged().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_throttle_limits_rows_per_second() {
+    let env = DualEnv::new("bf_throttle", ITEMS, vec![DualTable::new("items")])
+        .await
+        .unwrap();
+    env.old
+        .execute_batch("INSERT INTO items (id, owner, qty) SELECT g, 'o', g FROM generate_series(1, 12000) g")
+        .await
+        .unwrap();
+    let opts = BackfillOptions {
+        max_rows_per_sec: Some(8_000),
+        ..options(4, 1000)
+    };
+    let started = Instant::now();
+    let summary = backfill(&env.config().unwrap(), &opts).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(summary.status, RunStatus::Done);
+    // 12,000 rows at 8,000 rows/s: at least 1.5 s less the first reservation's chunk.
+    assert!(took >= Duration::from_millis(1300), "{took:?}");
+    env.assert_converged().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_are_removed_only_after_the_backfill() {
+    let env = DualEnv::new("bf_tomb", ITEMS, vec![DualTable::new("items")])
+        .await
+        .unwrap();
+    env.old
+        .execute_batch("INSERT INTO items (id, owner, qty) SELECT g, 'o', g FROM generate_series(1, 3000) g")
+        .await
+        .unwrap();
+    let proxy = env.proxy().await.unwrap();
+    let c = proxy.client().await.unwrap();
+    c.batch_execute("DELETE FROM items WHERE id % 3 = 0")
+        .await
+        .unwrap();
+    let config = env.config().unwrap();
+    let err = switchyard_backfill::cleanup_tombstones(&config, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackfillError::NotFinished { .. }), "{err}");
+    assert!(err.to_string().contains("never started"), "{err}");
+
+    backfill(&config, &options(2, 500)).await.unwrap();
+    let removed = switchyard_backfill::cleanup_tombstones(&config, &[])
+        .await
+        .unwrap();
+    assert_eq!(removed[0].removed, 1000);
+    assert_eq!(
+        scalar(
+            &env.new,
+            "SELECT count(*) FROM switchyard.switchyard_keys_public_items WHERE sy_deleted"
+        )
+        .await,
+        0
+    );
+    // Dual writes go on as before: a delete leaves a new tombstone, an insert of a cleaned-up
+    // key gets a fresh record.
+    c.batch_execute(
+        "DELETE FROM items WHERE id = 1; INSERT INTO items (id, owner, qty) VALUES (3, 'back', 0)",
+    )
+    .await
+    .unwrap();
+    env.assert_converged().await.unwrap();
+    let status = switchyard_backfill::status(&config).await.unwrap();
+    let p = status[0].backfill.as_ref().unwrap();
+    assert_eq!(p.status, "done");
+    assert!(p.tombstones_cleaned_at.is_some());
+    assert_eq!((p.rows_read, p.rows_copied, p.rows_skipped), (2000, 2000, 0));
+}
+
+fn config_with(old: &TestDb, new: &TestDb, tables: &str) -> Config {
+    let mut cfg = ProxyConfig::passthrough(old.url(), new.url());
+    cfg.extra_sections.push(tables.to_owned());
+    Config::from_toml_str(&cfg.to_toml(), Default::default()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_the_table_and_what_to_do() {
+    let (old, new) = TestDb::create_pair("bf_errors").await.unwrap();
+    let common = "CREATE TABLE ok (id int PRIMARY KEY, v text);
+                  CREATE TABLE typed (id int PRIMARY KEY, v text);
+                  CREATE TABLE nokey (id int, v text);
+                  CREATE TABLE early (id int PRIMARY KEY);";
+    old.execute_batch(common).await.unwrap();
+    old.execute_batch("CREATE TABLE only_old (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    new.execute_batch(&common.replace(
+        "typed (id int PRIMARY KEY, v text)",
+        "typed (id int PRIMARY KEY, v int)",
+    ))
+    .await
+    .unwrap();
+    let table = |name: &str, phase: &str| format!("[[tables]]\nname = \"{name}\"\nphase = \"{phase}\"\n");
+    let run = |tables: String, only: &'static [&'static str]| {
+        let config = config_with(&old, &new, &tables);
+        async move {
+            let opts = BackfillOptions {
+                tables: only.iter().map(|t| t.parse().unwrap()).collect(),
+                ..options(1, 100)
+            };
+            backfill(&config, &opts).await.unwrap_err().to_string()
+        }
+    };
+
+    let e = run(table("early", "passthrough"), &["early"]).await;
+    assert!(
+        e.contains("public.early is in phase passthrough") && e.contains("dual_write"),
+        "{e}"
+    );
+    let e = run(table("early", "passthrough"), &[]).await;
+    assert!(e.contains("none is in phase dual_write"), "{e}");
+    let e = run(table("ok", "dual_write"), &["other"]).await;
+    assert!(e.contains("public.other is not in the configuration"), "{e}");
+    let e = run(table("only_old", "dual_write"), &[]).await;
+    assert!(e.contains("public.only_old does not exist on NEW"), "{e}");
+    let e = run(table("typed", "dual_write"), &[]).await;
+    assert!(e.contains("has type text on OLD and integer on NEW"), "{e}");
+    let e = run(table("nokey", "dual_write"), &[]).await;
+    assert!(e.contains("no primary key"), "{e}");
+    // Not prepared: the keys table is missing.
+    let e = run(table("ok", "dual_write"), &[]).await;
+    assert!(e.contains("switchyard prepare"), "{e}");
+    // OLD unreachable: named, password hidden.
+    let mut cfg = ProxyConfig::passthrough("postgres://u:secret@127.0.0.1:1/x", new.url());
+    cfg.extra_sections.push(table("ok", "dual_write"));
+    let config = Config::from_toml_str(&cfg.to_toml(), Default::default()).unwrap();
+    let e = backfill(&config, &options(1, 100)).await.unwrap_err().to_string();
+    assert!(e.contains("old store") && !e.contains("secret"), "{e}");
+}
