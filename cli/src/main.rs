@@ -6,13 +6,15 @@
 mod signals;
 mod telemetry;
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use switchyard_config::Config;
+use switchyard_backfill::{BackfillOptions, ProgressMode};
+use switchyard_config::{Config, TableName};
 use switchyard_store::{PrepareReport, Role, Store, SIDE_SCHEMA};
 
 /// Zero-downtime database migration proxy.
@@ -52,7 +54,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy the rows OLD had before dual writes into NEW, fenced against mirrored writes,
+    /// resumably: exit 0 when every table is done, 1 on an error, 3 when stopped by a signal
+    /// (state saved; run again to resume).
+    Backfill {
+        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this table (`schema.table`; repeatable). Default: every table in dual_write or
+        /// a later phase.
+        #[arg(long = "table", value_name = "NAME")]
+        tables: Vec<String>,
+        /// Chunks copied at once by this process (one connection to each store per worker).
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// Rows per chunk.
+        #[arg(long, default_value_t = 10_000)]
+        chunk_rows: u64,
+        /// Read at most this many rows per second, all workers together.
+        #[arg(long)]
+        max_rows_per_sec: Option<u64>,
+        /// Print a JSON summary on stdout at the end.
+        #[arg(long)]
+        json: bool,
+        /// Instead of copying: remove the tombstones of tables whose backfill has finished.
+        #[arg(long)]
+        cleanup_tombstones: bool,
+    },
+    /// Show every configured table's phase and backfill progress (read from NEW).
+    Status {
+        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
+
+/// `backfill`'s exit code when a signal stopped it before the end (the state is saved).
+const EXIT_INTERRUPTED: u8 = 3;
 
 /// `prepare`'s exit code when the check itself could not run (bad config, store unreachable,
 /// statement failed); 1 means it ran and found mismatches.
@@ -64,6 +105,29 @@ fn main() -> ExitCode {
         Command::Proxy { config } => run_proxy(config),
         Command::CheckConfig { file, print } => check_config(file, print),
         Command::Prepare { config, check, json } => prepare(config, check, json),
+        Command::Backfill {
+            config,
+            tables,
+            workers,
+            chunk_rows,
+            max_rows_per_sec,
+            json,
+            cleanup_tombstones,
+        } => {
+            let options = BackfillOptions {
+                tables: Vec::new(),
+                workers,
+                chunk_rows,
+                max_rows_per_sec,
+                progress: if std::io::stderr().is_terminal() {
+                    ProgressMode::Bar
+                } else {
+                    ProgressMode::Lines
+                },
+            };
+            backfill(config, tables, options, json, cleanup_tombstones)
+        }
+        Command::Status { config, json } => status(config, json),
     };
     match result {
         Ok(code) => code,
@@ -167,4 +231,203 @@ fn print_prepare_report(report: &PrepareReport, check: bool) {
         (1, _) => println!("1 mismatch: nothing was created"),
         (n, _) => println!("{n} mismatches: nothing was created"),
     }
+}
+
+/// Logs for the batch commands go to stderr, so stdout carries only their report (`--json`).
+/// While a progress bar is drawn, only warnings and errors are logged unless `RUST_LOG` says
+/// otherwise.
+fn init_stderr_logs(config: &Config, bar: bool) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directive) if !directive.is_empty() => EnvFilter::try_new(directive)?,
+        // sqlx logs every NOTICE (`... already exists, skipping`) at info.
+        _ if bar => EnvFilter::try_new("warn")?,
+        _ => EnvFilter::try_new(format!("{},sqlx=warn", config.telemetry.log_level))?,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let installed = match config.telemetry.log_format {
+        switchyard_config::LogFormat::Json => builder.json().try_init(),
+        switchyard_config::LogFormat::Text => builder.try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn batch_runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.clamp(1, 4))
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// First SIGINT or SIGTERM: finish the chunks in flight and stop; a second one: roll them back
+/// and stop now.
+fn spawn_backfill_signals(trigger: switchyard_backfill::StopTrigger) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            if trigger.level() == switchyard_backfill::stop::StopLevel::Running {
+                tracing::warn!("{name}: stopping after the chunks in flight (again to stop at once)");
+                trigger.graceful();
+            } else {
+                tracing::warn!("{name}: rolling back the chunks in flight and stopping");
+                trigger.immediate();
+            }
+        }
+    });
+    Ok(())
+}
+
+fn backfill(
+    file: PathBuf,
+    tables: Vec<String>,
+    mut options: BackfillOptions,
+    json: bool,
+    cleanup: bool,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&file).with_context(|| format!("invalid configuration {}", file.display()))?;
+    for t in &tables {
+        options.tables.push(
+            t.parse::<TableName>()
+                .map_err(|e| anyhow::anyhow!("--table {t}: {e}"))?,
+        );
+    }
+    init_stderr_logs(&config, options.progress == ProgressMode::Bar && !cleanup)?;
+    let runtime = batch_runtime(options.workers)?;
+    if cleanup {
+        let result = runtime.block_on(switchyard_backfill::cleanup_tombstones(&config, &options.tables));
+        return match result {
+            Ok(reports) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&reports)?);
+                } else {
+                    for r in &reports {
+                        println!("{}: {} tombstones removed", r.table, r.removed);
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => batch_failed("backfill --cleanup-tombstones", &e, json),
+        };
+    }
+    let result = runtime.block_on(async {
+        let (trigger, stop) = switchyard_backfill::stop_channel();
+        spawn_backfill_signals(trigger)
+            .map_err(|e| switchyard_backfill::BackfillError::BadOption(e.to_string()))?;
+        switchyard_backfill::run(&config, &options, stop).await
+    });
+    let summary = match result {
+        Ok(summary) => summary,
+        Err(e) => return batch_failed("backfill", &e, json),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        for t in &summary.tables {
+            let total = t.total.as_ref();
+            println!(
+                "{}: {} ({} rows read, {} copied, {} fenced this run; {} of {} chunks copied in all)",
+                t.table,
+                t.status,
+                t.this_run.rows_read,
+                t.this_run.rows_copied,
+                t.this_run.rows_skipped,
+                total.map_or(0, |p| p.chunks_done),
+                total.map_or(0, |p| p.chunks_planned),
+            );
+        }
+        println!(
+            "{} in {:.1}s, {} rows/s",
+            match summary.status {
+                switchyard_backfill::progress::RunStatus::Done => "backfill complete",
+                switchyard_backfill::progress::RunStatus::Interrupted =>
+                    "backfill stopped (run again to resume)",
+            },
+            summary.elapsed_secs,
+            summary.rows_per_sec
+        );
+    }
+    Ok(match summary.status {
+        switchyard_backfill::progress::RunStatus::Done => ExitCode::SUCCESS,
+        switchyard_backfill::progress::RunStatus::Interrupted => ExitCode::from(EXIT_INTERRUPTED),
+    })
+}
+
+/// Reports a failed batch command on stderr (and as JSON on stdout with `--json`); exit 1.
+fn batch_failed(
+    what: &str,
+    error: &switchyard_backfill::BackfillError,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    eprintln!("switchyard {what}: {error}");
+    if json {
+        let report = serde_json::json!({
+            "status": "failed",
+            "error": error.to_string(),
+            "kind": error.kind(),
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+fn status(file: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&file).with_context(|| format!("invalid configuration {}", file.display()))?;
+    init_stderr_logs(&config, false)?;
+    let runtime = batch_runtime(1)?;
+    let tables = match runtime.block_on(switchyard_backfill::status(&config)) {
+        Ok(tables) => tables,
+        Err(e) => return batch_failed("status", &e, json),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&tables)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let width = tables.iter().map(|t| t.table.len()).max().unwrap_or(0);
+    for t in &tables {
+        let backfill = match &t.backfill {
+            None => "backfill not started".to_owned(),
+            Some(p) if p.status == "done" => format!(
+                "backfill done: {} rows read, {} copied, {} fenced, {} chunks, finished {}{}",
+                p.rows_read,
+                p.rows_copied,
+                p.rows_skipped,
+                p.chunks_done,
+                p.finished_at.as_deref().unwrap_or("?"),
+                p.tombstones_cleaned_at
+                    .as_deref()
+                    .map(|at| format!(", tombstones cleaned {at}"))
+                    .unwrap_or_default(),
+            ),
+            Some(p) => {
+                let estimate = p.rows_estimated.unwrap_or(0).max(p.rows_read);
+                let percent = if estimate > 0 {
+                    p.rows_read * 100 / estimate
+                } else {
+                    0
+                };
+                format!(
+                    "backfill running: {percent}% ({} of ~{estimate} rows), {} of {}{} chunks copied, {} fenced, \
+                     started {}",
+                    p.rows_read,
+                    p.chunks_done,
+                    p.chunks_planned,
+                    if p.planning_done { "" } else { "+" },
+                    p.rows_skipped,
+                    p.started_at,
+                )
+            }
+        };
+        println!("{:<width$}  {:<11}  {backfill}", t.table, t.phase.as_str());
+    }
+    Ok(ExitCode::SUCCESS)
 }
