@@ -93,6 +93,7 @@ pub fn is_known_tag(tag: u8) -> bool {
 }
 
 /// Parses the body of a frontend message with the given tag.
+#[inline]
 pub fn parse(tag: u8, body: &[u8]) -> Result<ClientMessage<'_>, ProtocolError> {
     let msg = match tag {
         b'Q' => {

@@ -507,6 +507,7 @@ async fn client_to_upstream(
 }
 
 /// Checks one client frame and updates the session state. Returns `Ok(false)` for Terminate.
+#[inline]
 fn inspect_client_frame(
     frame: Result<(switchyard_pgwire::FrameHeader, &[u8]), ProtocolError>,
     params: &RelayParams<'_>,
@@ -601,6 +602,7 @@ async fn read_unless_idle(
 
 /// A request (Query, Sync, FunctionCall) goes upstream: it will be answered by one
 /// ReadyForQuery. `span` builds its `statement` span; a disabled span costs nothing further.
+#[inline]
 fn request_sent(shared: &Shared, span: impl FnOnce() -> tracing::Span) {
     if shared.outstanding.fetch_add(1, Relaxed) == 0 {
         shared.request_started.store(shared.now_ns(), Relaxed);
@@ -663,6 +665,7 @@ async fn upstream_to_client(
     }
 }
 
+#[inline]
 fn ready_for_query(params: &RelayParams<'_>, shared: &Shared, body: &[u8]) -> Result<(), SessionError> {
     let status = match body {
         [b @ (b'I' | b'T' | b'E')] => *b,
