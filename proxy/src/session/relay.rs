@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::io::ErrorKind as IoErrorKind;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -476,7 +477,7 @@ async fn client_to_upstream(
             None => frames.pending().map(|h| h.map(|h| h.frame_len)),
         };
         if consumed > 0 {
-            wr.write_all(&buf[..consumed])
+            write_out(wr, &buf[..consumed])
                 .await
                 .map_err(SessionError::UpstreamIo)?;
             buf.advance(consumed);
@@ -504,6 +505,20 @@ async fn client_to_upstream(
             return Ok(RelayEnd::ClientClosed);
         }
     }
+}
+
+/// Writes all of `bytes`: straight to the socket first, which is all it takes unless the
+/// socket buffer is full, and whatever did not fit with `write_all`.
+async fn write_out(wr: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
+    let written = match wr.try_write(bytes) {
+        Ok(n) => n,
+        Err(e) if matches!(e.kind(), IoErrorKind::WouldBlock | IoErrorKind::Interrupted) => 0,
+        Err(e) => return Err(e),
+    };
+    if written < bytes.len() {
+        wr.write_all(&bytes[written..]).await?;
+    }
+    Ok(())
 }
 
 /// Checks one client frame and updates the session state. Returns `Ok(false)` for Terminate.
@@ -643,7 +658,7 @@ async fn upstream_to_client(
             .map_err(SessionError::UpstreamProtocol)?
             .map(|h| h.frame_len);
         if consumed > 0 {
-            wr.write_all(&buf[..consumed])
+            write_out(wr, &buf[..consumed])
                 .await
                 .map_err(SessionError::ClientIo)?;
             buf.advance(consumed);
