@@ -25,6 +25,8 @@ CREATE TABLE ledger (
 );
 CREATE TABLE pairs (a int, b text, v text, PRIMARY KEY (a, b));
 CREATE TABLE other (id int PRIMARY KEY, v text);
+CREATE FUNCTION bump(i int) RETURNS void LANGUAGE sql AS $$ UPDATE pairs SET v = v || '!' WHERE a = i $$;
+CREATE FUNCTION harmless(i int) RETURNS int LANGUAGE sql AS $$ SELECT i + 1 $$;
 ";
 
 async fn env(label: &str) -> DualEnv {
@@ -266,6 +268,8 @@ async fn uncapturable_writes_are_refused_with_a_clear_error() {
         "UPDATE ledger SET amount = 0",
         "WITH d AS (DELETE FROM pairs RETURNING *) SELECT count(*) FROM d",
         "ALTER TABLE pairs ADD COLUMN extra int",
+        "SELECT bump(1)",
+        "DO $$ BEGIN DELETE FROM pairs; END $$",
     ] {
         let err = c.batch_execute(sql).await.expect_err(sql);
         let db = err.as_db_error().expect("a server error");
@@ -276,6 +280,9 @@ async fn uncapturable_writes_are_refused_with_a_clear_error() {
             db.message()
         );
     }
+    // A function that only reads is fine.
+    let m = c.simple_query("SELECT harmless(1)").await.unwrap();
+    assert_eq!(tags(&m), vec!["R1:2", "C1"]);
     // Also through the extended protocol, and inside a transaction (which it aborts).
     let err = c.execute("TRUNCATE pairs", &[]).await.expect_err("extended");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("0A000"));

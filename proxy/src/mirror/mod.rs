@@ -191,6 +191,7 @@ impl Mirror {
             tables.push(MirrorTable::new(t.name.clone(), key, &old_schema, &new_schema));
         }
         check_prepared(&old, &new, &tables).await?;
+        let writers = writer_functions(&old, &names).await?;
 
         let statements = tables
             .iter()
@@ -207,7 +208,7 @@ impl Mirror {
         );
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let mirror = Arc::new(Mirror {
-            analyzer: Analyzer::new(MigratedTables::new(&names)),
+            analyzer: Analyzer::new(MigratedTables::new(&names).with_writer_functions(writers)),
             tables,
             policies,
             old,
@@ -383,6 +384,57 @@ impl Mirror {
             }
         });
     }
+}
+
+/// User functions and procedures on OLD whose definition writes a migrated table (a data-changing
+/// keyword and the table's name in the body): their calls cannot be captured, so they follow the
+/// table's `on_uncaptured` policy. Triggers that run such functions are only reported: the proxy
+/// cannot see the writes they make.
+async fn writer_functions(
+    old: &PgPool,
+    tables: &[(switchyard_config::TableName, Vec<String>)],
+) -> Result<Vec<(String, String, usize)>, StartError> {
+    let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT n.nspname::text, p.proname::text, pg_get_functiondef(p.oid), \
+                (SELECT string_agg(format('%s on %s', t.tgname, t.tgrelid::regclass), ', ') \
+                   FROM pg_trigger t WHERE t.tgfoid = p.oid AND NOT t.tgisinternal) \
+           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+          WHERE p.prokind IN ('f', 'p') \
+            AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'switchyard') \
+            AND n.nspname NOT LIKE 'pg_%'",
+    )
+    .fetch_all(old)
+    .await
+    .map_err(|e| StartError::Mirror(format!("cannot list the functions on OLD: {e}")))?;
+    let mut writers = Vec::new();
+    for (schema, name, def, triggers) in rows {
+        let body = def.to_ascii_lowercase();
+        if !sql::WRITE_WORDS.iter().any(|w| sql::contains_word(&body, w)) {
+            continue;
+        }
+        let Some(table) = tables
+            .iter()
+            .position(|(t, _)| sql::contains_word(&body, &t.table.to_ascii_lowercase()))
+        else {
+            continue;
+        };
+        let written = &tables[table].0;
+        tracing::warn!(
+            function = %format!("{schema}.{name}"),
+            table = %written,
+            "this function writes a migrated table: its calls through the proxy follow the table's on_uncaptured policy"
+        );
+        if let Some(triggers) = triggers {
+            tracing::warn!(
+                function = %format!("{schema}.{name}"),
+                table = %written,
+                triggers,
+                "triggers run a function that writes a migrated table: those writes are not mirrored; verify the table before cutover"
+            );
+        }
+        writers.push((schema, name, table));
+    }
+    Ok(writers)
 }
 
 /// Refuses to start when `switchyard prepare` has not created the side objects.

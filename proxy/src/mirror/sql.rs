@@ -33,8 +33,11 @@ pub(crate) struct MigratedTables {
     by_name: HashMap<(String, String), usize>,
     keyed: Vec<bool>,
     key_columns: Vec<Vec<String>>,
-    /// Lower-cased table names, for the cheap pre-filter.
+    /// Lower-cased table and writer-function names, for the cheap pre-filter.
     needles: Vec<Vec<u8>>,
+    /// User functions and procedures whose body writes a migrated table: name -> (schema,
+    /// table index). Calls of them cannot be captured.
+    writers: HashMap<String, Vec<(String, usize)>>,
 }
 
 impl MigratedTables {
@@ -51,6 +54,18 @@ impl MigratedTables {
             }
         }
         m
+    }
+
+    /// Registers functions (schema, name, table written) whose calls cannot be captured.
+    pub(crate) fn with_writer_functions(mut self, functions: Vec<(String, String, usize)>) -> MigratedTables {
+        for (schema, name, table) in functions {
+            let needle = name.to_ascii_lowercase().into_bytes();
+            if !self.needles.contains(&needle) {
+                self.needles.push(needle);
+            }
+            self.writers.entry(name).or_default().push((schema, table));
+        }
+        self
     }
 
     fn lookup(&self, rel: &protobuf::RangeVar) -> Option<usize> {
@@ -92,6 +107,47 @@ impl MigratedTables {
     }
 }
 
+/// The qualified names of every function call in a serialized parse tree.
+fn collect_calls(v: &serde_json::Value, out: &mut Vec<Vec<String>>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            // A call in an expression is a `FuncCall` node; CALL holds its call as `funccall`.
+            let call = map.get("FuncCall").or_else(|| map.get("funccall"));
+            if let Some(serde_json::Value::Array(parts)) = call.and_then(|f| f.get("funcname")) {
+                let mut names = Vec::new();
+                for p in parts {
+                    if let Some(serde_json::Value::String(s)) = p.pointer("/node/String/sval") {
+                        names.push(s.clone());
+                    }
+                }
+                out.push(names);
+            }
+            for child in map.values() {
+                collect_calls(child, out);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for child in items {
+                collect_calls(child, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Keywords of statements that change data, for recognising writer functions and DO blocks.
+pub(crate) const WRITE_WORDS: &[&str] = &["insert", "update", "delete", "truncate", "merge", "copy"];
+
+/// Whether `word` occurs in `text` (both lower-case) as a whole identifier.
+pub(crate) fn contains_word(text: &str, word: &str) -> bool {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '$';
+    text.match_indices(word).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        !before.is_some_and(is_ident) && !after.is_some_and(is_ident)
+    })
+}
+
 const TXN_WORDS: &[&[u8]] = &[
     b"begin",
     b"start",
@@ -102,6 +158,7 @@ const TXN_WORDS: &[&[u8]] = &[
     b"savepoint",
     b"release",
     b"prepare",
+    b"do",
 ];
 
 /// A data-changing statement kind.
@@ -253,6 +310,60 @@ impl Analyzer {
     }
 
     fn classify(&self, node: &NodeEnum, text: &str) -> Stmt {
+        let stmt = self.classify_statement(node, text);
+        if matches!(stmt, Stmt::Plain | Stmt::Capture(_)) {
+            if let Some(u) = self.writer_call(node, text) {
+                return u;
+            }
+        }
+        stmt
+    }
+
+    /// A call of a function known to write a migrated table, or a DO block that does.
+    fn writer_call(&self, node: &NodeEnum, text: &str) -> Option<Stmt> {
+        if let NodeEnum::DoStmt(_) = node {
+            let lower = text.to_ascii_lowercase();
+            let writes = WRITE_WORDS.iter().any(|w| contains_word(&lower, w));
+            return self
+                .tables
+                .by_name
+                .iter()
+                .find(|((_, t), _)| writes && contains_word(&lower, &t.to_ascii_lowercase()))
+                .map(|(_, &table)| Stmt::Uncaptured {
+                    table,
+                    what: "a DO block that writes",
+                });
+        }
+        if self.tables.writers.is_empty() {
+            return None;
+        }
+        // pg_query's node iterator does not reach every expression (VALUES lists, for one), so
+        // walk the whole tree as data. Only statements that name a writer function get here
+        // (the pre-filter), so this stays off the common path.
+        let Ok(tree) = serde_json::to_value(node) else {
+            return None;
+        };
+        let mut calls = Vec::new();
+        collect_calls(&tree, &mut calls);
+        for names in calls {
+            let (schema, name) = match names.as_slice() {
+                [name] => (None, name.as_str()),
+                [.., schema, name] => (Some(schema.as_str()), name.as_str()),
+                [] => continue,
+            };
+            if let Some(defs) = self.tables.writers.get(name) {
+                if let Some((_, table)) = defs.iter().find(|(s, _)| schema.is_none_or(|want| want == s)) {
+                    return Some(Stmt::Uncaptured {
+                        table: *table,
+                        what: "a call of a function that writes",
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    fn classify_statement(&self, node: &NodeEnum, text: &str) -> Stmt {
         match node {
             NodeEnum::TransactionStmt(t) => txn_op(t).map_or(Stmt::Plain, Stmt::Txn),
             NodeEnum::InsertStmt(s) => {
@@ -597,6 +708,35 @@ mod tests {
                 other => panic!("{sql}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn calls_of_writer_functions_and_writing_do_blocks_are_uncaptured() {
+        let a = Analyzer::new(
+            MigratedTables::new(&[(TableName::new("public", "accounts"), vec!["id".to_owned()])])
+                .with_writer_functions(vec![("public".to_owned(), "bump".to_owned(), 0)]),
+        );
+        for sql in [
+            "select bump(1)",
+            "select public.bump(1)",
+            "call bump(2)",
+            "insert into accounts values (bump(1))",
+            "do $$ begin update accounts set n = 1; end $$",
+        ] {
+            assert!(
+                matches!(a.analyze(sql).stmts[0].stmt, Stmt::Uncaptured { .. }),
+                "{sql}"
+            );
+        }
+        for sql in [
+            "select other.bump(1)",
+            "select bumpy(1)",
+            "do $$ begin perform 1; end $$",
+        ] {
+            assert!(matches!(a.analyze(sql).stmts[0].stmt, Stmt::Plain), "{sql}");
+        }
+        assert!(contains_word("update accounts set", "accounts"));
+        assert!(!contains_word("update accounts_old set", "accounts"));
     }
 
     #[test]
