@@ -318,6 +318,7 @@ struct StatementKinds {
 }
 
 impl StatementKinds {
+    #[inline]
     fn note(&mut self, msg: &ClientMessage<'_>, params: &RelayParams<'_>) {
         match *msg {
             ClientMessage::Query { sql } => {
@@ -375,6 +376,7 @@ struct FewEntry {
 /// A name's length and up to eight of its bytes: all of a short name, the last eight of a long
 /// one (where generated names such as `P0_12` or `S_3` differ). Equal names have equal
 /// fingerprints; unequal ones usually do not.
+#[inline]
 fn fingerprint(name: &[u8]) -> u64 {
     let n = name.len();
     let word = |b: &[u8]| b.iter().fold(0, |f, &x| f << 8 | u64::from(x));
@@ -389,6 +391,7 @@ fn fingerprint(name: &[u8]) -> u64 {
 
 impl NameMap {
     /// The kind stored under `name`, `Other` if none.
+    #[inline]
     fn get(&self, name: &[u8]) -> StatementKind {
         let kind = if name.is_empty() {
             self.unnamed
@@ -400,6 +403,7 @@ impl NameMap {
         kind.unwrap_or(StatementKind::Other)
     }
 
+    #[inline]
     fn find(&self, name: &[u8]) -> Option<usize> {
         let fingerprint = fingerprint(name);
         self.few
