@@ -626,6 +626,14 @@ fn request_sent(shared: &Shared, span: impl FnOnce() -> tracing::Span) {
     if shared.outstanding.fetch_add(1, Relaxed) == 0 {
         shared.request_started.store(shared.now_ns(), Relaxed);
     }
+    // The test the span macro starts with: below debug it builds a disabled span, which only
+    // the `log` fallback (used when no tracing subscriber was ever set) would look at. Skipping
+    // it saves building and dropping a span per request.
+    use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+    let debug = tracing::Level::DEBUG <= STATIC_MAX_LEVEL && tracing::Level::DEBUG <= LevelFilter::current();
+    if !debug && tracing::dispatcher::has_been_set() {
+        return;
+    }
     let span = span();
     if !span.is_disabled() {
         if let Ok(mut spans) = shared.spans.lock() {
