@@ -216,6 +216,15 @@ impl Worker {
         {
             tracing::debug!("deadlock_timeout not settable; using NEW's default");
         }
+        // A chunk's rows and its done mark are lost together or not at all if NEW crashes before
+        // its commit reaches disk, and a mirrored write that waited for the chunk flushes the WAL
+        // past the chunk's commit when it commits itself, so the backfill need not wait for the
+        // flush of each chunk.
+        // <https://www.postgresql.org/docs/current/wal-async-commit.html>
+        sqlx::raw_sql("SET synchronous_commit = off")
+            .execute(&mut conn)
+            .await
+            .map_err(self.new_end.failed("setting synchronous_commit"))?;
         Ok(NewConn {
             conn,
             staged: HashSet::new(),
@@ -267,7 +276,7 @@ impl Worker {
     }
 
     /// Leases a pending chunk of `t` and copies it.
-    pub async fn copy(&mut self, t: &TargetTable) -> Result<Lease, BackfillError> {
+    pub async fn copy(&mut self, t: &TargetTable, chunk_rows: u64) -> Result<Lease, BackfillError> {
         let mut old = self.take_old().await?;
         let mut new = self.take_new().await?;
         self.ensure_staging(&mut new, t).await?;
@@ -278,7 +287,7 @@ impl Worker {
             &mut new.conn,
             t,
             &self.id,
-            true,
+            Some(chunk_rows / 4),
         )
         .await;
         if result.as_ref().err().is_some_and(unique_violation) {
@@ -296,7 +305,7 @@ impl Worker {
                 &mut new.conn,
                 t,
                 &self.id,
-                false,
+                None,
             )
             .await;
         }
@@ -534,27 +543,42 @@ pub fn unique_violation(error: &BackfillError) -> bool {
     }
 }
 
-/// Streams OLD's rows of `(lo, hi]` (one `REPEATABLE READ` snapshot) into `sql`'s COPY on NEW,
-/// passing every piece to `inspect`; returns the rows NEW took.
-#[allow(clippy::too_many_arguments)]
+/// What to read from OLD for a chunk, in one `REPEATABLE READ` snapshot.
+struct Source {
+    /// The `COPY ... TO STDOUT`.
+    copy_out: String,
+    /// Run first: counts the rows the fence left out of the copy.
+    count_left_out: Option<String>,
+}
+
+/// Streams OLD's rows (one snapshot) into `sql`'s COPY on NEW, passing every piece to
+/// `inspect`; returns the rows NEW took and the rows left out.
 async fn pipe(
     old: &mut PgConnection,
     new: &mut PgConnection,
-    t: &TargetTable,
-    lo: Option<&[String]>,
-    hi: &[String],
+    source: &Source,
     sql: &str,
-    oerr: impl Fn(sqlx::Error) -> StoreError + Copy,
-    nerr: impl Fn(sqlx::Error) -> StoreError + Copy,
+    (oerr, nerr): (
+        impl Fn(sqlx::Error) -> StoreError + Copy,
+        impl Fn(sqlx::Error) -> StoreError + Copy,
+    ),
     mut inspect: impl FnMut(&[u8]) -> Result<(), BackfillError>,
-) -> Result<u64, BackfillError> {
+) -> Result<(u64, u64), BackfillError> {
     // <https://www.postgresql.org/docs/current/transaction-iso.html#XACT-REPEATABLE-READ>
     sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *old)
         .await
         .map_err(oerr)?;
+    let left_out: i64 = match &source.count_left_out {
+        Some(count) => sqlx::raw_sql(AssertSqlSafe(count.as_str()))
+            .fetch_one(&mut *old)
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(oerr)?,
+        None => 0,
+    };
     let read = {
-        let mut rows = old.copy_out_raw(&t.copy_out_sql(lo, hi)).await.map_err(oerr)?;
+        let mut rows = old.copy_out_raw(&source.copy_out).await.map_err(oerr)?;
         let mut sink = new.copy_in_raw(sql).await.map_err(nerr)?;
         let mut buf: Vec<u8> = Vec::with_capacity(COPY_BUFFER + 64 * 1024);
         while let Some(piece) = rows.next().await {
@@ -572,7 +596,7 @@ async fn pipe(
         sink.finish().await.map_err(nerr)?
     };
     sqlx::raw_sql("COMMIT").execute(&mut *old).await.map_err(oerr)?;
-    Ok(read)
+    Ok((read, u64::try_from(left_out).unwrap_or(0)))
 }
 
 async fn copy_chunk(
@@ -582,7 +606,7 @@ async fn copy_chunk(
     new: &mut PgConnection,
     t: &TargetTable,
     worker: &str,
-    try_fast: bool,
+    fast_up_to: Option<u64>,
 ) -> Result<Lease, BackfillError> {
     let started = Instant::now();
     let nerr = new_end.failed("copying a chunk");
@@ -605,37 +629,52 @@ async fn copy_chunk(
     let lo = text_array(&leased, 1).map_err(nerr)?;
     let hi = text_array(&leased, 2).map_err(nerr)?.unwrap_or_default();
 
-    let fast = match &t.key_positions {
-        Some(positions) if try_fast => {
-            let taken: bool = sqlx::raw_sql(AssertSqlSafe(t.range_has_records_sql(lo.as_deref(), &hi)))
-                .fetch_one(&mut *tx)
-                .await
-                .and_then(|r| r.try_get(0))
+    // The fast path, when the table is copied in binary and at most a quarter of the range's
+    // keys have records: those keys are left out of the copy (the fence would skip them), the
+    // rest go straight into the table with one COPY and their claims into the keys table with
+    // another. A key that got a record or a row meanwhile fails the chunk with a unique
+    // violation, and it is redone on the slow path.
+    let fast = match (&t.key_positions, fast_up_to) {
+        (Some(positions), Some(most)) => {
+            let most = i64::try_from(most).unwrap_or(i64::MAX);
+            let rows = sqlx::raw_sql(AssertSqlSafe(t.records_in_range_sql(
+                lo.as_deref(),
+                &hi,
+                most + 1,
+            )))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(nerr)?;
+            let taken = rows
+                .iter()
+                .map(|r| text_array(r, 0).map(Option::unwrap_or_default))
+                .collect::<Result<Vec<Vec<String>>, _>>()
                 .map_err(nerr)?;
-            (!taken).then(|| positions.clone())
+            (i64::try_from(taken.len()).unwrap_or(i64::MAX) <= most).then(|| (positions.clone(), taken))
         }
         _ => None,
     };
+    let method = if fast.is_some() { "copy" } else { "merge" };
+    let leased_in = started.elapsed();
     let (read, claimed, copied) = match fast {
-        // Fast path: no key of the range has a record. COPY the rows straight into the table,
-        // then COPY their claims into the keys table; a key that got a record or a row
-        // meanwhile fails the chunk with a unique violation and it is redone on the slow path.
-        Some(positions) => {
+        Some((positions, taken)) => {
+            let source = Source {
+                copy_out: t.copy_out_except_sql(lo.as_deref(), &hi, &taken),
+                count_left_out: (!taken.is_empty()).then(|| t.count_keys_sql(&taken)),
+            };
             let mut keys = KeyExtractor::new(positions);
-            let read = pipe(
+            let (copied, left_out) = pipe(
                 old,
                 &mut tx,
-                t,
-                lo.as_deref(),
-                &hi,
+                &source,
                 &t.copy_into_table_sql(),
-                oerr,
-                nerr,
+                (oerr, nerr),
                 |piece| keys.feed(piece).map_err(|e| BackfillError::CopyData(e.0)),
             )
             .await?;
+            let piped_in = started.elapsed();
             let (claims, rows) = keys.finish().map_err(|e| BackfillError::CopyData(e.0))?;
-            if rows != read {
+            if rows != copied {
                 return Err(BackfillError::CopyData(
                     "row count of the claims differs from the copy",
                 ));
@@ -643,23 +682,21 @@ async fn copy_chunk(
             let mut sink = tx.copy_in_raw(&t.copy_claims_sql()).await.map_err(nerr)?;
             sink.send(claims.as_slice()).await.map_err(nerr)?;
             sink.finish().await.map_err(nerr)?;
-            (read, read, read)
+            tracing::debug!(
+                pipe_ms = (piped_in - leased_in).as_millis() as u64,
+                claims_ms = (started.elapsed() - piped_in).as_millis() as u64,
+                "fast path"
+            );
+            (copied + left_out, copied, copied)
         }
-        // The claim as one statement: INSERT ... ON CONFLICT DO NOTHING RETURNING into the keys
-        // table, then only the claimed keys' rows from the staging table.
+        // The slow path: the claim as one statement, INSERT ... ON CONFLICT DO NOTHING RETURNING
+        // into the keys table, then only the claimed keys' rows from the staging table.
         None => {
-            let read = pipe(
-                old,
-                &mut tx,
-                t,
-                lo.as_deref(),
-                &hi,
-                &t.copy_in_sql(),
-                oerr,
-                nerr,
-                |_| Ok(()),
-            )
-            .await?;
+            let source = Source {
+                copy_out: t.copy_out_sql(lo.as_deref(), &hi),
+                count_left_out: None,
+            };
+            let (read, _) = pipe(old, &mut tx, &source, &t.copy_in_sql(), (oerr, nerr), |_| Ok(())).await?;
             let (claimed, copied): (i64, i64) = if read == 0 {
                 (0, 0)
             } else {
@@ -677,7 +714,7 @@ async fn copy_chunk(
     };
     sqlx::query(AssertSqlSafe(format!(
         "UPDATE {CHUNKS} SET status = 'done', rows_read = $3, rows_copied = $4, rows_skipped = $5, \
-         rows_conflicting = $6, worker = $7, copied_at = now(), copy_ms = $8 \
+         rows_conflicting = $6, worker = $7, copied_at = now(), copy_ms = $8, method = $9 \
          WHERE table_name = $1 AND chunk_id = $2"
     )))
     .bind(&name)
@@ -688,10 +725,19 @@ async fn copy_chunk(
     .bind(claimed.saturating_sub(copied) as i64)
     .bind(worker)
     .bind(i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX))
+    .bind(method)
     .execute(&mut *tx)
     .await
     .map_err(nerr)?;
     tx.commit().await.map_err(nerr)?;
+    tracing::debug!(
+        table = %t.name,
+        chunk = chunk_id,
+        method,
+        lease_ms = leased_in.as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        "chunk committed"
+    );
     Ok(Lease::Copied(ChunkDone {
         chunk_id,
         read,

@@ -395,7 +395,7 @@ async fn one_step(
     plan_ahead: u64,
 ) -> Result<Step, BackfillError> {
     counters.chunk_started();
-    let leased = worker.copy(t).await;
+    let leased = worker.copy(t, chunk_rows).await;
     let done = match leased {
         Ok(Lease::Copied(done)) => done,
         Ok(Lease::NoneFree) => {

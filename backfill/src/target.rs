@@ -10,7 +10,7 @@
 use switchyard_config::{Config, Phase, TableName, TableSettings};
 use switchyard_store::mirror::escape_literal;
 use switchyard_store::{
-    compare, effective_key, keys_table_name, load_table, quote_ident, quote_table, Identity, Role,
+    compare, effective_key, keys_table_name, load_table, quote_ident, quote_table, Identity, Mismatch, Role,
     TableSchema, SIDE_SCHEMA,
 };
 
@@ -120,6 +120,22 @@ impl TargetTable {
             return Err(BackfillError::Incompatible {
                 table: name.clone(),
                 problems,
+            });
+        }
+        // The key columns must be copied: a key column NEW generates would leave the claims
+        // without their key.
+        let generated: Vec<String> = key
+            .iter()
+            .filter(|k| new_schema.column(k).is_some_and(|c| c.generated))
+            .map(|k| format!("key column \"{k}\" is generated on NEW; the backfill copies key columns"))
+            .collect();
+        if !generated.is_empty() {
+            return Err(BackfillError::Incompatible {
+                table: name.clone(),
+                problems: generated
+                    .iter()
+                    .map(|p| Mismatch::new(name, p.as_str()))
+                    .collect(),
             });
         }
         let keys_table = keys_table_name(name);
@@ -292,13 +308,51 @@ impl TargetTable {
 
     /// On OLD: the chunk's rows, in key order, as COPY data.
     pub fn copy_out_sql(&self, lo: Option<&[String]>, hi: &[String]) -> String {
+        self.copy_out_except_sql(lo, hi, &[])
+    }
+
+    /// `(key) IN (VALUES (..), (..))` for `keys`.
+    fn key_in(&self, keys: &[Vec<String>]) -> String {
+        let values: Vec<String> = keys.iter().map(|k| self.bound(k)).collect();
+        format!("({}) IN (VALUES {})", self.key_list(""), values.join(", "))
+    }
+
+    /// On OLD: the chunk's rows except those of `except` (keys NEW already has records for).
+    pub fn copy_out_except_sql(
+        &self,
+        lo: Option<&[String]>,
+        hi: &[String],
+        except: &[Vec<String>],
+    ) -> String {
+        let mut range = self.range(lo, Some(hi));
+        if !except.is_empty() {
+            range.push_str(&format!(" AND NOT {}", self.key_in(except)));
+        }
         format!(
-            "COPY (SELECT {} FROM {}{} ORDER BY {}) TO STDOUT (FORMAT {})",
+            "COPY (SELECT {} FROM {}{range} ORDER BY {}) TO STDOUT (FORMAT {})",
             self.columns.join(", "),
             self.qualified,
-            self.range(lo, Some(hi)),
             self.order_by(""),
             self.format()
+        )
+    }
+
+    /// On OLD: how many of `keys` have a row (to count what the fence skipped).
+    pub fn count_keys_sql(&self, keys: &[Vec<String>]) -> String {
+        format!(
+            "SELECT count(*) FROM {} WHERE {}",
+            self.qualified,
+            self.key_in(keys)
+        )
+    }
+
+    /// On NEW: up to `limit` keys of the range that have a record, as text forms.
+    pub fn records_in_range_sql(&self, lo: Option<&[String]>, hi: &[String], limit: i64) -> String {
+        format!(
+            "SELECT {} FROM {}{} LIMIT {limit}",
+            self.key_as_text(),
+            self.keys_table,
+            self.range(lo, Some(hi))
         )
     }
 
@@ -310,16 +364,6 @@ impl TargetTable {
     /// `"schema"."table"`.
     pub fn qualified(&self) -> &str {
         &self.qualified
-    }
-
-    /// On NEW: whether any key of the range already has a record (a mirrored write, a repair,
-    /// a tombstone): if not, the chunk may take the fast path.
-    pub fn range_has_records_sql(&self, lo: Option<&[String]>, hi: &[String]) -> String {
-        format!(
-            "SELECT EXISTS (SELECT 1 FROM {}{})",
-            self.keys_table,
-            self.range(lo, Some(hi))
-        )
     }
 
     /// On NEW, fast path: COPY straight into the table.
@@ -461,6 +505,21 @@ mod tests {
         assert!(t
             .upper_bound_sql()
             .contains("ORDER BY \"a\" DESC, \"B b\" DESC LIMIT 1"));
+    }
+
+    #[test]
+    fn keys_with_records_are_left_out_of_the_fast_copy() {
+        let t = table();
+        let hi = vec!["9".to_owned(), "z".to_owned()];
+        let except = vec![vec!["5".to_owned(), "q".to_owned()]];
+        let sql = t.copy_out_except_sql(None, &hi, &except);
+        assert!(
+            sql.contains("AND NOT (\"a\", \"B b\") IN (VALUES (E'5'::bigint, E'q'::text))"),
+            "{sql}"
+        );
+        assert!(t
+            .count_keys_sql(&except)
+            .starts_with("SELECT count(*) FROM \"public\".\"t\" WHERE"));
     }
 
     #[test]

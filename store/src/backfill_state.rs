@@ -9,7 +9,8 @@
 //! - `switchyard_backfill_chunks`: per chunk its key range `(lo, hi]` (each bound the key columns'
 //!   text forms; `lo` NULL = from the first key), `pending` or `done`, and once done the rows read
 //!   from OLD, copied, skipped by the fence, and conflicting (NEW had a row with no key record),
-//!   which worker copied it and when.
+//!   which worker copied it, how (`copy`: the fast path, straight COPY into the table and the
+//!   keys table; `merge`: staged rows and the per-key claim) and when.
 //!
 //! A chunk goes from `pending` to `done` in the same NEW transaction that writes its rows, and a
 //! worker holds the chunk's row lock (`FOR UPDATE SKIP LOCKED`) while it copies: a chunk is never
@@ -69,6 +70,7 @@ pub fn backfill_ddl() -> Vec<(String, String)> {
                  rows_skipped bigint NOT NULL DEFAULT 0, \
                  rows_conflicting bigint NOT NULL DEFAULT 0, \
                  worker text, \
+                 method text CHECK (method IN ('copy', 'merge')), \
                  planned_at timestamptz NOT NULL DEFAULT now(), \
                  copied_at timestamptz, \
                  copy_ms bigint, \
