@@ -25,6 +25,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -190,6 +191,9 @@ def main():
             sys.exit(f"{tool} not found")
     if a.target == "proxy" and not Path(a.proxy_bin).is_file():
         sys.exit(f"{a.proxy_bin} missing: cargo build --release")
+    with socket.socket() as probe:
+        if probe.connect_ex((HOST, a.port)) == 0:
+            sys.exit(f"port {a.port} is already in use: pick another with --port")
     ensure_db(a)
     work = Path(a.out).resolve() if a.out else Path(tempfile.mkdtemp(prefix="switchyard-callgrind-"))
     work.mkdir(parents=True, exist_ok=True)
