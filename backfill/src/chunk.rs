@@ -1,23 +1,25 @@
 //! One worker's connections and the three things it does to a table: set up its state row,
-//! plan the next chunk, and copy a leased chunk with the fenced merge.
+//! plan the next chunks, and copy a leased chunk behind the fence.
 //!
 //! A chunk's copy is one NEW transaction: lease the chunk (`FOR UPDATE SKIP LOCKED` on its
 //! state row, so no other worker can take it while this transaction lives, and a dead worker's
-//! chunk is free again once NEW drops its connection), stream OLD's rows of the range from a
-//! `REPEATABLE READ` snapshot through binary COPY into a temporary staging table, claim the
-//! staged keys in the keys table (version 0, `ON CONFLICT DO NOTHING`), insert the rows of the
-//! keys claimed, mark the chunk `done` with its counts, commit. Everything or nothing.
+//! chunk is free again once NEW drops its connection); stream OLD's rows of the range, read in
+//! one `REPEATABLE READ` snapshot, through binary COPY, either straight into the table with the
+//! keys' claims (version 0) COPYed into the keys table after them (`copy`, when few keys of the
+//! range have records; those are left out of the read), or into a staging table from which one
+//! statement claims the keys that have no record and inserts only their rows (`merge`); mark the
+//! chunk `done` with its counts; commit. Everything or nothing.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::StreamExt as _;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection as _, Row as _};
-use switchyard_config::StoreUrl;
 use switchyard_store::StoreError;
 
 use crate::copy_keys::KeyExtractor;
+use crate::endpoint::{unique_violation, Endpoint};
 use crate::target::TargetTable;
 use crate::BackfillError;
 
@@ -29,99 +31,6 @@ const COPY_BUFFER: usize = 256 * 1024;
 /// The state tables, qualified.
 const TABLES: &str = "switchyard.switchyard_backfill_tables";
 const CHUNKS: &str = "switchyard.switchyard_backfill_chunks";
-
-/// How to reach one store.
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    role: &'static str,
-    options: PgConnectOptions,
-    url: String,
-    timeout: Duration,
-}
-
-impl Endpoint {
-    /// The store at `url`; connections give up after `timeout`.
-    pub fn new(role: &'static str, url: &StoreUrl, timeout: Duration) -> Endpoint {
-        let mut options = PgConnectOptions::new()
-            .host(&url.host)
-            .port(url.port)
-            .username(&url.user)
-            .database(&url.database)
-            .application_name("switchyard-backfill");
-        if let Some(password) = &url.password {
-            options = options.password(password);
-        }
-        Endpoint {
-            role,
-            options,
-            url: url.redacted().to_string(),
-            timeout,
-        }
-    }
-
-    /// The connect options (for pools).
-    pub fn options(&self) -> &PgConnectOptions {
-        &self.options
-    }
-
-    /// A new connection, or the store named in the error.
-    pub async fn connect(&self) -> Result<PgConnection, StoreError> {
-        match tokio::time::timeout(self.timeout, PgConnection::connect_with(&self.options)).await {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(source)) => Err(StoreError::Unavailable {
-                role: self.role,
-                url: self.url.clone(),
-                source,
-            }),
-            Err(_) => Err(StoreError::Timeout {
-                role: self.role,
-                url: self.url.clone(),
-                timeout: self.timeout,
-            }),
-        }
-    }
-
-    /// The error for a failed statement on this store.
-    fn failed(&self, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
-        let role = self.role;
-        move |source| StoreError::Query {
-            role,
-            action: action.to_owned(),
-            source,
-        }
-    }
-}
-
-/// Whether a failure is worth another try on fresh connections: lost connections, server
-/// restarts, deadlocks (a mirrored transaction and a chunk can wait on each other's key) and
-/// serialization failures.
-pub fn retryable(error: &BackfillError) -> bool {
-    let BackfillError::Store(error) = error else {
-        return false;
-    };
-    let source = match error {
-        StoreError::Unavailable { .. } | StoreError::Timeout { .. } => return true,
-        StoreError::Query { source, .. } | StoreError::Catalog { source, .. } => source,
-        StoreError::UnsupportedEngine { .. } => return false,
-    };
-    match source {
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            // 40001 serialization_failure, 40P01 deadlock_detected, 55P03 lock_not_available,
-            // class 08 connection exceptions, 57P01..57P03 shutdown / cannot connect now.
-            // <https://www.postgresql.org/docs/current/errcodes-appendix.html>
-            matches!(&*code, "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03")
-                || code.starts_with("08")
-        }
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        _ => false,
-    }
-}
 
 /// What the start of a run found about a table.
 #[derive(Debug, Clone)]
@@ -529,18 +438,6 @@ async fn plan_chunk(
     .map_err(nerr)?;
     tx.commit().await.map_err(nerr)?;
     Ok(Plan::Planned)
-}
-
-/// Whether an error is a unique violation (23505): on the fast path, a key got a record or a
-/// row between the range check and the COPY.
-pub fn unique_violation(error: &BackfillError) -> bool {
-    match error {
-        BackfillError::Store(StoreError::Query {
-            source: sqlx::Error::Database(db),
-            ..
-        }) => db.code().as_deref() == Some("23505"),
-        _ => false,
-    }
 }
 
 /// What to read from OLD for a chunk, in one `REPEATABLE READ` snapshot.

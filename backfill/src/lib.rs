@@ -15,6 +15,7 @@
 
 pub mod chunk;
 mod copy_keys;
+pub mod endpoint;
 mod error;
 pub mod progress;
 pub mod stop;
@@ -33,7 +34,8 @@ use switchyard_store::backfill_state::{
 };
 use switchyard_store::StoreError;
 
-use crate::chunk::{retryable, Endpoint, Lease, Plan, Worker};
+use crate::chunk::{Lease, Plan, Worker};
+use crate::endpoint::{retryable, Endpoint};
 use crate::progress::{RunStatus, TableCounters, TableSummary};
 use crate::stop::StopLevel;
 use crate::target::{select_tables, TargetTable};

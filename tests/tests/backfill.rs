@@ -386,65 +386,89 @@ async fn writes_in_flight_on_new_win_over_the_backfill() {
 /// after the chunk commits. The fence trigger deletes the row then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_racing_an_open_chunk_leaves_no_row() {
-    let env = DualEnv::new("bf_delrace", ITEMS, vec![DualTable::new("items")])
-        .await
-        .unwrap();
+    let schema = format!("{ITEMS} CREATE TABLE pairs (a int, b text, v text, PRIMARY KEY (a, b));");
+    let env = DualEnv::new(
+        "bf_delrace",
+        &schema,
+        vec![DualTable::new("items"), DualTable::new("pairs")],
+    )
+    .await
+    .unwrap();
     env.old
-        .execute_batch("INSERT INTO items (id, owner, qty) VALUES (1, 'a', 1), (2, 'b', 2)")
+        .execute_batch(
+            "INSERT INTO items (id, owner, qty) VALUES (1, 'a', 1); INSERT INTO pairs VALUES (1, 'a', 'v')",
+        )
         .await
         .unwrap();
-    // A backfill run installs the trigger (and copies both rows).
+    // A backfill run installs the triggers (and copies the rows, removed again below).
     backfill(&env.config().unwrap(), &options(1, 10)).await.unwrap();
     env.new
-        .execute_batch("DELETE FROM items; DELETE FROM switchyard.switchyard_keys_public_items;")
-        .await
-        .unwrap();
-
-    // The chunk, by hand: claim key 5 and insert its row, not committed yet.
-    let chunk = env.new.client().await.unwrap();
-    chunk
-        .batch_execute(
-            "BEGIN;
-             INSERT INTO switchyard.switchyard_keys_public_items (id, sy_version, sy_deleted) VALUES (5, 0, false);
-             INSERT INTO items (id, owner, qty) VALUES (5, 'backfilled', 0);",
+        .execute_batch(
+            "DELETE FROM items; DELETE FROM switchyard.switchyard_keys_public_items; \
+             DELETE FROM pairs; DELETE FROM switchyard.switchyard_keys_public_pairs;",
         )
         .await
         .unwrap();
-    // The mirrored delete of key 5, exactly as the proxy sends it.
     let pool = sqlx::PgPool::connect(env.new.url()).await.unwrap();
     let old_pool = sqlx::PgPool::connect(env.old.url()).await.unwrap();
-    let name: switchyard_config::TableName = "public.items".parse().unwrap();
-    let schema = switchyard_store::load_table(&old_pool, &name)
-        .await
-        .unwrap()
-        .unwrap();
-    let table = switchyard_store::mirror::MirrorTable::new(name, vec!["id".into()], &schema, &schema);
-    let delete = table.prepared_apply(switchyard_store::mirror::ChangeOp::Delete);
-    let mut mirror = pool.begin().await.unwrap();
-    let mirrored = tokio::spawn(async move {
-        sqlx::query(sqlx::AssertSqlSafe(delete))
-            .bind(r#"[{"id": 5, "owner": "backfilled", "qty": 0}]"#)
-            .execute(&mut *mirror)
+    let cases = [
+        (
+            "items",
+            vec!["id"],
+            "INSERT INTO switchyard.switchyard_keys_public_items (id, sy_version, sy_deleted) VALUES (5, 0, false); \
+             INSERT INTO items (id, owner, qty) VALUES (5, 'backfilled', 0);",
+            r#"[{"id": 5, "owner": "backfilled", "qty": 0}]"#,
+            "id = 5",
+        ),
+        (
+            "pairs",
+            vec!["a", "b"],
+            "INSERT INTO switchyard.switchyard_keys_public_pairs (a, b, sy_version, sy_deleted) VALUES (7, 'x y', 0, false); \
+             INSERT INTO pairs VALUES (7, 'x y', 'backfilled');",
+            r#"[{"a": 7, "b": "x y", "v": "backfilled"}]"#,
+            "a = 7 AND b = 'x y'",
+        ),
+    ];
+    for (table, key, claim, image, which) in cases {
+        // The chunk, by hand: claim the key and insert its row, not committed yet.
+        let chunk = env.new.client().await.unwrap();
+        chunk.batch_execute(&format!("BEGIN; {claim}")).await.unwrap();
+        // The mirrored delete of that key, exactly as the proxy sends it.
+        let name: switchyard_config::TableName = table.parse().unwrap();
+        let schema = switchyard_store::load_table(&old_pool, &name)
             .await
+            .unwrap()
             .unwrap();
-        mirror.commit().await.unwrap();
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!mirrored.is_finished(), "the delete waits for the chunk's claim");
-    chunk.batch_execute("COMMIT").await.unwrap();
-    mirrored.await.unwrap();
-    assert_eq!(
-        scalar(&env.new, "SELECT count(*) FROM items WHERE id = 5").await,
-        0
-    );
-    assert_eq!(
-        scalar(
-            &env.new,
-            "SELECT count(*) FROM switchyard.switchyard_keys_public_items WHERE id = 5 AND sy_deleted"
-        )
-        .await,
-        1
-    );
+        let key = key.iter().map(|k| k.to_string()).collect();
+        let mirror_table = switchyard_store::mirror::MirrorTable::new(name, key, &schema, &schema);
+        let delete = mirror_table.prepared_apply(switchyard_store::mirror::ChangeOp::Delete);
+        let mut mirror = pool.begin().await.unwrap();
+        let mirrored = tokio::spawn(async move {
+            sqlx::query(sqlx::AssertSqlSafe(delete))
+                .bind(image)
+                .execute(&mut *mirror)
+                .await
+                .unwrap();
+            mirror.commit().await.unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !mirrored.is_finished(),
+            "{table}: the delete waits for the chunk's claim"
+        );
+        chunk.batch_execute("COMMIT").await.unwrap();
+        mirrored.await.unwrap();
+        let rows = format!("SELECT count(*) FROM {table} WHERE {which}");
+        assert_eq!(
+            scalar(&env.new, &rows).await,
+            0,
+            "{table}: no row under the tombstone"
+        );
+        let tombstones = format!(
+            "SELECT count(*) FROM switchyard.switchyard_keys_public_{table} WHERE {which} AND sy_deleted"
+        );
+        assert_eq!(scalar(&env.new, &tombstones).await, 1, "{table}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,116 @@
+//! Reaching the stores: one connection per worker and store, errors that name the store, and
+//! which failures are worth another try.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::Connection as _;
+use switchyard_config::StoreUrl;
+use switchyard_store::StoreError;
+
+use crate::BackfillError;
+
+/// How to reach one store.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    role: &'static str,
+    options: PgConnectOptions,
+    url: String,
+    timeout: Duration,
+}
+
+impl Endpoint {
+    /// The store at `url`; connections give up after `timeout`.
+    pub fn new(role: &'static str, url: &StoreUrl, timeout: Duration) -> Endpoint {
+        let mut options = PgConnectOptions::new()
+            .host(&url.host)
+            .port(url.port)
+            .username(&url.user)
+            .database(&url.database)
+            .application_name("switchyard-backfill");
+        if let Some(password) = &url.password {
+            options = options.password(password);
+        }
+        Endpoint {
+            role,
+            options,
+            url: url.redacted().to_string(),
+            timeout,
+        }
+    }
+
+    /// The connect options (for pools).
+    pub fn options(&self) -> &PgConnectOptions {
+        &self.options
+    }
+
+    /// A new connection, or the store named in the error.
+    pub async fn connect(&self) -> Result<PgConnection, StoreError> {
+        match tokio::time::timeout(self.timeout, PgConnection::connect_with(&self.options)).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(source)) => Err(StoreError::Unavailable {
+                role: self.role,
+                url: self.url.clone(),
+                source,
+            }),
+            Err(_) => Err(StoreError::Timeout {
+                role: self.role,
+                url: self.url.clone(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// The error for a failed statement on this store.
+    pub(crate) fn failed(&self, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
+        let role = self.role;
+        move |source| StoreError::Query {
+            role,
+            action: action.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Whether a failure is worth another try on fresh connections: lost connections, server
+/// restarts, deadlocks (a mirrored transaction and a chunk can wait on each other's key) and
+/// serialization failures.
+pub fn retryable(error: &BackfillError) -> bool {
+    let BackfillError::Store(error) = error else {
+        return false;
+    };
+    let source = match error {
+        StoreError::Unavailable { .. } | StoreError::Timeout { .. } => return true,
+        StoreError::Query { source, .. } | StoreError::Catalog { source, .. } => source,
+        StoreError::UnsupportedEngine { .. } => return false,
+    };
+    match source {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // 40001 serialization_failure, 40P01 deadlock_detected, 55P03 lock_not_available,
+            // class 08 connection exceptions, 57P01..57P03 shutdown / cannot connect now.
+            // <https://www.postgresql.org/docs/current/errcodes-appendix.html>
+            matches!(&*code, "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03")
+                || code.starts_with("08")
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// Whether an error is a unique violation (23505): on the fast path, a key got a record or a
+/// row between the range check and the COPY.
+pub fn unique_violation(error: &BackfillError) -> bool {
+    match error {
+        BackfillError::Store(StoreError::Query {
+            source: sqlx::Error::Database(db),
+            ..
+        }) => db.code().as_deref() == Some("23505"),
+        _ => false,
+    }
+}
