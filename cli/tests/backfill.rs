@@ -187,6 +187,13 @@ async fn a_sigkilled_backfill_resumes_and_copies_every_chunk_once() {
     let rows = 60_000;
     let env = env("cli_bf_kill", rows).await;
     let cfg = TempConfig::new(&env.proxy_config());
+    // Hold chunk 15 (ids 42003..=45000) in flight: an open transaction on NEW has inserted a
+    // row with one of its keys, so the worker that copies that chunk waits for it.
+    let blocker = env.new.client().await.unwrap();
+    blocker
+        .batch_execute("BEGIN; INSERT INTO items (id, owner, qty) VALUES (43500, 'blocker', 0)")
+        .await
+        .unwrap();
     let child = spawn(
         &cfg,
         &[
@@ -198,14 +205,34 @@ async fn a_sigkilled_backfill_resumes_and_copies_every_chunk_once() {
             "15000",
         ],
     );
-    wait_for_chunks(&env.new, 10).await;
+    wait_for_chunks(&env.new, 20).await;
     let mut child = child;
+    let killed_pid = child.id();
     child.kill().unwrap(); // SIGKILL
     let killed = finish(child, Duration::from_secs(10)).await;
     assert!(!killed.status.success());
+    let chunk_15 = "SELECT status FROM switchyard.switchyard_backfill_chunks WHERE chunk_id = 15";
+    let c = env.new.client().await.unwrap();
+    assert_eq!(
+        c.query_one(chunk_15, &[]).await.unwrap().get::<_, String>(0),
+        "pending"
+    );
+    // The dead worker's session on NEW notices its client is gone once its lock wait ends.
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scalar(
+        &env.new,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'switchyard-backfill'",
+    )
+    .await
+        > 0
+    {
+        assert!(Instant::now() < deadline, "the killed backfill's sessions linger");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
-    // Nothing half-written: NEW has exactly the rows of the chunks marked done (a chunk in
-    // flight rolled back with its connection).
+    // Nothing half-written: NEW has exactly the rows of the chunks marked done (the chunks in
+    // flight rolled back with their sessions).
     let copied = scalar(
         &env.new,
         "SELECT coalesce(sum(rows_copied), 0)::int8 FROM switchyard.switchyard_backfill_chunks WHERE status = 'done'",
@@ -232,6 +259,16 @@ async fn a_sigkilled_backfill_resumes_and_copies_every_chunk_once() {
         text(&again.stdout)
     );
     assert_every_chunk_once(&env, rows).await;
+    // The chunk that was in flight when the first run died was taken over by the second.
+    let worker: String = c
+        .query_one(
+            "SELECT worker FROM switchyard.switchyard_backfill_chunks WHERE chunk_id = 15",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!worker.contains(&format!(":{killed_pid}/")), "{worker}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
