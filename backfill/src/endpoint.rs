@@ -44,6 +44,21 @@ impl Endpoint {
         &self.options
     }
 
+    /// A small pool (for the checks and the state queries), connected now so that an
+    /// unreachable store is reported with its URL.
+    pub async fn pool(&self, size: u32) -> Result<sqlx::PgPool, StoreError> {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(self.timeout)
+            .connect_with(self.options.clone())
+            .await
+            .map_err(|source| StoreError::Unavailable {
+                role: self.role,
+                url: self.url.clone(),
+                source,
+            })
+    }
+
     /// A new connection, or the store named in the error.
     pub async fn connect(&self) -> Result<PgConnection, StoreError> {
         match tokio::time::timeout(self.timeout, PgConnection::connect_with(&self.options)).await {

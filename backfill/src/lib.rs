@@ -110,31 +110,14 @@ struct Stores {
     new: PgPool,
 }
 
-async fn pool(end: &Endpoint, role: &'static str, config: &Config) -> Result<PgPool, StoreError> {
-    let url = match role {
-        "old" => &config.old.url,
-        _ => &config.new.url,
-    };
-    PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(config.proxy.connect_timeout)
-        .connect_with(end.options().clone())
-        .await
-        .map_err(|source| StoreError::Unavailable {
-            role,
-            url: url.redacted().to_string(),
-            source,
-        })
-}
-
 impl Stores {
     async fn connect(config: &Config, need_old: bool) -> Result<Stores, BackfillError> {
         let timeout = config.proxy.connect_timeout;
         let old_end = Endpoint::new("old", &config.old.url, timeout);
         let new_end = Endpoint::new("new", &config.new.url, timeout);
-        let new = pool(&new_end, "new", config).await?;
+        let new = new_end.pool(2).await?;
         let old = if need_old {
-            pool(&old_end, "old", config).await?
+            old_end.pool(2).await?
         } else {
             PgPoolOptions::new()
                 .max_connections(1)
