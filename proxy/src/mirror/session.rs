@@ -554,18 +554,7 @@ impl MirrorSession<'_> {
     /// Opens a transaction for an autocommit write in an extended-protocol batch.
     fn begin_if_idle(&mut self) {
         if !self.in_block && !self.implicit {
-            let mut out = BytesMut::new();
-            wire::parse(&mut out, INJECTED, "BEGIN");
-            wire::bind(&mut out, INJECTED, INJECTED);
-            wire::execute(&mut out, INJECTED, 0);
-            wire::close(&mut out, b'P', INJECTED);
-            wire::close(&mut out, b'S', INJECTED);
-            self.to_up.extend_from_slice(&out);
-            self.expect.push_back(Expect::Parse { forward: false });
-            self.expect.push_back(Expect::Bind { forward: false });
-            self.expect.push_back(Expect::exec(None, false, None));
-            self.expect.push_back(Expect::Close { forward: false });
-            self.expect.push_back(Expect::Close { forward: false });
+            self.inject_statement("BEGIN", None, false);
             self.implicit = true;
             self.hold_client = true;
         }

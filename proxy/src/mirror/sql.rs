@@ -367,14 +367,9 @@ impl Analyzer {
         match node {
             NodeEnum::TransactionStmt(t) => txn_op(t).map_or(Stmt::Plain, Stmt::Txn),
             NodeEnum::InsertStmt(s) => {
-                if let Some(u) = self.nested_write(node) {
-                    return u;
-                }
-                let Some(rel) = &s.relation else {
-                    return Stmt::Plain;
-                };
-                let Some(table) = self.tables.lookup(rel) else {
-                    return Stmt::Plain;
+                let (table, rel) = match self.write_target(node, s.relation.as_ref()) {
+                    Ok(t) => t,
+                    Err(stmt) => return stmt,
                 };
                 let keyed = self.tables.keyed[table];
                 if let Some(oc) = &s.on_conflict_clause {
@@ -395,14 +390,9 @@ impl Analyzer {
                 self.capture(table, op, rel, s.returning_clause.as_ref(), text)
             }
             NodeEnum::UpdateStmt(s) => {
-                if let Some(u) = self.nested_write(node) {
-                    return u;
-                }
-                let Some(rel) = &s.relation else {
-                    return Stmt::Plain;
-                };
-                let Some(table) = self.tables.lookup(rel) else {
-                    return Stmt::Plain;
+                let (table, rel) = match self.write_target(node, s.relation.as_ref()) {
+                    Ok(t) => t,
+                    Err(stmt) => return stmt,
                 };
                 if !self.tables.keyed[table] {
                     return Stmt::Uncaptured {
@@ -419,14 +409,9 @@ impl Analyzer {
                 self.capture(table, WriteOp::Update, rel, s.returning_clause.as_ref(), text)
             }
             NodeEnum::DeleteStmt(s) => {
-                if let Some(u) = self.nested_write(node) {
-                    return u;
-                }
-                let Some(rel) = &s.relation else {
-                    return Stmt::Plain;
-                };
-                let Some(table) = self.tables.lookup(rel) else {
-                    return Stmt::Plain;
+                let (table, rel) = match self.write_target(node, s.relation.as_ref()) {
+                    Ok(t) => t,
+                    Err(stmt) => return stmt,
                 };
                 if !self.tables.keyed[table] {
                     return Stmt::Uncaptured {
@@ -502,6 +487,21 @@ impl Analyzer {
             // A SELECT (or anything else) can hide a data-modifying CTE.
             other => self.nested_write(other).unwrap_or(Stmt::Plain),
         }
+    }
+
+    /// The migrated table a top-level INSERT, UPDATE or DELETE writes, or what the statement is
+    /// when it has none: uncaptured for a nested write on a migrated table, else plain.
+    fn write_target<'a>(
+        &self,
+        node: &NodeEnum,
+        rel: Option<&'a protobuf::RangeVar>,
+    ) -> Result<(usize, &'a protobuf::RangeVar), Stmt> {
+        if let Some(u) = self.nested_write(node) {
+            return Err(u);
+        }
+        let rel = rel.ok_or(Stmt::Plain)?;
+        let table = self.tables.lookup(rel).ok_or(Stmt::Plain)?;
+        Ok((table, rel))
     }
 
     /// A data-modifying statement nested below `node` (in a WITH clause) that targets a
