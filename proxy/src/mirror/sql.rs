@@ -436,32 +436,9 @@ impl Analyzer {
                     table,
                     what: "TRUNCATE",
                 }),
-            NodeEnum::CopyStmt(s) if s.is_from => s
-                .relation
-                .as_ref()
-                .and_then(|r| self.tables.lookup(r))
-                .map_or(Stmt::Plain, |table| Stmt::Uncaptured {
-                    table,
-                    what: "COPY FROM",
-                }),
-            NodeEnum::AlterTableStmt(s) => {
-                s.relation
-                    .as_ref()
-                    .and_then(|r| self.tables.lookup(r))
-                    .map_or(Stmt::Plain, |table| Stmt::Uncaptured {
-                        table,
-                        what: "ALTER TABLE",
-                    })
-            }
-            NodeEnum::RenameStmt(s) => {
-                s.relation
-                    .as_ref()
-                    .and_then(|r| self.tables.lookup(r))
-                    .map_or(Stmt::Plain, |table| Stmt::Uncaptured {
-                        table,
-                        what: "ALTER TABLE ... RENAME",
-                    })
-            }
+            NodeEnum::CopyStmt(s) if s.is_from => self.uncaptured_on(s.relation.as_ref(), "COPY FROM"),
+            NodeEnum::AlterTableStmt(s) => self.uncaptured_on(s.relation.as_ref(), "ALTER TABLE"),
+            NodeEnum::RenameStmt(s) => self.uncaptured_on(s.relation.as_ref(), "ALTER TABLE ... RENAME"),
             NodeEnum::DropStmt(s) => s
                 .objects
                 .iter()
@@ -487,6 +464,12 @@ impl Analyzer {
             // A SELECT (or anything else) can hide a data-modifying CTE.
             other => self.nested_write(other).unwrap_or(Stmt::Plain),
         }
+    }
+
+    /// `what` on `rel`: uncaptured when `rel` is a migrated table, else plain.
+    fn uncaptured_on(&self, rel: Option<&protobuf::RangeVar>, what: &'static str) -> Stmt {
+        rel.and_then(|r| self.tables.lookup(r))
+            .map_or(Stmt::Plain, |table| Stmt::Uncaptured { table, what })
     }
 
     /// The migrated table a top-level INSERT, UPDATE or DELETE writes, or what the statement is
