@@ -22,15 +22,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// The store at `url`; connections give up after `timeout`.
     pub fn new(role: &'static str, url: &StoreUrl, timeout: Duration) -> Endpoint {
-        let mut options = PgConnectOptions::new()
-            .host(&url.host)
-            .port(url.port)
-            .username(&url.user)
-            .database(&url.database)
-            .application_name("switchyard-backfill");
-        if let Some(password) = &url.password {
-            options = options.password(password);
-        }
+        let options = switchyard_store::connect_options(url, "switchyard-backfill");
         Endpoint {
             role,
             options,

@@ -108,18 +108,9 @@ fn mirrored_phase(phase: Phase) -> bool {
 }
 
 fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptions {
-    let mut options = PgConnectOptions::new()
-        .host(&url.host)
-        .port(url.port)
-        .username(&url.user)
-        .database(&url.database)
-        .application_name(application_name)
-        // A mirrored transaction whose proxy vanished must not hold NEW's row locks for long.
-        .options([("idle_in_transaction_session_timeout", "60s")]);
-    if let Some(password) = &url.password {
-        options = options.password(password);
-    }
-    options
+    // A mirrored transaction whose proxy vanished must not hold NEW's row locks for long.
+    switchyard_store::connect_options(url, application_name)
+        .options([("idle_in_transaction_session_timeout", "60s")])
 }
 
 impl Mirror {

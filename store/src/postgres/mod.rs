@@ -9,6 +9,21 @@ use switchyard_config::StoreUrl;
 
 use crate::{Role, StoreError};
 
+/// sqlx connect options for the store at `url` (host, port, user, password, database), with
+/// `application_name` so each program's sessions can be told apart in `pg_stat_activity`.
+pub fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptions {
+    let options = PgConnectOptions::new()
+        .host(&url.host)
+        .port(url.port)
+        .username(&url.user)
+        .database(&url.database)
+        .application_name(application_name);
+    match &url.password {
+        Some(password) => options.password(password),
+        None => options,
+    }
+}
+
 /// A PostgreSQL store: a small sqlx pool for the proxy's own queries.
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -20,15 +35,7 @@ pub struct PgStore {
 impl PgStore {
     /// Builds the pool without connecting.
     pub fn connect_lazy(role: Role, url: &StoreUrl) -> PgStore {
-        let mut options = PgConnectOptions::new()
-            .host(&url.host)
-            .port(url.port)
-            .username(&url.user)
-            .database(&url.database)
-            .application_name("switchyard");
-        if let Some(password) = &url.password {
-            options = options.password(password);
-        }
+        let options = connect_options(url, "switchyard");
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .min_connections(0)
