@@ -614,11 +614,7 @@ impl MirrorSession<'_> {
                     self.mirror.mark_for_verify(*table, what);
                     self.send(&frame, Some(Expect::exec(None, true, None)));
                 } else {
-                    self.mirror
-                        .stats
-                        .uncaptured
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let msg = self.refusal_message(*table, what);
+                    let msg = self.refusal(*table, what);
                     self.refuse_extended(&msg);
                 }
             }
@@ -627,7 +623,12 @@ impl MirrorSession<'_> {
         Ok(())
     }
 
-    fn refusal_message(&self, table: usize, what: &str) -> String {
+    /// Counts a refused statement and returns the message the client gets.
+    fn refusal(&self, table: usize, what: &str) -> String {
+        self.mirror
+            .stats
+            .uncaptured
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = self
             .mirror
             .tables
@@ -850,11 +851,7 @@ impl MirrorSession<'_> {
                         self.mirror.mark_for_verify(*table, what);
                         failed = self.run_query(&s.text, None, true, None).await?;
                     } else {
-                        self.mirror
-                            .stats
-                            .uncaptured
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let msg = self.refusal_message(*table, what);
+                        let msg = self.refusal(*table, what);
                         failed = self.run_query(&refusal_sql(&msg), None, true, None).await?;
                     }
                 }
