@@ -24,6 +24,7 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 use sqlx::postgres::PgPool;
@@ -304,8 +305,50 @@ pub fn intent_sql(tables: &[MirrorTable], changes: &[Change], intent_id: i64, pr
     )
 }
 
+/// Of `ids` (intents whose NEW transaction committed, with `synchronous_commit = off`), those
+/// whose NEW commit is on disk: waits (up to `wait`) until NEW's WAL is flushed past every
+/// commit that had returned when this was called, then keeps the ids whose applied marker NEW
+/// has. A NEW that crashed meanwhile lost the markers of the transactions it lost, so those
+/// ids are left out (their intents stay and are repaired), even though a restarted NEW's WAL
+/// position soon passes the old one. `None`: not flushed within `wait` (try again later).
+pub async fn durable_on_new(
+    new: &PgPool,
+    ids: &[i64],
+    wait: Duration,
+) -> Result<Option<Vec<i64>>, StoreError> {
+    let nerr = failed("new", "checking that mirrored commits are on disk");
+    let mut conn = new.acquire().await.map_err(nerr)?;
+    // <https://www.postgresql.org/docs/current/functions-admin.html#FUNCTIONS-ADMIN-BACKUP>
+    let target: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(nerr)?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let flushed: bool = sqlx::query_scalar("SELECT pg_current_wal_flush_lsn() >= $1::pg_lsn")
+            .bind(&target)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(nerr)?;
+        if flushed {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT intent_id FROM switchyard.switchyard_applied WHERE intent_id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(nerr)?;
+    Ok(Some(applied))
+}
+
 /// Deletes intents whose NEW transaction committed (on OLD), then their applied markers (on
-/// NEW). Markers are only removed after their intents, so a repair never sees an intent without
+/// NEW). Call it only with ids [`durable_on_new`] returned. Markers are only removed after their intents, so a repair never sees an intent without
 /// its marker when the NEW transaction did commit.
 pub async fn delete_intents(old: &PgPool, new: &PgPool, ids: &[i64]) -> Result<(), StoreError> {
     if ids.is_empty() {
@@ -457,6 +500,12 @@ pub async fn repair_intent(
 
     let mut nconn = new.acquire().await.map_err(nerr)?;
     let mut ntx = nconn.begin().await.map_err(nerr)?;
+    // The intent is deleted right after this commit: it must be on NEW's disk by then, whatever
+    // NEW's own `synchronous_commit` says.
+    sqlx::query("SET LOCAL synchronous_commit = on")
+        .execute(&mut *ntx)
+        .await
+        .map_err(nerr)?;
     let marked = sqlx::query(
         "INSERT INTO switchyard.switchyard_applied (intent_id) VALUES ($1) ON CONFLICT DO NOTHING",
     )

@@ -472,7 +472,9 @@ async fn check_prepared(old: &PgPool, new: &PgPool, tables: &[MirrorTable]) -> R
     Ok(())
 }
 
-/// Deletes the intents of transactions NEW committed, in batches.
+/// Deletes the intents of transactions NEW committed, in batches, once NEW has them on disk
+/// (its mirror connections commit asynchronously). An intent NEW lost in a crash is handed to
+/// the repair loop instead.
 async fn cleanup_loop(mirror: std::sync::Weak<Mirror>, mut done: mpsc::UnboundedReceiver<i64>) {
     let mut batch = Vec::new();
     while let Some(id) = done.recv().await {
@@ -481,8 +483,23 @@ async fn cleanup_loop(mirror: std::sync::Weak<Mirror>, mut done: mpsc::Unbounded
             batch.push(id);
         }
         let Some(m) = mirror.upgrade() else { return };
-        match store_mirror::delete_intents(&m.old, &m.new, &batch).await {
-            Ok(()) => batch.clear(),
+        // Async commits reach disk within three wal_writer_delay (200 ms by default).
+        let outcome = match store_mirror::durable_on_new(&m.new, &batch, Duration::from_secs(2)).await {
+            Ok(Some(durable)) => {
+                let on_disk: std::collections::HashSet<i64> = durable.iter().copied().collect();
+                for id in batch.iter().filter(|id| !on_disk.contains(id)) {
+                    m.note_failed(*id);
+                }
+                store_mirror::delete_intents(&m.old, &m.new, &durable)
+                    .await
+                    .map(|()| true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(true) => batch.clear(),
+            Ok(false) => tracing::debug!("NEW's WAL flush has not reached the mirrored commits yet"),
             Err(e) => {
                 // Left in place they are repaired later (a no-op, NEW has them); keep trying.
                 tracing::debug!(error = %e, "cannot delete finished intents yet");

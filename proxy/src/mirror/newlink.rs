@@ -202,9 +202,15 @@ impl NewLink {
         let params = [
             ("application_name".to_owned(), "switchyard-mirror".to_owned()),
             // A mirrored transaction whose proxy vanished must not hold NEW's locks for long.
+            // NEW commits without waiting for its WAL flush: the client's acknowledgement rests
+            // on OLD's commit and the intent there, and an intent is only deleted once NEW's
+            // WAL is flushed past the transaction (`store::mirror::durable_on_new`), so a NEW
+            // crash loses nothing that is not re-copied. The flush wait would otherwise run
+            // while the transaction's rows stay locked on NEW.
+            // <https://www.postgresql.org/docs/current/wal-async-commit.html>
             (
                 "options".to_owned(),
-                "-c idle_in_transaction_session_timeout=60000".to_owned(),
+                "-c idle_in_transaction_session_timeout=60000 -c synchronous_commit=off".to_owned(),
             ),
         ];
         match self
