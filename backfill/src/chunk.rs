@@ -4,11 +4,12 @@
 //! A chunk's copy is one NEW transaction: lease the chunk (`FOR UPDATE SKIP LOCKED` on its
 //! state row, so no other worker can take it while this transaction lives, and a dead worker's
 //! chunk is free again once NEW drops its connection); stream OLD's rows of the range, read in
-//! one `REPEATABLE READ` snapshot, through binary COPY, either straight into the table with the
-//! keys' claims (version 0) COPYed into the keys table after them (`copy`, when few keys of the
-//! range have records; those are left out of the read), or into a staging table from which one
-//! statement claims the keys that have no record and inserts only their rows (`merge`); mark the
-//! chunk `done` with its counts; commit. Everything or nothing.
+//! one `REPEATABLE READ` snapshot, through COPY, either straight into the table (`copy`, when few
+//! keys of the range have records; those are left out of the read), then under the fence lock
+//! the rows that a racing mirrored delete left a tombstone for are removed again, or into a
+//! staging table from which one statement claims (version 0) the keys that have no record and
+//! inserts only their rows (`merge`); mark the chunk `done` with its counts; commit. Everything
+//! or nothing.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -16,9 +17,9 @@ use std::time::Instant;
 use futures_util::StreamExt as _;
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection as _, Row as _};
+use switchyard_store::mirror::fence_lock_sql;
 use switchyard_store::StoreError;
 
-use crate::copy_keys::KeyExtractor;
 use crate::endpoint::{unique_violation, Endpoint};
 use crate::target::TargetTable;
 use crate::BackfillError;
@@ -526,13 +527,15 @@ async fn copy_chunk(
     let lo = text_array(&leased, 1).map_err(nerr)?;
     let hi = text_array(&leased, 2).map_err(nerr)?.unwrap_or_default();
 
-    // The fast path, when the table is copied in binary and at most a quarter of the range's
-    // keys have records: those keys are left out of the copy (the fence would skip them), the
-    // rest go straight into the table with one COPY and their claims into the keys table with
-    // another. A key that got a record or a row meanwhile fails the chunk with a unique
-    // violation, and it is redone on the slow path.
-    let fast = match (&t.key_positions, fast_up_to) {
-        (Some(positions), Some(most)) => {
+    // The fast path, when at most a quarter of the range's keys have records: those keys are
+    // left out of the copy (the fence would skip them), the rest go straight into the table with
+    // one COPY, without claims. A key that got a row meanwhile (a mirrored upsert) fails the
+    // COPY with a unique violation, and the chunk is redone on the slow path. A mirrored delete
+    // that missed the uncommitted rows left a tombstone: under the fence lock, which waits for
+    // every mirrored delete of the table still open on NEW, the rows of the range with a
+    // tombstone are removed again.
+    let fast = match fast_up_to {
+        Some(most) => {
             let most = i64::try_from(most).unwrap_or(i64::MAX);
             let rows = sqlx::raw_sql(AssertSqlSafe(t.records_in_range_sql(
                 lo.as_deref(),
@@ -547,44 +550,45 @@ async fn copy_chunk(
                 .map(|r| text_array(r, 0).map(Option::unwrap_or_default))
                 .collect::<Result<Vec<Vec<String>>, _>>()
                 .map_err(nerr)?;
-            (i64::try_from(taken.len()).unwrap_or(i64::MAX) <= most).then(|| (positions.clone(), taken))
+            (i64::try_from(taken.len()).unwrap_or(i64::MAX) <= most).then_some(taken)
         }
-        _ => None,
+        None => None,
     };
     let method = if fast.is_some() { "copy" } else { "merge" };
     let leased_in = started.elapsed();
     let (read, claimed, copied) = match fast {
-        Some((positions, taken)) => {
+        Some(taken) => {
             let source = Source {
                 copy_out: t.copy_out_except_sql(lo.as_deref(), &hi, &taken),
                 count_left_out: (!taken.is_empty()).then(|| t.count_keys_sql(&taken)),
             };
-            let mut keys = KeyExtractor::new(positions);
-            let (copied, left_out) = pipe(
+            let (piped, left_out) = pipe(
                 old,
                 &mut tx,
                 &source,
                 &t.copy_into_table_sql(),
                 (oerr, nerr),
-                |piece| keys.feed(piece).map_err(|e| BackfillError::CopyData(e.0)),
+                |_| Ok(()),
             )
             .await?;
             let piped_in = started.elapsed();
-            let (claims, rows) = keys.finish().map_err(|e| BackfillError::CopyData(e.0))?;
-            if rows != copied {
-                return Err(BackfillError::CopyData(
-                    "row count of the claims differs from the copy",
-                ));
-            }
-            let mut sink = tx.copy_in_raw(&t.copy_claims_sql()).await.map_err(nerr)?;
-            sink.send(claims.as_slice()).await.map_err(nerr)?;
-            sink.finish().await.map_err(nerr)?;
+            sqlx::raw_sql(AssertSqlSafe(fence_lock_sql(&t.name, true)))
+                .execute(&mut *tx)
+                .await
+                .map_err(nerr)?;
+            let swept = sqlx::raw_sql(AssertSqlSafe(t.sweep_sql(lo.as_deref(), &hi)))
+                .execute(&mut *tx)
+                .await
+                .map_err(nerr)?
+                .rows_affected();
             tracing::debug!(
                 pipe_ms = (piped_in - leased_in).as_millis() as u64,
-                claims_ms = (started.elapsed() - piped_in).as_millis() as u64,
+                sweep_ms = (started.elapsed() - piped_in).as_millis() as u64,
+                swept,
                 "fast path"
             );
-            (copied + left_out, copied, copied)
+            let kept = piped.saturating_sub(swept);
+            (piped + left_out, kept, kept)
         }
         // The slow path: the claim as one statement, INSERT ... ON CONFLICT DO NOTHING RETURNING
         // into the keys table, then only the claimed keys' rows from the staging table.

@@ -14,7 +14,6 @@
 //!   commit together ([`chunk`]).
 
 pub mod chunk;
-mod copy_keys;
 pub mod endpoint;
 mod error;
 pub mod progress;

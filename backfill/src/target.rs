@@ -43,9 +43,6 @@ pub struct TargetTable {
     overriding: &'static str,
     /// COPY in binary (every copied column of a built-in type) or text.
     pub binary: bool,
-    /// Where each key column sits among the copied columns, when they all are copied and the
-    /// copy is binary: then the fast path can claim keys from the COPY stream itself.
-    pub key_positions: Option<Vec<usize>>,
 }
 
 /// The tables a run works on: the `--table` names (each must be listed in the config and be in
@@ -158,7 +155,7 @@ impl TargetTable {
     }
 
     /// The SQL pieces for a checked table.
-    fn new(
+    pub fn new(
         name: TableName,
         index: usize,
         key: Vec<String>,
@@ -179,10 +176,6 @@ impl TargetTable {
             ""
         };
         let binary = copied.iter().all(|c| c.type_oid < FIRST_NORMAL_OID);
-        let positions: Option<Vec<usize>> = key
-            .iter()
-            .map(|k| copied.iter().position(|c| &c.name == k))
-            .collect();
         let key_types = key
             .iter()
             .map(|k| old.column(k).map(|c| c.type_name.clone()).unwrap_or_default())
@@ -196,7 +189,6 @@ impl TargetTable {
             ),
             columns: copied.iter().map(|c| quote_ident(&c.name)).collect(),
             overriding,
-            key_positions: positions.filter(|_| binary),
             binary,
             key_types,
             key,
@@ -369,19 +361,23 @@ impl TargetTable {
     /// On NEW, fast path: COPY straight into the table.
     pub fn copy_into_table_sql(&self) -> String {
         format!(
-            "COPY {} ({}) FROM STDIN (FORMAT binary)",
+            "COPY {} ({}) FROM STDIN (FORMAT {})",
             self.qualified,
-            self.columns.join(", ")
+            self.columns.join(", "),
+            self.format()
         )
     }
 
-    /// On NEW, fast path: COPY the claims (key columns, version 0, not deleted) into the keys
-    /// table. Any key that has a record fails it with a unique violation.
-    pub fn copy_claims_sql(&self) -> String {
+    /// On NEW, fast path, after the COPY and under the fence lock: removes the rows of the
+    /// range whose key has a tombstone (a mirrored delete that ran while the chunk's rows were
+    /// not committed yet, and so did not see them).
+    pub fn sweep_sql(&self, lo: Option<&[String]>, hi: &[String]) -> String {
+        let keys = self.key_list("");
         format!(
-            "COPY {} ({}, sy_version, sy_deleted) FROM STDIN (FORMAT binary)",
-            self.keys_table,
-            self.key_list("")
+            "DELETE FROM {table} WHERE ({keys}) IN (SELECT {keys} FROM {fence}{range} AND sy_deleted)",
+            table = self.qualified,
+            fence = self.keys_table,
+            range = self.range(lo, Some(hi)),
         )
     }
 

@@ -6,11 +6,11 @@ the same table on both, ROWS rows in OLD, runs `switchyard prepare` (table in
 dual_write), then per round, each time into an emptied NEW table (same indexes):
 
   pipe      psql -c "COPY bench TO STDOUT" OLD | psql -c "COPY bench FROM STDIN" NEW
-  backfill  switchyard backfill --workers W --chunk-rows C (fencing on: every key
-            claimed in the keys table in the chunk's transaction)
+  backfill  switchyard backfill --workers W --chunk-rows C (fencing on: rows with a
+            record are left out, then a tombstone sweep under the fence lock)
   mirrored  the same backfill after 1% of the keys, spread over the whole range, got
-            a mirrored write on NEW first, so every chunk takes the per-key claim
-            (INSERT ... ON CONFLICT DO NOTHING RETURNING through a staging table)
+            a mirrored write on NEW first, so every chunk reads its records and leaves
+            those keys out of its read from OLD
 
 The order rotates each round. Times are wall clock from process start to exit.
 Prints each run, the medians, the ratio backfill/pipe (target >= 0.8) and the load

@@ -213,6 +213,43 @@ pub fn escape_literal(s: &str) -> String {
     out
 }
 
+/// The advisory lock on NEW that orders mirrored deletes of `table` against the backfill's
+/// tombstone sweep. Every transaction that deletes rows of the table on NEW takes it shared, in a
+/// statement of its own before its first delete (so the delete's snapshot is taken after the
+/// lock is held); a backfill chunk that copied rows without claiming their keys takes it
+/// exclusive, after its COPY and before it removes the copied rows that have a tombstone. So a
+/// delete that missed a chunk's uncommitted row has committed its tombstone before the chunk
+/// looks for tombstones, and a delete that begins after the chunk took the lock waits for the
+/// chunk's commit and then sees its rows. See docs/backfill.md, "Fencing".
+/// <https://www.postgresql.org/docs/current/explicit-locking.html#ADVISORY-LOCKS>
+pub fn fence_lock_sql(table: &TableName, exclusive: bool) -> String {
+    let function = if exclusive {
+        "pg_advisory_xact_lock"
+    } else {
+        "pg_advisory_xact_lock_shared"
+    };
+    format!(
+        "SELECT {function}(hashtextextended({}, 0))",
+        escape_literal(&format!("switchyard.fence {table}"))
+    )
+}
+
+/// The statements of `changes` (with their images inlined) as one simple-protocol string, each
+/// delete preceded by the fence lock.
+fn push_changes(tables: &[MirrorTable], changes: &[Change], sql: &mut String) {
+    for c in changes.iter().filter(|c| !c.rows.is_empty()) {
+        let Some(table) = tables.get(c.table) else {
+            continue;
+        };
+        if c.op == ChangeOp::Delete && table.keyed() {
+            sql.push_str(&fence_lock_sql(&table.name, false));
+            sql.push(';');
+        }
+        table.apply_statement(c.op, &escape_literal(&json_array(&c.rows)), sql);
+        sql.push(';');
+    }
+}
+
 /// The statement marking an intent as applied on NEW (parameter `$1`: the intent id).
 pub const APPLIED_SQL: &str = "INSERT INTO switchyard.switchyard_applied (intent_id) VALUES ($1)";
 
@@ -234,13 +271,7 @@ pub fn json_array(rows: &[String]) -> String {
 /// order, and the applied marker for `intent_id`.
 pub fn apply_sql(tables: &[MirrorTable], changes: &[Change], intent_id: i64) -> String {
     let mut sql = String::from("BEGIN;");
-    for c in changes.iter().filter(|c| !c.rows.is_empty()) {
-        let Some(table) = tables.get(c.table) else {
-            continue;
-        };
-        table.apply_statement(c.op, &escape_literal(&json_array(&c.rows)), &mut sql);
-        sql.push(';');
-    }
+    push_changes(tables, changes, &mut sql);
     let _ = write!(
         sql,
         "INSERT INTO {}.switchyard_applied (intent_id) VALUES ({intent_id})",
@@ -519,10 +550,7 @@ pub async fn repair_intent(
         RepairOutcome::AlreadyApplied
     } else {
         let mut sql = String::new();
-        for c in apply.iter().filter(|c| !c.rows.is_empty()) {
-            tables[c.table].apply_statement(c.op, &escape_literal(&json_array(&c.rows)), &mut sql);
-            sql.push(';');
-        }
+        push_changes(tables, &apply, &mut sql);
         if !sql.is_empty() {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                 .execute(&mut *ntx)

@@ -25,11 +25,13 @@ use crate::error::StartError;
 use newlink::{BatchStatement, LinkConn, NewLink};
 use sql::{Analyzer, MigratedTables};
 
-/// The prepared apply statements of one table: name and SQL per operation.
+/// The prepared apply statements of one table: name and SQL per operation, and the fence lock
+/// a delete takes first.
 pub(crate) struct ApplyStatements {
     upsert: (String, String),
     delete: (String, String),
     append: (String, String),
+    fence: (String, String),
 }
 
 impl ApplyStatements {
@@ -44,6 +46,10 @@ impl ApplyStatements {
             upsert: one("u", ChangeOp::Upsert),
             delete: one("d", ChangeOp::Delete),
             append: one("a", ChangeOp::Append),
+            fence: (
+                format!("switchyard_fence_{index}"),
+                store_mirror::fence_lock_sql(&table.name, false),
+            ),
         }
     }
 
@@ -251,6 +257,14 @@ impl Mirror {
             let Some(st) = self.statements.get(c.table) else {
                 continue;
             };
+            if c.op == ChangeOp::Delete {
+                let (name, sql) = &st.fence;
+                batch.push(BatchStatement {
+                    name,
+                    sql,
+                    params: Vec::new(),
+                });
+            }
             let (name, sql) = st.get(c.op);
             batch.push(BatchStatement {
                 name,
