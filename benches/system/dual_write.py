@@ -69,14 +69,84 @@ def percentile(sorted_xs, p):
     return sorted_xs[k]
 
 
-def pgbench(a, port, db, mode, duration, logdir):
-    """One pgbench run; returns tps and per-transaction latencies (ms) from its log."""
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks():
+    """utime+stime (clock ticks) of every process, and the machine's busy ticks."""
+    procs = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        fields = st[st.rindex(")") + 2:].split()
+        procs[int(pid)] = int(fields[11]) + int(fields[12])
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return procs, sum(v) - v[3] - v[4]
+
+
+def backends(port):
+    """pid -> 'datname/application_name' of the server's client backends."""
+    out = psql(port, "postgres", "SELECT pid, datname, application_name FROM pg_stat_activity "
+                                 "WHERE backend_type = 'client backend'")
+    m = {}
+    for line in out.splitlines():
+        pid, db, app = line.split("|")
+        m[int(pid)] = f"{db}/{app or '-'}"
+    return m
+
+
+def history_rows(a):
+    return int(psql(a.pg_port, OLD_DB, "SELECT count(*) FROM pgbench_history"))
+
+
+def cpu_split(a, before, after, groups, txns):
+    """CPU µs per transaction by group, from two cpu_ticks() samples."""
+    (pa, ba), (pb, bb) = before, after
+    per = {}
+    for pid, t in pb.items():
+        d = t - pa.get(pid, t)
+        if d > 0:
+            g = groups.get(pid, "other")
+            per[g] = per.get(g, 0) + d
+    us = lambda ticks: ticks / CLK_TCK / max(txns, 1) * 1e6
+    split = {g: round(us(t), 1) for g, t in sorted(per.items(), key=lambda x: -x[1])}
+    split["machine busy"] = round(us(bb - ba), 1)
+    return split
+
+
+def pgbench(a, port, db, mode, duration, logdir, proxy_pid=None):
+    """One pgbench run; returns tps, per-transaction latencies (ms) from its log, and the CPU
+    each process group spent per transaction in the middle of the run (sampled from 1 s after
+    the start to 1 s before the end; transactions counted as new pgbench_history rows)."""
     for f in logdir.glob("pgbench_log*"):
         f.unlink()
     cmd = ["pgbench", "-h", HOST, "-p", str(port), "-U", USER, "-n", "-c", str(a.clients),
            "-j", str(a.threads), "-T", str(duration), "-M", mode, "-l",
            "--log-prefix", str(logdir / "pgbench_log"), db]
-    r = run(cmd, timeout=duration + 120, check=False)
+    bench = subprocess.Popen(cmd, env=pg_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    split = None
+    try:
+        if duration >= 4:
+            time.sleep(1.0)
+            h0, s0 = history_rows(a), cpu_ticks()
+            time.sleep(duration - 2.0)
+            s1, h1 = cpu_ticks(), history_rows(a)
+            groups = {pid: f"postgres {name}" for pid, name in backends(a.pg_port).items()}
+            groups[bench.pid] = "pgbench"
+            if proxy_pid is not None:
+                groups[proxy_pid] = "switchyard proxy"
+            split = cpu_split(a, s0, s1, groups, h1 - h0)
+        out, _ = bench.communicate(timeout=duration + 120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    r = subprocess.CompletedProcess(cmd, bench.returncode, out, "")
     out = r.stdout + r.stderr
     tps = None
     for line in out.splitlines():
@@ -97,7 +167,7 @@ def pgbench(a, port, db, mode, duration, logdir):
                 lats.append(int(parts[2]) / 1000.0)
     lats.sort()
     return {"tps": tps, "failed": failed, "p50": percentile(lats, 50), "p99": percentile(lats, 99),
-            "n": len(lats)}
+            "n": len(lats), "cpu": split}
 
 
 def main():
@@ -168,10 +238,13 @@ pool_size = {max(4, a.clients * 2)}
                 if rnd % 2:
                     order.reverse()
                 for name, port in order:
-                    res = pgbench(a, port, OLD_DB, mode, a.duration, work)
+                    res = pgbench(a, port, OLD_DB, mode, a.duration, work,
+                                  proxy.pid if name == "proxy" else None)
                     (direct if name == "direct" else through).append(res)
                     log(f"  {mode:8} round {rnd + 1}/{a.rounds} {name:6} tps={res['tps']:9.1f} "
                         f"p50={res['p50']:.3f} ms p99={res['p99']:.3f} ms failed={res['failed']}")
+                    if res["cpu"]:
+                        log("           CPU µs/txn: " + ", ".join(f"{g} {v}" for g, v in res["cpu"].items()))
             med = lambda rs, k: statistics.median(r[k] for r in rs)
             d_tps, p_tps = med(direct, "tps"), med(through, "tps")
             d50, d99, p50, p99 = med(direct, "p50"), med(direct, "p99"), med(through, "p50"), med(through, "p99")
@@ -180,6 +253,11 @@ pool_size = {max(4, a.clients * 2)}
                 f"ratio={p_tps / d_tps:.3f} direct_p50_ms={d50:.3f} proxy_p50_ms={p50:.3f} "
                 f"added_p50_ms={p50 - d50:.3f} direct_p99_ms={d99:.3f} proxy_p99_ms={p99:.3f} "
                 f"added_p99_ms={p99 - d99:.3f}")
+            cpu = lambda rs, g: statistics.median(r["cpu"].get(g, 0.0) for r in rs) if all(r["cpu"] for r in rs) else None
+            d_busy, p_busy, p_proxy = cpu(direct, "machine busy"), cpu(through, "machine busy"), cpu(through, "switchyard proxy")
+            if d_busy is not None and p_busy is not None:
+                log(f"CPU mode=tpcb-{mode} direct_busy_us_per_txn={d_busy:.0f} proxy_busy_us_per_txn={p_busy:.0f} "
+                    f"proxy_process_us_per_txn={p_proxy:.0f}")
         # Direct runs wrote OLD only; compare only what the proxy mirrored would be wrong, so
         # compare after copying: the direct runs make OLD and NEW differ by design. Verify the
         # mirror with one last proxy-only run on freshly synchronised stores instead.
