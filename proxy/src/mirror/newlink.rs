@@ -50,12 +50,18 @@ pub(crate) struct NewConn {
 
 impl NewConn {
     /// Sends `BEGIN`, the statements and a Sync in one write, and reads the answers. On success
-    /// the transaction is open on NEW.
+    /// the transaction is open on NEW. `BEGIN` is an extended-protocol statement like the others
+    /// (not a simple Query, whose ReadyForQuery NEW would send in a packet of its own): NEW
+    /// answers the whole batch in one packet.
     pub(crate) async fn begin_batch(&mut self, stmts: &[BatchStatement<'_>]) -> Result<(), LinkError> {
+        const BEGIN: BatchStatement<'static> = BatchStatement {
+            name: "switchyard_begin",
+            sql: "BEGIN",
+            params: Vec::new(),
+        };
         let mut out = BytesMut::with_capacity(1024);
-        wire::query(&mut out, "BEGIN");
         let mut newly = Vec::new();
-        for s in stmts {
+        for s in std::iter::once(&BEGIN).chain(stmts) {
             if !self.prepared.contains(s.name) && !newly.contains(&s.name) {
                 wire::parse(&mut out, s.name.as_bytes(), s.sql);
                 newly.push(s.name);
@@ -65,8 +71,6 @@ impl NewConn {
         }
         out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         self.stream.write_all(&out).await?;
-        // BEGIN's ReadyForQuery, then the batch's.
-        self.until_ready().await?;
         let result = self.until_ready().await;
         if result.is_ok() {
             for n in newly {
