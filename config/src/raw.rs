@@ -69,6 +69,7 @@ pub(crate) struct RawMirror {
     pub timeout_ms: Option<i64>,
     pub repair_interval_ms: Option<i64>,
     pub stale_intent_secs: Option<i64>,
+    pub function_refresh_secs: Option<i64>,
     pub fault_injection: Option<String>,
 }
 

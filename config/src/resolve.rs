@@ -334,6 +334,13 @@ impl<'a> Resolver<'a> {
             1,
             86_400,
         );
+        let refresh = self.int(
+            "mirror.function_refresh_secs",
+            raw.function_refresh_secs,
+            d.function_refresh.as_secs(),
+            1,
+            86_400,
+        );
         let fault_injection = raw.fault_injection.and_then(|f| {
             f.parse()
                 .map_err(|why: String| self.problem("mirror.fault_injection", why))
@@ -345,6 +352,7 @@ impl<'a> Resolver<'a> {
             timeout: Duration::from_millis(timeout),
             repair_interval: Duration::from_millis(repair),
             stale_intent: Duration::from_secs(stale),
+            function_refresh: Duration::from_secs(refresh),
         }
     }
 

@@ -230,6 +230,11 @@ pub struct MirrorSettings {
     /// that wrote it (a proxy that died between the two commits leaves such intents; default 30).
     #[serde(rename = "stale_intent_secs", serialize_with = "ser_secs")]
     pub stale_intent: Duration,
+    /// `function_refresh_secs`: how often the proxy re-reads OLD's functions to learn which ones
+    /// write a migrated table (their calls cannot be captured; default 10). Functions created
+    /// through the proxy are known at once.
+    #[serde(rename = "function_refresh_secs", serialize_with = "ser_secs")]
+    pub function_refresh: Duration,
     /// `fault_injection`: for crash tests only. Sessions die (drop both connections, as if the
     /// proxy process were killed) at this point of the commit sequence. Never set in production.
     pub fault_injection: Option<MirrorFault>,
@@ -270,6 +275,7 @@ impl Default for MirrorSettings {
             timeout: Duration::from_millis(2000),
             repair_interval: Duration::from_millis(1000),
             stale_intent: Duration::from_secs(30),
+            function_refresh: Duration::from_secs(10),
             fault_injection: None,
         }
     }

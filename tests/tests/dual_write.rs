@@ -2,9 +2,9 @@
 //! in simple and extended protocol reaches NEW exactly as OLD has it, and the client sees what
 //! it would see from PostgreSQL directly.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use switchyard_test_support::{DualEnv, DualTable};
+use switchyard_test_support::{DualEnv, DualTable, TestProxy};
 use tokio_postgres::SimpleQueryMessage;
 
 const SCHEMA: &str = "
@@ -291,6 +291,58 @@ async fn uncapturable_writes_are_refused_with_a_clear_error() {
     let m = c.simple_query("COMMIT").await.unwrap();
     assert_eq!(tags(&m), vec!["C0"]);
     // Nothing changed anywhere; the session still works.
+    let m = c.simple_query("SELECT count(*) FROM pairs").await.unwrap();
+    assert_eq!(tags(&m), vec!["R1:1", "C1"]);
+    env.assert_converged().await.unwrap();
+}
+
+/// Functions that write a migrated table and appear after the proxy started: one created through
+/// the proxy is refused from its first call; one created directly on OLD from the next refresh
+/// (`function_refresh_secs`) on. Neither call writes anything.
+#[tokio::test]
+async fn writer_functions_created_after_start_are_refused() {
+    let env = env("dw_newfunc").await;
+    let proxy =
+        TestProxy::start(&env.proxy_config_with_mirror(env.new.url(), &[("function_refresh_secs", 1)]))
+            .await
+            .unwrap();
+    let c = proxy.client().await.unwrap();
+    c.batch_execute("INSERT INTO pairs VALUES (1, 'a', 'v')")
+        .await
+        .unwrap();
+    let refused = |sql: &'static str| {
+        let c = &c;
+        async move {
+            let err = c.batch_execute(sql).await.expect_err(sql);
+            let db = err.as_db_error().expect("a server error");
+            assert_eq!(db.code().code(), "0A000", "{sql}: {}", db.message());
+            assert!(db.message().contains("public.pairs"), "{}", db.message());
+        }
+    };
+    c.batch_execute("CREATE FUNCTION wipe_pairs() RETURNS void LANGUAGE sql AS $$ DELETE FROM pairs $$")
+        .await
+        .unwrap();
+    refused("SELECT wipe_pairs()").await;
+    env.old
+        .execute_batch(
+            "CREATE PROCEDURE fill_pairs() LANGUAGE plpgsql AS $$ BEGIN INSERT INTO pairs VALUES (9, 'z', 'v'); END $$",
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let err = c.batch_execute("BEGIN; CALL fill_pairs(); ROLLBACK").await;
+        if err.is_err() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CALL fill_pairs() still runs unmirrored"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.batch_execute("ROLLBACK").await.unwrap();
+    refused("CALL fill_pairs()").await;
     let m = c.simple_query("SELECT count(*) FROM pairs").await.unwrap();
     assert_eq!(tags(&m), vec!["R1:1", "C1"]);
     env.assert_converged().await.unwrap();

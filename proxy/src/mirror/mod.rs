@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::error::StartError;
 use newlink::{BatchStatement, LinkConn, NewLink};
-use sql::{Analyzer, MigratedTables};
+use sql::{Analyzer, MigratedTables, Writers};
 
 /// The prepared apply statements of one table: name and SQL per operation, and the fence lock
 /// a delete takes first.
@@ -188,7 +188,12 @@ impl Mirror {
             tables.push(MirrorTable::new(t.name.clone(), key, &old_schema, &new_schema));
         }
         check_prepared(&old, &new, &tables).await?;
-        let writers = writer_functions(&old, &names).await?;
+        let writers = writer_functions(&old, &names)
+            .await
+            .map_err(|e| StartError::Mirror(format!("cannot list the functions on OLD: {e}")))?;
+        for w in &writers {
+            w.log(&names);
+        }
 
         let statements = tables
             .iter()
@@ -205,7 +210,7 @@ impl Mirror {
         );
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let mirror = Arc::new(Mirror {
-            analyzer: Analyzer::new(MigratedTables::new(&names).with_writer_functions(writers)),
+            analyzer: Analyzer::new(MigratedTables::new(&names), writer_set(&writers)),
             tables,
             policies,
             old,
@@ -221,6 +226,7 @@ impl Mirror {
             failed: Mutex::new(Vec::new()),
         });
         tokio::spawn(cleanup_loop(Arc::downgrade(&mirror), done_rx));
+        tokio::spawn(writer_refresh_loop(Arc::downgrade(&mirror)));
         tokio::spawn(repair_loop(Arc::downgrade(&mirror)));
         Ok(Some(mirror))
     }
@@ -391,6 +397,44 @@ impl Mirror {
     }
 }
 
+/// A user function or procedure on OLD whose definition writes a migrated table.
+struct WriterFunction {
+    schema: String,
+    name: String,
+    table: usize,
+    /// Triggers that run it, `name on table, ...`.
+    triggers: Option<String>,
+}
+
+impl WriterFunction {
+    fn log(&self, tables: &[(switchyard_config::TableName, Vec<String>)]) {
+        let function = format!("{}.{}", self.schema, self.name);
+        let table = &tables[self.table].0;
+        tracing::warn!(
+            function,
+            table = %table,
+            "this function writes a migrated table: its calls through the proxy follow the table's on_uncaptured policy"
+        );
+        if let Some(triggers) = &self.triggers {
+            tracing::warn!(
+                function,
+                table = %table,
+                triggers,
+                "triggers run a function that writes a migrated table: those writes are not mirrored; verify the table before cutover"
+            );
+        }
+    }
+}
+
+fn writer_set(functions: &[WriterFunction]) -> Writers {
+    Writers::new(
+        functions
+            .iter()
+            .map(|w| (w.schema.clone(), w.name.clone(), w.table))
+            .collect(),
+    )
+}
+
 /// User functions and procedures on OLD whose definition writes a migrated table (a data-changing
 /// keyword and the table's name in the body): their calls cannot be captured, so they follow the
 /// table's `on_uncaptured` policy. Triggers that run such functions are only reported: the proxy
@@ -398,7 +442,7 @@ impl Mirror {
 async fn writer_functions(
     old: &PgPool,
     tables: &[(switchyard_config::TableName, Vec<String>)],
-) -> Result<Vec<(String, String, usize)>, StartError> {
+) -> Result<Vec<WriterFunction>, sqlx::Error> {
     let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
         "SELECT n.nspname::text, p.proname::text, pg_get_functiondef(p.oid), \
                 (SELECT string_agg(format('%s on %s', t.tgname, t.tgrelid::regclass), ', ') \
@@ -409,8 +453,7 @@ async fn writer_functions(
             AND n.nspname NOT LIKE 'pg_%'",
     )
     .fetch_all(old)
-    .await
-    .map_err(|e| StartError::Mirror(format!("cannot list the functions on OLD: {e}")))?;
+    .await?;
     let mut writers = Vec::new();
     for (schema, name, def, triggers) in rows {
         let body = def.to_ascii_lowercase();
@@ -423,23 +466,37 @@ async fn writer_functions(
         else {
             continue;
         };
-        let written = &tables[table].0;
-        tracing::warn!(
-            function = %format!("{schema}.{name}"),
-            table = %written,
-            "this function writes a migrated table: its calls through the proxy follow the table's on_uncaptured policy"
-        );
-        if let Some(triggers) = triggers {
-            tracing::warn!(
-                function = %format!("{schema}.{name}"),
-                table = %written,
-                triggers,
-                "triggers run a function that writes a migrated table: those writes are not mirrored; verify the table before cutover"
-            );
-        }
-        writers.push((schema, name, table));
+        writers.push(WriterFunction {
+            schema,
+            name,
+            table,
+            triggers,
+        });
     }
     Ok(writers)
+}
+
+/// Re-reads OLD's writer functions every `[mirror] function_refresh_secs`: one created (or
+/// changed) directly on OLD is known from the next refresh on.
+async fn writer_refresh_loop(mirror: std::sync::Weak<Mirror>) {
+    loop {
+        let interval = match mirror.upgrade() {
+            Some(m) => m.settings.function_refresh,
+            None => return,
+        };
+        tokio::time::sleep(interval).await;
+        let Some(m) = mirror.upgrade() else { return };
+        let names: Vec<_> = m.tables.iter().map(|t| (t.name.clone(), t.key.clone())).collect();
+        match writer_functions(&m.old, &names).await {
+            Ok(found) => {
+                let added = m.analyzer.set_writers(writer_set(&found));
+                for w in found.iter().filter(|w| added.contains(&w.name)) {
+                    w.log(&names);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot re-read OLD's functions; trying again later"),
+        }
+    }
 }
 
 /// Refuses to start when `switchyard prepare` has not created the side objects.

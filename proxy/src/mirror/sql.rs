@@ -13,7 +13,7 @@
 //! once per proxy.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
 use pg_query::protobuf::{self, Token, TransactionStmtKind};
@@ -33,11 +33,45 @@ pub(crate) struct MigratedTables {
     by_name: HashMap<(String, String), usize>,
     keyed: Vec<bool>,
     key_columns: Vec<Vec<String>>,
-    /// Lower-cased table and writer-function names, for the cheap pre-filter.
+    /// Lower-cased table names, for the cheap pre-filter.
     needles: Vec<Vec<u8>>,
-    /// User functions and procedures whose body writes a migrated table: name -> (schema,
-    /// table index). Calls of them cannot be captured.
-    writers: HashMap<String, Vec<(String, usize)>>,
+}
+
+/// User functions and procedures whose body writes a migrated table. Calls of them cannot be
+/// captured. Read from OLD at start and every `[mirror] function_refresh_secs`, and extended at
+/// once when a `CREATE FUNCTION` through the proxy defines one.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Writers {
+    /// name -> (schema, table index).
+    by_name: HashMap<String, Vec<(String, usize)>>,
+    /// Lower-cased names, for the cheap pre-filter.
+    needles: Vec<Vec<u8>>,
+}
+
+impl Writers {
+    /// The writers among `functions` (schema, name, table written).
+    pub(crate) fn new(functions: Vec<(String, String, usize)>) -> Writers {
+        let mut w = Writers::default();
+        for (schema, name, table) in functions {
+            w.insert(schema, name, table);
+        }
+        w
+    }
+
+    fn insert(&mut self, schema: String, name: String, table: usize) {
+        let needle = name.to_ascii_lowercase().into_bytes();
+        if !self.needles.contains(&needle) {
+            self.needles.push(needle);
+        }
+        let defs = self.by_name.entry(name).or_default();
+        if !defs.contains(&(schema.clone(), table)) {
+            defs.push((schema, table));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
 }
 
 impl MigratedTables {
@@ -54,18 +88,6 @@ impl MigratedTables {
             }
         }
         m
-    }
-
-    /// Registers functions (schema, name, table written) whose calls cannot be captured.
-    pub(crate) fn with_writer_functions(mut self, functions: Vec<(String, String, usize)>) -> MigratedTables {
-        for (schema, name, table) in functions {
-            let needle = name.to_ascii_lowercase().into_bytes();
-            if !self.needles.contains(&needle) {
-                self.needles.push(needle);
-            }
-            self.writers.entry(name).or_default().push((schema, table));
-        }
-        self
     }
 
     fn lookup(&self, rel: &protobuf::RangeVar) -> Option<usize> {
@@ -92,11 +114,12 @@ impl MigratedTables {
     /// Whether `sql` could possibly concern a migrated table or a transaction: it names one of
     /// the tables (case-insensitively, as a substring) or contains a transaction keyword.
     /// False positives only cost a parse.
-    fn might_matter(&self, sql: &[u8]) -> bool {
+    fn might_matter(&self, sql: &[u8], writers: &Writers) -> bool {
         let lower: Vec<u8> = sql.iter().map(u8::to_ascii_lowercase).collect();
         if self
             .needles
             .iter()
+            .chain(&writers.needles)
             .any(|n| lower.windows(n.len()).any(|w| w == n.as_slice()))
         {
             return true;
@@ -105,6 +128,31 @@ impl MigratedTables {
             .split(|b| !b.is_ascii_alphabetic())
             .any(|w| TXN_WORDS.contains(&w))
     }
+}
+
+/// The parts of a qualified name (`schema.name`) as the parser lists them.
+fn string_names(items: &[protobuf::Node]) -> Vec<String> {
+    items
+        .iter()
+        .filter_map(|i| match i.node.as_ref() {
+            Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The migrated table a piece of code (a function body, a DO block) seems to write: it has a
+/// data-changing keyword and names the table.
+fn writes_table(tables: &MigratedTables, code: &str) -> Option<usize> {
+    let lower = code.to_ascii_lowercase();
+    if !WRITE_WORDS.iter().any(|w| contains_word(&lower, w)) {
+        return None;
+    }
+    tables
+        .by_name
+        .iter()
+        .find(|((_, t), _)| contains_word(&lower, &t.to_ascii_lowercase()))
+        .map(|(_, &table)| table)
 }
 
 /// The qualified names of every function call in a serialized parse tree.
@@ -250,14 +298,48 @@ impl Analysis {
 /// Parses and classifies statements, with a cache per statement text.
 pub(crate) struct Analyzer {
     tables: MigratedTables,
+    /// Held shared while a statement is analysed and its analysis cached, exclusively while the
+    /// set changes and the cache is emptied: no analysis made with an older set stays cached.
+    writers: RwLock<Arc<Writers>>,
     cache: DashMap<String, Arc<Analysis>>,
 }
 
 impl Analyzer {
-    pub(crate) fn new(tables: MigratedTables) -> Analyzer {
+    pub(crate) fn new(tables: MigratedTables, writers: Writers) -> Analyzer {
         Analyzer {
             tables,
+            writers: RwLock::new(Arc::new(writers)),
             cache: DashMap::new(),
+        }
+    }
+
+    /// Replaces the writer functions (a refresh from OLD); returns the names that are new.
+    pub(crate) fn set_writers(&self, writers: Writers) -> Vec<String> {
+        let Ok(mut current) = self.writers.write() else {
+            return Vec::new();
+        };
+        if **current == writers {
+            return Vec::new();
+        }
+        let added = writers
+            .by_name
+            .iter()
+            .filter(|(name, defs)| current.by_name.get(*name) != Some(defs))
+            .map(|(name, _)| name.clone())
+            .collect();
+        *current = Arc::new(writers);
+        self.cache.clear();
+        added
+    }
+
+    fn add_writers(&self, found: Vec<(String, String, usize)>) {
+        if let Ok(mut current) = self.writers.write() {
+            let mut next = (**current).clone();
+            for (schema, name, table) in found {
+                next.insert(schema, name, table);
+            }
+            *current = Arc::new(next);
+            self.cache.clear();
         }
     }
 
@@ -266,21 +348,47 @@ impl Analyzer {
         if let Some(hit) = self.cache.get(sql) {
             return hit.clone();
         }
-        let analysis = Arc::new(self.analyze_uncached(sql));
-        if self.cache.len() < CACHE_LIMIT {
-            self.cache.insert(sql.to_owned(), analysis.clone());
+        let mut defined = Vec::new();
+        let analysis = {
+            let guard = self.writers.read();
+            let writers = match &guard {
+                Ok(w) => Arc::clone(w),
+                Err(_) => Arc::default(),
+            };
+            let analysis = Arc::new(self.analyze_uncached(sql, &writers, &mut defined));
+            if defined.is_empty() && self.cache.len() < CACHE_LIMIT {
+                self.cache.insert(sql.to_owned(), analysis.clone());
+            }
+            analysis
+        };
+        if !defined.is_empty() {
+            // A CREATE FUNCTION whose body writes a migrated table: its calls must be refused
+            // (or marked) from now on, not after the next refresh.
+            for (schema, name, table) in &defined {
+                tracing::warn!(
+                    function = %format!("{schema}.{name}"),
+                    table,
+                    "a function defined through the proxy writes a migrated table: its calls follow the table's on_uncaptured policy"
+                );
+            }
+            self.add_writers(defined);
         }
         analysis
     }
 
-    fn analyze_uncached(&self, sql: &str) -> Analysis {
+    fn analyze_uncached(
+        &self,
+        sql: &str,
+        writers: &Writers,
+        defined: &mut Vec<(String, String, usize)>,
+    ) -> Analysis {
         let plain = || Analysis {
             stmts: vec![Analyzed {
                 text: sql.to_owned(),
                 stmt: Stmt::Plain,
             }],
         };
-        if !self.tables.might_matter(sql.as_bytes()) {
+        if !self.tables.might_matter(sql.as_bytes(), writers) {
             return plain();
         }
         let Ok(parsed) = pg_query::parse(sql, 0) else {
@@ -295,7 +403,11 @@ impl Analyzer {
             };
             let text = sql.get(start..end).unwrap_or(sql);
             let stmt = match raw.stmt.as_deref().and_then(|n| n.node.as_ref()) {
-                Some(node) => self.classify(node, text),
+                Some(NodeEnum::CreateFunctionStmt(f)) => {
+                    defined.extend(self.defines_writer(f, text));
+                    Stmt::Plain
+                }
+                Some(node) => self.classify(node, text, writers),
                 None => Stmt::Plain,
             };
             stmts.push(Analyzed {
@@ -309,10 +421,28 @@ impl Analyzer {
         Analysis { stmts }
     }
 
-    fn classify(&self, node: &NodeEnum, text: &str) -> Stmt {
+    /// A `CREATE FUNCTION` or `CREATE PROCEDURE` whose body writes a migrated table (the same
+    /// test as for the functions read from OLD: a data-changing keyword and the table's name):
+    /// (schema, name, table). Unqualified names are taken as `public`.
+    fn defines_writer(
+        &self,
+        f: &protobuf::CreateFunctionStmt,
+        text: &str,
+    ) -> Option<(String, String, usize)> {
+        let names = string_names(&f.funcname);
+        let (schema, name) = match names.as_slice() {
+            [name] => ("public".to_owned(), name.clone()),
+            [.., schema, name] => (schema.clone(), name.clone()),
+            [] => return None,
+        };
+        let table = writes_table(&self.tables, text)?;
+        Some((schema, name, table))
+    }
+
+    fn classify(&self, node: &NodeEnum, text: &str, writers: &Writers) -> Stmt {
         let stmt = self.classify_statement(node, text);
         if matches!(stmt, Stmt::Plain | Stmt::Capture(_)) {
-            if let Some(u) = self.writer_call(node, text) {
+            if let Some(u) = self.writer_call(node, text, writers) {
                 return u;
             }
         }
@@ -320,21 +450,14 @@ impl Analyzer {
     }
 
     /// A call of a function known to write a migrated table, or a DO block that does.
-    fn writer_call(&self, node: &NodeEnum, text: &str) -> Option<Stmt> {
+    fn writer_call(&self, node: &NodeEnum, text: &str, writers: &Writers) -> Option<Stmt> {
         if let NodeEnum::DoStmt(_) = node {
-            let lower = text.to_ascii_lowercase();
-            let writes = WRITE_WORDS.iter().any(|w| contains_word(&lower, w));
-            return self
-                .tables
-                .by_name
-                .iter()
-                .find(|((_, t), _)| writes && contains_word(&lower, &t.to_ascii_lowercase()))
-                .map(|(_, &table)| Stmt::Uncaptured {
-                    table,
-                    what: "a DO block that writes",
-                });
+            return writes_table(&self.tables, text).map(|table| Stmt::Uncaptured {
+                table,
+                what: "a DO block that writes",
+            });
         }
-        if self.tables.writers.is_empty() {
+        if writers.is_empty() {
             return None;
         }
         // pg_query's node iterator does not reach every expression (VALUES lists, for one), so
@@ -351,7 +474,7 @@ impl Analyzer {
                 [.., schema, name] => (Some(schema.as_str()), name.as_str()),
                 [] => continue,
             };
-            if let Some(defs) = self.tables.writers.get(name) {
+            if let Some(defs) = writers.by_name.get(name) {
                 if let Some((_, table)) = defs.iter().find(|(s, _)| schema.is_none_or(|want| want == s)) {
                     return Some(Stmt::Uncaptured {
                         table: *table,
@@ -443,17 +566,7 @@ impl Analyzer {
                 .objects
                 .iter()
                 .find_map(|o| match o.node.as_ref() {
-                    Some(NodeEnum::List(l)) => {
-                        let names: Vec<String> = l
-                            .items
-                            .iter()
-                            .filter_map(|i| match i.node.as_ref() {
-                                Some(NodeEnum::String(s)) => Some(s.sval.clone()),
-                                _ => None,
-                            })
-                            .collect();
-                        self.tables.lookup_name(&names)
-                    }
+                    Some(NodeEnum::List(l)) => self.tables.lookup_name(&string_names(&l.items)),
                     _ => None,
                 })
                 .filter(|_| s.remove_type == protobuf::ObjectType::ObjectTable as i32)
@@ -596,14 +709,17 @@ mod tests {
     use super::*;
 
     fn analyzer() -> Analyzer {
-        Analyzer::new(MigratedTables::new(&[
-            (TableName::new("public", "accounts"), vec!["id".to_owned()]),
-            (TableName::new("public", "history"), vec![]),
-            (
-                TableName::new("shop", "Orders"),
-                vec!["a".to_owned(), "b".to_owned()],
-            ),
-        ]))
+        Analyzer::new(
+            MigratedTables::new(&[
+                (TableName::new("public", "accounts"), vec!["id".to_owned()]),
+                (TableName::new("public", "history"), vec![]),
+                (
+                    TableName::new("shop", "Orders"),
+                    vec!["a".to_owned(), "b".to_owned()],
+                ),
+            ]),
+            Writers::default(),
+        )
     }
 
     fn one(sql: &str) -> Stmt {
@@ -696,8 +812,8 @@ mod tests {
     #[test]
     fn calls_of_writer_functions_and_writing_do_blocks_are_uncaptured() {
         let a = Analyzer::new(
-            MigratedTables::new(&[(TableName::new("public", "accounts"), vec!["id".to_owned()])])
-                .with_writer_functions(vec![("public".to_owned(), "bump".to_owned(), 0)]),
+            MigratedTables::new(&[(TableName::new("public", "accounts"), vec!["id".to_owned()])]),
+            Writers::new(vec![("public".to_owned(), "bump".to_owned(), 0)]),
         );
         for sql in [
             "select bump(1)",
@@ -720,6 +836,58 @@ mod tests {
         }
         assert!(contains_word("update accounts set", "accounts"));
         assert!(!contains_word("update accounts_old set", "accounts"));
+    }
+
+    #[test]
+    fn functions_defined_later_are_known_at_once_and_refreshes_replace_the_set() {
+        let a = Analyzer::new(
+            MigratedTables::new(&[(TableName::new("public", "accounts"), vec!["id".to_owned()])]),
+            Writers::default(),
+        );
+        let call = "select credit(1)";
+        // Cached as plain while no such writer is known.
+        assert!(matches!(a.analyze(call).stmts[0].stmt, Stmt::Plain));
+        // A harmless function changes nothing.
+        a.analyze("create function credit(int) returns int language sql as $$ select 1 $$");
+        assert!(matches!(a.analyze(call).stmts[0].stmt, Stmt::Plain));
+        // Redefined to write a migrated table: its calls are uncaptured from the next statement.
+        a.analyze(
+            "create or replace function credit(x int) returns void language sql as \
+             $$ update accounts set n = n + x where id = 1 $$",
+        );
+        assert!(
+            matches!(a.analyze(call).stmts[0].stmt, Stmt::Uncaptured { table: 0, .. }),
+            "the cached plain analysis was dropped"
+        );
+        assert!(matches!(
+            a.analyze("call shop.restock()").stmts[0].stmt,
+            Stmt::Plain
+        ));
+        a.analyze("CREATE PROCEDURE shop.restock() LANGUAGE plpgsql AS $$ BEGIN INSERT INTO accounts VALUES (1); END $$");
+        assert!(matches!(
+            a.analyze("call shop.restock()").stmts[0].stmt,
+            Stmt::Uncaptured { .. }
+        ));
+        // Unqualified, it could resolve to shop.restock through the search_path: uncaptured too.
+        assert!(matches!(
+            a.analyze("call restock()").stmts[0].stmt,
+            Stmt::Uncaptured { .. }
+        ));
+        assert!(matches!(
+            a.analyze("call other.restock()").stmts[0].stmt,
+            Stmt::Plain
+        ));
+        // A refresh from OLD that no longer lists them (dropped there) replaces the set.
+        let added = a.set_writers(Writers::new(vec![("public".to_owned(), "bump".to_owned(), 0)]));
+        assert_eq!(added, vec!["bump".to_owned()]);
+        assert!(matches!(a.analyze(call).stmts[0].stmt, Stmt::Plain));
+        assert!(matches!(
+            a.analyze("select bump()").stmts[0].stmt,
+            Stmt::Uncaptured { .. }
+        ));
+        assert!(a
+            .set_writers(Writers::new(vec![("public".to_owned(), "bump".to_owned(), 0)]))
+            .is_empty());
     }
 
     #[test]
