@@ -449,8 +449,8 @@ struct Source {
     count_left_out: Option<String>,
 }
 
-/// Streams OLD's rows (one snapshot) into `sql`'s COPY on NEW, passing every piece to
-/// `inspect`; returns the rows NEW took and the rows left out.
+/// Streams OLD's rows (one snapshot) into `sql`'s COPY on NEW; returns the rows NEW took and the
+/// rows left out.
 async fn pipe(
     old: &mut PgConnection,
     new: &mut PgConnection,
@@ -460,7 +460,6 @@ async fn pipe(
         impl Fn(sqlx::Error) -> StoreError + Copy,
         impl Fn(sqlx::Error) -> StoreError + Copy,
     ),
-    mut inspect: impl FnMut(&[u8]) -> Result<(), BackfillError>,
 ) -> Result<(u64, u64), BackfillError> {
     // <https://www.postgresql.org/docs/current/transaction-iso.html#XACT-REPEATABLE-READ>
     sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -481,7 +480,6 @@ async fn pipe(
         let mut buf: Vec<u8> = Vec::with_capacity(COPY_BUFFER + 64 * 1024);
         while let Some(piece) = rows.next().await {
             let piece = piece.map_err(oerr)?;
-            inspect(&piece)?;
             buf.extend_from_slice(&piece);
             if buf.len() >= COPY_BUFFER {
                 sink.send(buf.as_slice()).await.map_err(nerr)?;
@@ -562,15 +560,8 @@ async fn copy_chunk(
                 copy_out: t.copy_out_except_sql(lo.as_deref(), &hi, &taken),
                 count_left_out: (!taken.is_empty()).then(|| t.count_keys_sql(&taken)),
             };
-            let (piped, left_out) = pipe(
-                old,
-                &mut tx,
-                &source,
-                &t.copy_into_table_sql(),
-                (oerr, nerr),
-                |_| Ok(()),
-            )
-            .await?;
+            let (piped, left_out) =
+                pipe(old, &mut tx, &source, &t.copy_into_table_sql(), (oerr, nerr)).await?;
             let piped_in = started.elapsed();
             sqlx::raw_sql(AssertSqlSafe(fence_lock_sql(&t.name, true)))
                 .execute(&mut *tx)
@@ -597,7 +588,7 @@ async fn copy_chunk(
                 copy_out: t.copy_out_sql(lo.as_deref(), &hi),
                 count_left_out: None,
             };
-            let (read, _) = pipe(old, &mut tx, &source, &t.copy_in_sql(), (oerr, nerr), |_| Ok(())).await?;
+            let (read, _) = pipe(old, &mut tx, &source, &t.copy_in_sql(), (oerr, nerr)).await?;
             let (claimed, copied): (i64, i64) = if read == 0 {
                 (0, 0)
             } else {

@@ -83,9 +83,6 @@ pub enum BackfillError {
         /// What the state tables say.
         state: String,
     },
-    /// OLD's COPY data could not be read (a bug, or a server speaking another format).
-    #[error("unreadable COPY data from OLD: {0}")]
-    CopyData(&'static str),
     /// A command-line option is out of range.
     #[error("{0}")]
     BadOption(String),
@@ -107,7 +104,6 @@ impl BackfillError {
             BackfillError::NotPrepared { .. } => "not_prepared",
             BackfillError::NotFinished { .. } => "not_finished",
             BackfillError::Store(_) => "store",
-            BackfillError::CopyData(_) => "copy_data",
         }
     }
 }
