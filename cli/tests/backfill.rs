@@ -86,16 +86,6 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-async fn scalar(db: &TestDb, sql: &str) -> i64 {
-    db.client()
-        .await
-        .unwrap()
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 async fn env(label: &str, rows: i64) -> DualEnv {
     let env = DualEnv::new(label, ITEMS, vec![DualTable::new("items")])
         .await
@@ -172,11 +162,10 @@ async fn assert_every_chunk_once(env: &DualEnv, rows: i64) {
         "every row read and copied exactly once"
     );
     assert_eq!(
-        scalar(
-            &env.new,
-            "SELECT count(*) FROM switchyard.switchyard_keys_public_items WHERE sy_version = 0"
-        )
-        .await,
+        env.new
+            .query_i64("SELECT count(*) FROM switchyard.switchyard_keys_public_items WHERE sy_version = 0")
+            .await
+            .unwrap(),
         0,
         "the fast path copies without claims"
     );
@@ -221,11 +210,11 @@ async fn a_sigkilled_backfill_resumes_and_copies_every_chunk_once() {
     // The dead worker's session on NEW notices its client is gone once its lock wait ends.
     blocker.batch_execute("ROLLBACK").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while scalar(
-        &env.new,
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'switchyard-backfill'",
-    )
-    .await
+    while env
+        .new
+        .query_i64("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'switchyard-backfill'")
+        .await
+        .unwrap()
         > 0
     {
         assert!(Instant::now() < deadline, "the killed backfill's sessions linger");
@@ -234,13 +223,13 @@ async fn a_sigkilled_backfill_resumes_and_copies_every_chunk_once() {
 
     // Nothing half-written: NEW has exactly the rows of the chunks marked done (the chunks in
     // flight rolled back with their sessions).
-    let copied = scalar(
-        &env.new,
-        "SELECT coalesce(sum(rows_copied), 0)::int8 FROM switchyard.switchyard_backfill_chunks WHERE status = 'done'",
-    )
-    .await;
+    let done = "SELECT coalesce(sum(rows_copied), 0)::int8 FROM switchyard.switchyard_backfill_chunks WHERE status = 'done'";
+    let copied = env.new.query_i64(done).await.unwrap();
     assert!(copied > 0 && copied < rows, "{copied}");
-    assert_eq!(scalar(&env.new, "SELECT count(*) FROM items").await, copied);
+    assert_eq!(
+        env.new.query_i64("SELECT count(*) FROM items").await.unwrap(),
+        copied
+    );
     let status = run(&cfg, "status", &[]).await;
     assert!(
         text(&status.stdout).contains("backfill running"),
@@ -349,7 +338,10 @@ async fn sigterm_stops_with_state_saved_and_status_shows_it() {
     let read = summary["tables"][0]["this_run"]["rows_read"].as_i64().unwrap();
     assert!(read > 0 && read < rows, "{summary}");
     assert_eq!(summary["tables"][0]["total"]["rows_copied"].as_i64(), Some(read));
-    assert_eq!(scalar(&env.new, "SELECT count(*) FROM items").await, read);
+    assert_eq!(
+        env.new.query_i64("SELECT count(*) FROM items").await.unwrap(),
+        read
+    );
 
     let status = run(&cfg, "status", &[]).await;
     let shown = text(&status.stdout);

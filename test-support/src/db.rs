@@ -84,6 +84,17 @@ impl TestDb {
         connect(&self.url).await
     }
 
+    /// The first column of the one row `sql` returns, as `i64` (a count, a sum cast to bigint).
+    pub async fn query_i64(&self, sql: &str) -> anyhow::Result<i64> {
+        let row = self
+            .client()
+            .await?
+            .query_one(sql, &[])
+            .await
+            .with_context(|| format!("{sql} on {}", self.name))?;
+        Ok(row.try_get(0)?)
+    }
+
     /// Run `sql` (one or more statements, simple query protocol) on a new connection.
     pub async fn execute_batch(&self, sql: &str) -> anyhow::Result<()> {
         self.client()

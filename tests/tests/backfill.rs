@@ -32,16 +32,6 @@ async fn backfill(config: &Config, options: &BackfillOptions) -> Result<Summary,
         .expect("backfill within the time limit")
 }
 
-async fn scalar(db: &TestDb, sql: &str) -> i64 {
-    db.client()
-        .await
-        .unwrap()
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// Per chunk: `(rows_read, rows_copied, rows_skipped, rows_conflicting)` of every done chunk,
 /// and the number of chunks not done.
 async fn chunk_totals(new: &TestDb, table: &str) -> ((i64, i64, i64, i64), i64) {
@@ -314,11 +304,11 @@ async fn keys_of_many_types_are_backfilled() {
         assert!(m.iter().any(|m| m == "copy"), "{table}: {m:?}");
     }
     // Mirrored records kept their versions; the fast path wrote no records of its own.
-    let v: i64 = scalar(
-        &env.new,
-        "SELECT count(*) FROM switchyard.switchyard_keys_public_k_big WHERE sy_version >= 1",
-    )
-    .await;
+    let v: i64 = env
+        .new
+        .query_i64("SELECT count(*) FROM switchyard.switchyard_keys_public_k_big WHERE sy_version >= 1")
+        .await
+        .unwrap();
     assert!(v > 300, "{v}");
     // A second run finds everything done and copies nothing.
     let again = backfill(&env.config().unwrap(), &options(2, 700)).await.unwrap();
@@ -374,7 +364,10 @@ async fn writes_in_flight_on_new_win_over_the_backfill() {
         .unwrap();
     let got: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(got, vec![(100, "mirrored".into()), (2500, "in flight".into())]);
-    assert_eq!(scalar(&env.new, "SELECT count(*) FROM items").await, 4998);
+    assert_eq!(
+        env.new.query_i64("SELECT count(*) FROM items").await.unwrap(),
+        4998
+    );
     let ((read, copied, skipped, _), _) = chunk_totals(&env.new, "public.items").await;
     assert_eq!((read, copied, skipped), (5000, 4996, 4));
 }
@@ -479,14 +472,18 @@ async fn mirrored_delete(
 async fn assert_deleted_on_new(env: &DualEnv, table: &str, which: &str) {
     let rows = format!("SELECT count(*) FROM {table} WHERE {which}");
     assert_eq!(
-        scalar(&env.new, &rows).await,
+        env.new.query_i64(&rows).await.unwrap(),
         0,
         "{table} {which}: no row under the tombstone"
     );
     let tombstones = format!(
         "SELECT count(*) FROM switchyard.switchyard_keys_public_{table} WHERE {which} AND sy_deleted"
     );
-    assert_eq!(scalar(&env.new, &tombstones).await, 1, "{table} {which}");
+    assert_eq!(
+        env.new.query_i64(&tombstones).await.unwrap(),
+        1,
+        "{table} {which}"
+    );
 }
 
 /// The fast path writes no claims: a chunk COPYs its rows, then takes the fence lock and removes
@@ -578,7 +575,10 @@ async fn a_stopped_backfill_resumes_without_copying_a_chunk_twice() {
     assert!(read > 0 && read < 40_000, "{read}");
     assert!(started.elapsed() >= Duration::from_millis(700));
     // Nothing half-written: NEW has exactly the rows of the chunks marked done.
-    assert_eq!(scalar(&env.new, "SELECT count(*) FROM items").await, copied);
+    assert_eq!(
+        env.new.query_i64("SELECT count(*) FROM items").await.unwrap(),
+        copied
+    );
     assert!(pending > 0 || read < 40_000);
 
     let second = backfill(&config, &options(3, 1000)).await.unwrap();
@@ -591,11 +591,10 @@ async fn a_stopped_backfill_resumes_without_copying_a_chunk_twice() {
         "each row read by exactly one run"
     );
     assert_eq!(
-        scalar(
-            &env.new,
-            "SELECT count(*) FROM switchyard.switchyard_keys_public_items WHERE sy_version = 0"
-        )
-        .await,
+        env.new
+            .query_i64("SELECT count(*) FROM switchyard.switchyard_keys_public_items WHERE sy_version = 0")
+            .await
+            .unwrap(),
         0,
         "the fast path copies without claims"
     );
@@ -651,11 +650,10 @@ async fn tombstones_are_removed_only_after_the_backfill() {
         .unwrap();
     assert_eq!(removed[0].removed, 1000);
     assert_eq!(
-        scalar(
-            &env.new,
-            "SELECT count(*) FROM switchyard.switchyard_keys_public_items WHERE sy_deleted"
-        )
-        .await,
+        env.new
+            .query_i64("SELECT count(*) FROM switchyard.switchyard_keys_public_items WHERE sy_deleted")
+            .await
+            .unwrap(),
         0
     );
     // Dual writes go on as before: a delete leaves a new tombstone, an insert of a cleaned-up
