@@ -31,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HOST = "127.0.0.1"
-USER = "postgres"
+from pglocal import HOST, USER, env, log, pg_env, psql as _psql, run
+
 OLD_DB = "switchyard_bf_old"
 NEW_DB = "switchyard_bf_new"
 REPO = Path(__file__).resolve().parents[2]
@@ -46,32 +46,9 @@ TABLE = """CREATE TABLE bench (
 KEYS = "switchyard.switchyard_keys_public_bench"
 
 
-def env(name, default):
-    return os.environ.get(name, default)
-
-
-def log(msg):
-    print(msg, flush=True)
-
-
-def pg_env():
-    e = dict(os.environ)
-    for k in ("PGHOST", "PGPORT", "PGDATABASE", "PGSERVICE", "PGOPTIONS"):
-        e.pop(k, None)
-    e.update(PGUSER=USER, PGSSLMODE="disable", PGCONNECT_TIMEOUT="10")
-    return e
-
-
-def run(cmd, timeout=600, check=True, **kw):
-    r = subprocess.run(cmd, env=pg_env(), capture_output=True, text=True, timeout=timeout, **kw)
-    if check and r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-1500:]}{r.stderr[-1500:]}")
-    return r
-
-
-def psql(a, db, sql, timeout=600):
-    return run(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", HOST, "-p", str(a.pg_port),
-                "-U", USER, "-d", db, "-c", sql], timeout=timeout).stdout.strip()
+def psql(a, db, sql):
+    """psql on the local server at `a.pg_port`; filling a million rows may take minutes."""
+    return _psql(a.pg_port, db, sql, timeout=600)
 
 
 def load():

@@ -26,40 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
-HOST = "127.0.0.1"
-USER = "postgres"
+from pglocal import HOST, USER, env, log, pg_env, psql as _psql, run
+
 OLD_DB = "switchyard_dw_old"
 NEW_DB = "switchyard_dw_new"
 REPO = Path(__file__).resolve().parents[2]
 TABLES = ["pgbench_accounts", "pgbench_tellers", "pgbench_branches", "pgbench_history"]
 
 
-def env(name, default):
-    return os.environ.get(name, default)
-
-
-def log(msg):
-    print(msg, flush=True)
-
-
-def pg_env():
-    e = dict(os.environ)
-    for k in ("PGHOST", "PGPORT", "PGDATABASE", "PGSERVICE", "PGOPTIONS"):
-        e.pop(k, None)
-    e.update(PGUSER=USER, PGSSLMODE="disable", PGCONNECT_TIMEOUT="10")
-    return e
-
-
-def run(cmd, timeout=600, check=True):
-    r = subprocess.run(cmd, env=pg_env(), capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-1500:]}{r.stderr[-1500:]}")
-    return r
-
-
 def psql(port, db, sql, timeout=120):
-    return run(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", HOST, "-p", str(port),
-                "-U", USER, "-d", db, "-c", sql], timeout=timeout).stdout.strip()
+    """psql on the local server; this script's statements are small, so it waits 2 minutes."""
+    return _psql(port, db, sql, timeout)
 
 
 def percentile(sorted_xs, p):

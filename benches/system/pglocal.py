@@ -1,0 +1,40 @@
+"""Helpers that the dual-write and backfill benchmarks share: options from the environment,
+logging, and running PostgreSQL's client programs against the local server (loopback only,
+user postgres, no password, no SSL). Standard library only."""
+
+import os
+import subprocess
+
+HOST = "127.0.0.1"
+USER = "postgres"
+
+
+def env(name, default):
+    return os.environ.get(name, default)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def pg_env():
+    """The environment for psql, pgbench and pg_dump: none of the caller's PG* settings that
+    would point them elsewhere."""
+    e = dict(os.environ)
+    for k in ("PGHOST", "PGPORT", "PGDATABASE", "PGSERVICE", "PGOPTIONS"):
+        e.pop(k, None)
+    e.update(PGUSER=USER, PGSSLMODE="disable", PGCONNECT_TIMEOUT="10")
+    return e
+
+
+def run(cmd, timeout=600, check=True, **kw):
+    r = subprocess.run(cmd, env=pg_env(), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-1500:]}{r.stderr[-1500:]}")
+    return r
+
+
+def psql(port, db, sql, timeout):
+    """One SQL string through psql; its unaligned, tuples-only output."""
+    return run(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", HOST, "-p", str(port),
+                "-U", USER, "-d", db, "-c", sql], timeout=timeout).stdout.strip()
