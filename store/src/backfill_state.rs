@@ -25,7 +25,8 @@ use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::postgres::catalog::{quote_ident, SIDE_SCHEMA};
-use crate::StoreError;
+use crate::prepare::{lock_step, run_steps, schema_step, side, Step};
+use crate::{Role, StoreError};
 
 /// One row per backfilled table.
 pub const BACKFILL_TABLES: &str = "switchyard_backfill_tables";
@@ -34,8 +35,7 @@ pub const BACKFILL_CHUNKS: &str = "switchyard_backfill_chunks";
 
 /// The `CREATE TABLE IF NOT EXISTS` statements of the backfill's state tables, with what each
 /// does (for error messages). The caller runs them after creating [`SIDE_SCHEMA`].
-pub fn backfill_ddl() -> Vec<(String, String)> {
-    let side = |name: &str| format!("{}.{}", quote_ident(SIDE_SCHEMA), quote_ident(name));
+pub fn backfill_ddl() -> Vec<Step> {
     vec![
         (
             format!(
@@ -102,23 +102,9 @@ fn failed(action: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
 /// transaction serialized with `switchyard prepare` runs.
 pub async fn ensure_backfill_tables(new: &PgPool) -> Result<(), StoreError> {
     let mut tx = new.begin().await.map_err(failed("starting a transaction"))?;
-    let mut steps = vec![
-        (
-            "SELECT pg_advisory_xact_lock(hashtextextended('switchyard.prepare', 0))".to_owned(),
-            "waiting for prepare runs".to_owned(),
-        ),
-        (
-            format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(SIDE_SCHEMA)),
-            format!("creating schema {SIDE_SCHEMA}"),
-        ),
-    ];
+    let mut steps = vec![lock_step(), schema_step()];
     steps.extend(backfill_ddl());
-    for (sql, action) in &steps {
-        sqlx::raw_sql(AssertSqlSafe(sql.as_str()))
-            .execute(&mut *tx)
-            .await
-            .map_err(failed(action))?;
-    }
+    run_steps(&mut tx, Role::New, &steps).await?;
     tx.commit()
         .await
         .map_err(failed("committing the backfill state tables"))
@@ -165,10 +151,7 @@ pub async fn ensure_fence_trigger(
         .join(" AND ");
     let literal = |s: &str| format!("'{}'", s.replace('\'', "''"));
     let steps = [
-        (
-            "SELECT pg_advisory_xact_lock(hashtextextended('switchyard.prepare', 0))".to_owned(),
-            "waiting for prepare runs",
-        ),
+        lock_step(),
         (
             format!(
                 "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $fence$ \
@@ -177,14 +160,14 @@ pub async fn ensure_fence_trigger(
                    RETURN NULL; \
                  END $fence$"
             ),
-            "creating the backfill fence function",
+            "creating the backfill fence function".to_owned(),
         ),
         (
             format!(
                 "DROP TRIGGER IF EXISTS {} ON {keys_table}",
                 quote_ident(FENCE_TRIGGER)
             ),
-            "replacing the backfill fence trigger",
+            "replacing the backfill fence trigger".to_owned(),
         ),
         (
             format!(
@@ -195,16 +178,11 @@ pub async fn ensure_fence_trigger(
                 literal(table),
                 literal(&condition)
             ),
-            "creating the backfill fence trigger",
+            "creating the backfill fence trigger".to_owned(),
         ),
     ];
     let mut tx = new.begin().await.map_err(failed("starting a transaction"))?;
-    for (sql, action) in &steps {
-        sqlx::raw_sql(AssertSqlSafe(sql.as_str()))
-            .execute(&mut *tx)
-            .await
-            .map_err(failed(action))?;
-    }
+    run_steps(&mut tx, Role::New, &steps).await?;
     tx.commit()
         .await
         .map_err(failed("committing the backfill fence trigger"))

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::AssertSqlSafe;
 use switchyard_config::{TableName, TableSettings};
 
@@ -212,23 +212,23 @@ async fn stale_keys_table(new: &PgPool, table: &PreparedTable) -> Result<Option<
 }
 
 /// `"switchyard"."name"`.
-fn side(name: &str) -> String {
+pub(crate) fn side(name: &str) -> String {
     format!("{}.{}", quote_ident(SIDE_SCHEMA), quote_ident(name))
 }
 
 /// A statement and what it does, for error messages.
-type Step = (String, String);
+pub(crate) type Step = (String, String);
 
 /// Serializes concurrent `prepare` runs on one store: `CREATE SCHEMA/TABLE IF NOT EXISTS` racing
 /// each other can fail with a unique violation on the catalogs.
-fn lock_step() -> Step {
+pub(crate) fn lock_step() -> Step {
     (
         "SELECT pg_advisory_xact_lock(hashtextextended('switchyard.prepare', 0))".to_owned(),
         "waiting for other prepare runs".to_owned(),
     )
 }
 
-fn schema_step() -> Step {
+pub(crate) fn schema_step() -> Step {
     (
         format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(SIDE_SCHEMA)),
         format!("creating schema {SIDE_SCHEMA}"),
@@ -296,6 +296,17 @@ fn old_side_ddl() -> Vec<Step> {
     ]
 }
 
+/// Runs `steps` in order on `conn` (a transaction); the first failure names its step.
+pub(crate) async fn run_steps(conn: &mut PgConnection, role: Role, steps: &[Step]) -> Result<(), StoreError> {
+    for (sql, action) in steps {
+        sqlx::raw_sql(AssertSqlSafe(sql.as_str()))
+            .execute(&mut *conn)
+            .await
+            .map_err(failed(role, action.as_str()))?;
+    }
+    Ok(())
+}
+
 /// The error for a failed statement on `role`'s store.
 fn failed(role: Role, action: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
     let action = action.into();
@@ -318,12 +329,7 @@ async fn create_side_objects(
         .begin()
         .await
         .map_err(failed(role, "starting a transaction"))?;
-    for (sql, action) in steps {
-        sqlx::raw_sql(AssertSqlSafe(sql.as_str()))
-            .execute(&mut *tx)
-            .await
-            .map_err(failed(role, action.as_str()))?;
-    }
+    run_steps(&mut tx, role, steps).await?;
     let upsert = format!(
         "INSERT INTO {} (table_name, keys_table, key_columns) VALUES ($1, $2, $3) \
          ON CONFLICT (table_name) DO UPDATE SET keys_table = EXCLUDED.keys_table, \
