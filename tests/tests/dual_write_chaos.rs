@@ -1281,7 +1281,7 @@ async fn new_value(env: &DualEnv, k: i32) -> anyhow::Result<Option<String>> {
         .map(|r| r.get(0)))
 }
 
-/// A transaction that writes a key and then deletes it records the key twice in its intent. If
+/// A transaction that writes a key and then deletes it used to record the key twice in its intent. If
 /// that intent must be repaired (NEW was unreachable at commit), the repair re-reads the keys on
 /// OLD, finds the key gone and deletes it on NEW with both copies in one
 /// `INSERT ... ON CONFLICT DO UPDATE` on the keys table, which PostgreSQL refuses (21000,
@@ -1289,9 +1289,8 @@ async fn new_value(env: &DualEnv, k: i32) -> anyhow::Result<Option<String>> {
 /// retried with backoff, fails again, forever, and since intents are repaired oldest first, no
 /// later intent of any proxy is repaired either: NEW never converges.
 ///
-/// Fails until fixed. Fix: deduplicate the keys (`gone` in `store::mirror::repair_intent`, or the
-/// intent's key list in `intent_sql`); and let one failing intent not stop the repair round
-/// (`repair_round` returns at the first error, so every later intent waits behind it).
+/// Found by the chaos test and fixed: `intent_sql` and `repair_intent` list such a key once, and
+/// one failing intent no longer holds up the rest of a repair round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repair_of_a_key_written_then_deleted_in_one_transaction() -> anyhow::Result<()> {
     let (env, fault, proxy) = kv_env(
@@ -1391,12 +1390,11 @@ async fn an_apply_that_times_out_behind_a_lock_is_abandoned() -> anyhow::Result<
 }
 
 /// For a table without a key the intent carries the appended rows themselves, and `intent_sql`
-/// builds it by parsing each row image into a `serde_json::Value`, whose numbers are `f64`. A
+/// builds it by parsing each row image into a `serde_json::Value`, whose numbers were `f64`. A
 /// `numeric` loses its scale (274.90 becomes 274.9) and every digit beyond an `f64`'s ~17, so the
 /// rows a repair appends on NEW differ from OLD's. Mirrored directly (no repair) they are exact.
 ///
-/// Fails until fixed. Fix: carry the images as raw JSON text (`serde_json::value::RawValue`,
-/// or serde_json's `arbitrary_precision` feature); verified with the latter.
+/// Fixed with serde_json's `arbitrary_precision` feature (the workspace's `Cargo.toml`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repaired_append_only_rows_keep_exact_numerics() -> anyhow::Result<()> {
     let env = DualEnv::new(
