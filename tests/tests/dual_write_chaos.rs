@@ -1,8 +1,8 @@
 //! Chaos for the dual-write engine: a seeded, time-bounded, randomized concurrent workload
 //! through two proxies while the link to NEW is slowed, reset, partitioned and NEW itself is
 //! crashed (SIGKILL, losing whatever WAL it had not written: the mirror commits on NEW without
-//! waiting for the flush) and started again. Afterwards OLD and NEW must be identical (promise 1) and every write a client saw
-//! committed must be in OLD (promise 4).
+//! waiting for the flush) and started again. Afterwards OLD and NEW must be identical (promise 1)
+//! and every write a client saw committed must be in OLD (promise 4).
 //!
 //! `SWITCHYARD_CHAOS_SEED=<u64>` replays a run; the seed is printed first. The random choices
 //! (operations, keys, values, protocol, fault parameters) follow from the seed; the thread
@@ -1281,9 +1281,9 @@ async fn new_value(env: &DualEnv, k: i32) -> anyhow::Result<Option<String>> {
         .map(|r| r.get(0)))
 }
 
-/// A transaction that writes a key and then deletes it used to record the key twice in its intent. If
-/// that intent must be repaired (NEW was unreachable at commit), the repair re-reads the keys on
-/// OLD, finds the key gone and deletes it on NEW with both copies in one
+/// A transaction that writes a key and then deletes it used to record the key twice in its
+/// intent. If that intent must be repaired (NEW was unreachable at commit), the repair re-reads
+/// the keys on OLD, finds the key gone and deletes it on NEW with both copies in one
 /// `INSERT ... ON CONFLICT DO UPDATE` on the keys table, which PostgreSQL refuses (21000,
 /// "ON CONFLICT DO UPDATE command cannot affect row a second time"). The repair round fails, is
 /// retried with backoff, fails again, forever, and since intents are repaired oldest first, no
