@@ -379,8 +379,9 @@ pub async fn durable_on_new(
 }
 
 /// Deletes intents whose NEW transaction committed (on OLD), then their applied markers (on
-/// NEW). Call it only with ids [`durable_on_new`] returned. Markers are only removed after their intents, so a repair never sees an intent without
-/// its marker when the NEW transaction did commit.
+/// NEW). Call it only with ids [`durable_on_new`] returned. Markers are only removed after
+/// their intents, so a repair never sees an intent without its marker when the NEW transaction
+/// did commit.
 pub async fn delete_intents(old: &PgPool, new: &PgPool, ids: &[i64]) -> Result<(), StoreError> {
     if ids.is_empty() {
         return Ok(());
