@@ -234,14 +234,25 @@ pub fn fence_lock_sql(table: &TableName, exclusive: bool) -> String {
     )
 }
 
+/// Whether `changes[i]` must be preceded by its table's fence lock ([`fence_lock_sql`]): it is
+/// the transaction's first delete of rows of that table (the lock is held to the end of the
+/// transaction, so later deletes of the same table need not take it again).
+pub fn takes_fence_lock(changes: &[Change], i: usize) -> bool {
+    let is_delete = |c: &Change| c.op == ChangeOp::Delete && !c.rows.is_empty();
+    let Some(c) = changes.get(i).filter(|c| is_delete(c)) else {
+        return false;
+    };
+    !changes[..i].iter().any(|d| d.table == c.table && is_delete(d))
+}
+
 /// The statements of `changes` (with their images inlined) as one simple-protocol string, each
-/// delete preceded by the fence lock.
+/// table's first delete preceded by the fence lock.
 fn push_changes(tables: &[MirrorTable], changes: &[Change], sql: &mut String) {
-    for c in changes.iter().filter(|c| !c.rows.is_empty()) {
+    for (i, c) in changes.iter().enumerate().filter(|(_, c)| !c.rows.is_empty()) {
         let Some(table) = tables.get(c.table) else {
             continue;
         };
-        if c.op == ChangeOp::Delete && table.keyed() {
+        if takes_fence_lock(changes, i) {
             sql.push_str(&fence_lock_sql(&table.name, false));
             sql.push(';');
         }
@@ -590,7 +601,7 @@ pub async fn mark_for_verify(old: &PgPool, table: &TableName, reason: &str) -> R
 
 #[cfg(test)]
 mod tests {
-    use super::escape_literal;
+    use super::{escape_literal, takes_fence_lock, Change, ChangeOp};
 
     #[test]
     fn literals_escape_quotes_and_backslashes() {
@@ -598,5 +609,26 @@ mod tests {
             escape_literal(r#"{"a":"it's \"x\"\\"}"#),
             r#"E'{"a":"it''s \\"x\\"\\\\"}'"#
         );
+    }
+    #[test]
+    fn each_table_takes_the_fence_lock_before_its_first_delete_only() {
+        let change = |table, op, rows: usize| Change {
+            table,
+            op,
+            rows: vec!["{}".to_owned(); rows],
+        };
+        let changes = [
+            change(0, ChangeOp::Upsert, 1),
+            change(0, ChangeOp::Delete, 0),
+            change(0, ChangeOp::Delete, 2),
+            change(1, ChangeOp::Delete, 1),
+            change(0, ChangeOp::Delete, 1),
+            change(1, ChangeOp::Append, 1),
+        ];
+        let locks: Vec<bool> = (0..changes.len())
+            .map(|i| takes_fence_lock(&changes, i))
+            .collect();
+        assert_eq!(locks, [false, false, true, true, false, false]);
+        assert!(!takes_fence_lock(&changes, changes.len()));
     }
 }

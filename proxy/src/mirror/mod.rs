@@ -259,11 +259,11 @@ impl Mirror {
             .collect();
         let id = intent_id.to_string();
         let mut batch = Vec::with_capacity(changes.len() + 1);
-        for (c, p) in changes.iter().zip(&params) {
+        for (i, (c, p)) in changes.iter().zip(&params).enumerate() {
             let Some(st) = self.statements.get(c.table) else {
                 continue;
             };
-            if c.op == ChangeOp::Delete {
+            if store_mirror::takes_fence_lock(changes, i) {
                 let (name, sql) = &st.fence;
                 batch.push(BatchStatement {
                     name,
