@@ -90,6 +90,25 @@ impl RawConn {
         Ok(())
     }
 
+    /// Reads every message until the server closes the connection (or resets it), waiting at
+    /// most `wait` in all.
+    pub async fn read_until_closed(&mut self, wait: Duration) -> anyhow::Result<Vec<Msg>> {
+        let read = async {
+            let mut msgs = Vec::new();
+            loop {
+                match self.read_msg().await {
+                    Ok(Some(msg)) => msgs.push(msg),
+                    Ok(None) => return Ok(msgs),
+                    Err(e) if is_reset(&e) => return Ok(msgs),
+                    Err(e) => return Err(e.context(format!("after {msgs:?}"))),
+                }
+            }
+        };
+        tokio::time::timeout(wait, read)
+            .await
+            .context("the connection was not closed")?
+    }
+
     /// Reads one message; `None` when the server closed the connection.
     pub async fn read_msg(&mut self) -> anyhow::Result<Option<Msg>> {
         loop {
@@ -313,4 +332,14 @@ impl Frontend {
 fn cstr(o: &mut BytesMut, s: &str) {
     o.put_slice(s.as_bytes());
     o.put_u8(0);
+}
+
+/// Whether `e` is the peer resetting the connection (or the write side of a reset one).
+pub fn is_reset(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        )
+    })
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use bytes::{BufMut, BytesMut};
 use switchyard_pgwire::startup::{StartupMessage, PROTOCOL_3_0};
-use switchyard_test_support::wire::{Frontend, Msg, RawConn};
+use switchyard_test_support::wire::{is_reset, Frontend, Msg, RawConn};
 use switchyard_test_support::{ProxyConfig, TestDb, TestProxy};
 
 /// Bound on every wait in this file.
@@ -73,7 +73,7 @@ impl Fixture {
             .context("new session after the bad one")?;
         for mut conn in [healthy, fresh] {
             conn.send(&[b'X', 0, 0, 0, 4]).await?;
-            let rest = read_until_closed(&mut conn).await?;
+            let rest = conn.read_until_closed(WAIT).await?;
             ensure!(rest.is_empty(), "unexpected messages after Terminate: {rest:?}");
         }
         wait_no_active_connections(&proxy).await?;
@@ -96,36 +96,9 @@ async fn select_42(conn: &mut RawConn) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads every message until the server closes (a reset counts as closed).
-async fn read_until_closed(conn: &mut RawConn) -> anyhow::Result<Vec<Msg>> {
-    let read = async {
-        let mut msgs = Vec::new();
-        loop {
-            match conn.read_msg().await {
-                Ok(Some(msg)) => msgs.push(msg),
-                Ok(None) => return Ok(msgs),
-                Err(e) if is_reset(&e) => return Ok(msgs),
-                Err(e) => return Err(e.context(format!("after {msgs:?}"))),
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, read)
-        .await
-        .context("the proxy did not close the connection")?
-}
-
-fn is_reset(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<std::io::Error>().is_some_and(|io| {
-        matches!(
-            io.kind(),
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-        )
-    })
-}
-
 /// Expects exactly one message, a FATAL ErrorResponse with `code`, then the connection closing.
 async fn expect_fatal(conn: &mut RawConn, code: &str) -> anyhow::Result<Msg> {
-    let msgs = read_until_closed(conn).await?;
+    let msgs = conn.read_until_closed(WAIT).await?;
     match msgs.as_slice() {
         [err] if err.tag == b'E' => {
             ensure!(
@@ -323,7 +296,7 @@ async fn complete_messages_before_a_bad_one_still_run() -> anyhow::Result<()> {
     let mut f = Frontend::new();
     f.query("insert into t values (1)").raw(&frame(b'y', 4, b""));
     bad.send(f.bytes()).await?;
-    let msgs = read_until_closed(&mut bad).await?;
+    let msgs = bad.read_until_closed(WAIT).await?;
     let tags: Vec<u8> = msgs.iter().map(|m| m.tag).collect();
     assert_eq!(tags, b"CZE", "{msgs:?}");
     assert_eq!(msgs[2].code().as_deref(), Some("08P01"));
@@ -405,7 +378,7 @@ async fn bytes_after_ssl_request_before_the_answer_are_refused() -> anyhow::Resu
             &[("user", "postgres"), ("database", fx.db.name())],
         ));
         bad.send(&bytes).await?;
-        let msgs = read_until_closed(&mut bad).await?;
+        let msgs = bad.read_until_closed(WAIT).await?;
         ensure!(
             !msgs.iter().any(|m| m.tag == b'Z' || m.tag == b'R'),
             "login went ahead after injected bytes: {msgs:?}"

@@ -107,7 +107,7 @@ impl Session {
 
     async fn terminate(mut self) -> anyhow::Result<()> {
         self.conn.send(&TERMINATE).await?;
-        let rest = read_until_closed(&mut self.conn).await?;
+        let rest = self.conn.read_until_closed(WAIT).await?;
         ensure!(rest.is_empty(), "messages after Terminate: {rest:?}");
         Ok(())
     }
@@ -127,36 +127,9 @@ fn startup(database: &str, application_name: &str) -> BytesMut {
     out
 }
 
-/// Reads every message until the server closes (a reset counts as closed).
-async fn read_until_closed(conn: &mut RawConn) -> anyhow::Result<Vec<Msg>> {
-    let read = async {
-        let mut msgs = Vec::new();
-        loop {
-            match conn.read_msg().await {
-                Ok(Some(msg)) => msgs.push(msg),
-                Ok(None) => return Ok(msgs),
-                Err(e) if is_reset(&e) => return Ok(msgs),
-                Err(e) => return Err(e.context(format!("after {msgs:?}"))),
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, read)
-        .await
-        .context("the connection was not closed")?
-}
-
-fn is_reset(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<std::io::Error>().is_some_and(|io| {
-        matches!(
-            io.kind(),
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-        )
-    })
-}
-
 /// The connection ends with a FATAL `code` as its last message.
 async fn expect_fatal_close(conn: &mut RawConn, code: &str) -> anyhow::Result<Vec<Msg>> {
-    let msgs = read_until_closed(conn).await?;
+    let msgs = conn.read_until_closed(WAIT).await?;
     let last = msgs
         .last()
         .with_context(|| format!("closed without FATAL {code}"))?;
@@ -601,7 +574,7 @@ async fn expect_refused_while_draining(addr: SocketAddr, database: &str) -> anyh
     if conn.send(&startup(database, "late")).await.is_err() {
         return Ok(());
     }
-    let msgs = read_until_closed(&mut conn).await?;
+    let msgs = conn.read_until_closed(WAIT).await?;
     ensure!(
         !msgs.iter().any(|m| m.tag == b'Z'),
         "a session started during the drain: {msgs:?}"
@@ -792,7 +765,7 @@ async fn old_store_going_away_mid_session() -> anyhow::Result<()> {
 
     // Crash: no goodbye from the server; the client is told or simply closed.
     cluster.kill().await?;
-    let msgs = read_until_closed(&mut s.conn).await?;
+    let msgs = s.conn.read_until_closed(WAIT).await?;
     ensure!(
         msgs.iter()
             .all(|m| m.tag == b'E' && m.field(b'V').as_deref() == Some("FATAL")),
