@@ -214,14 +214,7 @@ async fn sigterm_lets_open_transactions_finish_then_exits_0() {
     .unwrap()
     .0;
     assert!(status.success(), "exit status {status}");
-    let n: i64 = old
-        .client()
-        .await
-        .unwrap()
-        .query_one("select count(*) from t", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = old.query_i64("select count(*) from t").await.unwrap();
     assert_eq!(n, 2, "the transaction committed during the drain");
 }
 

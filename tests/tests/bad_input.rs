@@ -300,13 +300,7 @@ async fn complete_messages_before_a_bad_one_still_run() -> anyhow::Result<()> {
     let tags: Vec<u8> = msgs.iter().map(|m| m.tag).collect();
     assert_eq!(tags, b"CZE", "{msgs:?}");
     assert_eq!(msgs[2].code().as_deref(), Some("08P01"));
-    let n: i64 = fx
-        .db
-        .client()
-        .await?
-        .query_one("select count(*) from t", &[])
-        .await?
-        .get(0);
+    let n: i64 = fx.db.query_i64("select count(*) from t").await?;
     assert_eq!(n, 1, "the insert sent before the bad message ran");
     fx.finish().await
 }

@@ -310,13 +310,7 @@ async fn pgbench_in_every_query_mode_with_dual_writes() -> anyhow::Result<()> {
     }
     env.wait_for_no_intents(Duration::from_secs(20)).await?;
     env.assert_converged().await?;
-    let n: i64 = env
-        .new
-        .client()
-        .await?
-        .query_one("select count(*) from pgbench_history", &[])
-        .await?
-        .get(0);
+    let n: i64 = env.new.query_i64("select count(*) from pgbench_history").await?;
     assert_eq!(n, 600, "every history row mirrored once");
     Ok(())
 }

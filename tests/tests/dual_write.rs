@@ -121,15 +121,7 @@ async fn simple_protocol_writes_reach_new_with_old_generated_values() {
         .unwrap();
 
     env.assert_converged().await.unwrap();
-    let n: i64 = env
-        .new
-        .client()
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM other", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = env.new.query_i64("SELECT count(*) FROM other").await.unwrap();
     assert_eq!(n, 0);
     env.wait_for_no_intents(Duration::from_secs(10)).await.unwrap();
 }
@@ -548,15 +540,7 @@ async fn pipelined_extended_batches_answer_like_postgres() {
     assert_eq!(answers[0], answers[1], "proxy answers differ from PostgreSQL's");
     assert!(answers[0][0].contains("E:23505"), "{:?}", answers[0]);
     env.assert_converged().await.unwrap();
-    let n: i64 = env
-        .new
-        .client()
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM pairs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = env.new.query_i64("SELECT count(*) FROM pairs").await.unwrap();
     assert_eq!(n, 3, "rows 3, 4 and 5 mirrored; 1, 2 and 6 never committed");
 }
 
@@ -596,14 +580,6 @@ async fn drain_ends_idle_sessions_and_cuts_open_transactions_after_the_grace() {
     );
     // Its uncommitted writes are nowhere.
     env.assert_converged().await.unwrap();
-    let n: i64 = env
-        .old
-        .client()
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM pairs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = env.old.query_i64("SELECT count(*) FROM pairs").await.unwrap();
     assert_eq!(n, 0);
 }

@@ -91,15 +91,7 @@ async fn proxy_dies_before_old_commits() {
     let env = crash_at("crash_before_old", "before_old_commit").await;
     // Nothing committed anywhere; nothing to repair.
     assert_eq!(env.pending_intents().await.unwrap(), 0);
-    let n: i64 = env
-        .old
-        .client()
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM acct", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = env.old.query_i64("SELECT count(*) FROM acct").await.unwrap();
     assert_eq!(n, 1, "only the seed row");
     repaired_by_a_new_proxy(&env).await;
 }
@@ -124,14 +116,6 @@ async fn proxy_dies_after_new_commits_before_cleanup() {
     assert_eq!(env.pending_intents().await.unwrap(), 3);
     env.assert_converged().await.unwrap();
     repaired_by_a_new_proxy(&env).await;
-    let n: i64 = env
-        .new
-        .client()
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = env.new.query_i64("SELECT count(*) FROM events").await.unwrap();
     assert_eq!(n, 1, "the appended row is on NEW exactly once");
 }

@@ -521,13 +521,7 @@ async fn idle_timeout_spares_an_unsynced_extended_batch() -> anyhow::Result<()> 
     unsynced_batch(&mut s, "insert into t values (1)").await?;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     sync(&mut s).await?;
-    let n: i64 = fx
-        .old
-        .client()
-        .await?
-        .query_one("select count(*) from t", &[])
-        .await?
-        .get(0);
+    let n: i64 = fx.old.query_i64("select count(*) from t").await?;
     assert_eq!(n, 1, "the batch committed at Sync");
     s.terminate().await
 }
@@ -619,13 +613,7 @@ async fn graceful_drain_lets_transactions_finish() -> anyhow::Result<()> {
     assert_eq!(&msgs[1].body[..], b"I");
 
     fx.proxy.join().await?;
-    let n: i64 = fx
-        .old
-        .client()
-        .await?
-        .query_one("select count(*) from t", &[])
-        .await?
-        .get(0);
+    let n: i64 = fx.old.query_i64("select count(*) from t").await?;
     assert_eq!(n, 2, "the drained transaction committed");
     Ok(())
 }
@@ -643,13 +631,7 @@ async fn graceful_drain_waits_for_sync() -> anyhow::Result<()> {
     sync(&mut s).await?;
     expect_fatal_close(&mut s.conn, "57P01").await?;
     fx.proxy.join().await?;
-    let n: i64 = fx
-        .old
-        .client()
-        .await?
-        .query_one("select count(*) from t", &[])
-        .await?
-        .get(0);
+    let n: i64 = fx.old.query_i64("select count(*) from t").await?;
     assert_eq!(n, 1, "the batch committed at Sync");
     Ok(())
 }
