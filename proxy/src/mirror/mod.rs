@@ -487,9 +487,10 @@ async fn writer_refresh_loop(mirror: std::sync::Weak<Mirror>) {
         tokio::time::sleep(interval).await;
         let Some(m) = mirror.upgrade() else { return };
         let names: Vec<_> = m.tables.iter().map(|t| (t.name.clone(), t.key.clone())).collect();
+        let mark = m.analyzer.writers_mark();
         match writer_functions(&m.old, &names).await {
             Ok(found) => {
-                let added = m.analyzer.set_writers(writer_set(&found));
+                let added = m.analyzer.set_writers(writer_set(&found), mark);
                 for w in found.iter().filter(|w| added.contains(&w.name)) {
                     w.log(&names);
                 }

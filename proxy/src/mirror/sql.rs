@@ -13,6 +13,7 @@
 //! once per proxy.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
@@ -301,6 +302,9 @@ pub(crate) struct Analyzer {
     /// Held shared while a statement is analysed and its analysis cached, exclusively while the
     /// set changes and the cache is emptied: no analysis made with an older set stays cached.
     writers: RwLock<Arc<Writers>>,
+    /// How many times a `CREATE FUNCTION` through the proxy added writers: a refresh whose read
+    /// of OLD began before such an addition keeps what was added (see [`Self::writers_mark`]).
+    added: AtomicU64,
     cache: DashMap<String, Arc<Analysis>>,
 }
 
@@ -309,15 +313,31 @@ impl Analyzer {
         Analyzer {
             tables,
             writers: RwLock::new(Arc::new(writers)),
+            added: AtomicU64::new(0),
             cache: DashMap::new(),
         }
     }
 
-    /// Replaces the writer functions (a refresh from OLD); returns the names that are new.
-    pub(crate) fn set_writers(&self, writers: Writers) -> Vec<String> {
+    /// Taken before a refresh reads OLD's functions, and given back to [`Self::set_writers`].
+    pub(crate) fn writers_mark(&self) -> u64 {
+        self.added.load(Ordering::Acquire)
+    }
+
+    /// Replaces the writer functions with a refresh from OLD that began at `mark`; returns the
+    /// names that are new. A function defined through the proxy since `mark` may have committed
+    /// after the refresh read OLD: then the current writers are kept as well (a dropped one
+    /// goes with the next refresh).
+    pub(crate) fn set_writers(&self, mut writers: Writers, mark: u64) -> Vec<String> {
         let Ok(mut current) = self.writers.write() else {
             return Vec::new();
         };
+        if self.added.load(Ordering::Acquire) != mark {
+            for (name, defs) in &current.by_name {
+                for (schema, table) in defs {
+                    writers.insert(schema.clone(), name.clone(), *table);
+                }
+            }
+        }
         if **current == writers {
             return Vec::new();
         }
@@ -339,6 +359,7 @@ impl Analyzer {
                 next.insert(schema, name, table);
             }
             *current = Arc::new(next);
+            self.added.fetch_add(1, Ordering::AcqRel);
             self.cache.clear();
         }
     }
@@ -878,16 +899,28 @@ mod tests {
             Stmt::Plain
         ));
         // A refresh from OLD that no longer lists them (dropped there) replaces the set.
-        let added = a.set_writers(Writers::new(vec![("public".to_owned(), "bump".to_owned(), 0)]));
+        let mark = a.writers_mark();
+        let added = a.set_writers(
+            Writers::new(vec![("public".to_owned(), "bump".to_owned(), 0)]),
+            mark,
+        );
         assert_eq!(added, vec!["bump".to_owned()]);
         assert!(matches!(a.analyze(call).stmts[0].stmt, Stmt::Plain));
         assert!(matches!(
             a.analyze("select bump()").stmts[0].stmt,
             Stmt::Uncaptured { .. }
         ));
-        assert!(a
-            .set_writers(Writers::new(vec![("public".to_owned(), "bump".to_owned(), 0)]))
-            .is_empty());
+        let only_bump = || Writers::new(vec![("public".to_owned(), "bump".to_owned(), 0)]);
+        assert!(a.set_writers(only_bump(), a.writers_mark()).is_empty());
+        // A refresh that read OLD before a CREATE FUNCTION through the proxy committed does not
+        // forget the new writer.
+        let mark = a.writers_mark();
+        a.analyze("create function credit(x int) returns void language sql as $$ delete from accounts $$");
+        a.set_writers(only_bump(), mark);
+        assert!(matches!(a.analyze(call).stmts[0].stmt, Stmt::Uncaptured { .. }));
+        // The next refresh, begun after it, is taken as it is.
+        a.set_writers(only_bump(), a.writers_mark());
+        assert!(matches!(a.analyze(call).stmts[0].stmt, Stmt::Plain));
     }
 
     #[test]
