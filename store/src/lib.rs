@@ -10,6 +10,7 @@
 //! against OLD's, and [`prepare()`] creates the side tables that dual writes and the backfill use.
 
 pub mod backfill_state;
+pub mod capture;
 pub mod mirror;
 mod postgres;
 pub mod prepare;

@@ -138,6 +138,21 @@ impl MirrorTable {
         let keys = &self.keys_list;
         let ov = self.overriding;
         let img = format!("json_populate_recordset(NULL::{t}, {images}::json)");
+        // A transaction's images can hold one key several times (written twice, deleted and
+        // written again); one statement may touch a row only once, so each statement keeps the
+        // last image of every key, in the order the images came.
+        let last_per_key = {
+            let keys = self
+                .key
+                .iter()
+                .map(|c| format!("r.{}", quote_ident(c)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(
+                "(SELECT DISTINCT ON ({keys}) r.* FROM json_array_elements({images}::json) WITH ORDINALITY AS e(j, n), \
+                 LATERAL json_populate_record(NULL::{t}, e.j) AS r ORDER BY {keys}, e.n DESC) AS img"
+            )
+        };
         match (op, &self.keys_table) {
             (ChangeOp::Append, _) | (_, None) => {
                 let _ = write!(out, "INSERT INTO {t} ({cols}) {ov}SELECT {cols} FROM {img}");
@@ -150,7 +165,7 @@ impl MirrorTable {
                 };
                 let _ = write!(
                     out,
-                    "WITH img AS (SELECT * FROM {img}), \
+                    "WITH img AS (SELECT * FROM {last_per_key}), \
                      w AS (INSERT INTO {t} AS t ({cols}) {ov}SELECT {cols} FROM img ON CONFLICT ({keys}) {conflict}), \
                      v AS (INSERT INTO {k} AS v ({keys}, sy_version, sy_deleted) SELECT {keys}, 1, false FROM img \
                      ON CONFLICT ({keys}) DO UPDATE SET sy_version = v.sy_version + 1, sy_deleted = false, sy_updated_at = now()) \
@@ -166,7 +181,7 @@ impl MirrorTable {
                     .join(" AND ");
                 let _ = write!(
                     out,
-                    "WITH img AS (SELECT {keys} FROM {img}), \
+                    "WITH img AS (SELECT {keys} FROM {last_per_key}), \
                      d AS (DELETE FROM {t} AS t USING img WHERE {on}), \
                      v AS (INSERT INTO {k} AS v ({keys}, sy_version, sy_deleted) SELECT {keys}, 1, true FROM img \
                      ON CONFLICT ({keys}) DO UPDATE SET sy_version = v.sy_version + 1, sy_deleted = true, sy_updated_at = now()) \
@@ -410,8 +425,9 @@ pub async fn delete_intents(old: &PgPool, new: &PgPool, ids: &[i64]) -> Result<(
     Ok(())
 }
 
-/// Intents that need a repair: those of `proxy` listed in `mine` (its NEW commit failed), and
-/// anyone's older than `stale_secs` (their proxy likely died between the two commits).
+/// Intents that need a repair: those of `proxy` listed in `mine` (its NEW commit failed),
+/// anyone's older than `stale_secs` (their proxy likely died between the two commits), and every
+/// intent the capture trigger's net wrote (a change no proxy mirrored; see [`crate::capture`]).
 pub async fn pending_intents(
     old: &PgPool,
     mine: &[i64],
@@ -420,11 +436,13 @@ pub async fn pending_intents(
 ) -> Result<Vec<i64>, StoreError> {
     let rows = sqlx::query(
         "SELECT id FROM switchyard.switchyard_intents \
-         WHERE id = ANY($1) OR created_at < now() - make_interval(secs => $2) ORDER BY created_at LIMIT $3",
+         WHERE id = ANY($1) OR created_at < now() - make_interval(secs => $2) OR proxy = $4 \
+         ORDER BY created_at LIMIT $3",
     )
     .bind(mine)
     .bind(stale_secs)
     .bind(limit)
+    .bind(crate::capture::NET_PROXY)
     .fetch_all(old)
     .await
     .map_err(failed("old", "listing intents to repair"))?;

@@ -9,7 +9,9 @@
 //!   backfill's progress tables `switchyard_backfill_tables` and `switchyard_backfill_chunks`
 //!   ([`crate::backfill_state`]);
 //! - on OLD, `switchyard_intents` (the changes of each mirrored transaction, committed with it)
-//!   and `switchyard_verify` (tables marked for a full verification).
+//!   and `switchyard_verify` (tables marked for a full verification), and on every table in a
+//!   mirrored phase the capture triggers of [`crate::capture`] (removed again from tables back in
+//!   `passthrough`).
 //!
 //! Creation is idempotent (`IF NOT EXISTS`, an upsert for `switchyard_tables`), one transaction
 //! per store, and happens only when no table has a mismatch.
@@ -19,7 +21,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::AssertSqlSafe;
-use switchyard_config::{TableName, TableSettings};
+use switchyard_config::{Phase, TableName, TableSettings};
 
 use crate::postgres::catalog::{
     column_list, compare, effective_key, keys_table_name, load_table, quote_ident, Mismatch, TableSchema,
@@ -123,9 +125,40 @@ pub async fn prepare(
 
     if apply && report.is_ready() {
         create_side_objects(new, Role::New, &new_side_ddl(&report.tables), &report.tables).await?;
-        create_side_objects(old, Role::Old, &old_side_ddl(), &[]).await?;
+        let mut old_steps = old_side_ddl();
+        old_steps.extend(capture_steps(tables, &report.tables));
+        create_side_objects(old, Role::Old, &old_steps, &[]).await?;
     }
     Ok(report)
+}
+
+/// Whether writes to a table in `phase` are captured on OLD and mirrored to NEW.
+pub fn captured_phase(phase: Phase) -> bool {
+    matches!(phase, Phase::DualWrite | Phase::ShadowRead | Phase::ReadShift)
+}
+
+/// OLD's capture triggers ([`crate::capture`]): installed on the tables in a mirrored phase,
+/// removed from the others.
+fn capture_steps(settings: &[TableSettings], tables: &[PreparedTable]) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for t in tables {
+        let Some(s) = settings.iter().find(|s| s.name == t.name) else {
+            continue;
+        };
+        let (sql, action) = if captured_phase(s.phase) {
+            (
+                crate::capture::install_sql(&t.name, &t.key, s.on_uncaptured),
+                format!("installing the capture triggers on {}", t.name),
+            )
+        } else {
+            (
+                crate::capture::uninstall_sql(&t.name),
+                format!("removing the capture triggers from {}", t.name),
+            )
+        };
+        steps.extend(sql.into_iter().map(|q| (q, action.clone())));
+    }
+    steps
 }
 
 /// Configured tables whose keys-table names coincide (`a_b.c` and `a.b_c` both give

@@ -224,6 +224,26 @@ impl DualEnv {
         Ok(())
     }
 
+    /// Writes rows on OLD that count as existing before dual writes began: OLD's capture
+    /// triggers do not fire for this batch (`session_replication_role = replica`, which turns
+    /// ordinary triggers off), so nothing is recorded for the repair loop and the backfill is
+    /// what copies them.
+    /// <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-SESSION-REPLICATION-ROLE>
+    pub async fn seed_old(&self, sql: &str) -> anyhow::Result<()> {
+        self.old
+            .execute_batch(&format!(
+                "BEGIN; SET LOCAL session_replication_role = replica; {sql}; COMMIT"
+            ))
+            .await
+    }
+
+    /// Waits (up to `limit`) until the repair loop has copied what the capture trigger's net
+    /// recorded (no intent left on OLD), then asserts both stores are identical.
+    pub async fn assert_converged_after_repairs(&self, limit: std::time::Duration) -> anyhow::Result<()> {
+        self.wait_for_no_intents(limit).await?;
+        self.assert_converged().await
+    }
+
     /// Intents on OLD (transactions not yet confirmed on NEW).
     pub async fn pending_intents(&self) -> anyhow::Result<i64> {
         let c = self.old.client().await?;

@@ -120,14 +120,13 @@ async fn backfill_under_concurrent_dual_writes_converges() {
         .await
         .unwrap();
     // 200,000 rows that exist before dual writes: even ids 2..=400,000.
-    env.old
-        .execute_batch(
-            "INSERT INTO items (id, owner, qty, note) \
+    env.seed_old(
+        "INSERT INTO items (id, owner, qty, note) \
              SELECT 2 * g, 'owner' || (g % 97), g % 1000, md5(g::text) FROM generate_series(1, 200000) g; \
              ANALYZE items",
-        )
-        .await
-        .unwrap();
+    )
+    .await
+    .unwrap();
     let proxies = [env.proxy().await.unwrap(), env.proxy().await.unwrap()];
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
@@ -231,8 +230,7 @@ async fn keys_of_many_types_are_backfilled() {
         ..DualTable::new("k_custom")
     });
     let env = DualEnv::new("bf_types", schema, tables).await.unwrap();
-    env.old
-        .execute_batch(
+    env.seed_old(
             r#"
             INSERT INTO k_big SELECT g * 7919 % 100003 - 50000, 'v' || g FROM generate_series(1, 3000) g;
             INSERT INTO k_uuid SELECT gen_random_uuid(), 'v' || g FROM generate_series(1, 3000) g;
@@ -322,10 +320,7 @@ async fn writes_in_flight_on_new_win_over_the_backfill() {
     let env = DualEnv::new("bf_inflight", ITEMS, vec![DualTable::new("items")])
         .await
         .unwrap();
-    env.old
-        .execute_batch(
-            "INSERT INTO items (id, owner, qty) SELECT g, 'old', 0 FROM generate_series(1, 5000) g",
-        )
+    env.seed_old("INSERT INTO items (id, owner, qty) SELECT g, 'old', 0 FROM generate_series(1, 5000) g")
         .await
         .unwrap();
     let new = env.new.client().await.unwrap();
@@ -385,12 +380,11 @@ async fn a_delete_racing_an_open_chunk_leaves_no_row() {
     )
     .await
     .unwrap();
-    env.old
-        .execute_batch(
-            "INSERT INTO items (id, owner, qty) VALUES (1, 'a', 1); INSERT INTO pairs VALUES (1, 'a', 'v')",
-        )
-        .await
-        .unwrap();
+    env.seed_old(
+        "INSERT INTO items (id, owner, qty) VALUES (1, 'a', 1); INSERT INTO pairs VALUES (1, 'a', 'v')",
+    )
+    .await
+    .unwrap();
     // A backfill run installs the triggers (and copies the rows, removed again below).
     backfill(&env.config().unwrap(), &options(1, 10)).await.unwrap();
     env.new
@@ -550,8 +544,7 @@ async fn a_stopped_backfill_resumes_without_copying_a_chunk_twice() {
     let env = DualEnv::new("bf_resume", ITEMS, vec![DualTable::new("items")])
         .await
         .unwrap();
-    env.old
-        .execute_batch("INSERT INTO items (id, owner, qty) SELECT g, 'o', g FROM generate_series(1, 40000) g")
+    env.seed_old("INSERT INTO items (id, owner, qty) SELECT g, 'o', g FROM generate_series(1, 40000) g")
         .await
         .unwrap();
     let config = env.config().unwrap();
@@ -606,8 +599,7 @@ async fn the_throttle_limits_rows_per_second() {
     let env = DualEnv::new("bf_throttle", ITEMS, vec![DualTable::new("items")])
         .await
         .unwrap();
-    env.old
-        .execute_batch("INSERT INTO items (id, owner, qty) SELECT g, 'o', g FROM generate_series(1, 12000) g")
+    env.seed_old("INSERT INTO items (id, owner, qty) SELECT g, 'o', g FROM generate_series(1, 12000) g")
         .await
         .unwrap();
     let opts = BackfillOptions {
@@ -628,8 +620,7 @@ async fn tombstones_are_removed_only_after_the_backfill() {
     let env = DualEnv::new("bf_tomb", ITEMS, vec![DualTable::new("items")])
         .await
         .unwrap();
-    env.old
-        .execute_batch("INSERT INTO items (id, owner, qty) SELECT g, 'o', g FROM generate_series(1, 3000) g")
+    env.seed_old("INSERT INTO items (id, owner, qty) SELECT g, 'o', g FROM generate_series(1, 3000) g")
         .await
         .unwrap();
     let proxy = env.proxy().await.unwrap();

@@ -1129,12 +1129,17 @@ async fn intents_of_a_dead_proxy_are_repaired_by_another() -> anyhow::Result<()>
     // A: NEW still unreachable; the images never get there.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let started = Instant::now();
-    c.batch_execute(
-        "BEGIN; INSERT INTO items (id, qty, price, owner) VALUES (2002, 2, 2.20, 99); \
-         DELETE FROM pairs WHERE region = 'eu' AND n = 2; \
-         INSERT INTO events (task, seq, kind, amount) VALUES (99, 1, 'a', 1.25); COMMIT",
-    )
-    .await?;
+    // Statement by statement, so the COMMIT goes through the proxy's commit sequence (a string
+    // with its own COMMIT would be recorded by OLD's capture trigger instead).
+    for sql in [
+        "BEGIN",
+        "INSERT INTO items (id, qty, price, owner) VALUES (2002, 2, 2.20, 99)",
+        "DELETE FROM pairs WHERE region = 'eu' AND n = 2",
+        "INSERT INTO events (task, seq, kind, amount) VALUES (99, 1, 'a', 1.25)",
+        "COMMIT",
+    ] {
+        c.batch_execute(sql).await?;
+    }
     println!(
         "dead_proxy: A's client heard COMMIT after {:?}",
         started.elapsed()
@@ -1150,13 +1155,19 @@ async fn intents_of_a_dead_proxy_are_repaired_by_another() -> anyhow::Result<()>
     fault.set_delay(Duration::from_millis(150));
     let poller = env.old.client().await?;
     let c_commit = tokio::spawn(async move {
-        let r = c
-            .batch_execute(
-                "BEGIN; INSERT INTO items (id, qty, price, owner) VALUES (2003, 3, 3.30, 99); \
-             UPDATE items SET qty = 77 WHERE id = 5; \
-             INSERT INTO events (task, seq, kind, amount) VALUES (99, 3, 'c', 3.5); COMMIT",
-            )
-            .await;
+        let mut r = Ok(());
+        for sql in [
+            "BEGIN",
+            "INSERT INTO items (id, qty, price, owner) VALUES (2003, 3, 3.30, 99)",
+            "UPDATE items SET qty = 77 WHERE id = 5",
+            "INSERT INTO events (task, seq, kind, amount) VALUES (99, 3, 'c', 3.5)",
+            "COMMIT",
+        ] {
+            r = c.batch_execute(sql).await;
+            if r.is_err() {
+                break;
+            }
+        }
         (c, r)
     });
     let mut held = false;
@@ -1312,8 +1323,14 @@ async fn repair_of_a_key_written_then_deleted_in_one_transaction() -> anyhow::Re
     fault.reset_all();
     fault.set_refuse(true);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    c.batch_execute("BEGIN; INSERT INTO kv VALUES (2, 'short-lived'); DELETE FROM kv WHERE k = 2; COMMIT")
-        .await?;
+    for sql in [
+        "BEGIN",
+        "INSERT INTO kv VALUES (2, 'short-lived')",
+        "DELETE FROM kv WHERE k = 2",
+        "COMMIT",
+    ] {
+        c.batch_execute(sql).await?;
+    }
     c.batch_execute("INSERT INTO kv VALUES (3, 'later')").await?;
     assert_eq!(env.pending_intents().await?, 2);
     fault.set_refuse(false);

@@ -34,14 +34,28 @@ async fn proxy(env: &DualEnv, fault: Option<&str>) -> TestProxy {
 async fn writes_through_dying_proxy(env: &DualEnv, fault: &str) -> usize {
     let mut acked = 0;
     let p = proxy(env, Some(fault)).await;
-    for sql in [
-        "INSERT INTO acct (owner) VALUES ('autocommit')",
-        "BEGIN; UPDATE acct SET n = n + 1 WHERE id = 1; INSERT INTO acct (owner) VALUES ('in txn'); COMMIT",
-        "INSERT INTO events (what) VALUES ('append')",
-    ] {
-        // Each statement on a fresh connection: the previous one died with the session.
+    let transactions: [&[&str]; 3] = [
+        &["INSERT INTO acct (owner) VALUES ('autocommit')"],
+        // The client's own transaction, statement by statement, so its COMMIT goes through the
+        // proxy's commit sequence.
+        &[
+            "BEGIN",
+            "UPDATE acct SET n = n + 1 WHERE id = 1",
+            "INSERT INTO acct (owner) VALUES ('in txn')",
+            "COMMIT",
+        ],
+        &["INSERT INTO events (what) VALUES ('append')"],
+    ];
+    for statements in transactions {
+        // Each transaction on a fresh connection: the previous one died with the session.
         let c = p.client().await.expect("connect");
-        match tokio::time::timeout(Duration::from_secs(10), c.batch_execute(sql)).await {
+        let run = async {
+            for sql in statements {
+                c.batch_execute(sql).await?;
+            }
+            Ok::<(), tokio_postgres::Error>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(10), run).await {
             Ok(Ok(())) => acked += 1,
             Ok(Err(_)) => {}
             Err(_) => panic!("{fault}: the client hung instead of seeing the connection die"),

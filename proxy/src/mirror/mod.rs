@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use switchyard_config::{Config, MirrorSettings, Phase, StoreUrl, TableSettings, UncapturedPolicy};
+use switchyard_store::capture as store_capture;
 use switchyard_store::mirror::{self as store_mirror, Change, ChangeOp, MirrorTable, RepairOutcome};
 use tokio::sync::mpsc;
 
@@ -96,6 +97,11 @@ pub(crate) struct Mirror {
     link: NewLink,
     statements: Vec<ApplyStatements>,
     pub(crate) settings: MirrorSettings,
+    /// The statement that fires OLD's capture triggers before a mirrored commit
+    /// ([`store_capture::capture_statement`]).
+    pub(crate) capture_sql: String,
+    /// Table index by `schema.table`, for the capture notices.
+    by_name: std::collections::HashMap<String, usize>,
     pub(crate) proxy_id: String,
     pub(crate) stats: Arc<MirrorStats>,
     /// NEW is considered down until this instant (ns since `epoch`): transactions skip it and
@@ -106,11 +112,6 @@ pub(crate) struct Mirror {
     done_tx: mpsc::UnboundedSender<i64>,
     /// Intents of this proxy whose NEW side failed: repaired first.
     failed: Mutex<Vec<i64>>,
-}
-
-/// Whether a table is mirrored by the proxy (OLD authoritative, writes copied to NEW).
-fn mirrored_phase(phase: Phase) -> bool {
-    matches!(phase, Phase::DualWrite | Phase::ShadowRead | Phase::ReadShift)
 }
 
 fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptions {
@@ -134,8 +135,11 @@ impl Mirror {
                 t.name, t.phase
             )));
         }
-        let mirrored: Vec<&TableSettings> =
-            config.tables.iter().filter(|t| mirrored_phase(t.phase)).collect();
+        let mirrored: Vec<&TableSettings> = config
+            .tables
+            .iter()
+            .filter(|t| switchyard_store::prepare::captured_phase(t.phase))
+            .collect();
         if mirrored.is_empty() {
             return Ok(None);
         }
@@ -209,7 +213,15 @@ impl Mirror {
                 .min(settings.timeout.max(Duration::from_secs(1))),
         );
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let capture_sql = store_capture::capture_statement(tables.iter().map(|t| &t.name));
+        let by_name = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.to_string(), i))
+            .collect();
         let mirror = Arc::new(Mirror {
+            capture_sql,
+            by_name,
             analyzer: Analyzer::new(MigratedTables::new(&names), writer_set(&writers)),
             tables,
             policies,
@@ -229,6 +241,11 @@ impl Mirror {
         tokio::spawn(writer_refresh_loop(Arc::downgrade(&mirror)));
         tokio::spawn(repair_loop(Arc::downgrade(&mirror)));
         Ok(Some(mirror))
+    }
+
+    /// The index of the mirrored table named `schema.table`.
+    pub(crate) fn table_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
     }
 
     fn now_ns(&self) -> u64 {
@@ -530,6 +547,18 @@ async fn check_prepared(old: &PgPool, new: &PgPool, tables: &[MirrorTable]) -> R
         .is_none()
     {
         return Err(missing("NEW", "switchyard.switchyard_applied".into()));
+    }
+    let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
+    let uncaptured: Vec<String> = sqlx::query_scalar(store_capture::MISSING_CAPTURE_SQL)
+        .bind(&names)
+        .fetch_all(old)
+        .await
+        .map_err(|e| unreachable("OLD", e))?;
+    if !uncaptured.is_empty() {
+        return Err(missing(
+            "OLD",
+            format!("the capture trigger of {}", uncaptured.join(", ")),
+        ));
     }
     for t in tables.iter().filter(|t| t.keyed()) {
         let rel = format!("switchyard.{}", switchyard_store::keys_table_name(&t.name));

@@ -1,34 +1,37 @@
 //! The dual-write relay: one client session when some table is mirrored.
 //!
-//! Unlike the passthrough relay this one works message by message, because it must act between
-//! the client's messages and the server's answers: rewrite a captured write (row-image column),
-//! strip that column from the answers, open a transaction for an autocommit write, and run the
-//! commit sequence (images to NEW, intent on OLD, COMMIT on OLD, COMMIT on NEW) before the
-//! client hears COMMIT.
+//! The client's messages reach OLD exactly as the client sent them: the row changes are captured
+//! by OLD's own triggers (`switchyard_store::capture`), not by rewriting statements. The session
+//! only acts around commits: it opens a transaction for an autocommit write (so that the images
+//! can reach NEW before OLD commits), and before a transaction that may have written a migrated
+//! table commits, it runs the capture statement (which fires the deferred capture triggers and
+//! brings the row images as notices it keeps from the client), then the commit sequence (images
+//! to NEW, intent on OLD, COMMIT on OLD, COMMIT on NEW) before the client hears COMMIT. A write
+//! the session did not recognise is still captured: the trigger then records it durably on OLD
+//! for the repair loop (the net).
 //!
 //! Every message sent upstream, the client's or our own, pushes an [`Expect`] saying what its
 //! answers are and whether the client sees them. Answers are processed strictly in order. The
 //! session only waits for answers it is sure to get (the last message sent was a Sync, Flush or
 //! Query; before the commit sequence the proxy sends a Flush of its own), and while it waits for
 //! the client it also reads the server, so notifications reach an idle listener.
-//!
-//! Simple-protocol strings with several statements that need attention are run one statement
-//! at a time (as several Query messages), inside a transaction the proxy opens when the client
-//! had none, which keeps the all-or-nothing behaviour of such a string.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use switchyard_config::{MirrorFault, UncapturedPolicy};
+use switchyard_pgwire::backend::{self, ServerMessage};
 use switchyard_pgwire::frame::{peek_header, MessageLimits};
 use switchyard_pgwire::sqlstate;
+use switchyard_store::capture::{ImageOp, CAPTURE_SQLSTATE};
 use switchyard_store::mirror::{Change, ChangeOp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use super::sql::{Analysis, Capture, Stmt, TxnOp, WriteOp};
+use super::sql::{Analysis, Stmt, TxnOp};
 use super::wire;
 use super::Mirror;
 use crate::error::SessionError;
@@ -53,30 +56,21 @@ enum Expect {
     /// CloseComplete.
     Close { forward: bool },
     /// ParameterDescription, then RowDescription or NoData.
-    DescribeStatement {
-        capture: Option<Arc<Capture>>,
-        got_params: bool,
-    },
+    DescribeStatement { got_params: bool },
     /// RowDescription or NoData.
-    DescribePortal { capture: Option<Arc<Capture>> },
+    DescribePortal,
     /// Rows, then CommandComplete, EmptyQueryResponse or PortalSuspended (or a COPY).
     Execute {
-        capture: Option<Arc<Capture>>,
         forward: bool,
         commit: Option<CommitWait>,
-        /// Transaction control to apply once the statement completed.
-        txn: Option<TxnOp>,
-        /// Row images received so far.
-        rows: Vec<String>,
+        /// The capture statement: its image notices are the session's, not the client's.
+        capture: bool,
     },
     /// Everything up to and including ReadyForQuery.
     Query {
-        capture: Option<Arc<Capture>>,
         forward: bool,
         forward_ready: bool,
         commit: Option<CommitWait>,
-        txn: Option<TxnOp>,
-        rows: Vec<String>,
     },
     /// ReadyForQuery.
     Sync { forward: bool },
@@ -85,38 +79,20 @@ enum Expect {
 }
 
 impl Expect {
-    fn exec(capture: Option<Arc<Capture>>, forward: bool, commit: Option<CommitWait>) -> Expect {
+    fn exec(forward: bool, commit: Option<CommitWait>) -> Expect {
         Expect::Execute {
-            capture,
             forward,
             commit,
-            txn: None,
-            rows: Vec::new(),
+            capture: false,
         }
     }
 
-    fn query(
-        capture: Option<Arc<Capture>>,
-        forward: bool,
-        forward_ready: bool,
-        commit: Option<CommitWait>,
-    ) -> Expect {
+    fn query(forward: bool, forward_ready: bool, commit: Option<CommitWait>) -> Expect {
         Expect::Query {
-            capture,
             forward,
             forward_ready,
             commit,
-            txn: None,
-            rows: Vec::new(),
         }
-    }
-
-    /// The same expectation, applying `op` to the images once the statement completes.
-    fn with_txn(mut self, op: TxnOp) -> Expect {
-        if let Expect::Execute { txn, .. } | Expect::Query { txn, .. } = &mut self {
-            *txn = Some(op);
-        }
-        self
     }
 }
 
@@ -126,26 +102,79 @@ struct CommitWait {
     intent_id: i64,
 }
 
-/// The row images of the client's open transaction.
-#[derive(Debug, Default)]
-struct TxnImages {
-    changes: Vec<Change>,
-    /// Savepoints and how many changes existed when each was set.
-    savepoints: Vec<(String, usize)>,
-}
-
-impl TxnImages {
-    fn clear(&mut self) {
-        self.changes.clear();
-        self.savepoints.clear();
-    }
-}
-
 /// What the NEW side of a commit in progress holds.
 struct PendingCommit {
     conn: Option<super::newlink::LinkConn>,
     intent_id: i64,
     started: Instant,
+}
+
+/// The row images the capture statement brought, grouped into runs of one table and operation.
+#[derive(Debug, Default)]
+struct Captured {
+    changes: Vec<Change>,
+    /// The first image that could not be used (the commit is then refused).
+    problem: Option<String>,
+}
+
+impl Captured {
+    fn clear(&mut self) {
+        self.changes.clear();
+        self.problem = None;
+    }
+
+    /// Adds one image notice, or records why it cannot be used.
+    fn add(&mut self, mirror: &Mirror, fields: &backend::ErrorFields<'_>) {
+        if self.problem.is_some() {
+            return;
+        }
+        match decode_image(mirror, fields) {
+            Ok((table, op, image)) => match self.changes.last_mut() {
+                Some(c) if c.table == table && c.op == op => c.rows.push(image),
+                _ => self.changes.push(Change {
+                    table,
+                    op,
+                    rows: vec![image],
+                }),
+            },
+            Err(problem) => self.problem = Some(problem),
+        }
+    }
+}
+
+/// A capture notice's table, operation and image (UTF-8 JSON).
+fn decode_image(
+    mirror: &Mirror,
+    fields: &backend::ErrorFields<'_>,
+) -> Result<(usize, ChangeOp, String), String> {
+    let table = String::from_utf8_lossy(fields.get(b'D').unwrap_or_default()).into_owned();
+    let hint = fields.get(b'H').unwrap_or_default();
+    let (op, base64) = match hint.strip_suffix(b"64") {
+        Some(op) => (op, true),
+        None => (hint, false),
+    };
+    let op = match ImageOp::from_hint(op) {
+        Some(ImageOp::Upsert) => ChangeOp::Upsert,
+        Some(ImageOp::Delete) => ChangeOp::Delete,
+        Some(ImageOp::Append) => ChangeOp::Append,
+        None => return Err(format!("a row image of table {table} has an unknown operation")),
+    };
+    let Some(index) = mirror.table_index(&table) else {
+        return Err(format!(
+            "table {table} has Switchyard's capture trigger but this proxy does not mirror it; \
+             run every proxy with the same [[tables]] (and `switchyard prepare` after changing them)"
+        ));
+    };
+    let raw = fields.get(b'M').unwrap_or_default();
+    let bytes = if base64 {
+        base64::engine::general_purpose::STANDARD
+            .decode(raw)
+            .map_err(|e| format!("a row image of table {table} is not valid base64: {e}"))?
+    } else {
+        raw.to_vec()
+    };
+    let image = String::from_utf8(bytes).map_err(|_| format!("a row image of table {table} is not UTF-8"))?;
+    Ok((index, op, image))
 }
 
 struct MirrorSession<'a> {
@@ -168,6 +197,9 @@ struct MirrorSession<'a> {
     /// opened one for this batch (`implicit`).
     in_block: bool,
     implicit: bool,
+    /// The open transaction ran a statement that may write a migrated table: its commit runs the
+    /// capture statement first. (A write not recognised is caught by the trigger's net.)
+    dirty: bool,
     /// An error was answered in the current extended-protocol batch.
     batch_failed: bool,
     /// The server is skipping messages until the client's next Sync (an error came before
@@ -177,7 +209,7 @@ struct MirrorSession<'a> {
     copy_ends_sent: usize,
     statements: HashMap<Vec<u8>, Arc<Stmt>>,
     portals: HashMap<Vec<u8>, Arc<Stmt>>,
-    txn: TxnImages,
+    captured: Captured,
     pending: Option<PendingCommit>,
     /// Answers are held back from the client while the proxy's own transaction around an
     /// autocommit write is open: the client hears CommandComplete only once both stores
@@ -212,12 +244,13 @@ pub(crate) async fn relay(
         status: b'I',
         in_block: false,
         implicit: false,
+        dirty: false,
         batch_failed: false,
         skipping: false,
         copy_ends_sent: 0,
         statements: HashMap::new(),
         portals: HashMap::new(),
-        txn: TxnImages::default(),
+        captured: Captured::default(),
         pending: None,
         hold_client: false,
     };
@@ -323,6 +356,10 @@ impl MirrorSession<'_> {
         if self.hold_client && self.to_client.len() < (1 << 20) {
             return Ok(());
         }
+        self.flush_client_now().await
+    }
+
+    async fn flush_client_now(&mut self) -> Result<(), SessionError> {
         if !self.to_client.is_empty() {
             let chunk = self.to_client.split();
             self.client_wr
@@ -357,10 +394,10 @@ impl MirrorSession<'_> {
         self.drain().await
     }
 
-    /// Waits until every statement sent so far has completed (its images and errors are known).
-    /// Parse, Bind, Describe and Close answers may still be outstanding: they carry no images,
-    /// and if one of them fails, the server skips what follows up to Sync, which the session
-    /// sees in order (an injected COMMIT then counts as not committed).
+    /// Waits until every statement sent so far has completed (its errors are known). Parse,
+    /// Bind, Describe and Close answers may still be outstanding: if one of them fails, the
+    /// server skips what follows up to Sync, which the session sees in order (an injected
+    /// COMMIT then counts as not committed).
     async fn settle(&mut self) -> Result<(), SessionError> {
         let busy = |q: &VecDeque<Expect>| {
             q.iter().any(|e| {
@@ -395,9 +432,6 @@ impl MirrorSession<'_> {
             if !pending(&self.expect) {
                 return Ok(());
             }
-            if self.to_client.len() > 64 * 1024 {
-                self.flush_client().await?;
-            }
             reserve(&mut self.up_buf, 8192);
             // While the server streams a result, the client may already be reading.
             self.flush_client().await?;
@@ -429,31 +463,27 @@ impl MirrorSession<'_> {
         let body = frame.slice(5..);
         match tag {
             b'Q' => {
-                let sql = cstr_text(&body);
+                let sql = String::from_utf8_lossy(cstr_bytes(&body)).into_owned();
                 self.simple_query(frame, &sql).await
             }
             b'P' => {
                 self.flushed = false;
-                let Some((name, sql, rest)) = wire::split_parse(&body) else {
-                    // Malformed: let the server answer it.
-                    self.send(&frame, Some(Expect::Parse { forward: true }));
-                    return Ok(());
-                };
-                let analysis = self.mirror.analyzer.analyze(&String::from_utf8_lossy(sql));
-                let stmt = if analysis.stmts.len() == 1 {
-                    analysis.stmts[0].stmt.clone()
-                } else {
-                    Stmt::Plain
-                };
-                match &stmt {
-                    Stmt::Capture(c) => {
-                        let mut out = BytesMut::new();
-                        wire::parse_with(&mut out, name, &c.sql, rest);
-                        self.send(&out, Some(Expect::Parse { forward: true }));
+                let stmt = match wire::split_parse(&body) {
+                    Some((name, sql, _)) => {
+                        let analysis = self.mirror.analyzer.analyze(&String::from_utf8_lossy(sql));
+                        let stmt = match analysis.stmts.as_slice() {
+                            [one] => one.stmt.clone(),
+                            _ => Stmt::Plain,
+                        };
+                        Some((name.to_vec(), stmt))
                     }
-                    _ => self.send(&frame, Some(Expect::Parse { forward: true })),
+                    // Malformed: the server answers it.
+                    None => None,
+                };
+                self.send(&frame, Some(Expect::Parse { forward: true }));
+                if let Some((name, stmt)) = stmt {
+                    set_name(&mut self.statements, &name, Arc::new(stmt));
                 }
-                set_name(&mut self.statements, name, Arc::new(stmt));
                 Ok(())
             }
             b'B' => {
@@ -464,44 +494,20 @@ impl MirrorSession<'_> {
                     .get(statement)
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Stmt::Plain));
-                if let Stmt::Capture(_) = &*stmt {
+                if let Stmt::Write { .. } = &*stmt {
                     self.begin_if_idle();
-                    match wire::bind_with_image_format(&body) {
-                        Some(b) => {
-                            let mut out = BytesMut::new();
-                            wire::message(&mut out, b'B', &b);
-                            self.send(&out, Some(Expect::Bind { forward: true }));
-                        }
-                        None => self.send(&frame, Some(Expect::Bind { forward: true })),
-                    }
-                } else {
-                    self.send(&frame, Some(Expect::Bind { forward: true }));
                 }
                 let portal = portal.to_vec();
+                self.send(&frame, Some(Expect::Bind { forward: true }));
                 set_name(&mut self.portals, &portal, stmt);
                 Ok(())
             }
             b'D' => {
                 self.flushed = false;
-                let (target, name) = (
-                    body.first().copied(),
-                    body.get(1..).map(cstr_bytes).unwrap_or_default(),
-                );
-                let capture = match target {
-                    Some(b'S') => self.statements.get(name),
-                    _ => self.portals.get(name),
-                }
-                .and_then(|s| match &**s {
-                    Stmt::Capture(c) => Some(Arc::new(c.clone())),
-                    _ => None,
-                });
-                let e = if target == Some(b'S') {
-                    Expect::DescribeStatement {
-                        capture,
-                        got_params: false,
-                    }
+                let e = if body.first() == Some(&b'S') {
+                    Expect::DescribeStatement { got_params: false }
                 } else {
-                    Expect::DescribePortal { capture }
+                    Expect::DescribePortal
                 };
                 self.send(&frame, Some(e));
                 Ok(())
@@ -514,7 +520,7 @@ impl MirrorSession<'_> {
                     .get(&portal)
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Stmt::Plain));
-                self.execute(frame, &body, &stmt).await
+                self.execute(frame, &stmt).await
             }
             b'C' => {
                 self.flushed = false;
@@ -535,6 +541,8 @@ impl MirrorSession<'_> {
                 Ok(())
             }
             b'F' => {
+                // A fast-path call that writes a migrated table is captured by the trigger's
+                // net (the session cannot tell what the function does).
                 self.send(&frame, Some(Expect::FunctionCall));
                 self.flushed = true;
                 Ok(())
@@ -554,14 +562,19 @@ impl MirrorSession<'_> {
     /// Opens a transaction for an autocommit write in an extended-protocol batch.
     fn begin_if_idle(&mut self) {
         if !self.in_block && !self.implicit {
-            self.inject_statement("BEGIN", None, false);
+            // Only errors from here on decide whether the proxy's transaction commits: one left
+            // over from an earlier simple Query (answered, and already seen by the client) must
+            // not roll back this one.
+            self.batch_failed = false;
+            self.inject_statement("BEGIN", None, false, false);
             self.implicit = true;
             self.hold_client = true;
         }
     }
 
-    /// Injects one statement as extended-protocol messages whose answers the client never sees.
-    fn inject_statement(&mut self, sql: &str, commit: Option<CommitWait>, forward: bool) {
+    /// Injects one statement as extended-protocol messages whose answers the client never sees
+    /// (errors excepted).
+    fn inject_statement(&mut self, sql: &str, commit: Option<CommitWait>, forward: bool, capture: bool) {
         let mut out = BytesMut::new();
         wire::parse(&mut out, INJECTED, sql);
         wire::bind(&mut out, INJECTED, INJECTED);
@@ -571,54 +584,55 @@ impl MirrorSession<'_> {
         self.to_up.extend_from_slice(&out);
         self.expect.push_back(Expect::Parse { forward: false });
         self.expect.push_back(Expect::Bind { forward: false });
-        self.expect.push_back(Expect::exec(None, forward, commit));
+        self.expect.push_back(Expect::Execute {
+            forward,
+            commit,
+            capture,
+        });
         self.expect.push_back(Expect::Close { forward: false });
         self.expect.push_back(Expect::Close { forward: false });
         self.flushed = false;
     }
 
-    async fn execute(&mut self, frame: Bytes, body: &Bytes, stmt: &Stmt) -> Result<(), SessionError> {
+    async fn execute(&mut self, frame: Bytes, stmt: &Stmt) -> Result<(), SessionError> {
         match stmt {
-            Stmt::Capture(c) => {
+            Stmt::Write { table } => {
+                tracing::trace!(table, "a write to a migrated table");
                 self.begin_if_idle();
-                let mut out = BytesMut::new();
-                match wire::execute_all_rows(body) {
-                    Some(b) => wire::message(&mut out, b'E', &b),
-                    None => out.extend_from_slice(&frame),
-                }
-                self.send(&out, Some(Expect::exec(Some(Arc::new(c.clone())), true, None)));
+                self.dirty = true;
+                self.send(&frame, Some(Expect::exec(true, None)));
             }
             Stmt::Txn(op) => {
-                let op = op.clone();
-                self.txn_sent(&op);
-                if let TxnOp::Commit { .. } = op {
-                    if let Some(commit) = self.prepare_commit().await? {
-                        let intent = self.intent_sql(commit.intent_id);
-                        self.inject_statement(&intent, None, false);
-                        self.send(&frame, Some(Expect::exec(None, true, Some(commit))));
-                        return Ok(());
+                match op {
+                    TxnOp::Begin => self.in_block = true,
+                    TxnOp::Commit => {
+                        if let Some(commit) = self.prepare_commit().await? {
+                            let intent = self.intent_sql(commit.intent_id);
+                            self.inject_statement(&intent, None, false, false);
+                            self.send(&frame, Some(Expect::exec(true, Some(commit))));
+                            return Ok(());
+                        }
                     }
-                }
-                if let TxnOp::Prepare = op {
-                    if !self.txn.changes.is_empty() {
+                    TxnOp::Prepare if self.dirty => {
                         self.refuse_extended(
-                            "PREPARE TRANSACTION of a transaction that wrote migrated tables",
+                            "PREPARE TRANSACTION of a transaction that wrote migrated tables cannot be mirrored",
                         );
                         return Ok(());
                     }
+                    TxnOp::Prepare | TxnOp::Other => {}
                 }
-                self.send(&frame, Some(Expect::exec(None, true, None).with_txn(op)));
+                self.send(&frame, Some(Expect::exec(true, None)));
             }
             Stmt::Uncaptured { table, what } => {
                 if self.mirror.policies.get(*table) == Some(&UncapturedPolicy::MarkForVerify) {
                     self.mirror.mark_for_verify(*table, what);
-                    self.send(&frame, Some(Expect::exec(None, true, None)));
+                    self.send(&frame, Some(Expect::exec(true, None)));
                 } else {
                     let msg = self.refusal(*table, what);
                     self.refuse_extended(&msg);
                 }
             }
-            Stmt::Plain => self.send(&frame, Some(Expect::exec(None, true, None))),
+            Stmt::Plain => self.send(&frame, Some(Expect::exec(true, None))),
         }
         Ok(())
     }
@@ -642,7 +656,7 @@ impl MirrorSession<'_> {
     /// Sync) is exactly what a failed statement leaves.
     fn refuse_extended(&mut self, message: &str) {
         let sql = refusal_sql(message);
-        self.inject_statement(&sql, None, true);
+        self.inject_statement(&sql, None, true, false);
     }
 
     async fn sync(&mut self, frame: Bytes) -> Result<(), SessionError> {
@@ -667,10 +681,10 @@ impl MirrorSession<'_> {
         }
         if let Some(commit) = self.prepare_commit().await? {
             let intent = self.intent_sql(commit.intent_id);
-            self.inject_statement(&intent, None, false);
-            self.inject_statement("COMMIT", Some(commit), false);
+            self.inject_statement(&intent, None, false, false);
+            self.inject_statement("COMMIT", Some(commit), false, false);
         } else {
-            self.inject_statement("COMMIT", None, false);
+            self.inject_statement("COMMIT", None, false, false);
         }
         // The commit and the client's Sync go together; the client's ReadyForQuery is ours.
         self.send(&frame, Some(Expect::Sync { forward: false }));
@@ -690,73 +704,57 @@ impl MirrorSession<'_> {
     async fn rollback_quietly(&mut self) -> Result<(), SessionError> {
         let mut out = BytesMut::new();
         wire::query(&mut out, "ROLLBACK");
-        self.send(&out, Some(Expect::query(None, false, false, None)));
+        self.send(&out, Some(Expect::query(false, false, None)));
         self.flushed = true;
         self.flush_upstream().await?;
         self.drain().await?;
-        self.txn.clear();
+        self.end_transaction();
         self.status = b'I';
-        self.in_block = false;
         Ok(())
     }
 
-    /// Transaction control about to be sent: only BEGIN matters now (so an autocommit write
-    /// after it in the same batch gets no transaction of the proxy's).
-    fn txn_sent(&mut self, op: &TxnOp) {
-        if let TxnOp::Begin = op {
-            self.in_block = true;
-        }
+    /// The transaction is over (committed, rolled back or never begun).
+    fn end_transaction(&mut self) {
+        self.dirty = false;
+        self.in_block = false;
+        self.captured.clear();
     }
 
-    /// Savepoint bookkeeping once a transaction-control statement succeeded.
-    fn txn_done(&mut self, op: &TxnOp) {
-        match op {
-            TxnOp::Rollback { .. } => self.txn.clear(),
-            TxnOp::Savepoint(name) => self.txn.savepoints.push((name.clone(), self.txn.changes.len())),
-            TxnOp::RollbackTo(name) => {
-                if let Some(pos) = self.txn.savepoints.iter().rposition(|(n, _)| n == name) {
-                    let keep = self.txn.savepoints[pos].1;
-                    self.txn.changes.truncate(keep);
-                    self.txn.savepoints.truncate(pos + 1);
-                }
-            }
-            TxnOp::Release(name) => {
-                if let Some(pos) = self.txn.savepoints.iter().rposition(|(n, _)| n == name) {
-                    self.txn.savepoints.truncate(pos);
-                }
-            }
-            TxnOp::Begin | TxnOp::Commit { .. } | TxnOp::Prepare => {}
-        }
-    }
-
-    /// The images a completed statement produced.
-    fn record_change(&mut self, c: &Capture, rows: Vec<String>) {
-        if rows.is_empty() {
-            return;
-        }
-        let op = match c.op {
-            WriteOp::Upsert | WriteOp::Update => ChangeOp::Upsert,
-            WriteOp::Delete => ChangeOp::Delete,
-            WriteOp::Append => ChangeOp::Append,
-        };
-        self.txn.changes.push(Change {
-            table: c.table,
-            op,
-            rows,
-        });
-    }
-
-    /// Before OLD commits: waits for every earlier answer, then applies the images on NEW.
-    /// `None` when there is nothing to mirror or the transaction already failed.
+    /// Before OLD commits: waits for every earlier answer, fires the capture triggers, then
+    /// applies the images on NEW. `None` when there is nothing to mirror or the transaction
+    /// already failed.
     async fn prepare_commit(&mut self) -> Result<Option<CommitWait>, SessionError> {
         self.settle().await?;
-        if self.txn.changes.is_empty() || self.status == b'E' || self.batch_failed {
-            self.txn.clear();
+        if !self.dirty || self.status == b'E' || self.batch_failed {
+            self.dirty = false;
+            return Ok(None);
+        }
+        self.dirty = false;
+        self.captured.clear();
+        let sql = self.mirror.capture_sql.clone();
+        self.inject_statement(&sql, None, false, true);
+        self.barrier().await?;
+        if self.batch_failed {
+            // The capture statement failed (the client has the error): the transaction is
+            // aborted and its COMMIT will answer ROLLBACK.
+            self.captured.clear();
+            return Ok(None);
+        }
+        if let Some(problem) = self.captured.problem.take() {
+            // Images the proxy cannot apply must not be committed on OLD alone without a
+            // record: refuse the commit (the server raises the error and aborts).
+            self.captured.clear();
+            tracing::error!(problem, "refusing a commit whose row images cannot be mirrored");
+            self.refuse_extended(&problem);
+            self.barrier().await?;
+            return Ok(None);
+        }
+        if self.captured.changes.is_empty() {
             return Ok(None);
         }
         let intent_id = (rand::random::<u64>() >> 1) as i64;
         let started = Instant::now();
-        let conn = self.mirror.begin_on_new(&self.txn.changes, intent_id).await;
+        let conn = self.mirror.begin_on_new(&self.captured.changes, intent_id).await;
         if self.mirror.settings.fault_injection == Some(MirrorFault::BeforeOldCommit) {
             drop(conn);
             return Err(SessionError::Injected("before OLD's commit"));
@@ -772,7 +770,7 @@ impl MirrorSession<'_> {
     fn intent_sql(&self, intent_id: i64) -> String {
         switchyard_store::mirror::intent_sql(
             &self.mirror.tables,
-            &self.txn.changes,
+            &self.captured.changes,
             intent_id,
             &self.mirror.proxy_id,
         )
@@ -800,119 +798,126 @@ impl MirrorSession<'_> {
         } else {
             self.mirror.rollback_on_new(p.conn).await;
         }
-        self.txn.clear();
+        self.captured.clear();
         Ok(())
     }
 
     // ---- simple protocol ----
 
+    /// A Query message. It always reaches OLD as the client's own bytes (or, for a refused
+    /// statement, not at all); what the session adds are whole statements of its own around it.
     async fn simple_query(&mut self, frame: Bytes, sql: &str) -> Result<(), SessionError> {
+        if self.expect.is_empty() {
+            // Errors of earlier batches are answered and done with.
+            self.batch_failed = false;
+        }
         let analysis = self.mirror.analyzer.analyze(sql);
         if !analysis.matters() {
-            self.send(&frame, Some(Expect::query(None, true, true, None)));
+            self.send(&frame, Some(Expect::query(true, true, None)));
             self.flushed = true;
             return Ok(());
         }
-        self.stepwise_query(&analysis).await
-    }
-
-    /// Runs a query string that needs attention one statement at a time.
-    async fn stepwise_query(&mut self, analysis: &Analysis) -> Result<(), SessionError> {
-        self.barrier().await?;
-        let has_txn_control = analysis.stmts.iter().any(|s| matches!(s.stmt, Stmt::Txn(_)));
-        let has_capture = analysis.stmts.iter().any(|s| matches!(s.stmt, Stmt::Capture(_)));
-        let wrap = self.status == b'I' && !has_txn_control && (has_capture || analysis.stmts.len() > 1);
-        if wrap {
-            self.hold_client = true;
-            self.queue_query("BEGIN");
+        if let Some(refusal) = self.uncaptured(&analysis) {
+            // The whole string is refused: the server raises the error, as for a statement
+            // that failed before anything of the string ran.
+            let mut out = BytesMut::new();
+            wire::query(&mut out, &refusal_sql(&refusal));
+            self.send(&out, Some(Expect::query(true, true, None)));
+            self.flushed = true;
+            return Ok(());
         }
-        let mut failed = false;
-        for s in &analysis.stmts {
-            match &s.stmt {
-                Stmt::Plain => failed = self.run_query(&s.text, None, true, None).await?,
-                Stmt::Capture(c) if !wrap && !self.in_block => {
-                    // An autocommit write among transaction-control statements: give it a
-                    // transaction of its own.
-                    self.hold_client = true;
-                    self.queue_query("BEGIN");
-                    failed = self
-                        .run_query(&c.sql, Some(Arc::new(c.clone())), true, None)
-                        .await?;
-                    failed |= self.finish_wrapped(failed).await?;
-                    self.hold_client = false;
-                }
-                Stmt::Capture(c) => {
-                    failed = self
-                        .run_query(&c.sql, Some(Arc::new(c.clone())), true, None)
-                        .await?;
-                }
-                Stmt::Uncaptured { table, what } => {
-                    if self.mirror.policies.get(*table) == Some(&UncapturedPolicy::MarkForVerify) {
-                        self.mirror.mark_for_verify(*table, what);
-                        failed = self.run_query(&s.text, None, true, None).await?;
-                    } else {
-                        let msg = self.refusal(*table, what);
-                        failed = self.run_query(&refusal_sql(&msg), None, true, None).await?;
-                    }
-                }
-                Stmt::Txn(op) => {
-                    self.txn_sent(op);
-                    match op {
-                        TxnOp::Commit { .. } => {
-                            if let Some(commit) = self.prepare_commit().await? {
-                                let intent = self.intent_sql(commit.intent_id);
-                                self.queue_query(&intent);
-                                // An intent that failed aborted the transaction: COMMIT answers
-                                // ROLLBACK, as the server decides.
-                                failed = self.run_query(&s.text, None, true, Some(commit)).await?;
-                            } else {
-                                failed = self.run_query(&s.text, None, true, None).await?;
-                            }
-                            if self.status == b'I' {
-                                self.in_block = false;
-                            }
-                        }
-                        TxnOp::Prepare if !self.txn.changes.is_empty() => {
-                            let msg = "PREPARE TRANSACTION of a transaction that wrote migrated tables cannot be mirrored";
-                            failed = self.run_query(&refusal_sql(msg), None, true, None).await?;
-                        }
-                        _ => {
-                            failed = self
-                                .run_query_txn(&s.text, None, true, None, Some(op.clone()))
-                                .await?
-                        }
-                    }
+        let writes = analysis
+            .stmts
+            .iter()
+            .any(|s| matches!(s.stmt, Stmt::Write { .. }));
+        let txn: Vec<&TxnOp> = analysis
+            .stmts
+            .iter()
+            .filter_map(|s| match &s.stmt {
+                Stmt::Txn(op) => Some(op),
+                _ => None,
+            })
+            .collect();
+        match (analysis.stmts.len(), txn.as_slice()) {
+            (1, [TxnOp::Commit]) => {
+                if let Some(commit) = self.prepare_commit().await? {
+                    let intent = self.intent_sql(commit.intent_id);
+                    // If the intent fails the transaction is aborted and COMMIT answers
+                    // ROLLBACK, as the server decides.
+                    self.queue_query(&intent);
+                    self.send(&frame, Some(Expect::query(true, true, Some(commit))));
+                    self.flushed = true;
+                    return Ok(());
                 }
             }
-            if failed {
-                break;
+            (1, [TxnOp::Prepare]) if self.dirty => {
+                let msg =
+                    "PREPARE TRANSACTION of a transaction that wrote migrated tables cannot be mirrored";
+                let mut out = BytesMut::new();
+                wire::query(&mut out, &refusal_sql(msg));
+                self.send(&out, Some(Expect::query(true, true, None)));
+                self.flushed = true;
+                return Ok(());
             }
+            (_, []) if writes => {
+                self.barrier().await?;
+                if self.status == b'I' {
+                    return self.wrapped_query(frame).await;
+                }
+                self.dirty = true;
+            }
+            // Transaction control among other statements: the string runs as the client wrote
+            // it; a COMMIT inside it fires the capture triggers at commit, which record the
+            // changes durably on OLD for the repair loop (the net).
+            _ => self.dirty |= writes,
         }
-        if wrap {
-            self.finish_wrapped(failed).await?;
-            self.hold_client = false;
-        }
-        let status = self.status;
-        wire::ready_for_query(&mut self.to_client, status);
+        self.send(&frame, Some(Expect::query(true, true, None)));
+        self.flushed = true;
         Ok(())
     }
 
-    /// Ends the transaction the proxy opened around simple-protocol statements: ROLLBACK after
-    /// a failure, else the commit sequence. Returns whether the commit failed.
-    async fn finish_wrapped(&mut self, failed: bool) -> Result<bool, SessionError> {
+    /// The refusal message for the first uncapturable statement under policy `refuse`; marks
+    /// the tables of those under `mark_for_verify`.
+    fn uncaptured(&self, analysis: &Analysis) -> Option<String> {
+        for s in &analysis.stmts {
+            if let Stmt::Uncaptured { table, what } = &s.stmt {
+                if self.mirror.policies.get(*table) == Some(&UncapturedPolicy::MarkForVerify) {
+                    self.mirror.mark_for_verify(*table, what);
+                } else {
+                    return Some(self.refusal(*table, what));
+                }
+            }
+        }
+        None
+    }
+
+    /// An autocommit Query that writes a migrated table: run inside a transaction of the
+    /// proxy's, then the commit sequence; the client hears its answers and ReadyForQuery once
+    /// both stores committed.
+    async fn wrapped_query(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        self.hold_client = true;
+        self.queue_query("BEGIN");
+        self.dirty = true;
+        self.batch_failed = false;
+        self.send(&frame, Some(Expect::query(true, false, None)));
+        self.flushed = true;
+        self.flush_upstream().await?;
+        self.drain().await?;
+        let failed = std::mem::take(&mut self.batch_failed);
         if failed || self.status == b'E' {
-            self.run_query("ROLLBACK", None, false, None).await?;
-            self.txn.clear();
-            return Ok(false);
-        }
-        if let Some(commit) = self.prepare_commit().await? {
+            self.run_query("ROLLBACK", None).await?;
+            self.end_transaction();
+        } else if let Some(commit) = self.prepare_commit().await? {
             let intent = self.intent_sql(commit.intent_id);
-            // If the intent fails the transaction is aborted and COMMIT answers ROLLBACK.
             self.queue_query(&intent);
-            self.run_query("COMMIT", None, false, Some(commit)).await
+            self.run_query("COMMIT", Some(commit)).await?;
         } else {
-            self.run_query("COMMIT", None, false, None).await
+            self.run_query("COMMIT", None).await?;
         }
+        self.hold_client = false;
+        let status = self.status;
+        wire::ready_for_query(&mut self.to_client, status);
+        Ok(())
     }
 
     /// Queues a Query whose answers the client does not see (errors excepted); it is sent and
@@ -920,55 +925,44 @@ impl MirrorSession<'_> {
     fn queue_query(&mut self, sql: &str) {
         let mut out = BytesMut::new();
         wire::query(&mut out, sql);
-        self.send(&out, Some(Expect::query(None, false, false, None)));
+        self.send(&out, Some(Expect::query(false, false, None)));
         self.flushed = true;
     }
 
-    /// Sends one Query (and any queued ones) and processes the answers; the ReadyForQuery is
-    /// kept from the client. Returns whether any failed.
-    async fn run_query(
-        &mut self,
-        sql: &str,
-        capture: Option<Arc<Capture>>,
-        forward: bool,
-        commit: Option<CommitWait>,
-    ) -> Result<bool, SessionError> {
-        self.run_query_txn(sql, capture, forward, commit, None).await
-    }
-
-    /// [`Self::run_query`] for a transaction-control statement: `txn` is applied to the images
-    /// if it succeeds.
-    async fn run_query_txn(
-        &mut self,
-        sql: &str,
-        capture: Option<Arc<Capture>>,
-        forward: bool,
-        commit: Option<CommitWait>,
-        txn: Option<TxnOp>,
-    ) -> Result<bool, SessionError> {
+    /// Sends one Query of the proxy's (and any queued ones) and processes the answers, which
+    /// the client does not see (errors excepted).
+    async fn run_query(&mut self, sql: &str, commit: Option<CommitWait>) -> Result<(), SessionError> {
         let mut out = BytesMut::new();
         wire::query(&mut out, sql);
         self.batch_failed = false;
-        self.send(
-            &out,
-            Some(match txn {
-                Some(op) => Expect::query(capture, forward, false, commit).with_txn(op),
-                None => Expect::query(capture, forward, false, commit),
-            }),
-        );
+        self.send(&out, Some(Expect::query(false, false, commit)));
         self.flushed = true;
         self.flush_upstream().await?;
         self.drain().await?;
-        let failed = self.batch_failed;
         self.batch_failed = false;
-        Ok(failed)
+        Ok(())
     }
 
     // ---- server side ----
 
+    /// Whether the statement being answered is the capture statement.
+    fn capturing(&self) -> bool {
+        matches!(self.expect.front(), Some(Expect::Execute { capture: true, .. }))
+    }
+
     async fn server_message(&mut self, tag: u8, frame: Bytes) -> Result<(), SessionError> {
         tracing::trace!(tag = %(tag as char), head = ?self.expect.front(), "server message");
         match tag {
+            b'N' if self.capturing() => {
+                if let Ok(ServerMessage::NoticeResponse(fields)) = backend::parse(tag, &frame[5..]) {
+                    if fields.get(b'C') == Some(CAPTURE_SQLSTATE.as_slice()) {
+                        self.captured.add(self.mirror, &fields);
+                        return Ok(());
+                    }
+                }
+                self.to_client.extend_from_slice(&frame);
+                return Ok(());
+            }
             // Asynchronous messages: always the client's.
             b'N' | b'A' | b'S' => {
                 self.to_client.extend_from_slice(&frame);
@@ -1004,78 +998,25 @@ impl MirrorSession<'_> {
                 }
                 self.expect.pop_front();
             }
-            Expect::DescribeStatement { capture, got_params } => match tag {
-                b't' if !*got_params => {
+            Expect::DescribeStatement { got_params } => {
+                self.to_client.extend_from_slice(&frame);
+                if tag == b't' && !*got_params {
                     *got_params = true;
-                    self.to_client.extend_from_slice(&frame);
-                }
-                b'T' => {
-                    describe_answer(capture.as_deref(), &body, &frame, &mut self.to_client);
-                    self.expect.pop_front();
-                }
-                _ => {
-                    self.to_client.extend_from_slice(&frame);
-                    self.expect.pop_front();
-                }
-            },
-            Expect::DescribePortal { capture } => {
-                if tag == b'T' {
-                    describe_answer(capture.as_deref(), &body, &frame, &mut self.to_client);
                 } else {
-                    self.to_client.extend_from_slice(&frame);
+                    self.expect.pop_front();
                 }
+            }
+            Expect::DescribePortal => {
+                self.to_client.extend_from_slice(&frame);
                 self.expect.pop_front();
             }
-            Expect::Execute {
-                capture,
-                forward,
-                commit,
-                rows,
-                ..
-            }
-            | Expect::Query {
-                capture,
-                forward,
-                commit,
-                rows,
-                ..
-            } => {
+            Expect::Execute { forward, commit, .. } | Expect::Query { forward, commit, .. } => {
                 let (forward, commit) = (*forward, *commit);
                 match tag {
-                    b'D' => {
-                        if let Some(c) = capture.as_deref() {
-                            let keep = forward && c.client_returning;
-                            if let Some(image) = wire::split_data_row(&body, keep, &mut self.to_client) {
-                                rows.push(image);
-                            }
-                        } else if forward {
-                            self.to_client.extend_from_slice(&frame);
-                        }
-                    }
-                    b'T' => match capture.as_deref() {
-                        Some(c) if forward && c.client_returning => {
-                            describe_answer(Some(c), &body, &frame, &mut self.to_client)
-                        }
-                        Some(_) => {}
-                        None if forward => self.to_client.extend_from_slice(&frame),
-                        None => {}
-                    },
                     b'C' | b'I' | b's' if !is_query || tag == b'C' => {
-                        // The statement completed: its images and transaction control count.
-                        let done_rows = std::mem::take(rows);
-                        let capture = capture.clone();
-                        let txn_op = match self.expect.front_mut() {
-                            Some(Expect::Execute { txn, .. } | Expect::Query { txn, .. }) => txn.take(),
-                            _ => None,
-                        };
+                        // The statement completed.
                         if !is_query {
                             self.expect.pop_front();
-                        }
-                        if let Some(c) = capture {
-                            self.record_change(&c, done_rows);
-                        }
-                        if let Some(op) = txn_op {
-                            self.txn_done(&op);
                         }
                         if commit.is_some() {
                             let committed = tag == b'C' && wire::command_tag(&body) == b"COMMIT";
@@ -1141,17 +1082,10 @@ impl MirrorSession<'_> {
         let status = body.first().copied().unwrap_or(b'I');
         self.status = status;
         self.in_block = status != b'I';
-        if status == b'I' && !self.txn.changes.is_empty() && self.pending.is_none() && !self.implicit {
-            // A transaction ended without the commit sequence (a COMMIT inside a procedure, for
-            // example): whether its writes are on OLD is not known here and no intent records
-            // them, so the tables are marked for a full verification instead of guessing.
-            let mut tables: Vec<usize> = self.txn.changes.iter().map(|c| c.table).collect();
-            tables.dedup();
-            for t in tables {
-                self.mirror
-                    .mark_for_verify(t, "a transaction that ended outside the proxy's commit sequence");
-            }
-            self.txn.clear();
+        if status == b'I' && !self.implicit && self.pending.is_none() {
+            // Whatever the transaction wrote without the commit sequence (a COMMIT inside a
+            // string or a procedure) was recorded on OLD by the capture trigger's net.
+            self.end_transaction();
         }
     }
 
@@ -1197,7 +1131,8 @@ impl MirrorSession<'_> {
 
     /// Relays COPY FROM STDIN data from the client until CopyDone or CopyFail.
     async fn copy_in(&mut self) -> Result<(), SessionError> {
-        self.flush_client().await?;
+        // The client must see CopyInResponse now, even inside a transaction of the proxy's.
+        self.flush_client_now().await?;
         loop {
             while let Some((tag, frame)) =
                 take_frame(&mut self.client_buf, self.params.limits).map_err(SessionError::ClientProtocol)?
@@ -1232,20 +1167,6 @@ impl MirrorSession<'_> {
                 return Err(SessionError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
             }
         }
-    }
-}
-
-/// Answers a Describe of a captured statement: the client's columns only, or NoData when it
-/// asked for no RETURNING.
-fn describe_answer(capture: Option<&Capture>, body: &Bytes, frame: &Bytes, out: &mut BytesMut) {
-    match capture {
-        None => out.extend_from_slice(frame),
-        Some(c) if c.client_returning => {
-            if wire::trim_row_description(body, out).is_none() {
-                out.extend_from_slice(frame);
-            }
-        }
-        Some(_) => wire::no_data(out),
     }
 }
 
@@ -1284,10 +1205,6 @@ fn take_frame(
 fn cstr_bytes(b: &[u8]) -> &[u8] {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     &b[..end]
-}
-
-fn cstr_text(b: &[u8]) -> String {
-    String::from_utf8_lossy(cstr_bytes(b)).into_owned()
 }
 
 fn two_cstrs(b: &[u8]) -> (&[u8], &[u8]) {

@@ -1,0 +1,337 @@
+//! Change capture on OLD: the row triggers `switchyard prepare` installs on every mirrored table.
+//!
+//! Statement analysis in the proxy cannot see every row change a statement makes: foreign-key
+//! cascades, rules, updatable views, functions calling functions, a partition written directly,
+//! a temporary table or another schema shadowing a name, `U&"..."` identifiers. The server can.
+//! So the capture is a trigger on the table itself (as trigger-based replicators such as
+//! Londiste, Slony and Bucardo capture changes), identified by the table's OID, not by a spelling:
+//!
+//! - `switchyard_capture`, a **deferred constraint trigger** `AFTER INSERT OR UPDATE OR DELETE
+//!   ... FOR EACH ROW`. Deferred, because PostgreSQL then fires it only for row changes that
+//!   survive: events of a subtransaction that rolled back (`ROLLBACK TO SAVEPOINT`, an exception
+//!   block in a function) are discarded with it.
+//!   <https://www.postgresql.org/docs/current/sql-createtrigger.html>
+//! - Before it commits, a proxy that mirrors the transaction runs [`CAPTURE_STATEMENT`]-prefixed
+//!   `SET CONSTRAINTS ... IMMEDIATE`, which fires the pending events at once (retroactively, as
+//!   the documentation of SET CONSTRAINTS says) while the transaction still holds its row locks.
+//!   The trigger recognises that statement (`current_query()`) and sends each row image to the
+//!   proxy as a NoticeResponse with SQLSTATE [`CAPTURE_SQLSTATE`]; the proxy takes those notices
+//!   out of the client's stream and applies the images to NEW before OLD commits.
+//!   <https://www.postgresql.org/docs/current/sql-set-constraints.html>
+//! - Fired any other way (at COMMIT, because no proxy ran the statement: a direct connection, a
+//!   statement the proxy did not recognise as a write, a `COMMIT` inside a procedure), the trigger
+//!   is the **net**: it records the changed key (or, for a table without a key, the appended row)
+//!   as an intent in `switchyard.switchyard_intents` on OLD, in the same transaction, which the
+//!   proxies' repair loop copies to NEW. So every row change of a mirrored table either reaches
+//!   NEW before the client hears COMMIT or is recorded durably with it.
+//!
+//! The trigger functions are `SECURITY DEFINER` (the client needs no privilege on the side tables,
+//! and row-level security does not hide rows from the capture) and run with fixed settings
+//! (`TimeZone`, `DateStyle`, `IntervalStyle`, `extra_float_digits`, `bytea_output`,
+//! `search_path`), so an image is the same text whatever the client's session says.
+//!
+//! `switchyard_guard`, a `BEFORE TRUNCATE` statement trigger (and, on tables without a key,
+//! `BEFORE UPDATE OR DELETE`: such rows have no identity to mirror), applies the table's
+//! `on_uncaptured` policy however the statement reached OLD: refuse it (SQLSTATE 0A000), or
+//! mark the table in `switchyard.switchyard_verify`.
+
+use sha2::{Digest, Sha256};
+use switchyard_config::{TableName, UncapturedPolicy};
+
+use crate::mirror::escape_literal;
+use crate::postgres::catalog::{quote_ident, quote_table, SIDE_SCHEMA};
+
+/// SQLSTATE of the notices that carry row images (class `SY`, ours; PostgreSQL's own classes
+/// never use letters past `X`). <https://www.postgresql.org/docs/current/errcodes-appendix.html>
+pub const CAPTURE_SQLSTATE: &[u8; 5] = b"SY001";
+
+/// The comment that starts the proxy's `SET CONSTRAINTS` statement: the trigger sends images
+/// only while the current query starts with it.
+pub const CAPTURE_STATEMENT: &str = "/*switchyard:capture*/";
+
+/// The name of the capture trigger (and of its constraint) on every mirrored table.
+pub const CAPTURE_TRIGGER: &str = "switchyard_capture";
+
+/// The name of the statement guard trigger.
+pub const GUARD_TRIGGER: &str = "switchyard_guard";
+
+/// `proxy` of the intents the net writes: the repair loop takes them at once (no proxy is
+/// about to finish them).
+pub const NET_PROXY: &str = "switchyard:net";
+
+/// The sequence numbering the net's intents (negative ids: the proxies' own are positive).
+const NET_SEQUENCE: &str = "switchyard_net_ids";
+
+/// What a row image says happened to its row (the notice's hint field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageOp {
+    /// The row now looks like the image (`u`).
+    Upsert,
+    /// The row with the image's key is gone (`d`).
+    Delete,
+    /// A new row of a table without a key (`a`).
+    Append,
+}
+
+impl ImageOp {
+    /// The op named by a notice's hint field.
+    pub fn from_hint(hint: &[u8]) -> Option<ImageOp> {
+        match hint {
+            b"u" => Some(ImageOp::Upsert),
+            b"d" => Some(ImageOp::Delete),
+            b"a" => Some(ImageOp::Append),
+            _ => None,
+        }
+    }
+}
+
+/// The `SET CONSTRAINTS` statement a proxy runs before committing a transaction it mirrors:
+/// fires the capture triggers of every table in `tables` (one schema-qualified constraint name
+/// per schema; an unqualified name would only be looked up in the session's `search_path`).
+pub fn capture_statement<'a>(tables: impl IntoIterator<Item = &'a TableName>) -> String {
+    let mut schemas: Vec<&str> = tables.into_iter().map(|t| t.schema.as_str()).collect();
+    schemas.sort_unstable();
+    schemas.dedup();
+    let names: Vec<String> = schemas
+        .iter()
+        .map(|s| format!("{}.{}", quote_ident(s), quote_ident(CAPTURE_TRIGGER)))
+        .collect();
+    format!(
+        "{CAPTURE_STATEMENT} SET CONSTRAINTS {} IMMEDIATE",
+        names.join(", ")
+    )
+}
+
+/// The name of `table`'s trigger functions in [`SIDE_SCHEMA`]: `prefix` and a digest of the
+/// table's name (stable, short, and distinct for any two tables).
+fn function_name(prefix: &str, table: &TableName) -> String {
+    let digest = Sha256::digest(table.to_string().as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}.{}",
+        quote_ident(SIDE_SCHEMA),
+        quote_ident(&format!("{prefix}_{hex}"))
+    )
+}
+
+/// The settings every image is made with, whatever the session's: `search_path` so no user
+/// object can stand in for a built-in, the rest so values print the same way every time.
+/// <https://www.postgresql.org/docs/current/sql-createfunction.html> (`SET` clause)
+const CANONICAL_SETTINGS: &str = "SET search_path = pg_catalog, pg_temp \
+     SET \"TimeZone\" = 'UTC' SET \"DateStyle\" = 'ISO, MDY' SET \"IntervalStyle\" = 'postgres' \
+     SET extra_float_digits = '3' SET bytea_output = 'hex' SET client_min_messages = 'notice'";
+
+/// `RAISE NOTICE` of one image: `row` is `OLD` or `NEW`. Images are sent as UTF-8 JSON when the
+/// client encoding is UTF-8, else base64 of the UTF-8 bytes (hint `u64` and so on), so no byte
+/// depends on a conversion the client's encoding could fail or alter.
+fn notice(table: &str, op: &str, row: &str) -> String {
+    format!(
+        "IF utf8 THEN RAISE NOTICE USING ERRCODE = 'SY001', MESSAGE = row_to_json({row})::text, \
+         DETAIL = {table}, HINT = '{op}'; \
+         ELSE RAISE NOTICE USING ERRCODE = 'SY001', \
+         MESSAGE = translate(encode(convert_to(row_to_json({row})::text, 'UTF8'), 'base64'), E'\\n', ''), \
+         DETAIL = {table}, HINT = '{op}64'; END IF;"
+    )
+}
+
+/// The net's intent for the row `row` (`OLD` or `NEW`): its key, or for a table without a key
+/// the row itself.
+fn net_intent(table: &str, key: &[String], row: &str) -> String {
+    let changes = if key.is_empty() {
+        format!("jsonb_build_array(jsonb_build_object('t', {table}, 'r', jsonb_build_array(row_to_json({row})::jsonb)))")
+    } else {
+        let pairs: Vec<String> = key
+            .iter()
+            .map(|k| format!("{}, {row}.{}", escape_literal(k), quote_ident(k)))
+            .collect();
+        format!(
+            "jsonb_build_array(jsonb_build_object('t', {table}, 'k', jsonb_build_array(jsonb_build_object({}))))",
+            pairs.join(", ")
+        )
+    };
+    format!(
+        "INSERT INTO {schema}.switchyard_intents (id, created_at, proxy, changes) \
+         VALUES (-nextval('{schema}.{NET_SEQUENCE}'), clock_timestamp(), {net}, {changes});",
+        schema = quote_ident(SIDE_SCHEMA),
+        net = escape_literal(NET_PROXY),
+    )
+}
+
+/// `CREATE OR REPLACE FUNCTION` of `table`'s capture trigger function (`key` empty = append-only).
+fn capture_function(table: &TableName, key: &[String]) -> String {
+    let name = escape_literal(&table.to_string());
+    let marker = escape_literal(CAPTURE_STATEMENT);
+    let announced = if key.is_empty() {
+        // UPDATE and DELETE of a table without a key are stopped (or marked) by the guard.
+        format!("IF TG_OP = 'INSERT' THEN {} END IF;", notice(&name, "a", "NEW"))
+    } else {
+        let key_changed: Vec<String> = key
+            .iter()
+            .map(|k| format!("OLD.{0} IS DISTINCT FROM NEW.{0}", quote_ident(k)))
+            .collect();
+        format!(
+            "IF TG_OP = 'DELETE' THEN {del} \
+             ELSE IF TG_OP = 'UPDATE' AND ({changed}) THEN {del} END IF; {up} END IF;",
+            del = notice(&name, "d", "OLD"),
+            up = notice(&name, "u", "NEW"),
+            changed = key_changed.join(" OR "),
+        )
+    };
+    let net = if key.is_empty() {
+        format!(
+            "IF TG_OP = 'INSERT' THEN {} END IF;",
+            net_intent(&name, key, "NEW")
+        )
+    } else {
+        format!(
+            "IF TG_OP <> 'INSERT' THEN {} END IF; IF TG_OP <> 'DELETE' THEN {} END IF;",
+            net_intent(&name, key, "OLD"),
+            net_intent(&name, key, "NEW")
+        )
+    };
+    format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
+         {CANONICAL_SETTINGS} AS $switchyard$ \
+         DECLARE utf8 boolean := current_setting('client_encoding') = 'UTF8'; \
+         BEGIN \
+         IF starts_with(current_query(), {marker}) THEN {announced} ELSE {net} END IF; \
+         RETURN NULL; \
+         END $switchyard$",
+        function = function_name("capture", table),
+    )
+}
+
+/// `CREATE OR REPLACE FUNCTION` of `table`'s statement guard.
+fn guard_function(table: &TableName, policy: UncapturedPolicy) -> String {
+    let name = escape_literal(&table.to_string());
+    let action = match policy {
+        UncapturedPolicy::Refuse => format!(
+            "RAISE EXCEPTION USING ERRCODE = '0A000', \
+             MESSAGE = TG_OP || ' on table ' || {name} || ' cannot be mirrored to the new database during the migration', \
+             HINT = 'Run it directly on both databases with the capture trigger disabled, or set on_uncaptured = \"mark_for_verify\" for the table and verify it before cutover.';"
+        ),
+        UncapturedPolicy::MarkForVerify => format!(
+            "INSERT INTO {schema}.switchyard_verify (table_name, reason) \
+             VALUES ({name}, TG_OP || ' ran on OLD and was not mirrored') \
+             ON CONFLICT (table_name) DO UPDATE SET reason = EXCLUDED.reason, marked_at = now();",
+            schema = quote_ident(SIDE_SCHEMA)
+        ),
+    };
+    format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
+         SET search_path = pg_catalog, pg_temp AS $switchyard$ BEGIN {action} RETURN NULL; END $switchyard$",
+        function = function_name("guard", table),
+    )
+}
+
+/// A `DO` block creating trigger `trigger` on `table` with `definition` unless it exists (a
+/// constraint trigger cannot be created `OR REPLACE`, and dropping it first would take an
+/// ACCESS EXCLUSIVE lock on a table the application is using).
+fn create_trigger_once(table: &TableName, trigger: &str, definition: &str) -> String {
+    format!(
+        "DO $switchyard$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \
+         WHERE tgrelid = {rel}::regclass AND tgname = {name} AND tgparentid = 0) THEN {definition}; END IF; END $switchyard$",
+        rel = escape_literal(&quote_table(table)),
+        name = escape_literal(trigger),
+    )
+}
+
+/// The statements that install the capture on `table` on OLD (idempotent): the sequence of the
+/// net's intent ids, the two functions, and the triggers if missing.
+pub fn install_sql(table: &TableName, key: &[String], policy: UncapturedPolicy) -> Vec<String> {
+    let qualified = quote_table(table);
+    let guard_events = if key.is_empty() {
+        "TRUNCATE OR UPDATE OR DELETE"
+    } else {
+        "TRUNCATE"
+    };
+    vec![
+        format!(
+            "CREATE SEQUENCE IF NOT EXISTS {}.{}",
+            quote_ident(SIDE_SCHEMA),
+            quote_ident(NET_SEQUENCE)
+        ),
+        capture_function(table, key),
+        guard_function(table, policy),
+        create_trigger_once(
+            table,
+            CAPTURE_TRIGGER,
+            &format!(
+                "CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON {qualified} \
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {function}()",
+                trigger = quote_ident(CAPTURE_TRIGGER),
+                function = function_name("capture", table),
+            ),
+        ),
+        // The guard's events depend on the key, which may have changed since it was created.
+        format!(
+            "DROP TRIGGER IF EXISTS {} ON {qualified}",
+            quote_ident(GUARD_TRIGGER)
+        ),
+        format!(
+            "CREATE TRIGGER {trigger} BEFORE {guard_events} ON {qualified} \
+             FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
+            trigger = quote_ident(GUARD_TRIGGER),
+            function = function_name("guard", table),
+        ),
+    ]
+}
+
+/// The statements that remove the capture from `table` on OLD (a table back in `passthrough`).
+pub fn uninstall_sql(table: &TableName) -> Vec<String> {
+    let qualified = quote_table(table);
+    vec![
+        format!(
+            "DROP TRIGGER IF EXISTS {} ON {qualified}",
+            quote_ident(CAPTURE_TRIGGER)
+        ),
+        format!(
+            "DROP TRIGGER IF EXISTS {} ON {qualified}",
+            quote_ident(GUARD_TRIGGER)
+        ),
+    ]
+}
+
+/// SQL returning the mirrored tables (by `schema.table` name, among `$1`) that lack the capture
+/// trigger on OLD, for the proxy's start-up check.
+pub const MISSING_CAPTURE_SQL: &str = "SELECT t FROM unnest($1::text[]) AS t \
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g \
+     WHERE g.tgrelid = to_regclass(t) AND g.tgname = 'switchyard_capture' AND g.tgparentid = 0)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_capture_statement_names_each_schema_once() {
+        let tables = [
+            TableName::new("public", "a"),
+            TableName::new("shop", "b"),
+            TableName::new("public", "c"),
+        ];
+        assert_eq!(
+            capture_statement(&tables),
+            "/*switchyard:capture*/ SET CONSTRAINTS \"public\".\"switchyard_capture\", \
+             \"shop\".\"switchyard_capture\" IMMEDIATE"
+        );
+    }
+
+    #[test]
+    fn function_names_are_stable_and_distinct() {
+        let a = function_name("capture", &TableName::new("a_b", "c"));
+        assert_eq!(a, function_name("capture", &TableName::new("a_b", "c")));
+        assert_ne!(a, function_name("capture", &TableName::new("a", "b_c")));
+        assert!(a.starts_with("\"switchyard\".\"capture_"), "{a}");
+    }
+
+    #[test]
+    fn keyed_tables_send_the_old_key_when_it_changes() {
+        let f = capture_function(&TableName::new("public", "t"), &["id".to_owned()]);
+        assert!(f.contains("OLD.\"id\" IS DISTINCT FROM NEW.\"id\""), "{f}");
+        assert!(f.contains("SECURITY DEFINER"));
+        assert!(f.contains("'id', OLD.\"id\""), "{f}");
+        let g = capture_function(&TableName::new("public", "log"), &[]);
+        assert!(!g.contains("'d'"), "{g}");
+        assert!(g.contains("HINT = 'a'"), "{g}");
+    }
+}
