@@ -13,6 +13,7 @@ pub mod backfill_state;
 pub mod mirror;
 mod postgres;
 pub mod prepare;
+pub mod repair;
 
 use std::time::Duration;
 

@@ -8,6 +8,7 @@
 //! `docs/dual-writes.md`.
 
 pub(crate) mod newlink;
+mod repairs;
 pub(crate) mod session;
 pub(crate) mod sql;
 pub(crate) mod wire;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use switchyard_config::{Config, MirrorSettings, Phase, StoreUrl, TableSettings, UncapturedPolicy};
-use switchyard_store::mirror::{self as store_mirror, Change, ChangeOp, MirrorTable, RepairOutcome};
+use switchyard_store::mirror::{self as store_mirror, Change, ChangeOp, MirrorTable};
 use tokio::sync::mpsc;
 
 use crate::error::StartError;
@@ -100,12 +101,12 @@ pub(crate) struct Mirror {
     pub(crate) stats: Arc<MirrorStats>,
     /// NEW is considered down until this instant (ns since `epoch`): transactions skip it and
     /// leave their intents for the repair loop instead of waiting on a dead store.
-    new_down_until: AtomicU64,
+    pub(crate) new_down_until: AtomicU64,
     epoch: Instant,
     /// Intents whose NEW commit succeeded: deleted in batches.
     done_tx: mpsc::UnboundedSender<i64>,
     /// Intents of this proxy whose NEW side failed: repaired first.
-    failed: Mutex<Vec<i64>>,
+    pub(crate) failed: Mutex<Vec<i64>>,
 }
 
 /// Whether a table is mirrored by the proxy (OLD authoritative, writes copied to NEW).
@@ -227,7 +228,7 @@ impl Mirror {
         });
         tokio::spawn(cleanup_loop(Arc::downgrade(&mirror), done_rx));
         tokio::spawn(writer_refresh_loop(Arc::downgrade(&mirror)));
-        tokio::spawn(repair_loop(Arc::downgrade(&mirror)));
+        tokio::spawn(repairs::repair_loop(Arc::downgrade(&mirror)));
         Ok(Some(mirror))
     }
 
@@ -583,100 +584,4 @@ async fn cleanup_loop(mirror: std::sync::Weak<Mirror>, mut done: mpsc::Unbounded
         drop(m);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Repairs intents: this proxy's failed ones first, then anyone's that are older than
-/// `stale_intent`. Backs off while NEW (or OLD) keeps failing.
-async fn repair_loop(mirror: std::sync::Weak<Mirror>) {
-    let mut backoff = Duration::ZERO;
-    loop {
-        let interval = match mirror.upgrade() {
-            Some(m) => m.settings.repair_interval,
-            None => return,
-        };
-        tokio::time::sleep(interval + backoff).await;
-        let Some(m) = mirror.upgrade() else { return };
-        match repair_round(&m).await {
-            Ok(()) => backoff = Duration::ZERO,
-            Err(e) => {
-                m.stats.repair_failures.fetch_add(1, Relaxed);
-                tracing::warn!(error = %e, "repair round failed; retrying with backoff");
-                backoff = (backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(10));
-            }
-        }
-    }
-}
-
-async fn repair_round(m: &Mirror) -> Result<(), switchyard_store::StoreError> {
-    let mine: Vec<i64> = m.failed.lock().map(|f| f.clone()).unwrap_or_default();
-    let ids =
-        store_mirror::pending_intents(&m.old, &mine, m.settings.stale_intent.as_secs_f64(), 500).await?;
-    // One intent that cannot be repaired must not hold up the others: skip it (it is retried
-    // next round) unless failures pile up, which means a store is down: then back off.
-    let (mut repaired, mut failures, mut last_error) = (0u64, 0u32, None);
-    for id in ids {
-        let limit = m.settings.timeout * 5;
-        let outcome =
-            match tokio::time::timeout(limit, store_mirror::repair_intent(&m.old, &m.new, &m.tables, id))
-                .await
-            {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(e)) => {
-                    m.stats.repair_failures.fetch_add(1, Relaxed);
-                    tracing::warn!(intent = id, error = %e, "repair failed; retried later");
-                    failures += 1;
-                    last_error = Some(e);
-                    if failures >= 3 {
-                        break;
-                    }
-                    continue;
-                }
-                Err(_) => {
-                    m.stats.repair_failures.fetch_add(1, Relaxed);
-                    tracing::warn!(intent = id, ?limit, "repair timed out; retried later");
-                    failures += 1;
-                    last_error = Some(switchyard_store::StoreError::Timeout {
-                        role: "old or new",
-                        url: format!("repair of intent {id}"),
-                        timeout: limit,
-                    });
-                    if failures >= 3 {
-                        break;
-                    }
-                    continue;
-                }
-            };
-        failures = 0;
-        if let RepairOutcome::Repaired { keys, appended } = outcome {
-            m.stats.repairs.fetch_add(1, Relaxed);
-            repaired += 1;
-            tracing::debug!(intent = id, keys, appended, "repaired");
-        }
-        if let Ok(mut f) = m.failed.lock() {
-            f.retain(|&x| x != id);
-        }
-    }
-    if repaired > 0 {
-        tracing::info!(intents = repaired, "repaired keys NEW had missed");
-    }
-    if failures >= 3 {
-        if let Some(e) = last_error {
-            return Err(e);
-        }
-    }
-    // Intents of ours that no longer exist (OLD rolled back, or repaired by another proxy).
-    if !mine.is_empty() {
-        let still = store_mirror::pending_intents(&m.old, &mine, 1e9, i64::MAX).await?;
-        if let Ok(mut f) = m.failed.lock() {
-            f.retain(|x| still.contains(x) || !mine.contains(x));
-        }
-    }
-    // NEW answers again: let transactions mirror directly instead of leaving intents.
-    let ping = tokio::time::timeout(m.settings.timeout, sqlx::query("SELECT 1").execute(&m.new)).await;
-    if matches!(ping, Ok(Ok(_))) {
-        m.new_down_until.store(0, Relaxed);
-    }
-    let n = store_mirror::count_intents(&m.old).await?;
-    m.stats.pending_intents.store(n, Relaxed);
-    Ok(())
 }
