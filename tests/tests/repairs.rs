@@ -201,6 +201,49 @@ async fn an_already_applied_repair_makes_new_flush_before_the_intent_goes() -> a
     Ok(())
 }
 
+/// Issue 11, 2.3. An apply that outlives `[mirror] timeout_ms` (NEW holds the key's row lock) is
+/// abandoned by the proxy. It used to only drop the connection, and NEW's backend went on waiting
+/// for the lock (and later deadlocked with the repair of the same key). Now the proxy sends a
+/// CancelRequest first: soon after the client's COMMIT no mirror backend waits on a lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_apply_is_cancelled_on_new() -> anyhow::Result<()> {
+    let (env, _fault, proxy) = kv_with_proxy(
+        "repair_cancel",
+        &[
+            ("timeout_ms", 300),
+            ("repair_interval_ms", 3_600_000),
+            ("stale_intent_secs", 3600),
+        ],
+    )
+    .await?;
+    let c = proxy.client().await?;
+    c.batch_execute("INSERT INTO kv VALUES (1, 'v1')").await?;
+    env.wait_for_no_intents(Duration::from_secs(5)).await?;
+
+    let mut holder = env.new.client().await?;
+    let lock = holder.transaction().await?;
+    lock.execute("SELECT 1 FROM kv WHERE k = 1 FOR UPDATE", &[])
+        .await?;
+    c.batch_execute("UPDATE kv SET v = 'v2' WHERE k = 1").await?;
+    let waiting = "application_name = 'switchyard-mirror' AND wait_event_type = 'Lock'";
+    // Less than the server-side bound (timeout + 1 s): the cancel, not the timeout, ends it.
+    let e = &env;
+    wait_until(
+        "no mirror backend waits on NEW",
+        Duration::from_millis(600),
+        move || async move { Ok(new_backends(e, waiting).await? == 0) },
+    )
+    .await?;
+    lock.commit().await?;
+    assert_eq!(
+        new_v(&env, 1).await?.as_deref(),
+        Some("v1"),
+        "the apply was rolled back"
+    );
+    assert_eq!(env.pending_intents().await?, 1, "left for the repair");
+    Ok(())
+}
+
 /// Issue 11, 2.4 (a). Three intents that always fail (a key NEW cannot parse) sit at the head of
 /// the queue. The repair round used to retry the same three every time and give up after the
 /// third failure, so no intent behind them was ever repaired. Each failing intent now backs off

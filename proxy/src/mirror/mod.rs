@@ -120,6 +120,19 @@ fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptions {
         .options([("idle_in_transaction_session_timeout", "60s")])
 }
 
+/// The longest a repair may take (the repair loop gives up on it then).
+pub(crate) fn repair_limit(settings: &MirrorSettings) -> Duration {
+    settings.timeout * 5
+}
+
+/// `statement_timeout` and `lock_timeout` (in ms) for NEW's connections: a little above the
+/// longest the proxy itself waits on them (`limit`), so NEW stops a statement the proxy gave up
+/// on even if the proxy could not cancel it.
+/// <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-LOCK-TIMEOUT>
+fn server_bound(limit: Duration) -> Duration {
+    limit + Duration::from_secs(1)
+}
+
 impl Mirror {
     /// Sets up mirroring for the tables in a mirrored phase; `None` when there are none (every
     /// session then runs the plain passthrough relay). Fails when a table's schema cannot be
@@ -150,7 +163,11 @@ impl Mirror {
             .min_connections(0)
             .acquire_timeout(settings.timeout)
             .idle_timeout(Duration::from_secs(60))
-            .connect_lazy_with(connect_options(&config.new.url, "switchyard-mirror"));
+            .connect_lazy_with({
+                let bound = server_bound(repair_limit(&settings)).as_millis().to_string();
+                connect_options(&config.new.url, "switchyard-mirror")
+                    .options([("statement_timeout", &bound), ("lock_timeout", &bound)])
+            });
 
         let mut tables = Vec::new();
         let mut names = Vec::new();
@@ -208,6 +225,7 @@ impl Mirror {
                 .proxy
                 .connect_timeout
                 .min(settings.timeout.max(Duration::from_secs(1))),
+            server_bound(settings.timeout),
         );
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let mirror = Arc::new(Mirror {
@@ -284,8 +302,11 @@ impl Mirror {
             sql: store_mirror::APPLIED_SQL,
             params: vec![id.as_str()],
         });
+        // The connection whose batch is on NEW, to cancel it there if we give up on it.
+        let in_use = Mutex::new(None);
         let work = async {
             let mut conn = self.link.acquire().await?;
+            set_in_use(&in_use, &conn);
             match conn.conn.begin_batch(&batch).await {
                 Ok(()) => Ok(conn),
                 // A pooled connection that NEW (or the network) closed meanwhile: NEW rolled
@@ -295,6 +316,7 @@ impl Mirror {
                     drop(conn);
                     self.link.clear_idle();
                     let mut fresh = self.link.acquire().await?;
+                    set_in_use(&in_use, &fresh);
                     fresh.conn.begin_batch(&batch).await?;
                     Ok(fresh)
                 }
@@ -308,6 +330,9 @@ impl Mirror {
                 None
             }
             Err(_) => {
+                // Dropping the connection alone would leave NEW's backend waiting (on a row lock,
+                // say) until it next talks to us.
+                self.link.cancel(in_use.lock().ok().and_then(|mut k| k.take()));
                 self.new_failed("timed out applying row images");
                 None
             }
@@ -342,6 +367,7 @@ impl Mirror {
                         false
                     }
                     Err(_) => {
+                        self.link.cancel(conn.conn.cancel_key());
                         self.new_failed("timed out committing");
                         false
                     }
@@ -367,8 +393,10 @@ impl Mirror {
     pub(crate) async fn rollback_on_new(&self, conn: Option<LinkConn>) {
         if let Some(mut conn) = conn {
             let work = conn.conn.simple("ROLLBACK");
-            if let Ok(Ok(b'I')) = tokio::time::timeout(self.settings.timeout, work).await {
-                self.link.release(conn);
+            match tokio::time::timeout(self.settings.timeout, work).await {
+                Ok(Ok(b'I')) => self.link.release(conn),
+                Err(_) => self.link.cancel(conn.conn.cancel_key()),
+                Ok(_) => {}
             }
         }
     }
@@ -498,6 +526,12 @@ async fn writer_refresh_loop(mirror: std::sync::Weak<Mirror>) {
             }
             Err(e) => tracing::debug!(error = %e, "cannot re-read OLD's functions; trying again later"),
         }
+    }
+}
+
+fn set_in_use(slot: &Mutex<Option<switchyard_pgwire::startup::CancelKey>>, conn: &LinkConn) {
+    if let Ok(mut key) = slot.lock() {
+        *key = conn.conn.cancel_key();
     }
 }
 

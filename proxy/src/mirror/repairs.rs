@@ -98,7 +98,7 @@ async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreEr
     let stale = m.settings.stale_intent.as_secs_f64();
     let ids = repair::pending_intents(&m.old, &mine, &skip, stale, ROUND_SIZE).await?;
     let (mut repaired, mut failures, mut last_error) = (0u64, 0u32, None);
-    let limit = m.settings.timeout * 5;
+    let limit = super::repair_limit(&m.settings);
     for id in ids {
         let error = match tokio::time::timeout(limit, repair::repair_intent(&m.old, &m.new, &m.tables, id))
             .await
