@@ -240,6 +240,14 @@ impl NewLink {
     async fn connect(&self) -> Result<NewConn, LinkError> {
         let params = [
             ("application_name".to_owned(), "switchyard-mirror".to_owned()),
+            // The fencing of mirrored writes against each other, against repairs and against the
+            // backfill relies on READ COMMITTED on NEW (a statement's snapshot is taken after
+            // the locks the statements before it waited for), whatever NEW's default.
+            // <https://www.postgresql.org/docs/current/transaction-iso.html#XACT-READ-COMMITTED>
+            (
+                "default_transaction_isolation".to_owned(),
+                "read committed".to_owned(),
+            ),
             // A mirrored transaction whose proxy vanished must not hold NEW's locks for long.
             // NEW commits without waiting for its WAL flush: the client's acknowledgement rests
             // on OLD's commit and the intent there, and an intent is only deleted once NEW's
