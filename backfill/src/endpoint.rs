@@ -22,6 +22,8 @@ pub struct Endpoint {
 impl Endpoint {
     /// The store at `url`; connections give up after `timeout`.
     pub fn new(role: &'static str, url: &StoreUrl, timeout: Duration) -> Endpoint {
+        // READ COMMITTED by default whatever the store's default (the fence relies on it on
+        // NEW); the chunk's reads of OLD ask for REPEATABLE READ themselves.
         let options = switchyard_store::connect_options(url, "switchyard-backfill");
         Endpoint {
             role,

@@ -14,6 +14,7 @@ pub mod capture;
 pub mod mirror;
 mod postgres;
 pub mod prepare;
+pub mod repair;
 
 use std::time::Duration;
 

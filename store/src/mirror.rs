@@ -1,4 +1,4 @@
-//! The fenced apply of row images on NEW, the intent records on OLD, and repairs.
+//! The fenced apply of row images on NEW and the intent records on OLD.
 //!
 //! A mirrored transaction goes like this (the session drives it; see `docs/dual-writes.md`):
 //!
@@ -12,28 +12,26 @@
 //! The intent is durable exactly when OLD's transaction is, so whatever happens to the proxy or
 //! to NEW, OLD alone says which keys may be stale on NEW: an intent still present after its
 //! transaction finished means "re-copy these keys". The proxy deletes its own intents once NEW
-//! committed ([`delete_intents`]); what is left is repaired ([`repair_intent`]) by re-reading
-//! the keys from OLD under `FOR UPDATE` (so no client write to them can interleave) and writing
-//! them to NEW with a higher version. The `switchyard_applied` row makes a repair of an intent
-//! whose NEW transaction did commit a no-op (which matters for append-only tables, where
-//! re-inserting would duplicate rows).
+//! committed ([`delete_intents`]); what is left is repaired ([`crate::repair`]) by locking the
+//! keys on NEW, re-reading them from OLD and writing them to NEW with a higher version. The
+//! `switchyard_applied` row makes a repair of an intent whose NEW transaction did commit a no-op
+//! (which matters for append-only tables, where re-inserting would duplicate rows).
 //!
 //! Every image write bumps the key's record in the table's `switchyard_keys_*` side table
 //! (version + 1, deleted flag); the backfill only writes where no record exists, so it can never
 //! overwrite a mirrored row or resurrect a deleted one.
 
-use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 use sqlx::postgres::PgPool;
-use sqlx::{Connection, Row};
 use switchyard_config::TableName;
 
 use crate::{keys_table_name, quote_ident, Identity, StoreError, TableSchema, SIDE_SCHEMA};
 
-fn failed(role: &'static str, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
+/// Maps a driver error to a [`StoreError::Query`] on `role` doing `action`.
+pub(crate) fn failed(role: &'static str, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
     move |source| StoreError::Query {
         role,
         action: action.to_owned(),
@@ -68,9 +66,9 @@ pub struct MirrorTable {
     /// Key columns; empty = append-only.
     pub key: Vec<String>,
     /// `switchyard.switchyard_keys_...`, quoted, when the table has a key.
-    keys_table: Option<String>,
+    pub(crate) keys_table: Option<String>,
     /// `"schema"."table"`.
-    qualified: String,
+    pub(crate) qualified: String,
     /// Mirrored columns, quoted, comma separated.
     columns: String,
     /// `OVERRIDING SYSTEM VALUE ` when NEW has an identity ALWAYS column among them.
@@ -262,7 +260,7 @@ pub fn takes_fence_lock(changes: &[Change], i: usize) -> bool {
 
 /// The statements of `changes` (with their images inlined) as one simple-protocol string, each
 /// table's first delete preceded by the fence lock.
-fn push_changes(tables: &[MirrorTable], changes: &[Change], sql: &mut String) {
+pub(crate) fn push_changes(tables: &[MirrorTable], changes: &[Change], sql: &mut String) {
     for (i, c) in changes.iter().enumerate().filter(|(_, c)| !c.rows.is_empty()) {
         let Some(table) = tables.get(c.table) else {
             continue;
@@ -423,183 +421,6 @@ pub async fn delete_intents(old: &PgPool, new: &PgPool, ids: &[i64]) -> Result<(
         .await
         .map_err(failed("new", "deleting applied markers"))?;
     Ok(())
-}
-
-/// Intents that need a repair: those of `proxy` listed in `mine` (its NEW commit failed),
-/// anyone's older than `stale_secs` (their proxy likely died between the two commits), and every
-/// intent the capture trigger's net wrote (a change no proxy mirrored; see [`crate::capture`]).
-pub async fn pending_intents(
-    old: &PgPool,
-    mine: &[i64],
-    stale_secs: f64,
-    limit: i64,
-) -> Result<Vec<i64>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT id FROM switchyard.switchyard_intents \
-         WHERE id = ANY($1) OR created_at < now() - make_interval(secs => $2) OR proxy = $4 \
-         ORDER BY created_at LIMIT $3",
-    )
-    .bind(mine)
-    .bind(stale_secs)
-    .bind(limit)
-    .bind(crate::capture::NET_PROXY)
-    .fetch_all(old)
-    .await
-    .map_err(failed("old", "listing intents to repair"))?;
-    Ok(rows.iter().filter_map(|r| r.try_get::<i64, _>(0).ok()).collect())
-}
-
-/// How many intents exist on OLD (transactions whose NEW side is unconfirmed or pending repair).
-pub async fn count_intents(old: &PgPool) -> Result<i64, StoreError> {
-    sqlx::query_scalar("SELECT count(*) FROM switchyard.switchyard_intents")
-        .fetch_one(old)
-        .await
-        .map_err(failed("old", "counting intents"))
-}
-
-/// What a repair did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RepairOutcome {
-    /// Keys re-copied (upserted or deleted on NEW) and rows appended.
-    Repaired { keys: usize, appended: usize },
-    /// NEW already had the transaction; the intent was just removed.
-    AlreadyApplied,
-    /// Another proxy holds the intent, or it is gone.
-    Skipped,
-}
-
-/// Repairs one intent: locks it and its keys on OLD, re-reads the rows, writes them to NEW with
-/// higher versions (deleting the keys OLD no longer has), then removes the intent.
-pub async fn repair_intent(
-    old: &PgPool,
-    new: &PgPool,
-    tables: &[MirrorTable],
-    id: i64,
-) -> Result<RepairOutcome, StoreError> {
-    let oerr = failed("old", "repairing an intent");
-    let nerr = failed("new", "repairing an intent");
-    let mut otx = old.begin().await.map_err(oerr)?;
-    let changes: Option<String> = sqlx::query_scalar(
-        "SELECT changes::text FROM switchyard.switchyard_intents WHERE id = $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(id)
-    .fetch_optional(&mut *otx)
-    .await
-    .map_err(oerr)?;
-    let Some(changes) = changes else {
-        return Ok(RepairOutcome::Skipped);
-    };
-    let entries: Vec<Value> = serde_json::from_str(&changes).unwrap_or_default();
-
-    let mut apply: Vec<Change> = Vec::new();
-    let mut keys_done = 0;
-    let mut appended = 0;
-    for entry in &entries {
-        let Some(name) = entry.get("t").and_then(Value::as_str) else {
-            continue;
-        };
-        let Some(ti) = tables.iter().position(|t| t.name.to_string() == name) else {
-            continue;
-        };
-        let table = &tables[ti];
-        if let Some(Value::Array(keys)) = entry.get("k") {
-            let keys_json = Value::Array(keys.clone()).to_string();
-            let key_cols = table.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>();
-            let sql = format!(
-                "SELECT row_to_json(t.*)::text FROM {q} AS t WHERE ({tk}) IN \
-                 (SELECT {kk} FROM json_populate_recordset(NULL::{q}, $1::json) AS k) FOR UPDATE OF t",
-                q = table.qualified,
-                tk = key_cols
-                    .iter()
-                    .map(|c| format!("t.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                kk = key_cols
-                    .iter()
-                    .map(|c| format!("k.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            );
-            let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .bind(&keys_json)
-                .fetch_all(&mut *otx)
-                .await
-                .map_err(oerr)?;
-            let found: HashSet<String> = rows
-                .iter()
-                .filter_map(|r| table.key_of(r))
-                .map(|k| Value::Object(k).to_string())
-                .collect();
-            let mut gone: Vec<String> = Vec::new();
-            for k in keys.iter().map(Value::to_string) {
-                // Intents written before keys were de-duplicated may list a key twice.
-                if !found.contains(&k) && !gone.contains(&k) {
-                    gone.push(k);
-                }
-            }
-            keys_done += rows.len() + gone.len();
-            apply.push(Change {
-                table: ti,
-                op: ChangeOp::Upsert,
-                rows,
-            });
-            apply.push(Change {
-                table: ti,
-                op: ChangeOp::Delete,
-                rows: gone,
-            });
-        }
-        if let Some(Value::Array(rows)) = entry.get("r") {
-            appended += rows.len();
-            apply.push(Change {
-                table: ti,
-                op: ChangeOp::Append,
-                rows: rows.iter().map(Value::to_string).collect(),
-            });
-        }
-    }
-
-    let mut nconn = new.acquire().await.map_err(nerr)?;
-    let mut ntx = nconn.begin().await.map_err(nerr)?;
-    // The intent is deleted right after this commit: it must be on NEW's disk by then, whatever
-    // NEW's own `synchronous_commit` says.
-    sqlx::query("SET LOCAL synchronous_commit = on")
-        .execute(&mut *ntx)
-        .await
-        .map_err(nerr)?;
-    let marked = sqlx::query(
-        "INSERT INTO switchyard.switchyard_applied (intent_id) VALUES ($1) ON CONFLICT DO NOTHING",
-    )
-    .bind(id)
-    .execute(&mut *ntx)
-    .await
-    .map_err(nerr)?
-    .rows_affected();
-    let outcome = if marked == 0 {
-        ntx.rollback().await.map_err(nerr)?;
-        RepairOutcome::AlreadyApplied
-    } else {
-        let mut sql = String::new();
-        push_changes(tables, &apply, &mut sql);
-        if !sql.is_empty() {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .execute(&mut *ntx)
-                .await
-                .map_err(nerr)?;
-        }
-        ntx.commit().await.map_err(nerr)?;
-        RepairOutcome::Repaired {
-            keys: keys_done,
-            appended,
-        }
-    };
-    sqlx::query("DELETE FROM switchyard.switchyard_intents WHERE id = $1")
-        .bind(id)
-        .execute(&mut *otx)
-        .await
-        .map_err(oerr)?;
-    otx.commit().await.map_err(oerr)?;
-    Ok(outcome)
 }
 
 /// Marks a table on OLD as needing a full verification (a write the proxy could not capture

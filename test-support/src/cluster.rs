@@ -211,6 +211,26 @@ impl TestCluster {
         Ok(())
     }
 
+    /// Freeze the WAL writer (SIGSTOP) until the server is killed or stopped: from then on an
+    /// asynchronous commit (`synchronous_commit = off`, this cluster's default) stays in WAL
+    /// buffers, and [`kill`](Self::kill) loses it, until some backend flushes the WAL itself (a
+    /// synchronous commit, full WAL buffers, a checkpoint). Returns the writer's pid.
+    /// <https://www.postgresql.org/docs/15/wal-async-commit.html>
+    pub async fn pause_wal_writer(&self) -> anyhow::Result<u32> {
+        let client = self.client("postgres").await?;
+        let pid: i32 = client
+            .query_one(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'",
+                &[],
+            )
+            .await
+            .context("finding the WAL writer")?
+            .get(0);
+        let pid = u32::try_from(pid).context("WAL writer pid")?;
+        signal(&["-STOP"], &[pid]).await?;
+        Ok(pid)
+    }
+
     /// Wait until the server accepts connections (over its Unix socket).
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;

@@ -83,6 +83,11 @@ impl DualEnv {
         format!("postgres://{user}@{addr}/{}", self.new.name())
     }
 
+    /// `127.0.0.1:port` of NEW's server (to put a [`crate::FaultProxy`] in front of it).
+    pub fn new_server(&self) -> std::net::SocketAddr {
+        crate::server_of(self.new.url())
+    }
+
     /// A proxy config as [`DualEnv::proxy_config_via`] with a `[mirror]` section, e.g.
     /// `&[("timeout_ms", 500), ("repair_interval_ms", 200), ("stale_intent_secs", 5)]`.
     pub fn proxy_config_with_mirror(&self, new_url: &str, mirror: &[(&str, u64)]) -> ProxyConfig {

@@ -62,6 +62,18 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// `127.0.0.1:port` of the server a `postgres://user@host:port/db` URL names (port 5432 when it
+/// names none): the address to put a [`FaultProxy`] in front of.
+pub fn server_of(url: &str) -> std::net::SocketAddr {
+    let rest = url.split_once('@').map_or(url, |(_, r)| r);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let port = hostport
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(5432);
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
 /// Unique-enough suffix parts shared by database and cluster names.
 pub(crate) fn unique_suffix(counter: &std::sync::atomic::AtomicU64) -> String {
     use rand::Rng;

@@ -116,9 +116,33 @@ async fn workload(proxy_url: String, seed: u64, stop: Arc<AtomicBool>, max_id: i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn backfill_under_concurrent_dual_writes_converges() {
-    let env = DualEnv::new("bf_conc", ITEMS, vec![DualTable::new("items")])
+    concurrent_dual_writes_and_backfill("bf_conc", None).await;
+}
+
+/// The same with NEW's database defaulting to `REPEATABLE READ`: mirrored writes, repairs and the
+/// backfill rely on `READ COMMITTED` on NEW (a statement's snapshot taken after the locks before
+/// it), so every connection they open sets it, whatever NEW's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backfill_under_concurrent_dual_writes_converges_whatever_new_isolation() {
+    concurrent_dual_writes_and_backfill("bf_conc_rr", Some("repeatable read")).await;
+}
+
+/// A backfill of 200,000 rows while four clients write through two proxies; then OLD and NEW
+/// are identical, no deleted key is back, and every chunk was done once. `new_isolation`: NEW's
+/// database default `default_transaction_isolation`.
+async fn concurrent_dual_writes_and_backfill(label: &str, new_isolation: Option<&str>) {
+    let env = DualEnv::new(label, ITEMS, vec![DualTable::new("items")])
         .await
         .unwrap();
+    if let Some(level) = new_isolation {
+        env.new
+            .execute_batch(&format!(
+                "ALTER DATABASE {} SET default_transaction_isolation = '{level}'",
+                env.new.name()
+            ))
+            .await
+            .unwrap();
+    }
     // 200,000 rows that exist before dual writes: even ids 2..=400,000.
     env.seed_old(
         "INSERT INTO items (id, owner, qty, note) \

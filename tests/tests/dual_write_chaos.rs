@@ -16,7 +16,7 @@ use futures_util::FutureExt as _;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use switchyard_test_support::{
-    quote_literal, ClusterOptions, DualEnv, DualTable, FaultProxy, TestCluster, TestProxy,
+    quote_literal, server_of, ClusterOptions, DualEnv, DualTable, FaultProxy, TestCluster, TestProxy,
 };
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage, Statement};
 
@@ -1261,17 +1261,6 @@ async fn intents_of_a_dead_proxy_are_repaired_by_another() -> anyhow::Result<()>
 // ---- minimal reproductions of engine bugs found by the chaos test ----
 
 const KV_SCHEMA: &str = "CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL);";
-
-/// `127.0.0.1:port` of the server a `postgres://user@host:port/db` URL names.
-fn server_of(url: &str) -> SocketAddr {
-    let rest = url.split_once('@').map_or(url, |(_, r)| r);
-    let hostport = rest.split('/').next().unwrap_or(rest);
-    let port = hostport
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap_or(5432);
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 /// OLD and NEW on the shared server, a [`FaultProxy`] in front of NEW, one proxy.
 async fn kv_env(label: &str, mirror: &[(&str, u64)]) -> anyhow::Result<(DualEnv, FaultProxy, TestProxy)> {

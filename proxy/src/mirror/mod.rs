@@ -8,6 +8,7 @@
 //! `docs/dual-writes.md`.
 
 pub(crate) mod newlink;
+mod repairs;
 pub(crate) mod session;
 pub(crate) mod sql;
 pub(crate) mod wire;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use switchyard_config::{Config, MirrorSettings, Phase, StoreUrl, TableSettings, UncapturedPolicy};
 use switchyard_store::capture as store_capture;
-use switchyard_store::mirror::{self as store_mirror, Change, ChangeOp, MirrorTable, RepairOutcome};
+use switchyard_store::mirror::{self as store_mirror, Change, ChangeOp, MirrorTable};
 use tokio::sync::mpsc;
 
 use crate::error::StartError;
@@ -106,18 +107,31 @@ pub(crate) struct Mirror {
     pub(crate) stats: Arc<MirrorStats>,
     /// NEW is considered down until this instant (ns since `epoch`): transactions skip it and
     /// leave their intents for the repair loop instead of waiting on a dead store.
-    new_down_until: AtomicU64,
+    pub(crate) new_down_until: AtomicU64,
     epoch: Instant,
     /// Intents whose NEW commit succeeded: deleted in batches.
     done_tx: mpsc::UnboundedSender<i64>,
     /// Intents of this proxy whose NEW side failed: repaired first.
-    failed: Mutex<Vec<i64>>,
+    pub(crate) failed: Mutex<Vec<i64>>,
 }
 
 fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptions {
     // A mirrored transaction whose proxy vanished must not hold NEW's row locks for long.
     switchyard_store::connect_options(url, application_name)
         .options([("idle_in_transaction_session_timeout", "60s")])
+}
+
+/// The longest a repair may take (the repair loop gives up on it then).
+pub(crate) fn repair_limit(settings: &MirrorSettings) -> Duration {
+    settings.timeout * 5
+}
+
+/// `statement_timeout` and `lock_timeout` (in ms) for NEW's connections: a little above the
+/// longest the proxy itself waits on them (`limit`), so NEW stops a statement the proxy gave up
+/// on even if the proxy could not cancel it.
+/// <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-LOCK-TIMEOUT>
+fn server_bound(limit: Duration) -> Duration {
+    limit + Duration::from_secs(1)
 }
 
 impl Mirror {
@@ -153,7 +167,11 @@ impl Mirror {
             .min_connections(0)
             .acquire_timeout(settings.timeout)
             .idle_timeout(Duration::from_secs(60))
-            .connect_lazy_with(connect_options(&config.new.url, "switchyard-mirror"));
+            .connect_lazy_with({
+                let bound = server_bound(repair_limit(&settings)).as_millis().to_string();
+                connect_options(&config.new.url, "switchyard-mirror")
+                    .options([("statement_timeout", &bound), ("lock_timeout", &bound)])
+            });
 
         let mut tables = Vec::new();
         let mut names = Vec::new();
@@ -211,6 +229,7 @@ impl Mirror {
                 .proxy
                 .connect_timeout
                 .min(settings.timeout.max(Duration::from_secs(1))),
+            server_bound(settings.timeout),
         );
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let capture_sql = store_capture::capture_statement(tables.iter().map(|t| &t.name));
@@ -239,7 +258,7 @@ impl Mirror {
         });
         tokio::spawn(cleanup_loop(Arc::downgrade(&mirror), done_rx));
         tokio::spawn(writer_refresh_loop(Arc::downgrade(&mirror)));
-        tokio::spawn(repair_loop(Arc::downgrade(&mirror)));
+        tokio::spawn(repairs::repair_loop(Arc::downgrade(&mirror)));
         Ok(Some(mirror))
     }
 
@@ -300,8 +319,11 @@ impl Mirror {
             sql: store_mirror::APPLIED_SQL,
             params: vec![id.as_str()],
         });
+        // The connection whose batch is on NEW, to cancel it there if we give up on it.
+        let in_use = Mutex::new(None);
         let work = async {
             let mut conn = self.link.acquire().await?;
+            set_in_use(&in_use, &conn);
             match conn.conn.begin_batch(&batch).await {
                 Ok(()) => Ok(conn),
                 // A pooled connection that NEW (or the network) closed meanwhile: NEW rolled
@@ -311,6 +333,7 @@ impl Mirror {
                     drop(conn);
                     self.link.clear_idle();
                     let mut fresh = self.link.acquire().await?;
+                    set_in_use(&in_use, &fresh);
                     fresh.conn.begin_batch(&batch).await?;
                     Ok(fresh)
                 }
@@ -324,6 +347,9 @@ impl Mirror {
                 None
             }
             Err(_) => {
+                // Dropping the connection alone would leave NEW's backend waiting (on a row lock,
+                // say) until it next talks to us.
+                self.link.cancel(in_use.lock().ok().and_then(|mut k| k.take()));
                 self.new_failed("timed out applying row images");
                 None
             }
@@ -358,6 +384,7 @@ impl Mirror {
                         false
                     }
                     Err(_) => {
+                        self.link.cancel(conn.conn.cancel_key());
                         self.new_failed("timed out committing");
                         false
                     }
@@ -383,8 +410,10 @@ impl Mirror {
     pub(crate) async fn rollback_on_new(&self, conn: Option<LinkConn>) {
         if let Some(mut conn) = conn {
             let work = conn.conn.simple("ROLLBACK");
-            if let Ok(Ok(b'I')) = tokio::time::timeout(self.settings.timeout, work).await {
-                self.link.release(conn);
+            match tokio::time::timeout(self.settings.timeout, work).await {
+                Ok(Ok(b'I')) => self.link.release(conn),
+                Err(_) => self.link.cancel(conn.conn.cancel_key()),
+                Ok(_) => {}
             }
         }
     }
@@ -517,6 +546,12 @@ async fn writer_refresh_loop(mirror: std::sync::Weak<Mirror>) {
     }
 }
 
+fn set_in_use(slot: &Mutex<Option<switchyard_pgwire::startup::CancelKey>>, conn: &LinkConn) {
+    if let Ok(mut key) = slot.lock() {
+        *key = conn.conn.cancel_key();
+    }
+}
+
 /// Refuses to start when `switchyard prepare` has not created the side objects.
 async fn check_prepared(old: &PgPool, new: &PgPool, tables: &[MirrorTable]) -> Result<(), StartError> {
     let missing = |store: &str, what: String| {
@@ -612,100 +647,4 @@ async fn cleanup_loop(mirror: std::sync::Weak<Mirror>, mut done: mpsc::Unbounded
         drop(m);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Repairs intents: this proxy's failed ones first, then anyone's that are older than
-/// `stale_intent`. Backs off while NEW (or OLD) keeps failing.
-async fn repair_loop(mirror: std::sync::Weak<Mirror>) {
-    let mut backoff = Duration::ZERO;
-    loop {
-        let interval = match mirror.upgrade() {
-            Some(m) => m.settings.repair_interval,
-            None => return,
-        };
-        tokio::time::sleep(interval + backoff).await;
-        let Some(m) = mirror.upgrade() else { return };
-        match repair_round(&m).await {
-            Ok(()) => backoff = Duration::ZERO,
-            Err(e) => {
-                m.stats.repair_failures.fetch_add(1, Relaxed);
-                tracing::warn!(error = %e, "repair round failed; retrying with backoff");
-                backoff = (backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(10));
-            }
-        }
-    }
-}
-
-async fn repair_round(m: &Mirror) -> Result<(), switchyard_store::StoreError> {
-    let mine: Vec<i64> = m.failed.lock().map(|f| f.clone()).unwrap_or_default();
-    let ids =
-        store_mirror::pending_intents(&m.old, &mine, m.settings.stale_intent.as_secs_f64(), 500).await?;
-    // One intent that cannot be repaired must not hold up the others: skip it (it is retried
-    // next round) unless failures pile up, which means a store is down: then back off.
-    let (mut repaired, mut failures, mut last_error) = (0u64, 0u32, None);
-    for id in ids {
-        let limit = m.settings.timeout * 5;
-        let outcome =
-            match tokio::time::timeout(limit, store_mirror::repair_intent(&m.old, &m.new, &m.tables, id))
-                .await
-            {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(e)) => {
-                    m.stats.repair_failures.fetch_add(1, Relaxed);
-                    tracing::warn!(intent = id, error = %e, "repair failed; retried later");
-                    failures += 1;
-                    last_error = Some(e);
-                    if failures >= 3 {
-                        break;
-                    }
-                    continue;
-                }
-                Err(_) => {
-                    m.stats.repair_failures.fetch_add(1, Relaxed);
-                    tracing::warn!(intent = id, ?limit, "repair timed out; retried later");
-                    failures += 1;
-                    last_error = Some(switchyard_store::StoreError::Timeout {
-                        role: "old or new",
-                        url: format!("repair of intent {id}"),
-                        timeout: limit,
-                    });
-                    if failures >= 3 {
-                        break;
-                    }
-                    continue;
-                }
-            };
-        failures = 0;
-        if let RepairOutcome::Repaired { keys, appended } = outcome {
-            m.stats.repairs.fetch_add(1, Relaxed);
-            repaired += 1;
-            tracing::debug!(intent = id, keys, appended, "repaired");
-        }
-        if let Ok(mut f) = m.failed.lock() {
-            f.retain(|&x| x != id);
-        }
-    }
-    if repaired > 0 {
-        tracing::info!(intents = repaired, "repaired keys NEW had missed");
-    }
-    if failures >= 3 {
-        if let Some(e) = last_error {
-            return Err(e);
-        }
-    }
-    // Intents of ours that no longer exist (OLD rolled back, or repaired by another proxy).
-    if !mine.is_empty() {
-        let still = store_mirror::pending_intents(&m.old, &mine, 1e9, i64::MAX).await?;
-        if let Ok(mut f) = m.failed.lock() {
-            f.retain(|x| still.contains(x) || !mine.contains(x));
-        }
-    }
-    // NEW answers again: let transactions mirror directly instead of leaving intents.
-    let ping = tokio::time::timeout(m.settings.timeout, sqlx::query("SELECT 1").execute(&m.new)).await;
-    if matches!(ping, Ok(Ok(_))) {
-        m.new_down_until.store(0, Relaxed);
-    }
-    let n = store_mirror::count_intents(&m.old).await?;
-    m.stats.pending_intents.store(n, Relaxed);
-    Ok(())
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use switchyard_config::StoreUrl;
 use switchyard_pgwire::frame::{peek_header, MessageLimits};
+use switchyard_pgwire::startup::CancelKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -46,9 +47,16 @@ pub(crate) struct NewConn {
     stream: TcpStream,
     buf: BytesMut,
     prepared: HashSet<String>,
+    /// The backend's pid and secret (BackendKeyData), to cancel a statement we give up on.
+    cancel_key: Option<CancelKey>,
 }
 
 impl NewConn {
+    /// The key that cancels this connection's current statement on NEW.
+    pub(crate) fn cancel_key(&self) -> Option<CancelKey> {
+        self.cancel_key.clone()
+    }
+
     /// Sends `BEGIN`, the statements and a Sync in one write, and reads the answers. On success
     /// the transaction is open on NEW. `BEGIN` is an extended-protocol statement like the others
     /// (not a simple Query, whose ReadyForQuery NEW would send in a packet of its own): NEW
@@ -172,16 +180,43 @@ pub(crate) struct NewLink {
     idle: Mutex<Vec<NewConn>>,
     slots: Arc<Semaphore>,
     timeout: Duration,
+    /// Server-side bound on every statement and lock wait (`statement_timeout`, `lock_timeout`).
+    statement_bound: Duration,
 }
 
 impl NewLink {
-    pub(crate) fn new(url: &StoreUrl, size: u32, timeout: Duration) -> NewLink {
+    /// A pool of `size` connections to NEW at `url`; logins give up after `timeout`, and NEW
+    /// itself ends any statement or lock wait after `statement_bound`.
+    pub(crate) fn new(url: &StoreUrl, size: u32, timeout: Duration, statement_bound: Duration) -> NewLink {
         NewLink {
             target: UpstreamTarget { url: url.clone() },
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(size as usize)),
             timeout,
+            statement_bound,
         }
+    }
+
+    /// Asks NEW (in the background) to cancel the current statement of the connection `key`
+    /// names. Called before an abandoned connection is dropped: a backend waiting on a lock does
+    /// not notice that its client went away, and would otherwise go on waiting (and, once it has
+    /// the lock, deadlock with a repair of the same keys).
+    pub(crate) fn cancel(&self, key: Option<CancelKey>) {
+        let Some(key) = key else { return };
+        let addr = (self.target.url.host.clone(), self.target.url.port);
+        let limit = self.timeout;
+        tokio::spawn(async move {
+            match tokio::time::timeout(limit, crate::cancel::send_cancel_request(addr, &key)).await {
+                Ok(Ok(())) => tracing::debug!(pid = key.pid, "cancelled an abandoned statement on NEW"),
+                Ok(Err(e)) => {
+                    tracing::warn!(pid = key.pid, error = %e, "cannot cancel an abandoned statement on NEW")
+                }
+                Err(_) => tracing::warn!(
+                    pid = key.pid,
+                    "cannot cancel an abandoned statement on NEW: no connection"
+                ),
+            }
+        });
     }
 
     /// A connection: an idle one, or a new login. Waits for a free slot.
@@ -205,6 +240,14 @@ impl NewLink {
     async fn connect(&self) -> Result<NewConn, LinkError> {
         let params = [
             ("application_name".to_owned(), "switchyard-mirror".to_owned()),
+            // The fencing of mirrored writes against each other, against repairs and against the
+            // backfill relies on READ COMMITTED on NEW (a statement's snapshot is taken after
+            // the locks the statements before it waited for), whatever NEW's default.
+            // <https://www.postgresql.org/docs/current/transaction-iso.html#XACT-READ-COMMITTED>
+            (
+                "default_transaction_isolation".to_owned(),
+                "read committed".to_owned(),
+            ),
             // A mirrored transaction whose proxy vanished must not hold NEW's locks for long.
             // NEW commits without waiting for its WAL flush: the client's acknowledgement rests
             // on OLD's commit and the intent there, and an intent is only deleted once NEW's
@@ -212,9 +255,17 @@ impl NewLink {
             // crash loses nothing that is not re-copied. The flush wait would otherwise run
             // while the transaction's rows stay locked on NEW.
             // <https://www.postgresql.org/docs/current/wal-async-commit.html>
+            // Every statement and lock wait is bounded by NEW itself too, a little above the
+            // mirror's own timeout, in case the CancelRequest sent for an abandoned statement is
+            // lost.
+            // <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-STATEMENT-TIMEOUT>
             (
                 "options".to_owned(),
-                "-c idle_in_transaction_session_timeout=60000 -c synchronous_commit=off".to_owned(),
+                format!(
+                    "-c idle_in_transaction_session_timeout=60000 -c synchronous_commit=off \
+                     -c statement_timeout={bound} -c lock_timeout={bound}",
+                    bound = self.statement_bound.as_millis()
+                ),
             ),
         ];
         match self
@@ -226,6 +277,7 @@ impl NewLink {
                 stream: u.stream,
                 buf: u.buf,
                 prepared: HashSet::new(),
+                cancel_key: u.cancel_key,
             }),
             Ok(LoginOutcome::Refused(r)) => Err(LinkError::Connect(r.message)),
             Err(crate::error::SessionError::Timeout(_)) => {

@@ -10,14 +10,21 @@ use switchyard_config::StoreUrl;
 use crate::{Role, StoreError};
 
 /// sqlx connect options for the store at `url` (host, port, user, password, database), with
-/// `application_name` so each program's sessions can be told apart in `pg_stat_activity`.
+/// `application_name` so each program's sessions can be told apart in `pg_stat_activity`, and
+/// `READ COMMITTED` as the default isolation level whatever the server's, database's or role's
+/// default: fencing relies on it (a mirrored delete's snapshot is taken after the fence lock
+/// statement before it, a repair's and a chunk's statements see what committed before their
+/// locks were granted). Code that wants a snapshot for a whole transaction (the backfill's
+/// reads of OLD) asks for `REPEATABLE READ` in its `BEGIN`.
+/// <https://www.postgresql.org/docs/current/transaction-iso.html#XACT-READ-COMMITTED>
 pub fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptions {
     let options = PgConnectOptions::new()
         .host(&url.host)
         .port(url.port)
         .username(&url.user)
         .database(&url.database)
-        .application_name(application_name);
+        .application_name(application_name)
+        .options([("default_transaction_isolation", "read committed")]);
     match &url.password {
         Some(password) => options.password(password),
         None => options,

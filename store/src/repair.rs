@@ -1,0 +1,350 @@
+//! Repairs: re-copying from OLD to NEW the keys of intents whose NEW transaction failed, was
+//! lost, or is in doubt, and the queue of intents that need one.
+//!
+//! # Ordering a repair against live writes of the same keys
+//!
+//! A repair must leave on NEW the value OLD has for each key *after* every write OLD committed
+//! before the repair's NEW commit, or a later write of its own must follow. It cannot rely on
+//! OLD's row locks: a key the intent lists may be absent on OLD (deleted), and an absent row has
+//! nothing to lock, so `SELECT ... FOR UPDATE` on OLD does not stop a client from inserting it
+//! again meanwhile. So a repair locks the *key* on NEW instead, through the record every mirrored
+//! write of that key also upserts (`switchyard.switchyard_keys_<table>`):
+//!
+//! 1. In its NEW transaction, first upsert the record of every key of the intent (`ON CONFLICT
+//!    DO UPDATE`, which takes the record's row lock, also for a key NEW never had), tables in
+//!    name order and keys in key order, so two repairs lock shared keys in the same order.
+//! 2. Then read the keys from OLD, a plain `READ COMMITTED` read (no locks).
+//! 3. Write the rows to NEW with a higher version (deleting the keys OLD lacks), commit NEW,
+//!    then delete the intent on OLD.
+//!
+//! Why OLD's committed value of a locked key cannot move between 2 and 3 unseen: a write of the
+//! key through the proxy holds the key's OLD row lock (or, for an insert, its uncommitted row),
+//! applies its images to NEW (needing the key's record lock on NEW) and only then commits OLD.
+//! While the repair holds the record lock, such a write cannot get past step 1 of its commit
+//! sequence, so it cannot commit on OLD before the repair commits on NEW; after that, it applies
+//! on NEW over the repair's row, in order. A write whose NEW apply fails or times out commits on
+//! OLD without the NEW lock, but it leaves an intent of its own, repaired later (its repair
+//! waits for this one's record locks and then reads OLD after this one committed). And a write
+//! that held the record lock before the repair (its NEW transaction open, OLD committing)
+//! commits OLD before NEW, so when the repair gets the lock, OLD's commit is already visible to
+//! the read that follows.
+//!
+//! No deadlock is added between the proxy and the repairs: the proxy takes OLD's lock, then
+//! NEW's; a repair takes NEW's and then reads OLD without waiting on any lock there, so no cycle
+//! goes through OLD. On NEW alone, a proxy transaction that writes several keys of one intent in
+//! another order than the repair can still deadlock with it; PostgreSQL detects that and aborts
+//! one of them (a failed proxy apply leaves an intent, a failed repair is retried), and the
+//! bounded statements on the mirror's connections keep any wait short.
+//!
+//! OLD is read in one canonical output format (UTC, all float digits, ISO dates, `postgres`
+//! intervals, hex bytea), and the keys listed in the intent are matched against the rows OLD
+//! has by the server, as values of the key columns' types, not as JSON text (a `timestamptz`
+//! key written by a client in another time zone is the same key).
+
+use std::collections::HashSet;
+
+use serde_json::Value;
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::{Connection, Row};
+
+use crate::mirror::{failed, push_changes, Change, ChangeOp, MirrorTable};
+use crate::{quote_ident, StoreError};
+
+/// Intents that need a repair: those of this proxy listed in `mine` (its NEW commit failed),
+/// anyone's older than `stale_secs` (their proxy likely died between the two commits), and every
+/// one the capture trigger's net wrote (a change no proxy mirrored; [`crate::capture`]), oldest
+/// first, leaving out the ids in `skip` (intents backing off after a failure, or that this proxy
+/// cannot repair).
+pub async fn pending_intents(
+    old: &PgPool,
+    mine: &[i64],
+    skip: &[i64],
+    stale_secs: f64,
+    limit: i64,
+) -> Result<Vec<i64>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id FROM switchyard.switchyard_intents \
+         WHERE (id = ANY($1) OR created_at < now() - make_interval(secs => $2) OR proxy = $5) \
+         AND NOT id = ANY($4) ORDER BY created_at LIMIT $3",
+    )
+    .bind(mine)
+    .bind(stale_secs)
+    .bind(limit)
+    .bind(skip)
+    .bind(crate::capture::NET_PROXY)
+    .fetch_all(old)
+    .await
+    .map_err(failed("old", "listing intents to repair"))?;
+    Ok(rows.iter().filter_map(|r| r.try_get::<i64, _>(0).ok()).collect())
+}
+
+/// How many intents exist on OLD (transactions whose NEW side is unconfirmed or pending repair).
+pub async fn count_intents(old: &PgPool) -> Result<i64, StoreError> {
+    sqlx::query_scalar("SELECT count(*) FROM switchyard.switchyard_intents")
+        .fetch_one(old)
+        .await
+        .map_err(failed("old", "counting intents"))
+}
+
+/// What a repair did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepairOutcome {
+    /// Keys re-copied (upserted or deleted on NEW) and rows appended.
+    Repaired { keys: usize, appended: usize },
+    /// NEW already had the transaction; the intent was removed once NEW's WAL held it.
+    AlreadyApplied,
+    /// Another proxy holds the intent, or it is gone.
+    Skipped,
+    /// The intent names a table this proxy does not mirror: it is left in place for a proxy
+    /// that mirrors it.
+    Unmirrored { table: String },
+}
+
+/// The output settings of the repair's OLD transaction: row images in one canonical form,
+/// whatever the server's or the role's defaults.
+/// <https://www.postgresql.org/docs/current/runtime-config-client.html#RUNTIME-CONFIG-CLIENT-FORMAT>
+const CANONICAL_OUTPUT: &str = "SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 3; \
+     SET LOCAL IntervalStyle = 'postgres'; SET LOCAL bytea_output = 'hex'; SET LOCAL DateStyle = 'ISO, MDY'";
+
+/// One entry of an intent: a mirrored table and its keys (a JSON array of key objects) or its
+/// appended rows.
+struct Entry<'a> {
+    table: usize,
+    keys: Option<String>,
+    rows: Vec<&'a Value>,
+}
+
+/// The entries of an intent's `changes`, or the name of a table no entry of `tables` is.
+fn entries<'a>(tables: &[MirrorTable], changes: &'a [Value]) -> Result<Vec<Entry<'a>>, String> {
+    let mut out = Vec::new();
+    for entry in changes {
+        let Some(name) = entry.get("t").and_then(Value::as_str) else {
+            continue;
+        };
+        let Some(table) = tables.iter().position(|t| t.name.to_string() == name) else {
+            return Err(name.to_owned());
+        };
+        let keys = match entry.get("k") {
+            Some(k @ Value::Array(_)) => Some(k.to_string()),
+            _ => None,
+        };
+        let rows = match entry.get("r") {
+            Some(Value::Array(rows)) => rows.iter().collect(),
+            _ => Vec::new(),
+        };
+        out.push(Entry { table, keys, rows });
+    }
+    // Key locks are taken in one order by every repair: tables by name (keys sort in SQL).
+    out.sort_by_key(|e| tables.get(e.table).map(|t| t.name.to_string()));
+    Ok(out)
+}
+
+fn key_columns(table: &MirrorTable) -> Vec<String> {
+    table.key.iter().map(|k| quote_ident(k)).collect()
+}
+
+/// Locks the records of the keys in `keys` (a JSON array of key objects) on NEW, in key order,
+/// creating those NEW has none of (version 0, bumped by the apply that follows in the same
+/// transaction).
+async fn lock_keys(ntx: &mut PgConnection, table: &MirrorTable, keys: &str) -> Result<(), sqlx::Error> {
+    let Some(records) = &table.keys_table else {
+        return Ok(());
+    };
+    let cols = key_columns(table).join(", ");
+    let sql = format!(
+        "INSERT INTO {records} AS v ({cols}, sy_version, sy_deleted) \
+         SELECT {cols}, 0, false FROM \
+         (SELECT DISTINCT {cols} FROM json_populate_recordset(NULL::{q}, $1::json)) AS listed \
+         ORDER BY {cols} \
+         ON CONFLICT ({cols}) DO UPDATE SET sy_version = v.sy_version",
+        q = table.qualified
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(keys)
+        .execute(&mut *ntx)
+        .await?;
+    Ok(())
+}
+
+/// Reads the keys in `keys` from OLD: the rows OLD has (images to upsert) and the keys it does
+/// not have (images to delete), each key once. The server matches the listed keys with the rows
+/// as values of the key columns' types.
+async fn read_keys(
+    otx: &mut PgConnection,
+    table: &MirrorTable,
+    keys: &str,
+) -> Result<(Vec<String>, Vec<String>), sqlx::Error> {
+    let cols = key_columns(table);
+    let on = cols
+        .iter()
+        .map(|c| format!("t.{c} = listed.{c}"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let sql = format!(
+        "WITH listed AS (SELECT DISTINCT {list} FROM json_populate_recordset(NULL::{q}, $1::json)) \
+         SELECT row_to_json(listed.*)::text, row_to_json(t.*)::text FROM listed LEFT JOIN {q} AS t ON {on}",
+        list = cols.join(", "),
+        q = table.qualified
+    );
+    let rows: Vec<(String, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(keys)
+        .fetch_all(&mut *otx)
+        .await?;
+    let (mut found, mut gone) = (Vec::new(), Vec::new());
+    for (key, row) in rows {
+        match row {
+            Some(row) => found.push(row),
+            None => gone.push(key),
+        }
+    }
+    Ok((found, gone))
+}
+
+/// Repairs one intent: takes it (`FOR UPDATE SKIP LOCKED` on OLD), locks its keys on NEW, reads
+/// them from OLD, writes them to NEW with higher versions (deleting the keys OLD no longer has)
+/// and commits NEW synchronously, then deletes the intent and, after it, the applied marker.
+/// See the module documentation for why this order keeps every write of those keys.
+pub async fn repair_intent(
+    old: &PgPool,
+    new: &PgPool,
+    tables: &[MirrorTable],
+    id: i64,
+) -> Result<RepairOutcome, StoreError> {
+    let oerr = failed("old", "repairing an intent");
+    let nerr = failed("new", "repairing an intent");
+    let mut otx = old.begin().await.map_err(oerr)?;
+    let changes: Option<String> = sqlx::query_scalar(
+        "SELECT changes::text FROM switchyard.switchyard_intents WHERE id = $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(id)
+    .fetch_optional(&mut *otx)
+    .await
+    .map_err(oerr)?;
+    let Some(changes) = changes else {
+        return Ok(RepairOutcome::Skipped);
+    };
+    let parsed: Vec<Value> = serde_json::from_str(&changes).unwrap_or_default();
+    let entries = match entries(tables, &parsed) {
+        Ok(entries) => entries,
+        // Dropping `otx` rolls back: the intent stays as it is.
+        Err(table) => return Ok(RepairOutcome::Unmirrored { table }),
+    };
+
+    let mut nconn = new.acquire().await.map_err(nerr)?;
+    let mut ntx = nconn.begin().await.map_err(nerr)?;
+    // The intent is deleted right after this commit: it must be on NEW's disk by then, whatever
+    // NEW's own `synchronous_commit` says.
+    // <https://www.postgresql.org/docs/current/wal-async-commit.html>
+    sqlx::query("SET LOCAL synchronous_commit = on")
+        .execute(&mut *ntx)
+        .await
+        .map_err(nerr)?;
+    let marked = sqlx::query(
+        "INSERT INTO switchyard.switchyard_applied (intent_id) VALUES ($1) ON CONFLICT DO NOTHING",
+    )
+    .bind(id)
+    .execute(&mut *ntx)
+    .await
+    .map_err(nerr)?
+    .rows_affected();
+    let outcome = if marked == 0 {
+        // NEW has the transaction, but committed it with `synchronous_commit = off`: its commit
+        // record may still be in NEW's WAL buffers, and a NEW crash after the intent is gone
+        // would lose it for good. So this transaction writes (a no-op update of the marker) and
+        // commits synchronously: a commit that wrote WAL flushes the WAL up to its own commit
+        // record, so past every commit before it, including the one whose marker we just saw.
+        // (A transaction that wrote nothing, even one with an id, commits without a flush: see
+        // RecordTransactionCommit in src/backend/access/transam/xact.c.)
+        // <https://www.postgresql.org/docs/current/wal-async-commit.html>
+        sqlx::query("UPDATE switchyard.switchyard_applied SET applied_at = applied_at WHERE intent_id = $1")
+            .bind(id)
+            .execute(&mut *ntx)
+            .await
+            .map_err(nerr)?;
+        ntx.commit().await.map_err(nerr)?;
+        RepairOutcome::AlreadyApplied
+    } else {
+        // Step 1: the keys' records on NEW, before OLD is read.
+        for e in &entries {
+            if let (Some(table), Some(keys)) = (tables.get(e.table), &e.keys) {
+                lock_keys(&mut ntx, table, keys).await.map_err(nerr)?;
+            }
+        }
+        // Step 2: OLD, read committed, canonical output.
+        sqlx::raw_sql(CANONICAL_OUTPUT)
+            .execute(&mut *otx)
+            .await
+            .map_err(oerr)?;
+        let (mut apply, mut keys_done, mut appended) = (Vec::new(), 0, 0);
+        for e in &entries {
+            let Some(table) = tables.get(e.table) else {
+                continue;
+            };
+            if let Some(keys) = &e.keys {
+                let (found, gone) = read_keys(&mut otx, table, keys).await.map_err(oerr)?;
+                keys_done += found.len() + gone.len();
+                apply.push(Change {
+                    table: e.table,
+                    op: ChangeOp::Upsert,
+                    rows: found,
+                });
+                apply.push(Change {
+                    table: e.table,
+                    op: ChangeOp::Delete,
+                    rows: gone,
+                });
+            }
+            if !e.rows.is_empty() {
+                appended += e.rows.len();
+                apply.push(Change {
+                    table: e.table,
+                    op: ChangeOp::Append,
+                    rows: e.rows.iter().map(|r| r.to_string()).collect(),
+                });
+            }
+        }
+        // Step 3.
+        let mut sql = String::new();
+        push_changes(tables, &apply, &mut sql);
+        if !sql.is_empty() {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *ntx)
+                .await
+                .map_err(nerr)?;
+        }
+        ntx.commit().await.map_err(nerr)?;
+        RepairOutcome::Repaired {
+            keys: keys_done,
+            appended,
+        }
+    };
+    sqlx::query("DELETE FROM switchyard.switchyard_intents WHERE id = $1")
+        .bind(id)
+        .execute(&mut *otx)
+        .await
+        .map_err(oerr)?;
+    otx.commit().await.map_err(oerr)?;
+    // The marker goes only after its intent: an intent never outlives the marker that says NEW
+    // has its transaction. If this fails the repair still stands; the orphaned marker (a small
+    // row nothing reads again) is only logged.
+    if let Err(e) = sqlx::query("DELETE FROM switchyard.switchyard_applied WHERE intent_id = $1")
+        .bind(id)
+        .execute(&mut *nconn)
+        .await
+    {
+        let e = failed("new", "deleting the applied marker of a repaired intent")(e);
+        tracing::warn!(intent = id, error = %e, "applied marker left on NEW");
+    }
+    Ok(outcome)
+}
+
+/// The ids among `ids` that are still intents on OLD.
+pub async fn existing_intents(old: &PgPool, ids: &[i64]) -> Result<HashSet<i64>, StoreError> {
+    let rows: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM switchyard.switchyard_intents WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(old)
+            .await
+            .map_err(failed("old", "checking which intents still exist"))?;
+    Ok(rows.into_iter().collect())
+}
