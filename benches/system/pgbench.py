@@ -23,13 +23,13 @@ import re
 import shlex
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pglocal import fmt, median_or_none, port_open, ratio
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"  # loopback only, on purpose
@@ -227,14 +227,6 @@ def cpu_seconds(pid):
     rest = data[data.rindex(")") + 2:].split()
     # rest[0] is field 3 (state); fields 14,15 are rest[11], rest[12]
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
-
-
-def port_open(port, timeout=0.5):
-    try:
-        with socket.create_connection((HOST, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def pg_env():
@@ -482,19 +474,6 @@ def run_pgbench(a, port, flags, duration):
     if res["txns"] == 0:
         res.update(ok=False, error="pgbench processed 0 transactions")
     return res
-
-
-def fmt(v, spec=".1f"):
-    return "n/a" if v is None else format(v, spec)
-
-
-def ratio(x, y):
-    return None if x is None or y in (None, 0) else x / y
-
-
-def median_or_none(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 # --------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""Helpers that the dual-write and backfill benchmarks share: options from the environment,
-logging, and running PostgreSQL's client programs against the local server (loopback only,
-user postgres, no password, no SSL). Standard library only."""
+"""Helpers that the system benchmarks share: options from the environment, logging, running
+PostgreSQL's client programs against the local server (loopback only, user postgres, no
+password, no SSL), and the small formatting and statistics helpers of their reports (also used
+by pgbench.py). Standard library only."""
 
 import os
+import socket
+import statistics
 import subprocess
 
 HOST = "127.0.0.1"
@@ -38,3 +41,25 @@ def psql(port, db, sql, timeout):
     """One SQL string through psql; its unaligned, tuples-only output."""
     return run(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", HOST, "-p", str(port),
                 "-U", USER, "-d", db, "-c", sql], timeout=timeout).stdout.strip()
+
+
+def port_open(port, timeout=0.5):
+    """Whether something accepts TCP connections on 127.0.0.1:port."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def fmt(v, spec=".1f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def ratio(x, y):
+    return None if x is None or y in (None, 0) else x / y
+
+
+def median_or_none(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
