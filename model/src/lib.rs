@@ -81,8 +81,12 @@ pub struct DualWrite {
     pub repair: RepairVersion,
     /// The apply of mirrored deletes.
     pub delete: DeleteApply,
-    /// Operations per client (1 to [`MAX_OPS`]); the model's bound.
+    /// Operations per client (1 to [`MAX_OPS`]); a bound of the model.
     pub ops_per_client: u8,
+    /// How many failures (client crashes, NEW failures, repair and backfill failures) one run
+    /// may have, `None` for no limit; a bound of the model. A backfill chunk rolled back by a
+    /// unique violation is not a failure here: the protocol forces it.
+    pub max_failures: Option<u8>,
 }
 
 /// A step of the system.
@@ -125,26 +129,62 @@ pub enum Action {
 impl Action {
     /// Whether the action is the repair worker's.
     pub fn is_repair(&self) -> bool {
-        matches!(self, Action::RepairPick(_) | Action::RepairStep | Action::RepairFails)
+        matches!(
+            self,
+            Action::RepairPick(_) | Action::RepairStep | Action::RepairFails
+        )
+    }
+
+    /// Whether the action is a failure (counted against [`DualWrite::max_failures`]).
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            Action::ClientNewFails(_) | Action::ClientCrash(_) | Action::RepairFails | Action::BackfillFails
+        )
     }
 }
 
 impl DualWrite {
-    /// The model with today's repair and delete, `ops` operations per client.
-    pub fn today(ops: u8) -> DualWrite {
+    /// The model with the given variants and bounds.
+    pub fn new(
+        repair: RepairVersion,
+        delete: DeleteApply,
+        ops_per_client: u8,
+        max_failures: Option<u8>,
+    ) -> DualWrite {
         DualWrite {
-            repair: RepairVersion::Today,
-            delete: DeleteApply::OneStatement,
-            ops_per_client: ops,
+            repair,
+            delete,
+            ops_per_client,
+            max_failures,
         }
     }
 
-    /// Whether nothing is pending: every client finished its operations, no intent is left,
-    /// the repair worker is idle and the backfill chunk committed.
+    /// The model with today's repair and delete.
+    pub fn today(ops_per_client: u8, max_failures: Option<u8>) -> DualWrite {
+        DualWrite::new(
+            RepairVersion::Today,
+            DeleteApply::OneStatement,
+            ops_per_client,
+            max_failures,
+        )
+    }
+
+    /// The model with the new repair and key-lock-first deletes.
+    pub fn proposed(ops_per_client: u8, max_failures: Option<u8>) -> DualWrite {
+        DualWrite::new(
+            RepairVersion::LockNewFirst,
+            DeleteApply::KeyLockFirst,
+            ops_per_client,
+            max_failures,
+        )
+    }
+
+    /// Whether nothing is pending: no client transaction is in flight (a client may still
+    /// begin another operation later), no intent is left, the repair worker is idle and the
+    /// backfill chunk committed.
     pub fn quiet(&self, s: &State) -> bool {
-        s.clients
-            .iter()
-            .all(|c| c.tx.is_none() && c.ops_done >= self.ops_per_client)
+        s.clients.iter().all(|c| c.tx.is_none())
             && s.intents.iter().all(Option::is_none)
             && s.repair == RepairStep::Idle
             && s.backfill == Backfill::Done
@@ -156,7 +196,10 @@ impl Model for DualWrite {
     type Action = Action;
 
     fn init_states(&self) -> Vec<State> {
-        let client = Client { ops_done: 0, tx: None };
+        let client = Client {
+            ops_done: 0,
+            tx: None,
+        };
         vec![State {
             old: [Some(INITIAL_VALUE), None],
             old_pos: [0; KEYS],
@@ -171,6 +214,7 @@ impl Model for DualWrite {
             repair: RepairStep::Idle,
             backfill: Backfill::Start,
             acked: 0,
+            failures: 0,
             order_violated: false,
             backfill_overwrote: false,
         }]
@@ -202,15 +246,18 @@ impl Model for DualWrite {
             }),
             Property::always(PER_KEY_ORDER, |_, s: &State| !s.order_violated),
             // Reachability, so that a pass is not vacuous.
-            Property::sometimes("quiet with both keys written through the proxies", |m: &DualWrite, s: &State| {
-                m.quiet(s) && s.old_pos.iter().all(|&p| p > 0)
-            }),
-            Property::sometimes("repair applies a delete on NEW", |_, s: &State| {
-                matches!(s.repair, RepairStep::Applying { tx, .. } if tx.image.is_none() && tx.staged())
-            }),
-            Property::sometimes("repair applies an upsert on NEW", |_, s: &State| {
-                matches!(s.repair, RepairStep::Applying { tx, .. } if tx.image.is_some() && tx.staged())
-            }),
+            Property::sometimes(
+                "quiet with both keys written through the proxies",
+                |m: &DualWrite, s: &State| m.quiet(s) && s.old_pos.iter().all(|&p| p > 0),
+            ),
+            Property::sometimes(
+                "repair applies a delete on NEW",
+                |_, s: &State| matches!(s.repair, RepairStep::Applying { tx, .. } if tx.image.is_none() && tx.staged()),
+            ),
+            Property::sometimes(
+                "repair applies an upsert on NEW",
+                |_, s: &State| matches!(s.repair, RepairStep::Applying { tx, .. } if tx.image.is_some() && tx.staged()),
+            ),
             Property::sometimes("chunk holds a copied row of a tombstoned key", |_, s: &State| {
                 (0..KEYS).any(|k| s.chunk_rows[k].is_some() && s.new_rec[k].is_some_and(|r| r.deleted))
             }),

@@ -197,6 +197,8 @@ pub struct State {
     pub backfill: Backfill,
     /// Acknowledged writes (bit `wid`).
     pub acked: u16,
+    /// Failures so far, counted only when [`crate::DualWrite::max_failures`] bounds them.
+    pub failures: u8,
     /// History: a NEW commit applied, for some key, an image older (in OLD's commit order)
     /// than the one NEW's record already had.
     pub order_violated: bool,
@@ -228,12 +230,16 @@ impl State {
     /// The mirrored transaction that has applied an image to `key` on NEW and not yet
     /// committed, if any (it holds the key lock).
     pub fn staged_on(&self, key: usize) -> Option<NewTx> {
-        let client = self.clients.iter().filter_map(|c| c.tx).filter_map(|t| match t.step {
-            ClientStep::Apply(tx) | ClientStep::CommitOld(Some(tx)) | ClientStep::CommitNew { tx, .. } => {
-                Some(tx)
-            }
-            _ => None,
-        });
+        let client = self
+            .clients
+            .iter()
+            .filter_map(|c| c.tx)
+            .filter_map(|t| match t.step {
+                ClientStep::Apply(tx)
+                | ClientStep::CommitOld(Some(tx))
+                | ClientStep::CommitNew { tx, .. } => Some(tx),
+                _ => None,
+            });
         let repair = match self.repair {
             RepairStep::Applying { tx, .. } => Some(tx),
             _ => None,

@@ -11,6 +11,12 @@ impl DualWrite {
     /// The state after `action`, or `None` if it is not enabled in `s`.
     pub(crate) fn step(&self, s: &State, action: Action) -> Option<State> {
         let mut n = *s;
+        if let (true, Some(most)) = (action.is_failure(), self.max_failures) {
+            if s.failures >= most {
+                return None;
+            }
+            n.failures += 1;
+        }
         let done = match action {
             Action::Begin { client, key, delete } => self.begin(&mut n, client, key, delete),
             Action::ClientNew(c) => self.client_new(&mut n, c),
@@ -535,13 +541,25 @@ pub(crate) fn candidate_actions(m: &DualWrite, s: &State, out: &mut Vec<Action>)
                 if s.clients[c].ops_done < m.ops_per_client {
                     for key in 0..KEYS {
                         let key = u8::try_from(key).unwrap_or(u8::MAX);
-                        out.push(Action::Begin { client: c8, key, delete: false });
-                        out.push(Action::Begin { client: c8, key, delete: true });
+                        out.push(Action::Begin {
+                            client: c8,
+                            key,
+                            delete: false,
+                        });
+                        out.push(Action::Begin {
+                            client: c8,
+                            key,
+                            delete: true,
+                        });
                     }
                 }
             }
             Some(ClientStep::Apply(_)) => {
-                out.extend([Action::ClientNew(c8), Action::ClientNewFails(c8), Action::ClientCrash(c8)]);
+                out.extend([
+                    Action::ClientNew(c8),
+                    Action::ClientNewFails(c8),
+                    Action::ClientCrash(c8),
+                ]);
             }
             Some(ClientStep::CommitOld(new)) => {
                 out.extend([Action::ClientCommitOld(c8), Action::ClientCrash(c8)]);
@@ -550,7 +568,11 @@ pub(crate) fn candidate_actions(m: &DualWrite, s: &State, out: &mut Vec<Action>)
                 }
             }
             Some(ClientStep::CommitNew { .. }) => {
-                out.extend([Action::ClientCommitNew(c8), Action::ClientNewFails(c8), Action::ClientCrash(c8)]);
+                out.extend([
+                    Action::ClientCommitNew(c8),
+                    Action::ClientNewFails(c8),
+                    Action::ClientCrash(c8),
+                ]);
             }
             Some(ClientStep::DeleteIntent) => {
                 out.extend([Action::ClientDeleteIntent(c8), Action::ClientCrash(c8)]);

@@ -1,23 +1,35 @@
-use std::time::Instant;
 use stateright::{Checker, Model};
+use std::time::Instant;
 use switchyard_model::*;
 
 fn run(m: DualWrite) {
     let t = Instant::now();
     let c = m.checker().spawn_bfs().join();
-    eprintln!("{m:?}: {} states ({} unique), depth {}, {:?}", c.state_count(), c.unique_state_count(), c.max_depth(), t.elapsed());
+    eprintln!(
+        "{m:?}: {} states ({} unique), depth {}, {:?}",
+        c.state_count(),
+        c.unique_state_count(),
+        c.max_depth(),
+        t.elapsed()
+    );
     let mut names: Vec<_> = c.discoveries().into_iter().collect();
     names.sort_by_key(|(n, _)| *n);
-    for (n, p) in names { eprintln!("  {n}: {} steps", p.clone().into_actions().len()); }
+    for (n, p) in names {
+        eprintln!("  {n}: {} steps", p.clone().into_actions().len());
+    }
 }
 
 #[test]
 #[ignore]
 fn explore() {
-    let ops: u8 = std::env::var("OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let ops: u8 = std::env::var("OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let fails: Option<u8> = std::env::var("FAILS").ok().and_then(|s| s.parse().ok());
     for repair in [RepairVersion::Today, RepairVersion::LockNewFirst] {
         for delete in [DeleteApply::OneStatement, DeleteApply::KeyLockFirst] {
-            run(DualWrite { repair, delete, ops_per_client: ops });
+            run(DualWrite::new(repair, delete, ops, fails));
         }
     }
 }
