@@ -39,10 +39,17 @@ fn explore() {
 #[test]
 #[ignore]
 fn larger() {
-    let ops: u8 = std::env::var("OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let ops: u8 = std::env::var("OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
     let fails: Option<u8> = std::env::var("FAILS").ok().and_then(|s| s.parse().ok());
     let m = DualWrite::proposed(ops, fails);
     let c = m.checker().spawn_bfs().join();
-    eprintln!("{m:?}: {} states ({} unique)", c.state_count(), c.unique_state_count());
+    eprintln!(
+        "{m:?}: {} states ({} unique)",
+        c.state_count(),
+        c.unique_state_count()
+    );
     c.assert_properties();
 }
