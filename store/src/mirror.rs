@@ -128,9 +128,11 @@ impl MirrorTable {
         !self.key.is_empty()
     }
 
-    /// One statement applying `op` with the image array `images` (an SQL literal of a JSON
-    /// array) to NEW, bumping the key records.
-    fn apply_statement(&self, op: ChangeOp, images: &str, out: &mut String) {
+    /// The statements applying `op` with the image array `images` (an SQL literal of a JSON
+    /// array) to NEW, bumping the key records: one for an upsert or an append, two for a delete
+    /// (see below).
+    fn apply_statements(&self, op: ChangeOp, images: &str) -> Vec<String> {
+        let mut out = String::new();
         let t = &self.qualified;
         let cols = &self.columns;
         let keys = &self.keys_list;
@@ -171,30 +173,35 @@ impl MirrorTable {
                 );
             }
             (ChangeOp::Delete, Some(k)) => {
+                // The tombstone first, in a statement of its own, and then the DELETE with a
+                // snapshot taken after it: the tombstone's upsert waits for any transaction
+                // that holds the key's record (a mirrored insert of the key whose NEW commit is
+                // still in flight), so the DELETE sees that row and removes it. In one statement
+                // the DELETE's snapshot predates that commit, misses the row, and NEW keeps a
+                // row under a tombstone (found by the protocol model, model/README.md).
                 let on = self
                     .key
                     .iter()
                     .map(|c| format!("t.{0} = img.{0}", quote_ident(c)))
                     .collect::<Vec<_>>()
                     .join(" AND ");
-                let _ = write!(
-                    out,
-                    "WITH img AS (SELECT {keys} FROM {last_per_key}), \
-                     d AS (DELETE FROM {t} AS t USING img WHERE {on}), \
-                     v AS (INSERT INTO {k} AS v ({keys}, sy_version, sy_deleted) SELECT {keys}, 1, true FROM img \
-                     ON CONFLICT ({keys}) DO UPDATE SET sy_version = v.sy_version + 1, sy_deleted = true, sy_updated_at = now()) \
-                     SELECT 1"
+                let tombstone = format!(
+                    "INSERT INTO {k} AS v ({keys}, sy_version, sy_deleted) SELECT {keys}, 1, true FROM {last_per_key} \
+                     ON CONFLICT ({keys}) DO UPDATE SET sy_version = v.sy_version + 1, sy_deleted = true, sy_updated_at = now()"
                 );
+                let delete = format!(
+                    "DELETE FROM {t} AS t USING (SELECT {keys} FROM {last_per_key}) AS img WHERE {on}"
+                );
+                return vec![tombstone, delete];
             }
         }
+        vec![out]
     }
 
-    /// The apply statement for `op` with the image array as parameter `$1` (text, a JSON array),
-    /// for preparing once per connection.
-    pub fn prepared_apply(&self, op: ChangeOp) -> String {
-        let mut sql = String::new();
-        self.apply_statement(op, "$1", &mut sql);
-        sql
+    /// The apply statements for `op` with the image array as parameter `$1` (text, a JSON
+    /// array), in order, for preparing once per connection.
+    pub fn prepared_apply(&self, op: ChangeOp) -> Vec<String> {
+        self.apply_statements(op, "$1")
     }
 
     /// The key of a row image, as a JSON object of the key columns (for intents), or `None` if
@@ -269,8 +276,10 @@ pub(crate) fn push_changes(tables: &[MirrorTable], changes: &[Change], sql: &mut
             sql.push_str(&fence_lock_sql(&table.name, false));
             sql.push(';');
         }
-        table.apply_statement(c.op, &escape_literal(&json_array(&c.rows)), sql);
-        sql.push(';');
+        for statement in table.apply_statements(c.op, &escape_literal(&json_array(&c.rows))) {
+            sql.push_str(&statement);
+            sql.push(';');
+        }
     }
 }
 

@@ -477,11 +477,13 @@ async fn mirrored_delete(
             .execute(&mut *tx)
             .await
             .unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(delete))
-            .bind(image)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        for statement in delete {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .bind(image.clone())
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
         tx.commit().await.unwrap();
     })
 }

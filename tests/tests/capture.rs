@@ -51,7 +51,9 @@ async fn env(label: &str) -> DualEnv {
     // NEW gets its foreign keys after the migration (docs/backfill.md): `parent` is not
     // migrated, so NEW's copy never changes.
     env.new
-        .execute_batch("ALTER TABLE items DROP CONSTRAINT items_parent_fkey, DROP CONSTRAINT items_owner_fkey")
+        .execute_batch(
+            "ALTER TABLE items DROP CONSTRAINT items_parent_fkey, DROP CONSTRAINT items_owner_fkey",
+        )
         .await
         .expect("drop NEW's foreign keys");
     env

@@ -589,3 +589,76 @@ async fn drain_ends_idle_sessions_and_cuts_open_transactions_after_the_grace() {
     let n: i64 = env.old.query_i64("SELECT count(*) FROM pairs").await.unwrap();
     assert_eq!(n, 0);
 }
+
+/// Two proxies' transactions on one key that NEW had never had: A inserts it (OLD committed, its
+/// NEW commit still in flight), B deletes it. B's apply on NEW must remove A's row once A commits
+/// there. With the delete and the tombstone in one statement, the DELETE's snapshot predated A's
+/// commit and missed the row, the tombstone waited for A's key record and then marked the key
+/// deleted: NEW kept a row OLD no longer had, under a tombstone (a race the protocol model found,
+/// model/README.md). Replayed here with the exact statements the proxy prepares.
+#[tokio::test]
+async fn a_mirrored_delete_removes_an_insert_of_the_key_still_committing_on_new() {
+    let env = env("dw_delrace").await;
+    let pool = sqlx::PgPool::connect(env.new.url()).await.unwrap();
+    let old_pool = sqlx::PgPool::connect(env.old.url()).await.unwrap();
+    let name: switchyard_config::TableName = "public.pairs".parse().unwrap();
+    let schema = switchyard_store::load_table(&old_pool, &name)
+        .await
+        .unwrap()
+        .unwrap();
+    let table = switchyard_store::mirror::MirrorTable::new(
+        name.clone(),
+        vec!["a".into(), "b".into()],
+        &schema,
+        &schema,
+    );
+    let image = r#"[{"a": 1, "b": "k", "v": "inserted by A"}]"#.to_owned();
+    // A: the upsert applied, NEW's commit not yet sent.
+    let mut a = pool.begin().await.unwrap();
+    run(
+        &mut a,
+        table.prepared_apply(switchyard_store::mirror::ChangeOp::Upsert),
+        &image,
+    )
+    .await;
+    // B: the fence lock, then the delete's statements, in the background.
+    let mut b = pool.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(switchyard_store::mirror::fence_lock_sql(
+        &name, false,
+    )))
+    .execute(&mut *b)
+    .await
+    .unwrap();
+    let delete = table.prepared_apply(switchyard_store::mirror::ChangeOp::Delete);
+    let b_done = tokio::spawn(async move {
+        run(&mut b, delete, &image).await;
+        b.commit().await.unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b_done.is_finished(), "B waits for A's key record");
+    a.commit().await.unwrap();
+    b_done.await.unwrap();
+    assert_eq!(
+        env.new.query_i64("SELECT count(*) FROM pairs").await.unwrap(),
+        0,
+        "no row left under the tombstone"
+    );
+    assert_eq!(
+        env.new
+            .query_i64("SELECT count(*) FROM switchyard.switchyard_keys_public_pairs WHERE sy_deleted")
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+/// Runs prepared apply statements with `image` as their parameter, as the proxy binds them.
+async fn run(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>, statements: Vec<String>, image: &str) {
+    for sql in statements {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(image)
+            .execute(&mut **tx)
+            .await
+            .unwrap();
+    }
+}

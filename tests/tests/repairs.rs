@@ -251,7 +251,8 @@ async fn an_abandoned_apply_is_cancelled_on_new() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intents_that_keep_failing_do_not_hold_up_the_others() -> anyhow::Result<()> {
     let (env, fault, proxy) = kv_with_proxy("repair_headblock", &repairing(300)).await?;
-    for id in [-3, -2, -1] {
+    // Planted ids far from the proxies' random ones and the capture net's negative ones.
+    for id in [3_000_000_003, 3_000_000_002, 3_000_000_001] {
         plant_intent(&env, id, r#"[{"t": "public.kv", "k": [{"k": "not a number"}]}]"#).await?;
     }
     let c = proxy.client().await?;
@@ -264,7 +265,7 @@ async fn intents_that_keep_failing_do_not_hold_up_the_others() -> anyhow::Result
     )
     .await?;
     env.assert_converged().await?;
-    for id in [-3, -2, -1] {
+    for id in [3_000_000_003, 3_000_000_002, 3_000_000_001] {
         assert!(intent_exists(&env, id).await?, "failing intent {id} stays");
     }
     Ok(())
@@ -281,15 +282,20 @@ async fn an_intent_of_a_table_not_mirrored_here_waits_for_a_proxy_that_mirrors_i
         vec![DualTable::new("kv"), DualTable::new("other")],
     )
     .await?;
-    env.old
-        .execute_batch("INSERT INTO other VALUES (7, 'only on OLD')")
+    // A row that existed before dual writes (no capture).
+    env.seed_old("INSERT INTO other VALUES (7, 'only on OLD')")
         .await?;
     let mirror = repairing(300);
     let fault = FaultProxy::start(env.new_server()).await?;
     let mut config = env.proxy_config_with_mirror(&env.new_url_via(fault.addr()), &mirror);
     config.extra_sections.retain(|s| !s.contains("name = \"other\""));
     let kv_only = TestProxy::start(&config).await?;
-    plant_intent(&env, -1, r#"[{"t": "public.other", "k": [{"id": 7}]}]"#).await?;
+    plant_intent(
+        &env,
+        3_000_000_001,
+        r#"[{"t": "public.other", "k": [{"id": 7}]}]"#,
+    )
+    .await?;
     let c = kv_only.client().await?;
     write_while_new_is_down(&fault, &c, "INSERT INTO kv VALUES (1, 'mirrored here')").await?;
     let e = &env;
@@ -302,7 +308,7 @@ async fn an_intent_of_a_table_not_mirrored_here_waits_for_a_proxy_that_mirrors_i
     // A few more rounds.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        intent_exists(&env, -1).await?,
+        intent_exists(&env, 3_000_000_001).await?,
         "the intent of `other` is left in place"
     );
     assert_eq!(env.new.query_i64("SELECT count(*) FROM other").await?, 0);

@@ -27,22 +27,24 @@ use crate::error::StartError;
 use newlink::{BatchStatement, LinkConn, NewLink};
 use sql::{Analyzer, MigratedTables, Writers};
 
-/// The prepared apply statements of one table: name and SQL per operation, and the fence lock
-/// a delete takes first.
+/// The prepared apply statements of one table: names and SQL per operation (a delete is two
+/// statements, see `MirrorTable::prepared_apply`), and the fence lock a delete takes first.
 pub(crate) struct ApplyStatements {
-    upsert: (String, String),
-    delete: (String, String),
-    append: (String, String),
+    upsert: Vec<(String, String)>,
+    delete: Vec<(String, String)>,
+    append: Vec<(String, String)>,
     fence: (String, String),
 }
 
 impl ApplyStatements {
     fn new(index: usize, table: &MirrorTable) -> ApplyStatements {
         let one = |tag: &str, op| {
-            (
-                format!("switchyard_apply_{index}_{tag}"),
-                table.prepared_apply(op),
-            )
+            table
+                .prepared_apply(op)
+                .into_iter()
+                .enumerate()
+                .map(|(i, sql)| (format!("switchyard_apply_{index}_{tag}{i}"), sql))
+                .collect()
         };
         ApplyStatements {
             upsert: one("u", ChangeOp::Upsert),
@@ -55,7 +57,7 @@ impl ApplyStatements {
         }
     }
 
-    fn get(&self, op: ChangeOp) -> &(String, String) {
+    fn get(&self, op: ChangeOp) -> &[(String, String)] {
         match op {
             ChangeOp::Upsert => &self.upsert,
             ChangeOp::Delete => &self.delete,
@@ -307,12 +309,13 @@ impl Mirror {
                     params: Vec::new(),
                 });
             }
-            let (name, sql) = st.get(c.op);
-            batch.push(BatchStatement {
-                name,
-                sql,
-                params: vec![p.as_str()],
-            });
+            for (name, sql) in st.get(c.op) {
+                batch.push(BatchStatement {
+                    name,
+                    sql,
+                    params: vec![p.as_str()],
+                });
+            }
         }
         batch.push(BatchStatement {
             name: "switchyard_applied",
