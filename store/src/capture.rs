@@ -27,8 +27,9 @@
 //!
 //! The trigger functions are `SECURITY DEFINER` (the client needs no privilege on the side tables,
 //! and row-level security does not hide rows from the capture) and run with fixed settings
-//! (`TimeZone`, `DateStyle`, `IntervalStyle`, `extra_float_digits`, `bytea_output`,
-//! `search_path`), so an image is the same text whatever the client's session says.
+//! (`search_path`, and of `TimeZone`, `IntervalStyle`, `extra_float_digits` and `bytea_output`
+//! those that the table's column types print by), so an image is the same text whatever the
+//! client's session says.
 //!
 //! `switchyard_guard`, a `BEFORE TRUNCATE` statement trigger (and, on tables without a key,
 //! `BEFORE UPDATE OR DELETE`: such rows have no identity to mirror), applies the table's
@@ -39,7 +40,7 @@ use sha2::{Digest, Sha256};
 use switchyard_config::{TableName, UncapturedPolicy};
 
 use crate::mirror::escape_literal;
-use crate::postgres::catalog::{quote_ident, quote_table, SIDE_SCHEMA};
+use crate::postgres::catalog::{quote_ident, quote_table, Column, SIDE_SCHEMA};
 
 /// SQLSTATE of the notices that carry row images (class `SY`, ours; PostgreSQL's own classes
 /// never use letters past `X`). <https://www.postgresql.org/docs/current/errcodes-appendix.html>
@@ -114,12 +115,54 @@ fn function_name(prefix: &str, table: &TableName) -> String {
     )
 }
 
-/// The settings every image is made with, whatever the session's: `search_path` so no user
-/// object can stand in for a built-in, the rest so values print the same way every time.
-/// <https://www.postgresql.org/docs/current/sql-createfunction.html> (`SET` clause)
-const CANONICAL_SETTINGS: &str = "SET search_path = pg_catalog, pg_temp \
-     SET \"TimeZone\" = 'UTC' SET \"DateStyle\" = 'ISO, MDY' SET \"IntervalStyle\" = 'postgres' \
-     SET extra_float_digits = '3' SET bytea_output = 'hex' SET client_min_messages = 'notice'";
+/// The settings every image is made with, whatever the session's: `search_path`, so no user
+/// object can stand in for a built-in in a `SECURITY DEFINER` function, and `client_min_messages`,
+/// so the notices reach the proxy. <https://www.postgresql.org/docs/current/sql-createfunction.html>
+/// (`SET` clause; each costs a save and a restore per call, so only these two are always set).
+const ALWAYS_SET: &str = "SET search_path = pg_catalog, pg_temp SET client_min_messages = 'notice'";
+
+/// How a column's values print in an image depends on these settings, by type: the `SET`
+/// clauses a table's capture function needs. JSON prints dates and timestamps in ISO whatever
+/// `DateStyle` says; `timestamptz` follows `TimeZone` (the instant is kept, but keys compare as
+/// text in intents), floats follow `extra_float_digits` (below 1 they lose digits), `interval`
+/// follows `IntervalStyle`, `bytea` follows `bytea_output`. A type not listed here (a domain, an
+/// enum, a composite, an extension's type) may contain any of them, so it gets all four.
+/// <https://www.postgresql.org/docs/current/runtime-config-client.html>
+fn settings_for(columns: &[Column]) -> String {
+    const TIMEZONE: &str = "SET \"TimeZone\" = 'UTC'";
+    const FLOATS: &str = "SET extra_float_digits = '3'";
+    const INTERVALS: &str = "SET \"IntervalStyle\" = 'postgres'";
+    const BYTEA: &str = "SET bytea_output = 'hex'";
+    let mut needed: Vec<&str> = Vec::new();
+    for c in columns {
+        let wants: &[&str] = match c.type_oid {
+            // bool, "char", name, int8, int2, int4, text, oid, json, xml, cidr, inet, macaddr,
+            // bpchar, varchar, date, time, timestamp, timetz, bit, varbit, numeric, uuid, jsonb,
+            // and their arrays.
+            16 | 18 | 19 | 20 | 21 | 23 | 25 | 26 | 114 | 142 | 650 | 869 | 829 | 1042 | 1043 | 1082
+            | 1083 | 1114 | 1266 | 1560 | 1562 | 1700 | 2950 | 3802 | 1000 | 1002 | 1003 | 1005 | 1007
+            | 1009 | 1014 | 1015 | 1016 | 1028 | 199 | 143 | 651 | 1041 | 1040 | 1182 | 1183 | 1115
+            | 1270 | 1561 | 1563 | 1231 | 2951 | 3807 => &[],
+            700 | 701 | 1021 | 1022 => &[FLOATS],
+            1184 | 1185 => &[TIMEZONE],
+            1186 | 1187 => &[INTERVALS],
+            17 | 1001 => &[BYTEA],
+            _ => &[TIMEZONE, FLOATS, INTERVALS, BYTEA],
+        };
+        for w in wants {
+            if !needed.contains(w) {
+                needed.push(w);
+            }
+        }
+    }
+    needed.sort_unstable();
+    let mut out = ALWAYS_SET.to_owned();
+    for w in needed {
+        out.push(' ');
+        out.push_str(w);
+    }
+    out
+}
 
 /// `RAISE NOTICE` of one image: `row` is `OLD` or `NEW`. Images are sent as UTF-8 JSON when the
 /// client encoding is UTF-8, else base64 of the UTF-8 bytes (hint `u64` and so on), so no byte
@@ -158,7 +201,7 @@ fn net_intent(table: &str, key: &[String], row: &str) -> String {
 }
 
 /// `CREATE OR REPLACE FUNCTION` of `table`'s capture trigger function (`key` empty = append-only).
-fn capture_function(table: &TableName, key: &[String]) -> String {
+fn capture_function(table: &TableName, key: &[String], columns: &[Column]) -> String {
     let name = escape_literal(&table.to_string());
     let marker = escape_literal(CAPTURE_STATEMENT);
     let announced = if key.is_empty() {
@@ -191,13 +234,14 @@ fn capture_function(table: &TableName, key: &[String]) -> String {
     };
     format!(
         "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
-         {CANONICAL_SETTINGS} AS $switchyard$ \
+         {settings} AS $switchyard$ \
          DECLARE utf8 boolean := current_setting('client_encoding') = 'UTF8'; \
          BEGIN \
          IF starts_with(current_query(), {marker}) THEN {announced} ELSE {net} END IF; \
          RETURN NULL; \
          END $switchyard$",
         function = function_name("capture", table),
+        settings = settings_for(columns),
     )
 }
 
@@ -238,7 +282,12 @@ fn create_trigger_once(table: &TableName, trigger: &str, definition: &str) -> St
 
 /// The statements that install the capture on `table` on OLD (idempotent): the sequence of the
 /// net's intent ids, the two functions, and the triggers if missing.
-pub fn install_sql(table: &TableName, key: &[String], policy: UncapturedPolicy) -> Vec<String> {
+pub fn install_sql(
+    table: &TableName,
+    key: &[String],
+    columns: &[Column],
+    policy: UncapturedPolicy,
+) -> Vec<String> {
     let qualified = quote_table(table);
     let guard_events = if key.is_empty() {
         "TRUNCATE OR UPDATE OR DELETE"
@@ -251,7 +300,7 @@ pub fn install_sql(table: &TableName, key: &[String], policy: UncapturedPolicy) 
             quote_ident(SIDE_SCHEMA),
             quote_ident(NET_SEQUENCE)
         ),
-        capture_function(table, key),
+        capture_function(table, key, columns),
         guard_function(table, policy),
         create_trigger_once(
             table,
@@ -302,6 +351,34 @@ pub const MISSING_CAPTURE_SQL: &str = "SELECT t FROM unnest($1::text[]) AS t \
 mod tests {
     use super::*;
 
+    fn column(type_oid: u32) -> Column {
+        Column {
+            name: "c".into(),
+            type_name: String::new(),
+            type_oid,
+            not_null: false,
+            has_default: false,
+            generated: false,
+            identity: None,
+        }
+    }
+
+    #[test]
+    fn functions_set_only_what_their_columns_print_by() {
+        let plain = settings_for(&[column(23), column(25), column(1114)]);
+        assert_eq!(plain, ALWAYS_SET);
+        let tz = settings_for(&[column(1184), column(701), column(701)]);
+        assert!(
+            tz.contains("TimeZone") && tz.contains("extra_float_digits"),
+            "{tz}"
+        );
+        assert!(!tz.contains("bytea_output"), "{tz}");
+        let user_type = settings_for(&[column(70_000)]);
+        for s in ["TimeZone", "extra_float_digits", "IntervalStyle", "bytea_output"] {
+            assert!(user_type.contains(s), "{user_type}");
+        }
+    }
+
     #[test]
     fn the_capture_statement_names_each_schema_once() {
         let tables = [
@@ -326,11 +403,11 @@ mod tests {
 
     #[test]
     fn keyed_tables_send_the_old_key_when_it_changes() {
-        let f = capture_function(&TableName::new("public", "t"), &["id".to_owned()]);
+        let f = capture_function(&TableName::new("public", "t"), &["id".to_owned()], &[]);
         assert!(f.contains("OLD.\"id\" IS DISTINCT FROM NEW.\"id\""), "{f}");
         assert!(f.contains("SECURITY DEFINER"));
         assert!(f.contains("'id', OLD.\"id\""), "{f}");
-        let g = capture_function(&TableName::new("public", "log"), &[]);
+        let g = capture_function(&TableName::new("public", "log"), &[], &[]);
         assert!(!g.contains("'d'"), "{g}");
         assert!(g.contains("HINT = 'a'"), "{g}");
     }

@@ -147,7 +147,7 @@ fn capture_steps(settings: &[TableSettings], tables: &[PreparedTable]) -> Vec<St
         };
         let (sql, action) = if captured_phase(s.phase) {
             (
-                crate::capture::install_sql(&t.name, &t.key, s.on_uncaptured),
+                crate::capture::install_sql(&t.name, &t.key, &t.old.columns, s.on_uncaptured),
                 format!("installing the capture triggers on {}", t.name),
             )
         } else {
