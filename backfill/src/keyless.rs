@@ -116,7 +116,14 @@ pub fn blocks_per_chunk(chunk_rows: i64, rows: i64, blocks: i64) -> i64 {
 
 /// On OLD: the rows of blocks `[lo, hi)` of `table` (qualified) visible in `boundary`'s snapshot,
 /// as COPY data of `columns` (quoted) in `format`.
-pub fn copy_out_sql(table: &str, columns: &[String], format: &str, boundary: &Boundary, lo: i64, hi: i64) -> String {
+pub fn copy_out_sql(
+    table: &str,
+    columns: &[String],
+    format: &str,
+    boundary: &Boundary,
+    lo: i64,
+    hi: i64,
+) -> String {
     let latest = "(SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text::int8 - 1)";
     format!(
         "COPY (SELECT {cols} FROM {table} WHERE ctid >= '({lo},0)'::tid AND ctid < '({hi},0)'::tid \
