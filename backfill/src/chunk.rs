@@ -21,6 +21,7 @@ use switchyard_store::mirror::fence_lock_sql;
 use switchyard_store::StoreError;
 
 use crate::endpoint::{unique_violation, Endpoint};
+use crate::keyless;
 use crate::target::TargetTable;
 use crate::BackfillError;
 
@@ -31,7 +32,7 @@ const COPY_BUFFER: usize = 256 * 1024;
 
 /// The state tables, qualified.
 const TABLES: &str = "switchyard.switchyard_backfill_tables";
-const CHUNKS: &str = "switchyard.switchyard_backfill_chunks";
+pub(crate) const CHUNKS: &str = "switchyard.switchyard_backfill_chunks";
 
 /// What the start of a run found about a table.
 #[derive(Debug, Clone)]
@@ -189,6 +190,15 @@ impl Worker {
     pub async fn copy(&mut self, t: &TargetTable, chunk_rows: u64) -> Result<Lease, BackfillError> {
         let mut old = self.take_old().await?;
         let mut new = self.take_new().await?;
+        if let Some(boundary) = &t.boundary {
+            let ends = (&self.old_end, &self.new_end);
+            let result = keyless::copy_chunk(ends, &mut old, &mut new.conn, t, boundary, &self.id).await;
+            if result.is_ok() {
+                self.old = Some(old);
+                self.new = Some(new);
+            }
+            return result;
+        }
         self.ensure_staging(&mut new, t).await?;
         let mut result = copy_chunk(
             &self.old_end,
@@ -259,7 +269,7 @@ impl Worker {
     }
 }
 
-fn text_array(row: &sqlx::postgres::PgRow, i: usize) -> Result<Option<Vec<String>>, sqlx::Error> {
+pub(crate) fn text_array(row: &sqlx::postgres::PgRow, i: usize) -> Result<Option<Vec<String>>, sqlx::Error> {
     row.try_get::<Option<Vec<String>>, _>(i)
 }
 
@@ -310,15 +320,19 @@ async fn start_table(
         Some(e) => e,
         None => {
             // First run: fix the upper bound. Rows with larger keys committed after this were
-            // written under dual writes and reach NEW as mirrored writes.
-            let upper = sqlx::raw_sql(AssertSqlSafe(t.upper_bound_sql()))
-                .fetch_optional(&mut *old)
-                .await
-                .map_err(oerr)?
-                .map(|r| text_array(&r, 0))
-                .transpose()
-                .map_err(oerr)?
-                .flatten();
+            // written under dual writes and reach NEW as mirrored writes. Without a key: the
+            // table's size in blocks when its capture began.
+            let upper = match &t.boundary {
+                Some(b) => (b.blocks > 0).then(|| keyless::stored(b.blocks)),
+                None => sqlx::raw_sql(AssertSqlSafe(t.upper_bound_sql()))
+                    .fetch_optional(&mut *old)
+                    .await
+                    .map_err(oerr)?
+                    .map(|r| text_array(&r, 0))
+                    .transpose()
+                    .map_err(oerr)?
+                    .flatten(),
+            };
             let mut estimate: i64 = sqlx::raw_sql(AssertSqlSafe(t.estimate_sql()))
                 .fetch_one(&mut *old)
                 .await
@@ -373,8 +387,8 @@ async fn plan_chunk(
     let name = t.name.to_string();
     let mut tx = new.begin().await.map_err(nerr)?;
     let row = sqlx::query(AssertSqlSafe(format!(
-        "SELECT planning_done, cursor, upper_bound, next_chunk, chunk_rows::int8 FROM {TABLES} \
-         WHERE table_name = $1 FOR UPDATE"
+        "SELECT planning_done, cursor, upper_bound, next_chunk, chunk_rows::int8, \
+                coalesce(rows_estimated, 0) FROM {TABLES} WHERE table_name = $1 FOR UPDATE"
     )))
     .bind(&name)
     .fetch_one(&mut *tx)
@@ -385,24 +399,34 @@ async fn plan_chunk(
     let upper = text_array(&row, 2).map_err(nerr)?;
     let next_chunk: i64 = row.try_get(3).map_err(nerr)?;
     let chunk_rows: i64 = row.try_get(4).map_err(nerr)?;
+    let estimate: i64 = row.try_get(5).map_err(nerr)?;
     let Some(upper) = upper.filter(|_| !planning_done) else {
         tx.rollback().await.map_err(nerr)?;
         return Ok(Plan::Complete);
     };
-    let rows = sqlx::raw_sql(AssertSqlSafe(t.next_bounds_sql(
-        cursor.as_deref(),
-        &upper,
-        chunk_rows,
-        ahead,
-    )))
-    .fetch_all(&mut *old)
-    .await
-    .map_err(oerr)?;
-    let mut bounds = rows
-        .iter()
-        .map(|r| text_array(r, 0).map(Option::unwrap_or_default))
-        .collect::<Result<Vec<Vec<String>>, _>>()
+    let mut bounds = if t.boundary.is_some() {
+        // Block ranges of about `chunk_rows` rows, by the table's average rows per block.
+        let last = keyless::block_of(Some(&upper)).unwrap_or(0);
+        let step = keyless::blocks_per_chunk(chunk_rows, estimate, last);
+        keyless::block_bounds(keyless::block_of(cursor.as_deref()), last, step, ahead)
+            .into_iter()
+            .map(keyless::stored)
+            .collect()
+    } else {
+        let rows = sqlx::raw_sql(AssertSqlSafe(t.next_bounds_sql(
+            cursor.as_deref(),
+            &upper,
+            chunk_rows,
+            ahead,
+        )))
+        .fetch_all(&mut *old)
+        .await
         .map_err(oerr)?;
+        rows.iter()
+            .map(|r| text_array(r, 0).map(Option::unwrap_or_default))
+            .collect::<Result<Vec<Vec<String>>, _>>()
+            .map_err(oerr)?
+    };
     // Fewer bounds than asked for: the rest of the range, up to the upper bound, is the last
     // chunk. (A bound equal to the upper bound ends planning too.)
     if let Some(at) = bounds.iter().position(|b| *b == upper) {
@@ -442,16 +466,19 @@ async fn plan_chunk(
 }
 
 /// What to read from OLD for a chunk, in one `REPEATABLE READ` snapshot.
-struct Source {
+pub(crate) struct Source {
     /// The `COPY ... TO STDOUT`.
-    copy_out: String,
+    pub(crate) copy_out: String,
     /// Run first: counts the rows the fence left out of the copy.
-    count_left_out: Option<String>,
+    pub(crate) count_left_out: Option<String>,
+    /// Run first: true while the table was not rewritten since its capture began (tables without
+    /// a key), with the table to name otherwise.
+    pub(crate) same_file: Option<(String, switchyard_config::TableName)>,
 }
 
 /// Streams OLD's rows (one snapshot) into `sql`'s COPY on NEW; returns the rows NEW took and the
 /// rows left out.
-async fn pipe(
+pub(crate) async fn pipe(
     old: &mut PgConnection,
     new: &mut PgConnection,
     source: &Source,
@@ -466,6 +493,16 @@ async fn pipe(
         .execute(&mut *old)
         .await
         .map_err(oerr)?;
+    if let Some((check, table)) = &source.same_file {
+        let same: bool = sqlx::raw_sql(AssertSqlSafe(check.as_str()))
+            .fetch_one(&mut *old)
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(oerr)?;
+        if !same {
+            return Err(BackfillError::Rewritten { table: table.clone() });
+        }
+    }
     let left_out: i64 = match &source.count_left_out {
         Some(count) => sqlx::raw_sql(AssertSqlSafe(count.as_str()))
             .fetch_one(&mut *old)
@@ -509,21 +546,10 @@ async fn copy_chunk(
     let oerr = old_end.failed("reading a chunk");
     let name = t.name.to_string();
     let mut tx = new.begin().await.map_err(nerr)?;
-    let leased = sqlx::query(AssertSqlSafe(format!(
-        "SELECT chunk_id, lo, hi FROM {CHUNKS} WHERE table_name = $1 AND status = 'pending' \
-         ORDER BY chunk_id LIMIT 1 FOR UPDATE SKIP LOCKED"
-    )))
-    .bind(&name)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(nerr)?;
-    let Some(leased) = leased else {
+    let Some((chunk_id, lo, hi)) = lease(&mut tx, &name, nerr).await? else {
         tx.rollback().await.map_err(nerr)?;
         return Ok(Lease::NoneFree);
     };
-    let chunk_id: i64 = leased.try_get(0).map_err(nerr)?;
-    let lo = text_array(&leased, 1).map_err(nerr)?;
-    let hi = text_array(&leased, 2).map_err(nerr)?.unwrap_or_default();
 
     // The fast path, when at most a quarter of the range's keys have records: those keys are
     // left out of the copy (the fence would skip them), the rest go straight into the table with
@@ -559,6 +585,7 @@ async fn copy_chunk(
             let source = Source {
                 copy_out: t.copy_out_except_sql(lo.as_deref(), &hi, &taken),
                 count_left_out: (!taken.is_empty()).then(|| t.count_keys_sql(&taken)),
+                same_file: None,
             };
             let (piped, left_out) =
                 pipe(old, &mut tx, &source, &t.copy_into_table_sql(), (oerr, nerr)).await?;
@@ -587,6 +614,7 @@ async fn copy_chunk(
             let source = Source {
                 copy_out: t.copy_out_sql(lo.as_deref(), &hi),
                 count_left_out: None,
+                same_file: None,
             };
             let (read, _) = pipe(old, &mut tx, &source, &t.copy_in_sql(), (oerr, nerr)).await?;
             let (claimed, copied): (i64, i64) = if read == 0 {
@@ -604,23 +632,13 @@ async fn copy_chunk(
             )
         }
     };
-    sqlx::query(AssertSqlSafe(format!(
-        "UPDATE {CHUNKS} SET status = 'done', rows_read = $3, rows_copied = $4, rows_skipped = $5, \
-         rows_conflicting = $6, worker = $7, copied_at = now(), copy_ms = $8, method = $9 \
-         WHERE table_name = $1 AND chunk_id = $2"
-    )))
-    .bind(&name)
-    .bind(chunk_id)
-    .bind(read as i64)
-    .bind(copied as i64)
-    .bind(read.saturating_sub(claimed) as i64)
-    .bind(claimed.saturating_sub(copied) as i64)
-    .bind(worker)
-    .bind(i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX))
-    .bind(method)
-    .execute(&mut *tx)
-    .await
-    .map_err(nerr)?;
+    let done = ChunkDone {
+        chunk_id,
+        read,
+        claimed,
+        copied,
+    };
+    mark_done(&mut tx, &name, &done, (worker, method, started), nerr).await?;
     tx.commit().await.map_err(nerr)?;
     tracing::debug!(
         table = %t.name,
@@ -630,10 +648,61 @@ async fn copy_chunk(
         total_ms = started.elapsed().as_millis() as u64,
         "chunk committed"
     );
-    Ok(Lease::Copied(ChunkDone {
-        chunk_id,
-        read,
-        claimed,
-        copied,
-    }))
+    Ok(Lease::Copied(done))
+}
+
+/// A leased chunk: its id and range as stored.
+pub(crate) type Leased = (i64, Option<Vec<String>>, Vec<String>);
+
+/// In the chunk's NEW transaction: leases the first pending chunk of `table` no other worker
+/// holds (`FOR UPDATE SKIP LOCKED`), if any.
+pub(crate) async fn lease(
+    tx: &mut PgConnection,
+    table: &str,
+    nerr: impl Fn(sqlx::Error) -> StoreError + Copy,
+) -> Result<Option<Leased>, BackfillError> {
+    let leased = sqlx::query(AssertSqlSafe(format!(
+        "SELECT chunk_id, lo, hi FROM {CHUNKS} WHERE table_name = $1 AND status = 'pending' \
+         ORDER BY chunk_id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    )))
+    .bind(table)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(nerr)?;
+    let Some(leased) = leased else {
+        return Ok(None);
+    };
+    let chunk_id: i64 = leased.try_get(0).map_err(nerr)?;
+    let lo = text_array(&leased, 1).map_err(nerr)?;
+    let hi = text_array(&leased, 2).map_err(nerr)?.unwrap_or_default();
+    Ok(Some((chunk_id, lo, hi)))
+}
+
+/// In the chunk's NEW transaction: marks it done with its counts, `(worker, method, started)`.
+pub(crate) async fn mark_done(
+    tx: &mut PgConnection,
+    table: &str,
+    done: &ChunkDone,
+    (worker, method, started): (&str, &str, Instant),
+    nerr: impl Fn(sqlx::Error) -> StoreError + Copy,
+) -> Result<(), BackfillError> {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {CHUNKS} SET status = 'done', rows_read = $3, rows_copied = $4, rows_skipped = $5, \
+         rows_conflicting = $6, worker = $7, copied_at = now(), copy_ms = $8, method = $9 \
+         WHERE table_name = $1 AND chunk_id = $2"
+    )))
+    .bind(table)
+    .bind(done.chunk_id)
+    .bind(count(done.read))
+    .bind(count(done.copied))
+    .bind(count(done.read.saturating_sub(done.claimed)))
+    .bind(count(done.claimed.saturating_sub(done.copied)))
+    .bind(worker)
+    .bind(i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX))
+    .bind(method)
+    .execute(&mut *tx)
+    .await
+    .map_err(nerr)?;
+    Ok(())
 }

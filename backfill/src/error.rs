@@ -23,12 +23,27 @@ pub enum BackfillError {
         /// Its configured phase.
         phase: Phase,
     },
-    /// Without a key the backfill cannot fence rows (nor can dual writes update them).
+    /// A table without a key is backfilled up to its capture boundary, and OLD has none for it.
     #[error(
-        "{table} has no primary key and no configured `key`: it is mirrored append-only and cannot \
-         be backfilled with fencing (give it a primary key or a `key` with a unique index on NEW)"
+        "{table} has no key, so its backfill copies the rows committed before its capture began, but \
+         OLD has no capture boundary for it (switchyard.switchyard_capture_boundary): run `switchyard \
+         prepare` with the table in dual_write, which records it when it installs the capture \
+         triggers. If the triggers were installed by a Switchyard that did not record boundaries, put \
+         the table back in passthrough and run prepare (removes them), empty the table on NEW, then \
+         dual_write and prepare again"
     )]
-    NoKey {
+    NoBoundary {
+        /// The table.
+        table: TableName,
+    },
+    /// A table without a key was rewritten (`VACUUM FULL`, `CLUSTER`) since its capture began:
+    /// its rows moved between blocks, so the block ranges of its chunks no longer hold.
+    #[error(
+        "{table} was rewritten on OLD (VACUUM FULL, CLUSTER or the like) since its capture began, so \
+         its rows moved and the backfill's block ranges no longer fit: empty the table on NEW, reset \
+         its backfill state, and restart its capture (passthrough, prepare, dual_write, prepare)"
+    )]
+    Rewritten {
         /// The table.
         table: TableName,
     },
@@ -97,7 +112,8 @@ impl BackfillError {
         match self {
             BackfillError::UnknownTable(_) | BackfillError::BadOption(_) => "usage",
             BackfillError::NothingToDo | BackfillError::NotMirrored { .. } => "phase",
-            BackfillError::NoKey { .. }
+            BackfillError::NoBoundary { .. }
+            | BackfillError::Rewritten { .. }
             | BackfillError::MissingTable { .. }
             | BackfillError::Incompatible { .. }
             | BackfillError::KeyChanged { .. } => "schema",

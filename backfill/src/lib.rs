@@ -9,6 +9,9 @@
 //!   `switchyard.switchyard_keys_*` on NEW (version >= 1, or a tombstone). A chunk claims the keys
 //!   that have none (`INSERT ... ON CONFLICT DO NOTHING RETURNING`, version 0) and inserts only
 //!   the rows of the keys it claimed, in the same NEW transaction ([`target::TargetTable::merge_sql`]).
+//! - Tables without a key ([`keyless`]): the rows committed before the table's capture began
+//!   (a snapshot `switchyard prepare` recorded on OLD), chunked by block ranges; mirrored rows
+//!   are exactly the others, so no fence is needed.
 //! - Progress lives on NEW ([`switchyard_store::backfill_state`]): chunks are planned lazily from a
 //!   cursor and leased with `FOR UPDATE SKIP LOCKED`, and a chunk's rows and its `done` mark
 //!   commit together ([`chunk`]).
@@ -16,6 +19,7 @@
 pub mod chunk;
 pub mod endpoint;
 mod error;
+pub mod keyless;
 pub mod progress;
 pub mod stop;
 pub mod target;
@@ -156,8 +160,8 @@ fn worker_id(n: usize) -> String {
 
 /// Backfills the selected tables until every one is complete or `stop` says otherwise.
 ///
-/// Checks every table first (phase, presence and compatibility on both stores, a key, the keys
-/// table on NEW) and fails before copying anything if one does not pass. A graceful stop lets
+/// Checks every table first (phase, presence and compatibility on both stores, the keys table on
+/// NEW, or for a table without a key its capture boundary on OLD) and fails before copying anything if one does not pass. A graceful stop lets
 /// the chunks in flight commit; an immediate one rolls them back. Either way the run returns a
 /// summary with [`RunStatus::Interrupted`] and a later run resumes.
 pub async fn run(config: &Config, options: &BackfillOptions, stop: Stop) -> Result<Summary, BackfillError> {
@@ -166,7 +170,7 @@ pub async fn run(config: &Config, options: &BackfillOptions, stop: Stop) -> Resu
     let stores = Stores::connect(config, true).await?;
     let targets = stores.check(config, &options.tables).await?;
     ensure_backfill_tables(&stores.new).await?;
-    for t in &targets {
+    for t in targets.iter().filter(|t| t.boundary.is_none()) {
         ensure_fence_trigger(&stores.new, t.qualified(), t.keys_table(), &t.key).await?;
     }
 
@@ -424,7 +428,9 @@ pub async fn cleanup_tombstones(
     names: &[TableName],
 ) -> Result<Vec<CleanupReport>, BackfillError> {
     let stores = Stores::connect(config, true).await?;
-    let targets = stores.check(config, names).await?;
+    let mut targets = stores.check(config, names).await?;
+    // Tables without a key have no keys table, hence no tombstones.
+    targets.retain(|t| t.boundary.is_none());
     ensure_backfill_tables(&stores.new).await?;
     let recorded = backfill_progress(&stores.new).await?;
     for t in &targets {

@@ -14,6 +14,7 @@ use switchyard_store::{
     TableSchema, SIDE_SCHEMA,
 };
 
+use crate::keyless::{self, Boundary};
 use crate::BackfillError;
 
 /// Type oids below this are built in (`FirstNormalObjectId`): their binary COPY form is the same
@@ -43,6 +44,8 @@ pub struct TargetTable {
     overriding: &'static str,
     /// COPY in binary (every copied column of a built-in type) or text.
     pub binary: bool,
+    /// For a table without a key: when its capture began ([`crate::keyless`]).
+    pub boundary: Option<Boundary>,
 }
 
 /// The tables a run works on: the `--table` names (each must be listed in the config and be in
@@ -86,7 +89,8 @@ pub fn select_tables(config: &Config, names: &[TableName]) -> Result<Vec<TableSe
 
 impl TargetTable {
     /// Loads `settings`' table on both stores and checks it can be backfilled: present on both,
-    /// keyed, NEW compatible with OLD (`compare`), keys table present on NEW.
+    /// NEW compatible with OLD (`compare`), and either keyed with its keys table present on NEW,
+    /// or without a key and with a capture boundary recorded on OLD.
     pub async fn check(
         old: &sqlx::PgPool,
         new: &sqlx::PgPool,
@@ -109,9 +113,15 @@ impl TargetTable {
                 store: "NEW",
             })?;
         let key = effective_key(settings, &old_schema);
-        if key.is_empty() {
-            return Err(BackfillError::NoKey { table: name.clone() });
-        }
+        let boundary = if key.is_empty() {
+            Some(
+                keyless::load_boundary(old, name)
+                    .await?
+                    .ok_or_else(|| BackfillError::NoBoundary { table: name.clone() })?,
+            )
+        } else {
+            None
+        };
         let problems = compare(&old_schema, &new_schema, &key);
         if !problems.is_empty() {
             return Err(BackfillError::Incompatible {
@@ -135,23 +145,21 @@ impl TargetTable {
                     .collect(),
             });
         }
-        let keys_table = keys_table_name(name);
-        let fence = load_table(new, &TableName::new(SIDE_SCHEMA, keys_table.as_str()))
-            .await
-            .map_err(|e| e.in_store(Role::New))?;
-        if fence.is_none() {
-            return Err(BackfillError::NotPrepared {
-                table: name.clone(),
-                keys_table,
-            });
+        if boundary.is_none() {
+            let keys_table = keys_table_name(name);
+            let fence = load_table(new, &TableName::new(SIDE_SCHEMA, keys_table.as_str()))
+                .await
+                .map_err(|e| e.in_store(Role::New))?;
+            if fence.is_none() {
+                return Err(BackfillError::NotPrepared {
+                    table: name.clone(),
+                    keys_table,
+                });
+            }
         }
-        Ok(TargetTable::new(
-            name.clone(),
-            index,
-            key,
-            &old_schema,
-            &new_schema,
-        ))
+        let mut target = TargetTable::new(name.clone(), index, key, &old_schema, &new_schema);
+        target.boundary = boundary;
+        Ok(target)
     }
 
     /// The SQL pieces for a checked table.
@@ -194,7 +202,14 @@ impl TargetTable {
             key,
             name,
             index,
+            boundary: None,
         }
+    }
+
+    /// On OLD, for a table without a key: the rows of blocks `[lo, hi)` committed before its
+    /// capture began, as COPY data.
+    pub fn keyless_copy_out_sql(&self, boundary: &Boundary, lo: i64, hi: i64) -> String {
+        keyless::copy_out_sql(&self.qualified, &self.columns, self.format(), boundary, lo, hi)
     }
 
     fn key_list(&self, prefix: &str) -> String {

@@ -54,8 +54,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Copy the rows OLD had before dual writes into NEW, fenced against mirrored writes,
-    /// resumably: exit 0 when every table is done, 1 on an error, 3 when stopped by a signal
+    /// Copy the rows OLD had before dual writes into NEW, fenced against mirrored writes (tables
+    /// without a key: the rows committed before `prepare` installed their capture), resumably:
+    /// exit 0 when every table is done, 1 on an error, 3 when stopped by a signal
     /// (state saved; run again to resume).
     Backfill {
         /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
@@ -68,7 +69,7 @@ enum Command {
         /// Chunks copied at once by this process (one connection to each store per worker).
         #[arg(long, default_value_t = 4)]
         workers: usize,
-        /// Rows per chunk.
+        /// Rows per chunk (tables without a key: about as many, as a range of blocks).
         #[arg(long, default_value_t = 10_000)]
         chunk_rows: u64,
         /// Read at most this many rows per second, all workers together.

@@ -63,6 +63,9 @@ pub const NET_PROXY: &str = "switchyard:net";
 /// The sequence numbering the net's intents (negative ids: the proxies' own are positive).
 const NET_SEQUENCE: &str = "switchyard_net_ids";
 
+/// OLD's record of when each table's capture began ([`boundary_sql`]).
+pub const BOUNDARY_TABLE: &str = "switchyard_capture_boundary";
+
 /// What a row image says happened to its row (the notice's hint field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageOp {
@@ -270,13 +273,73 @@ fn guard_function(table: &TableName, policy: UncapturedPolicy) -> String {
 
 /// A `DO` block creating trigger `trigger` on `table` with `definition` unless it exists (a
 /// constraint trigger cannot be created `OR REPLACE`, and dropping it first would take an
-/// ACCESS EXCLUSIVE lock on a table the application is using).
-fn create_trigger_once(table: &TableName, trigger: &str, definition: &str) -> String {
+/// ACCESS EXCLUSIVE lock on a table the application is using), then running `after` (only when
+/// it created the trigger).
+fn create_trigger_once(table: &TableName, trigger: &str, definition: &str, after: &str) -> String {
     format!(
-        "DO $switchyard$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \
-         WHERE tgrelid = {rel}::regclass AND tgname = {name} AND tgparentid = 0) THEN {definition}; END IF; END $switchyard$",
+        "DO $switchyard$ DECLARE s pg_catalog.pg_snapshot; BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \
+         WHERE tgrelid = {rel}::regclass AND tgname = {name} AND tgparentid = 0) THEN {definition}; {after} END IF; END $switchyard$",
         rel = escape_literal(&quote_table(table)),
         name = escape_literal(trigger),
+    )
+}
+
+/// `x` (an SQL expression of type `xid`, 32 bits) as the `xid8` among the 2^32 ids up to
+/// `latest` (an `int8` expression): the epoch a 32-bit id belongs to, reconstructed from a
+/// known recent full id.
+pub fn widen_xid(x: &str, latest: &str) -> String {
+    format!(
+        "(({latest}) - ((({latest}) - ({x})::text::int8) % 4294967296 + 4294967296) % 4294967296)::text::pg_catalog.xid8"
+    )
+}
+
+/// PL/pgSQL statements, run right after the capture trigger was created (in the same transaction,
+/// which holds the table's `SHARE ROW EXCLUSIVE` lock until it commits), recording the table's
+/// **capture boundary** in [`BOUNDARY_TABLE`]: which transactions' rows are older than the
+/// capture (`pg_current_snapshot()`, taken after the lock was granted), the table's size in
+/// blocks then, and its file node.
+///
+/// `CREATE TRIGGER` waits for every transaction that wrote the table (each holds `ROW
+/// EXCLUSIVE` until it ends), and every writer that comes after waits for this transaction's
+/// commit and then sees the trigger. So the snapshot shows exactly the rows no trigger saw: those
+/// of transactions committed before it. A transaction in progress in it inserts into the table
+/// only after the commit, captured. The snapshot's list of transactions in progress has only
+/// top-level ids, and a row's `xmin` may be a subtransaction's id
+/// (<https://www.postgresql.org/docs/current/functions-info.html#FUNCTIONS-PG-SNAPSHOT>): the
+/// ids locked in `pg_locks` (every transaction and subtransaction holds a lock on its own id
+/// until its top-level transaction ends), read after the snapshot, are added to the list, so
+/// `pg_visible_in_snapshot` answers right for them too.
+fn boundary_sql(table: &TableName) -> String {
+    let rel = format!("{}::regclass", escape_literal(&quote_table(table)));
+    let latest = "pg_catalog.pg_snapshot_xmax(s)::text::int8 - 1";
+    format!(
+        "s := pg_catalog.pg_current_snapshot(); \
+         INSERT INTO {schema}.{BOUNDARY_TABLE} (table_name, snapshot, blocks, filenode) \
+         SELECT {name}, (pg_catalog.pg_snapshot_xmin(s) || ':' || pg_catalog.pg_snapshot_xmax(s) || ':' || \
+           coalesce((SELECT pg_catalog.string_agg(x::text, ',' ORDER BY x) FROM (\
+             SELECT pg_catalog.pg_snapshot_xip(s) AS x \
+             UNION SELECT {locked} FROM pg_catalog.pg_locks l \
+               WHERE l.locktype = 'transactionid' AND l.granted AND l.pid IS DISTINCT FROM pg_catalog.pg_backend_pid()) AS i \
+             WHERE x >= pg_catalog.pg_snapshot_xmin(s) AND x < pg_catalog.pg_snapshot_xmax(s)), ''))::pg_catalog.pg_snapshot, \
+           pg_catalog.pg_relation_size({rel}) / pg_catalog.current_setting('block_size')::int8, \
+           pg_catalog.pg_relation_filenode({rel}) \
+         ON CONFLICT (table_name) DO UPDATE SET snapshot = EXCLUDED.snapshot, blocks = EXCLUDED.blocks, \
+           filenode = EXCLUDED.filenode, recorded_at = now();",
+        schema = quote_ident(SIDE_SCHEMA),
+        name = escape_literal(&table.to_string()),
+        locked = widen_xid("l.transactionid", latest),
+    )
+}
+
+/// The `CREATE TABLE` of [`BOUNDARY_TABLE`] on OLD: one row per table whose capture triggers
+/// `switchyard prepare` installed (see [`boundary_sql`]); the backfill of a table without a key
+/// copies the rows visible in `snapshot`, in blocks below `blocks`.
+pub fn boundary_table_sql() -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {}.{BOUNDARY_TABLE} (table_name text PRIMARY KEY, \
+         snapshot pg_snapshot NOT NULL, blocks bigint NOT NULL, filenode oid, \
+         recorded_at timestamptz NOT NULL DEFAULT now())",
+        quote_ident(SIDE_SCHEMA)
     )
 }
 
@@ -311,6 +374,7 @@ pub fn install_sql(
                 trigger = quote_ident(CAPTURE_TRIGGER),
                 function = function_name("capture", table),
             ),
+            &boundary_sql(table),
         ),
         // The guard's events depend on the key, which may have changed since it was created.
         format!(
@@ -326,10 +390,16 @@ pub fn install_sql(
     ]
 }
 
-/// The statements that remove the capture from `table` on OLD (a table back in `passthrough`).
+/// The statements that remove the capture from `table` on OLD (a table back in `passthrough`),
+/// and its capture boundary with it.
 pub fn uninstall_sql(table: &TableName) -> Vec<String> {
     let qualified = quote_table(table);
     vec![
+        format!(
+            "DELETE FROM {}.{BOUNDARY_TABLE} WHERE table_name = {}",
+            quote_ident(SIDE_SCHEMA),
+            escape_literal(&table.to_string())
+        ),
         format!(
             "DROP TRIGGER IF EXISTS {} ON {qualified}",
             quote_ident(CAPTURE_TRIGGER)

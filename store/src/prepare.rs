@@ -8,8 +8,9 @@
 //!   backfill's fence), `switchyard_applied` (the intents whose changes NEW has applied), and the
 //!   backfill's progress tables `switchyard_backfill_tables` and `switchyard_backfill_chunks`
 //!   ([`crate::backfill_state`]);
-//! - on OLD, `switchyard_intents` (the changes of each mirrored transaction, committed with it)
-//!   and `switchyard_verify` (tables marked for a full verification), and on every table in a
+//! - on OLD, `switchyard_intents` (the changes of each mirrored transaction, committed with it),
+//!   `switchyard_verify` (tables marked for a full verification) and `switchyard_capture_boundary`
+//!   (when each table's capture began, for the backfill of tables without a key), and on every table in a
 //!   mirrored phase the capture triggers of [`crate::capture`] (removed again from tables back in
 //!   `passthrough`).
 //!
@@ -125,7 +126,13 @@ pub async fn prepare(
 
     if apply && report.is_ready() {
         create_side_objects(new, Role::New, &new_side_ddl(&report.tables), &report.tables).await?;
-        let mut old_steps = old_side_ddl();
+        // READ COMMITTED whatever OLD's default: the capture boundary's snapshot must be taken
+        // after the trigger's lock was granted, not at the transaction's first statement.
+        let mut old_steps = vec![(
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED".to_owned(),
+            "choosing READ COMMITTED".to_owned(),
+        )];
+        old_steps.extend(old_side_ddl());
         old_steps.extend(capture_steps(tables, &report.tables));
         create_side_objects(old, Role::Old, &old_steps, &[]).await?;
     }
@@ -325,6 +332,10 @@ fn old_side_ddl() -> Vec<Step> {
         create_step(
             VERIFY_TABLE,
             "table_name text PRIMARY KEY, reason text NOT NULL, marked_at timestamptz NOT NULL DEFAULT now()",
+        ),
+        (
+            crate::capture::boundary_table_sql(),
+            format!("creating {SIDE_SCHEMA}.{}", crate::capture::BOUNDARY_TABLE),
         ),
     ]
 }

@@ -48,6 +48,27 @@ impl DualEnv {
         Ok(env)
     }
 
+    /// Like [`DualEnv::new`], with `old_rows` (SQL batches, each run on its own, so `VACUUM` may
+    /// be one) run on OLD after the schema and before `prepare`: rows that existed before the
+    /// capture began. Tables without a key need this:
+    /// their backfill copies only rows committed before their capture triggers were installed.
+    pub async fn new_seeded(
+        label: &str,
+        schema: &str,
+        old_rows: &[&str],
+        tables: Vec<DualTable>,
+    ) -> anyhow::Result<DualEnv> {
+        let (old, new) = TestDb::create_pair(label).await?;
+        old.execute_batch(schema).await?;
+        new.execute_batch(schema).await?;
+        for batch in old_rows {
+            old.execute_batch(batch).await?;
+        }
+        let env = DualEnv { old, new, tables };
+        env.prepare().await?;
+        Ok(env)
+    }
+
     /// Like [`DualEnv::new`], but NEW is created on the server at `new_admin_url` (for example a
     /// [`crate::TestCluster`]'s `url("postgres")`, so a test can stop, restart or kill NEW) while
     /// OLD stays on the shared server.
@@ -232,7 +253,8 @@ impl DualEnv {
     /// Writes rows on OLD that count as existing before dual writes began: OLD's capture
     /// triggers do not fire for this batch (`session_replication_role = replica`, which turns
     /// ordinary triggers off), so nothing is recorded for the repair loop and the backfill is
-    /// what copies them.
+    /// what copies them. Not for tables without a key: their backfill copies only the rows
+    /// committed before `prepare` installed the triggers (use [`DualEnv::new_seeded`]).
     /// <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-SESSION-REPLICATION-ROLE>
     pub async fn seed_old(&self, sql: &str) -> anyhow::Result<()> {
         self.old

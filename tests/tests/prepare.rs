@@ -236,6 +236,16 @@ async fn identical_tables_get_exact_side_tables_and_prepare_is_idempotent() {
             .as_deref(),
         Some("PRIMARY KEY (table_name)")
     );
+    assert_eq!(
+        columns(&db.old, "switchyard.switchyard_capture_boundary").await,
+        [
+            "table_name text NOT NULL",
+            "snapshot pg_snapshot NOT NULL",
+            "blocks bigint NOT NULL",
+            "filenode oid",
+            "recorded_at timestamp with time zone NOT NULL DEFAULT now()",
+        ]
+    );
     // Each side table lives on its own store only.
     assert!(columns(&db.old, "switchyard.switchyard_tables").await.is_empty());
     assert!(columns(&db.new, "switchyard.switchyard_intents").await.is_empty());
