@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
-use crate::mirror::{escape_literal, Change, ChangeOp, MirrorTable};
+use crate::mirror::{escape_literal, push_escaped, Change, ChangeOp, MirrorTable};
 use crate::{quote_ident, SIDE_SCHEMA};
 
 /// One table's part of an intent: its keys (or appended rows) as the text of JSON array
@@ -67,14 +67,19 @@ impl IntentKeys {
 
     /// Adds the keys (or, for appends, the rows) of `change`'s images.
     pub fn add(&mut self, tables: &[MirrorTable], change: &Change) {
-        let Some(table) = tables.get(change.table) else {
+        self.add_rows(tables, change.table, change.op, &change.rows);
+    }
+
+    /// Adds the keys (or, for appends, the rows) of `rows`, images of `op` on table `index`.
+    pub fn add_rows(&mut self, tables: &[MirrorTable], index: usize, op: ChangeOp, rows: &[String]) {
+        let Some(table) = tables.get(index) else {
             return;
         };
-        let slot = match self.tables.iter().position(|t| t.table == change.table) {
+        let slot = match self.tables.iter().position(|t| t.table == index) {
             Some(i) => i,
             None => {
                 self.tables.push(TableIntent {
-                    table: change.table,
+                    table: index,
                     ..TableIntent::default()
                 });
                 self.tables.len() - 1
@@ -83,8 +88,8 @@ impl IntentKeys {
         let Some(entry) = self.tables.get_mut(slot) else {
             return;
         };
-        for row in &change.rows {
-            if table.keyed() && change.op != ChangeOp::Append {
+        for row in rows {
+            if table.keyed() && op != ChangeOp::Append {
                 // A key written several times in the transaction is listed once: a repair
                 // re-copies its final state.
                 match key_text(&table.key, row) {
@@ -105,12 +110,26 @@ impl IntentKeys {
     }
 
     /// The statement that records the intent on OLD, to run inside the client's transaction
-    /// just before its COMMIT.
-    pub fn sql(&self, tables: &[MirrorTable], intent_id: i64, proxy: &str) -> String {
-        let mut changes = String::with_capacity(self.bytes() + 64 * self.tables.len() + 2);
-        changes.push('[');
+    /// just before its COMMIT. Consumes the intent: the key set goes first, and each table's
+    /// keys as soon as they are in the statement, so the peak is about one copy of the keys.
+    pub fn sql(self, tables: &[MirrorTable], intent_id: i64, proxy: &str) -> String {
+        let mut parts: Vec<TableIntent> = self.tables;
+        for t in &mut parts {
+            t.seen = HashSet::new();
+        }
+        let size: usize = parts.iter().map(|t| t.keys.len() + t.rows.len() + 64).sum();
+        // clock_timestamp(), not now(): the age that makes an intent stale must count from its
+        // commit, not from the start of a long client transaction.
+        let mut sql = String::with_capacity(size + size / 16 + 256);
+        let _ = write!(
+            sql,
+            "INSERT INTO {}.switchyard_intents (id, created_at, proxy, changes) \
+             VALUES ({intent_id}, clock_timestamp(), {}, E'[",
+            quote_ident(SIDE_SCHEMA),
+            escape_literal(proxy),
+        );
         let mut first = true;
-        for t in &self.tables {
+        for t in parts {
             let Some(table) = tables.get(t.table) else {
                 continue;
             };
@@ -118,29 +137,25 @@ impl IntentKeys {
                 continue;
             }
             if !first {
-                changes.push(',');
+                sql.push(',');
             }
             first = false;
-            changes.push_str("{\"t\":");
-            changes.push_str(&Value::String(table.name.to_string()).to_string());
+            sql.push_str("{\"t\":");
+            push_escaped(&mut sql, &Value::String(table.name.to_string()).to_string());
             if !t.keys.is_empty() {
-                let _ = write!(changes, ",\"k\":[{}]", t.keys);
+                sql.push_str(",\"k\":[");
+                push_escaped(&mut sql, &t.keys);
+                sql.push(']');
             }
             if !t.rows.is_empty() {
-                let _ = write!(changes, ",\"r\":[{}]", t.rows);
+                sql.push_str(",\"r\":[");
+                push_escaped(&mut sql, &t.rows);
+                sql.push(']');
             }
-            changes.push('}');
+            sql.push('}');
         }
-        changes.push(']');
-        format!(
-            // clock_timestamp(), not now(): the age that makes an intent stale must count from
-            // its commit, not from the start of a long client transaction.
-            "INSERT INTO {}.switchyard_intents (id, created_at, proxy, changes) \
-             VALUES ({intent_id}, clock_timestamp(), {}, {}::jsonb)",
-            quote_ident(SIDE_SCHEMA),
-            escape_literal(proxy),
-            escape_literal(&changes)
-        )
+        sql.push_str("]'::jsonb)");
+        sql
     }
 }
 
@@ -238,7 +253,76 @@ impl<'de> Visitor<'de> for ColumnSeed<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::key_text;
+    use super::{key_text, IntentKeys};
+    use crate::mirror::{Change, ChangeOp, MirrorTable};
+    use crate::{Column, TableSchema};
+
+    fn table(name: &str, key: &[&str]) -> MirrorTable {
+        let column = |c: &str| Column {
+            name: c.to_owned(),
+            type_name: "text".to_owned(),
+            type_oid: 25,
+            not_null: false,
+            has_default: false,
+            generated: false,
+            identity: None,
+        };
+        let schema = TableSchema {
+            name: name.parse().unwrap(),
+            columns: vec![column("id"), column("v")],
+            primary_key: Vec::new(),
+            unique_keys: Vec::new(),
+        };
+        MirrorTable::new(
+            name.parse().unwrap(),
+            key.iter().map(|k| (*k).to_owned()).collect(),
+            &schema,
+            &schema,
+        )
+    }
+
+    #[test]
+    fn an_intent_lists_each_key_once_and_every_appended_row() {
+        let tables = [table("public.t", &["id"]), table("public.log", &[])];
+        let change = |table, op, rows: &[&str]| Change {
+            table,
+            op,
+            rows: rows.iter().map(|r| (*r).to_owned()).collect(),
+        };
+        let mut intent = IntentKeys::new();
+        intent.add(
+            &tables,
+            &change(
+                0,
+                ChangeOp::Upsert,
+                &[r#"{"id":1,"v":"a'b"}"#, r#"{"id":2,"v":null}"#],
+            ),
+        );
+        intent.add(&tables, &change(1, ChangeOp::Append, &[r#"{"id":9,"v":"x\\y"}"#]));
+        intent.add(
+            &tables,
+            &change(0, ChangeOp::Delete, &[r#"{"id":1,"v":"c"}"#, "not json"]),
+        );
+        assert_eq!(intent.keys(), 2);
+        let sql = intent.sql(&tables, 7, "p'x");
+        let literal = sql
+            .split_once("E'[")
+            .and_then(|(_, rest)| rest.split_once("'::jsonb)"))
+            .map(|(json, _)| format!("[{json}").replace("''", "'").replace("\\\\", "\\"))
+            .unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&literal).unwrap();
+        assert_eq!(
+            parsed,
+            serde_json::json!([
+                {"t": "public.t", "k": [{"id": 1}, {"id": 2}]},
+                {"t": "public.log", "r": [{"id": 9, "v": "x\\y"}]}
+            ])
+        );
+        assert!(
+            sql.contains("VALUES (7, clock_timestamp(), E'p''x', E'["),
+            "{sql}"
+        );
+    }
 
     #[test]
     fn keys_come_from_the_key_columns_only() {

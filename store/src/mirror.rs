@@ -208,6 +208,17 @@ impl MirrorTable {
 pub fn escape_literal(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 3);
     out.push_str("E'");
+    push_escaped(&mut out, s);
+    out.push('\'');
+    out
+}
+
+/// Appends `s` escaped for the inside of an `E'...'` literal (see [`escape_literal`]).
+pub fn push_escaped(out: &mut String, s: &str) {
+    if !s.contains(['\'', '\\']) {
+        out.push_str(s);
+        return;
+    }
     for c in s.chars() {
         match c {
             '\'' => out.push_str("''"),
@@ -215,8 +226,6 @@ pub fn escape_literal(s: &str) -> String {
             c => out.push(c),
         }
     }
-    out.push('\'');
-    out
 }
 
 /// The advisory lock on NEW that orders mirrored deletes of `table` against the backfill's

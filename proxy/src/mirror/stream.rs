@@ -34,6 +34,8 @@ use switchyard_pgwire::startup::CancelKey;
 pub(crate) const CHUNK_IMAGES: usize = 8192;
 /// ... or this many bytes of images, whichever comes first.
 pub(crate) const CHUNK_BYTES: usize = 4 << 20;
+/// Images whose keys are read between two yields to the other sessions of the thread.
+const YIELD_IMAGES: usize = 1024;
 /// Intents with more keys than this are built off the session's thread.
 const BLOCKING_INTENT_KEYS: usize = 50_000;
 
@@ -132,7 +134,7 @@ impl Mirror {
     /// after reading the answers to the previous chunk; their keys go to the intent. Then yields,
     /// so the other sessions of this thread run.
     pub(crate) async fn send_chunk(&self, s: &mut ImageStream) {
-        let changes = self.fold(s);
+        let changes = self.fold(s).await;
         s.chunks += 1;
         s.new = match mem::replace(&mut s.new, NewSide::Gone) {
             NewSide::Idle => match self.begin_on_new(&changes, &mut s.fenced, None).await {
@@ -164,7 +166,7 @@ impl Mirror {
     /// `intent_id`; the connection whose transaction is ready to commit, or `None` when NEW's
     /// side failed (the transaction then relies on its intent).
     pub(crate) async fn finish_on_new(&self, s: &mut ImageStream, intent_id: i64) -> Option<LinkConn> {
-        let changes = self.fold(s);
+        let changes = self.fold(s).await;
         match mem::replace(&mut s.new, NewSide::Gone) {
             NewSide::Idle => self.begin_on_new(&changes, &mut s.fenced, Some(intent_id)).await,
             NewSide::Open { mut conn, in_flight } => {
@@ -200,11 +202,17 @@ impl Mirror {
         s.clear();
     }
 
-    /// Takes the images `s` holds out of it, their keys added to the intent.
-    fn fold(&self, s: &mut ImageStream) -> Vec<Change> {
+    /// Takes the images `s` holds out of it, their keys added to the intent, yielding to the
+    /// other sessions of the thread every [`YIELD_IMAGES`] images.
+    async fn fold(&self, s: &mut ImageStream) -> Vec<Change> {
         let changes = s.take_pending();
         for c in &changes {
-            s.intent.add(&self.tables, c);
+            for rows in c.rows.chunks(YIELD_IMAGES) {
+                s.intent.add_rows(&self.tables, c.table, c.op, rows);
+                if rows.len() == YIELD_IMAGES {
+                    tokio::task::yield_now().await;
+                }
+            }
         }
         changes
     }
