@@ -11,6 +11,7 @@
 
 pub mod backfill_state;
 pub mod capture;
+pub mod intent;
 pub mod mirror;
 mod postgres;
 pub mod prepare;

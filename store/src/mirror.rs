@@ -24,7 +24,6 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use serde_json::{Map, Value};
 use sqlx::postgres::PgPool;
 use switchyard_config::TableName;
 
@@ -203,25 +202,23 @@ impl MirrorTable {
     pub fn prepared_apply(&self, op: ChangeOp) -> Vec<String> {
         self.apply_statements(op, "$1")
     }
-
-    /// The key of a row image, as a JSON object of the key columns (for intents), or `None` if
-    /// the image lacks one.
-    fn key_of(&self, image: &str) -> Option<Map<String, Value>> {
-        let Ok(Value::Object(mut row)) = serde_json::from_str::<Value>(image) else {
-            return None;
-        };
-        let mut key = Map::new();
-        for k in &self.key {
-            key.insert(k.clone(), row.remove(k)?);
-        }
-        Some(key)
-    }
 }
 
 /// An SQL string literal that means the same whatever `standard_conforming_strings` says.
 pub fn escape_literal(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 3);
     out.push_str("E'");
+    push_escaped(&mut out, s);
+    out.push('\'');
+    out
+}
+
+/// Appends `s` escaped for the inside of an `E'...'` literal (see [`escape_literal`]).
+pub fn push_escaped(out: &mut String, s: &str) {
+    if !s.contains(['\'', '\\']) {
+        out.push_str(s);
+        return;
+    }
     for c in s.chars() {
         match c {
             '\'' => out.push_str("''"),
@@ -229,8 +226,6 @@ pub fn escape_literal(s: &str) -> String {
             c => out.push(c),
         }
     }
-    out.push('\'');
-    out
 }
 
 /// The advisory lock on NEW that orders mirrored deletes of `table` against the backfill's
@@ -314,59 +309,14 @@ pub fn apply_sql(tables: &[MirrorTable], changes: &[Change], intent_id: i64) -> 
 }
 
 /// The intent record of a transaction, to run on OLD inside the client's transaction just
-/// before its COMMIT: for keyed tables the keys changed, for the others the rows appended.
+/// before its COMMIT: for keyed tables the keys changed, for the others the rows appended (see
+/// [`crate::intent::IntentKeys`], which builds it image by image).
 pub fn intent_sql(tables: &[MirrorTable], changes: &[Change], intent_id: i64, proxy: &str) -> String {
-    let mut per_table: Vec<(usize, Vec<Value>, Vec<Value>)> = Vec::new();
+    let mut intent = crate::intent::IntentKeys::new();
     for c in changes {
-        let Some(table) = tables.get(c.table) else {
-            continue;
-        };
-        let slot = match per_table.iter().position(|(t, _, _)| *t == c.table) {
-            Some(i) => i,
-            None => {
-                per_table.push((c.table, Vec::new(), Vec::new()));
-                per_table.len() - 1
-            }
-        };
-        for row in &c.rows {
-            if table.keyed() && c.op != ChangeOp::Append {
-                // A key written several times in the transaction is listed once: a repair
-                // re-copies its final state, and one statement may touch a key only once.
-                if let Some(k) = table.key_of(row).map(Value::Object) {
-                    if !per_table[slot].1.contains(&k) {
-                        per_table[slot].1.push(k);
-                    }
-                }
-            } else if let Ok(v) = serde_json::from_str::<Value>(row) {
-                per_table[slot].2.push(v);
-            }
-        }
+        intent.add(tables, c);
     }
-    let entries: Vec<Value> = per_table
-        .into_iter()
-        .filter_map(|(t, keys, rows)| {
-            let table = tables.get(t)?;
-            let mut e = Map::new();
-            e.insert("t".into(), Value::String(table.name.to_string()));
-            if !keys.is_empty() {
-                e.insert("k".into(), Value::Array(keys));
-            }
-            if !rows.is_empty() {
-                e.insert("r".into(), Value::Array(rows));
-            }
-            Some(Value::Object(e))
-        })
-        .collect();
-    let changes = Value::Array(entries).to_string();
-    format!(
-        // clock_timestamp(), not now(): the age that makes an intent stale must count from its
-        // commit, not from the start of a long client transaction.
-        "INSERT INTO {}.switchyard_intents (id, created_at, proxy, changes) \
-         VALUES ({intent_id}, clock_timestamp(), {}, {}::jsonb)",
-        quote_ident(SIDE_SCHEMA),
-        escape_literal(proxy),
-        escape_literal(&changes)
-    )
+    intent.sql(tables, intent_id, proxy)
 }
 
 /// Of `ids` (intents whose NEW transaction committed, with `synchronous_commit = off`), those

@@ -47,7 +47,7 @@ use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{Connection, Row};
 
-use crate::mirror::{failed, push_changes, Change, ChangeOp, MirrorTable};
+use crate::mirror::{failed, json_array, push_changes, Change, ChangeOp, MirrorTable};
 use crate::{quote_ident, StoreError};
 
 /// Intents that need a repair: those of this proxy listed in `mine` (its NEW commit failed),
@@ -61,9 +61,9 @@ pub async fn pending_intents(
     skip: &[i64],
     stale_secs: f64,
     limit: i64,
-) -> Result<Vec<i64>, StoreError> {
+) -> Result<Vec<PendingIntent>, StoreError> {
     let rows = sqlx::query(
-        "SELECT id FROM switchyard.switchyard_intents \
+        "SELECT id, pg_column_size(changes)::int8 FROM switchyard.switchyard_intents \
          WHERE (id = ANY($1) OR created_at < now() - make_interval(secs => $2) OR proxy = $5) \
          AND NOT id = ANY($4) ORDER BY created_at LIMIT $3",
     )
@@ -75,7 +75,23 @@ pub async fn pending_intents(
     .fetch_all(old)
     .await
     .map_err(failed("old", "listing intents to repair"))?;
-    Ok(rows.iter().filter_map(|r| r.try_get::<i64, _>(0).ok()).collect())
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            Some(PendingIntent {
+                id: r.try_get(0).ok()?,
+                stored_bytes: r.try_get(1).unwrap_or(0),
+            })
+        })
+        .collect())
+}
+
+/// An intent waiting for a repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingIntent {
+    pub id: i64,
+    /// The size of its key list as stored on OLD (compressed): a large one takes longer.
+    pub stored_bytes: i64,
 }
 
 /// How many intents exist on OLD (transactions whose NEW side is unconfirmed or pending repair).
@@ -106,33 +122,84 @@ pub enum RepairOutcome {
 const CANONICAL_OUTPUT: &str = "SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 3; \
      SET LOCAL IntervalStyle = 'postgres'; SET LOCAL bytea_output = 'hex'; SET LOCAL DateStyle = 'ISO, MDY'";
 
-/// One entry of an intent: a mirrored table and its keys (a JSON array of key objects) or its
-/// appended rows.
-struct Entry<'a> {
+/// Keys read from OLD and written to NEW per statement in a repair: what the repair holds in
+/// memory at a time (the rows of one batch), whatever the size of the intent.
+const REPAIR_BATCH: usize = 10_000;
+
+/// One entry of an intent: a mirrored table, its keys (the elements of JSON arrays of at most
+/// [`REPAIR_BATCH`] key objects, as text) and its appended rows.
+struct Entry {
     table: usize,
-    keys: Option<String>,
-    rows: Vec<&'a Value>,
+    keys: Vec<String>,
+    rows: Batches,
+}
+
+/// An intent's entry as stored: `k` and `r` are read element by element into text batches,
+/// so a million keys never become a million parsed objects at once.
+#[derive(serde::Deserialize)]
+struct StoredEntry {
+    t: Option<String>,
+    #[serde(default)]
+    k: Batches,
+    #[serde(default)]
+    r: Batches,
+}
+
+/// A JSON array read as the texts of its elements, comma separated, [`REPAIR_BATCH`] per
+/// batch.
+#[derive(Default)]
+struct Batches {
+    texts: Vec<String>,
+    elements: usize,
+}
+
+impl<'de> serde::Deserialize<'de> for Batches {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Batches, D::Error> {
+        d.deserialize_seq(Batches::default())
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Batches {
+    type Value = Batches;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<Batches, A::Error> {
+        while let Some(element) = seq.next_element::<Value>()? {
+            if self.elements.is_multiple_of(REPAIR_BATCH) {
+                self.texts.push(String::new());
+            }
+            if let Some(batch) = self.texts.last_mut() {
+                if !batch.is_empty() {
+                    batch.push(',');
+                }
+                batch.push_str(&element.to_string());
+            }
+            self.elements += 1;
+        }
+        Ok(self)
+    }
 }
 
 /// The entries of an intent's `changes`, or the name of a table no entry of `tables` is.
-fn entries<'a>(tables: &[MirrorTable], changes: &'a [Value]) -> Result<Vec<Entry<'a>>, String> {
+fn entries(tables: &[MirrorTable], changes: &str) -> Result<Vec<Entry>, String> {
+    // An intent that is not what a proxy or the net writes has nothing to repair.
+    let stored: Vec<StoredEntry> = serde_json::from_str(changes).unwrap_or_default();
     let mut out = Vec::new();
-    for entry in changes {
-        let Some(name) = entry.get("t").and_then(Value::as_str) else {
+    for entry in stored {
+        let Some(name) = entry.t else {
             continue;
         };
         let Some(table) = tables.iter().position(|t| t.name.to_string() == name) else {
-            return Err(name.to_owned());
+            return Err(name);
         };
-        let keys = match entry.get("k") {
-            Some(k @ Value::Array(_)) => Some(k.to_string()),
-            _ => None,
-        };
-        let rows = match entry.get("r") {
-            Some(Value::Array(rows)) => rows.iter().collect(),
-            _ => Vec::new(),
-        };
-        out.push(Entry { table, keys, rows });
+        out.push(Entry {
+            table,
+            keys: entry.k.texts,
+            rows: entry.r,
+        });
     }
     // Key locks are taken in one order by every repair: tables by name (keys sort in SQL).
     out.sort_by_key(|e| tables.get(e.table).map(|t| t.name.to_string()));
@@ -200,6 +267,20 @@ async fn read_keys(
     Ok((found, gone))
 }
 
+/// Runs the statements applying `changes` in NEW's transaction.
+async fn apply_on_new(
+    ntx: &mut PgConnection,
+    tables: &[MirrorTable],
+    changes: &[Change],
+) -> Result<(), sqlx::Error> {
+    let mut sql = String::new();
+    push_changes(tables, changes, &mut sql);
+    if !sql.is_empty() {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *ntx).await?;
+    }
+    Ok(())
+}
+
 /// Repairs one intent: takes it (`FOR UPDATE SKIP LOCKED` on OLD), locks its keys on NEW, reads
 /// them from OLD, writes them to NEW with higher versions (deleting the keys OLD no longer has)
 /// and commits NEW synchronously, then deletes the intent and, after it, the applied marker.
@@ -223,8 +304,8 @@ pub async fn repair_intent(
     let Some(changes) = changes else {
         return Ok(RepairOutcome::Skipped);
     };
-    let parsed: Vec<Value> = serde_json::from_str(&changes).unwrap_or_default();
-    let entries = match entries(tables, &parsed) {
+    // The rows and keys are read from `entries` from here on.
+    let entries = match entries(tables, &changes) {
         Ok(entries) => entries,
         // Dropping `otx` rolls back: the intent stays as it is.
         Err(table) => return Ok(RepairOutcome::Unmirrored { table }),
@@ -264,10 +345,14 @@ pub async fn repair_intent(
         ntx.commit().await.map_err(nerr)?;
         RepairOutcome::AlreadyApplied
     } else {
-        // Step 1: the keys' records on NEW, before OLD is read.
+        drop(changes);
+        // Step 1: the keys' records on NEW, before OLD is read: each table's keys in one
+        // statement, so they are locked in key order.
         for e in &entries {
-            if let (Some(table), Some(keys)) = (tables.get(e.table), &e.keys) {
-                lock_keys(&mut ntx, table, keys).await.map_err(nerr)?;
+            if let (Some(table), false) = (tables.get(e.table), e.keys.is_empty()) {
+                lock_keys(&mut ntx, table, &json_array(&e.keys))
+                    .await
+                    .map_err(nerr)?;
             }
         }
         // Step 2: OLD, read committed, canonical output.
@@ -275,42 +360,41 @@ pub async fn repair_intent(
             .execute(&mut *otx)
             .await
             .map_err(oerr)?;
-        let (mut apply, mut keys_done, mut appended) = (Vec::new(), 0, 0);
+        // Step 3, a batch of keys at a time.
+        let (mut keys_done, mut appended) = (0, 0);
         for e in &entries {
             let Some(table) = tables.get(e.table) else {
                 continue;
             };
-            if let Some(keys) = &e.keys {
-                let (found, gone) = read_keys(&mut otx, table, keys).await.map_err(oerr)?;
+            for batch in &e.keys {
+                let keys = json_array(std::slice::from_ref(batch));
+                let (found, gone) = read_keys(&mut otx, table, &keys).await.map_err(oerr)?;
                 keys_done += found.len() + gone.len();
-                apply.push(Change {
-                    table: e.table,
-                    op: ChangeOp::Upsert,
-                    rows: found,
-                });
-                apply.push(Change {
-                    table: e.table,
-                    op: ChangeOp::Delete,
-                    rows: gone,
-                });
+                let apply = [
+                    Change {
+                        table: e.table,
+                        op: ChangeOp::Upsert,
+                        rows: found,
+                    },
+                    Change {
+                        table: e.table,
+                        op: ChangeOp::Delete,
+                        rows: gone,
+                    },
+                ];
+                apply_on_new(&mut ntx, tables, &apply).await.map_err(nerr)?;
             }
-            if !e.rows.is_empty() {
-                appended += e.rows.len();
-                apply.push(Change {
+            appended += e.rows.elements;
+            for batch in &e.rows.texts {
+                // The batch is the text of its rows, comma separated: one JSON array once
+                // `json_array` puts the brackets around it.
+                let apply = [Change {
                     table: e.table,
                     op: ChangeOp::Append,
-                    rows: e.rows.iter().map(|r| r.to_string()).collect(),
-                });
+                    rows: vec![batch.clone()],
+                }];
+                apply_on_new(&mut ntx, tables, &apply).await.map_err(nerr)?;
             }
-        }
-        // Step 3.
-        let mut sql = String::new();
-        push_changes(tables, &apply, &mut sql);
-        if !sql.is_empty() {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .execute(&mut *ntx)
-                .await
-                .map_err(nerr)?;
         }
         ntx.commit().await.map_err(nerr)?;
         RepairOutcome::Repaired {

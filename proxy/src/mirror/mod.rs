@@ -11,6 +11,7 @@ pub(crate) mod newlink;
 mod repairs;
 pub(crate) mod session;
 pub(crate) mod sql;
+pub(crate) mod stream;
 pub(crate) mod wire;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -284,44 +285,22 @@ impl Mirror {
         self.new_down_until.store(until, Relaxed);
     }
 
-    /// Step 1 on NEW: `BEGIN`, the images and the applied marker, in one round trip, on a
-    /// pooled connection. `None` when NEW is down, slow or refuses the images: the transaction
-    /// then relies on its intent.
-    pub(crate) async fn begin_on_new(&self, changes: &[Change], intent_id: i64) -> Option<LinkConn> {
+    /// Step 1 on NEW: `BEGIN`, the images and (with `marker`, the transaction's intent id) the
+    /// applied marker, in one round trip, on a pooled connection. `None` when NEW is down, slow
+    /// or refuses the images: the transaction then relies on its intent. `fenced` lists the
+    /// tables whose fence lock the NEW transaction holds (see [`Mirror::batch`]). A large
+    /// transaction sends its later images with [`Mirror::send_chunk`] (`stream.rs`).
+    pub(crate) async fn begin_on_new(
+        &self,
+        changes: &[Change],
+        fenced: &mut Vec<usize>,
+        marker: Option<i64>,
+    ) -> Option<LinkConn> {
         if !self.new_available() {
             return None;
         }
-        let params: Vec<String> = changes
-            .iter()
-            .map(|c| store_mirror::json_array(&c.rows))
-            .collect();
-        let id = intent_id.to_string();
-        let mut batch = Vec::with_capacity(changes.len() + 1);
-        for (i, (c, p)) in changes.iter().zip(&params).enumerate() {
-            let Some(st) = self.statements.get(c.table) else {
-                continue;
-            };
-            if store_mirror::takes_fence_lock(changes, i) {
-                let (name, sql) = &st.fence;
-                batch.push(BatchStatement {
-                    name,
-                    sql,
-                    params: Vec::new(),
-                });
-            }
-            for (name, sql) in st.get(c.op) {
-                batch.push(BatchStatement {
-                    name,
-                    sql,
-                    params: vec![p.as_str()],
-                });
-            }
-        }
-        batch.push(BatchStatement {
-            name: "switchyard_applied",
-            sql: store_mirror::APPLIED_SQL,
-            params: vec![id.as_str()],
-        });
+        let params = image_params(changes, marker);
+        let batch = self.batch(changes, &params, fenced);
         // The connection whose batch is on NEW, to cancel it there if we give up on it.
         let in_use = Mutex::new(None);
         let work = async {
@@ -357,6 +336,48 @@ impl Mirror {
                 None
             }
         }
+    }
+
+    /// The statements applying `changes` with the parameters [`image_params`] made, each
+    /// table's first delete in the NEW transaction preceded by its fence lock (`fenced`: the
+    /// tables whose lock the transaction already holds, updated), as
+    /// [`store_mirror::takes_fence_lock`] says, and the applied marker last if `params` has it.
+    fn batch<'a>(
+        &'a self,
+        changes: &[Change],
+        params: &'a [String],
+        fenced: &mut Vec<usize>,
+    ) -> Vec<BatchStatement<'a>> {
+        let mut batch = Vec::with_capacity(params.len() + 1);
+        for (c, p) in changes.iter().zip(params) {
+            let Some(st) = self.statements.get(c.table) else {
+                continue;
+            };
+            if c.op == ChangeOp::Delete && !c.rows.is_empty() && !fenced.contains(&c.table) {
+                fenced.push(c.table);
+                let (name, sql) = &st.fence;
+                batch.push(BatchStatement {
+                    name,
+                    sql,
+                    params: Vec::new(),
+                });
+            }
+            for (name, sql) in st.get(c.op) {
+                batch.push(BatchStatement {
+                    name,
+                    sql,
+                    params: vec![p.as_str()],
+                });
+            }
+        }
+        if let Some(id) = params.get(changes.len()) {
+            batch.push(BatchStatement {
+                name: "switchyard_applied",
+                sql: store_mirror::APPLIED_SQL,
+                params: vec![id.as_str()],
+            });
+        }
+        batch
     }
 
     /// Step 3: commit NEW after OLD committed. On failure the intent stays on OLD and this
@@ -444,6 +465,16 @@ impl Mirror {
             }
         });
     }
+}
+
+/// The parameters of a batch: each change's images as one JSON array, then the intent id of
+/// the applied marker, if the batch ends with it.
+fn image_params(changes: &[Change], marker: Option<i64>) -> Vec<String> {
+    changes
+        .iter()
+        .map(|c| store_mirror::json_array(&c.rows))
+        .chain(marker.map(|m| m.to_string()))
+        .collect()
 }
 
 /// A user function or procedure on OLD whose definition writes a migrated table.

@@ -47,6 +47,8 @@ pub(crate) struct NewConn {
     stream: TcpStream,
     buf: BytesMut,
     prepared: HashSet<String>,
+    /// Statements parsed by batches whose answers are not read yet.
+    unconfirmed: Vec<String>,
     /// The backend's pid and secret (BackendKeyData), to cancel a statement we give up on.
     cancel_key: Option<CancelKey>,
 }
@@ -62,27 +64,50 @@ impl NewConn {
     /// (not a simple Query, whose ReadyForQuery NEW would send in a packet of its own): NEW
     /// answers the whole batch in one packet.
     pub(crate) async fn begin_batch(&mut self, stmts: &[BatchStatement<'_>]) -> Result<(), LinkError> {
+        self.send_batch(stmts, true).await?;
+        self.batch_answer().await
+    }
+
+    /// Sends the statements (after `BEGIN` when `begin`) and a Sync in one write, without
+    /// waiting: [`Self::batch_answer`] reads the answers, so the next batch can be built while
+    /// NEW runs this one. After an error the connection must be dropped, not reused (the
+    /// statements prepared by batches still unanswered are not known to exist).
+    pub(crate) async fn send_batch(
+        &mut self,
+        stmts: &[BatchStatement<'_>],
+        begin: bool,
+    ) -> Result<(), LinkError> {
         const BEGIN: BatchStatement<'static> = BatchStatement {
             name: "switchyard_begin",
             sql: "BEGIN",
             params: Vec::new(),
         };
-        let mut out = BytesMut::with_capacity(1024);
-        let mut newly = Vec::new();
-        for s in std::iter::once(&BEGIN).chain(stmts) {
-            if !self.prepared.contains(s.name) && !newly.contains(&s.name) {
+        let size: usize = stmts
+            .iter()
+            .map(|s| 64 + s.params.iter().map(|p| p.len() + 4).sum::<usize>())
+            .sum();
+        let mut out = BytesMut::with_capacity(1024 + size);
+        let first = if begin { Some(&BEGIN) } else { None };
+        for s in first.into_iter().chain(stmts) {
+            if !self.prepared.contains(s.name) && !self.unconfirmed.iter().any(|n| n == s.name) {
                 wire::parse(&mut out, s.name.as_bytes(), s.sql);
-                newly.push(s.name);
+                self.unconfirmed.push(s.name.to_owned());
             }
             bind_text(&mut out, s.name.as_bytes(), &s.params);
             wire::execute(&mut out, b"", 0);
         }
         out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// Reads the answers of the oldest batch sent with [`Self::send_batch`]: `Ok` when it ran
+    /// and the transaction is still open.
+    pub(crate) async fn batch_answer(&mut self) -> Result<(), LinkError> {
         let result = self.until_ready().await;
         if result.is_ok() {
-            for n in newly {
-                self.prepared.insert(n.to_owned());
+            for n in self.unconfirmed.drain(..) {
+                self.prepared.insert(n);
             }
         }
         match result? {
@@ -277,6 +302,7 @@ impl NewLink {
                 stream: u.stream,
                 buf: u.buf,
                 prepared: HashSet::new(),
+                unconfirmed: Vec::new(),
                 cancel_key: u.cancel_key,
             }),
             Ok(LoginOutcome::Refused(r)) => Err(LinkError::Connect(r.message)),

@@ -96,10 +96,13 @@ async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreEr
     let mine: Vec<i64> = m.failed.lock().map(|f| f.clone()).unwrap_or_default();
     let skip = queue.skipped(Instant::now());
     let stale = m.settings.stale_intent.as_secs_f64();
-    let ids = repair::pending_intents(&m.old, &mine, &skip, stale, ROUND_SIZE).await?;
+    let pending = repair::pending_intents(&m.old, &mine, &skip, stale, ROUND_SIZE).await?;
     let (mut repaired, mut failures, mut last_error) = (0u64, 0u32, None);
-    let limit = super::repair_limit(&m.settings);
-    for id in ids {
+    for repair::PendingIntent { id, stored_bytes } in pending {
+        // A large intent (a transaction that changed many rows) takes longer: the limit grows
+        // with its size, one more limit per 256 KiB stored (about 100,000 integer keys).
+        let limit = super::repair_limit(&m.settings)
+            * (1 + u32::try_from(stored_bytes >> 18).unwrap_or(u32::MAX).min(1000));
         let error = match tokio::time::timeout(limit, repair::repair_intent(&m.old, &m.new, &m.tables, id))
             .await
         {

@@ -27,11 +27,12 @@ use switchyard_pgwire::backend::{self, ServerMessage};
 use switchyard_pgwire::frame::{peek_header, MessageLimits};
 use switchyard_pgwire::sqlstate;
 use switchyard_store::capture::{ImageOp, CAPTURE_SQLSTATE};
-use switchyard_store::mirror::{Change, ChangeOp};
+use switchyard_store::mirror::ChangeOp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::sql::{Analysis, Stmt, TxnOp};
+use super::stream::ImageStream;
 use super::wire;
 use super::Mirror;
 use crate::error::SessionError;
@@ -109,17 +110,18 @@ struct PendingCommit {
     started: Instant,
 }
 
-/// The row images the capture statement brought, grouped into runs of one table and operation.
-#[derive(Debug, Default)]
+/// The row images the capture statement brings, streamed to NEW in chunks
+/// ([`super::stream`]).
+#[derive(Default)]
 struct Captured {
-    changes: Vec<Change>,
+    stream: ImageStream,
     /// The first image that could not be used (the commit is then refused).
     problem: Option<String>,
 }
 
 impl Captured {
     fn clear(&mut self) {
-        self.changes.clear();
+        self.stream.clear();
         self.problem = None;
     }
 
@@ -129,14 +131,7 @@ impl Captured {
             return;
         }
         match decode_image(mirror, fields) {
-            Ok((table, op, image)) => match self.changes.last_mut() {
-                Some(c) if c.table == table && c.op == op => c.rows.push(image),
-                _ => self.changes.push(Change {
-                    table,
-                    op,
-                    rows: vec![image],
-                }),
-            },
+            Ok((table, op, image)) => self.stream.push(table, op, image),
             Err(problem) => self.problem = Some(problem),
         }
     }
@@ -607,7 +602,7 @@ impl MirrorSession<'_> {
                     TxnOp::Begin => self.in_block = true,
                     TxnOp::Commit => {
                         if let Some(commit) = self.prepare_commit().await? {
-                            let intent = self.intent_sql(commit.intent_id);
+                            let intent = self.intent_sql(commit.intent_id).await;
                             self.inject_statement(&intent, None, false, false);
                             self.send(&frame, Some(Expect::exec(true, Some(commit))));
                             return Ok(());
@@ -680,7 +675,7 @@ impl MirrorSession<'_> {
             return Ok(());
         }
         if let Some(commit) = self.prepare_commit().await? {
-            let intent = self.intent_sql(commit.intent_id);
+            let intent = self.intent_sql(commit.intent_id).await;
             self.inject_statement(&intent, None, false, false);
             self.inject_statement("COMMIT", Some(commit), false, false);
         } else {
@@ -737,24 +732,29 @@ impl MirrorSession<'_> {
         if self.batch_failed {
             // The capture statement failed (the client has the error): the transaction is
             // aborted and its COMMIT will answer ROLLBACK.
+            self.mirror.abandon_on_new(&mut self.captured.stream).await;
             self.captured.clear();
             return Ok(None);
         }
         if let Some(problem) = self.captured.problem.take() {
             // Images the proxy cannot apply must not be committed on OLD alone without a
             // record: refuse the commit (the server raises the error and aborts).
+            self.mirror.abandon_on_new(&mut self.captured.stream).await;
             self.captured.clear();
             tracing::error!(problem, "refusing a commit whose row images cannot be mirrored");
             self.refuse_extended(&problem);
             self.barrier().await?;
             return Ok(None);
         }
-        if self.captured.changes.is_empty() {
+        if self.captured.stream.is_empty() {
             return Ok(None);
         }
         let intent_id = (rand::random::<u64>() >> 1) as i64;
         let started = Instant::now();
-        let conn = self.mirror.begin_on_new(&self.captured.changes, intent_id).await;
+        let conn = self
+            .mirror
+            .finish_on_new(&mut self.captured.stream, intent_id)
+            .await;
         if self.mirror.settings.fault_injection == Some(MirrorFault::BeforeOldCommit) {
             drop(conn);
             return Err(SessionError::Injected("before OLD's commit"));
@@ -767,13 +767,9 @@ impl MirrorSession<'_> {
         Ok(Some(CommitWait { intent_id }))
     }
 
-    fn intent_sql(&self, intent_id: i64) -> String {
-        switchyard_store::mirror::intent_sql(
-            &self.mirror.tables,
-            &self.captured.changes,
-            intent_id,
-            &self.mirror.proxy_id,
-        )
+    /// The statement recording the transaction's intent on OLD.
+    async fn intent_sql(&mut self, intent_id: i64) -> String {
+        super::stream::intent_sql(self.mirror, &mut self.captured.stream, intent_id).await
     }
 
     /// OLD answered the COMMIT: finish NEW accordingly.
@@ -841,7 +837,7 @@ impl MirrorSession<'_> {
         match (analysis.stmts.len(), txn.as_slice()) {
             (1, [TxnOp::Commit]) => {
                 if let Some(commit) = self.prepare_commit().await? {
-                    let intent = self.intent_sql(commit.intent_id);
+                    let intent = self.intent_sql(commit.intent_id).await;
                     // If the intent fails the transaction is aborted and COMMIT answers
                     // ROLLBACK, as the server decides.
                     self.queue_query(&intent);
@@ -908,7 +904,7 @@ impl MirrorSession<'_> {
             self.run_query("ROLLBACK", None).await?;
             self.end_transaction();
         } else if let Some(commit) = self.prepare_commit().await? {
-            let intent = self.intent_sql(commit.intent_id);
+            let intent = self.intent_sql(commit.intent_id).await;
             self.queue_query(&intent);
             self.run_query("COMMIT", Some(commit)).await?;
         } else {
@@ -957,6 +953,10 @@ impl MirrorSession<'_> {
                 if let Ok(ServerMessage::NoticeResponse(fields)) = backend::parse(tag, &frame[5..]) {
                     if fields.get(b'C') == Some(CAPTURE_SQLSTATE.as_slice()) {
                         self.captured.add(self.mirror, &fields);
+                        if self.captured.problem.is_none() && self.captured.stream.chunk_full() {
+                            let mirror = self.mirror;
+                            mirror.send_chunk(&mut self.captured.stream).await;
+                        }
                         return Ok(());
                     }
                 }
