@@ -289,19 +289,25 @@ pool_size = {max(4, a.clients * 2)}
 # pgbench
 
 
-def pgbench(a, port, mode, duration, logdir, groups=None):
+def pgbench(a, port, mode, duration, logdir, groups=None, quiet_capture=False):
     """One pgbench run against `port` (database OLD_DB: direct, or a proxy in front of it);
     returns tps, failed transactions, p50/p99 latency (ms) from its per-transaction log and, when
     `groups` (name -> (pids, postmaster) as for cpu_split) is given, the CPU µs per committed
     transaction by group in the middle of the run: from `margin` after the start to `margin`
     before the end (margin 1 s, a quarter of shorter runs), the transactions being those that
-    pgbench's log shows completed in that window (no query of ours runs in it)."""
+    pgbench's log shows completed in that window (no query of ours runs in it).
+    `quiet_capture` runs the sessions with `session_replication_role = replica`, so OLD's capture
+    triggers stay quiet, as before a migration (the direct and passthrough targets: otherwise the
+    triggers' net would record every row they change, and OLD would pay for it)."""
     for f in logdir.glob("pgbench_log*"):
         f.unlink()
     cmd = ["pgbench", "-h", HOST, "-p", str(port), "-U", USER, "-n", "-c", str(a.clients),
            "-j", str(a.threads), "-T", str(duration), "-M", mode, "-l",
            "--log-prefix", str(logdir / "pgbench_log"), OLD_DB]
-    bench = subprocess.Popen(cmd, env=pg_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    penv = pg_env()
+    if quiet_capture:
+        penv["PGOPTIONS"] = "-c session_replication_role=replica"
+    bench = subprocess.Popen(cmd, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # on Ctrl-C, killed below
     samples = None
     try:
@@ -568,7 +574,7 @@ def main():
                 for t in TARGETS:
                     for px in proxies.values():
                         px.check()
-                    pgbench(a, ports[t], mode, a.warmup, work)
+                    pgbench(a, ports[t], mode, a.warmup, work, quiet_capture=t != "dual_write")
             runs = []
             for rnd in range(a.rounds):
                 k = rnd % len(TARGETS)
@@ -581,7 +587,7 @@ def main():
                     if a.checkpoint:  # every run starts alike, none meets a timed checkpoint
                         psql(a.pg_port, "postgres", "CHECKPOINT", timeout=600)
                         psql(a.new_port, "postgres", "CHECKPOINT", timeout=600)
-                    res = pgbench(a, ports[t], mode, a.duration, work, groups)
+                    res = pgbench(a, ports[t], mode, a.duration, work, groups, quiet_capture=t != "dual_write")
                     res.update(target=t, round=rnd + 1)
                     runs.append(res)
                     log(f"  round {rnd + 1}/{a.rounds} {t:<11} tps={res['tps']:9.1f} p50={res['p50']:.3f} ms "
@@ -613,6 +619,9 @@ def main():
                                         "FROM pg_tables WHERE schemaname = 'switchyard' AND (tablename = "
                                         "'switchyard_applied' OR tablename LIKE 'switchyard\\_keys\\_%')")
         psql(a.new_port, NEW_DB, "TRUNCATE " + ", ".join(TABLES) + (f", {side}" if side else ""))
+        # Intents left by the runs above (a NEW apply that timed out) would re-copy rows the dump
+        # already has: appended history rows twice.
+        psql(a.pg_port, OLD_DB, "DELETE FROM switchyard.switchyard_intents")
         subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", HOST, "-p", str(a.new_port), "-U",
                         USER, "-d", NEW_DB], input=dump, env=pg_env(), capture_output=True, text=True,
                        check=True, timeout=600)

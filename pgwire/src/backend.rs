@@ -19,6 +19,16 @@ pub enum TransactionStatus {
 }
 
 impl TransactionStatus {
+    /// The status of a ReadyForQuery status byte, if it is one of the three.
+    pub fn from_byte(b: u8) -> Option<TransactionStatus> {
+        match b {
+            b'I' => Some(TransactionStatus::Idle),
+            b'T' => Some(TransactionStatus::InTransaction),
+            b'E' => Some(TransactionStatus::Failed),
+            _ => None,
+        }
+    }
+
     /// The status byte on the wire.
     pub fn as_byte(self) -> u8 {
         match self {
@@ -107,11 +117,41 @@ impl<'a> ErrorFields<'a> {
         String::from_utf8_lossy(self.get(b'M').unwrap_or_default()).into_owned()
     }
 
+    /// The message and SQLSTATE in one line, for logs: `message (SQLSTATE code)`.
+    pub fn summary(&self) -> String {
+        let code = String::from_utf8_lossy(self.get(b'C').unwrap_or_default());
+        format!("{} (SQLSTATE {code})", self.message())
+    }
+
     /// Non-localized severity (`V`), falling back to the localized one (`S`).
     pub fn severity(&self) -> String {
         let raw = self.get(b'V').or_else(|| self.get(b'S')).unwrap_or_default();
         String::from_utf8_lossy(raw).into_owned()
     }
+}
+
+/// The command tag of a CommandComplete body (`INSERT 0 1`, `COMMIT`): the bytes up to its
+/// terminator, all of them when it has none.
+pub fn command_tag(body: &[u8]) -> &[u8] {
+    body.split(|&b| b == 0).next().unwrap_or_default()
+}
+
+/// The fields of an ErrorResponse or NoticeResponse body, however malformed: a field without
+/// its terminator ends the list (what [`parse`] would refuse is still worth logging).
+pub fn error_fields(body: &[u8]) -> ErrorFields<'_> {
+    let mut fields = Vec::new();
+    let mut rest = body;
+    while let Some((&kind, after)) = rest.split_first() {
+        if kind == 0 {
+            break;
+        }
+        let Some(end) = after.iter().position(|&b| b == 0) else {
+            break;
+        };
+        fields.push((kind, &after[..end]));
+        rest = &after[end + 1..];
+    }
+    ErrorFields { fields }
 }
 
 /// Parses a server message body with the given tag.
@@ -348,6 +388,26 @@ mod tests {
     use super::*;
     use crate::frame::{Frames, MessageLimits};
     use crate::sqlstate;
+
+    #[test]
+    fn command_tags_and_lenient_error_fields() {
+        assert_eq!(command_tag(b"INSERT 0 1\0"), b"INSERT 0 1");
+        assert_eq!(command_tag(b"COMMIT"), b"COMMIT");
+        assert_eq!(command_tag(b""), b"");
+        let f = error_fields(b"SERROR\0C40001\0Mcould not serialize\0\0");
+        assert_eq!(f.summary(), "could not serialize (SQLSTATE 40001)");
+        // Cut off inside a field: the whole fields before it are kept.
+        let f = error_fields(b"C57014\0Mcanceling stat");
+        assert_eq!((f.get(b'C'), f.get(b'M')), (Some(&b"57014"[..]), None));
+        assert_eq!(error_fields(b"").summary(), " (SQLSTATE )");
+        for b in [b'I', b'T', b'E'] {
+            assert_eq!(
+                TransactionStatus::from_byte(b).map(TransactionStatus::as_byte),
+                Some(b)
+            );
+        }
+        assert_eq!(TransactionStatus::from_byte(b'X'), None);
+    }
 
     fn frames(buf: &[u8]) -> Vec<ServerMessage<'_>> {
         Frames::new(buf, MessageLimits::default())

@@ -4,6 +4,8 @@
 //! not the tag, and a body. The proxy checks that a whole frame is buffered and that its length
 //! is sane, then forwards or parses it; bodies it does not rewrite are never copied.
 
+use bytes::{Bytes, BytesMut};
+
 use crate::ProtocolError;
 
 /// Caps applied while framing, so a peer cannot make us buffer without bound.
@@ -18,6 +20,50 @@ impl Default for MessageLimits {
         MessageLimits {
             max_message_bytes: 256 * 1024 * 1024,
         }
+    }
+}
+
+impl MessageLimits {
+    /// Largest message accepted from a PostgreSQL server: its own 1 GB cap on a value plus
+    /// headroom for the message around it. One setting for every reader of server messages.
+    pub const SERVER: MessageLimits = MessageLimits {
+        max_message_bytes: (1 << 30) + 1024,
+    };
+}
+
+/// One whole message taken off a buffer ([`take_frame`]): the frame as it came, tag and length
+/// included, so it can be forwarded without a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// The message type byte.
+    pub tag: u8,
+    /// Tag, length and body.
+    pub bytes: Bytes,
+}
+
+impl Frame {
+    /// The body (the frame without its tag and length), sharing the frame's memory.
+    pub fn body(&self) -> Bytes {
+        self.bytes.slice(FrameHeader::SIZE..)
+    }
+}
+
+/// Takes the first whole frame off the front of `buf`. When only part of it is buffered,
+/// returns `Ok(None)` after reserving room for the rest, so the next read can complete it.
+pub fn take_frame(buf: &mut BytesMut, limits: MessageLimits) -> Result<Option<Frame>, ProtocolError> {
+    match peek_header(buf, limits)? {
+        Some(h) if buf.len() >= h.frame_len => Ok(Some(Frame {
+            tag: h.tag,
+            bytes: buf.split_to(h.frame_len).freeze(),
+        })),
+        Some(h) => {
+            let want = h.frame_len - buf.len();
+            if buf.capacity() - buf.len() < want {
+                buf.reserve(want.max(8192));
+            }
+            Ok(None)
+        }
+        None => Ok(None),
     }
 }
 
@@ -161,6 +207,25 @@ mod tests {
             Err(ProtocolError::TooLarge { len: 257, limit: 64 })
         ));
         assert_eq!(peek_header(&[b'Q', 0, 0], LIMITS), Ok(None));
+    }
+
+    #[test]
+    fn take_frame_takes_whole_frames_and_reserves_for_a_partial_one() {
+        let mut buf = BytesMut::from(&[b'C', 0, 0, 0, 8, b'S', b'E', b'T', 0, b'Z', 0, 0, 0, 5][..]);
+        let f = take_frame(&mut buf, LIMITS).unwrap().unwrap();
+        assert_eq!((f.tag, &f.body()[..]), (b'C', &b"SET\0"[..]));
+        assert_eq!(&f.bytes[..5], &[b'C', 0, 0, 0, 8]);
+        // Half a ReadyForQuery: nothing taken, room for the rest.
+        assert_eq!(take_frame(&mut buf, LIMITS).unwrap(), None);
+        assert_eq!(buf.len(), 5);
+        assert!(buf.capacity() >= 6);
+        buf.extend_from_slice(b"I");
+        let f = take_frame(&mut buf, LIMITS).unwrap().unwrap();
+        assert_eq!((f.tag, &f.body()[..]), (b'Z', &b"I"[..]));
+        assert!(buf.is_empty());
+        assert_eq!(take_frame(&mut buf, LIMITS).unwrap(), None);
+        let mut bad = BytesMut::from(&[b'Z', 0, 0, 0, 2][..]);
+        assert!(take_frame(&mut bad, LIMITS).is_err());
     }
 
     #[test]

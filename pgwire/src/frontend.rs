@@ -230,6 +230,120 @@ pub fn terminate(out: &mut BytesMut) {
     out.put_slice(&[b'X', 0, 0, 0, 4]);
 }
 
+/// A count as the protocol's `int16`. Callers keep counts within it (PostgreSQL itself accepts
+/// at most 65,535 parameters); a larger one saturates, and the server refuses the message.
+fn count16(n: usize) -> i16 {
+    i16::try_from(n).unwrap_or(i16::MAX)
+}
+
+/// Writes a Parse message: prepared statement `name` (empty = unnamed) for `sql`, with the
+/// given parameter type OIDs (fewer than the parameters, or none, lets the server infer them).
+pub fn parse_statement(out: &mut BytesMut, name: &[u8], sql: &[u8], param_types: &[u32]) {
+    let start = begin(out, b'P');
+    put_cstr(out, name);
+    put_cstr(out, sql);
+    out.put_i16(count16(param_types.len()));
+    for t in param_types {
+        out.put_u32(*t);
+    }
+    crate::startup::patch_len(out, start);
+}
+
+/// Writes a Bind message: portal `portal` from statement `statement`, parameter values (`None`
+/// is NULL) with their format codes (none = all text, one = that format for all), and the
+/// result columns' format codes (same rule).
+pub fn bind(
+    out: &mut BytesMut,
+    portal: &[u8],
+    statement: &[u8],
+    param_formats: &[i16],
+    params: &[Option<&[u8]>],
+    result_formats: &[i16],
+) {
+    let start = begin(out, b'B');
+    put_cstr(out, portal);
+    put_cstr(out, statement);
+    out.put_i16(count16(param_formats.len()));
+    for f in param_formats {
+        out.put_i16(*f);
+    }
+    out.put_i16(count16(params.len()));
+    for p in params {
+        match p {
+            Some(v) => {
+                out.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                out.put_slice(v);
+            }
+            None => out.put_i32(-1),
+        }
+    }
+    out.put_i16(count16(result_formats.len()));
+    for f in result_formats {
+        out.put_i16(*f);
+    }
+    crate::startup::patch_len(out, start);
+}
+
+fn target_byte(target: Target) -> u8 {
+    match target {
+        Target::Statement => b'S',
+        Target::Portal => b'P',
+    }
+}
+
+/// Writes a Describe message.
+pub fn describe(out: &mut BytesMut, target: Target, name: &[u8]) {
+    let start = begin(out, b'D');
+    out.put_u8(target_byte(target));
+    put_cstr(out, name);
+    crate::startup::patch_len(out, start);
+}
+
+/// Writes an Execute message (`max_rows` 0 = all rows).
+pub fn execute(out: &mut BytesMut, portal: &[u8], max_rows: i32) {
+    let start = begin(out, b'E');
+    put_cstr(out, portal);
+    out.put_i32(max_rows);
+    crate::startup::patch_len(out, start);
+}
+
+/// Writes a Close message.
+pub fn close(out: &mut BytesMut, target: Target, name: &[u8]) {
+    let start = begin(out, b'C');
+    out.put_u8(target_byte(target));
+    put_cstr(out, name);
+    crate::startup::patch_len(out, start);
+}
+
+/// Writes a Sync message.
+pub fn sync(out: &mut BytesMut) {
+    out.put_slice(&[b'S', 0, 0, 0, 4]);
+}
+
+/// Writes a Flush message.
+pub fn flush(out: &mut BytesMut) {
+    out.put_slice(&[b'H', 0, 0, 0, 4]);
+}
+
+/// Writes a CopyData message.
+pub fn copy_data(out: &mut BytesMut, data: &[u8]) {
+    let start = begin(out, b'd');
+    out.put_slice(data);
+    crate::startup::patch_len(out, start);
+}
+
+/// Writes a CopyDone message.
+pub fn copy_done(out: &mut BytesMut) {
+    out.put_slice(&[b'c', 0, 0, 0, 4]);
+}
+
+/// Writes a CopyFail message.
+pub fn copy_fail(out: &mut BytesMut, message: &[u8]) {
+    let start = begin(out, b'f');
+    put_cstr(out, message);
+    crate::startup::patch_len(out, start);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +355,76 @@ mod tests {
             .unwrap()
             .unwrap();
         parse(h.tag, body).unwrap()
+    }
+
+    #[test]
+    fn extended_protocol_builders_round_trip_through_the_parser() {
+        let mut buf = BytesMut::new();
+        parse_statement(&mut buf, b"s1", b"select $1", &[23]);
+        assert_eq!(
+            one(&buf),
+            ClientMessage::Parse {
+                statement: b"s1",
+                sql: b"select $1"
+            }
+        );
+        // Byte for byte what libpq sends for PQprepare(conn, "s1", "select $1", 1, {23}).
+        assert_eq!(&buf[..], b"P\0\0\0\x17s1\0select $1\0\0\x01\0\0\0\x17");
+        buf.clear();
+        bind(&mut buf, b"p", b"s1", &[0], &[Some(b"42"), None], &[1]);
+        assert_eq!(
+            one(&buf),
+            ClientMessage::Bind {
+                portal: b"p",
+                statement: b"s1"
+            }
+        );
+        assert_eq!(
+            &buf[5..],
+            b"p\0s1\0\0\x01\0\0\0\x02\0\0\0\x0242\xff\xff\xff\xff\0\x01\0\x01"
+        );
+        buf.clear();
+        describe(&mut buf, Target::Portal, b"p");
+        assert_eq!(
+            one(&buf),
+            ClientMessage::Describe {
+                target: Target::Portal,
+                name: b"p"
+            }
+        );
+        buf.clear();
+        execute(&mut buf, b"p", 10);
+        assert_eq!(
+            one(&buf),
+            ClientMessage::Execute {
+                portal: b"p",
+                max_rows: 10
+            }
+        );
+        buf.clear();
+        close(&mut buf, Target::Statement, b"s1");
+        assert_eq!(
+            one(&buf),
+            ClientMessage::Close {
+                target: Target::Statement,
+                name: b"s1"
+            }
+        );
+        for (build, want) in [
+            (sync as fn(&mut BytesMut), ClientMessage::Sync),
+            (flush, ClientMessage::Flush),
+            (copy_done, ClientMessage::CopyDone),
+        ] {
+            buf.clear();
+            build(&mut buf);
+            assert_eq!(one(&buf), want);
+        }
+        buf.clear();
+        copy_data(&mut buf, b"1\tx\n");
+        assert_eq!(one(&buf), ClientMessage::CopyData(b"1\tx\n"));
+        buf.clear();
+        copy_fail(&mut buf, b"why");
+        assert_eq!(one(&buf), ClientMessage::CopyFail { message: b"why" });
     }
 
     #[test]
