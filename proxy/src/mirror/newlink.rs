@@ -287,11 +287,13 @@ impl NewLink {
             // mirror's own timeout, in case the CancelRequest sent for an abandoned statement is
             // lost.
             // <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-STATEMENT-TIMEOUT>
+            // And no row-level security policy may filter what the mirror writes: with a login
+            // a policy applies to, NEW raises an error instead (`store::connect_options`).
             (
                 "options".to_owned(),
                 format!(
                     "-c idle_in_transaction_session_timeout=60000 -c synchronous_commit=off \
-                     -c statement_timeout={bound} -c lock_timeout={bound}",
+                     -c statement_timeout={bound} -c lock_timeout={bound} -c row_security=off",
                     bound = self.statement_bound.as_millis()
                 ),
             ),
