@@ -72,6 +72,11 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
                 .mirror
                 .as_ref()
                 .and_then(|m| m.tables.iter().find(|mt| mt.name == t.name));
+            // Why the table's mirror waits for OLD and NEW to match again, if it does.
+            let held = state
+                .mirror
+                .as_ref()
+                .and_then(|m| m.held(m.table_index(&t.name.to_string())?));
             json!({
                 "name": t.name.to_string(),
                 "phase": t.phase.as_str(),
@@ -79,6 +84,7 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
                 "mirrored": mirrored.is_some(),
                 "key": mirrored.map(|m| m.key.clone()),
                 "on_uncaptured": t.on_uncaptured.as_str(),
+                "mirror_held": held,
             })
         })
         .collect();

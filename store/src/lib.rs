@@ -121,6 +121,18 @@ fn describe(error: &sqlx::Error) -> String {
 }
 
 impl StoreError {
+    /// The SQLSTATE of the server error behind this one, if a server raised it.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            StoreError::Query { source, .. }
+            | StoreError::Catalog { source, .. }
+            | StoreError::Unavailable { source, .. } => {
+                source.as_database_error()?.code().map(|c| c.into_owned())
+            }
+            _ => None,
+        }
+    }
+
     /// Names the store a [`StoreError::Catalog`] came from; other errors are returned as they are.
     pub fn in_store(self, role: Role) -> StoreError {
         match self {

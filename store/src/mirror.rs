@@ -27,7 +27,9 @@ use std::time::Duration;
 use sqlx::postgres::PgPool;
 use switchyard_config::TableName;
 
-use crate::{keys_table_name, quote_ident, Identity, StoreError, TableSchema, SIDE_SCHEMA};
+use crate::{
+    compare, keys_table_name, load_table, quote_ident, Identity, StoreError, TableSchema, SIDE_SCHEMA,
+};
 
 /// Maps a driver error to a [`StoreError::Query`] on `role` doing `action`.
 pub(crate) fn failed(role: &'static str, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
@@ -58,8 +60,10 @@ pub struct Change {
     pub rows: Vec<String>,
 }
 
-/// One mirrored table: its names and the SQL to apply images to it on NEW, built once.
-#[derive(Debug, Clone)]
+/// One mirrored table: its names and the SQL to apply images to it on NEW, built from both
+/// stores' definitions of it as they were when they were read ([`MirrorTable::reload`] reads
+/// them again after a schema change).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorTable {
     pub name: TableName,
     /// Key columns; empty = append-only.
@@ -75,6 +79,12 @@ pub struct MirrorTable {
     /// `c = EXCLUDED.c, ...` for the non-key columns.
     set_list: String,
     keys_list: String,
+    /// OLD's columns, in `attnum` order: the keys of every row image `row_to_json` makes on OLD,
+    /// in that order, as long as OLD's definition is the one read.
+    old_columns: Vec<String>,
+    /// Why NEW's table cannot take OLD's images as the definitions stand ([`compare`]); empty
+    /// when it can.
+    mismatches: Vec<String>,
 }
 
 impl MirrorTable {
@@ -117,9 +127,47 @@ impl MirrorTable {
             overriding,
             set_list,
             keys_list: quote_list(&key_refs),
+            old_columns: old.columns.iter().map(|c| c.name.clone()).collect(),
+            mismatches: compare(old, new, &key).into_iter().map(|m| m.problem).collect(),
             name,
             key,
         }
+    }
+
+    /// Reads the table's definition again from both stores' catalogs and builds it anew, with
+    /// the same key. A table missing on either store is not an error here: the table it returns
+    /// says so in its [`MirrorTable::mismatch`] (and applies nothing).
+    pub async fn reload(&self, old: &PgPool, new: &PgPool) -> Result<MirrorTable, StoreError> {
+        let old_schema = load_table(old, &self.name)
+            .await
+            .map_err(|e| e.in_store(crate::Role::Old))?;
+        let new_schema = load_table(new, &self.name)
+            .await
+            .map_err(|e| e.in_store(crate::Role::New))?;
+        Ok(match (old_schema, new_schema) {
+            (Some(o), Some(n)) => MirrorTable::new(self.name.clone(), self.key.clone(), &o, &n),
+            (o, _) => {
+                let mut gone = self.clone();
+                let store = if o.is_none() { "OLD" } else { "NEW" };
+                gone.mismatches = vec![format!("the table does not exist on {store}")];
+                gone
+            }
+        })
+    }
+
+    /// Why NEW cannot take this table's images as the two definitions stand (every problem
+    /// [`compare`] found, joined), or `None` when it can.
+    pub fn mismatch(&self) -> Option<String> {
+        (!self.mismatches.is_empty()).then(|| self.mismatches.join("; "))
+    }
+
+    /// Whether `image` (a row image of this table from OLD: a JSON object as `row_to_json`
+    /// writes it) has exactly OLD's columns as this table knows them, in order. `false` means
+    /// OLD's definition changed since it was read (a column added, dropped or renamed). Reads
+    /// the keys only: values are skipped without being built, and nothing is allocated.
+    pub fn image_matches(&self, image: &str) -> bool {
+        let mut de = serde_json::Deserializer::from_str(image);
+        serde::Deserializer::deserialize_map(&mut de, ColumnsSeen(&self.old_columns)).unwrap_or(false)
     }
 
     /// Whether the table has a key (else it is mirrored append-only).
@@ -201,6 +249,67 @@ impl MirrorTable {
     /// array), in order, for preparing once per connection.
     pub fn prepared_apply(&self, op: ChangeOp) -> Vec<String> {
         self.apply_statements(op, "$1")
+    }
+}
+
+/// Whether an error with SQLSTATE `code`, raised by NEW while it applied row images, may come
+/// from a table definition that changed since the apply statements were built: a column or
+/// table gone (class 42, syntax error or access rule violation), a plan whose row type changed
+/// (`0A000`), a `NOT NULL` column only NEW has (`23502`), a value NEW's column type no longer
+/// takes (class 22, data exception). The caller reads the definitions again; nothing is lost
+/// when the guess is wrong but a catalog read.
+/// <https://www.postgresql.org/docs/current/errcodes-appendix.html>
+pub fn schema_error(code: &str) -> bool {
+    code.starts_with("42") || code.starts_with("22") || code == "0A000" || code == "23502"
+}
+
+/// Reads a JSON object's keys and answers whether they are exactly the given columns, in order.
+struct ColumnsSeen<'a>(&'a [String]);
+
+impl<'de> serde::de::Visitor<'de> for ColumnsSeen<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a row image")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let mut expected = self.0.iter();
+        let mut same = true;
+        loop {
+            let column = expected.next().map(String::as_str);
+            match map.next_key_seed(KeyIs(column))? {
+                Some(matched) => {
+                    same &= matched;
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                // No more keys: a match if no more columns were expected either.
+                None => return Ok(same && column.is_none()),
+            }
+        }
+    }
+}
+
+/// A map key compared with the column expected at its place (`None`: no more columns).
+struct KeyIs<'a>(Option<&'a str>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a column name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<bool, E> {
+        Ok(self.0 == Some(key))
     }
 }
 
@@ -399,7 +508,69 @@ pub async fn mark_for_verify(old: &PgPool, table: &TableName, reason: &str) -> R
 
 #[cfg(test)]
 mod tests {
-    use super::{escape_literal, takes_fence_lock, Change, ChangeOp};
+    use super::{escape_literal, schema_error, takes_fence_lock, Change, ChangeOp, MirrorTable};
+    use crate::{Column, TableSchema};
+    use switchyard_config::TableName;
+
+    fn schema(columns: &[&str]) -> TableSchema {
+        TableSchema {
+            name: TableName::new("public", "t"),
+            columns: columns
+                .iter()
+                .map(|c| Column {
+                    name: (*c).to_owned(),
+                    type_name: "text".to_owned(),
+                    type_oid: 25,
+                    not_null: *c == "id",
+                    has_default: false,
+                    generated: false,
+                    identity: None,
+                })
+                .collect(),
+            primary_key: vec!["id".to_owned()],
+            unique_keys: vec![vec!["id".to_owned()]],
+        }
+    }
+
+    fn table(old: &[&str], new: &[&str]) -> MirrorTable {
+        MirrorTable::new(
+            TableName::new("public", "t"),
+            vec!["id".to_owned()],
+            &schema(old),
+            &schema(new),
+        )
+    }
+
+    #[test]
+    fn images_match_exactly_the_columns_of_old_in_order() {
+        let t = table(&["id", "v", "a\"b"], &["id", "v", "a\"b"]);
+        assert!(t.mismatch().is_none());
+        assert!(t.image_matches(r#"{"id":1,"v":{"x":[1,"}",null]},"a\"b":"\u0041"}"#));
+        assert!(
+            t.image_matches(r#"{"id":1.5e300,"v":null,"a\u0022b":true}"#),
+            "escaped key"
+        );
+        assert!(!t.image_matches(r#"{"id":1,"v":"x"}"#), "a column dropped");
+        assert!(
+            !t.image_matches(r#"{"id":1,"v":"x","a\"b":1,"note":2}"#),
+            "a column added"
+        );
+        assert!(!t.image_matches(r#"{"id":1,"a\"b":1,"v":"x"}"#), "another order");
+        assert!(!t.image_matches(r#"{"id":1,"w":"x","a\"b":1}"#), "renamed");
+        assert!(!t.image_matches("[1]"), "not an object");
+        assert!(!t.image_matches(r#"{"id":1,"v""#), "cut short");
+    }
+
+    #[test]
+    fn a_column_only_old_has_holds_the_table() {
+        let t = table(&["id", "v", "note"], &["id", "v"]);
+        assert!(t
+            .mismatch()
+            .is_some_and(|m| m.contains("\"note\" exists on OLD but not on NEW")));
+        assert!(table(&["id", "v"], &["id", "v", "note"]).mismatch().is_none());
+        assert!(schema_error("42703") && schema_error("22P02") && schema_error("0A000"));
+        assert!(!schema_error("40001") && !schema_error("57014"));
+    }
 
     #[test]
     fn literals_escape_quotes_and_backslashes() {

@@ -329,6 +329,18 @@ fn old_side_ddl() -> Vec<Step> {
             "id bigint PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now(), proxy text NOT NULL, \
              changes jsonb NOT NULL",
         ),
+        // A client session records its transaction's intent itself, with whatever role it runs
+        // as (`SET ROLE` to one bound by row-level security, say): every role may add an
+        // intent, none may read, change or delete one. (An intent only makes the repair copy
+        // the keys it lists from OLD again.)
+        (
+            format!("GRANT USAGE ON SCHEMA {} TO PUBLIC", quote_ident(SIDE_SCHEMA)),
+            format!("letting every role reach {SIDE_SCHEMA}.{INTENTS_TABLE}"),
+        ),
+        (
+            format!("GRANT INSERT ON {} TO PUBLIC", side(INTENTS_TABLE)),
+            format!("letting every role record intents in {SIDE_SCHEMA}.{INTENTS_TABLE}"),
+        ),
         create_step(
             VERIFY_TABLE,
             "table_name text PRIMARY KEY, reason text NOT NULL, marked_at timestamptz NOT NULL DEFAULT now()",

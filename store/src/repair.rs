@@ -114,6 +114,11 @@ pub enum RepairOutcome {
     /// The intent names a table this proxy does not mirror: it is left in place for a proxy
     /// that mirrors it.
     Unmirrored { table: String },
+    /// The intent names a table whose definitions (as given) NEW cannot take OLD's rows with, or
+    /// OLD's rows no longer have the columns the given definition lists (OLD's schema changed
+    /// since it was read). Nothing was written; the intent stays. Read the table's definitions
+    /// again ([`MirrorTable::reload`]) and retry once they match.
+    SchemaChanged { table: String, problem: String },
 }
 
 /// The output settings of the repair's OLD transaction: row images in one canonical form,
@@ -346,6 +351,15 @@ pub async fn repair_intent(
         RepairOutcome::AlreadyApplied
     } else {
         drop(changes);
+        // A table NEW cannot take the rows of (as the definitions were last read) is not
+        // repaired: NEW would get them without the columns it lacks. Dropping `ntx` and `otx`
+        // rolls both back; the intent stays.
+        if let Some((table, problem)) = entries.iter().find_map(|e| {
+            let t = tables.get(e.table)?;
+            Some((t.name.to_string(), t.mismatch()?))
+        }) {
+            return Ok(RepairOutcome::SchemaChanged { table, problem });
+        }
         // Step 1: the keys' records on NEW, before OLD is read: each table's keys in one
         // statement, so they are locked in key order.
         for e in &entries {
@@ -369,6 +383,15 @@ pub async fn repair_intent(
             for batch in &e.keys {
                 let keys = json_array(std::slice::from_ref(batch));
                 let (found, gone) = read_keys(&mut otx, table, &keys).await.map_err(oerr)?;
+                // OLD's rows all have the table's current columns: the first one tells whether
+                // they are still those the apply statements were built for. If not, dropping
+                // `ntx` and `otx` rolls both back and the intent stays.
+                if found.first().is_some_and(|row| !table.image_matches(row)) {
+                    return Ok(RepairOutcome::SchemaChanged {
+                        table: table.name.to_string(),
+                        problem: "OLD's columns changed since the table's definition was read".to_owned(),
+                    });
+                }
                 keys_done += found.len() + gone.len();
                 let apply = [
                     Change {

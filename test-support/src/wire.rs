@@ -188,6 +188,21 @@ impl RawConn {
     }
 }
 
+/// A count and the values, each as its length and bytes (-1 for NULL): the arguments of Bind
+/// and FunctionCall.
+fn values(o: &mut BytesMut, values: &[Option<&[u8]>]) {
+    o.put_i16(values.len() as i16);
+    for v in values {
+        match v {
+            Some(v) => {
+                o.put_i32(v.len() as i32);
+                o.put_slice(v);
+            }
+            None => o.put_i32(-1),
+        }
+    }
+}
+
 /// Builds frontend messages for transcripts.
 #[derive(Default)]
 pub struct Frontend {
@@ -215,6 +230,20 @@ impl Frontend {
     pub fn query(&mut self, sql: &str) -> &mut Self {
         self.requests += 1;
         self.msg(b'Q', |o| cstr(o, sql))
+    }
+
+    /// FunctionCall, the fast-path interface: the function `oid` with text arguments (None =
+    /// NULL), its result in `result_format` (0 text, 1 binary).
+    /// <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-FUNCTION-CALL>
+    pub fn function_call(&mut self, oid: u32, args: &[Option<&[u8]>], result_format: i16) -> &mut Self {
+        self.requests += 1;
+        self.msg(b'F', |o| {
+            o.put_u32(oid);
+            o.put_i16(1);
+            o.put_i16(0);
+            values(o, args);
+            o.put_i16(result_format);
+        })
     }
 
     /// Parse with optional parameter type OIDs.
@@ -245,16 +274,7 @@ impl Frontend {
             for f in param_formats {
                 o.put_i16(*f);
             }
-            o.put_i16(params.len() as i16);
-            for p in params {
-                match p {
-                    Some(v) => {
-                        o.put_i32(v.len() as i32);
-                        o.put_slice(v);
-                    }
-                    None => o.put_i32(-1),
-                }
-            }
+            values(o, params);
             o.put_i16(result_formats.len() as i16);
             for f in result_formats {
                 o.put_i16(*f);

@@ -9,6 +9,7 @@
 
 pub(crate) mod newlink;
 mod repairs;
+mod schema;
 pub(crate) mod session;
 pub(crate) mod sql;
 pub(crate) mod stream;
@@ -25,47 +26,9 @@ use switchyard_store::mirror::{self as store_mirror, Change, ChangeOp, MirrorTab
 use tokio::sync::mpsc;
 
 use crate::error::StartError;
-use newlink::{BatchStatement, LinkConn, NewLink};
+use newlink::{BatchStatement, LinkConn, LinkError, NewLink};
+use schema::{Shapes, TableShapes};
 use sql::{Analyzer, MigratedTables, Writers};
-
-/// The prepared apply statements of one table: names and SQL per operation (a delete is two
-/// statements, see `MirrorTable::prepared_apply`), and the fence lock a delete takes first.
-pub(crate) struct ApplyStatements {
-    upsert: Vec<(String, String)>,
-    delete: Vec<(String, String)>,
-    append: Vec<(String, String)>,
-    fence: (String, String),
-}
-
-impl ApplyStatements {
-    fn new(index: usize, table: &MirrorTable) -> ApplyStatements {
-        let one = |tag: &str, op| {
-            table
-                .prepared_apply(op)
-                .into_iter()
-                .enumerate()
-                .map(|(i, sql)| (format!("switchyard_apply_{index}_{tag}{i}"), sql))
-                .collect()
-        };
-        ApplyStatements {
-            upsert: one("u", ChangeOp::Upsert),
-            delete: one("d", ChangeOp::Delete),
-            append: one("a", ChangeOp::Append),
-            fence: (
-                format!("switchyard_fence_{index}"),
-                store_mirror::fence_lock_sql(&table.name, false),
-            ),
-        }
-    }
-
-    fn get(&self, op: ChangeOp) -> &[(String, String)] {
-        match op {
-            ChangeOp::Upsert => &self.upsert,
-            ChangeOp::Delete => &self.delete,
-            ChangeOp::Append => &self.append,
-        }
-    }
-}
 
 /// Counters and gauges of the dual-write engine, read by the metrics and `/status`.
 #[derive(Debug, Default)]
@@ -92,14 +55,17 @@ pub struct MirrorStats {
 /// The dual-write engine shared by a proxy's sessions.
 pub(crate) struct Mirror {
     pub(crate) analyzer: Analyzer,
+    /// The mirrored tables as read at start, for their names and keys (which do not change
+    /// while the proxy runs). Their columns may have: what the apply needs is in `shapes`.
     pub(crate) tables: Vec<MirrorTable>,
+    /// The tables' current definitions and apply statements (`schema.rs`).
+    shapes: TableShapes,
     pub(crate) policies: Vec<UncapturedPolicy>,
     pub(crate) old: PgPool,
     /// sqlx pool to NEW, for repairs and bookkeeping.
     pub(crate) new: PgPool,
     /// Wire-protocol connections to NEW for the mirrored transactions themselves.
     link: NewLink,
-    statements: Vec<ApplyStatements>,
     pub(crate) settings: MirrorSettings,
     /// The statement that fires OLD's capture triggers before a mirrored commit
     /// ([`store_capture::capture_statement`]).
@@ -220,11 +186,6 @@ impl Mirror {
             w.log(&names);
         }
 
-        let statements = tables
-            .iter()
-            .enumerate()
-            .map(|(i, t)| ApplyStatements::new(i, t))
-            .collect();
         let link = NewLink::new(
             &config.new.url,
             settings.pool_size,
@@ -245,12 +206,12 @@ impl Mirror {
             capture_sql,
             by_name,
             analyzer: Analyzer::new(MigratedTables::new(&names), writer_set(&writers)),
+            shapes: TableShapes::new(tables.clone()),
             tables,
             policies,
             old,
             new,
             link,
-            statements,
             settings,
             proxy_id: format!("{}-{:08x}", std::process::id(), rand::random::<u32>()),
             stats: Arc::new(MirrorStats::default()),
@@ -279,6 +240,22 @@ impl Mirror {
         self.now_ns() >= self.new_down_until.load(Relaxed)
     }
 
+    /// NEW did not take a batch of images: either its tables' definitions changed (they are read
+    /// again before their next use; NEW itself is fine) or NEW failed.
+    fn apply_failed(&self, e: &LinkError) {
+        match e {
+            LinkError::Statement { code, message } if store_mirror::schema_error(code) => {
+                tracing::warn!(
+                    error = %message,
+                    code = %code,
+                    "NEW refused row images; the tables' definitions are read again and the transaction is left for repair"
+                );
+                self.mark_stale();
+            }
+            _ => self.new_failed(&e.to_string()),
+        }
+    }
+
     fn new_failed(&self, why: &str) {
         tracing::warn!(error = why, "NEW store failed; its writes are left for repair");
         let until = self.now_ns() + Duration::from_secs(1).as_nanos() as u64;
@@ -300,7 +277,8 @@ impl Mirror {
             return None;
         }
         let params = image_params(changes, marker);
-        let batch = self.batch(changes, &params, fenced);
+        let shapes = self.shapes();
+        let batch = self.batch(&shapes, changes, &params, fenced);
         // The connection whose batch is on NEW, to cancel it there if we give up on it.
         let in_use = Mutex::new(None);
         let work = async {
@@ -325,7 +303,7 @@ impl Mirror {
         match tokio::time::timeout(self.settings.timeout, work).await {
             Ok(Ok(conn)) => Some(conn),
             Ok(Err(e)) => {
-                self.new_failed(&e.to_string());
+                self.apply_failed(&e);
                 None
             }
             Err(_) => {
@@ -343,14 +321,15 @@ impl Mirror {
     /// tables whose lock the transaction already holds, updated), as
     /// [`store_mirror::takes_fence_lock`] says, and the applied marker last if `params` has it.
     fn batch<'a>(
-        &'a self,
+        &self,
+        shapes: &'a Shapes,
         changes: &[Change],
         params: &'a [String],
         fenced: &mut Vec<usize>,
     ) -> Vec<BatchStatement<'a>> {
         let mut batch = Vec::with_capacity(params.len() + 1);
         for (c, p) in changes.iter().zip(params) {
-            let Some(st) = self.statements.get(c.table) else {
+            let Some(st) = shapes.statements.get(c.table) else {
                 continue;
             };
             if c.op == ChangeOp::Delete && !c.rows.is_empty() && !fenced.contains(&c.table) {
@@ -557,7 +536,8 @@ async fn writer_functions(
 }
 
 /// Re-reads OLD's writer functions every `[mirror] function_refresh_secs`: one created (or
-/// changed) directly on OLD is known from the next refresh on.
+/// changed) directly on OLD is known from the next refresh on. The mirrored tables' definitions
+/// are read again at the same pace (`schema.rs`).
 async fn writer_refresh_loop(mirror: std::sync::Weak<Mirror>) {
     loop {
         let interval = match mirror.upgrade() {
@@ -566,6 +546,9 @@ async fn writer_refresh_loop(mirror: std::sync::Weak<Mirror>) {
         };
         tokio::time::sleep(interval).await;
         let Some(m) = mirror.upgrade() else { return };
+        // A schema change neither an image nor NEW shows (a column type changed on OLD whose
+        // values NEW still takes, a column added on NEW only) is found here.
+        m.reread_all().await;
         let names: Vec<_> = m.tables.iter().map(|t| (t.name.clone(), t.key.clone())).collect();
         let mark = m.analyzer.writers_mark();
         match writer_functions(&m.old, &names).await {

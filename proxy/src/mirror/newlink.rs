@@ -29,8 +29,8 @@ pub(crate) enum LinkError {
     Connect(String),
     #[error("NEW connection failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("NEW refused the statement: {0}")]
-    Statement(String),
+    #[error("NEW refused the statement: {message} (SQLSTATE {code})")]
+    Statement { code: String, message: String },
     #[error("NEW sent an unexpected message ({0})")]
     Protocol(&'static str),
 }
@@ -126,15 +126,15 @@ impl NewConn {
 
     /// Reads answers up to ReadyForQuery; returns its status, or the first error.
     async fn until_ready(&mut self) -> Result<u8, LinkError> {
-        let mut error: Option<String> = None;
+        let mut error: Option<LinkError> = None;
         loop {
             while let Some((tag, body)) = self.take_frame()? {
                 match tag {
-                    b'E' if error.is_none() => error = Some(error_text(&body)),
+                    b'E' if error.is_none() => error = Some(statement_error(&body)),
                     b'Z' => {
                         let status = body.first().copied().unwrap_or(b'I');
                         return match error {
-                            Some(e) => Err(LinkError::Statement(e)),
+                            Some(e) => Err(e),
                             None => Ok(status),
                         };
                     }
@@ -177,8 +177,8 @@ fn bind_text(out: &mut BytesMut, statement: &[u8], params: &[&str]) {
     wire::message(out, b'B', &b);
 }
 
-/// Severity, SQLSTATE and message of an ErrorResponse body.
-fn error_text(body: &[u8]) -> String {
+/// The SQLSTATE and message of an ErrorResponse body.
+fn statement_error(body: &[u8]) -> LinkError {
     let mut code = "";
     let mut message = "";
     for field in body.split(|&b| b == 0) {
@@ -188,7 +188,10 @@ fn error_text(body: &[u8]) -> String {
             _ => {}
         }
     }
-    format!("{message} (SQLSTATE {code})")
+    LinkError::Statement {
+        code: code.to_owned(),
+        message: message.to_owned(),
+    }
 }
 
 /// A pooled NEW connection; goes back to the pool with [`NewLink::release`].
@@ -284,11 +287,13 @@ impl NewLink {
             // mirror's own timeout, in case the CancelRequest sent for an abandoned statement is
             // lost.
             // <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-STATEMENT-TIMEOUT>
+            // And no row-level security policy may filter what the mirror writes: with a login
+            // a policy applies to, NEW raises an error instead (`store::connect_options`).
             (
                 "options".to_owned(),
                 format!(
                     "-c idle_in_transaction_session_timeout=60000 -c synchronous_commit=off \
-                     -c statement_timeout={bound} -c lock_timeout={bound}",
+                     -c statement_timeout={bound} -c lock_timeout={bound} -c row_security=off",
                     bound = self.statement_bound.as_millis()
                 ),
             ),

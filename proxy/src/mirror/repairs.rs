@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
+use switchyard_store::mirror::schema_error;
 use switchyard_store::repair::{self, RepairOutcome};
 use switchyard_store::StoreError;
 
@@ -93,6 +94,8 @@ pub(super) async fn repair_loop(mirror: Weak<Mirror>) {
 }
 
 async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreError> {
+    // Tables whose apply NEW refused are read again before anything is repaired with them.
+    m.reread_stale().await;
     let mine: Vec<i64> = m.failed.lock().map(|f| f.clone()).unwrap_or_default();
     let skip = queue.skipped(Instant::now());
     let stale = m.settings.stale_intent.as_secs_f64();
@@ -103,8 +106,12 @@ async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreEr
         // with its size, one more limit per 256 KiB stored (about 100,000 integer keys).
         let limit = super::repair_limit(&m.settings)
             * (1 + u32::try_from(stored_bytes >> 18).unwrap_or(u32::MAX).min(1000));
-        let error = match tokio::time::timeout(limit, repair::repair_intent(&m.old, &m.new, &m.tables, id))
-            .await
+        let shapes = m.shapes();
+        let error = match tokio::time::timeout(
+            limit,
+            repair::repair_intent(&m.old, &m.new, &shapes.tables, id),
+        )
+        .await
         {
             Ok(Ok(outcome)) => {
                 failures = 0;
@@ -125,11 +132,37 @@ async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreEr
                         }
                         continue;
                     }
+                    RepairOutcome::SchemaChanged { table, problem } => {
+                        // Not a store failure: read the definitions again; the intent waits
+                        // (with backoff) unless that made the table usable.
+                        let usable = match m.table_index(&table) {
+                            Some(i) => m.reread(i, super::schema::HELD_REREAD).await,
+                            None => false,
+                        };
+                        if !usable {
+                            queue.failed(id, Instant::now());
+                            tracing::debug!(
+                                intent = id,
+                                table,
+                                problem,
+                                "repair waits until OLD and NEW match"
+                            );
+                        }
+                        continue;
+                    }
                     RepairOutcome::AlreadyApplied | RepairOutcome::Skipped => {}
                 }
                 if let Ok(mut f) = m.failed.lock() {
                     f.retain(|&x| x != id);
                 }
+                continue;
+            }
+            Ok(Err(e)) if e.sqlstate().is_some_and(|c| schema_error(&c)) => {
+                // NEW refused the rows: its definitions may have changed. Not a store failure.
+                tracing::warn!(intent = id, error = %e, "repair refused by NEW; the tables' definitions are read again");
+                m.mark_stale();
+                m.reread_stale().await;
+                queue.failed(id, Instant::now());
                 continue;
             }
             Ok(Err(e)) => e,

@@ -60,6 +60,9 @@ pub(crate) struct ImageStream {
     new: NewSide,
     /// Tables whose fence lock NEW's transaction holds.
     fenced: Vec<usize>,
+    /// Tables whose first image was checked against their known definition
+    /// ([`Mirror::images_fit`]).
+    checked: Vec<usize>,
     /// Images captured and chunks sent ahead of the commit.
     images: u64,
     chunks: u32,
@@ -74,6 +77,7 @@ impl Default for ImageStream {
             intent: IntentKeys::new(),
             new: NewSide::Idle,
             fenced: Vec::new(),
+            checked: Vec::new(),
             images: 0,
             chunks: 0,
         }
@@ -113,6 +117,7 @@ impl ImageStream {
         self.intent.clear();
         self.new = NewSide::Idle;
         self.fenced.clear();
+        self.checked.clear();
         self.images = 0;
         self.chunks = 0;
     }
@@ -184,7 +189,13 @@ impl Mirror {
     /// The transaction will not commit (its capture failed or its images cannot be used): ends
     /// NEW's side of it.
     pub(crate) async fn abandon_on_new(&self, s: &mut ImageStream) {
-        match mem::replace(&mut s.new, NewSide::Idle) {
+        self.drop_new_side(s).await;
+        s.clear();
+    }
+
+    /// Ends NEW's side of the transaction: the rest of it only feeds the intent.
+    async fn drop_new_side(&self, s: &mut ImageStream) {
+        match mem::replace(&mut s.new, NewSide::Gone) {
             NewSide::Open {
                 conn,
                 in_flight: false,
@@ -199,13 +210,17 @@ impl Mirror {
             }
             NewSide::Idle | NewSide::Gone => {}
         }
-        s.clear();
     }
 
     /// Takes the images `s` holds out of it, their keys added to the intent, yielding to the
-    /// other sessions of the thread every [`YIELD_IMAGES`] images.
+    /// other sessions of the thread every [`YIELD_IMAGES`] images. A table whose mirror is held
+    /// (its definitions changed and NEW cannot take OLD's rows, `schema.rs`) drops NEW's side:
+    /// the transaction is then repaired from its intent once the stores match.
     async fn fold(&self, s: &mut ImageStream) -> Vec<Change> {
         let changes = s.take_pending();
+        if !matches!(s.new, NewSide::Gone) && !self.images_fit(&changes, &mut s.checked).await {
+            self.drop_new_side(s).await;
+        }
         for c in &changes {
             for rows in c.rows.chunks(YIELD_IMAGES) {
                 s.intent.add_rows(&self.tables, c.table, c.op, rows);
@@ -227,7 +242,8 @@ impl Mirror {
         marker: Option<i64>,
     ) -> bool {
         let params = super::image_params(changes, marker);
-        let batch = self.batch(changes, &params, fenced);
+        let shapes = self.shapes();
+        let batch = self.batch(&shapes, changes, &params, fenced);
         let key = conn.conn.cancel_key();
         let work = conn.conn.send_batch(&batch, false);
         self.bounded(key, work, "timed out sending row images").await
@@ -253,7 +269,7 @@ impl Mirror {
         match tokio::time::timeout(self.settings.timeout, work).await {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
-                self.new_failed(&e.to_string());
+                self.apply_failed(&e);
                 false
             }
             Err(_) => {

@@ -17,6 +17,12 @@ use crate::{Role, StoreError};
 /// locks were granted). Code that wants a snapshot for a whole transaction (the backfill's
 /// reads of OLD) asks for `REPEATABLE READ` in its `BEGIN`.
 /// <https://www.postgresql.org/docs/current/transaction-iso.html#XACT-READ-COMMITTED>
+///
+/// `row_security = off`: Switchyard's reads and writes must see every row. For a login that
+/// bypasses row-level security (a superuser, `BYPASSRLS`) this changes nothing; for one a policy
+/// applies to, a query the policy would filter fails instead of silently seeing fewer rows (a
+/// repair that read a hidden row as gone would delete it on NEW; a backfill would skip it).
+/// <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-ROW-SECURITY>
 pub fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptions {
     let options = PgConnectOptions::new()
         .host(&url.host)
@@ -24,7 +30,10 @@ pub fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptio
         .username(&url.user)
         .database(&url.database)
         .application_name(application_name)
-        .options([("default_transaction_isolation", "read committed")]);
+        .options([
+            ("default_transaction_isolation", "read committed"),
+            ("row_security", "off"),
+        ]);
     match &url.password {
         Some(password) => options.password(password),
         None => options,
