@@ -119,10 +119,17 @@ impl Drop for Proxy {
 }
 
 fn start_proxy(old: &TestDb, new: &TestDb) -> Proxy {
+    let sections = "[auth]\nmethod = \"trust\"\n[telemetry]\nlog_level = \"warn\"\n";
+    start_proxy_with(old, new, "", sections, Stdio::null())
+}
+
+/// A proxy with `proxy_extra` lines added to `[proxy]`, `sections` (`[auth]` and the rest) after
+/// `[old]` and `[new]`, and its log (stdout) sent to `log`.
+fn start_proxy_with(old: &TestDb, new: &TestDb, proxy_extra: &str, sections: &str, log: Stdio) -> Proxy {
     let port = free_port();
     let cfg = temp_config(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"off\"\nshutdown_grace_secs = 20\n\
-         [old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n[auth]\nmethod = \"trust\"\n[telemetry]\nlog_level = \"warn\"\n",
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"off\"\nshutdown_grace_secs = 20\n{proxy_extra}\
+         [old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n{sections}",
         old.url(),
         new.url()
     ));
@@ -130,7 +137,7 @@ fn start_proxy(old: &TestDb, new: &TestDb) -> Proxy {
         .arg("proxy")
         .arg("--config")
         .arg(&cfg.0)
-        .stdout(Stdio::null())
+        .stdout(log)
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
@@ -234,4 +241,50 @@ async fn sigint_stops_at_once() {
     .unwrap();
     assert!(status.success(), "exit status {status}");
     assert!(busy.simple_query("select 1").await.is_err());
+}
+
+/// The `id` of every `session` span closed in a JSON log.
+fn session_ids(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["fields"]["message"] == "close" && event["span"]["name"] == "session")
+        .filter_map(|event| event["span"]["id"].as_u64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_ids_are_unique_across_worker_threads() {
+    let old = TestDb::create("cli_ids").await.unwrap();
+    let new = TestDb::create("cli_ids_new").await.unwrap();
+    let log_path = std::env::temp_dir().join(format!("sy-cli-ids-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let sections = "[auth]\nmethod = \"trust\"\n[telemetry]\nlog_format = \"json\"\nlog_level = \"info\"\n";
+    let mut proxy = start_proxy_with(&old, &new, "worker_threads = 2\n", sections, Stdio::from(log));
+    // The kernel spreads connections over the two workers' sockets by their source port: with
+    // 16 of them, both workers serve some (all on one: 1 chance in 32,768).
+    const SESSIONS: usize = 16;
+    for _ in 0..SESSIONS {
+        let client = connect(proxy.port, old.name()).await.unwrap();
+        client.simple_query("select 1").await.unwrap();
+        drop(client);
+    }
+    let started = Instant::now();
+    let ids = loop {
+        let ids = session_ids(&std::fs::read_to_string(&log_path).unwrap());
+        if ids.len() >= SESSIONS || started.elapsed() > Duration::from_secs(10) {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    signal(&proxy.child, "-INT");
+    let _ = wait_exit(&mut proxy.child, Duration::from_secs(10));
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    assert_eq!(
+        ids.len(),
+        SESSIONS,
+        "one closed session span per connection: {ids:?}\n{text}"
+    );
+    let unique: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), SESSIONS, "session ids repeat: {ids:?}");
 }

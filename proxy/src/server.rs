@@ -30,6 +30,9 @@ pub(crate) struct ProxyState {
     pub(crate) limits: MessageLimits,
     pub(crate) shutdown: Shutdown,
     pub(crate) started: Instant,
+    /// The next session id. One counter for the whole process, not one per worker thread, so
+    /// the `id` in logs and traces names one session.
+    pub(crate) next_session_id: AtomicU64,
     pub(crate) old_store: Store,
     pub(crate) new_store: Store,
     /// The dual-write engine, when some table is in a mirrored phase.
@@ -224,6 +227,7 @@ fn build_state(config: Arc<Config>, metrics: Metrics, shutdown: Shutdown) -> Res
         },
         shutdown,
         started: Instant::now(),
+        next_session_id: AtomicU64::new(1),
         old_store: Store::connect_lazy(Role::Old, &config.old.url).map_err(store_err)?,
         new_store: Store::connect_lazy(Role::New, &config.new.url).map_err(store_err)?,
         mirror: None,
@@ -236,14 +240,13 @@ async fn accept_loop(
     listener: TcpListener,
     mut shutdown: Shutdown,
 ) -> Result<(), StartError> {
-    let next_id = AtomicU64::new(1);
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     tune_socket(&stream, state.config.proxy.tcp_keepalive);
-                    let id = next_id.fetch_add(1, Ordering::Relaxed);
+                    let id = state.next_session_id.fetch_add(1, Ordering::Relaxed);
                     sessions.spawn(session::serve(Arc::clone(state), stream, peer, id));
                 }
                 Err(e) => {
