@@ -218,6 +218,7 @@ fn build_state(config: Arc<Config>, metrics: Metrics, shutdown: Shutdown) -> Res
         client_auth,
         upstream: UpstreamTarget {
             url: config.old.url.clone(),
+            store: Role::Old,
         },
         cancel: Arc::new(CancelRegistry::default()),
         metrics,
