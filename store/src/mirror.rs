@@ -27,7 +27,7 @@ use std::time::Duration;
 use sqlx::postgres::PgPool;
 use switchyard_config::TableName;
 
-use crate::{keys_table_name, quote_ident, Identity, StoreError, TableSchema, SIDE_SCHEMA};
+use crate::{keys_table, quote_ident, quote_table, Identity, StoreError, TableSchema, SIDE_SCHEMA};
 
 /// Maps a driver error to a [`StoreError::Query`] on `role` doing `action`.
 pub(crate) fn failed(role: &'static str, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
@@ -105,14 +105,8 @@ impl MirrorTable {
             .collect::<Vec<_>>()
             .join(", ");
         MirrorTable {
-            keys_table: (!key.is_empty()).then(|| {
-                format!(
-                    "{}.{}",
-                    quote_ident(SIDE_SCHEMA),
-                    quote_ident(&keys_table_name(&name))
-                )
-            }),
-            qualified: format!("{}.{}", quote_ident(&name.schema), quote_ident(&name.table)),
+            keys_table: (!key.is_empty()).then(|| keys_table(&name)),
+            qualified: quote_table(&name),
             columns: quote_list(&mirrored),
             overriding,
             set_list,
