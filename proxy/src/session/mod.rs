@@ -6,6 +6,7 @@
 
 mod client_auth;
 mod io;
+pub(crate) mod meter;
 pub(crate) mod relay;
 pub(crate) mod upstream;
 
