@@ -158,18 +158,29 @@ fn check_config(file: PathBuf, print: bool) -> anyhow::Result<ExitCode> {
 fn run_proxy(file: PathBuf) -> anyhow::Result<ExitCode> {
     let config = Config::load(&file).with_context(|| format!("invalid configuration {}", file.display()))?;
     // Outside the runtime: the OTLP exporters use blocking HTTP clients on their own threads.
-    let _telemetry = telemetry::init(&config.telemetry)?;
+    let telemetry = Arc::new(telemetry::init(&config.telemetry)?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async {
         let listeners = switchyard_proxy::Listeners::bind(&config)?;
         let (trigger, shutdown) = switchyard_proxy::shutdown::channel();
-        signals::spawn_handler(trigger, config.proxy.shutdown_grace)?;
-        switchyard_proxy::run(Arc::new(config), listeners, shutdown).await?;
+        let config = Arc::new(config);
+        let (reloads_tx, reloads) = tokio::sync::watch::channel(Arc::clone(&config));
+        let reload = signals::Reload {
+            file,
+            telemetry: Arc::clone(&telemetry),
+            proxy: reloads_tx,
+        };
+        signals::spawn_handler(trigger, config.proxy.shutdown_grace, reload)?;
+        switchyard_proxy::run_with_reload(config, listeners, shutdown, reloads).await?;
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // The runtime (and the signal task holding a reference) goes first, then the guard flushes.
+    drop(runtime);
+    drop(telemetry);
+    result
 }
 
 fn prepare(file: PathBuf, check: bool, json: bool) -> anyhow::Result<ExitCode> {

@@ -288,3 +288,91 @@ async fn session_ids_are_unique_across_worker_threads() {
     let unique: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
     assert_eq!(unique.len(), SESSIONS, "session ids repeat: {ids:?}");
 }
+
+/// Waits until the log at `path` has a line containing every one of `needles`; returns the log.
+async fn wait_for_log(path: &std::path::Path, needles: &[&str]) -> String {
+    let started = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
+            return log;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no log line with {needles:?}:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn login(port: u16, db: &str, password: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let url = format!("postgres://app:{password}@127.0.0.1:{port}/{db}?sslmode=disable&connect_timeout=5");
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// SIGHUP re-reads the file: the users and the log level change at run time, a change that
+/// needs a restart is only reported, and a broken file leaves the proxy running as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_users_and_log_level_and_survives_a_bad_file() {
+    let old = TestDb::create("cli_hup").await.unwrap();
+    let new = TestDb::create("cli_hup_new").await.unwrap();
+    let users = temp_config("[[users]]\nname = \"app\"\npassword = \"first\"\n");
+    let log_path = std::env::temp_dir().join(format!("sy-cli-hup-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let sections = |level: &str| {
+        format!(
+            "[auth]\nmethod = \"scram-sha-256\"\nusers_file = \"{}\"\n[telemetry]\nlog_format = \"json\"\nlog_level = \"{level}\"\n",
+            users.0.display()
+        )
+    };
+    let mut proxy = start_proxy_with(&old, &new, "", &sections("info"), Stdio::from(log));
+    let db = old.name();
+    login(proxy.port, db, "first").await.unwrap();
+    let cfg = proxy._cfg.0.clone();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+
+    // A file that does not load: an error in the log, nothing changes.
+    std::fs::write(&cfg, "[proxy]\nlisen = 1\n").unwrap();
+    signal(&proxy.child, "-HUP");
+    wait_for_log(&log_path, &["\"ERROR\"", "SIGHUP: configuration not reloaded"]).await;
+    login(proxy.port, db, "first").await.unwrap();
+
+    // New users and log level (applied), a new grace period (only at restart).
+    std::fs::write(&users.0, "[[users]]\nname = \"app\"\npassword = \"second\"\n").unwrap();
+    let changed = text
+        .replace("shutdown_grace_secs = 20", "shutdown_grace_secs = 21")
+        .replace("log_level = \"info\"", "log_level = \"debug\"");
+    assert_ne!(changed, text);
+    std::fs::write(&cfg, changed).unwrap();
+    signal(&proxy.child, "-HUP");
+    wait_for_log(
+        &log_path,
+        &[
+            "SIGHUP: configuration reloaded",
+            "auth.users, telemetry.log_level",
+        ],
+    )
+    .await;
+    wait_for_log(&log_path, &["only when the proxy restarts", "\"keys\":\"proxy\""]).await;
+    // The proxy takes the new users on its own task.
+    wait_for_log(&log_path, &["users reloaded"]).await;
+    let client = login(proxy.port, db, "second").await.unwrap();
+    let Err(refused) = login(proxy.port, db, "first").await else {
+        panic!("the old password still logs in");
+    };
+    assert_eq!(
+        refused.as_db_error().map(|e| e.code().code()),
+        Some("28P01"),
+        "{refused:?}"
+    );
+    // Debug lines now: a session's end is logged at debug.
+    drop(client);
+    wait_for_log(&log_path, &["\"DEBUG\"", "session ended"]).await;
+
+    signal(&proxy.child, "-INT");
+    let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
+    let _ = std::fs::remove_file(&log_path);
+    assert!(status.success(), "exit status {status}");
+}
