@@ -207,7 +207,7 @@ pub async fn run(config: &Config, options: &BackfillOptions, stop: Stop) -> Resu
     let reported = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(tokio::sync::Notify::new());
     let reporter = tokio::spawn(progress::report(
-        options.progress,
+        options.progress.clone(),
         counters.clone(),
         reported.clone(),
         wake.clone(),

@@ -1,23 +1,25 @@
 //! What a run has done so far, shown as it goes and summed up at the end.
 //!
-//! Workers add to per-table atomic counters; a reporter task shows them: a redrawn bar per
-//! table on a terminal (rows, rows/s, ETA), a log line per table every few seconds otherwise.
-//! The bar is a few lines of ANSI escapes (cursor up, clear line) rather than a progress-bar
-//! crate: it needs no more than that, and the backfill's output stays plain text elsewhere.
+//! Workers add to per-table atomic counters; a reporter task shows them: an `indicatif` bar per
+//! table on a terminal (rows, rows/s, ETA, fitted to the terminal's width), a log line per table
+//! every few seconds otherwise. Log lines written while bars are shown must go through
+//! [`MultiProgress::suspend`] (the binary's log writer does), so they appear above the bars
+//! instead of breaking them.
 
-use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 use switchyard_store::backfill_state::BackfillProgress;
 
 /// How progress is shown while a run goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum ProgressMode {
-    /// A bar per table on stderr, redrawn in place (stderr is a terminal).
-    Bar,
+    /// A bar per table, drawn by `indicatif` on this `MultiProgress` (on stderr when it is a
+    /// terminal; `MultiProgress::new()` hides itself otherwise).
+    Bar(MultiProgress),
     /// A log line per table every few seconds.
     Lines,
     /// Nothing (library callers, tests).
@@ -114,19 +116,11 @@ impl TableCounters {
         (done, total)
     }
 
-    fn line(&self, width: usize) -> String {
+    /// Rows, rate, ETA and fenced rows, for the bar and the log line.
+    fn counts(&self) -> String {
         let (done, total) = self.done_and_total();
-        let finished = self.finished.load(Ordering::Relaxed);
-        let fraction = if finished {
-            1.0
-        } else if total == 0 {
-            0.0
-        } else {
-            done as f64 / total as f64
-        };
-        let filled = ((fraction * 30.0) as usize).min(30);
         let rate = self.rate();
-        let eta = if finished {
+        let eta = if self.finished.load(Ordering::Relaxed) {
             "done".to_owned()
         } else if rate > 0.0 {
             format!("ETA {}", secs(total.saturating_sub(done) as f64 / rate))
@@ -134,17 +128,21 @@ impl TableCounters {
             "ETA -".to_owned()
         };
         format!(
-            "{:<width$} [{}{}] {:>3}% {}/{} rows  {} rows/s  {}  ({} fenced)",
-            self.table,
-            "#".repeat(filled),
-            ".".repeat(30 - filled),
-            (fraction * 100.0) as u64,
-            done,
-            total,
+            "{done}/{total} rows  {} rows/s  {eta}  ({} fenced)",
             rate.round(),
-            eta,
             self.rows_skipped.load(Ordering::Relaxed),
         )
+    }
+
+    /// One log line: the name, the percentage and [`TableCounters::counts`].
+    fn line(&self, width: usize) -> String {
+        let (done, total) = self.done_and_total();
+        let percent = if self.finished.load(Ordering::Relaxed) {
+            100
+        } else {
+            (done * 100).checked_div(total).unwrap_or(0)
+        };
+        format!("{:<width$} {percent:>3}% {}", self.table, self.counts())
     }
 }
 
@@ -169,24 +167,34 @@ pub async fn report(
     let width = tables.iter().map(|t| t.table.len()).max().unwrap_or(0);
     match mode {
         ProgressMode::Quiet => {}
-        ProgressMode::Bar => {
-            let mut drawn = 0;
+        ProgressMode::Bar(bars) => {
+            // The counts go in `wide_msg`, which indicatif cuts to what the terminal's width
+            // leaves after the name and the bar.
+            let style = ProgressStyle::with_template(&format!(
+                "{{prefix:<{width}}} [{{bar:25}}] {{percent:>3}}% {{wide_msg}}"
+            ))
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("#>.");
+            let shown: Vec<ProgressBar> = tables
+                .iter()
+                .map(|t| {
+                    let bar = bars.add(ProgressBar::new(0).with_style(style.clone()));
+                    bar.set_prefix(t.table.clone());
+                    bar
+                })
+                .collect();
             loop {
                 let last = done.load(Ordering::Relaxed);
-                let mut out = String::new();
-                if drawn > 0 {
-                    out.push_str(&format!("\x1b[{drawn}A"));
-                }
-                for t in tables.iter() {
-                    out.push_str("\x1b[2K");
-                    out.push_str(&t.line(width));
-                    out.push('\n');
-                }
-                drawn = tables.len();
-                {
-                    let mut err = std::io::stderr().lock();
-                    let _ = err.write_all(out.as_bytes());
-                    let _ = err.flush();
+                for (t, bar) in tables.iter().zip(&shown) {
+                    let (done, total) = t.done_and_total();
+                    bar.set_length(total);
+                    bar.set_position(done);
+                    if t.finished.load(Ordering::Relaxed) {
+                        bar.set_length(done);
+                        bar.finish_with_message(t.counts());
+                    } else {
+                        bar.set_message(t.counts());
+                    }
                 }
                 if last {
                     break;
@@ -194,6 +202,11 @@ pub async fn report(
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                     _ = wake.notified() => {}
+                }
+            }
+            for bar in &shown {
+                if !bar.is_finished() {
+                    bar.abandon();
                 }
             }
         }
@@ -285,4 +298,71 @@ pub struct Summary {
     pub rows_per_sec: f64,
     /// Per table.
     pub tables: Vec<TableSummary>,
+}
+
+#[cfg(test)]
+mod tests {
+    use indicatif::{InMemoryTerm, ProgressDrawTarget, TermLike};
+
+    use super::*;
+
+    /// The bars fit a narrow terminal, whatever the table name's length, and a log line written
+    /// through `suspend` (as the binary's log writer does) stays whole, above them.
+    #[tokio::test]
+    async fn bars_fit_the_terminal_and_log_lines_go_above_them() {
+        const COLUMNS: u16 = 80;
+        let term = InMemoryTerm::new(12, COLUMNS);
+        let bars = MultiProgress::with_draw_target(ProgressDrawTarget::term_like(Box::new(term.clone())));
+        let long = Arc::new(TableCounters::new(
+            "public.a_table_with_a_rather_long_name".into(),
+        ));
+        let short = Arc::new(TableCounters::new("public.t".into()));
+        long.rows_estimated.store(1000, Ordering::Relaxed);
+        short.rows_estimated.store(10, Ordering::Relaxed);
+        long.chunk_started();
+        long.add(400, 390, 10, 0);
+        let done = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let reporter = tokio::spawn(report(
+            ProgressMode::Bar(bars.clone()),
+            Arc::new(vec![Arc::clone(&long), Arc::clone(&short)]),
+            Arc::clone(&done),
+            Arc::clone(&wake),
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        bars.suspend(|| term.write_line("INFO a log line from a worker").unwrap());
+        long.add(600, 600, 0, 0);
+        long.finished.store(true, Ordering::Relaxed);
+        short.add(10, 10, 0, 0);
+        short.finished.store(true, Ordering::Relaxed);
+        done.store(true, Ordering::Relaxed);
+        wake.notify_one();
+        reporter.await.unwrap();
+
+        let screen = term.contents();
+        let lines: Vec<&str> = screen.lines().filter(|l| !l.trim().is_empty()).collect();
+        for line in &lines {
+            assert!(
+                line.chars().count() <= usize::from(COLUMNS),
+                "wider than the terminal: {line:?}\n{screen}"
+            );
+        }
+        let log = lines
+            .iter()
+            .position(|l| l.trim_end() == "INFO a log line from a worker");
+        let long_bar = lines
+            .iter()
+            .position(|l| l.starts_with("public.a_table_with_a_rather_long_name"));
+        let short_bar = lines.iter().position(|l| l.starts_with("public.t "));
+        assert!(
+            matches!((log, long_bar, short_bar), (Some(a), Some(b), Some(c)) if a < b && b < c),
+            "log line above the bars:\n{screen}"
+        );
+        assert!(
+            lines
+                .iter()
+                .all(|l| !l.starts_with("public.") || l.contains("] 100% ")),
+            "both bars end full: {screen}"
+        );
+    }
 }

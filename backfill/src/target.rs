@@ -10,8 +10,8 @@
 use switchyard_config::{Config, Phase, TableName, TableSettings};
 use switchyard_store::mirror::escape_literal;
 use switchyard_store::{
-    compare, effective_key, keys_table_name, load_table, quote_ident, quote_table, Identity, Mismatch, Role,
-    TableSchema, SIDE_SCHEMA,
+    compare, effective_key, keys_table, keys_table_name, load_table, quote_ident, quote_table, Identity,
+    Mismatch, Role, TableSchema, SIDE_SCHEMA,
 };
 
 use crate::keyless::{self, Boundary};
@@ -190,11 +190,7 @@ impl TargetTable {
             .collect();
         TargetTable {
             qualified: quote_table(&name),
-            keys_table: format!(
-                "{}.{}",
-                quote_ident(SIDE_SCHEMA),
-                quote_ident(&keys_table_name(&name))
-            ),
+            keys_table: keys_table(&name),
             columns: copied.iter().map(|c| quote_ident(&c.name)).collect(),
             overriding,
             binary,

@@ -121,7 +121,7 @@ fn main() -> ExitCode {
                 chunk_rows,
                 max_rows_per_sec,
                 progress: if std::io::stderr().is_terminal() {
-                    ProgressMode::Bar
+                    ProgressMode::Bar(indicatif::MultiProgress::new())
                 } else {
                     ProgressMode::Lines
                 },
@@ -158,18 +158,29 @@ fn check_config(file: PathBuf, print: bool) -> anyhow::Result<ExitCode> {
 fn run_proxy(file: PathBuf) -> anyhow::Result<ExitCode> {
     let config = Config::load(&file).with_context(|| format!("invalid configuration {}", file.display()))?;
     // Outside the runtime: the OTLP exporters use blocking HTTP clients on their own threads.
-    let _telemetry = telemetry::init(&config.telemetry)?;
+    let telemetry = Arc::new(telemetry::init(&config.telemetry)?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async {
         let listeners = switchyard_proxy::Listeners::bind(&config)?;
         let (trigger, shutdown) = switchyard_proxy::shutdown::channel();
-        signals::spawn_handler(trigger, config.proxy.shutdown_grace)?;
-        switchyard_proxy::run(Arc::new(config), listeners, shutdown).await?;
+        let config = Arc::new(config);
+        let (reloads_tx, reloads) = tokio::sync::watch::channel(Arc::clone(&config));
+        let reload = signals::Reload {
+            file,
+            telemetry: Arc::clone(&telemetry),
+            proxy: reloads_tx,
+        };
+        signals::spawn_handler(trigger, config.proxy.shutdown_grace, reload)?;
+        switchyard_proxy::run_with_reload(config, listeners, shutdown, reloads).await?;
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // The runtime (and the signal task holding a reference) goes first, then the guard flushes.
+    drop(runtime);
+    drop(telemetry);
+    result
 }
 
 fn prepare(file: PathBuf, check: bool, json: bool) -> anyhow::Result<ExitCode> {
@@ -234,10 +245,27 @@ fn print_prepare_report(report: &PrepareReport, check: bool) {
     }
 }
 
+/// A log line written while progress bars are shown: the bars are cleared, the line written,
+/// the bars drawn again below it.
+struct AboveBars(indicatif::MultiProgress);
+
+impl std::io::Write for AboveBars {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The fmt layer writes each event in one call.
+        self.0.suspend(|| std::io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Logs for the batch commands go to stderr, so stdout carries only their report (`--json`).
-/// While a progress bar is drawn, only warnings and errors are logged unless `RUST_LOG` says
-/// otherwise.
-fn init_stderr_logs(config: &Config, bar: bool) -> anyhow::Result<()> {
+/// While progress bars are drawn (`bars`), log lines go above them, and only warnings and
+/// errors are logged unless `RUST_LOG` says otherwise.
+fn init_stderr_logs(config: &Config, bars: Option<&indicatif::MultiProgress>) -> anyhow::Result<()> {
+    let bar = bars.is_some();
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("RUST_LOG") {
         Ok(directive) if !directive.is_empty() => EnvFilter::try_new(directive)?,
@@ -245,9 +273,16 @@ fn init_stderr_logs(config: &Config, bar: bool) -> anyhow::Result<()> {
         _ if bar => EnvFilter::try_new("warn")?,
         _ => EnvFilter::try_new(format!("{},sqlx=warn", config.telemetry.log_level))?,
     };
+    let bars = bars.cloned();
+    let writer = move || -> Box<dyn std::io::Write> {
+        match &bars {
+            Some(bars) => Box::new(AboveBars(bars.clone())),
+            None => Box::new(std::io::stderr()),
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false);
     let installed = match config.telemetry.log_format {
         switchyard_config::LogFormat::Json => builder.json().try_init(),
@@ -302,7 +337,11 @@ fn backfill(
                 .map_err(|e| anyhow::anyhow!("--table {t}: {e}"))?,
         );
     }
-    init_stderr_logs(&config, options.progress == ProgressMode::Bar && !cleanup)?;
+    let bars = match &options.progress {
+        ProgressMode::Bar(bars) if !cleanup => Some(bars),
+        _ => None,
+    };
+    init_stderr_logs(&config, bars)?;
     let runtime = batch_runtime(options.workers)?;
     if cleanup {
         let result = runtime.block_on(switchyard_backfill::cleanup_tombstones(&config, &options.tables));
@@ -383,7 +422,7 @@ fn batch_failed(
 
 fn status(file: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(&file).with_context(|| format!("invalid configuration {}", file.display()))?;
-    init_stderr_logs(&config, false)?;
+    init_stderr_logs(&config, None)?;
     let runtime = batch_runtime(1)?;
     let tables = match runtime.block_on(switchyard_backfill::status(&config)) {
         Ok(tables) => tables,

@@ -7,11 +7,26 @@ use switchyard_config::{LogFormat, TelemetrySettings};
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
-/// Flushes the trace exporter when dropped.
+/// Flushes the trace exporter when dropped; changes the log level on reload.
 pub struct TelemetryGuard {
     tracer: Option<SdkTracerProvider>,
+    filter: reload::Handle<EnvFilter, Registry>,
+    /// `RUST_LOG` set the filter: it wins over `telemetry.log_level`, on reload too.
+    from_env: bool,
+}
+
+impl TelemetryGuard {
+    /// Replaces the log filter with `log_level` (a reloaded `telemetry.log_level`). Returns
+    /// `Ok(false)` when `RUST_LOG` is set, which keeps precedence.
+    pub fn set_log_level(&self, log_level: &str) -> anyhow::Result<bool> {
+        if self.from_env {
+            return Ok(false);
+        }
+        self.filter.reload(EnvFilter::try_new(log_level)?)?;
+        Ok(true)
+    }
 }
 
 impl Drop for TelemetryGuard {
@@ -24,10 +39,11 @@ impl Drop for TelemetryGuard {
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `telemetry.log_level`.
 pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(directive) if !directive.is_empty() => EnvFilter::try_new(directive)?,
-        _ => EnvFilter::try_new(&settings.log_level)?,
+    let (filter, from_env) = match std::env::var("RUST_LOG") {
+        Ok(directive) if !directive.is_empty() => (EnvFilter::try_new(directive)?, true),
+        _ => (EnvFilter::try_new(&settings.log_level)?, false),
     };
+    let (filter, handle) = reload::Layer::new(filter);
     let fmt = match settings.log_format {
         // A line when a span closes: one per session at info, one per statement at debug, with
         // the span's fields and its busy/idle time.
@@ -67,5 +83,9 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
         .with(fmt)
         .with(otel)
         .try_init()?;
-    Ok(TelemetryGuard { tracer })
+    Ok(TelemetryGuard {
+        tracer,
+        filter: handle,
+        from_env,
+    })
 }

@@ -13,7 +13,9 @@
 //!
 //! There is no global configuration: programs load a `Config` and pass it
 //! down. On reload they load a new one and apply what may change at run time
-//! (see [`Config::changes_needing_restart`]).
+//! ([`Config::hot_changes`]); the rest waits for a restart
+//! ([`Config::changes_needing_restart`]). Defaults are written once, in the
+//! settings' `Default` implementations, which validation falls back to.
 
 mod env;
 mod error;
@@ -121,24 +123,52 @@ impl Config {
         self.tables.iter().find(|t| &t.name == name)
     }
 
-    /// The keys whose values differ between `self` and `newer` and that only
-    /// take effect at start: everything except `[[tables]]` and the users.
-    /// A reload applies `tables` (phase, read share) and users, and reports
-    /// these as needing a restart.
-    pub fn changes_needing_restart(&self, newer: &Config) -> Vec<&'static str> {
-        let checks: [(&'static str, bool); 7] = [
-            ("proxy", self.proxy != newer.proxy),
-            ("old", self.old != newer.old),
-            ("new", self.new != newer.new),
-            ("auth.method", self.auth.method != newer.auth.method),
-            ("auth.users_file", self.auth.users_file != newer.auth.users_file),
-            ("telemetry", self.telemetry != newer.telemetry),
-            ("mirror", self.mirror != newer.mirror),
+    /// The keys whose values differ between `self` and `newer` and that a running proxy takes
+    /// on reload (SIGHUP): the users (the content of the users file) and
+    /// `telemetry.log_level`.
+    pub fn hot_changes(&self, newer: &Config) -> Vec<&'static str> {
+        let checks: [(&'static str, bool); 2] = [
+            ("auth.users", self.auth.users != newer.auth.users),
+            (
+                "telemetry.log_level",
+                self.telemetry.log_level != newer.telemetry.log_level,
+            ),
         ];
         checks
             .into_iter()
             .filter_map(|(key, changed)| changed.then_some(key))
             .collect()
+    }
+
+    /// The keys whose values differ between `self` and `newer` and that only take effect at
+    /// start: everything but what [`hot_changes`](Self::hot_changes) lists. That includes
+    /// `[[tables]]`: the dual-write engine is set up for its tables at start.
+    pub fn changes_needing_restart(&self, newer: &Config) -> Vec<&'static str> {
+        let mut telemetry = newer.telemetry.clone();
+        telemetry.log_level.clone_from(&self.telemetry.log_level);
+        let checks: [(&'static str, bool); 8] = [
+            ("proxy", self.proxy != newer.proxy),
+            ("old", self.old != newer.old),
+            ("new", self.new != newer.new),
+            ("auth.method", self.auth.method != newer.auth.method),
+            ("auth.users_file", self.auth.users_file != newer.auth.users_file),
+            ("telemetry", self.telemetry != telemetry),
+            ("mirror", self.mirror != newer.mirror),
+            ("tables", self.tables != newer.tables),
+        ];
+        checks
+            .into_iter()
+            .filter_map(|(key, changed)| changed.then_some(key))
+            .collect()
+    }
+
+    /// `self` with the fields [`hot_changes`](Self::hot_changes) covers taken from `newer`:
+    /// the configuration a proxy runs with after a reload.
+    pub fn with_hot_fields_of(&self, newer: &Config) -> Config {
+        let mut running = self.clone();
+        running.auth.users = newer.auth.users.clone();
+        running.telemetry.log_level.clone_from(&newer.telemetry.log_level);
+        running
     }
 
     fn load_inner(

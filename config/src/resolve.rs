@@ -103,46 +103,52 @@ impl<'a> Resolver<'a> {
         let max_connections = self.int(
             "proxy.max_connections",
             raw.max_connections,
-            1000,
+            u64::from(defaults.max_connections),
             1,
             i64::from(u32::MAX),
         );
         let max_message_bytes = self.int(
             "proxy.max_message_bytes",
             raw.max_message_bytes,
-            256 * 1024 * 1024,
+            defaults.max_message_bytes as u64,
             1024,
             MAX_MESSAGE_BYTES_LIMIT,
         );
         let connect_ms = self.int(
             "proxy.connect_timeout_ms",
             raw.connect_timeout_ms,
-            5000,
+            defaults.connect_timeout.as_millis() as u64,
             1,
             i64::MAX,
         );
         let idle = self.int(
             "proxy.client_idle_timeout_secs",
             raw.client_idle_timeout_secs,
-            0,
+            defaults.client_idle_timeout.map_or(0, |d| d.as_secs()),
             0,
             i64::MAX,
         );
         let keepalive = self.int(
             "proxy.tcp_keepalive_secs",
             raw.tcp_keepalive_secs,
-            60,
+            defaults.tcp_keepalive.map_or(0, |d| d.as_secs()),
             0,
             MAX_KEEPALIVE_SECS,
         );
         let grace = self.int(
             "proxy.shutdown_grace_secs",
             raw.shutdown_grace_secs,
-            30,
+            defaults.shutdown_grace.as_secs(),
             0,
             i64::MAX,
         );
-        let workers = self.int("proxy.worker_threads", raw.worker_threads, 0, 0, 1024);
+        let workers = self.int(
+            "proxy.worker_threads",
+            raw.worker_threads,
+            defaults.worker_threads as u64,
+            0,
+            1024,
+        );
         ProxySettings {
             listen,
             admin_listen,
@@ -217,7 +223,7 @@ impl<'a> Resolver<'a> {
 
     fn auth(&mut self, raw: RawAuth) -> Option<AuthSettings> {
         let method = match raw.method.as_deref() {
-            None => Some(AuthMethod::ScramSha256),
+            None => Some(AuthMethod::default()),
             Some(s) => s
                 .parse()
                 .map_err(|why: String| self.problem("auth.method", why))
@@ -426,7 +432,7 @@ impl<'a> Resolver<'a> {
                 }
             }
             let on_uncaptured = match t.on_uncaptured.as_deref().map(str::parse::<UncapturedPolicy>) {
-                None => Some(UncapturedPolicy::Refuse),
+                None => Some(UncapturedPolicy::default()),
                 Some(Ok(p)) => Some(p),
                 Some(Err(why)) => {
                     self.problem(&format!("{key}.on_uncaptured"), format!("{which}{why}"));

@@ -77,7 +77,7 @@ pub struct StoreSettings {
 }
 
 /// How the proxy authenticates clients (`[auth] method`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
 pub enum AuthMethod {
     /// `trust`: no password asked.
     #[serde(rename = "trust")]
@@ -86,6 +86,7 @@ pub enum AuthMethod {
     #[serde(rename = "md5")]
     Md5,
     /// `scram-sha-256`: SCRAM-SHA-256 (RFC 7677), the default.
+    #[default]
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
 }

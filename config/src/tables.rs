@@ -168,10 +168,11 @@ pub struct TableSettings {
 /// What to do with a write on a migrated table that cannot be mirrored as row images (TRUNCATE,
 /// COPY FROM, DDL, a data-modifying CTE, UPDATE or DELETE on a table without a key, an UPDATE
 /// that changes the key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UncapturedPolicy {
     /// Refuse the statement with an error naming the table (the default): nothing diverges.
+    #[default]
     Refuse,
     /// Run it on OLD only and mark the table as needing a full verification before cutover.
     MarkForVerify,

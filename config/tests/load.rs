@@ -210,16 +210,41 @@ users_file = "users.toml"
 }
 
 #[test]
-fn changes_needing_restart_ignores_tables() {
+fn reload_takes_users_and_log_level_only() {
     let a = parse(&format!(
         "{MINIMAL}\n[[tables]]\nname = \"t\"\nphase = \"passthrough\"\n"
     ));
     let b = parse(&format!(
         "{MINIMAL}\n[[tables]]\nname = \"t\"\nphase = \"read_shift\"\nread_share = 5\n"
     ));
-    assert!(a.changes_needing_restart(&b).is_empty());
+    assert_eq!(a.changes_needing_restart(&b), vec!["tables"]);
+    assert!(a.hot_changes(&b).is_empty());
     let c = parse(&format!("{MINIMAL}\n[proxy]\nlisten = \"127.0.0.1:1\"\n"));
-    assert_eq!(a.changes_needing_restart(&c), vec!["proxy"]);
+    assert_eq!(c.changes_needing_restart(&c), Vec::<&str>::new());
+    let d = parse(&format!("{MINIMAL}\n[telemetry]\nlog_level = \"debug\"\n"));
+    assert_eq!(c.changes_needing_restart(&d), vec!["proxy"]);
+    assert_eq!(c.hot_changes(&d), vec!["telemetry.log_level"]);
+    let running = c.with_hot_fields_of(&d);
+    assert_eq!(running.telemetry.log_level, "debug");
+    assert_eq!(running.proxy, c.proxy);
+    assert!(running.hot_changes(&d).is_empty());
+}
+
+/// Every default is written once, in the settings' `Default` implementations: a file that sets
+/// nothing it need not resolves to exactly those.
+#[test]
+fn defaults_come_from_the_settings_types() {
+    let c = parse(MINIMAL);
+    assert_eq!(c.proxy, switchyard_config::ProxySettings::default());
+    assert_eq!(c.telemetry, switchyard_config::TelemetrySettings::default());
+    assert_eq!(c.mirror, switchyard_config::MirrorSettings::default());
+    let t = parse(&format!(
+        "{MINIMAL}\n[[tables]]\nname = \"t\"\nphase = \"dual_write\"\n"
+    ));
+    assert_eq!(
+        t.tables[0].on_uncaptured,
+        switchyard_config::UncapturedPolicy::default()
+    );
 }
 
 /// The shipped example loads; its `users_file` is relative to the workspace

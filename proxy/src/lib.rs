@@ -23,5 +23,5 @@ mod session;
 
 pub use error::StartError;
 pub use mirror::MirrorStats;
-pub use server::{run, Listeners};
+pub use server::{run, run_with_reload, Listeners};
 pub use shutdown::{Shutdown, ShutdownState, ShutdownTrigger};

@@ -2,14 +2,14 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use switchyard_config::{Config, Engine};
 use switchyard_pgwire::frame::MessageLimits;
 use switchyard_store::{Role, Store};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::cancel::CancelRegistry;
@@ -22,7 +22,8 @@ use crate::shutdown::{Shutdown, ShutdownState};
 /// What every session and the admin API share.
 pub(crate) struct ProxyState {
     pub(crate) config: Arc<Config>,
-    pub(crate) client_auth: ClientAuth,
+    /// The users clients log in as; a reload replaces them ([`run_with_reload`]).
+    client_auth: RwLock<Arc<ClientAuth>>,
     pub(crate) upstream: UpstreamTarget,
     pub(crate) cancel: Arc<CancelRegistry>,
     pub(crate) metrics: Metrics,
@@ -30,10 +31,33 @@ pub(crate) struct ProxyState {
     pub(crate) limits: MessageLimits,
     pub(crate) shutdown: Shutdown,
     pub(crate) started: Instant,
+    /// The next session id. One counter for the whole process, not one per worker thread, so
+    /// the `id` in logs and traces names one session.
+    pub(crate) next_session_id: AtomicU64,
     pub(crate) old_store: Store,
     pub(crate) new_store: Store,
     /// The dual-write engine, when some table is in a mirrored phase.
     pub(crate) mirror: Option<Arc<crate::mirror::Mirror>>,
+}
+
+impl ProxyState {
+    /// The users and how they prove who they are, as of now.
+    pub(crate) fn client_auth(&self) -> Arc<ClientAuth> {
+        Arc::clone(&self.client_auth.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Applies what a reloaded configuration may change at run time (the users); `running` is
+    /// the configuration with those fields already taken from the new file
+    /// ([`Config::with_hot_fields_of`]).
+    fn reload(&self, running: &Config) {
+        match ClientAuth::new(running.auth.method, &running.auth.users) {
+            Ok(auth) => {
+                *self.client_auth.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(auth);
+                tracing::info!(users = running.auth.users.users.len(), "users reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "users not reloaded; keeping the previous ones"),
+        }
+    }
 }
 
 /// The sockets a proxy serves, bound before [`run`] so tests can bind port 0 and read the port.
@@ -115,14 +139,27 @@ pub(crate) fn tune_socket(stream: &TcpStream, keepalive: Option<Duration>) {
 }
 
 /// Runs the proxy until `shutdown` completes: serves clients on `listeners.client` and the admin
-/// API on `listeners.admin`.
+/// API on `listeners.admin`. As [`run_with_reload`] without reloads.
+pub async fn run(config: Arc<Config>, listeners: Listeners, shutdown: Shutdown) -> Result<(), StartError> {
+    let (_never, reloads) = watch::channel(Arc::clone(&config));
+    run_with_reload(config, listeners, shutdown, reloads).await
+}
+
+/// Runs the proxy until `shutdown` completes: serves clients on `listeners.client` and the admin
+/// API on `listeners.admin`; each configuration sent on `reloads` (after SIGHUP) replaces the
+/// users clients log in as. Other fields are read at start only.
 ///
 /// Each client socket gets a worker thread with its own single-threaded runtime; a session lives
 /// on the worker that accepted it, so its two sockets never wake another thread. (On a machine
 /// where the proxy shares cores with the database and the clients, cross-thread wake-ups were
 /// the largest cost of the multi-threaded scheduler.) The admin API runs on the caller's runtime.
 /// Returns when every session has ended after a drain or an immediate shutdown.
-pub async fn run(config: Arc<Config>, listeners: Listeners, shutdown: Shutdown) -> Result<(), StartError> {
+pub async fn run_with_reload(
+    config: Arc<Config>,
+    listeners: Listeners,
+    shutdown: Shutdown,
+    mut reloads: watch::Receiver<Arc<Config>>,
+) -> Result<(), StartError> {
     // The OTLP exporter's blocking HTTP client must be built and shut down off the runtime.
     let telemetry = config.telemetry.clone();
     let metrics = tokio::task::spawn_blocking(move || {
@@ -144,6 +181,16 @@ pub async fn run(config: Arc<Config>, listeners: Listeners, shutdown: Shutdown) 
     let admin = listeners
         .admin
         .map(|admin| tokio::spawn(crate::admin::serve(Arc::clone(&state), admin, shutdown.clone())));
+    reloads.mark_unchanged();
+    let reloader = {
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            while reloads.changed().await.is_ok() {
+                let running = Arc::clone(&reloads.borrow_and_update());
+                state.reload(&running);
+            }
+        })
+    };
     let addr = listeners.client.first().and_then(|l| l.local_addr().ok());
     let mut workers = Vec::with_capacity(listeners.client.len());
     for (i, listener) in listeners.client.into_iter().enumerate() {
@@ -176,6 +223,7 @@ pub async fn run(config: Arc<Config>, listeners: Listeners, shutdown: Shutdown) 
     if let Some(admin) = admin {
         admin.abort();
     }
+    reloader.abort();
     let flush = Arc::clone(&state);
     let _ = tokio::task::spawn_blocking(move || flush.metrics.shutdown()).await;
     result
@@ -212,9 +260,10 @@ fn build_state(config: Arc<Config>, metrics: Metrics, shutdown: Shutdown) -> Res
     let client_auth = ClientAuth::new(config.auth.method, &config.auth.users).map_err(StartError::Config)?;
     let store_err = |e: switchyard_store::StoreError| StartError::Unsupported(e.to_string());
     Ok(ProxyState {
-        client_auth,
+        client_auth: RwLock::new(Arc::new(client_auth)),
         upstream: UpstreamTarget {
             url: config.old.url.clone(),
+            store: Role::Old,
         },
         cancel: Arc::new(CancelRegistry::default()),
         metrics,
@@ -224,6 +273,7 @@ fn build_state(config: Arc<Config>, metrics: Metrics, shutdown: Shutdown) -> Res
         },
         shutdown,
         started: Instant::now(),
+        next_session_id: AtomicU64::new(1),
         old_store: Store::connect_lazy(Role::Old, &config.old.url).map_err(store_err)?,
         new_store: Store::connect_lazy(Role::New, &config.new.url).map_err(store_err)?,
         mirror: None,
@@ -236,14 +286,13 @@ async fn accept_loop(
     listener: TcpListener,
     mut shutdown: Shutdown,
 ) -> Result<(), StartError> {
-    let next_id = AtomicU64::new(1);
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     tune_socket(&stream, state.config.proxy.tcp_keepalive);
-                    let id = next_id.fetch_add(1, Ordering::Relaxed);
+                    let id = state.next_session_id.fetch_add(1, Ordering::Relaxed);
                     sessions.spawn(session::serve(Arc::clone(state), stream, peer, id));
                 }
                 Err(e) => {

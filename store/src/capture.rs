@@ -411,8 +411,8 @@ pub fn uninstall_sql(table: &TableName) -> Vec<String> {
     ]
 }
 
-/// SQL returning the mirrored tables (by `schema.table` name, among `$1`) that lack the capture
-/// trigger on OLD, for the proxy's start-up check.
+/// SQL returning the mirrored tables (named as [`quote_table`] quotes them, among `$1`) that
+/// lack the capture trigger on OLD, for the proxy's start-up check.
 pub const MISSING_CAPTURE_SQL: &str = "SELECT t FROM unnest($1::text[]) AS t \
      WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g \
      WHERE g.tgrelid = to_regclass(t) AND g.tgname = 'switchyard_capture' AND g.tgparentid = 0)";

@@ -22,8 +22,8 @@ use std::time::Duration;
 use switchyard_config::{Engine, StoreUrl};
 
 pub use postgres::catalog::{
-    compare, effective_key, keys_table_name, load_table, quote_ident, quote_table, Column, Identity,
-    Mismatch, TableSchema, SIDE_SCHEMA,
+    compare, effective_key, keys_table, keys_table_name, load_table, quote_ident, quote_table, Column,
+    Identity, Mismatch, TableSchema, SIDE_SCHEMA,
 };
 pub use postgres::{connect_options, PgStore};
 pub use prepare::{prepare, PrepareReport, PreparedTable};

@@ -28,7 +28,7 @@ use sqlx::postgres::PgPool;
 use switchyard_config::TableName;
 
 use crate::{
-    compare, keys_table_name, load_table, quote_ident, Identity, StoreError, TableSchema, SIDE_SCHEMA,
+    compare, keys_table, load_table, quote_ident, quote_table, Identity, StoreError, TableSchema, SIDE_SCHEMA,
 };
 
 /// Maps a driver error to a [`StoreError::Query`] on `role` doing `action`.
@@ -115,14 +115,8 @@ impl MirrorTable {
             .collect::<Vec<_>>()
             .join(", ");
         MirrorTable {
-            keys_table: (!key.is_empty()).then(|| {
-                format!(
-                    "{}.{}",
-                    quote_ident(SIDE_SCHEMA),
-                    quote_ident(&keys_table_name(&name))
-                )
-            }),
-            qualified: format!("{}.{}", quote_ident(&name.schema), quote_ident(&name.table)),
+            keys_table: (!key.is_empty()).then(|| keys_table(&name)),
+            qualified: quote_table(&name),
             columns: quote_list(&mirrored),
             overriding,
             set_list,

@@ -147,7 +147,7 @@ async fn psql(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scram_with_password_and_stored_secret() -> anyhow::Result<()> {
-    let secret = ScramSecret::generate("pw").to_string();
+    let secret = ScramSecret::generate("pw")?.to_string();
     assert!(secret.starts_with("SCRAM-SHA-256$4096:"), "{secret}");
     let users = format!(
         "[[users]]\nname = \"app\"\npassword = \"app-secret\"\n\n\
@@ -202,6 +202,58 @@ async fn psql_logs_in_with_scram() -> anyhow::Result<()> {
     let (ok, _, err) = psql(port, "app", "nope", p.old.name(), "select 1").await?;
     ensure!(!ok, "psql logged in with a wrong password");
     ensure!(err.contains(&password_failed("app")), "psql said: {err}");
+    Ok(())
+}
+
+/// A password that SASLprep changes (full-width letters and a Roman numeral, NFKC-normalised to
+/// `passIX`): libpq and tokio-postgres prepare it before computing their SCRAM proof, as
+/// PostgreSQL does when it stores the secret, so the proxy must derive its secret from the
+/// prepared form too. The secret PostgreSQL itself stored for a role with that password must
+/// work as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_with_a_password_saslprep_changes() -> anyhow::Result<()> {
+    const PASSWORD: &str = "ｐａｓｓⅨ";
+    let admin = TestDb::create("auth_saslprep_admin").await?;
+    let role = format!("sy_saslprep_{}", std::process::id());
+    admin
+        .execute_batch(&format!(
+            "SET password_encryption = 'scram-sha-256'; DROP ROLE IF EXISTS {role}; \
+             CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'"
+        ))
+        .await?;
+    let stored = admin
+        .client()
+        .await?
+        .query_one("SELECT rolpassword FROM pg_authid WHERE rolname = $1", &[&role])
+        .await;
+    admin.execute_batch(&format!("DROP ROLE {role}")).await?;
+    let stored: String = stored?.get(0);
+    let users = format!(
+        "[[users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\n\n\
+         [[users]]\nname = \"{role}\"\nsecret = \"{stored}\"\n"
+    );
+    let p = AuthProxy::start("auth_saslprep", "scram-sha-256", &users).await?;
+    for user in ["app", role.as_str()] {
+        let config = format!(
+            "host=127.0.0.1 port={} user={user} dbname={} sslmode=disable",
+            p.proxy.port(),
+            p.old.name()
+        );
+        for password in [PASSWORD, "passIX"] {
+            let mut config: tokio_postgres::Config = config.parse()?;
+            config.password(password);
+            let (client, conn) = config
+                .connect(NoTls)
+                .await
+                .with_context(|| format!("{user} with {password}"))?;
+            tokio::spawn(conn);
+            let n: i32 = client.query_one("select 6 * 7", &[]).await?.get(0);
+            assert_eq!(n, 42);
+        }
+        let (ok, _, err) = psql(p.proxy.port(), user, PASSWORD, p.old.name(), "select 1").await?;
+        ensure!(ok, "psql (libpq) as {user}: {err}");
+    }
+    assert_refused(p.login("app", "pass").await, "28P01", &password_failed("app"));
     Ok(())
 }
 

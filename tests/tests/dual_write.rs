@@ -662,3 +662,49 @@ async fn run(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>, statements: Ve
             .unwrap();
     }
 }
+
+/// The value of the Prometheus sample `name` (with its labels, as rendered), 0 when absent.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Statement counts and store latency come from the dual-write relay too, not only from the
+/// passthrough one: they must not go flat once a table is in `dual_write`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_and_latency_metrics_in_dual_write() {
+    let env = env("dw_metrics").await;
+    let proxy = env.proxy().await.unwrap();
+    let client = proxy.client().await.unwrap();
+    client
+        .simple_query("INSERT INTO pairs VALUES (1, 'a', 'x')")
+        .await
+        .unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    client
+        .execute("UPDATE pairs SET v = $1 WHERE a = 1", &[&"y"])
+        .await
+        .unwrap();
+    client.query("SELECT $1::int", &[&1i32]).await.unwrap();
+    drop(client);
+
+    let (code, metrics) = proxy.admin_get("/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    for (labels, at_least) in [
+        ("{kind=\"write\",protocol=\"simple\"}", 1.0),
+        ("{kind=\"read\",protocol=\"simple\"}", 1.0),
+        ("{kind=\"write\",protocol=\"extended\"}", 1.0),
+        ("{kind=\"read\",protocol=\"extended\"}", 1.0),
+    ] {
+        let n = sample(&metrics, &format!("switchyard_statements_total{labels}"));
+        assert!(n >= at_least, "statements {labels}: {n}\n{metrics}");
+    }
+    // One request per simple query, one per Sync of the extended ones (tokio-postgres prepares
+    // each statement in a batch of its own first).
+    let requests = sample(&metrics, "switchyard_store_latency_seconds_count{store=\"old\"}");
+    assert!(requests >= 4.0, "latency samples: {requests}\n{metrics}");
+    proxy.stop().await.unwrap();
+}

@@ -34,15 +34,11 @@ impl std::fmt::Debug for Md5Source {
     }
 }
 
-/// Returns the stored form of an MD5 password: `"md5" + hex(md5(password + user))`.
+/// Returns the stored form of an MD5 password: `"md5" + hex(md5(password + user))`, by
+/// postgres-protocol's `password::md5`. PostgreSQL hashes the password's bytes as they are (no
+/// SASLprep for md5).
 pub fn md5_secret(password: &str, user: &str) -> String {
-    let mut hasher = Md5::new();
-    hasher.update(password.as_bytes());
-    hasher.update(user.as_bytes());
-    let mut secret = String::with_capacity(MD5_SECRET_LEN);
-    secret.push_str("md5");
-    push_hex(&mut secret, &hasher.finalize());
-    secret
+    postgres_protocol::password::md5(password.as_bytes(), user)
 }
 
 /// Returns a random salt for an `AuthenticationMD5Password` message.

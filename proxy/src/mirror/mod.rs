@@ -600,7 +600,10 @@ async fn check_prepared(old: &PgPool, new: &PgPool, tables: &[MirrorTable]) -> R
     {
         return Err(missing("NEW", "switchyard.switchyard_applied".into()));
     }
-    let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
+    let names: Vec<String> = tables
+        .iter()
+        .map(|t| switchyard_store::quote_table(&t.name))
+        .collect();
     let uncaptured: Vec<String> = sqlx::query_scalar(store_capture::MISSING_CAPTURE_SQL)
         .bind(&names)
         .fetch_all(old)
@@ -613,7 +616,7 @@ async fn check_prepared(old: &PgPool, new: &PgPool, tables: &[MirrorTable]) -> R
         ));
     }
     for t in tables.iter().filter(|t| t.keyed()) {
-        let rel = format!("switchyard.{}", switchyard_store::keys_table_name(&t.name));
+        let rel = switchyard_store::keys_table(&t.name);
         if exists(new, rel.clone())
             .await
             .map_err(|e| unreachable("NEW", e))?

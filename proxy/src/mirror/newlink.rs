@@ -217,7 +217,10 @@ impl NewLink {
     /// itself ends any statement or lock wait after `statement_bound`.
     pub(crate) fn new(url: &StoreUrl, size: u32, timeout: Duration, statement_bound: Duration) -> NewLink {
         NewLink {
-            target: UpstreamTarget { url: url.clone() },
+            target: UpstreamTarget {
+                url: url.clone(),
+                store: switchyard_store::Role::New,
+            },
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(size as usize)),
             timeout,

@@ -210,6 +210,8 @@ struct MirrorSession<'a> {
     /// autocommit write is open: the client hears CommandComplete only once both stores
     /// committed, as it would from PostgreSQL.
     hold_client: bool,
+    /// Statement counts and request latency, as the passthrough relay records them.
+    meter: crate::session::meter::RequestMeter,
 }
 
 /// Runs a session in dual-write mode until one side ends.
@@ -248,6 +250,7 @@ pub(crate) async fn relay(
         captured: Captured::default(),
         pending: None,
         hold_client: false,
+        meter: Default::default(),
     };
     let result = s.run(&mut shutdown).await;
     if let Some(p) = s.pending.take() {
@@ -282,11 +285,14 @@ impl MirrorSession<'_> {
                         switchyard_pgwire::ProtocolError::UnknownTag(tag),
                     ));
                 }
+                self.meter
+                    .client_message(tag, frame.get(5..).unwrap_or_default(), self.params.metrics);
                 self.client_message(tag, frame).await?;
             }
             self.flush_upstream().await?;
             if self.flushed {
                 self.drain().await?;
+                self.meter.answered(self.params.metrics);
             }
             self.flush_client().await?;
             let idle = self.status == b'I' && self.expect.is_empty() && !self.in_block;

@@ -53,9 +53,10 @@ impl ClientAuth {
                 (AuthMethod::Md5, UserCredential::Md5Secret(s)) => {
                     Verifier::Md5(Md5Source::Secret(s.clone()))
                 }
-                (AuthMethod::ScramSha256, UserCredential::Password(p)) => {
-                    Verifier::Scram(ScramSecret::generate(p))
-                }
+                (AuthMethod::ScramSha256, UserCredential::Password(p)) => Verifier::Scram(
+                    ScramSecret::generate(p)
+                        .map_err(|e| format!("users file: user \"{}\": {e}", entry.name))?,
+                ),
                 (AuthMethod::ScramSha256, UserCredential::ScramSecret(s)) => Verifier::Scram(
                     ScramSecret::parse(s).map_err(|e| format!("users file: user \"{}\": {e}", entry.name))?,
                 ),

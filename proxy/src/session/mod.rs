@@ -6,6 +6,7 @@
 
 mod client_auth;
 mod io;
+pub(crate) mod meter;
 pub(crate) mod relay;
 pub(crate) mod upstream;
 
@@ -257,10 +258,9 @@ async fn handshake(
         send_fatal(client, e).await;
         return Err(SessionError::Refused("replication connection".into()));
     }
-    state
-        .client_auth
-        .authenticate(client, buf, user, state.limits)
-        .await?;
+    // The users as of this login (a reload may swap them meanwhile).
+    let client_auth = state.client_auth();
+    client_auth.authenticate(client, buf, user, state.limits).await?;
 
     // Checked after authentication, as PostgreSQL does, so it reveals nothing to strangers.
     let database = startup

@@ -307,9 +307,10 @@ impl Branches {
     }
 }
 
-/// Per-session memory of which statement each portal runs, for statement-kind metrics.
+/// Per-session memory of which statement each portal runs, for statement-kind metrics. Both
+/// relays use it (the dual-write one through [`super::meter::RequestMeter`]).
 #[derive(Default)]
-struct StatementKinds {
+pub(crate) struct StatementKinds {
     statements: NameMap,
     portals: NameMap,
     /// Executes since the last Sync, and the kind of the last statement (for the span).
@@ -318,12 +319,13 @@ struct StatementKinds {
 }
 
 impl StatementKinds {
+    /// Counts a Query or Execute by its statement's kind; remembers what Parse and Bind name.
     #[inline]
-    fn note(&mut self, msg: &ClientMessage<'_>, params: &RelayParams<'_>) {
+    pub(crate) fn note(&mut self, msg: &ClientMessage<'_>, metrics: &Metrics) {
         match *msg {
             ClientMessage::Query { sql } => {
                 let kind = StatementKind::of(sql);
-                params.metrics.counters.statement(Protocol::Simple, kind);
+                metrics.counters.statement(Protocol::Simple, kind);
                 self.batch_kind = Some(kind);
             }
             ClientMessage::Parse { statement, sql } => {
@@ -335,7 +337,7 @@ impl StatementKinds {
             }
             ClientMessage::Execute { portal, .. } => {
                 let kind = self.portals.get(portal);
-                params.metrics.counters.statement(Protocol::Extended, kind);
+                metrics.counters.statement(Protocol::Extended, kind);
                 self.batch_executes += 1;
                 self.batch_kind = Some(kind);
             }
@@ -545,7 +547,7 @@ fn inspect_client_frame(
         ),
         tag => {
             let msg = frontend::parse(tag, body)?;
-            kinds.note(&msg, params);
+            kinds.note(&msg, params.metrics);
             match msg {
                 ClientMessage::Query { sql } => request_sent(shared, || {
                     let kind = kinds.batch_kind.take().map_or("other", StatementKind::as_str);

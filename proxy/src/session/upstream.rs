@@ -1,4 +1,5 @@
-//! Connecting and logging in to the authoritative store with the credentials of its URL.
+//! Connecting and logging in to a store with the credentials of its URL: OLD for client
+//! sessions, NEW for the mirror's connections. Every error names the store it was about.
 //!
 //! The client's own startup parameters (`application_name`, `options`, `DateStyle`, ...) go into
 //! the upstream StartupMessage, so the server applies them at backend start exactly as it would
@@ -15,6 +16,7 @@ use switchyard_pgwire::backend::{self, Authentication, ServerMessage};
 use switchyard_pgwire::frame::MessageLimits;
 use switchyard_pgwire::frontend;
 use switchyard_pgwire::startup::{CancelKey, StartupMessage};
+use switchyard_store::Role;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -25,6 +27,8 @@ use crate::error::SessionError;
 #[derive(Debug, Clone)]
 pub(crate) struct UpstreamTarget {
     pub(crate) url: StoreUrl,
+    /// Which store `url` is, for messages.
+    pub(crate) store: Role,
 }
 
 /// A logged-in upstream connection.
@@ -53,6 +57,14 @@ pub(crate) enum LoginOutcome {
 }
 
 impl UpstreamTarget {
+    /// `"OLD"` or `"NEW"`, as the messages name the store.
+    fn store_name(&self) -> &'static str {
+        match self.store {
+            Role::Old => "OLD",
+            Role::New => "NEW",
+        }
+    }
+
     /// Connects and logs in, forwarding the client's parameters.
     pub(crate) async fn connect(
         &self,
@@ -63,7 +75,12 @@ impl UpstreamTarget {
     ) -> Result<LoginOutcome, SessionError> {
         tokio::time::timeout(timeout, self.connect_inner(protocol, client_params, keepalive))
             .await
-            .map_err(|_| SessionError::Timeout("connecting to the OLD store"))?
+            .map_err(|_| {
+                SessionError::Timeout(match self.store {
+                    Role::Old => "connecting to the OLD store",
+                    Role::New => "connecting to the NEW store",
+                })
+            })?
     }
 
     async fn connect_inner(
@@ -75,7 +92,13 @@ impl UpstreamTarget {
         let url = &self.url;
         let mut stream = TcpStream::connect((url.host.as_str(), url.port))
             .await
-            .map_err(|e| SessionError::UpstreamLogin(format!("cannot connect to {}: {e}", url.redacted())))?;
+            .map_err(|e| {
+                SessionError::UpstreamLogin(format!(
+                    "cannot connect to the {} store at {}: {e}",
+                    self.store_name(),
+                    url.redacted()
+                ))
+            })?;
         crate::server::tune_socket(&stream, keepalive);
 
         let mut params = vec![
@@ -124,7 +147,8 @@ impl UpstreamTarget {
                 ServerMessage::Authentication(Authentication::Sasl { mechanisms }) => {
                     if !mechanisms.contains(&"SCRAM-SHA-256") {
                         return Err(SessionError::UpstreamLogin(format!(
-                            "the OLD store offers SASL mechanisms {mechanisms:?}; only SCRAM-SHA-256 is supported"
+                            "the {} store offers SASL mechanisms {mechanisms:?}; only SCRAM-SHA-256 is supported",
+                            self.store_name()
                         )));
                     }
                     let client = ScramSha256::new(self.password()?.as_bytes(), ChannelBinding::unsupported());
@@ -132,23 +156,28 @@ impl UpstreamTarget {
                     scram = Some(client);
                 }
                 ServerMessage::Authentication(Authentication::SaslContinue(data)) => {
-                    let client = scram.as_mut().ok_or_else(|| unexpected("SASLContinue"))?;
-                    client
-                        .update(data)
-                        .map_err(|e| SessionError::UpstreamLogin(format!("SCRAM with the OLD store: {e}")))?;
+                    let client = scram.as_mut().ok_or_else(|| self.unexpected("SASLContinue"))?;
+                    client.update(data).map_err(|e| {
+                        SessionError::UpstreamLogin(format!(
+                            "SCRAM with the {} store: {e}",
+                            self.store_name()
+                        ))
+                    })?;
                     frontend::sasl_response(&mut out, client.message());
                 }
                 ServerMessage::Authentication(Authentication::SaslFinal(data)) => {
-                    let mut client = scram.take().ok_or_else(|| unexpected("SASLFinal"))?;
+                    let mut client = scram.take().ok_or_else(|| self.unexpected("SASLFinal"))?;
                     client.finish(data).map_err(|e| {
                         SessionError::UpstreamLogin(format!(
-                            "the OLD store's SCRAM signature is invalid: {e}"
+                            "the {} store's SCRAM signature is invalid: {e}",
+                            self.store_name()
                         ))
                     })?;
                 }
                 ServerMessage::Authentication(Authentication::Unsupported(code)) => {
                     return Err(SessionError::UpstreamLogin(format!(
-                        "the OLD store asks for authentication method {code}, which the proxy does not support"
+                        "the {} store asks for authentication method {code}, which the proxy does not support",
+                        self.store_name()
                     )));
                 }
                 ServerMessage::ErrorResponse(fields) => {
@@ -206,15 +235,16 @@ impl UpstreamTarget {
     fn password(&self) -> Result<&str, SessionError> {
         self.url.password.as_deref().ok_or_else(|| {
             SessionError::UpstreamLogin(format!(
-                "the OLD store asks for a password but {} has none",
+                "the {} store asks for a password but {} has none",
+                self.store_name(),
                 self.url.redacted()
             ))
         })
     }
-}
 
-fn unexpected(what: &str) -> SessionError {
-    SessionError::UpstreamLogin(format!("unexpected {what} from the OLD store"))
+    fn unexpected(&self, what: &str) -> SessionError {
+        SessionError::UpstreamLogin(format!("unexpected {what} from the {} store", self.store_name()))
+    }
 }
 
 /// Rebuilds a frame from its tag and body (startup replies are few and small).
@@ -224,4 +254,43 @@ fn reframe(tag: u8, body: &[u8]) -> Bytes {
     out.put_i32(body.len() as i32 + 4);
     out.put_slice(body);
     out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(store: Role, port: u16) -> UpstreamTarget {
+        let url = StoreUrl::parse(&format!("postgres://postgres@127.0.0.1:{port}/db")).unwrap();
+        UpstreamTarget { url, store }
+    }
+
+    async fn login_error(target: &UpstreamTarget) -> SessionError {
+        match target
+            .connect(196_608, &[], Duration::from_millis(300), None)
+            .await
+        {
+            Err(e) => e,
+            Ok(_) => panic!("login to a silent or closed port succeeded"),
+        }
+    }
+
+    /// The mirror logs in to NEW with the same code as sessions log in to OLD: its errors must
+    /// not blame OLD.
+    #[tokio::test]
+    async fn errors_name_the_store_logged_in_to() {
+        // A port that accepts and never answers: the login times out.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        for (store, name, other) in [(Role::New, "NEW", "OLD"), (Role::Old, "OLD", "NEW")] {
+            let e = login_error(&target(store, port)).await.to_string();
+            assert!(e.contains(name) && !e.contains(other), "{e}");
+        }
+        // A port nobody listens on: the connection is refused.
+        drop(silent);
+        for (store, name, other) in [(Role::New, "NEW", "OLD"), (Role::Old, "OLD", "NEW")] {
+            let e = login_error(&target(store, port)).await.to_string();
+            assert!(e.contains(name) && !e.contains(other), "{e}");
+        }
+    }
 }

@@ -136,9 +136,17 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-/// `"schema"."table"`.
+/// `"schema"."table"`: how every statement, and every `regclass` or `to_regclass` text, names a
+/// table. [`TableName`] holds the names exactly as stored (case and all), so they are always
+/// quoted; its `Display` (`schema.table`) is for people, never for SQL: PostgreSQL would fold an
+/// unquoted `Upper` to `upper`.
 pub fn quote_table(name: &TableName) -> String {
     format!("{}.{}", quote_ident(&name.schema), quote_ident(&name.table))
+}
+
+/// The keys table of `t` ([`keys_table_name`] in [`SIDE_SCHEMA`]), quoted for SQL.
+pub fn keys_table(t: &TableName) -> String {
+    quote_table(&TableName::new(SIDE_SCHEMA, keys_table_name(t)))
 }
 
 /// The columns joined as `a, b`, for messages.
@@ -409,6 +417,12 @@ mod tests {
     #[test]
     fn quoting() {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        let upper = TableName::new("Märkte", "UpperÑame");
+        assert_eq!(quote_table(&upper), "\"Märkte\".\"UpperÑame\"");
+        assert_eq!(
+            keys_table(&upper),
+            "\"switchyard\".\"switchyard_keys_Märkte_UpperÑame\""
+        );
         assert_eq!(quote_table(&TableName::new("S", "t x")), "\"S\".\"t x\"");
     }
 

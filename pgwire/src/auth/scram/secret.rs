@@ -10,7 +10,6 @@ use std::str::FromStr;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use super::{hmac_sha256, ScramError, SCRAM_DEFAULT_ITERATIONS, SCRAM_DEFAULT_SALT_LEN};
@@ -76,17 +75,13 @@ impl ScramSecret {
         })
     }
 
-    /// Derives the secret for `password`, as `CREATE ROLE ... PASSWORD` does.
-    ///
-    /// PostgreSQL first passes the password through SASLprep (RFC 4013) and,
-    /// if that fails, uses the raw bytes (`pg_saslprep` in
-    /// src/common/saslprep.c). SASLprep leaves every ASCII string either
-    /// unchanged or rejected, so for ASCII passwords using the bytes as they
-    /// are gives exactly PostgreSQL's result. Simplification: non-ASCII
-    /// passwords are used raw as well, so a password that SASLprep would
-    /// change (NFKC normalisation, non-ASCII spaces, characters mapped to
-    /// nothing) yields a different secret than PostgreSQL's and clients that
-    /// apply SASLprep will not match it.
+    /// Derives the secret for `password` with a given salt and iteration count, as `CREATE ROLE
+    /// ... PASSWORD` does: the password first goes through SASLprep (RFC 4013: NFKC
+    /// normalisation, non-ASCII spaces mapped to a space, some characters mapped to nothing), and
+    /// is used as its raw bytes when SASLprep refuses it (`pg_saslprep` in
+    /// src/common/saslprep.c). Clients (libpq, postgres-protocol) prepare the password the same
+    /// way before computing their proof. For reproducible fixtures (tests, fuzz targets);
+    /// [`ScramSecret::generate`] makes real secrets.
     pub fn from_password(password: &str, salt: &[u8], iterations: u32) -> Result<Self, ScramError> {
         if iterations == 0 {
             return Err(ScramError::InvalidSecret("iteration count is zero"));
@@ -94,17 +89,15 @@ impl ScramSecret {
         if salt.is_empty() {
             return Err(ScramError::InvalidSecret("salt is empty"));
         }
-        Ok(Self::derive(password, salt, iterations))
+        let prepared = stringprep::saslprep(password).unwrap_or(std::borrow::Cow::Borrowed(password));
+        Ok(Self::derive(&prepared, salt, iterations))
     }
 
-    /// Derives the secret for `password` with a fresh random salt of
-    /// [`SCRAM_DEFAULT_SALT_LEN`] bytes and [`SCRAM_DEFAULT_ITERATIONS`]
-    /// iterations, PostgreSQL's defaults. See [`ScramSecret::from_password`]
-    /// for how the password is prepared.
-    pub fn generate(password: &str) -> Self {
-        let mut salt = vec![0u8; SCRAM_DEFAULT_SALT_LEN];
-        rand::thread_rng().fill_bytes(&mut salt);
-        Self::derive(password, &salt, SCRAM_DEFAULT_ITERATIONS)
+    /// Derives the secret for `password` with a fresh random salt and PostgreSQL's defaults
+    /// (16 bytes of salt, 4096 iterations), by postgres-protocol's
+    /// `password::scram_sha_256`, which prepares the password with SASLprep as PostgreSQL does.
+    pub fn generate(password: &str) -> Result<Self, ScramError> {
+        Self::parse(&postgres_protocol::password::scram_sha_256(password.as_bytes()))
     }
 
     /// A secret no password matches, with a salt that depends only on `user`
@@ -204,7 +197,7 @@ mod tests {
         assert_eq!(secret.to_string(), PENCIL);
         assert_eq!(PENCIL.parse::<ScramSecret>().unwrap(), secret);
 
-        let generated = ScramSecret::generate("pencil");
+        let generated = ScramSecret::generate("pencil").unwrap();
         assert_eq!(generated.iterations, SCRAM_DEFAULT_ITERATIONS);
         assert_eq!(generated.salt.len(), SCRAM_DEFAULT_SALT_LEN);
         assert_eq!(ScramSecret::parse(&generated.to_string()).unwrap(), generated);

@@ -56,11 +56,30 @@ fn exchange(
 
 #[test]
 fn postgres_protocol_client_with_right_password() {
-    let secret = ScramSecret::generate("correct horse");
+    let secret = ScramSecret::generate("correct horse").unwrap();
     for channel_binding in [ChannelBinding::unsupported(), ChannelBinding::unrequested()] {
         let server = ScramServer::new(secret.clone());
         assert_eq!(exchange(server, "correct horse", channel_binding), Ok(true));
     }
+}
+
+/// Passwords SASLprep changes: full-width letters and a Roman numeral (NFKC), a no-break space
+/// (mapped to a space), a soft hyphen (mapped to nothing). postgres-protocol's client prepares
+/// them, as libpq does; the secrets the proxy derives must match, the generated ones and the
+/// fixed-salt ones alike.
+#[test]
+fn postgres_protocol_client_with_a_password_saslprep_changes() {
+    for password in ["ｐａｓｓｗｏｒｄ", "Ⅸ lives", "a\u{a0}b", "soft\u{ad}hyphen"] {
+        for secret in [ScramSecret::generate(password).unwrap(), fast_secret(password)] {
+            let server = ScramServer::new(secret);
+            assert_eq!(
+                exchange(server, password, ChannelBinding::unsupported()),
+                Ok(true),
+                "{password:?}"
+            );
+        }
+    }
+    assert_eq!(fast_secret("ｐａｓｓ"), fast_secret("pass"));
 }
 
 #[test]
