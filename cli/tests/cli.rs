@@ -280,13 +280,15 @@ async fn session_ids_are_unique_across_worker_threads() {
     let _ = wait_exit(&mut proxy.child, Duration::from_secs(10));
     let text = std::fs::read_to_string(&log_path).unwrap();
     let _ = std::fs::remove_file(&log_path);
-    assert_eq!(
-        ids.len(),
-        SESSIONS,
+    // The readiness probe of start_proxy_with (a bare TCP connect) may close a session span of
+    // its own, so at least
+    // one per client connection, and no id twice.
+    assert!(
+        ids.len() >= SESSIONS,
         "one closed session span per connection: {ids:?}\n{text}"
     );
     let unique: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
-    assert_eq!(unique.len(), SESSIONS, "session ids repeat: {ids:?}");
+    assert_eq!(unique.len(), ids.len(), "session ids repeat: {ids:?}");
 }
 
 /// Waits until the log at `path` has a line containing every one of `needles`; returns the log.

@@ -267,8 +267,38 @@ pub fn bind(
     for f in param_formats {
         out.put_i16(*f);
     }
-    out.put_i16(count16(params.len()));
-    for p in params {
+    put_values(out, params);
+    out.put_i16(count16(result_formats.len()));
+    for f in result_formats {
+        out.put_i16(*f);
+    }
+    crate::startup::patch_len(out, start);
+}
+
+/// Writes a FunctionCall (fast path) message: function `oid`, arguments (`None` is NULL) with
+/// their format codes (same rule as Bind), and the result's format.
+pub fn function_call(
+    out: &mut BytesMut,
+    oid: u32,
+    arg_formats: &[i16],
+    args: &[Option<&[u8]>],
+    result_format: i16,
+) {
+    let start = begin(out, b'F');
+    out.put_u32(oid);
+    out.put_i16(count16(arg_formats.len()));
+    for f in arg_formats {
+        out.put_i16(*f);
+    }
+    put_values(out, args);
+    out.put_i16(result_format);
+    crate::startup::patch_len(out, start);
+}
+
+/// A count and the values of Bind or FunctionCall (`-1` length for NULL).
+fn put_values(out: &mut BytesMut, values: &[Option<&[u8]>]) {
+    out.put_i16(count16(values.len()));
+    for p in values {
         match p {
             Some(v) => {
                 out.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
@@ -277,11 +307,6 @@ pub fn bind(
             None => out.put_i32(-1),
         }
     }
-    out.put_i16(count16(result_formats.len()));
-    for f in result_formats {
-        out.put_i16(*f);
-    }
-    crate::startup::patch_len(out, start);
 }
 
 fn target_byte(target: Target) -> u8 {

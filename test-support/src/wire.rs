@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::{BufMut, Bytes, BytesMut};
+use switchyard_pgwire::frontend::{self as fe, Target};
 use switchyard_pgwire::startup::{StartupMessage, PROTOCOL_3_0};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -188,21 +189,6 @@ impl RawConn {
     }
 }
 
-/// A count and the values, each as its length and bytes (-1 for NULL): the arguments of Bind
-/// and FunctionCall.
-fn values(o: &mut BytesMut, values: &[Option<&[u8]>]) {
-    o.put_i16(values.len() as i16);
-    for v in values {
-        match v {
-            Some(v) => {
-                o.put_i32(v.len() as i32);
-                o.put_slice(v);
-            }
-            None => o.put_i32(-1),
-        }
-    }
-}
-
 /// Builds frontend messages for transcripts.
 #[derive(Default)]
 pub struct Frontend {
@@ -216,46 +202,25 @@ impl Frontend {
         Self::default()
     }
 
-    fn msg(&mut self, tag: u8, body: impl FnOnce(&mut BytesMut)) -> &mut Self {
-        self.out.put_u8(tag);
-        let start = self.out.len();
-        self.out.put_i32(0);
-        body(&mut self.out);
-        let len = (self.out.len() - start) as i32;
-        self.out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    /// FunctionCall (fast path) of function `oid` with text arguments (None = NULL) and the
+    /// result in `result_format` (0 text, 1 binary).
+    pub fn function_call(&mut self, oid: u32, args: &[Option<&[u8]>], result_format: i16) -> &mut Self {
+        self.requests += 1;
+        fe::function_call(&mut self.out, oid, &[0], args, result_format);
         self
     }
 
     /// Query.
     pub fn query(&mut self, sql: &str) -> &mut Self {
         self.requests += 1;
-        self.msg(b'Q', |o| cstr(o, sql))
-    }
-
-    /// FunctionCall, the fast-path interface: the function `oid` with text arguments (None =
-    /// NULL), its result in `result_format` (0 text, 1 binary).
-    /// <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-FUNCTION-CALL>
-    pub fn function_call(&mut self, oid: u32, args: &[Option<&[u8]>], result_format: i16) -> &mut Self {
-        self.requests += 1;
-        self.msg(b'F', |o| {
-            o.put_u32(oid);
-            o.put_i16(1);
-            o.put_i16(0);
-            values(o, args);
-            o.put_i16(result_format);
-        })
+        fe::query(&mut self.out, sql);
+        self
     }
 
     /// Parse with optional parameter type OIDs.
     pub fn parse(&mut self, name: &str, sql: &str, types: &[u32]) -> &mut Self {
-        self.msg(b'P', |o| {
-            cstr(o, name);
-            cstr(o, sql);
-            o.put_i16(types.len() as i16);
-            for t in types {
-                o.put_u32(*t);
-            }
-        })
+        fe::parse_statement(&mut self.out, name.as_bytes(), sql.as_bytes(), types);
+        self
     }
 
     /// Bind with text parameters (None = NULL) and result formats (0 text, 1 binary).
@@ -267,69 +232,64 @@ impl Frontend {
         param_formats: &[i16],
         result_formats: &[i16],
     ) -> &mut Self {
-        self.msg(b'B', |o| {
-            cstr(o, portal);
-            cstr(o, stmt);
-            o.put_i16(param_formats.len() as i16);
-            for f in param_formats {
-                o.put_i16(*f);
-            }
-            values(o, params);
-            o.put_i16(result_formats.len() as i16);
-            for f in result_formats {
-                o.put_i16(*f);
-            }
-        })
+        fe::bind(
+            &mut self.out,
+            portal.as_bytes(),
+            stmt.as_bytes(),
+            param_formats,
+            params,
+            result_formats,
+        );
+        self
     }
 
     /// Describe `'S'` or `'P'`.
     pub fn describe(&mut self, kind: u8, name: &str) -> &mut Self {
-        self.msg(b'D', |o| {
-            o.put_u8(kind);
-            cstr(o, name);
-        })
+        fe::describe(&mut self.out, target(kind), name.as_bytes());
+        self
     }
 
     /// Execute.
     pub fn execute(&mut self, portal: &str, max_rows: i32) -> &mut Self {
-        self.msg(b'E', |o| {
-            cstr(o, portal);
-            o.put_i32(max_rows);
-        })
+        fe::execute(&mut self.out, portal.as_bytes(), max_rows);
+        self
     }
 
     /// Close `'S'` or `'P'`.
     pub fn close(&mut self, kind: u8, name: &str) -> &mut Self {
-        self.msg(b'C', |o| {
-            o.put_u8(kind);
-            cstr(o, name);
-        })
+        fe::close(&mut self.out, target(kind), name.as_bytes());
+        self
     }
 
     /// Sync.
     pub fn sync(&mut self) -> &mut Self {
         self.requests += 1;
-        self.msg(b'S', |_| {})
+        fe::sync(&mut self.out);
+        self
     }
 
     /// Flush.
     pub fn flush(&mut self) -> &mut Self {
-        self.msg(b'H', |_| {})
+        fe::flush(&mut self.out);
+        self
     }
 
     /// CopyData.
     pub fn copy_data(&mut self, data: &[u8]) -> &mut Self {
-        self.msg(b'd', |o| o.put_slice(data))
+        fe::copy_data(&mut self.out, data);
+        self
     }
 
     /// CopyDone.
     pub fn copy_done(&mut self) -> &mut Self {
-        self.msg(b'c', |_| {})
+        fe::copy_done(&mut self.out);
+        self
     }
 
     /// CopyFail.
     pub fn copy_fail(&mut self, why: &str) -> &mut Self {
-        self.msg(b'f', |o| cstr(o, why))
+        fe::copy_fail(&mut self.out, why.as_bytes());
+        self
     }
 
     /// Raw bytes, for malformed input.
@@ -349,9 +309,13 @@ impl Frontend {
     }
 }
 
-fn cstr(o: &mut BytesMut, s: &str) {
-    o.put_slice(s.as_bytes());
-    o.put_u8(0);
+/// The Describe or Close target named by `'S'` (a statement) or anything else (a portal).
+fn target(kind: u8) -> Target {
+    if kind == b'S' {
+        Target::Statement
+    } else {
+        Target::Portal
+    }
 }
 
 /// Whether `e` is the peer resetting the connection (or the write side of a reset one).

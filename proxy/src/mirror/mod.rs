@@ -13,7 +13,6 @@ mod schema;
 pub(crate) mod session;
 pub(crate) mod sql;
 pub(crate) mod stream;
-pub(crate) mod wire;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};

@@ -11,15 +11,16 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use switchyard_config::StoreUrl;
-use switchyard_pgwire::frame::{peek_header, MessageLimits};
+use switchyard_pgwire::backend;
+use switchyard_pgwire::frame::{take_frame, MessageLimits};
+use switchyard_pgwire::frontend as fe;
 use switchyard_pgwire::startup::CancelKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::wire;
 use crate::session::upstream::{LoginOutcome, UpstreamTarget};
 
 /// Why NEW did not do what the mirror asked.
@@ -90,13 +91,14 @@ impl NewConn {
         let first = if begin { Some(&BEGIN) } else { None };
         for s in first.into_iter().chain(stmts) {
             if !self.prepared.contains(s.name) && !self.unconfirmed.iter().any(|n| n == s.name) {
-                wire::parse(&mut out, s.name.as_bytes(), s.sql);
+                fe::parse_statement(&mut out, s.name.as_bytes(), s.sql.as_bytes(), &[]);
                 self.unconfirmed.push(s.name.to_owned());
             }
-            bind_text(&mut out, s.name.as_bytes(), &s.params);
-            wire::execute(&mut out, b"", 0);
+            let params: Vec<Option<&[u8]>> = s.params.iter().map(|p| Some(p.as_bytes())).collect();
+            fe::bind(&mut out, b"", s.name.as_bytes(), &[], &params, &[]);
+            fe::execute(&mut out, b"", 0);
         }
-        out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        fe::sync(&mut out);
         self.stream.write_all(&out).await?;
         Ok(())
     }
@@ -119,7 +121,7 @@ impl NewConn {
     /// Runs a simple statement (`COMMIT`, `ROLLBACK`).
     pub(crate) async fn simple(&mut self, sql: &str) -> Result<u8, LinkError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
-        wire::query(&mut out, sql);
+        fe::query(&mut out, sql);
         self.stream.write_all(&out).await?;
         self.until_ready().await
     }
@@ -151,46 +153,18 @@ impl NewConn {
     }
 
     fn take_frame(&mut self) -> Result<Option<(u8, Bytes)>, LinkError> {
-        let limits = MessageLimits::default();
-        match peek_header(&self.buf, limits).map_err(|_| LinkError::Protocol("bad frame"))? {
-            Some(h) if self.buf.len() >= h.frame_len => {
-                let frame = self.buf.split_to(h.frame_len).freeze();
-                Ok(Some((h.tag, frame.slice(h.body_range()))))
-            }
-            _ => Ok(None),
-        }
+        let frame =
+            take_frame(&mut self.buf, MessageLimits::SERVER).map_err(|_| LinkError::Protocol("bad frame"))?;
+        Ok(frame.map(|f| (f.tag, f.body())))
     }
-}
-
-fn bind_text(out: &mut BytesMut, statement: &[u8], params: &[&str]) {
-    let mut b = Vec::with_capacity(64 + params.iter().map(|p| p.len() + 4).sum::<usize>());
-    b.push(0); // unnamed portal
-    b.extend_from_slice(statement);
-    b.push(0);
-    b.extend_from_slice(&0i16.to_be_bytes()); // all parameters in text
-    b.extend_from_slice(&i16::try_from(params.len()).unwrap_or(i16::MAX).to_be_bytes());
-    for p in params {
-        b.put_i32(i32::try_from(p.len()).unwrap_or(i32::MAX));
-        b.extend_from_slice(p.as_bytes());
-    }
-    b.extend_from_slice(&0i16.to_be_bytes()); // results in text
-    wire::message(out, b'B', &b);
 }
 
 /// The SQLSTATE and message of an ErrorResponse body.
 fn statement_error(body: &[u8]) -> LinkError {
-    let mut code = "";
-    let mut message = "";
-    for field in body.split(|&b| b == 0) {
-        match field.split_first() {
-            Some((b'C', v)) => code = std::str::from_utf8(v).unwrap_or(""),
-            Some((b'M', v)) => message = std::str::from_utf8(v).unwrap_or(""),
-            _ => {}
-        }
-    }
+    let fields = backend::error_fields(body);
     LinkError::Statement {
-        code: code.to_owned(),
-        message: message.to_owned(),
+        code: String::from_utf8_lossy(fields.get(b'C').unwrap_or_default()).into_owned(),
+        message: fields.message(),
     }
 }
 

@@ -23,8 +23,9 @@ use std::time::Instant;
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use switchyard_config::{MirrorFault, UncapturedPolicy};
-use switchyard_pgwire::backend::{self, ServerMessage};
-use switchyard_pgwire::frame::{peek_header, MessageLimits};
+use switchyard_pgwire::backend::{self, ServerMessage, TransactionStatus};
+use switchyard_pgwire::frame::{take_frame, MessageLimits};
+use switchyard_pgwire::frontend::{self as fe, ClientMessage, Target};
 use switchyard_pgwire::sqlstate;
 use switchyard_store::capture::{ImageOp, CAPTURE_SQLSTATE};
 use switchyard_store::mirror::ChangeOp;
@@ -33,15 +34,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::sql::{Analysis, Stmt, TxnOp};
 use super::stream::ImageStream;
-use super::wire;
 use super::Mirror;
 use crate::error::SessionError;
 use crate::session::relay::{RelayEnd, RelayParams};
 use crate::shutdown::{Shutdown, ShutdownState};
-
-const SERVER_LIMITS: MessageLimits = MessageLimits {
-    max_message_bytes: (1 << 30) + 1024,
-};
 
 /// Names of the statements and portals the proxy injects (PostgreSQL reserves nothing, so these
 /// are long and unlikely; they are closed again in the same batch).
@@ -267,8 +263,9 @@ impl MirrorSession<'_> {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
             // Process every complete client message already buffered.
-            while let Some((tag, frame)) =
-                take_frame(&mut self.client_buf, self.params.limits).map_err(SessionError::ClientProtocol)?
+            while let Some((tag, frame)) = take_frame(&mut self.client_buf, self.params.limits)
+                .map_err(SessionError::ClientProtocol)?
+                .map(|f| (f.tag, f.bytes))
             {
                 if tag == b'X' {
                     self.flush_upstream().await?;
@@ -388,7 +385,7 @@ impl MirrorSession<'_> {
     /// Sends a Flush if needed and processes answers until none are outstanding.
     async fn barrier(&mut self) -> Result<(), SessionError> {
         if !self.expect.is_empty() && !self.flushed {
-            wire::flush(&mut self.to_up);
+            fe::flush(&mut self.to_up);
             self.flushed = true;
         }
         self.flush_upstream().await?;
@@ -415,7 +412,7 @@ impl MirrorSession<'_> {
             return Ok(());
         }
         if !self.flushed {
-            wire::flush(&mut self.to_up);
+            fe::flush(&mut self.to_up);
             self.flushed = true;
         }
         self.drain_while(busy).await
@@ -449,8 +446,9 @@ impl MirrorSession<'_> {
     }
 
     async fn process_server_buffer(&mut self) -> Result<(), SessionError> {
-        while let Some((tag, frame)) =
-            take_frame(&mut self.up_buf, SERVER_LIMITS).map_err(SessionError::UpstreamProtocol)?
+        while let Some((tag, frame)) = take_frame(&mut self.up_buf, MessageLimits::SERVER)
+            .map_err(SessionError::UpstreamProtocol)?
+            .map(|f| (f.tag, f.bytes))
         {
             self.server_message(tag, frame).await?;
         }
@@ -469,8 +467,8 @@ impl MirrorSession<'_> {
             }
             b'P' => {
                 self.flushed = false;
-                let stmt = match wire::split_parse(&body) {
-                    Some((name, sql, _)) => {
+                let stmt = match fe::parse(b'P', &body) {
+                    Ok(ClientMessage::Parse { statement: name, sql }) => {
                         let analysis = self.mirror.analyzer.analyze(&String::from_utf8_lossy(sql));
                         let stmt = match analysis.stmts.as_slice() {
                             [one] => one.stmt.clone(),
@@ -479,7 +477,7 @@ impl MirrorSession<'_> {
                         Some((name.to_vec(), stmt))
                     }
                     // Malformed: the server answers it.
-                    None => None,
+                    _ => None,
                 };
                 self.send(&frame, Some(Expect::Parse { forward: true }));
                 if let Some((name, stmt)) = stmt {
@@ -577,11 +575,11 @@ impl MirrorSession<'_> {
     /// (errors excepted).
     fn inject_statement(&mut self, sql: &str, commit: Option<CommitWait>, forward: bool, capture: bool) {
         let mut out = BytesMut::new();
-        wire::parse(&mut out, INJECTED, sql);
-        wire::bind(&mut out, INJECTED, INJECTED);
-        wire::execute(&mut out, INJECTED, 0);
-        wire::close(&mut out, b'P', INJECTED);
-        wire::close(&mut out, b'S', INJECTED);
+        fe::parse_statement(&mut out, INJECTED, sql.as_bytes(), &[]);
+        fe::bind(&mut out, INJECTED, INJECTED, &[], &[], &[]);
+        fe::execute(&mut out, INJECTED, 0);
+        fe::close(&mut out, Target::Portal, INJECTED);
+        fe::close(&mut out, Target::Statement, INJECTED);
         self.to_up.extend_from_slice(&out);
         self.expect.push_back(Expect::Parse { forward: false });
         self.expect.push_back(Expect::Bind { forward: false });
@@ -675,7 +673,7 @@ impl MirrorSession<'_> {
             self.flushed = true;
             self.drain().await?;
             self.rollback_quietly().await?;
-            wire::ready_for_query(&mut self.to_client, b'I');
+            backend::ready_for_query(&mut self.to_client, TransactionStatus::Idle);
             self.batch_failed = false;
             self.hold_client = false;
             return Ok(());
@@ -696,7 +694,7 @@ impl MirrorSession<'_> {
             // client already has the error.
             self.rollback_quietly().await?;
         }
-        wire::ready_for_query(&mut self.to_client, b'I');
+        backend::ready_for_query(&mut self.to_client, TransactionStatus::Idle);
         self.batch_failed = false;
         self.hold_client = false;
         Ok(())
@@ -704,7 +702,7 @@ impl MirrorSession<'_> {
 
     async fn rollback_quietly(&mut self) -> Result<(), SessionError> {
         let mut out = BytesMut::new();
-        wire::query(&mut out, "ROLLBACK");
+        fe::query(&mut out, "ROLLBACK");
         self.send(&out, Some(Expect::query(false, false, None)));
         self.flushed = true;
         self.flush_upstream().await?;
@@ -823,7 +821,7 @@ impl MirrorSession<'_> {
             // The whole string is refused: the server raises the error, as for a statement
             // that failed before anything of the string ran.
             let mut out = BytesMut::new();
-            wire::query(&mut out, &refusal_sql(&refusal));
+            fe::query(&mut out, &refusal_sql(&refusal));
             self.send(&out, Some(Expect::query(true, true, None)));
             self.flushed = true;
             return Ok(());
@@ -856,7 +854,7 @@ impl MirrorSession<'_> {
                 let msg =
                     "PREPARE TRANSACTION of a transaction that wrote migrated tables cannot be mirrored";
                 let mut out = BytesMut::new();
-                wire::query(&mut out, &refusal_sql(msg));
+                fe::query(&mut out, &refusal_sql(msg));
                 self.send(&out, Some(Expect::query(true, true, None)));
                 self.flushed = true;
                 return Ok(());
@@ -918,7 +916,10 @@ impl MirrorSession<'_> {
         }
         self.hold_client = false;
         let status = self.status;
-        wire::ready_for_query(&mut self.to_client, status);
+        backend::ready_for_query(
+            &mut self.to_client,
+            TransactionStatus::from_byte(status).unwrap_or(TransactionStatus::Idle),
+        );
         Ok(())
     }
 
@@ -926,7 +927,7 @@ impl MirrorSession<'_> {
     /// answered together with the next [`Self::run_query`], saving a round trip.
     fn queue_query(&mut self, sql: &str) {
         let mut out = BytesMut::new();
-        wire::query(&mut out, sql);
+        fe::query(&mut out, sql);
         self.send(&out, Some(Expect::query(false, false, None)));
         self.flushed = true;
     }
@@ -935,7 +936,7 @@ impl MirrorSession<'_> {
     /// the client does not see (errors excepted).
     async fn run_query(&mut self, sql: &str, commit: Option<CommitWait>) -> Result<(), SessionError> {
         let mut out = BytesMut::new();
-        wire::query(&mut out, sql);
+        fe::query(&mut out, sql);
         self.batch_failed = false;
         self.send(&out, Some(Expect::query(false, false, commit)));
         self.flushed = true;
@@ -1025,7 +1026,7 @@ impl MirrorSession<'_> {
                             self.expect.pop_front();
                         }
                         if commit.is_some() {
-                            let committed = tag == b'C' && wire::command_tag(&body) == b"COMMIT";
+                            let committed = tag == b'C' && backend::command_tag(&body) == b"COMMIT";
                             self.finish_commit(committed).await?;
                         }
                         if forward {
@@ -1077,7 +1078,7 @@ impl MirrorSession<'_> {
     /// Notes BEGIN/COMMIT/ROLLBACK that completed, by command tag (covers statements the
     /// analyzer did not look at).
     fn track_block(&mut self, body: &Bytes) {
-        match wire::command_tag(body) {
+        match backend::command_tag(body) {
             b"BEGIN" | b"START TRANSACTION" => self.in_block = true,
             b"COMMIT" | b"ROLLBACK" if self.pending.is_none() => self.in_block = false,
             _ => {}
@@ -1140,8 +1141,9 @@ impl MirrorSession<'_> {
         // The client must see CopyInResponse now, even inside a transaction of the proxy's.
         self.flush_client_now().await?;
         loop {
-            while let Some((tag, frame)) =
-                take_frame(&mut self.client_buf, self.params.limits).map_err(SessionError::ClientProtocol)?
+            while let Some((tag, frame)) = take_frame(&mut self.client_buf, self.params.limits)
+                .map_err(SessionError::ClientProtocol)?
+                .map(|f| (f.tag, f.bytes))
             {
                 match tag {
                     b'd' | b'c' | b'f' | b'H' | b'S' => {
@@ -1190,21 +1192,6 @@ fn refusal_sql(message: &str) -> String {
 fn reserve(buf: &mut BytesMut, want: usize) {
     if buf.capacity() - buf.len() < want {
         buf.reserve(want.max(8192));
-    }
-}
-
-/// Takes one whole frame off the front of `buf`.
-fn take_frame(
-    buf: &mut BytesMut,
-    limits: MessageLimits,
-) -> Result<Option<(u8, Bytes)>, switchyard_pgwire::ProtocolError> {
-    match peek_header(buf, limits)? {
-        Some(h) if buf.len() >= h.frame_len => Ok(Some((h.tag, buf.split_to(h.frame_len).freeze()))),
-        Some(h) => {
-            reserve(buf, h.frame_len - buf.len());
-            Ok(None)
-        }
-        None => Ok(None),
     }
 }
 

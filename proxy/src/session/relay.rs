@@ -34,11 +34,6 @@ use crate::error::{ErrorKind, ErrorSource, SessionError};
 use crate::metrics::Metrics;
 use crate::shutdown::{Shutdown, ShutdownState};
 
-/// Largest message accepted from the server: PostgreSQL's own 1 GB cap plus headroom.
-const SERVER_LIMITS: MessageLimits = MessageLimits {
-    max_message_bytes: (1 << 30) + 1024,
-};
-
 /// How long answers to requests sent before a protocol violation may take to reach the client.
 const ANSWER_GRACE: Duration = Duration::from_secs(5);
 
@@ -653,7 +648,7 @@ async fn upstream_to_client(
     mut buf: BytesMut,
 ) -> Result<RelayEnd, SessionError> {
     loop {
-        let mut frames = Frames::new(&buf, SERVER_LIMITS);
+        let mut frames = Frames::new(&buf, MessageLimits::SERVER);
         for frame in &mut frames {
             let (header, body) = frame.map_err(SessionError::UpstreamProtocol)?;
             match header.tag {
