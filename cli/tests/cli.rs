@@ -281,8 +281,7 @@ async fn session_ids_are_unique_across_worker_threads() {
     let text = std::fs::read_to_string(&log_path).unwrap();
     let _ = std::fs::remove_file(&log_path);
     // The readiness probe of start_proxy_with (a bare TCP connect) may close a session span of
-    // its own, so at least
-    // one per client connection, and no id twice.
+    // its own, so at least one per client connection, and no id twice.
     assert!(
         ids.len() >= SESSIONS,
         "one closed session span per connection: {ids:?}\n{text}"
