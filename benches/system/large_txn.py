@@ -111,7 +111,7 @@ url = "postgres://{USER}@{HOST}:{a.pg_port}/{NEW_DB}"
 [auth]
 method = "trust"
 [telemetry]
-log_level = "warn,switchyard_proxy::mirror=info"
+log_level = "warn,switchyard_dualwrite=info"
 [mirror]
 timeout_ms = {a.timeout_ms}
 

@@ -11,8 +11,8 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::server::ProxyState;
 use crate::shutdown::{Shutdown, ShutdownState};
+use crate::state::ProxyState;
 
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 

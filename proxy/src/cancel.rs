@@ -7,11 +7,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use dashmap::DashMap;
 use switchyard_pgwire::startup::CancelKey;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpStream, ToSocketAddrs};
 
 /// Live sessions' cancel keys and the upstream address each one belongs to.
 #[derive(Debug, Default)]
@@ -61,13 +58,4 @@ impl CancelRegistry {
     }
 }
 
-/// Sends a CancelRequest for `key` on a new connection to the server at `addr`: the server
-/// interrupts the backend's current statement (if any) and sends nothing back.
-/// <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-CANCELING-REQUESTS>
-pub(crate) async fn send_cancel_request(addr: impl ToSocketAddrs, key: &CancelKey) -> std::io::Result<()> {
-    let mut out = BytesMut::with_capacity(16);
-    key.encode_request(&mut out);
-    let mut stream = TcpStream::connect(addr).await?;
-    stream.write_all(&out).await?;
-    stream.shutdown().await
-}
+pub(crate) use switchyard_store::wire::send_cancel_request;

@@ -92,9 +92,10 @@ pub enum StartError {
     /// Telemetry could not be set up.
     #[error("telemetry: {0}")]
     Telemetry(String),
-    /// Dual writes cannot start: a table, its schema or the side objects are not ready.
+    /// Dual writes cannot start: a table, its schema or the side objects are not ready, or a
+    /// store cannot be reached.
     #[error("dual writes: {0}")]
-    Mirror(String),
+    DualWrite(Box<switchyard_dualwrite::StartError>),
 }
 
 /// Why a client session ended abnormally.
@@ -124,6 +125,37 @@ pub enum SessionError {
     /// `[mirror] fault_injection` made the session die here (crash tests).
     #[error("injected fault: {0}")]
     Injected(&'static str),
+}
+
+impl From<switchyard_dualwrite::StartError> for StartError {
+    fn from(e: switchyard_dualwrite::StartError) -> Self {
+        StartError::DualWrite(Box::new(e))
+    }
+}
+
+impl From<switchyard_dualwrite::SessionError> for SessionError {
+    fn from(e: switchyard_dualwrite::SessionError) -> Self {
+        use switchyard_dualwrite::SessionError as Dual;
+        match e {
+            Dual::ClientIo(e) => SessionError::ClientIo(e),
+            Dual::UpstreamIo(e) => SessionError::UpstreamIo(e),
+            Dual::ClientProtocol(e) => SessionError::ClientProtocol(e),
+            Dual::UpstreamProtocol(e) => SessionError::UpstreamProtocol(e),
+            Dual::Injected(what) => SessionError::Injected(what),
+        }
+    }
+}
+
+impl From<switchyard_store::wire::LoginError> for SessionError {
+    fn from(e: switchyard_store::wire::LoginError) -> Self {
+        use switchyard_store::wire::LoginError;
+        match e {
+            LoginError::Refused(message) => SessionError::UpstreamLogin(message),
+            LoginError::Timeout(what) => SessionError::Timeout(what),
+            LoginError::Io(e) => SessionError::UpstreamIo(e),
+            LoginError::Protocol(e) => SessionError::UpstreamProtocol(e),
+        }
+    }
 }
 
 impl SessionError {

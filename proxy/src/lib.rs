@@ -2,8 +2,8 @@
 //!
 //! Applications connect here as they would to PostgreSQL. With every table in phase
 //! `passthrough`, sessions are relayed to the OLD store unchanged; when a table is in
-//! `dual_write` (or `shadow_read`/`read_shift`), sessions run the dual-write relay (`mirror`),
-//! which mirrors row images of writes to NEW. Entry point: [`run`], with [`Listeners`] bound beforehand and a
+//! `dual_write` (or `shadow_read`/`read_shift`), sessions run the dual-write relay (`switchyard_dualwrite`),
+//! which mirrors row images of writes to NEW (the `switchyard-dualwrite` crate). Entry point: [`run`], with [`Listeners`] bound beforehand and a
 //! [`shutdown::Shutdown`] to stop it.
 //!
 //! Layout: [`server`] accepts; `session` runs one client from startup to goodbye (client auth,
@@ -11,17 +11,19 @@
 //! defines the instruments.
 
 mod admin;
+mod auth;
 pub mod cancel;
 pub mod classify;
 pub mod error;
+mod io;
 pub mod metrics;
-mod mirror;
 pub mod server;
 pub mod shutdown;
+mod state;
 
 mod session;
 
 pub use error::StartError;
-pub use mirror::MirrorStats;
 pub use server::{run, run_with_reload, Listeners};
 pub use shutdown::{Shutdown, ShutdownState, ShutdownTrigger};
+pub use switchyard_dualwrite::MirrorStats;

@@ -252,10 +252,10 @@ impl Metrics {
 
     /// Adds the dual-write engine's instruments: mirrored transactions, failures, repairs,
     /// pending intents and mirror latency.
-    pub fn register_mirror(&self, stats: Arc<crate::mirror::MirrorStats>) {
+    pub fn register_mirror(&self, stats: Arc<switchyard_dualwrite::MirrorStats>) {
         let meter = self.provider.meter("switchyard");
         let counter =
-            |name: &'static str, help: &'static str, read: fn(&crate::mirror::MirrorStats) -> u64| {
+            |name: &'static str, help: &'static str, read: fn(&switchyard_dualwrite::MirrorStats) -> u64| {
                 let s = Arc::clone(&stats);
                 meter
                     .u64_observable_counter(name)

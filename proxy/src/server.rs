@@ -1,64 +1,20 @@
-//! The accept loop and the state every session shares.
+//! Binding the listeners, the worker threads and their accept loops.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
-use switchyard_config::{Config, Engine};
-use switchyard_pgwire::frame::MessageLimits;
-use switchyard_store::{Role, Store};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use switchyard_config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::cancel::CancelRegistry;
 use crate::error::StartError;
-use crate::metrics::Metrics;
-use crate::session::upstream::UpstreamTarget;
-use crate::session::{self, ClientAuth};
+use crate::session;
 use crate::shutdown::{Shutdown, ShutdownState};
-
-/// What every session and the admin API share.
-pub(crate) struct ProxyState {
-    pub(crate) config: Arc<Config>,
-    /// The users clients log in as; a reload replaces them ([`run_with_reload`]).
-    client_auth: RwLock<Arc<ClientAuth>>,
-    pub(crate) upstream: UpstreamTarget,
-    pub(crate) cancel: Arc<CancelRegistry>,
-    pub(crate) metrics: Metrics,
-    pub(crate) connection_slots: Arc<Semaphore>,
-    pub(crate) limits: MessageLimits,
-    pub(crate) shutdown: Shutdown,
-    pub(crate) started: Instant,
-    /// The next session id. One counter for the whole process, not one per worker thread, so
-    /// the `id` in logs and traces names one session.
-    pub(crate) next_session_id: AtomicU64,
-    pub(crate) old_store: Store,
-    pub(crate) new_store: Store,
-    /// The dual-write engine, when some table is in a mirrored phase.
-    pub(crate) mirror: Option<Arc<crate::mirror::Mirror>>,
-}
-
-impl ProxyState {
-    /// The users and how they prove who they are, as of now.
-    pub(crate) fn client_auth(&self) -> Arc<ClientAuth> {
-        Arc::clone(&self.client_auth.read().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// Applies what a reloaded configuration may change at run time (the users); `running` is
-    /// the configuration with those fields already taken from the new file
-    /// ([`Config::with_hot_fields_of`]).
-    fn reload(&self, running: &Config) {
-        match ClientAuth::new(running.auth.method, &running.auth.users) {
-            Ok(auth) => {
-                *self.client_auth.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(auth);
-                tracing::info!(users = running.auth.users.users.len(), "users reloaded");
-            }
-            Err(e) => tracing::error!(error = %e, "users not reloaded; keeping the previous ones"),
-        }
-    }
-}
+use crate::state::ProxyState;
+use switchyard_store::wire::tune_socket;
 
 /// The sockets a proxy serves, bound before [`run`] so tests can bind port 0 and read the port.
 #[derive(Debug)]
@@ -126,18 +82,6 @@ fn bind_reuseport(addr: SocketAddr) -> Result<std::net::TcpListener, StartError>
     Ok(socket.into())
 }
 
-/// Low latency and dead-peer detection on both sides of a session.
-pub(crate) fn tune_socket(stream: &TcpStream, keepalive: Option<Duration>) {
-    let _ = stream.set_nodelay(true);
-    if let Some(idle) = keepalive {
-        let ka = socket2::TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(Duration::from_secs(10))
-            .with_retries(3);
-        let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
-    }
-}
-
 /// Runs the proxy until `shutdown` completes: serves clients on `listeners.client` and the admin
 /// API on `listeners.admin`. As [`run_with_reload`] without reloads.
 pub async fn run(config: Arc<Config>, listeners: Listeners, shutdown: Shutdown) -> Result<(), StartError> {
@@ -160,24 +104,7 @@ pub async fn run_with_reload(
     shutdown: Shutdown,
     mut reloads: watch::Receiver<Arc<Config>>,
 ) -> Result<(), StartError> {
-    // The OTLP exporter's blocking HTTP client must be built and shut down off the runtime.
-    let telemetry = config.telemetry.clone();
-    let metrics = tokio::task::spawn_blocking(move || {
-        Metrics::new(
-            &telemetry.service_name,
-            telemetry.otlp_endpoint.as_ref().map(|u| u.as_str()),
-        )
-    })
-    .await
-    .map_err(|e| StartError::Telemetry(e.to_string()))??;
-    let mirror = crate::mirror::Mirror::start(&config).await?;
-    if let Some(m) = &mirror {
-        metrics.register_mirror(Arc::clone(&m.stats));
-        tracing::info!(tables = m.tables.len(), "dual writes enabled");
-    }
-    let mut state = build_state(config, metrics, shutdown.clone())?;
-    state.mirror = mirror;
-    let state = Arc::new(state);
+    let state = Arc::new(ProxyState::build(config, shutdown.clone()).await?);
     let admin = listeners
         .admin
         .map(|admin| tokio::spawn(crate::admin::serve(Arc::clone(&state), admin, shutdown.clone())));
@@ -245,39 +172,6 @@ fn worker(
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener).map_err(|source| StartError::Bind { addr, source })?;
         accept_loop(&state, listener, shutdown).await
-    })
-}
-
-fn build_state(config: Arc<Config>, metrics: Metrics, shutdown: Shutdown) -> Result<ProxyState, StartError> {
-    for (role, url) in [("old", &config.old.url), ("new", &config.new.url)] {
-        if url.engine != Engine::Postgres {
-            return Err(StartError::Unsupported(format!(
-                "{role}.url: the {} engine is not supported yet; this build proxies PostgreSQL only",
-                url.engine.as_str()
-            )));
-        }
-    }
-    let client_auth = ClientAuth::new(config.auth.method, &config.auth.users).map_err(StartError::Config)?;
-    let store_err = |e: switchyard_store::StoreError| StartError::Unsupported(e.to_string());
-    Ok(ProxyState {
-        client_auth: RwLock::new(Arc::new(client_auth)),
-        upstream: UpstreamTarget {
-            url: config.old.url.clone(),
-            store: Role::Old,
-        },
-        cancel: Arc::new(CancelRegistry::default()),
-        metrics,
-        connection_slots: Arc::new(Semaphore::new(config.proxy.max_connections as usize)),
-        limits: MessageLimits {
-            max_message_bytes: config.proxy.max_message_bytes,
-        },
-        shutdown,
-        started: Instant::now(),
-        next_session_id: AtomicU64::new(1),
-        old_store: Store::connect_lazy(Role::Old, &config.old.url).map_err(store_err)?,
-        new_store: Store::connect_lazy(Role::New, &config.new.url).map_err(store_err)?,
-        mirror: None,
-        config,
     })
 }
 

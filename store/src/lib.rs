@@ -25,7 +25,7 @@ pub use postgres::catalog::{
     compare, effective_key, keys_table, keys_table_name, load_table, quote_ident, quote_table, Column,
     Identity, Mismatch, TableSchema, SIDE_SCHEMA,
 };
-pub use postgres::{connect_options, PgStore};
+pub use postgres::{connect_options, wire, PgStore};
 pub use prepare::{prepare, PrepareReport, PreparedTable};
 
 /// Which side of the migration a store is.

@@ -1,9 +1,10 @@
-//! Statement counts and request latency for the dual-write relay.
+//! Statement counts and request latency for the dual-write relay, and the rest of what the
+//! dual-write session asks of the proxy ([`DualHost`]: the stop signal, error counts).
 //!
 //! The passthrough relay feeds `switchyard_statements_total` and
 //! `switchyard_store_latency_seconds` from its own pumps; the dual-write relay
-//! (`mirror::session`) keeps one [`RequestMeter`] and calls it twice: with every client message
-//! it takes, and once every answer it waited for has come. Counts are by the same rules as the
+//! (`switchyard_dualwrite::session`) calls its host twice: with every client message it takes,
+//! and once every answer it waited for has come; the host keeps one [`RequestMeter`]. Counts are by the same rules as the
 //! passthrough's (one per Query, one per Execute, by the kind of the statement).
 //! Latency is from a client's request (Query, Sync, FunctionCall) to the point where the session
 //! has every answer to it, the mirrored commit included; requests a client pipelines are timed
@@ -14,8 +15,58 @@ use std::time::Instant;
 
 use switchyard_pgwire::frontend;
 
+use switchyard_dualwrite::session::{SessionHost, Stop};
+
 use super::relay::StatementKinds;
+use crate::error::{ErrorKind, ErrorSource};
 use crate::metrics::Metrics;
+use crate::shutdown::{Shutdown, ShutdownState};
+
+/// The proxy's side of a dual-write session: its stop signal and its metrics.
+pub(crate) struct DualHost<'a> {
+    shutdown: Shutdown,
+    meter: RequestMeter,
+    metrics: &'a Metrics,
+}
+
+impl<'a> DualHost<'a> {
+    pub(crate) fn new(shutdown: Shutdown, metrics: &'a Metrics) -> Self {
+        DualHost {
+            shutdown,
+            meter: RequestMeter::default(),
+            metrics,
+        }
+    }
+}
+
+impl SessionHost for DualHost<'_> {
+    fn stop(&self) -> Stop {
+        match self.shutdown.state() {
+            ShutdownState::Running => Stop::Run,
+            ShutdownState::Draining { grace } => Stop::Drain { grace },
+            ShutdownState::Immediate => Stop::Now,
+        }
+    }
+
+    async fn stop_changed(&mut self) {
+        let now = self.shutdown.state();
+        self.shutdown.changed_from(now).await;
+    }
+
+    fn client_message(&mut self, tag: u8, body: &[u8]) {
+        self.meter.client_message(tag, body, self.metrics);
+    }
+
+    fn answered(&mut self) {
+        self.meter.answered(self.metrics);
+    }
+
+    fn statement_error(&mut self) {
+        self.metrics
+            .counters
+            .error(ErrorSource::Old, ErrorKind::Statement);
+    }
+}
 
 /// What the dual-write relay tells the metrics.
 #[derive(Default)]

@@ -4,11 +4,8 @@
 //! loop ([`relay`]). Every way a session ends is decided here: the client gets a FATAL
 //! ErrorResponse with a proper SQLSTATE when the proxy ends it, and the upstream gets Terminate.
 
-mod client_auth;
-mod io;
 pub(crate) mod meter;
 pub(crate) mod relay;
-pub(crate) mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,14 +18,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use client_auth::send_fatal;
-pub(crate) use client_auth::ClientAuth;
-use relay::{RelayEnd, RelayParams};
-use upstream::LoginOutcome;
+use crate::auth::send_fatal;
+use crate::io;
+use relay::{RelayParams, SessionEnd};
+use switchyard_store::wire::LoginOutcome;
 
 use crate::error::SessionError;
-use crate::server::ProxyState;
 use crate::shutdown::ShutdownState;
+use crate::state::ProxyState;
 
 /// How long a client may take from connecting to finishing authentication (PostgreSQL's
 /// `authentication_timeout` default).
@@ -69,14 +66,14 @@ async fn run_session(
     state: &ProxyState,
     mut client: TcpStream,
     span: &tracing::Span,
-) -> Result<RelayEnd, SessionError> {
+) -> Result<SessionEnd, SessionError> {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let startup = match tokio::time::timeout(AUTHENTICATION_TIMEOUT, handshake(state, &mut client, &mut buf))
         .instrument(span.clone())
         .await
     {
         Ok(Ok(Some(startup))) => startup,
-        Ok(Ok(None)) => return Ok(RelayEnd::ClientClosed),
+        Ok(Ok(None)) => return Ok(SessionEnd::ClientClosed),
         Ok(Err(e)) => {
             if let Some(fatal) = e.client_message() {
                 send_fatal(&mut client, fatal).await;
@@ -112,7 +109,8 @@ async fn run_session(
             settings.tcp_keepalive,
         )
         .instrument(span.clone())
-        .await;
+        .await
+        .map_err(SessionError::from);
     let upstream = match login {
         Ok(LoginOutcome::Ready(u)) => u,
         Ok(LoginOutcome::Refused(refused)) => {
@@ -166,25 +164,30 @@ async fn run_session(
             .await
         }
         Some(mirror) => {
-            crate::mirror::session::relay(
+            let mut host = meter::DualHost::new(state.shutdown.clone(), &state.metrics);
+            switchyard_dualwrite::session::relay(
                 mirror,
-                params,
+                switchyard_dualwrite::session::SessionParams {
+                    limits: params.limits,
+                    idle_timeout: params.idle_timeout,
+                },
                 (&mut client_rd, &mut client_wr),
                 buf,
                 (&mut up_rd, &mut up_wr),
                 upstream.buf,
-                state.shutdown.clone(),
+                &mut host,
             )
             .await
+            .map_err(SessionError::from)
         }
     };
 
     let goodbye = match &end {
-        Ok(RelayEnd::Drained | RelayEnd::ShutdownNow) => Some(ErrorResponse::fatal(
+        Ok(SessionEnd::Drained | SessionEnd::ShutdownNow) => Some(ErrorResponse::fatal(
             sqlstate::ADMIN_SHUTDOWN,
             "terminating connection due to administrator command",
         )),
-        Ok(RelayEnd::IdleTimeout) => Some(ErrorResponse::fatal(
+        Ok(SessionEnd::IdleTimeout) => Some(ErrorResponse::fatal(
             sqlstate::IDLE_SESSION_TIMEOUT,
             "terminating connection due to idle-session timeout",
         )),
@@ -194,7 +197,7 @@ async fn run_session(
     if let Some(fatal) = goodbye {
         send_fatal(&mut client_wr, fatal).await;
     }
-    if !matches!(end, Ok(RelayEnd::ClientTerminated | RelayEnd::UpstreamClosed)) {
+    if !matches!(end, Ok(SessionEnd::ClientTerminated | SessionEnd::UpstreamClosed)) {
         let mut bye = BytesMut::with_capacity(5);
         frontend::terminate(&mut bye);
         let _ = up_wr.write_all(&bye).await;

@@ -28,31 +28,15 @@ use switchyard_pgwire::ProtocolError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use super::io::reserve_for_read;
 use crate::classify::{Protocol, StatementKind};
 use crate::error::{ErrorKind, ErrorSource, SessionError};
+use crate::io::reserve_for_read;
 use crate::metrics::Metrics;
 use crate::shutdown::{Shutdown, ShutdownState};
+pub(crate) use switchyard_dualwrite::session::SessionEnd;
 
 /// How long answers to requests sent before a protocol violation may take to reach the client.
 const ANSWER_GRACE: Duration = Duration::from_secs(5);
-
-/// How a relayed session ended without an I/O or protocol error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RelayEnd {
-    /// The client sent Terminate (already forwarded upstream).
-    ClientTerminated,
-    /// The client closed its socket.
-    ClientClosed,
-    /// The server closed the connection (after a FATAL, which was forwarded).
-    UpstreamClosed,
-    /// A drain found the session idle.
-    Drained,
-    /// Immediate shutdown or the drain deadline.
-    ShutdownNow,
-    /// The client was idle outside a transaction for too long.
-    IdleTimeout,
-}
 
 /// State both directions read and write. Only this session's task touches it, so relaxed
 /// atomics cost no more than plain fields while keeping the future `Send`.
@@ -110,7 +94,7 @@ pub(crate) async fn relay(
     upstream: (&mut OwnedReadHalf, &mut OwnedWriteHalf),
     upstream_buf: BytesMut,
     mut shutdown: Shutdown,
-) -> Result<RelayEnd, SessionError> {
+) -> Result<SessionEnd, SessionError> {
     let shared = Shared {
         status: AtomicU8::new(TransactionStatus::Idle.as_byte()),
         outstanding: AtomicUsize::new(0),
@@ -137,7 +121,7 @@ pub(crate) async fn relay(
         if let ShutdownState::Draining { grace } = state {
             shared.draining.store(true, Relaxed);
             if shared.idle() {
-                return Ok(RelayEnd::Drained);
+                return Ok(SessionEnd::Drained);
             }
             if deadline.is_none() {
                 deadline = Some(Box::pin(tokio::time::sleep(grace)));
@@ -145,7 +129,7 @@ pub(crate) async fn relay(
             }
         }
         if state == ShutdownState::Immediate {
-            return Ok(RelayEnd::ShutdownNow);
+            return Ok(SessionEnd::ShutdownNow);
         }
         let changed = shutdown.changed_from(state);
         tokio::pin!(changed);
@@ -201,15 +185,15 @@ pub(crate) async fn relay(
             }
             Woke::ToClient(end) => return end,
             Woke::Shutdown(next) => state = next,
-            Woke::Deadline => return Ok(RelayEnd::ShutdownNow),
+            Woke::Deadline => return Ok(SessionEnd::ShutdownNow),
         }
     }
 }
 
 /// What ended one wait of the relay loop.
 enum Woke {
-    ToUpstream(Result<RelayEnd, SessionError>),
-    ToClient(Result<RelayEnd, SessionError>),
+    ToUpstream(Result<SessionEnd, SessionError>),
+    ToClient(Result<SessionEnd, SessionError>),
     Shutdown(ShutdownState),
     Deadline,
 }
@@ -451,7 +435,7 @@ async fn client_to_upstream(
     rd: &mut OwnedReadHalf,
     wr: &mut OwnedWriteHalf,
     mut buf: BytesMut,
-) -> Result<RelayEnd, SessionError> {
+) -> Result<SessionEnd, SessionError> {
     let mut kinds = StatementKinds::default();
     loop {
         let mut frames = Frames::new(&buf, params.limits);
@@ -491,19 +475,19 @@ async fn client_to_upstream(
             reserve_for_read(&mut buf, missing);
         }
         if terminate {
-            return Ok(RelayEnd::ClientTerminated);
+            return Ok(SessionEnd::ClientTerminated);
         }
         reserve_for_read(&mut buf, 4096);
         let n = match params.idle_timeout {
             None => rd.read_buf(&mut buf).await,
             Some(limit) => match read_unless_idle(rd, &mut buf, shared, limit).await {
                 Some(r) => r,
-                None => return Ok(RelayEnd::IdleTimeout),
+                None => return Ok(SessionEnd::IdleTimeout),
             },
         }
         .map_err(SessionError::ClientIo)?;
         if n == 0 {
-            return Ok(RelayEnd::ClientClosed);
+            return Ok(SessionEnd::ClientClosed);
         }
     }
 }
@@ -646,7 +630,7 @@ async fn upstream_to_client(
     rd: &mut OwnedReadHalf,
     wr: &mut OwnedWriteHalf,
     mut buf: BytesMut,
-) -> Result<RelayEnd, SessionError> {
+) -> Result<SessionEnd, SessionError> {
     loop {
         let mut frames = Frames::new(&buf, MessageLimits::SERVER);
         for frame in &mut frames {
@@ -677,14 +661,14 @@ async fn upstream_to_client(
             reserve_for_read(&mut buf, missing);
         }
         if shared.draining.load(Relaxed) && shared.idle() {
-            return Ok(RelayEnd::Drained);
+            return Ok(SessionEnd::Drained);
         }
         if shared.client_failed.load(Relaxed) && shared.outstanding.load(Relaxed) == 0 {
-            return Ok(RelayEnd::ClientClosed);
+            return Ok(SessionEnd::ClientClosed);
         }
         reserve_for_read(&mut buf, 8192);
         if rd.read_buf(&mut buf).await.map_err(SessionError::UpstreamIo)? == 0 {
-            return Ok(RelayEnd::UpstreamClosed);
+            return Ok(SessionEnd::UpstreamClosed);
         }
     }
 }

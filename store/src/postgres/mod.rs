@@ -1,6 +1,7 @@
 //! PostgreSQL adapter (sqlx).
 
 pub mod catalog;
+pub mod wire;
 
 use std::time::{Duration, Instant};
 

@@ -16,8 +16,8 @@ use switchyard_pgwire::frame::MessageLimits;
 use switchyard_pgwire::{frontend, sqlstate};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::io::{read_frame, Peer};
 use crate::error::SessionError;
+use crate::io::read_frame;
 
 const SCRAM_MECHANISM: &str = "SCRAM-SHA-256";
 
@@ -183,7 +183,7 @@ async fn read_password_message<S: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     limits: MessageLimits,
 ) -> Result<bytes::Bytes, SessionError> {
-    let (tag, body) = read_frame(stream, buf, limits, Peer::Client).await?;
+    let (tag, body) = read_frame(stream, buf, limits).await?;
     if tag != b'p' {
         return Err(SessionError::ClientProtocol(
             switchyard_pgwire::ProtocolError::Malformed {

@@ -7,12 +7,13 @@
 //! `switchyard_store::mirror`. The mechanism and the promises it keeps are described in
 //! `docs/dual-writes.md`.
 
-pub(crate) mod newlink;
+mod error;
+mod newlink;
 mod repairs;
 mod schema;
-pub(crate) mod session;
-pub(crate) mod sql;
-pub(crate) mod stream;
+pub mod session;
+mod sql;
+mod stream;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -24,7 +25,7 @@ use switchyard_store::capture as store_capture;
 use switchyard_store::mirror::{self as store_mirror, Change, ChangeOp, MirrorTable};
 use tokio::sync::mpsc;
 
-use crate::error::StartError;
+pub use error::{SessionError, StartError};
 use newlink::{BatchStatement, LinkConn, LinkError, NewLink};
 use schema::{Shapes, TableShapes};
 use sql::{Analyzer, MigratedTables, Writers};
@@ -52,11 +53,11 @@ pub struct MirrorStats {
 }
 
 /// The dual-write engine shared by a proxy's sessions.
-pub(crate) struct Mirror {
+pub struct Mirror {
     pub(crate) analyzer: Analyzer,
     /// The mirrored tables as read at start, for their names and keys (which do not change
     /// while the proxy runs). Their columns may have: what the apply needs is in `shapes`.
-    pub(crate) tables: Vec<MirrorTable>,
+    pub tables: Vec<MirrorTable>,
     /// The tables' current definitions and apply statements (`schema.rs`).
     shapes: TableShapes,
     pub(crate) policies: Vec<UncapturedPolicy>,
@@ -72,7 +73,7 @@ pub(crate) struct Mirror {
     /// Table index by `schema.table`, for the capture notices.
     by_name: std::collections::HashMap<String, usize>,
     pub(crate) proxy_id: String,
-    pub(crate) stats: Arc<MirrorStats>,
+    pub stats: Arc<MirrorStats>,
     /// NEW is considered down until this instant (ns since `epoch`): transactions skip it and
     /// leave their intents for the repair loop instead of waiting on a dead store.
     pub(crate) new_down_until: AtomicU64,
@@ -106,16 +107,16 @@ impl Mirror {
     /// Sets up mirroring for the tables in a mirrored phase; `None` when there are none (every
     /// session then runs the plain passthrough relay). Fails when a table's schema cannot be
     /// read, when `switchyard prepare` has not been run, or for phases not built yet.
-    pub(crate) async fn start(config: &Config) -> Result<Option<Arc<Mirror>>, StartError> {
+    pub async fn start(config: &Config) -> Result<Option<Arc<Mirror>>, StartError> {
         if let Some(t) = config
             .tables
             .iter()
             .find(|t| matches!(t.phase, Phase::Cutover | Phase::Done))
         {
-            return Err(StartError::Mirror(format!(
-                "table {}: phase {} is not supported yet (the proxy mirrors OLD to NEW in dual_write, shadow_read and read_shift)",
-                t.name, t.phase
-            )));
+            return Err(StartError::UnsupportedPhase {
+                table: t.name.to_string(),
+                phase: t.phase,
+            });
         }
         let mirrored: Vec<&TableSettings> = config
             .tables
@@ -145,33 +146,25 @@ impl Mirror {
         let mut names = Vec::new();
         let mut policies = Vec::new();
         for t in mirrored {
-            let err = |store: &str, e: switchyard_store::StoreError| {
-                StartError::Mirror(format!(
-                    "table {}: cannot read its definition on {store}: {e}",
-                    t.name
-                ))
+            let err = |store: &'static str, source: switchyard_store::StoreError| StartError::Catalog {
+                table: t.name.to_string(),
+                store,
+                source,
             };
             let old_schema = switchyard_store::load_table(&old, &t.name)
                 .await
                 .map_err(|e| err("OLD", e))?
-                .ok_or_else(|| StartError::Mirror(format!("table {} does not exist on OLD", t.name)))?;
+                .ok_or_else(|| StartError::MissingOnOld(t.name.to_string()))?;
             let new_schema = switchyard_store::load_table(&new, &t.name)
                 .await
                 .map_err(|e| err("NEW", e))?
-                .ok_or_else(|| {
-                    StartError::Mirror(format!(
-                        "table {} does not exist on NEW; create it there and run `switchyard prepare`",
-                        t.name
-                    ))
-                })?;
+                .ok_or_else(|| StartError::MissingOnNew(t.name.to_string()))?;
             let key = switchyard_store::effective_key(t, &old_schema);
             let mismatches = switchyard_store::compare(&old_schema, &new_schema, &key);
             if !mismatches.is_empty() {
-                let list: Vec<String> = mismatches.iter().map(ToString::to_string).collect();
-                return Err(StartError::Mirror(format!(
-                    "OLD and NEW differ; run `switchyard prepare` for the full report: {}",
-                    list.join("; ")
-                )));
+                return Err(StartError::Mismatch(
+                    mismatches.iter().map(ToString::to_string).collect(),
+                ));
             }
             names.push((t.name.clone(), key.clone()));
             policies.push(t.on_uncaptured);
@@ -180,7 +173,7 @@ impl Mirror {
         check_prepared(&old, &new, &tables).await?;
         let writers = writer_functions(&old, &names)
             .await
-            .map_err(|e| StartError::Mirror(format!("cannot list the functions on OLD: {e}")))?;
+            .map_err(StartError::Functions)?;
         for w in &writers {
             w.log(&names);
         }
@@ -226,7 +219,7 @@ impl Mirror {
     }
 
     /// The index of the mirrored table named `schema.table`.
-    pub(crate) fn table_index(&self, name: &str) -> Option<usize> {
+    pub fn table_index(&self, name: &str) -> Option<usize> {
         self.by_name.get(name).copied()
     }
 
@@ -235,7 +228,7 @@ impl Mirror {
     }
 
     /// Whether NEW is believed reachable (no recent failure).
-    pub(crate) fn new_available(&self) -> bool {
+    pub fn new_available(&self) -> bool {
         self.now_ns() >= self.new_down_until.load(Relaxed)
     }
 
@@ -570,11 +563,7 @@ fn set_in_use(slot: &Mutex<Option<switchyard_pgwire::startup::CancelKey>>, conn:
 
 /// Refuses to start when `switchyard prepare` has not created the side objects.
 async fn check_prepared(old: &PgPool, new: &PgPool, tables: &[MirrorTable]) -> Result<(), StartError> {
-    let missing = |store: &str, what: String| {
-        StartError::Mirror(format!(
-            "{what} is missing on {store}; run `switchyard prepare --config FILE` first"
-        ))
-    };
+    let missing = |store: &'static str, what: String| StartError::NotPrepared { store, what };
     let exists = |pool: &PgPool, rel: String| {
         let pool = pool.clone();
         async move {
@@ -584,7 +573,7 @@ async fn check_prepared(old: &PgPool, new: &PgPool, tables: &[MirrorTable]) -> R
                 .await
         }
     };
-    let unreachable = |store: &str, e: sqlx::Error| StartError::Mirror(format!("cannot reach {store}: {e}"));
+    let unreachable = |store: &'static str, source: sqlx::Error| StartError::Unreachable { store, source };
     if exists(old, "switchyard.switchyard_intents".into())
         .await
         .map_err(|e| unreachable("OLD", e))?

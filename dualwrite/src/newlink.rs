@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::session::upstream::{LoginOutcome, UpstreamTarget};
+use switchyard_store::wire::{send_cancel_request, LoginError, LoginOutcome, WireTarget};
 
 /// Why NEW did not do what the mirror asked.
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +178,7 @@ pub(crate) struct LinkConn {
 
 /// The pool of NEW connections shared by a proxy's sessions.
 pub(crate) struct NewLink {
-    target: UpstreamTarget,
+    target: WireTarget,
     idle: Mutex<Vec<NewConn>>,
     slots: Arc<Semaphore>,
     timeout: Duration,
@@ -191,7 +191,7 @@ impl NewLink {
     /// itself ends any statement or lock wait after `statement_bound`.
     pub(crate) fn new(url: &StoreUrl, size: u32, timeout: Duration, statement_bound: Duration) -> NewLink {
         NewLink {
-            target: UpstreamTarget {
+            target: WireTarget {
                 url: url.clone(),
                 store: switchyard_store::Role::New,
             },
@@ -211,7 +211,7 @@ impl NewLink {
         let addr = (self.target.url.host.clone(), self.target.url.port);
         let limit = self.timeout;
         tokio::spawn(async move {
-            match tokio::time::timeout(limit, crate::cancel::send_cancel_request(addr, &key)).await {
+            match tokio::time::timeout(limit, send_cancel_request(addr, &key)).await {
                 Ok(Ok(())) => tracing::debug!(pid = key.pid, "cancelled an abandoned statement on NEW"),
                 Ok(Err(e)) => {
                     tracing::warn!(pid = key.pid, error = %e, "cannot cancel an abandoned statement on NEW")
@@ -288,7 +288,7 @@ impl NewLink {
                 cancel_key: u.cancel_key,
             }),
             Ok(LoginOutcome::Refused(r)) => Err(LinkError::Connect(r.message)),
-            Err(crate::error::SessionError::Timeout(_)) => {
+            Err(LoginError::Timeout(_)) => {
                 Err(LinkError::Connect(format!("no answer within {:?}", self.timeout)))
             }
             Err(e) => Err(LinkError::Connect(e.to_string())),

@@ -1,5 +1,8 @@
-//! Connecting and logging in to a store with the credentials of its URL: OLD for client
-//! sessions, NEW for the mirror's connections. Every error names the store it was about.
+//! Logging in to a PostgreSQL store at the wire level, with the credentials of its URL: the
+//! proxy's sessions log in to the authoritative store this way and relay bytes, the dual-write
+//! engine's link to the follower logs in the same way. Every error names the store it was about.
+//! Also the other raw-socket pieces both need: reading a whole frame, a CancelRequest, socket
+//! options.
 //!
 //! The client's own startup parameters (`application_name`, `options`, `DateStyle`, ...) go into
 //! the upstream StartupMessage, so the server applies them at backend start exactly as it would
@@ -13,50 +16,66 @@ use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use switchyard_config::StoreUrl;
 use switchyard_pgwire::backend::{self, Authentication, ServerMessage};
-use switchyard_pgwire::frame::MessageLimits;
+use switchyard_pgwire::frame::{peek_header, MessageLimits};
 use switchyard_pgwire::frontend;
 use switchyard_pgwire::startup::{CancelKey, StartupMessage};
-use switchyard_store::Role;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use switchyard_pgwire::ProtocolError;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, ToSocketAddrs};
 
-use super::io::{read_frame, Peer};
-use crate::error::SessionError;
+use crate::Role;
+
+/// Why a wire-level login (or a read during it) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// Connecting, or the authentication exchange, failed; the message names the store.
+    #[error("{0}")]
+    Refused(String),
+    /// The store did not finish the login in time (what was being done).
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    /// The socket failed.
+    #[error("upstream I/O: {0}")]
+    Io(std::io::Error),
+    /// The server broke the protocol.
+    #[error("upstream protocol violation: {0}")]
+    Protocol(ProtocolError),
+}
 
 /// Where and as whom the proxy logs in upstream.
 #[derive(Debug, Clone)]
-pub(crate) struct UpstreamTarget {
-    pub(crate) url: StoreUrl,
+pub struct WireTarget {
+    pub url: StoreUrl,
     /// Which store `url` is, for messages.
-    pub(crate) store: Role,
+    pub store: Role,
 }
 
 /// A logged-in upstream connection.
-pub(crate) struct Upstream {
-    pub(crate) stream: TcpStream,
+pub struct Upstream {
+    pub stream: TcpStream,
     /// Bytes already read past the startup reply.
-    pub(crate) buf: BytesMut,
+    pub buf: BytesMut,
     /// Everything the server sent after AuthenticationOk, up to and including ReadyForQuery.
-    pub(crate) greeting: Bytes,
+    pub greeting: Bytes,
     /// The backend's cancel key, if it sent one.
-    pub(crate) cancel_key: Option<CancelKey>,
+    pub cancel_key: Option<CancelKey>,
     /// The server's NegotiateProtocolVersion, when it downgraded the client's requested minor
     /// version or ignored `_pq_` options; the client must see it before AuthenticationOk.
-    pub(crate) negotiation: Option<Bytes>,
+    pub negotiation: Option<Bytes>,
 }
 
 /// Login ended with the server's ErrorResponse, to be forwarded to the client as it came.
-pub(crate) struct LoginRefused {
-    pub(crate) raw: Bytes,
-    pub(crate) message: String,
+pub struct LoginRefused {
+    pub raw: Bytes,
+    pub message: String,
 }
 
-pub(crate) enum LoginOutcome {
+pub enum LoginOutcome {
     Ready(Upstream),
     Refused(LoginRefused),
 }
 
-impl UpstreamTarget {
+impl WireTarget {
     /// `"OLD"` or `"NEW"`, as the messages name the store.
     fn store_name(&self) -> &'static str {
         match self.store {
@@ -66,17 +85,17 @@ impl UpstreamTarget {
     }
 
     /// Connects and logs in, forwarding the client's parameters.
-    pub(crate) async fn connect(
+    pub async fn connect(
         &self,
         protocol: i32,
         client_params: &[(String, String)],
         timeout: Duration,
         keepalive: Option<Duration>,
-    ) -> Result<LoginOutcome, SessionError> {
+    ) -> Result<LoginOutcome, LoginError> {
         tokio::time::timeout(timeout, self.connect_inner(protocol, client_params, keepalive))
             .await
             .map_err(|_| {
-                SessionError::Timeout(match self.store {
+                LoginError::Timeout(match self.store {
                     Role::Old => "connecting to the OLD store",
                     Role::New => "connecting to the NEW store",
                 })
@@ -88,18 +107,18 @@ impl UpstreamTarget {
         protocol: i32,
         client_params: &[(String, String)],
         keepalive: Option<Duration>,
-    ) -> Result<LoginOutcome, SessionError> {
+    ) -> Result<LoginOutcome, LoginError> {
         let url = &self.url;
         let mut stream = TcpStream::connect((url.host.as_str(), url.port))
             .await
             .map_err(|e| {
-                SessionError::UpstreamLogin(format!(
+                LoginError::Refused(format!(
                     "cannot connect to the {} store at {}: {e}",
                     self.store_name(),
                     url.redacted()
                 ))
             })?;
-        crate::server::tune_socket(&stream, keepalive);
+        tune_socket(&stream, keepalive);
 
         let mut params = vec![
             ("user".to_owned(), url.user.clone()),
@@ -120,7 +139,7 @@ impl UpstreamTarget {
         }
         let mut out = BytesMut::with_capacity(256);
         StartupMessage { protocol, params }.encode(&mut out);
-        stream.write_all(&out).await.map_err(SessionError::UpstreamIo)?;
+        stream.write_all(&out).await.map_err(LoginError::Io)?;
 
         let limits = MessageLimits::default();
         let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -128,8 +147,8 @@ impl UpstreamTarget {
         let mut negotiation = None;
         // Authentication exchange.
         loop {
-            let (tag, body) = read_frame(&mut stream, &mut buf, limits, Peer::Upstream).await?;
-            let msg = backend::parse(tag, &body).map_err(SessionError::UpstreamProtocol)?;
+            let (tag, body) = read_frame(&mut stream, &mut buf, limits).await?;
+            let msg = backend::parse(tag, &body).map_err(LoginError::Protocol)?;
             out.clear();
             match msg {
                 ServerMessage::Authentication(Authentication::Ok) => break,
@@ -146,7 +165,7 @@ impl UpstreamTarget {
                 }
                 ServerMessage::Authentication(Authentication::Sasl { mechanisms }) => {
                     if !mechanisms.contains(&"SCRAM-SHA-256") {
-                        return Err(SessionError::UpstreamLogin(format!(
+                        return Err(LoginError::Refused(format!(
                             "the {} store offers SASL mechanisms {mechanisms:?}; only SCRAM-SHA-256 is supported",
                             self.store_name()
                         )));
@@ -158,24 +177,21 @@ impl UpstreamTarget {
                 ServerMessage::Authentication(Authentication::SaslContinue(data)) => {
                     let client = scram.as_mut().ok_or_else(|| self.unexpected("SASLContinue"))?;
                     client.update(data).map_err(|e| {
-                        SessionError::UpstreamLogin(format!(
-                            "SCRAM with the {} store: {e}",
-                            self.store_name()
-                        ))
+                        LoginError::Refused(format!("SCRAM with the {} store: {e}", self.store_name()))
                     })?;
                     frontend::sasl_response(&mut out, client.message());
                 }
                 ServerMessage::Authentication(Authentication::SaslFinal(data)) => {
                     let mut client = scram.take().ok_or_else(|| self.unexpected("SASLFinal"))?;
                     client.finish(data).map_err(|e| {
-                        SessionError::UpstreamLogin(format!(
+                        LoginError::Refused(format!(
                             "the {} store's SCRAM signature is invalid: {e}",
                             self.store_name()
                         ))
                     })?;
                 }
                 ServerMessage::Authentication(Authentication::Unsupported(code)) => {
-                    return Err(SessionError::UpstreamLogin(format!(
+                    return Err(LoginError::Refused(format!(
                         "the {} store asks for authentication method {code}, which the proxy does not support",
                         self.store_name()
                     )));
@@ -194,7 +210,7 @@ impl UpstreamTarget {
                 _ => continue,
             }
             if !out.is_empty() {
-                stream.write_all(&out).await.map_err(SessionError::UpstreamIo)?;
+                stream.write_all(&out).await.map_err(LoginError::Io)?;
             }
         }
 
@@ -202,8 +218,8 @@ impl UpstreamTarget {
         let mut greeting = BytesMut::with_capacity(1024);
         let mut cancel_key = None;
         loop {
-            let (tag, body) = read_frame(&mut stream, &mut buf, limits, Peer::Upstream).await?;
-            match backend::parse(tag, &body).map_err(SessionError::UpstreamProtocol)? {
+            let (tag, body) = read_frame(&mut stream, &mut buf, limits).await?;
+            match backend::parse(tag, &body).map_err(LoginError::Protocol)? {
                 ServerMessage::BackendKeyData { pid, secret } => {
                     cancel_key = Some(CancelKey {
                         pid,
@@ -232,9 +248,9 @@ impl UpstreamTarget {
         }))
     }
 
-    fn password(&self) -> Result<&str, SessionError> {
+    fn password(&self) -> Result<&str, LoginError> {
         self.url.password.as_deref().ok_or_else(|| {
-            SessionError::UpstreamLogin(format!(
+            LoginError::Refused(format!(
                 "the {} store asks for a password but {} has none",
                 self.store_name(),
                 self.url.redacted()
@@ -242,8 +258,8 @@ impl UpstreamTarget {
         })
     }
 
-    fn unexpected(&self, what: &str) -> SessionError {
-        SessionError::UpstreamLogin(format!("unexpected {what} from the {} store", self.store_name()))
+    fn unexpected(&self, what: &str) -> LoginError {
+        LoginError::Refused(format!("unexpected {what} from the {} store", self.store_name()))
     }
 }
 
@@ -256,16 +272,89 @@ fn reframe(tag: u8, body: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// Why a whole message could not be read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The socket failed or closed.
+    Io(std::io::Error),
+    /// The peer broke the protocol (a bad length, say).
+    Protocol(ProtocolError),
+}
+
+impl From<ReadError> for LoginError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Io(e) => LoginError::Io(e),
+            ReadError::Protocol(e) => LoginError::Protocol(e),
+        }
+    }
+}
+
+/// Reads one whole tagged message (from the server during login, from the client during its
+/// authentication) and returns its tag and body.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    limits: MessageLimits,
+) -> Result<(u8, Bytes), ReadError> {
+    loop {
+        let header = peek_header(buf, limits).map_err(ReadError::Protocol)?;
+        if let Some(h) = header {
+            if buf.len() >= h.frame_len {
+                let frame = buf.split_to(h.frame_len).freeze();
+                return Ok((h.tag, frame.slice(h.body_range())));
+            }
+            reserve_for_read(buf, h.frame_len - buf.len());
+        } else {
+            reserve_for_read(buf, 1024);
+        }
+        if rd.read_buf(buf).await.map_err(ReadError::Io)? == 0 {
+            return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+/// Makes sure `buf` has room for at least `want` more bytes without many small reads.
+pub fn reserve_for_read(buf: &mut BytesMut, want: usize) {
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want.max(8 * 1024));
+    }
+}
+
+/// Sends a CancelRequest for `key` on a new connection to the server at `addr`: the server
+/// interrupts the backend's current statement (if any) and sends nothing back.
+/// <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-CANCELING-REQUESTS>
+pub async fn send_cancel_request(addr: impl ToSocketAddrs, key: &CancelKey) -> std::io::Result<()> {
+    let mut out = BytesMut::with_capacity(16);
+    key.encode_request(&mut out);
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
+/// `TCP_NODELAY` (every message is a request or an answer someone waits for) and, with
+/// `keepalive`, TCP keepalives after that much idle time, so a peer that vanished is noticed.
+pub fn tune_socket(stream: &TcpStream, keepalive: Option<Duration>) {
+    let _ = stream.set_nodelay(true);
+    if let Some(idle) = keepalive {
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn target(store: Role, port: u16) -> UpstreamTarget {
+    fn target(store: Role, port: u16) -> WireTarget {
         let url = StoreUrl::parse(&format!("postgres://postgres@127.0.0.1:{port}/db")).unwrap();
-        UpstreamTarget { url, store }
+        WireTarget { url, store }
     }
 
-    async fn login_error(target: &UpstreamTarget) -> SessionError {
+    async fn login_error(target: &WireTarget) -> LoginError {
         match target
             .connect(196_608, &[], Duration::from_millis(300), None)
             .await

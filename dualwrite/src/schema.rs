@@ -128,7 +128,7 @@ impl Mirror {
     }
 
     /// Why table `table`'s mirror is held (OLD and NEW differ), if it is.
-    pub(crate) fn held(&self, table: usize) -> Option<String> {
+    pub fn held(&self, table: usize) -> Option<String> {
         self.shapes().tables.get(table).and_then(MirrorTable::mismatch)
     }
 

@@ -29,19 +29,71 @@ use switchyard_pgwire::frontend::{self as fe, ClientMessage, Target};
 use switchyard_pgwire::sqlstate;
 use switchyard_store::capture::{ImageOp, CAPTURE_SQLSTATE};
 use switchyard_store::mirror::ChangeOp;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::sql::{Analysis, Stmt, TxnOp};
 use super::stream::ImageStream;
 use super::Mirror;
 use crate::error::SessionError;
-use crate::session::relay::{RelayEnd, RelayParams};
-use crate::shutdown::{Shutdown, ShutdownState};
 
 /// Names of the statements and portals the proxy injects (PostgreSQL reserves nothing, so these
 /// are long and unlikely; they are closed again in the same batch).
 const INJECTED: &[u8] = b"__switchyard_injected";
+
+/// How a dual-write session ended without an I/O or protocol error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The client sent Terminate (already forwarded upstream).
+    ClientTerminated,
+    /// The client closed its socket.
+    ClientClosed,
+    /// The server closed the connection (after a FATAL, which was forwarded).
+    UpstreamClosed,
+    /// A drain found the session idle.
+    Drained,
+    /// Immediate shutdown or the drain deadline.
+    ShutdownNow,
+    /// The client was idle outside a transaction for too long.
+    IdleTimeout,
+}
+
+/// Whether the proxy running the session is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Serving.
+    Run,
+    /// End the session once it is idle, or after `grace` at the latest.
+    Drain {
+        /// How long a transaction in progress may still take.
+        grace: std::time::Duration,
+    },
+    /// End the session now.
+    Now,
+}
+
+/// What the session needs from the proxy that runs it: the stop signal and the metrics. The
+/// engine does no accounting of its own for these, so both relays feed the same instruments.
+pub trait SessionHost: Send {
+    /// The current stop state.
+    fn stop(&self) -> Stop;
+    /// Resolves once [`SessionHost::stop`] may have changed.
+    fn stop_changed(&mut self) -> impl std::future::Future<Output = ()> + Send;
+    /// A message from the client (`tag`, `body` without the header), before it is processed.
+    fn client_message(&mut self, tag: u8, body: &[u8]);
+    /// Every request sent so far is answered.
+    fn answered(&mut self);
+    /// The authoritative store answered a statement with an error.
+    fn statement_error(&mut self);
+}
+
+/// Settings of one session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionParams {
+    /// Size limits of client messages.
+    pub limits: MessageLimits,
+    /// End the session after this long idle outside a transaction.
+    pub idle_timeout: Option<std::time::Duration>,
+}
 
 /// What the answers to one message sent upstream look like, and what the client sees of them.
 #[derive(Debug)]
@@ -168,13 +220,15 @@ fn decode_image(
     Ok((index, op, image))
 }
 
-struct MirrorSession<'a> {
+struct MirrorSession<'a, R, W, H> {
     mirror: &'a Arc<Mirror>,
-    params: &'a RelayParams<'a>,
-    client_rd: &'a mut OwnedReadHalf,
-    client_wr: &'a mut OwnedWriteHalf,
-    up_rd: &'a mut OwnedReadHalf,
-    up_wr: &'a mut OwnedWriteHalf,
+    params: SessionParams,
+    client_rd: &'a mut R,
+    client_wr: &'a mut W,
+    up_rd: &'a mut R,
+    up_wr: &'a mut W,
+    /// The proxy's stop signal and metrics.
+    host: &'a mut H,
     client_buf: BytesMut,
     up_buf: BytesMut,
     to_client: BytesMut,
@@ -206,24 +260,29 @@ struct MirrorSession<'a> {
     /// autocommit write is open: the client hears CommandComplete only once both stores
     /// committed, as it would from PostgreSQL.
     hold_client: bool,
-    /// Statement counts and request latency, as the passthrough relay records them.
-    meter: crate::session::meter::RequestMeter,
 }
 
-/// Runs a session in dual-write mode until one side ends.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn relay(
+/// Runs a session in dual-write mode until one side ends: `client` is the client's connection
+/// (read and write halves, with what was already read from it in `client_buf`), `upstream` the
+/// logged-in connection to the authoritative store (likewise).
+pub async fn relay<R, W, H>(
     mirror: &Arc<Mirror>,
-    params: RelayParams<'_>,
-    client: (&mut OwnedReadHalf, &mut OwnedWriteHalf),
+    params: SessionParams,
+    client: (&mut R, &mut W),
     client_buf: BytesMut,
-    upstream: (&mut OwnedReadHalf, &mut OwnedWriteHalf),
+    upstream: (&mut R, &mut W),
     up_buf: BytesMut,
-    mut shutdown: Shutdown,
-) -> Result<RelayEnd, SessionError> {
+    host: &mut H,
+) -> Result<SessionEnd, SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+    H: SessionHost,
+{
     let mut s = MirrorSession {
         mirror,
-        params: &params,
+        params,
+        host,
         client_rd: client.0,
         client_wr: client.1,
         up_rd: upstream.0,
@@ -246,9 +305,8 @@ pub(crate) async fn relay(
         captured: Captured::default(),
         pending: None,
         hold_client: false,
-        meter: Default::default(),
     };
-    let result = s.run(&mut shutdown).await;
+    let result = s.run().await;
     if let Some(p) = s.pending.take() {
         // The session died inside the commit sequence: OLD's outcome is unknown here, the intent
         // (if OLD committed) is on OLD; let the repair loop decide.
@@ -258,8 +316,13 @@ pub(crate) async fn relay(
     result
 }
 
-impl MirrorSession<'_> {
-    async fn run(&mut self, shutdown: &mut Shutdown) -> Result<RelayEnd, SessionError> {
+impl<R, W, H> MirrorSession<'_, R, W, H>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+    H: SessionHost,
+{
+    async fn run(&mut self) -> Result<SessionEnd, SessionError> {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
             // Process every complete client message already buffered.
@@ -275,32 +338,31 @@ impl MirrorSession<'_> {
                         .await
                         .map_err(SessionError::UpstreamIo)?;
                     self.flush_client().await?;
-                    return Ok(RelayEnd::ClientTerminated);
+                    return Ok(SessionEnd::ClientTerminated);
                 }
                 if !switchyard_pgwire::frontend::is_known_tag(tag) {
                     return Err(SessionError::ClientProtocol(
                         switchyard_pgwire::ProtocolError::UnknownTag(tag),
                     ));
                 }
-                self.meter
-                    .client_message(tag, frame.get(5..).unwrap_or_default(), self.params.metrics);
+                self.host.client_message(tag, frame.get(5..).unwrap_or_default());
                 self.client_message(tag, frame).await?;
             }
             self.flush_upstream().await?;
             if self.flushed {
                 self.drain().await?;
-                self.meter.answered(self.params.metrics);
+                self.host.answered();
             }
             self.flush_client().await?;
             let idle = self.status == b'I' && self.expect.is_empty() && !self.in_block;
-            match shutdown.state() {
-                ShutdownState::Immediate => return Ok(RelayEnd::ShutdownNow),
-                ShutdownState::Draining { .. } if idle => return Ok(RelayEnd::Drained),
-                ShutdownState::Draining { grace } => {
+            match self.host.stop() {
+                Stop::Now => return Ok(SessionEnd::ShutdownNow),
+                Stop::Drain { .. } if idle => return Ok(SessionEnd::Drained),
+                Stop::Drain { grace } => {
                     // A transaction may finish within the grace period, then the session ends.
                     let deadline = *drain_deadline.get_or_insert_with(|| tokio::time::Instant::now() + grace);
                     if tokio::time::Instant::now() >= deadline {
-                        return Ok(RelayEnd::ShutdownNow);
+                        return Ok(SessionEnd::ShutdownNow);
                     }
                 }
                 _ => {}
@@ -311,29 +373,29 @@ impl MirrorSession<'_> {
             tokio::select! {
                 n = self.client_rd.read_buf(&mut self.client_buf) => {
                     if n.map_err(SessionError::ClientIo)? == 0 {
-                        return Ok(RelayEnd::ClientClosed);
+                        return Ok(SessionEnd::ClientClosed);
                     }
                 }
                 n = self.up_rd.read_buf(&mut self.up_buf) => {
                     if n.map_err(SessionError::UpstreamIo)? == 0 {
-                        return Ok(RelayEnd::UpstreamClosed);
+                        return Ok(SessionEnd::UpstreamClosed);
                     }
                     self.process_server_buffer().await?;
                     self.flush_client().await?;
                 }
-                _ = shutdown.changed_from(shutdown.state()) => {}
+                () = self.host.stop_changed() => {}
                 () = async {
                     match idle_timeout {
                         Some(d) => tokio::time::sleep(d).await,
                         None => std::future::pending().await,
                     }
-                } => return Ok(RelayEnd::IdleTimeout),
+                } => return Ok(SessionEnd::IdleTimeout),
                 () = async {
                     match drain_deadline {
                         Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
-                } => return Ok(RelayEnd::ShutdownNow),
+                } => return Ok(SessionEnd::ShutdownNow),
             }
         }
     }
@@ -1097,10 +1159,7 @@ impl MirrorSession<'_> {
     }
 
     async fn server_error(&mut self, frame: Bytes) -> Result<(), SessionError> {
-        self.params
-            .metrics
-            .counters
-            .error(crate::error::ErrorSource::Old, crate::error::ErrorKind::Statement);
+        self.host.statement_error();
         self.batch_failed = true;
         self.to_client.extend_from_slice(&frame);
         // The failing message's expectation ends here. In a simple Query the ReadyForQuery
