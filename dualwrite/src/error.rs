@@ -29,14 +29,16 @@ pub enum StartError {
         /// Why.
         source: StoreError,
     },
-    /// A configured table does not exist on OLD.
-    #[error("table {0} does not exist on OLD")]
-    MissingOnOld(String),
-    /// A configured table does not exist on NEW.
-    #[error("table {0} does not exist on NEW; create it there and run `switchyard prepare`")]
-    MissingOnNew(String),
+    /// A configured table does not exist on one of the stores.
+    #[error("table {table} does not exist on {store}; create it there and run `switchyard prepare`")]
+    MissingTable {
+        /// The table.
+        table: String,
+        /// `"OLD"` or `"NEW"`.
+        store: &'static str,
+    },
     /// The two definitions of a table differ in a way the mirror cannot bridge.
-    #[error("OLD and NEW differ; run `switchyard prepare` for the full report: {}", .0.join("; "))]
+    #[error("the stores' definitions differ; run `switchyard prepare` for the full report: {}", .0.join("; "))]
     Mismatch(Vec<String>),
     /// `switchyard prepare` has not created a side object.
     #[error("{what} is missing on {store}; run `switchyard prepare --config FILE` first")]
@@ -54,8 +56,9 @@ pub enum StartError {
         /// Why.
         source: sqlx::Error,
     },
-    /// OLD's functions (the writers the analyzer must know) could not be listed.
-    #[error("cannot list the functions on OLD: {0}")]
+    /// The authoritative store's functions (the writers the analyzer must know) could not be
+    /// listed.
+    #[error("cannot list the functions on the authoritative store: {0}")]
     Functions(sqlx::Error),
 }
 

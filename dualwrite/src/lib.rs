@@ -23,6 +23,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use switchyard_config::{Config, MirrorSettings, Phase, StoreUrl, TableSettings, UncapturedPolicy};
 use switchyard_store::capture as store_capture;
 use switchyard_store::mirror::{self as store_mirror, Change, ChangeOp, MirrorTable};
+use switchyard_store::Roles;
 use tokio::sync::mpsc;
 
 pub use error::{SessionError, StartError};
@@ -61,10 +62,13 @@ pub struct Mirror {
     /// The tables' current definitions and apply statements (`schema.rs`).
     shapes: TableShapes,
     pub(crate) policies: Vec<UncapturedPolicy>,
-    pub(crate) old: PgPool,
-    /// sqlx pool to NEW, for repairs and bookkeeping.
-    pub(crate) new: PgPool,
-    /// Wire-protocol connections to NEW for the mirrored transactions themselves.
+    /// Which store is authoritative and which follows (OLD and NEW before cutover).
+    pub roles: Roles,
+    /// sqlx pool to the authoritative store, for repairs and bookkeeping.
+    pub(crate) authoritative: PgPool,
+    /// sqlx pool to the follower, for repairs and bookkeeping.
+    pub(crate) follower: PgPool,
+    /// Wire-protocol connections to the follower for the mirrored transactions themselves.
     link: NewLink,
     pub(crate) settings: MirrorSettings,
     /// The statement that fires OLD's capture triggers before a mirrored commit
@@ -104,10 +108,11 @@ fn server_bound(limit: Duration) -> Duration {
 }
 
 impl Mirror {
-    /// Sets up mirroring for the tables in a mirrored phase; `None` when there are none (every
-    /// session then runs the plain passthrough relay). Fails when a table's schema cannot be
-    /// read, when `switchyard prepare` has not been run, or for phases not built yet.
-    pub async fn start(config: &Config) -> Result<Option<Arc<Mirror>>, StartError> {
+    /// Sets up mirroring for the tables in a mirrored phase, from the `roles.authoritative` store
+    /// to the `roles.follower`; `None` when there are none (every session then runs the plain
+    /// passthrough relay). Fails when a table's schema cannot be read, when `switchyard prepare`
+    /// has not been run for these roles, or for phases not built yet.
+    pub async fn start(config: &Config, roles: Roles) -> Result<Option<Arc<Mirror>>, StartError> {
         if let Some(t) = config
             .tables
             .iter()
@@ -127,10 +132,14 @@ impl Mirror {
             return Ok(None);
         }
         let settings = config.mirror.clone();
+        let (auth_url, follower_url) = (
+            &roles.authoritative.settings(config).url,
+            &roles.follower.settings(config).url,
+        );
         let old = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(settings.timeout.max(Duration::from_secs(5)))
-            .connect_lazy_with(connect_options(&config.old.url, "switchyard-repair"));
+            .connect_lazy_with(connect_options(auth_url, "switchyard-repair"));
         let new = PgPoolOptions::new()
             .max_connections(4)
             .min_connections(0)
@@ -138,7 +147,7 @@ impl Mirror {
             .idle_timeout(Duration::from_secs(60))
             .connect_lazy_with({
                 let bound = server_bound(repair_limit(&settings)).as_millis().to_string();
-                connect_options(&config.new.url, "switchyard-mirror")
+                connect_options(follower_url, "switchyard-mirror")
                     .options([("statement_timeout", &bound), ("lock_timeout", &bound)])
             });
 
@@ -153,14 +162,20 @@ impl Mirror {
             };
             let old_schema = switchyard_store::load_table(&old, &t.name)
                 .await
-                .map_err(|e| err("OLD", e))?
-                .ok_or_else(|| StartError::MissingOnOld(t.name.to_string()))?;
+                .map_err(|e| err(roles.authoritative.name(), e))?
+                .ok_or_else(|| StartError::MissingTable {
+                    table: t.name.to_string(),
+                    store: roles.authoritative.name(),
+                })?;
             let new_schema = switchyard_store::load_table(&new, &t.name)
                 .await
-                .map_err(|e| err("NEW", e))?
-                .ok_or_else(|| StartError::MissingOnNew(t.name.to_string()))?;
+                .map_err(|e| err(roles.follower.name(), e))?
+                .ok_or_else(|| StartError::MissingTable {
+                    table: t.name.to_string(),
+                    store: roles.follower.name(),
+                })?;
             let key = switchyard_store::effective_key(t, &old_schema);
-            let mismatches = switchyard_store::compare(&old_schema, &new_schema, &key);
+            let mismatches = switchyard_store::compare_in(roles, &old_schema, &new_schema, &key);
             if !mismatches.is_empty() {
                 return Err(StartError::Mismatch(
                     mismatches.iter().map(ToString::to_string).collect(),
@@ -170,7 +185,7 @@ impl Mirror {
             policies.push(t.on_uncaptured);
             tables.push(MirrorTable::new(t.name.clone(), key, &old_schema, &new_schema));
         }
-        check_prepared(&old, &new, &tables).await?;
+        check_prepared(roles, &old, &new, &tables).await?;
         let writers = writer_functions(&old, &names)
             .await
             .map_err(StartError::Functions)?;
@@ -179,7 +194,8 @@ impl Mirror {
         }
 
         let link = NewLink::new(
-            &config.new.url,
+            follower_url,
+            roles.follower,
             settings.pool_size,
             config
                 .proxy
@@ -201,8 +217,9 @@ impl Mirror {
             shapes: TableShapes::new(tables.clone()),
             tables,
             policies,
-            old,
-            new,
+            roles,
+            authoritative: old,
+            follower: new,
             link,
             settings,
             proxy_id: format!("{}-{:08x}", std::process::id(), rand::random::<u32>()),
@@ -238,9 +255,10 @@ impl Mirror {
         match e {
             LinkError::Statement { code, message } if store_mirror::schema_error(code) => {
                 tracing::warn!(
+                    store = self.roles.follower.name(),
                     error = %message,
                     code = %code,
-                    "NEW refused row images; the tables' definitions are read again and the transaction is left for repair"
+                    "the follower refused row images; the tables' definitions are read again and the transaction is left for repair"
                 );
                 self.mark_stale();
             }
@@ -249,7 +267,11 @@ impl Mirror {
     }
 
     fn new_failed(&self, why: &str) {
-        tracing::warn!(error = why, "NEW store failed; its writes are left for repair");
+        tracing::warn!(
+            store = self.roles.follower.name(),
+            error = why,
+            "the follower failed; its writes are left for repair"
+        );
         let until = self.now_ns() + Duration::from_secs(1).as_nanos() as u64;
         self.new_down_until.store(until, Relaxed);
     }
@@ -429,7 +451,7 @@ impl Mirror {
         let me = Arc::clone(self);
         tokio::spawn(async move {
             let reason = format!("{what} ran through the proxy and was not mirrored");
-            if let Err(e) = store_mirror::mark_for_verify(&me.old, &name, &reason).await {
+            if let Err(e) = store_mirror::mark_for_verify(&me.authoritative, &name, &reason).await {
                 tracing::warn!(table = %name, error = %e, "cannot mark the table for verification");
             } else {
                 tracing::warn!(table = %name, what, "write not mirrored; table marked for full verification");
@@ -543,7 +565,7 @@ async fn writer_refresh_loop(mirror: std::sync::Weak<Mirror>) {
         m.reread_all().await;
         let names: Vec<_> = m.tables.iter().map(|t| (t.name.clone(), t.key.clone())).collect();
         let mark = m.analyzer.writers_mark();
-        match writer_functions(&m.old, &names).await {
+        match writer_functions(&m.authoritative, &names).await {
             Ok(found) => {
                 let added = m.analyzer.set_writers(writer_set(&found), mark);
                 for w in found.iter().filter(|w| added.contains(&w.name)) {
@@ -562,7 +584,13 @@ fn set_in_use(slot: &Mutex<Option<switchyard_pgwire::startup::CancelKey>>, conn:
 }
 
 /// Refuses to start when `switchyard prepare` has not created the side objects.
-async fn check_prepared(old: &PgPool, new: &PgPool, tables: &[MirrorTable]) -> Result<(), StartError> {
+async fn check_prepared(
+    roles: Roles,
+    old: &PgPool,
+    new: &PgPool,
+    tables: &[MirrorTable],
+) -> Result<(), StartError> {
+    let (a, f) = (roles.authoritative.name(), roles.follower.name());
     let missing = |store: &'static str, what: String| StartError::NotPrepared { store, what };
     let exists = |pool: &PgPool, rel: String| {
         let pool = pool.clone();
@@ -576,17 +604,17 @@ async fn check_prepared(old: &PgPool, new: &PgPool, tables: &[MirrorTable]) -> R
     let unreachable = |store: &'static str, source: sqlx::Error| StartError::Unreachable { store, source };
     if exists(old, "switchyard.switchyard_intents".into())
         .await
-        .map_err(|e| unreachable("OLD", e))?
+        .map_err(|e| unreachable(a, e))?
         .is_none()
     {
-        return Err(missing("OLD", "switchyard.switchyard_intents".into()));
+        return Err(missing(a, "switchyard.switchyard_intents".into()));
     }
     if exists(new, "switchyard.switchyard_applied".into())
         .await
-        .map_err(|e| unreachable("NEW", e))?
+        .map_err(|e| unreachable(f, e))?
         .is_none()
     {
-        return Err(missing("NEW", "switchyard.switchyard_applied".into()));
+        return Err(missing(f, "switchyard.switchyard_applied".into()));
     }
     let names: Vec<String> = tables
         .iter()
@@ -596,10 +624,10 @@ async fn check_prepared(old: &PgPool, new: &PgPool, tables: &[MirrorTable]) -> R
         .bind(&names)
         .fetch_all(old)
         .await
-        .map_err(|e| unreachable("OLD", e))?;
+        .map_err(|e| unreachable(a, e))?;
     if !uncaptured.is_empty() {
         return Err(missing(
-            "OLD",
+            a,
             format!("the capture trigger of {}", uncaptured.join(", ")),
         ));
     }
@@ -607,10 +635,10 @@ async fn check_prepared(old: &PgPool, new: &PgPool, tables: &[MirrorTable]) -> R
         let rel = switchyard_store::keys_table(&t.name);
         if exists(new, rel.clone())
             .await
-            .map_err(|e| unreachable("NEW", e))?
+            .map_err(|e| unreachable(f, e))?
             .is_none()
         {
-            return Err(missing("NEW", format!("{rel} (key records of {})", t.name)));
+            return Err(missing(f, format!("{rel} (key records of {})", t.name)));
         }
     }
     Ok(())
@@ -628,13 +656,13 @@ async fn cleanup_loop(mirror: std::sync::Weak<Mirror>, mut done: mpsc::Unbounded
         }
         let Some(m) = mirror.upgrade() else { return };
         // Async commits reach disk within three wal_writer_delay (200 ms by default).
-        let outcome = match store_mirror::durable_on_new(&m.new, &batch, Duration::from_secs(2)).await {
+        let outcome = match store_mirror::durable_on_new(&m.follower, &batch, Duration::from_secs(2)).await {
             Ok(Some(durable)) => {
                 let on_disk: std::collections::HashSet<i64> = durable.iter().copied().collect();
                 for id in batch.iter().filter(|id| !on_disk.contains(id)) {
                     m.note_failed(*id);
                 }
-                store_mirror::delete_intents(&m.old, &m.new, &durable)
+                store_mirror::delete_intents(&m.authoritative, &m.follower, &durable)
                     .await
                     .map(|()| true)
             }

@@ -22,17 +22,18 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use switchyard_store::wire::{send_cancel_request, LoginError, LoginOutcome, WireTarget};
+use switchyard_store::Role;
 
 /// Why NEW did not do what the mirror asked.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LinkError {
-    #[error("cannot connect to NEW: {0}")]
+    #[error("cannot connect to the follower: {0}")]
     Connect(String),
-    #[error("NEW connection failed: {0}")]
+    #[error("the follower's connection failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("NEW refused the statement: {message} (SQLSTATE {code})")]
+    #[error("the follower refused the statement: {message} (SQLSTATE {code})")]
     Statement { code: String, message: String },
-    #[error("NEW sent an unexpected message ({0})")]
+    #[error("the follower sent an unexpected message ({0})")]
     Protocol(&'static str),
 }
 
@@ -189,11 +190,17 @@ pub(crate) struct NewLink {
 impl NewLink {
     /// A pool of `size` connections to NEW at `url`; logins give up after `timeout`, and NEW
     /// itself ends any statement or lock wait after `statement_bound`.
-    pub(crate) fn new(url: &StoreUrl, size: u32, timeout: Duration, statement_bound: Duration) -> NewLink {
+    pub(crate) fn new(
+        url: &StoreUrl,
+        store: Role,
+        size: u32,
+        timeout: Duration,
+        statement_bound: Duration,
+    ) -> NewLink {
         NewLink {
             target: WireTarget {
                 url: url.clone(),
-                store: switchyard_store::Role::New,
+                store,
             },
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(size as usize)),
@@ -210,15 +217,17 @@ impl NewLink {
         let Some(key) = key else { return };
         let addr = (self.target.url.host.clone(), self.target.url.port);
         let limit = self.timeout;
+        let store = self.target.store.name();
         tokio::spawn(async move {
             match tokio::time::timeout(limit, send_cancel_request(addr, &key)).await {
-                Ok(Ok(())) => tracing::debug!(pid = key.pid, "cancelled an abandoned statement on NEW"),
+                Ok(Ok(())) => tracing::debug!(store, pid = key.pid, "cancelled an abandoned statement"),
                 Ok(Err(e)) => {
-                    tracing::warn!(pid = key.pid, error = %e, "cannot cancel an abandoned statement on NEW")
+                    tracing::warn!(store, pid = key.pid, error = %e, "cannot cancel an abandoned statement")
                 }
                 Err(_) => tracing::warn!(
+                    store,
                     pid = key.pid,
-                    "cannot cancel an abandoned statement on NEW: no connection"
+                    "cannot cancel an abandoned statement: no connection"
                 ),
             }
         });

@@ -99,7 +99,7 @@ async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreEr
     let mine: Vec<i64> = m.failed.lock().map(|f| f.clone()).unwrap_or_default();
     let skip = queue.skipped(Instant::now());
     let stale = m.settings.stale_intent.as_secs_f64();
-    let pending = repair::pending_intents(&m.old, &mine, &skip, stale, ROUND_SIZE).await?;
+    let pending = repair::pending_intents(&m.authoritative, &mine, &skip, stale, ROUND_SIZE).await?;
     let (mut repaired, mut failures, mut last_error) = (0u64, 0u32, None);
     for repair::PendingIntent { id, stored_bytes } in pending {
         // A large intent (a transaction that changed many rows) takes longer: the limit grows
@@ -109,7 +109,7 @@ async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreEr
         let shapes = m.shapes();
         let error = match tokio::time::timeout(
             limit,
-            repair::repair_intent(&m.old, &m.new, &shapes.tables, id),
+            repair::repair_intent(&m.authoritative, &m.follower, &shapes.tables, id),
         )
         .await
         {
@@ -192,18 +192,18 @@ async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreEr
     // Forget intents that are gone (OLD rolled back, or another proxy repaired them).
     let remembered: Vec<i64> = mine.iter().copied().chain(queue.remembered()).collect();
     if !remembered.is_empty() {
-        let still = repair::existing_intents(&m.old, &remembered).await?;
+        let still = repair::existing_intents(&m.authoritative, &remembered).await?;
         if let Ok(mut f) = m.failed.lock() {
             f.retain(|x| still.contains(x) || !mine.contains(x));
         }
         queue.keep_only(&still);
     }
     // NEW answers again: let transactions mirror directly instead of leaving intents.
-    let ping = tokio::time::timeout(m.settings.timeout, sqlx::query("SELECT 1").execute(&m.new)).await;
+    let ping = tokio::time::timeout(m.settings.timeout, sqlx::query("SELECT 1").execute(&m.follower)).await;
     if matches!(ping, Ok(Ok(_))) {
         m.new_down_until.store(0, Relaxed);
     }
-    let n = repair::count_intents(&m.old).await?;
+    let n = repair::count_intents(&m.authoritative).await?;
     m.stats.pending_intents.store(n, Relaxed);
     Ok(())
 }

@@ -202,7 +202,7 @@ impl Mirror {
         if let Some(stale) = self.shapes.stale.get(table) {
             stale.store(false, Relaxed);
         }
-        let read = known.reload(&self.old, &self.new);
+        let read = known.reload(&self.authoritative, &self.follower);
         let fresh = match tokio::time::timeout(self.settings.timeout.max(Duration::from_secs(1)), read).await
         {
             Ok(Ok(fresh)) => fresh,

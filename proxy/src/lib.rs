@@ -24,6 +24,6 @@ mod state;
 mod session;
 
 pub use error::StartError;
-pub use server::{run, run_with_reload, Listeners};
+pub use server::{run, run_with_reload, run_with_roles, Listeners};
 pub use shutdown::{Shutdown, ShutdownState, ShutdownTrigger};
 pub use switchyard_dualwrite::MirrorStats;

@@ -15,6 +15,7 @@ use crate::session;
 use crate::shutdown::{Shutdown, ShutdownState};
 use crate::state::ProxyState;
 use switchyard_store::wire::tune_socket;
+use switchyard_store::Roles;
 
 /// The sockets a proxy serves, bound before [`run`] so tests can bind port 0 and read the port.
 #[derive(Debug)]
@@ -102,9 +103,34 @@ pub async fn run_with_reload(
     config: Arc<Config>,
     listeners: Listeners,
     shutdown: Shutdown,
+    reloads: watch::Receiver<Arc<Config>>,
+) -> Result<(), StartError> {
+    serve(config, Roles::OLD_AUTHORITATIVE, listeners, shutdown, reloads).await
+}
+
+/// Runs the proxy with the stores in `roles`: sessions log in to `roles.authoritative` and the
+/// dual-write engine mirrors to `roles.follower` (which `switchyard prepare` must have been run
+/// for, with `switchyard_store::prepare_in`). Every proxy today runs with OLD authoritative
+/// ([`run`]); cutover will switch the roles at run time. This entry point lets the engine's
+/// tests run with NEW authoritative meanwhile.
+pub async fn run_with_roles(
+    config: Arc<Config>,
+    roles: Roles,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> Result<(), StartError> {
+    let (_never, reloads) = watch::channel(Arc::clone(&config));
+    serve(config, roles, listeners, shutdown, reloads).await
+}
+
+async fn serve(
+    config: Arc<Config>,
+    roles: Roles,
+    listeners: Listeners,
+    shutdown: Shutdown,
     mut reloads: watch::Receiver<Arc<Config>>,
 ) -> Result<(), StartError> {
-    let state = Arc::new(ProxyState::build(config, shutdown.clone()).await?);
+    let state = Arc::new(ProxyState::build(config, roles, shutdown.clone()).await?);
     let admin = listeners
         .admin
         .map(|admin| tokio::spawn(crate::admin::serve(Arc::clone(&state), admin, shutdown.clone())));
@@ -135,7 +161,8 @@ pub async fn run_with_reload(
     tracing::info!(
         listen = ?addr,
         workers = workers.len(),
-        old = %state.upstream.url.redacted(),
+        authoritative = state.upstream.store.name(),
+        url = %state.upstream.url.redacted(),
         "proxy ready"
     );
     let mut result = Ok(());

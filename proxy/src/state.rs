@@ -12,7 +12,7 @@ use switchyard_config::{Config, Engine};
 use switchyard_dualwrite::Mirror;
 use switchyard_pgwire::frame::MessageLimits;
 use switchyard_store::wire::WireTarget;
-use switchyard_store::{Role, Store};
+use switchyard_store::{Role, Roles, Store};
 use tokio::sync::Semaphore;
 
 use crate::auth::ClientAuth;
@@ -45,7 +45,12 @@ pub(crate) struct ProxyState {
 impl ProxyState {
     /// Builds the state in one step: checks the stores' engines, sets up the metrics, starts the
     /// dual-write engine when some table is in a mirrored phase (and registers its figures).
-    pub(crate) async fn build(config: Arc<Config>, shutdown: Shutdown) -> Result<ProxyState, StartError> {
+    /// Sessions log in to `roles.authoritative`.
+    pub(crate) async fn build(
+        config: Arc<Config>,
+        roles: Roles,
+        shutdown: Shutdown,
+    ) -> Result<ProxyState, StartError> {
         for (role, url) in [("old", &config.old.url), ("new", &config.new.url)] {
             if url.engine != Engine::Postgres {
                 return Err(StartError::Unsupported(format!(
@@ -69,7 +74,7 @@ impl ProxyState {
         })
         .await
         .map_err(|e| StartError::Telemetry(e.to_string()))??;
-        let mirror = Mirror::start(&config).await?;
+        let mirror = Mirror::start(&config, roles).await?;
         if let Some(m) = &mirror {
             metrics.register_mirror(Arc::clone(&m.stats));
             tracing::info!(tables = m.tables.len(), "dual writes enabled");
@@ -77,8 +82,8 @@ impl ProxyState {
         Ok(ProxyState {
             client_auth: RwLock::new(Arc::new(client_auth)),
             upstream: WireTarget {
-                url: config.old.url.clone(),
-                store: Role::Old,
+                url: roles.authoritative.settings(&config).url.clone(),
+                store: roles.authoritative,
             },
             cancel: Arc::new(CancelRegistry::default()),
             metrics,

@@ -22,11 +22,11 @@ use std::time::Duration;
 use switchyard_config::{Engine, StoreUrl};
 
 pub use postgres::catalog::{
-    compare, effective_key, keys_table, keys_table_name, load_table, quote_ident, quote_table, Column,
-    Identity, Mismatch, TableSchema, SIDE_SCHEMA,
+    compare, compare_in, effective_key, keys_table, keys_table_name, load_table, quote_ident, quote_table,
+    Column, Identity, Mismatch, TableSchema, SIDE_SCHEMA,
 };
 pub use postgres::{connect_options, wire, PgStore};
-pub use prepare::{prepare, PrepareReport, PreparedTable};
+pub use prepare::{prepare, prepare_in, PrepareReport, PreparedTable};
 
 /// Which side of the migration a store is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,49 @@ impl Role {
             Role::New => "new",
         }
     }
+
+    /// `"OLD"` or `"NEW"`, as messages name the stores.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Old => "OLD",
+            Role::New => "NEW",
+        }
+    }
+
+    /// The store's settings in `config` (`[old]` or `[new]`).
+    pub fn settings(self, config: &switchyard_config::Config) -> &switchyard_config::StoreSettings {
+        match self {
+            Role::Old => &config.old,
+            Role::New => &config.new,
+        }
+    }
+}
+
+/// The two stores of a migration by what they do, not by their names. The authoritative store
+/// runs the clients' statements first, decides what committed, and holds the capture triggers
+/// and the intents; the follower receives the row images and holds the key records,
+/// tombstones and applied markers that fence them. Before cutover OLD is authoritative; from
+/// cutover NEW is, and OLD follows, so a rollback loses nothing. `Role` stays the config's name
+/// of each store, for messages and settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// Where clients' statements run and commits are decided.
+    pub authoritative: Role,
+    /// Where row images are mirrored to.
+    pub follower: Role,
+}
+
+impl Roles {
+    /// Before cutover: OLD authoritative, NEW following.
+    pub const OLD_AUTHORITATIVE: Roles = Roles {
+        authoritative: Role::Old,
+        follower: Role::New,
+    };
+    /// From cutover: NEW authoritative, OLD following.
+    pub const NEW_AUTHORITATIVE: Roles = Roles {
+        authoritative: Role::New,
+        follower: Role::Old,
+    };
 }
 
 /// A failure talking to a store.

@@ -25,10 +25,10 @@ use sqlx::AssertSqlSafe;
 use switchyard_config::{Phase, TableName, TableSettings};
 
 use crate::postgres::catalog::{
-    column_list, compare, effective_key, keys_table_name, load_table, quote_ident, Mismatch, TableSchema,
+    column_list, compare_in, effective_key, keys_table_name, load_table, quote_ident, Mismatch, TableSchema,
     SIDE_SCHEMA,
 };
-use crate::{Role, StoreError};
+use crate::{Role, Roles, StoreError};
 
 /// The per-table record on NEW listing every prepared table.
 pub const TABLES_TABLE: &str = "switchyard_tables";
@@ -90,15 +90,37 @@ pub async fn prepare(
     tables: &[TableSettings],
     apply: bool,
 ) -> Result<PrepareReport, StoreError> {
+    prepare_in(Roles::OLD_AUTHORITATIVE, old, new, tables, apply).await
+}
+
+/// [`prepare`] for stores in any roles: the capture triggers and intents go to the
+/// `authoritative` store, the key records and applied markers to the `follower` (at cutover NEW
+/// becomes authoritative and OLD follows). In the report, `old` is the authoritative store's
+/// definition and `new` the follower's.
+pub async fn prepare_in(
+    roles: Roles,
+    authoritative: &PgPool,
+    follower: &PgPool,
+    tables: &[TableSettings],
+    apply: bool,
+) -> Result<PrepareReport, StoreError> {
+    let (old, new) = (authoritative, follower);
     let mut report = PrepareReport::default();
     for settings in tables {
         let name = &settings.name;
-        let old_schema = load_table(old, name).await.map_err(|e| e.in_store(Role::Old))?;
-        let new_schema = load_table(new, name).await.map_err(|e| e.in_store(Role::New))?;
+        let old_schema = load_table(old, name)
+            .await
+            .map_err(|e| e.in_store(roles.authoritative))?;
+        let new_schema = load_table(new, name)
+            .await
+            .map_err(|e| e.in_store(roles.follower))?;
         let (old_schema, new_schema) = match (old_schema, new_schema) {
             (Some(o), Some(n)) => (o, n),
             (o, n) => {
-                for (store, missing) in [("OLD", o.is_none()), ("NEW", n.is_none())] {
+                for (store, missing) in [
+                    (roles.authoritative.name(), o.is_none()),
+                    (roles.follower.name(), n.is_none()),
+                ] {
                     if missing {
                         let problem = format!("table does not exist on {store}");
                         report.mismatches.push(Mismatch::new(name, problem));
@@ -108,7 +130,9 @@ pub async fn prepare(
             }
         };
         let key = effective_key(settings, &old_schema);
-        report.mismatches.extend(compare(&old_schema, &new_schema, &key));
+        report
+            .mismatches
+            .extend(compare_in(roles, &old_schema, &new_schema, &key));
         report.tables.push(PreparedTable {
             name: name.clone(),
             keys_table: (!key.is_empty()).then(|| keys_table_name(name)),
@@ -119,13 +143,13 @@ pub async fn prepare(
     }
     report.mismatches.extend(shared_keys_tables(&report.tables));
     for table in &report.tables {
-        if let Some(m) = stale_keys_table(new, table).await? {
+        if let Some(m) = stale_keys_table(new, roles.follower, table).await? {
             report.mismatches.push(m);
         }
     }
 
     if apply && report.is_ready() {
-        create_side_objects(new, Role::New, &new_side_ddl(&report.tables), &report.tables).await?;
+        create_side_objects(new, roles.follower, &new_side_ddl(&report.tables), &report.tables).await?;
         // READ COMMITTED whatever OLD's default: the capture boundary's snapshot must be taken
         // after the trigger's lock was granted, not at the transaction's first statement.
         let mut old_steps = vec![(
@@ -134,7 +158,7 @@ pub async fn prepare(
         )];
         old_steps.extend(old_side_ddl());
         old_steps.extend(capture_steps(tables, &report.tables));
-        create_side_objects(old, Role::Old, &old_steps, &[]).await?;
+        create_side_objects(old, roles.authoritative, &old_steps, &[]).await?;
     }
     Ok(report)
 }
@@ -211,15 +235,16 @@ fn keys_table_layout(table: &PreparedTable) -> Vec<(String, String)> {
 
 /// A mismatch when `table`'s keys table already exists on NEW with other columns or another
 /// primary key than it would be created with now.
-async fn stale_keys_table(new: &PgPool, table: &PreparedTable) -> Result<Option<Mismatch>, StoreError> {
+async fn stale_keys_table(
+    new: &PgPool,
+    role: Role,
+    table: &PreparedTable,
+) -> Result<Option<Mismatch>, StoreError> {
     let Some(keys_table) = &table.keys_table else {
         return Ok(None);
     };
     let side_name = TableName::new(SIDE_SCHEMA, keys_table.as_str());
-    let Some(existing) = load_table(new, &side_name)
-        .await
-        .map_err(|e| e.in_store(Role::New))?
-    else {
+    let Some(existing) = load_table(new, &side_name).await.map_err(|e| e.in_store(role))? else {
         return Ok(None);
     };
     let want = keys_table_layout(table);
@@ -240,9 +265,10 @@ async fn stale_keys_table(new: &PgPool, table: &PreparedTable) -> Result<Option<
     Ok(Some(Mismatch::new(
         &table.name,
         format!(
-            "keys table {side_name} already exists on NEW with columns ({}) and primary key ({}), but \
+            "keys table {side_name} already exists on {} with columns ({}) and primary key ({}), but \
              key ({}) needs columns ({}); it holds version records from an earlier prepare, so it is \
              left alone: restore the earlier key, or drop it before dual writes begin",
+            role.name(),
             show(&have),
             column_list(&existing.primary_key),
             column_list(&table.key),

@@ -17,7 +17,7 @@ use sqlx::postgres::{PgPool, PgRow};
 use sqlx::Row;
 use switchyard_config::{TableName, TableSettings};
 
-use crate::StoreError;
+use crate::{Roles, StoreError};
 
 /// The schema on both stores that holds Switchyard's own tables.
 pub const SIDE_SCHEMA: &str = "switchyard";
@@ -294,6 +294,14 @@ fn column_from_row(row: &PgRow) -> Result<Column, sqlx::Error> {
 /// Fine: extra columns on NEW that are nullable or get a value anyway; generated columns on
 /// NEW whose OLD column is generated too (mirroring skips them).
 pub fn compare(old: &TableSchema, new: &TableSchema, key: &[String]) -> Vec<Mismatch> {
+    compare_in(Roles::OLD_AUTHORITATIVE, old, new, key)
+}
+
+/// [`compare`] for stores in any roles: `source` is the authoritative store's definition (the
+/// rows come from there), `target` the follower's; messages name the stores by `roles`.
+pub fn compare_in(roles: Roles, source: &TableSchema, target: &TableSchema, key: &[String]) -> Vec<Mismatch> {
+    let (old, new) = (source, target);
+    let (a, f) = (roles.authoritative.name(), roles.follower.name());
     let table = &old.name;
     let mut out = Vec::new();
     let mut problem = |text: String| out.push(Mismatch::new(table, text));
@@ -302,28 +310,28 @@ pub fn compare(old: &TableSchema, new: &TableSchema, key: &[String]) -> Vec<Mism
         let Some(n) = new.column(&o.name) else {
             // A missing key column gets the more specific message below.
             if !key.contains(&o.name) {
-                problem(format!("column \"{}\" exists on OLD but not on NEW", o.name));
+                problem(format!("column \"{}\" exists on {a} but not on {f}", o.name));
             }
             continue;
         };
         if o.type_name != n.type_name {
             problem(format!(
-                "column \"{}\" has type {} on OLD and {} on NEW",
+                "column \"{}\" has type {} on {a} and {} on {f}",
                 o.name, o.type_name, n.type_name
             ));
         }
         if n.generated && !o.generated {
             problem(format!(
-                "column \"{}\" is generated on NEW but a plain column on OLD (NEW would compute its \
-                 own values instead of OLD's)",
+                "column \"{}\" is generated on {f} but a plain column on {a} ({f} would compute its \
+                 own values instead of {a}'s)",
                 o.name
             ));
         }
-        // For a key column, "nullable on OLD" below says it already.
+        // For a key column, "nullable on" the source below says it already.
         if n.not_null && !o.not_null && !n.generated && !key.contains(&o.name) {
             problem(format!(
-                "column \"{}\" is NOT NULL on NEW but nullable on OLD (rows with NULL there would \
-                 fail on NEW)",
+                "column \"{}\" is NOT NULL on {f} but nullable on {a} (rows with NULL there would \
+                 fail on {f})",
                 o.name
             ));
         }
@@ -332,7 +340,7 @@ pub fn compare(old: &TableSchema, new: &TableSchema, key: &[String]) -> Vec<Mism
     for n in &new.columns {
         if old.column(&n.name).is_none() && !n.filled_when_omitted() && !key.contains(&n.name) {
             problem(format!(
-                "column \"{}\" exists only on NEW and is NOT NULL without a default (mirrored inserts \
+                "column \"{}\" exists only on {f} and is NOT NULL without a default (mirrored inserts \
                  would fail)",
                 n.name
             ));
@@ -341,20 +349,20 @@ pub fn compare(old: &TableSchema, new: &TableSchema, key: &[String]) -> Vec<Mism
 
     for k in key {
         match old.column(k) {
-            None => problem(format!("key column \"{k}\" does not exist on OLD")),
+            None => problem(format!("key column \"{k}\" does not exist on {a}")),
             Some(c) if !c.not_null => problem(format!(
-                "key column \"{k}\" is nullable on OLD (rows with a NULL key cannot be identified; \
+                "key column \"{k}\" is nullable on {a} (rows with a NULL key cannot be identified; \
                  make it NOT NULL)"
             )),
             Some(_) => {}
         }
         if new.column(k).is_none() {
-            problem(format!("key column \"{k}\" does not exist on NEW"));
+            problem(format!("key column \"{k}\" does not exist on {f}"));
         }
     }
     if !key.is_empty() && !new.has_unique_key_on(key) {
         problem(format!(
-            "NEW has no primary key or unique index on exactly ({}) (mirrored writes need one for \
+            "{f} has no primary key or unique index on exactly ({}) (mirrored writes need one for \
              ON CONFLICT; it must be non-partial, on plain columns and not deferrable)",
             column_list(key)
         ));

@@ -76,14 +76,6 @@ pub enum LoginOutcome {
 }
 
 impl WireTarget {
-    /// `"OLD"` or `"NEW"`, as the messages name the store.
-    fn store_name(&self) -> &'static str {
-        match self.store {
-            Role::Old => "OLD",
-            Role::New => "NEW",
-        }
-    }
-
     /// Connects and logs in, forwarding the client's parameters.
     pub async fn connect(
         &self,
@@ -114,7 +106,7 @@ impl WireTarget {
             .map_err(|e| {
                 LoginError::Refused(format!(
                     "cannot connect to the {} store at {}: {e}",
-                    self.store_name(),
+                    self.store.name(),
                     url.redacted()
                 ))
             })?;
@@ -167,7 +159,7 @@ impl WireTarget {
                     if !mechanisms.contains(&"SCRAM-SHA-256") {
                         return Err(LoginError::Refused(format!(
                             "the {} store offers SASL mechanisms {mechanisms:?}; only SCRAM-SHA-256 is supported",
-                            self.store_name()
+                            self.store.name()
                         )));
                     }
                     let client = ScramSha256::new(self.password()?.as_bytes(), ChannelBinding::unsupported());
@@ -177,7 +169,7 @@ impl WireTarget {
                 ServerMessage::Authentication(Authentication::SaslContinue(data)) => {
                     let client = scram.as_mut().ok_or_else(|| self.unexpected("SASLContinue"))?;
                     client.update(data).map_err(|e| {
-                        LoginError::Refused(format!("SCRAM with the {} store: {e}", self.store_name()))
+                        LoginError::Refused(format!("SCRAM with the {} store: {e}", self.store.name()))
                     })?;
                     frontend::sasl_response(&mut out, client.message());
                 }
@@ -186,14 +178,14 @@ impl WireTarget {
                     client.finish(data).map_err(|e| {
                         LoginError::Refused(format!(
                             "the {} store's SCRAM signature is invalid: {e}",
-                            self.store_name()
+                            self.store.name()
                         ))
                     })?;
                 }
                 ServerMessage::Authentication(Authentication::Unsupported(code)) => {
                     return Err(LoginError::Refused(format!(
                         "the {} store asks for authentication method {code}, which the proxy does not support",
-                        self.store_name()
+                        self.store.name()
                     )));
                 }
                 ServerMessage::ErrorResponse(fields) => {
@@ -252,14 +244,14 @@ impl WireTarget {
         self.url.password.as_deref().ok_or_else(|| {
             LoginError::Refused(format!(
                 "the {} store asks for a password but {} has none",
-                self.store_name(),
+                self.store.name(),
                 self.url.redacted()
             ))
         })
     }
 
     fn unexpected(&self, what: &str) -> LoginError {
-        LoginError::Refused(format!("unexpected {what} from the {} store", self.store_name()))
+        LoginError::Refused(format!("unexpected {what} from the {} store", self.store.name()))
     }
 }
 
