@@ -12,9 +12,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use switchyard_store::mirror::schema_error;
 use switchyard_store::repair::{self, RepairOutcome};
-use switchyard_store::StoreError;
+use switchyard_store::{ErrorKind, StoreError};
 
 use super::Mirror;
 
@@ -157,7 +156,7 @@ async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreEr
                 }
                 continue;
             }
-            Ok(Err(e)) if e.sqlstate().is_some_and(|c| schema_error(&c)) => {
+            Ok(Err(e)) if e.kind() == ErrorKind::SchemaMismatch => {
                 // NEW refused the rows: its definitions may have changed. Not a store failure.
                 tracing::warn!(intent = id, error = %e, "repair refused by NEW; the tables' definitions are read again");
                 m.mark_stale();
