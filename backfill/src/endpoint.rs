@@ -6,7 +6,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::Connection as _;
 use switchyard_config::StoreUrl;
-use switchyard_store::StoreError;
+use switchyard_store::{ErrorKind, StoreError};
 
 use crate::BackfillError;
 
@@ -81,45 +81,15 @@ impl Endpoint {
     }
 }
 
-/// Whether a failure is worth another try on fresh connections: lost connections, server
-/// restarts, deadlocks (a mirrored transaction and a chunk can wait on each other's key) and
-/// serialization failures.
+/// Whether a failure is worth another try on fresh connections: what the store layer calls
+/// safe to retry (lost connections, server restarts, timeouts, lock timeouts, and deadlocks and
+/// serialization failures: a mirrored transaction and a chunk can wait on each other's key).
 pub fn retryable(error: &BackfillError) -> bool {
-    let BackfillError::Store(error) = error else {
-        return false;
-    };
-    let source = match error {
-        StoreError::Unavailable { .. } | StoreError::Timeout { .. } => return true,
-        StoreError::Query { source, .. } | StoreError::Catalog { source, .. } => source,
-        StoreError::UnsupportedEngine { .. } => return false,
-    };
-    match source {
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            // 40001 serialization_failure, 40P01 deadlock_detected, 55P03 lock_not_available,
-            // class 08 connection exceptions, 57P01..57P03 shutdown / cannot connect now.
-            // <https://www.postgresql.org/docs/current/errcodes-appendix.html>
-            matches!(&*code, "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03")
-                || code.starts_with("08")
-        }
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        _ => false,
-    }
+    matches!(error, BackfillError::Store(e) if e.retry_safe())
 }
 
-/// Whether an error is a unique violation (23505): on the fast path, a key got a record or a
-/// row between the range check and the COPY.
+/// Whether an error is a unique violation: on the fast path, a key got a record or a row
+/// between the range check and the COPY.
 pub fn unique_violation(error: &BackfillError) -> bool {
-    match error {
-        BackfillError::Store(StoreError::Query {
-            source: sqlx::Error::Database(db),
-            ..
-        }) => db.code().as_deref() == Some("23505"),
-        _ => false,
-    }
+    matches!(error, BackfillError::Store(e @ StoreError::Query { .. }) if e.kind() == ErrorKind::UniqueViolation)
 }

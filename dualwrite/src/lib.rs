@@ -23,7 +23,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use switchyard_config::{Config, MirrorSettings, Phase, StoreUrl, TableSettings, UncapturedPolicy};
 use switchyard_store::capture as store_capture;
 use switchyard_store::mirror::{self as store_mirror, Change, ChangeOp, MirrorTable};
-use switchyard_store::Roles;
+use switchyard_store::{ErrorKind, Roles};
 use tokio::sync::mpsc;
 
 pub use error::{SessionError, StartError};
@@ -253,7 +253,9 @@ impl Mirror {
     /// again before their next use; NEW itself is fine) or NEW failed.
     fn apply_failed(&self, e: &LinkError) {
         match e {
-            LinkError::Statement { code, message } if store_mirror::schema_error(code) => {
+            LinkError::Statement { code, message }
+                if ErrorKind::of_sqlstate(code) == ErrorKind::SchemaMismatch =>
+            {
                 tracing::warn!(
                     store = self.roles.follower.name(),
                     error = %message,

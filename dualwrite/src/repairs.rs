@@ -1,6 +1,7 @@
 //! The repair loop: re-copies the keys of intents whose NEW side failed or is in doubt
 //! (`switchyard_store::repair`), this proxy's own failed ones first, then anyone's older than
-//! `[mirror] stale_intent_secs`.
+//! `[mirror] stale_intent_secs`. That age is measured on OLD's clock, where every proxy reads
+//! it; the backoffs below run on tokio's clock (paused in the tests).
 //!
 //! Each intent that fails backs off on its own (1 s, doubling to a minute), so intents that keep
 //! failing at the head of the queue do not hold up the ones behind them; three failures in a
@@ -10,20 +11,43 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Weak;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use switchyard_store::mirror::schema_error;
 use switchyard_store::repair::{self, RepairOutcome};
-use switchyard_store::StoreError;
+use switchyard_store::{ErrorKind, StoreError};
+use tokio::time::Instant;
 
 use super::Mirror;
 
-/// First and longest wait before a failed intent is tried again.
-const INTENT_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
-/// First and longest extra wait of the whole loop while a store keeps failing.
-const LOOP_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(10));
+/// The wait before a failed intent is tried again.
+const INTENT_BACKOFF: Backoff = Backoff {
+    first: Duration::from_secs(1),
+    max: Duration::from_secs(60),
+};
+/// The extra wait of the whole loop while a store keeps failing.
+const LOOP_BACKOFF: Backoff = Backoff {
+    first: Duration::from_millis(250),
+    max: Duration::from_secs(10),
+};
 /// How many intents one round takes on.
 const ROUND_SIZE: i64 = 500;
+
+/// A wait that doubles with each failure in a row, from `first` up to `max`.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    first: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// The wait after `failures` failures in a row: none after none.
+    fn after(self, failures: u32) -> Duration {
+        match failures {
+            0 => Duration::ZERO,
+            n => self.first.saturating_mul(1 << (n - 1).min(16)).min(self.max),
+        }
+    }
+}
 
 /// What the loop remembers between rounds about intents it could not repair.
 #[derive(Default)]
@@ -48,11 +72,7 @@ impl RepairQueue {
     fn failed(&mut self, id: i64, now: Instant) {
         let entry = self.backoff.entry(id).or_insert((0, now));
         entry.0 = entry.0.saturating_add(1);
-        let wait = INTENT_BACKOFF
-            .0
-            .saturating_mul(1 << entry.0.saturating_sub(1).min(16))
-            .min(INTENT_BACKOFF.1);
-        entry.1 = now + wait;
+        entry.1 = now + INTENT_BACKOFF.after(entry.0);
     }
 
     fn remembered(&self) -> Vec<i64> {
@@ -73,21 +93,21 @@ impl RepairQueue {
 /// Runs repair rounds every `repair_interval` until the mirror is dropped, backing off while
 /// NEW (or OLD) keeps failing.
 pub(super) async fn repair_loop(mirror: Weak<Mirror>) {
-    let mut backoff = Duration::ZERO;
+    let mut failures = 0u32;
     let mut queue = RepairQueue::default();
     loop {
         let interval = match mirror.upgrade() {
             Some(m) => m.settings.repair_interval,
             None => return,
         };
-        tokio::time::sleep(interval + backoff).await;
+        tokio::time::sleep(interval + LOOP_BACKOFF.after(failures)).await;
         let Some(m) = mirror.upgrade() else { return };
         match repair_round(&m, &mut queue).await {
-            Ok(()) => backoff = Duration::ZERO,
+            Ok(()) => failures = 0,
             Err(e) => {
                 m.stats.repair_failures.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, "repair round failed; retrying with backoff");
-                backoff = (backoff * 2).clamp(LOOP_BACKOFF.0, LOOP_BACKOFF.1);
+                failures = failures.saturating_add(1);
             }
         }
     }
@@ -157,7 +177,7 @@ async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreEr
                 }
                 continue;
             }
-            Ok(Err(e)) if e.sqlstate().is_some_and(|c| schema_error(&c)) => {
+            Ok(Err(e)) if e.kind() == ErrorKind::SchemaMismatch => {
                 // NEW refused the rows: its definitions may have changed. Not a store failure.
                 tracing::warn!(intent = id, error = %e, "repair refused by NEW; the tables' definitions are read again");
                 m.mark_stale();
@@ -212,24 +232,70 @@ async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreEr
 mod tests {
     use super::*;
 
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
     #[test]
-    fn a_failing_intent_backs_off_longer_each_time_up_to_a_minute() {
-        let mut q = RepairQueue::default();
-        let t0 = Instant::now();
-        q.failed(7, t0);
-        assert_eq!(q.backoff[&7].1, t0 + Duration::from_secs(1));
-        q.failed(7, t0);
-        assert_eq!(q.backoff[&7].1, t0 + Duration::from_secs(2));
-        for _ in 0..40 {
-            q.failed(7, t0);
-        }
-        assert_eq!(q.backoff[&7].1, t0 + Duration::from_secs(60));
-        q.unmirrored.insert(9);
-        let mut skipped = q.skipped(t0);
+    fn backoff_doubles_from_its_first_wait_up_to_its_cap() {
+        let waits: Vec<Duration> = (0..9).map(|n| LOOP_BACKOFF.after(n)).collect();
+        let ms = Duration::from_millis;
+        assert_eq!(
+            waits,
+            [
+                Duration::ZERO,
+                ms(250),
+                ms(500),
+                secs(1),
+                secs(2),
+                secs(4),
+                secs(8),
+                secs(10),
+                secs(10)
+            ]
+        );
+        assert_eq!(INTENT_BACKOFF.after(1), secs(1));
+        assert_eq!(INTENT_BACKOFF.after(6), secs(32));
+        assert_eq!(INTENT_BACKOFF.after(7), secs(60));
+        assert_eq!(INTENT_BACKOFF.after(u32::MAX), secs(60));
+    }
+
+    /// The intents skipped now, in order.
+    fn skipped_now(q: &RepairQueue) -> Vec<i64> {
+        let mut skipped = q.skipped(Instant::now());
         skipped.sort_unstable();
-        assert_eq!(skipped, vec![7, 9]);
-        assert_eq!(q.skipped(t0 + Duration::from_secs(61)), vec![9]);
+        skipped
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_intent_is_skipped_longer_each_time_up_to_a_minute() {
+        let mut q = RepairQueue::default();
+        q.unmirrored.insert(9);
+        for wait in [1, 2, 4, 8, 16, 32, 60, 60, 60] {
+            q.failed(7, Instant::now());
+            tokio::time::advance(secs(wait) - Duration::from_millis(1)).await;
+            assert_eq!(skipped_now(&q), [7, 9], "still waiting out {wait} s");
+            tokio::time::advance(Duration::from_millis(1)).await;
+            assert_eq!(skipped_now(&q), [9], "{wait} s are over");
+        }
         q.keep_only(&HashSet::from([9]));
         assert!(q.backoff.is_empty());
+        assert_eq!(q.remembered(), [9]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_intent_backs_off_on_its_own() {
+        let mut q = RepairQueue::default();
+        q.failed(1, Instant::now());
+        q.failed(1, Instant::now());
+        q.failed(2, Instant::now());
+        tokio::time::advance(secs(1)).await;
+        assert_eq!(
+            skipped_now(&q),
+            [1],
+            "the second failure of 1 waits 2 s, 2 waits 1 s"
+        );
+        tokio::time::advance(secs(1)).await;
+        assert!(skipped_now(&q).is_empty());
     }
 }

@@ -13,7 +13,7 @@
 //!   trigger events in the same transaction, so all images of one table in one capture have one
 //!   shape.)
 //! - **NEW's errors.** NEW rejecting an apply with an error a changed definition explains
-//!   (`switchyard_store::mirror::schema_error`: a column gone, a type changed) marks every
+//!   (`switchyard_store::ErrorKind::SchemaMismatch`: a column gone, a type changed) marks every
 //!   table for a re-read before its next use.
 //! - **A periodic re-read** every `[mirror] function_refresh_secs` (with OLD's writer
 //!   functions), for what neither shows: a column type changed on OLD whose values NEW still

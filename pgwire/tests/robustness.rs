@@ -76,6 +76,9 @@ fn check_all(data: &[u8]) {
         checks::check_stream(data, limits, checks::check_frontend_message);
         checks::check_stream(data, limits, checks::check_backend_message);
     }
+    checks::check_take_frame_input(data);
+    checks::check_error_body(data);
+    checks::check_command_tag(data);
 }
 
 fn random_bytes(rng: &mut TestRng, max_len: usize) -> Vec<u8> {
@@ -214,6 +217,9 @@ fn seeded_random_inputs() {
         for limits in all_limits() {
             frames += checks::check_stream(&stream, limits, checks::check_frontend_message);
             checks::check_stream(&stream, limits, checks::check_backend_message);
+        }
+        for limits in checks::take_frame_limits() {
+            checks::check_take_frame(&stream, limits, rng.gen_range(1..=64));
         }
         checks::check_startup(&random_startup(&mut rng));
         assert!(checks::check_scram_input(&secret, &random_scram(&mut rng)).is_none());
@@ -535,6 +541,9 @@ fn run_fuzz_input(target: &str, data: &[u8]) {
         "scram_exchange" => {
             assert!(checks::check_scram_input(&checks::scram_secret(), data).is_none());
         }
+        "take_frame" => checks::check_take_frame_input(data),
+        "error_fields" => checks::check_error_body(data),
+        "command_tag" => checks::check_command_tag(data),
         other => panic!("no fuzz target named {other}"),
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod backfill_state;
 pub mod capture;
+mod error;
 pub mod intent;
 pub mod mirror;
 mod postgres;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use switchyard_config::{Engine, StoreUrl};
 
+pub use error::{ErrorKind, StoreError};
 pub use postgres::catalog::{
     compare, compare_in, effective_key, keys_table, keys_table_name, load_table, quote_ident, quote_table,
     Column, Identity, Mismatch, TableSchema, SIDE_SCHEMA,
@@ -88,105 +90,6 @@ impl Roles {
         authoritative: Role::New,
         follower: Role::Old,
     };
-}
-
-/// A failure talking to a store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The engine named by the URL is not implemented in this build.
-    #[error("{role} store: {engine} is not supported yet (PostgreSQL only for now)")]
-    UnsupportedEngine {
-        /// Which store.
-        role: &'static str,
-        /// The engine asked for.
-        engine: &'static str,
-    },
-    /// The store could not be reached or refused us.
-    #[error("{role} store {url}: {source}")]
-    Unavailable {
-        /// Which store.
-        role: &'static str,
-        /// Redacted URL.
-        url: String,
-        /// The driver's error.
-        source: sqlx::Error,
-    },
-    /// The store did not answer in time.
-    #[error("{role} store {url}: no answer within {timeout:?}")]
-    Timeout {
-        /// Which store.
-        role: &'static str,
-        /// Redacted URL.
-        url: String,
-        /// The limit.
-        timeout: Duration,
-    },
-    /// Reading a table's definition from the system catalogs failed ([`load_table`], which does
-    /// not know which store it was given; callers that do turn this into [`StoreError::Query`]).
-    #[error("reading the catalog entry of {table}: {}", describe(.source))]
-    Catalog {
-        /// The table, `schema.table`.
-        table: String,
-        /// The driver's error.
-        source: sqlx::Error,
-    },
-    /// A statement failed on a store (or the store could not be reached to run it).
-    #[error("{role} store: {action}: {}", describe(.source))]
-    Query {
-        /// Which store.
-        role: &'static str,
-        /// What the statement was doing, e.g. `creating switchyard.switchyard_tables`.
-        action: String,
-        /// The driver's error.
-        source: sqlx::Error,
-    },
-}
-
-/// A driver error for people: a server error as its message, SQLSTATE, detail and hint (sqlx's
-/// own `Display` appends the line of PostgreSQL's C source that raised it, which reads like a
-/// line of the statement); anything else as sqlx words it.
-fn describe(error: &sqlx::Error) -> String {
-    let Some(db) = error.as_database_error() else {
-        return error.to_string();
-    };
-    let mut text = db.message().to_owned();
-    if let Some(code) = db.code() {
-        text.push_str(&format!(" (SQLSTATE {code})"));
-    }
-    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-        for (label, value) in [("detail", pg.detail()), ("hint", pg.hint())] {
-            if let Some(value) = value {
-                text.push_str(&format!("; {label}: {value}"));
-            }
-        }
-    }
-    text
-}
-
-impl StoreError {
-    /// The SQLSTATE of the server error behind this one, if a server raised it.
-    pub fn sqlstate(&self) -> Option<String> {
-        match self {
-            StoreError::Query { source, .. }
-            | StoreError::Catalog { source, .. }
-            | StoreError::Unavailable { source, .. } => {
-                source.as_database_error()?.code().map(|c| c.into_owned())
-            }
-            _ => None,
-        }
-    }
-
-    /// Names the store a [`StoreError::Catalog`] came from; other errors are returned as they are.
-    pub fn in_store(self, role: Role) -> StoreError {
-        match self {
-            StoreError::Catalog { table, source } => StoreError::Query {
-                role: role.as_str(),
-                action: format!("reading the catalog entry of {table}"),
-                source,
-            },
-            other => other,
-        }
-    }
 }
 
 /// One store, whatever its engine.

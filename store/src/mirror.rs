@@ -246,17 +246,6 @@ impl MirrorTable {
     }
 }
 
-/// Whether an error with SQLSTATE `code`, raised by NEW while it applied row images, may come
-/// from a table definition that changed since the apply statements were built: a column or
-/// table gone (class 42, syntax error or access rule violation), a plan whose row type changed
-/// (`0A000`), a `NOT NULL` column only NEW has (`23502`), a value NEW's column type no longer
-/// takes (class 22, data exception). The caller reads the definitions again; nothing is lost
-/// when the guess is wrong but a catalog read.
-/// <https://www.postgresql.org/docs/current/errcodes-appendix.html>
-pub fn schema_error(code: &str) -> bool {
-    code.starts_with("42") || code.starts_with("22") || code == "0A000" || code == "23502"
-}
-
 /// Reads a JSON object's keys and answers whether they are exactly the given columns, in order.
 struct ColumnsSeen<'a>(&'a [String]);
 
@@ -502,7 +491,7 @@ pub async fn mark_for_verify(old: &PgPool, table: &TableName, reason: &str) -> R
 
 #[cfg(test)]
 mod tests {
-    use super::{escape_literal, schema_error, takes_fence_lock, Change, ChangeOp, MirrorTable};
+    use super::{escape_literal, takes_fence_lock, Change, ChangeOp, MirrorTable};
     use crate::{Column, TableSchema};
     use switchyard_config::TableName;
 
@@ -562,8 +551,6 @@ mod tests {
             .mismatch()
             .is_some_and(|m| m.contains("\"note\" exists on OLD but not on NEW")));
         assert!(table(&["id", "v"], &["id", "v", "note"]).mismatch().is_none());
-        assert!(schema_error("42703") && schema_error("22P02") && schema_error("0A000"));
-        assert!(!schema_error("40001") && !schema_error("57014"));
     }
 
     #[test]

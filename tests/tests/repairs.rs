@@ -339,3 +339,37 @@ async fn repairs_remove_their_applied_markers() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+/// When an intent counts as stale: its age is read on OLD's clock (`created_at` is OLD's
+/// `clock_timestamp()` at the intent's insert, and every proxy must agree on it), so this is
+/// checked with planted ages rather than with the proxy's clock or sleeps. Anyone's intent older
+/// than `stale_intent_secs` is listed for repair, oldest first; a younger one only when it is
+/// this proxy's own failed one; intents backing off are left out.
+#[tokio::test]
+async fn an_intent_is_stale_once_older_than_stale_intent_secs_on_olds_clock() -> anyhow::Result<()> {
+    use switchyard_store::repair::pending_intents;
+
+    let env = DualEnv::new("stale_intents", KV, vec![DualTable::new("kv")]).await?;
+    env.old
+        .execute_batch(
+            "INSERT INTO switchyard.switchyard_intents (id, created_at, proxy, changes) VALUES \
+             (1, clock_timestamp() - interval '1 hour', 'gone', '[]'), \
+             (2, clock_timestamp() - interval '30 seconds', 'gone', '[]'), \
+             (3, clock_timestamp(), 'this one', '[]')",
+        )
+        .await?;
+    let old = sqlx::PgPool::connect(env.old.url()).await?;
+    let listed = |mine: &'static [i64], skip: &'static [i64], stale_secs: f64| {
+        let old = old.clone();
+        async move {
+            let pending = pending_intents(&old, mine, skip, stale_secs, 100).await?;
+            anyhow::Ok(pending.iter().map(|p| p.id).collect::<Vec<i64>>())
+        }
+    };
+    assert_eq!(listed(&[], &[], 3600.0 * 2.0).await?, Vec::<i64>::new());
+    assert_eq!(listed(&[], &[], 60.0).await?, [1]);
+    assert_eq!(listed(&[], &[], 10.0).await?, [1, 2]);
+    assert_eq!(listed(&[3], &[], 10.0).await?, [1, 2, 3]);
+    assert_eq!(listed(&[3], &[1], 10.0).await?, [2, 3]);
+    Ok(())
+}

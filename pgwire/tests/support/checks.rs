@@ -9,7 +9,7 @@
 use bytes::BytesMut;
 use switchyard_pgwire::auth::{verify_md5_response, Md5Source, ScramError, ScramSecret, ScramServer};
 use switchyard_pgwire::backend::{self, Authentication, ErrorFields, ServerMessage};
-use switchyard_pgwire::frame::{peek_header, FrameHeader, Frames, MessageLimits};
+use switchyard_pgwire::frame::{peek_header, take_frame, FrameHeader, Frames, MessageLimits};
 use switchyard_pgwire::frontend::{self, ClientMessage, Target};
 use switchyard_pgwire::startup::{self, StartupPacket, MAX_STARTUP_PACKET_LEN};
 use switchyard_pgwire::ProtocolError;
@@ -217,6 +217,128 @@ fn frame_items(data: &[u8], limits: MessageLimits) -> Vec<FrameItem<'_>> {
         }
     }
     items
+}
+
+/// The limits [`check_take_frame_input`] picks from: a small cap that random input exceeds, the
+/// one cap for server messages, and a client's default.
+pub fn take_frame_limits() -> [MessageLimits; 3] {
+    [SMALL_LIMITS, MessageLimits::SERVER, MessageLimits::default()]
+}
+
+/// A `take_frame` fuzz input: the first byte picks the limits ([`take_frame_limits`]) and the
+/// size of the pieces the stream arrives in (1 to 85 bytes); the rest is the stream.
+pub fn check_take_frame_input(data: &[u8]) {
+    let Some((&pick, stream)) = data.split_first() else {
+        return;
+    };
+    let choices = take_frame_limits();
+    let limits = choices[usize::from(pick) % choices.len()];
+    check_take_frame(stream, limits, usize::from(pick) / choices.len() + 1);
+}
+
+/// Feeds `stream` to `take_frame` `piece` bytes at a time, as reads would, taking every frame
+/// after each piece. It must take exactly the frames `Frames` finds in the whole stream, in
+/// order and as their bytes came, fail where `Frames` fails, leave the buffer as it was when it
+/// takes nothing, and have room reserved for the rest of a frame it waits for.
+pub fn check_take_frame(stream: &[u8], limits: MessageLimits, piece: usize) {
+    let mut expected = frame_items(stream, limits).into_iter();
+    let mut buf = BytesMut::new();
+    let (mut fed, mut taken) = (0, 0);
+    'feed: for chunk in stream.chunks(piece.max(1)) {
+        buf.extend_from_slice(chunk);
+        fed += chunk.len();
+        loop {
+            let before = buf.clone();
+            match take_frame(&mut buf, limits) {
+                Ok(Some(frame)) => {
+                    let Some(Ok((h, body))) = expected.next() else {
+                        panic!("take_frame took a frame that Frames does not see");
+                    };
+                    assert_eq!(frame.tag, h.tag);
+                    assert_eq!(&frame.bytes[..], &stream[taken..taken + h.frame_len]);
+                    assert_eq!(&frame.body()[..], body);
+                    taken += h.frame_len;
+                    assert_eq!(&buf[..], &stream[taken..fed], "take_frame kept the wrong bytes");
+                }
+                Ok(None) => {
+                    assert_eq!(buf, before, "take_frame changed the buffer but took nothing");
+                    if let Ok(Some(h)) = peek_header(&buf, limits) {
+                        assert!(buf.len() < h.frame_len, "a whole frame was left in the buffer");
+                        assert!(buf.capacity() >= h.frame_len, "no room reserved for the frame");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    touch_error(&e);
+                    assert_eq!(
+                        expected.next(),
+                        Some(Err(e)),
+                        "take_frame and Frames fail differently"
+                    );
+                    assert_eq!(buf, before, "take_frame changed the buffer and failed");
+                    break 'feed;
+                }
+            }
+        }
+    }
+    if let Some(item) = expected.next() {
+        // Everything Frames found lies within the bytes fed, so take_frame had it in its buffer.
+        panic!("take_frame stopped before {item:?}");
+    }
+}
+
+/// `backend::error_fields` on any body, well formed or not. Every field it returns is a
+/// `type value NUL` run of the body starting at the body's start or after a NUL; the fields of
+/// a prefix are those of the whole; on a body `backend::parse` accepts, it agrees with it.
+pub fn check_error_body(body: &[u8]) {
+    let fields = backend::error_fields(body);
+    check_error_fields(body, &fields);
+    for kind in 1..=255u8 {
+        let Some(value) = fields.get(kind) else {
+            continue;
+        };
+        let at = value.as_ptr() as usize - body.as_ptr() as usize;
+        assert!(
+            at >= 1 && body[at - 1] == kind,
+            "field {kind} not after its type byte"
+        );
+        assert!(
+            at == 1 || body[at - 2] == 0,
+            "field {kind} does not start a field"
+        );
+        assert_eq!(
+            body.get(at + value.len()),
+            Some(&0),
+            "field {kind} without its NUL"
+        );
+    }
+    let prefix = backend::error_fields(&body[..body.len() / 2]);
+    for kind in 1..=255u8 {
+        if let Some(value) = prefix.get(kind) {
+            assert_eq!(
+                fields.get(kind),
+                Some(value),
+                "a prefix has field {kind} differently"
+            );
+        }
+    }
+    if let Ok(ServerMessage::ErrorResponse(strict)) = backend::parse(b'E', body) {
+        assert_eq!(
+            strict, fields,
+            "error_fields and parse disagree on a well-formed body"
+        );
+    }
+}
+
+/// `backend::command_tag` on any body: the bytes before the first NUL, all of them without one.
+pub fn check_command_tag(body: &[u8]) {
+    let tag = backend::command_tag(body);
+    assert_eq!(tag.as_ptr(), body.as_ptr(), "the tag does not start the body");
+    assert!(!tag.contains(&0));
+    assert!(
+        tag.len() == body.len() || body[tag.len()] == 0,
+        "the tag stops before its NUL"
+    );
 }
 
 /// `frontend::parse` on one frame, plus the auth-phase body parsers.
