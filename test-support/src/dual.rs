@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use switchyard_config::{Config, Phase, TableName, TableSettings, UncapturedPolicy};
+use switchyard_store::{Role, Roles};
 
 use crate::{ProxyConfig, TestDb, TestProxy};
 
@@ -30,22 +31,60 @@ impl DualTable {
     }
 }
 
-/// OLD and NEW with the same tables, prepared for dual writes.
+/// OLD and NEW with the same tables, prepared for dual writes from the authoritative store
+/// (OLD unless a test swaps the roles) to the follower.
 pub struct DualEnv {
     pub old: TestDb,
     pub new: TestDb,
     pub tables: Vec<DualTable>,
+    /// Which store the proxies' sessions write first and which one follows.
+    pub roles: Roles,
 }
 
 impl DualEnv {
     /// Creates both databases, runs `schema` on each and prepares the tables.
     pub async fn new(label: &str, schema: &str, tables: Vec<DualTable>) -> anyhow::Result<DualEnv> {
+        Self::new_in(Roles::OLD_AUTHORITATIVE, label, schema, tables).await
+    }
+
+    /// Like [`DualEnv::new`] with the stores in `roles`: with
+    /// [`Roles::NEW_AUTHORITATIVE`], NEW gets the capture triggers and intents, OLD the key
+    /// records, and the proxies of [`DualEnv::proxy`] log in to NEW and mirror to OLD.
+    pub async fn new_in(
+        roles: Roles,
+        label: &str,
+        schema: &str,
+        tables: Vec<DualTable>,
+    ) -> anyhow::Result<DualEnv> {
         let (old, new) = TestDb::create_pair(label).await?;
         old.execute_batch(schema).await?;
         new.execute_batch(schema).await?;
-        let env = DualEnv { old, new, tables };
+        let env = DualEnv {
+            old,
+            new,
+            tables,
+            roles,
+        };
         env.prepare().await?;
         Ok(env)
+    }
+
+    /// The database of `role`.
+    pub fn db(&self, role: Role) -> &TestDb {
+        match role {
+            Role::Old => &self.old,
+            Role::New => &self.new,
+        }
+    }
+
+    /// The authoritative store's database (OLD unless the roles are swapped).
+    pub fn authoritative(&self) -> &TestDb {
+        self.db(self.roles.authoritative)
+    }
+
+    /// The follower's database (NEW unless the roles are swapped).
+    pub fn follower(&self) -> &TestDb {
+        self.db(self.roles.follower)
     }
 
     /// Like [`DualEnv::new`], with `old_rows` (SQL batches, each run on its own, so `VACUUM` may
@@ -64,7 +103,12 @@ impl DualEnv {
         for batch in old_rows {
             old.execute_batch(batch).await?;
         }
-        let env = DualEnv { old, new, tables };
+        let env = DualEnv {
+            old,
+            new,
+            tables,
+            roles: Roles::OLD_AUTHORITATIVE,
+        };
         env.prepare().await?;
         Ok(env)
     }
@@ -82,7 +126,12 @@ impl DualEnv {
         let new = TestDb::create_at(new_admin_url, &format!("{label}_new")).await?;
         old.execute_batch(schema).await?;
         new.execute_batch(schema).await?;
-        let env = DualEnv { old, new, tables };
+        let env = DualEnv {
+            old,
+            new,
+            tables,
+            roles: Roles::OLD_AUTHORITATIVE,
+        };
         env.prepare().await?;
         Ok(env)
     }
@@ -90,29 +139,20 @@ impl DualEnv {
     /// Wraps two databases a test filled itself (for example with `pgbench -i`, which makes the
     /// same rows on both) and prepares the tables.
     pub async fn from_dbs(old: TestDb, new: TestDb, tables: Vec<DualTable>) -> anyhow::Result<DualEnv> {
-        let env = DualEnv { old, new, tables };
+        let env = DualEnv {
+            old,
+            new,
+            tables,
+            roles: Roles::OLD_AUTHORITATIVE,
+        };
         env.prepare().await?;
         Ok(env)
     }
 
-    /// NEW's URL with its host and port replaced by `addr` (a [`crate::FaultProxy`] in front of
-    /// NEW's server), same user and database.
-    pub fn new_url_via(&self, addr: std::net::SocketAddr) -> String {
-        let url = self.new.url();
-        let rest = url.split_once("://").map_or(url, |(_, r)| r);
-        let user = rest.split_once('@').map_or("postgres", |(u, _)| u);
-        format!("postgres://{user}@{addr}/{}", self.new.name())
-    }
-
-    /// `127.0.0.1:port` of NEW's server (to put a [`crate::FaultProxy`] in front of it).
-    pub fn new_server(&self) -> std::net::SocketAddr {
-        crate::server_of(self.new.url())
-    }
-
     /// A proxy config as [`DualEnv::proxy_config_via`] with a `[mirror]` section, e.g.
     /// `&[("timeout_ms", 500), ("repair_interval_ms", 200), ("stale_intent_secs", 5)]`.
-    pub fn proxy_config_with_mirror(&self, new_url: &str, mirror: &[(&str, u64)]) -> ProxyConfig {
-        let mut cfg = self.proxy_config_via(new_url);
+    pub fn proxy_config_with_mirror(&self, follower_url: &str, mirror: &[(&str, u64)]) -> ProxyConfig {
+        let mut cfg = self.proxy_config_via(follower_url);
         let mut section = String::from("[mirror]\n");
         for (key, value) in mirror {
             section.push_str(&format!("{key} = {value}\n"));
@@ -155,19 +195,24 @@ impl DualEnv {
 
     /// Runs `switchyard prepare` (the library call) and fails on any mismatch.
     pub async fn prepare(&self) -> anyhow::Result<()> {
-        let old = sqlx::PgPool::connect(self.old.url()).await?;
-        let new = sqlx::PgPool::connect(self.new.url()).await?;
-        let report = switchyard_store::prepare(&old, &new, &self.settings()?, true).await?;
+        let authoritative = sqlx::PgPool::connect(self.authoritative().url()).await?;
+        let follower = sqlx::PgPool::connect(self.follower().url()).await?;
+        let report =
+            switchyard_store::prepare_in(self.roles, &authoritative, &follower, &self.settings()?, true)
+                .await?;
         anyhow::ensure!(report.mismatches.is_empty(), "prepare: {:?}", report.mismatches);
-        old.close().await;
-        new.close().await;
+        authoritative.close().await;
+        follower.close().await;
         Ok(())
     }
 
-    /// A proxy config with every table in `dual_write` and NEW reached at `new_url` (a fault
-    /// injector in front of NEW, for example).
-    pub fn proxy_config_via(&self, new_url: &str) -> ProxyConfig {
-        let mut cfg = ProxyConfig::passthrough(self.old.url(), new_url);
+    /// A proxy config with every table in `dual_write` and the follower (NEW unless the roles
+    /// are swapped) reached at `follower_url` (a fault injector in front of it, for example).
+    pub fn proxy_config_via(&self, follower_url: &str) -> ProxyConfig {
+        let mut cfg = match self.roles.follower {
+            Role::New => ProxyConfig::passthrough(self.old.url(), follower_url),
+            Role::Old => ProxyConfig::passthrough(follower_url, self.new.url()),
+        };
         for t in &self.tables {
             let mut section = format!(
                 "[[tables]]\nname = \"{}\"\nphase = \"dual_write\"\non_uncaptured = \"{}\"\n",
@@ -184,12 +229,31 @@ impl DualEnv {
 
     /// A proxy config with every table in `dual_write`.
     pub fn proxy_config(&self) -> ProxyConfig {
-        self.proxy_config_via(self.new.url())
+        self.proxy_config_via(self.follower().url())
     }
 
     /// Starts a proxy in `dual_write`.
     pub async fn proxy(&self) -> anyhow::Result<TestProxy> {
-        TestProxy::start(&self.proxy_config()).await
+        self.start_proxy(&self.proxy_config()).await
+    }
+
+    /// Starts a proxy with `config`, in this environment's roles.
+    pub async fn start_proxy(&self, config: &ProxyConfig) -> anyhow::Result<TestProxy> {
+        TestProxy::start_with_roles(config, self.roles).await
+    }
+
+    /// The follower's URL with its host and port replaced by `addr` (a [`crate::FaultProxy`]
+    /// in front of the follower's server), same user and database.
+    pub fn follower_url_via(&self, addr: std::net::SocketAddr) -> String {
+        let url = self.follower().url();
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let user = rest.split_once('@').map_or("postgres", |(u, _)| u);
+        format!("postgres://{user}@{addr}/{}", self.follower().name())
+    }
+
+    /// `127.0.0.1:port` of the follower's server.
+    pub fn follower_server(&self) -> std::net::SocketAddr {
+        crate::server_of(self.follower().url())
     }
 
     /// Every row of `table` in OLD and NEW, as `row_to_json` text, sorted.
@@ -271,9 +335,9 @@ impl DualEnv {
         self.assert_converged().await
     }
 
-    /// Intents on OLD (transactions not yet confirmed on NEW).
+    /// Intents on the authoritative store (transactions not yet confirmed on the follower).
     pub async fn pending_intents(&self) -> anyhow::Result<i64> {
-        let c = self.old.client().await?;
+        let c = self.authoritative().client().await?;
         Ok(
             c.query_one("SELECT count(*) FROM switchyard.switchyard_intents", &[])
                 .await?

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+use switchyard_store::Roles;
 
 use anyhow::Context;
 use switchyard_config::Config;
@@ -91,13 +92,21 @@ pub struct TestProxy {
     pub admin_addr: Option<SocketAddr>,
     /// The resolved config it runs with.
     pub config: Config,
+    /// Which store sessions log in to and which one follows.
+    pub roles: Roles,
     trigger: ShutdownTrigger,
     task: Option<JoinHandle<Result<(), StartError>>>,
 }
 
 impl TestProxy {
-    /// Starts a proxy with this config.
+    /// Starts a proxy with this config (OLD authoritative).
     pub async fn start(config: &ProxyConfig) -> anyhow::Result<TestProxy> {
+        Self::start_with_roles(config, Roles::OLD_AUTHORITATIVE).await
+    }
+
+    /// Starts a proxy with the stores in `roles` (`switchyard_proxy::run_with_roles`): clients
+    /// reach `roles.authoritative`'s database.
+    pub async fn start_with_roles(config: &ProxyConfig, roles: Roles) -> anyhow::Result<TestProxy> {
         crate::init_tracing();
         let config = Config::from_toml_str(&config.to_toml(), HashMap::new())
             .map_err(|e| anyhow::anyhow!("test config invalid: {e}"))?;
@@ -105,8 +114,9 @@ impl TestProxy {
         let addr = listeners.client_addr().context("no client address")?;
         let admin_addr = listeners.admin_addr();
         let (trigger, shutdown) = switchyard_proxy::shutdown::channel();
-        let task = tokio::spawn(switchyard_proxy::run(
+        let task = tokio::spawn(switchyard_proxy::run_with_roles(
             std::sync::Arc::new(config.clone()),
+            roles,
             listeners,
             shutdown,
         ));
@@ -114,6 +124,7 @@ impl TestProxy {
             addr,
             admin_addr,
             config,
+            roles,
             trigger,
             task: Some(task),
         })
@@ -134,7 +145,7 @@ impl TestProxy {
         format!(
             "postgres://{user}@127.0.0.1:{}/{}?sslmode=disable",
             self.addr.port(),
-            self.config.old.url.database
+            self.roles.authoritative.settings(&self.config).url.database
         )
     }
 

@@ -279,7 +279,7 @@ async fn session_settings_do_not_change_images_or_keys() {
     };
     let fault = FaultProxy::start(new_addr).await.unwrap();
     let p = TestProxy::start(&env.proxy_config_with_mirror(
-        &env.new_url_via(fault.addr()),
+        &env.follower_url_via(fault.addr()),
         &[("timeout_ms", 500), ("repair_interval_ms", 100)],
     ))
     .await

@@ -939,7 +939,7 @@ async fn chaos(label: &str, variant: &Variant) -> anyhow::Result<()> {
         ("stale_intent_secs", 5),
         ("pool_size", 8),
     ];
-    let config = env.proxy_config_with_mirror(&env.new_url_via(fault.addr()), &mirror);
+    let config = env.proxy_config_with_mirror(&env.follower_url_via(fault.addr()), &mirror);
     let proxies = [TestProxy::start(&config).await?, TestProxy::start(&config).await?];
     seed_rows(&proxies[0]).await?;
     env.wait_for_no_intents(Duration::from_secs(10)).await?;
@@ -1115,7 +1115,7 @@ where
 async fn intents_of_a_dead_proxy_are_repaired_by_another() -> anyhow::Result<()> {
     let env = DualEnv::new("dead_proxy", SCHEMA, tables()).await?;
     let fault = FaultProxy::start(server_of(env.new.url())).await?;
-    let new_url = env.new_url_via(fault.addr());
+    let new_url = env.follower_url_via(fault.addr());
     // The first proxy never repairs anything: it is the one that dies.
     let doomed = TestProxy::start(&env.proxy_config_with_mirror(
         &new_url,
@@ -1311,7 +1311,7 @@ async fn kv_env(label: &str, mirror: &[(&str, u64)]) -> anyhow::Result<(DualEnv,
     let env = DualEnv::new(label, KV_SCHEMA, vec![DualTable::new("kv")]).await?;
     let fault = FaultProxy::start(server_of(env.new.url())).await?;
     let proxy =
-        TestProxy::start(&env.proxy_config_with_mirror(&env.new_url_via(fault.addr()), mirror)).await?;
+        TestProxy::start(&env.proxy_config_with_mirror(&env.follower_url_via(fault.addr()), mirror)).await?;
     Ok((env, fault, proxy))
 }
 
@@ -1455,7 +1455,7 @@ async fn repaired_append_only_rows_keep_exact_numerics() -> anyhow::Result<()> {
     .await?;
     let fault = FaultProxy::start(server_of(env.new.url())).await?;
     let proxy = TestProxy::start(&env.proxy_config_with_mirror(
-        &env.new_url_via(fault.addr()),
+        &env.follower_url_via(fault.addr()),
         &[
             ("timeout_ms", 300),
             ("repair_interval_ms", 100),

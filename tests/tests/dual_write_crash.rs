@@ -4,9 +4,14 @@
 //! The death is injected with `[mirror] fault_injection`: the session drops both connections at
 //! that point, as a killed process would (NEW's open transaction goes with its connection; the
 //! intent, if OLD committed, stays). The dead proxy is then shut down and a fresh one repairs.
+//!
+//! Each test runs twice: with OLD authoritative (dual writes before cutover) and with the roles
+//! swapped (NEW authoritative, OLD following, as from cutover): the engine knows only an
+//! authoritative store and a follower.
 
 use std::time::Duration;
 
+use switchyard_store::Roles;
 use switchyard_test_support::{DualEnv, DualTable, TestProxy};
 
 const SCHEMA: &str = "
@@ -26,7 +31,7 @@ fn mirror_section(fault: Option<&str>) -> String {
 async fn proxy(env: &DualEnv, fault: Option<&str>) -> TestProxy {
     let mut cfg = env.proxy_config();
     cfg.extra_sections.push(mirror_section(fault));
-    TestProxy::start(&cfg).await.expect("proxy")
+    env.start_proxy(&cfg).await.expect("proxy")
 }
 
 /// Runs one autocommit insert, one explicit transaction and one keyless append through a proxy
@@ -65,8 +70,9 @@ async fn writes_through_dying_proxy(env: &DualEnv, fault: &str) -> usize {
     acked
 }
 
-async fn crash_at(label: &str, fault: &str) -> DualEnv {
-    let env = DualEnv::new(
+async fn crash_at(roles: Roles, label: &str, fault: &str) -> DualEnv {
+    let env = DualEnv::new_in(
+        roles,
         label,
         SCHEMA,
         vec![DualTable::new("acct"), DualTable::new("events")],
@@ -100,36 +106,80 @@ async fn repaired_by_a_new_proxy(env: &DualEnv) {
     drop(fresh);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_dies_before_old_commits() {
-    let env = crash_at("crash_before_old", "before_old_commit").await;
+async fn dies_before_authoritative_commits(roles: Roles, label: &str) {
+    let env = crash_at(roles, label, "before_old_commit").await;
     // Nothing committed anywhere; nothing to repair.
     assert_eq!(env.pending_intents().await.unwrap(), 0);
-    let n: i64 = env.old.query_i64("SELECT count(*) FROM acct").await.unwrap();
+    let n: i64 = env
+        .authoritative()
+        .query_i64("SELECT count(*) FROM acct")
+        .await
+        .unwrap();
     assert_eq!(n, 1, "only the seed row");
     repaired_by_a_new_proxy(&env).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_dies_between_old_and_new_commit() {
-    let env = crash_at("crash_between", "after_old_commit").await;
-    // OLD committed all three transactions, NEW none: the intents say which keys to re-copy.
+async fn dies_between_the_two_commits(roles: Roles, label: &str) {
+    let env = crash_at(roles, label, "after_old_commit").await;
+    // The authoritative store committed all three transactions, the follower none: the intents
+    // say which keys to re-copy.
     assert_eq!(env.pending_intents().await.unwrap(), 3);
-    let (only_old, _) = env.diff("acct").await.unwrap();
-    assert_eq!(only_old.len(), 3, "NEW lags before the repair: {only_old:?}");
-    let (only_old, _) = env.diff("events").await.unwrap();
-    assert_eq!(only_old.len(), 1);
+    let lagging = |(only_old, only_new): (Vec<String>, Vec<String>)| match roles {
+        Roles::OLD_AUTHORITATIVE => (only_old, only_new),
+        _ => (only_new, only_old),
+    };
+    let (only_authoritative, only_follower) = lagging(env.diff("acct").await.unwrap());
+    assert_eq!(
+        (only_authoritative.len(), only_follower.len()),
+        (3, 1),
+        "the follower lags before the repair (the seed row's old version is only there): {only_authoritative:?}"
+    );
+    let (only_authoritative, _) = lagging(env.diff("events").await.unwrap());
+    assert_eq!(only_authoritative.len(), 1);
     repaired_by_a_new_proxy(&env).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_dies_after_new_commits_before_cleanup() {
-    let env = crash_at("crash_after_new", "after_new_commit").await;
+async fn dies_after_the_follower_commits(roles: Roles, label: &str) {
+    let env = crash_at(roles, label, "after_new_commit").await;
     // Both stores have the data; the intents remain and must be recognised as applied (the
     // keyless append must not be inserted twice).
     assert_eq!(env.pending_intents().await.unwrap(), 3);
     env.assert_converged().await.unwrap();
     repaired_by_a_new_proxy(&env).await;
-    let n: i64 = env.new.query_i64("SELECT count(*) FROM events").await.unwrap();
-    assert_eq!(n, 1, "the appended row is on NEW exactly once");
+    let n: i64 = env
+        .follower()
+        .query_i64("SELECT count(*) FROM events")
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the appended row is on the follower exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_dies_before_old_commits() {
+    dies_before_authoritative_commits(Roles::OLD_AUTHORITATIVE, "crash_before_old").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_dies_between_old_and_new_commit() {
+    dies_between_the_two_commits(Roles::OLD_AUTHORITATIVE, "crash_between").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_dies_after_new_commits_before_cleanup() {
+    dies_after_the_follower_commits(Roles::OLD_AUTHORITATIVE, "crash_after_new").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_authoritative_proxy_dies_before_new_commits() {
+    dies_before_authoritative_commits(Roles::NEW_AUTHORITATIVE, "crash_sw_before").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_authoritative_proxy_dies_between_new_and_old_commit() {
+    dies_between_the_two_commits(Roles::NEW_AUTHORITATIVE, "crash_sw_between").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_authoritative_proxy_dies_after_old_commits_before_cleanup() {
+    dies_after_the_follower_commits(Roles::NEW_AUTHORITATIVE, "crash_sw_after").await;
 }

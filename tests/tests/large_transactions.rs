@@ -66,9 +66,9 @@ async fn a_large_transaction_streams_to_new_in_chunks() {
 #[tokio::test]
 async fn new_failing_in_the_middle_of_a_large_transaction_leaves_it_to_repair() {
     let env = env("lt_new_fails").await;
-    let fault = FaultProxy::start(env.new_server()).await.unwrap();
+    let fault = FaultProxy::start(env.follower_server()).await.unwrap();
     let proxy = TestProxy::start(&env.proxy_config_with_mirror(
-        &env.new_url_via(fault.addr()),
+        &env.follower_url_via(fault.addr()),
         &[("timeout_ms", 1000), ("repair_interval_ms", 200)],
     ))
     .await

@@ -17,9 +17,9 @@ async fn kv_with_proxy(
     mirror: &[(&str, u64)],
 ) -> anyhow::Result<(DualEnv, FaultProxy, TestProxy)> {
     let env = DualEnv::new(label, KV, vec![DualTable::new("kv")]).await?;
-    let fault = FaultProxy::start(env.new_server()).await?;
+    let fault = FaultProxy::start(env.follower_server()).await?;
     let proxy =
-        TestProxy::start(&env.proxy_config_with_mirror(&env.new_url_via(fault.addr()), mirror)).await?;
+        TestProxy::start(&env.proxy_config_with_mirror(&env.follower_url_via(fault.addr()), mirror)).await?;
     Ok((env, fault, proxy))
 }
 
@@ -286,8 +286,8 @@ async fn an_intent_of_a_table_not_mirrored_here_waits_for_a_proxy_that_mirrors_i
     env.seed_old("INSERT INTO other VALUES (7, 'only on OLD')")
         .await?;
     let mirror = repairing(300);
-    let fault = FaultProxy::start(env.new_server()).await?;
-    let mut config = env.proxy_config_with_mirror(&env.new_url_via(fault.addr()), &mirror);
+    let fault = FaultProxy::start(env.follower_server()).await?;
+    let mut config = env.proxy_config_with_mirror(&env.follower_url_via(fault.addr()), &mirror);
     config.extra_sections.retain(|s| !s.contains("name = \"other\""));
     let kv_only = TestProxy::start(&config).await?;
     plant_intent(
