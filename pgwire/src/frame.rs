@@ -49,7 +49,8 @@ impl Frame {
 }
 
 /// Takes the first whole frame off the front of `buf`. When only part of it is buffered,
-/// returns `Ok(None)` after reserving room for the rest, so the next read can complete it.
+/// returns `Ok(None)` after reserving room for more of it ([`reserve_ahead`]), so the next read
+/// can continue it.
 pub fn take_frame(buf: &mut BytesMut, limits: MessageLimits) -> Result<Option<Frame>, ProtocolError> {
     match peek_header(buf, limits)? {
         Some(h) if buf.len() >= h.frame_len => Ok(Some(Frame {
@@ -57,13 +58,26 @@ pub fn take_frame(buf: &mut BytesMut, limits: MessageLimits) -> Result<Option<Fr
             bytes: buf.split_to(h.frame_len).freeze(),
         })),
         Some(h) => {
-            let want = h.frame_len - buf.len();
-            if buf.capacity() - buf.len() < want {
-                buf.reserve(want.max(8192));
-            }
+            reserve_ahead(buf, h.frame_len - buf.len());
             Ok(None)
         }
         None => Ok(None),
+    }
+}
+
+/// The most buffer space reserved ahead of bytes that have not arrived.
+pub const RESERVE_AHEAD_MAX: usize = 1 << 20;
+
+/// Makes room in `buf` for the next `want` bytes of a partial frame, but never more than
+/// [`RESERVE_AHEAD_MAX`] (and at least 8 KiB, so small reads are few). A length field is only
+/// the peer's claim: reserving all of it at once would let five bytes (a header announcing a
+/// message of the size limit) make the proxy allocate hundreds of MiB per connection, before
+/// authentication even. Memory then grows with the bytes that really arrive (`BytesMut` grows
+/// its capacity geometrically, so a large message costs few copies).
+pub fn reserve_ahead(buf: &mut BytesMut, want: usize) {
+    let want = want.clamp(8192, RESERVE_AHEAD_MAX);
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want);
     }
 }
 
@@ -176,6 +190,27 @@ mod tests {
     const LIMITS: MessageLimits = MessageLimits {
         max_message_bytes: 64,
     };
+
+    /// Five bytes announcing a message of the largest size allowed must not make the reader
+    /// allocate that size: only what arrives, plus a bounded margin.
+    #[test]
+    fn a_partial_frame_reserves_a_bounded_margin_not_its_announced_length() {
+        let limits = MessageLimits::SERVER;
+        let announced = (limits.max_message_bytes - 1) as u32;
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&[b'D']);
+        buf.extend_from_slice(&announced.to_be_bytes());
+        assert!(take_frame(&mut buf, limits).unwrap().is_none());
+        assert!(
+            buf.capacity() <= 4 * RESERVE_AHEAD_MAX,
+            "reserved {} bytes for a frame announcing {announced}",
+            buf.capacity()
+        );
+        // As the body arrives, room keeps being made for more.
+        buf.extend_from_slice(&vec![0u8; RESERVE_AHEAD_MAX]);
+        assert!(take_frame(&mut buf, limits).unwrap().is_none());
+        assert!(buf.capacity() - buf.len() >= 8192);
+    }
 
     #[test]
     fn splits_complete_frames_and_stops_at_a_partial_one() {

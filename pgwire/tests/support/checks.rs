@@ -9,7 +9,9 @@
 use bytes::BytesMut;
 use switchyard_pgwire::auth::{verify_md5_response, Md5Source, ScramError, ScramSecret, ScramServer};
 use switchyard_pgwire::backend::{self, Authentication, ErrorFields, ServerMessage};
-use switchyard_pgwire::frame::{peek_header, take_frame, FrameHeader, Frames, MessageLimits};
+use switchyard_pgwire::frame::{
+    peek_header, take_frame, FrameHeader, Frames, MessageLimits, RESERVE_AHEAD_MAX,
+};
 use switchyard_pgwire::frontend::{self, ClientMessage, Target};
 use switchyard_pgwire::startup::{self, StartupPacket, MAX_STARTUP_PACKET_LEN};
 use switchyard_pgwire::ProtocolError;
@@ -264,7 +266,20 @@ pub fn check_take_frame(stream: &[u8], limits: MessageLimits, piece: usize) {
                     assert_eq!(buf, before, "take_frame changed the buffer but took nothing");
                     if let Ok(Some(h)) = peek_header(&buf, limits) {
                         assert!(buf.len() < h.frame_len, "a whole frame was left in the buffer");
-                        assert!(buf.capacity() >= h.frame_len, "no room reserved for the frame");
+                        // Room for more of it, but never the announced length up front.
+                        let missing = h.frame_len - buf.len();
+                        let room = buf.capacity() - buf.len();
+                        assert!(
+                            room >= missing.min(RESERVE_AHEAD_MAX),
+                            "no room reserved for the frame"
+                        );
+                        assert!(
+                            buf.capacity() <= 2 * buf.len() + 4 * RESERVE_AHEAD_MAX,
+                            "reserved {} bytes for a frame of {} with {} buffered",
+                            buf.capacity(),
+                            h.frame_len,
+                            buf.len()
+                        );
                     }
                     break;
                 }

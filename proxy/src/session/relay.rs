@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use switchyard_pgwire::backend::TransactionStatus;
-use switchyard_pgwire::frame::{Frames, MessageLimits};
+use switchyard_pgwire::frame::{reserve_ahead, Frames, MessageLimits};
 use switchyard_pgwire::frontend::{self, ClientMessage, Target};
 use switchyard_pgwire::ProtocolError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -472,7 +472,7 @@ async fn client_to_upstream(
         }
         if let Some(frame_len) = pending? {
             let missing = frame_len.saturating_sub(buf.len());
-            reserve_for_read(&mut buf, missing);
+            reserve_ahead(&mut buf, missing);
         }
         if terminate {
             return Ok(SessionEnd::ClientTerminated);
@@ -658,7 +658,7 @@ async fn upstream_to_client(
         }
         if let Some(frame_len) = pending {
             let missing = frame_len.saturating_sub(buf.len());
-            reserve_for_read(&mut buf, missing);
+            reserve_ahead(&mut buf, missing);
         }
         if shared.draining.load(Relaxed) && shared.idle() {
             return Ok(SessionEnd::Drained);

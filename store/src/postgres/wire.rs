@@ -16,7 +16,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use switchyard_config::StoreUrl;
 use switchyard_pgwire::backend::{self, Authentication, ServerMessage};
-use switchyard_pgwire::frame::{peek_header, MessageLimits};
+use switchyard_pgwire::frame::{peek_header, reserve_ahead, MessageLimits};
 use switchyard_pgwire::frontend;
 use switchyard_pgwire::startup::{CancelKey, StartupMessage};
 use switchyard_pgwire::ProtocolError;
@@ -296,7 +296,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
                 let frame = buf.split_to(h.frame_len).freeze();
                 return Ok((h.tag, frame.slice(h.body_range())));
             }
-            reserve_for_read(buf, h.frame_len - buf.len());
+            reserve_ahead(buf, h.frame_len - buf.len());
         } else {
             reserve_for_read(buf, 1024);
         }
@@ -340,6 +340,27 @@ pub fn tune_socket(stream: &TcpStream, keepalive: Option<Duration>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that announces a huge message and sends nothing more gets an error, and the
+    /// buffer never held more than a bounded margin.
+    #[tokio::test]
+    async fn a_huge_announced_frame_is_not_allocated_up_front() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut ours, mut theirs) = tokio::io::duplex(64);
+        let limits = MessageLimits::SERVER;
+        let mut header = vec![b'R'];
+        header.extend_from_slice(&((limits.max_message_bytes - 1) as u32).to_be_bytes());
+        theirs.write_all(&header).await.unwrap();
+        drop(theirs);
+        let mut buf = BytesMut::new();
+        let e = read_frame(&mut ours, &mut buf, limits).await.unwrap_err();
+        assert!(matches!(e, ReadError::Io(_)), "{e:?}");
+        assert!(
+            buf.capacity() <= 2 * switchyard_pgwire::frame::RESERVE_AHEAD_MAX,
+            "{}",
+            buf.capacity()
+        );
+    }
 
     fn target(store: Role, port: u16) -> WireTarget {
         let url = StoreUrl::parse(&format!("postgres://postgres@127.0.0.1:{port}/db")).unwrap();
