@@ -198,7 +198,7 @@ mod tests {
         let limits = MessageLimits::SERVER;
         let announced = (limits.max_message_bytes - 1) as u32;
         let mut buf = BytesMut::new();
-        buf.extend_from_slice(&[b'D']);
+        buf.extend_from_slice(b"D");
         buf.extend_from_slice(&announced.to_be_bytes());
         assert!(take_frame(&mut buf, limits).unwrap().is_none());
         assert!(
