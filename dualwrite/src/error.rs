@@ -54,12 +54,12 @@ pub enum StartError {
         /// `"OLD"` or `"NEW"`.
         store: &'static str,
         /// Why.
-        source: sqlx::Error,
+        source: StoreError,
     },
     /// The authoritative store's functions (the writers the analyzer must know) could not be
     /// listed.
     #[error("cannot list the functions on the authoritative store: {0}")]
-    Functions(sqlx::Error),
+    Functions(StoreError),
 }
 
 /// Why a dual-write session ended abnormally. The proxy maps these onto its own session errors

@@ -19,11 +19,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use switchyard_config::{Config, MirrorSettings, Phase, StoreUrl, TableSettings, UncapturedPolicy};
 use switchyard_store::capture as store_capture;
 use switchyard_store::mirror::{self as store_mirror, Change, ChangeOp, MirrorTable};
-use switchyard_store::{ErrorKind, Roles};
+use switchyard_store::{ErrorKind, FunctionSource, PoolSettings, Role, Roles, Store};
 use tokio::sync::mpsc;
 
 pub use error::{SessionError, StartError};
@@ -65,9 +64,9 @@ pub struct Mirror {
     /// Which store is authoritative and which follows (OLD and NEW before cutover).
     pub roles: Roles,
     /// sqlx pool to the authoritative store, for repairs and bookkeeping.
-    pub(crate) authoritative: PgPool,
+    pub(crate) authoritative: Store,
     /// sqlx pool to the follower, for repairs and bookkeeping.
-    pub(crate) follower: PgPool,
+    pub(crate) follower: Store,
     /// Wire-protocol connections to the follower for the mirrored transactions themselves.
     link: NewLink,
     pub(crate) settings: MirrorSettings,
@@ -88,10 +87,29 @@ pub struct Mirror {
     pub(crate) failed: Mutex<Vec<i64>>,
 }
 
-fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptions {
-    // A mirrored transaction whose proxy vanished must not hold NEW's row locks for long.
-    switchyard_store::connect_options(url, application_name)
-        .options([("idle_in_transaction_session_timeout", "60s")])
+/// The engine's pool to one store: `switchyard-repair` on the authoritative store,
+/// `switchyard-mirror` on the follower, where every statement and lock wait is also bounded by
+/// the server (`bound`). A transaction whose proxy vanished must not hold row locks for long.
+fn engine_pool(
+    role: Role,
+    url: &StoreUrl,
+    application_name: &'static str,
+    acquire_timeout: Duration,
+    bound: Option<Duration>,
+) -> Result<Store, switchyard_store::StoreError> {
+    let mut server_settings = vec![("idle_in_transaction_session_timeout".to_owned(), "60s".to_owned())];
+    if let Some(bound) = bound {
+        let ms = bound.as_millis().to_string();
+        server_settings.push(("statement_timeout".to_owned(), ms.clone()));
+        server_settings.push(("lock_timeout".to_owned(), ms));
+    }
+    let settings = PoolSettings {
+        application_name,
+        max_connections: 4,
+        acquire_timeout,
+        server_settings,
+    };
+    Store::connect_lazy_with(role, url, &settings)
 }
 
 /// The longest a repair may take (the repair loop gives up on it then).
@@ -136,20 +154,28 @@ impl Mirror {
             &roles.authoritative.settings(config).url,
             &roles.follower.settings(config).url,
         );
-        let old = PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(settings.timeout.max(Duration::from_secs(5)))
-            .connect_lazy_with(connect_options(auth_url, "switchyard-repair"));
-        let new = PgPoolOptions::new()
-            .max_connections(4)
-            .min_connections(0)
-            .acquire_timeout(settings.timeout)
-            .idle_timeout(Duration::from_secs(60))
-            .connect_lazy_with({
-                let bound = server_bound(repair_limit(&settings)).as_millis().to_string();
-                connect_options(follower_url, "switchyard-mirror")
-                    .options([("statement_timeout", &bound), ("lock_timeout", &bound)])
-            });
+        let old = engine_pool(
+            roles.authoritative,
+            auth_url,
+            "switchyard-repair",
+            settings.timeout.max(Duration::from_secs(5)),
+            None,
+        )
+        .map_err(|source| StartError::Unreachable {
+            store: roles.authoritative.name(),
+            source,
+        })?;
+        let new = engine_pool(
+            roles.follower,
+            follower_url,
+            "switchyard-mirror",
+            settings.timeout,
+            Some(server_bound(repair_limit(&settings))),
+        )
+        .map_err(|source| StartError::Unreachable {
+            store: roles.follower.name(),
+            source,
+        })?;
 
         let mut tables = Vec::new();
         let mut names = Vec::new();
@@ -160,14 +186,16 @@ impl Mirror {
                 store,
                 source,
             };
-            let old_schema = switchyard_store::load_table(&old, &t.name)
+            let old_schema = old
+                .load_table(&t.name)
                 .await
                 .map_err(|e| err(roles.authoritative.name(), e))?
                 .ok_or_else(|| StartError::MissingTable {
                     table: t.name.to_string(),
                     store: roles.authoritative.name(),
                 })?;
-            let new_schema = switchyard_store::load_table(&new, &t.name)
+            let new_schema = new
+                .load_table(&t.name)
                 .await
                 .map_err(|e| err(roles.follower.name(), e))?
                 .ok_or_else(|| StartError::MissingTable {
@@ -185,7 +213,7 @@ impl Mirror {
             policies.push(t.on_uncaptured);
             tables.push(MirrorTable::new(t.name.clone(), key, &old_schema, &new_schema));
         }
-        check_prepared(roles, &old, &new, &tables).await?;
+        check_prepared(&old, &new, &tables).await?;
         let writers = writer_functions(&old, &names)
             .await
             .map_err(StartError::Functions)?;
@@ -515,23 +543,19 @@ fn writer_set(functions: &[WriterFunction]) -> Writers {
 /// table's `on_uncaptured` policy. Triggers that run such functions are only reported: the proxy
 /// cannot see the writes they make.
 async fn writer_functions(
-    old: &PgPool,
+    old: &Store,
     tables: &[(switchyard_config::TableName, Vec<String>)],
-) -> Result<Vec<WriterFunction>, sqlx::Error> {
-    let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
-        "SELECT n.nspname::text, p.proname::text, pg_get_functiondef(p.oid), \
-                (SELECT string_agg(format('%s on %s', t.tgname, t.tgrelid::regclass), ', ') \
-                   FROM pg_trigger t WHERE t.tgfoid = p.oid AND NOT t.tgisinternal) \
-           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-          WHERE p.prokind IN ('f', 'p') \
-            AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'switchyard') \
-            AND n.nspname NOT LIKE 'pg_%'",
-    )
-    .fetch_all(old)
-    .await?;
+) -> Result<Vec<WriterFunction>, switchyard_store::StoreError> {
+    let rows = old.function_sources().await?;
     let mut writers = Vec::new();
-    for (schema, name, def, triggers) in rows {
-        let body = def.to_ascii_lowercase();
+    for FunctionSource {
+        schema,
+        name,
+        definition,
+        triggers,
+    } in rows
+    {
+        let body = definition.to_ascii_lowercase();
         if !sql::WRITE_WORDS.iter().any(|w| sql::contains_word(&body, w)) {
             continue;
         }
@@ -585,62 +609,47 @@ fn set_in_use(slot: &Mutex<Option<switchyard_pgwire::startup::CancelKey>>, conn:
     }
 }
 
-/// Refuses to start when `switchyard prepare` has not created the side objects.
-async fn check_prepared(
-    roles: Roles,
-    old: &PgPool,
-    new: &PgPool,
-    tables: &[MirrorTable],
-) -> Result<(), StartError> {
-    let (a, f) = (roles.authoritative.name(), roles.follower.name());
-    let missing = |store: &'static str, what: String| StartError::NotPrepared { store, what };
-    let exists = |pool: &PgPool, rel: String| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, Option<String>>("SELECT to_regclass($1)::text")
-                .bind(rel)
-                .fetch_one(&pool)
-                .await
-        }
+/// Refuses to start when `switchyard prepare` has not created the side objects: the intents
+/// and capture triggers on the authoritative store, the applied markers and key records on the
+/// follower.
+async fn check_prepared(old: &Store, new: &Store, tables: &[MirrorTable]) -> Result<(), StartError> {
+    let missing = |store: &Store, what: String| StartError::NotPrepared {
+        store: store.role().name(),
+        what,
     };
-    let unreachable = |store: &'static str, source: sqlx::Error| StartError::Unreachable { store, source };
-    if exists(old, "switchyard.switchyard_intents".into())
+    let unreachable = |store: &Store| {
+        let name = store.role().name();
+        move |source| StartError::Unreachable { store: name, source }
+    };
+    if !old
+        .has_relation("switchyard.switchyard_intents")
         .await
-        .map_err(|e| unreachable(a, e))?
-        .is_none()
+        .map_err(unreachable(old))?
     {
-        return Err(missing(a, "switchyard.switchyard_intents".into()));
+        return Err(missing(old, "switchyard.switchyard_intents".into()));
     }
-    if exists(new, "switchyard.switchyard_applied".into())
+    if !new
+        .has_relation("switchyard.switchyard_applied")
         .await
-        .map_err(|e| unreachable(f, e))?
-        .is_none()
+        .map_err(unreachable(new))?
     {
-        return Err(missing(f, "switchyard.switchyard_applied".into()));
+        return Err(missing(new, "switchyard.switchyard_applied".into()));
     }
     let names: Vec<String> = tables
         .iter()
         .map(|t| switchyard_store::quote_table(&t.name))
         .collect();
-    let uncaptured: Vec<String> = sqlx::query_scalar(store_capture::MISSING_CAPTURE_SQL)
-        .bind(&names)
-        .fetch_all(old)
-        .await
-        .map_err(|e| unreachable(a, e))?;
+    let uncaptured = old.uncaptured_tables(&names).await.map_err(unreachable(old))?;
     if !uncaptured.is_empty() {
         return Err(missing(
-            a,
+            old,
             format!("the capture trigger of {}", uncaptured.join(", ")),
         ));
     }
     for t in tables.iter().filter(|t| t.keyed()) {
         let rel = switchyard_store::keys_table(&t.name);
-        if exists(new, rel.clone())
-            .await
-            .map_err(|e| unreachable(f, e))?
-            .is_none()
-        {
-            return Err(missing(f, format!("{rel} (key records of {})", t.name)));
+        if !new.has_relation(&rel).await.map_err(unreachable(new))? {
+            return Err(missing(new, format!("{rel} (key records of {})", t.name)));
         }
     }
     Ok(())

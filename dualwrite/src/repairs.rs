@@ -219,8 +219,8 @@ async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreEr
         queue.keep_only(&still);
     }
     // NEW answers again: let transactions mirror directly instead of leaving intents.
-    let ping = tokio::time::timeout(m.settings.timeout, sqlx::query("SELECT 1").execute(&m.follower)).await;
-    if matches!(ping, Ok(Ok(_))) {
+    let ping = m.follower.ping(m.settings.timeout).await;
+    if ping.is_ok() {
         m.new_down_until.store(0, Relaxed);
     }
     let n = repair::count_intents(&m.authoritative).await?;

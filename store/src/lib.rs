@@ -20,7 +20,7 @@ pub mod repair;
 
 use std::time::Duration;
 
-use switchyard_config::{Engine, StoreUrl};
+use switchyard_config::{Engine, StoreUrl, TableName};
 
 pub use error::{ErrorKind, StoreError};
 pub use postgres::catalog::{
@@ -92,6 +92,43 @@ impl Roles {
     };
 }
 
+/// How a pool of connections to a store is set up (the defaults suit occasional queries).
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Shown by the server (`pg_stat_activity.application_name`).
+    pub application_name: &'static str,
+    /// Most connections open at once.
+    pub max_connections: u32,
+    /// Longest wait for a connection.
+    pub acquire_timeout: Duration,
+    /// Session settings the server applies at connection start (`statement_timeout`, ...).
+    pub server_settings: Vec<(String, String)>,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            application_name: "switchyard",
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(5),
+            server_settings: Vec::new(),
+        }
+    }
+}
+
+/// A user function or procedure as the store defines it.
+#[derive(Debug, Clone)]
+pub struct FunctionSource {
+    /// Its schema.
+    pub schema: String,
+    /// Its name.
+    pub name: String,
+    /// Its whole definition (`CREATE FUNCTION ...`).
+    pub definition: String,
+    /// The triggers that run it, as `name on table, ...`.
+    pub triggers: Option<String>,
+}
+
 /// One store, whatever its engine.
 #[derive(Debug, Clone)]
 pub enum Store {
@@ -109,6 +146,50 @@ impl Store {
                 role: role.as_str(),
                 engine: other.as_str(),
             }),
+        }
+    }
+
+    /// Like [`Store::connect_lazy`], with the pool set up as `settings` say.
+    pub fn connect_lazy_with(
+        role: Role,
+        url: &StoreUrl,
+        settings: &PoolSettings,
+    ) -> Result<Store, StoreError> {
+        match url.engine {
+            Engine::Postgres => Ok(Store::Postgres(PgStore::connect_lazy_with(role, url, settings))),
+            other => Err(StoreError::UnsupportedEngine {
+                role: role.as_str(),
+                engine: other.as_str(),
+            }),
+        }
+    }
+
+    /// The definition of table `name`, if it exists.
+    pub async fn load_table(&self, name: &TableName) -> Result<Option<TableSchema>, StoreError> {
+        match self {
+            Store::Postgres(s) => load_table(s.pool(), name).await.map_err(|e| e.in_store(s.role())),
+        }
+    }
+
+    /// Whether the relation `rel` (`schema.name`) exists: the side tables `prepare` creates.
+    pub async fn has_relation(&self, rel: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::Postgres(s) => s.has_relation(rel).await,
+        }
+    }
+
+    /// Every user function and procedure, for the statement analysis (which of them write a
+    /// migrated table).
+    pub async fn function_sources(&self) -> Result<Vec<FunctionSource>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.function_sources().await,
+        }
+    }
+
+    /// Which of `tables` (as [`quote_table`] quotes them) lack their capture trigger.
+    pub async fn uncaptured_tables(&self, tables: &[String]) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.uncaptured_tables(tables).await,
         }
     }
 

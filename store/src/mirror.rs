@@ -24,11 +24,10 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use sqlx::postgres::PgPool;
 use switchyard_config::TableName;
 
 use crate::{
-    compare, keys_table, load_table, quote_ident, quote_table, Identity, StoreError, TableSchema, SIDE_SCHEMA,
+    compare, keys_table, quote_ident, quote_table, Identity, Store, StoreError, TableSchema, SIDE_SCHEMA,
 };
 
 /// Maps a driver error to a [`StoreError::Query`] on `role` doing `action`.
@@ -131,18 +130,18 @@ impl MirrorTable {
     /// Reads the table's definition again from both stores' catalogs and builds it anew, with
     /// the same key. A table missing on either store is not an error here: the table it returns
     /// says so in its [`MirrorTable::mismatch`] (and applies nothing).
-    pub async fn reload(&self, old: &PgPool, new: &PgPool) -> Result<MirrorTable, StoreError> {
-        let old_schema = load_table(old, &self.name)
-            .await
-            .map_err(|e| e.in_store(crate::Role::Old))?;
-        let new_schema = load_table(new, &self.name)
-            .await
-            .map_err(|e| e.in_store(crate::Role::New))?;
+    pub async fn reload(&self, authoritative: &Store, follower: &Store) -> Result<MirrorTable, StoreError> {
+        let old_schema = authoritative.load_table(&self.name).await?;
+        let new_schema = follower.load_table(&self.name).await?;
         Ok(match (old_schema, new_schema) {
             (Some(o), Some(n)) => MirrorTable::new(self.name.clone(), self.key.clone(), &o, &n),
             (o, _) => {
                 let mut gone = self.clone();
-                let store = if o.is_none() { "OLD" } else { "NEW" };
+                let store = if o.is_none() {
+                    authoritative.role().name()
+                } else {
+                    follower.role().name()
+                };
                 gone.mismatches = vec![format!("the table does not exist on {store}")];
                 gone
             }
@@ -418,11 +417,13 @@ pub fn intent_sql(tables: &[MirrorTable], changes: &[Change], intent_id: i64, pr
 /// ids are left out (their intents stay and are repaired), even though a restarted NEW's WAL
 /// position soon passes the old one. `None`: not flushed within `wait` (try again later).
 pub async fn durable_on_new(
-    new: &PgPool,
+    follower: &Store,
     ids: &[i64],
     wait: Duration,
 ) -> Result<Option<Vec<i64>>, StoreError> {
-    let nerr = failed("new", "checking that mirrored commits are on disk");
+    let Store::Postgres(new) = follower;
+    let (new, new_role) = (new.pool(), new.role().as_str());
+    let nerr = failed(new_role, "checking that mirrored commits are on disk");
     let mut conn = new.acquire().await.map_err(nerr)?;
     // <https://www.postgresql.org/docs/current/functions-admin.html#FUNCTIONS-ADMIN-BACKUP>
     let target: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
@@ -457,7 +458,11 @@ pub async fn durable_on_new(
 /// NEW). Call it only with ids [`durable_on_new`] returned. Markers are only removed after
 /// their intents, so a repair never sees an intent without its marker when the NEW transaction
 /// did commit.
-pub async fn delete_intents(old: &PgPool, new: &PgPool, ids: &[i64]) -> Result<(), StoreError> {
+pub async fn delete_intents(authoritative: &Store, follower: &Store, ids: &[i64]) -> Result<(), StoreError> {
+    let Store::Postgres(old) = authoritative;
+    let (old, old_role) = (old.pool(), old.role().as_str());
+    let Store::Postgres(new) = follower;
+    let (new, new_role) = (new.pool(), new.role().as_str());
     if ids.is_empty() {
         return Ok(());
     }
@@ -465,18 +470,24 @@ pub async fn delete_intents(old: &PgPool, new: &PgPool, ids: &[i64]) -> Result<(
         .bind(ids)
         .execute(old)
         .await
-        .map_err(failed("old", "deleting finished intents"))?;
+        .map_err(failed(old_role, "deleting finished intents"))?;
     sqlx::query("DELETE FROM switchyard.switchyard_applied WHERE intent_id = ANY($1)")
         .bind(ids)
         .execute(new)
         .await
-        .map_err(failed("new", "deleting applied markers"))?;
+        .map_err(failed(new_role, "deleting applied markers"))?;
     Ok(())
 }
 
 /// Marks a table on OLD as needing a full verification (a write the proxy could not capture
 /// ran there).
-pub async fn mark_for_verify(old: &PgPool, table: &TableName, reason: &str) -> Result<(), StoreError> {
+pub async fn mark_for_verify(
+    authoritative: &Store,
+    table: &TableName,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let Store::Postgres(old) = authoritative;
+    let (old, old_role) = (old.pool(), old.role().as_str());
     sqlx::query(
         "INSERT INTO switchyard.switchyard_verify (table_name, reason) VALUES ($1, $2) \
          ON CONFLICT (table_name) DO UPDATE SET reason = EXCLUDED.reason, marked_at = now()",
@@ -485,7 +496,7 @@ pub async fn mark_for_verify(old: &PgPool, table: &TableName, reason: &str) -> R
     .bind(reason)
     .execute(old)
     .await
-    .map_err(failed("old", "marking a table for verification"))?;
+    .map_err(failed(old_role, "marking a table for verification"))?;
     Ok(())
 }
 

@@ -44,11 +44,11 @@
 use std::collections::HashSet;
 
 use serde_json::Value;
-use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
 
 use crate::mirror::{failed, json_array, push_changes, Change, ChangeOp, MirrorTable};
-use crate::{quote_ident, StoreError};
+use crate::{quote_ident, Store, StoreError};
 
 /// Intents that need a repair: those of this proxy listed in `mine` (its NEW commit failed),
 /// anyone's older than `stale_secs` (their proxy likely died between the two commits), and every
@@ -56,12 +56,14 @@ use crate::{quote_ident, StoreError};
 /// first, leaving out the ids in `skip` (intents backing off after a failure, or that this proxy
 /// cannot repair).
 pub async fn pending_intents(
-    old: &PgPool,
+    authoritative: &Store,
     mine: &[i64],
     skip: &[i64],
     stale_secs: f64,
     limit: i64,
 ) -> Result<Vec<PendingIntent>, StoreError> {
+    let Store::Postgres(old) = authoritative;
+    let (old, old_role) = (old.pool(), old.role().as_str());
     let rows = sqlx::query(
         "SELECT id, pg_column_size(changes)::int8 FROM switchyard.switchyard_intents \
          WHERE (id = ANY($1) OR created_at < now() - make_interval(secs => $2) OR proxy = $5) \
@@ -74,7 +76,7 @@ pub async fn pending_intents(
     .bind(crate::capture::NET_PROXY)
     .fetch_all(old)
     .await
-    .map_err(failed("old", "listing intents to repair"))?;
+    .map_err(failed(old_role, "listing intents to repair"))?;
     Ok(rows
         .iter()
         .filter_map(|r| {
@@ -95,11 +97,13 @@ pub struct PendingIntent {
 }
 
 /// How many intents exist on OLD (transactions whose NEW side is unconfirmed or pending repair).
-pub async fn count_intents(old: &PgPool) -> Result<i64, StoreError> {
+pub async fn count_intents(authoritative: &Store) -> Result<i64, StoreError> {
+    let Store::Postgres(old) = authoritative;
+    let (old, old_role) = (old.pool(), old.role().as_str());
     sqlx::query_scalar("SELECT count(*) FROM switchyard.switchyard_intents")
         .fetch_one(old)
         .await
-        .map_err(failed("old", "counting intents"))
+        .map_err(failed(old_role, "counting intents"))
 }
 
 /// What a repair did.
@@ -291,13 +295,17 @@ async fn apply_on_new(
 /// and commits NEW synchronously, then deletes the intent and, after it, the applied marker.
 /// See the module documentation for why this order keeps every write of those keys.
 pub async fn repair_intent(
-    old: &PgPool,
-    new: &PgPool,
+    authoritative: &Store,
+    follower: &Store,
     tables: &[MirrorTable],
     id: i64,
 ) -> Result<RepairOutcome, StoreError> {
-    let oerr = failed("old", "repairing an intent");
-    let nerr = failed("new", "repairing an intent");
+    let Store::Postgres(old) = authoritative;
+    let (old, old_role) = (old.pool(), old.role().as_str());
+    let Store::Postgres(new) = follower;
+    let (new, new_role) = (new.pool(), new.role().as_str());
+    let oerr = failed(old_role, "repairing an intent");
+    let nerr = failed(new_role, "repairing an intent");
     let mut otx = old.begin().await.map_err(oerr)?;
     let changes: Option<String> = sqlx::query_scalar(
         "SELECT changes::text FROM switchyard.switchyard_intents WHERE id = $1 FOR UPDATE SKIP LOCKED",
@@ -439,19 +447,21 @@ pub async fn repair_intent(
         .execute(&mut *nconn)
         .await
     {
-        let e = failed("new", "deleting the applied marker of a repaired intent")(e);
+        let e = failed(new_role, "deleting the applied marker of a repaired intent")(e);
         tracing::warn!(intent = id, error = %e, "applied marker left on NEW");
     }
     Ok(outcome)
 }
 
 /// The ids among `ids` that are still intents on OLD.
-pub async fn existing_intents(old: &PgPool, ids: &[i64]) -> Result<HashSet<i64>, StoreError> {
+pub async fn existing_intents(authoritative: &Store, ids: &[i64]) -> Result<HashSet<i64>, StoreError> {
+    let Store::Postgres(old) = authoritative;
+    let (old, old_role) = (old.pool(), old.role().as_str());
     let rows: Vec<i64> =
         sqlx::query_scalar("SELECT id FROM switchyard.switchyard_intents WHERE id = ANY($1)")
             .bind(ids)
             .fetch_all(old)
             .await
-            .map_err(failed("old", "checking which intents still exist"))?;
+            .map_err(failed(old_role, "checking which intents still exist"))?;
     Ok(rows.into_iter().collect())
 }

@@ -358,7 +358,8 @@ async fn an_intent_is_stale_once_older_than_stale_intent_secs_on_olds_clock() ->
              (3, clock_timestamp(), 'this one', '[]')",
         )
         .await?;
-    let old = sqlx::PgPool::connect(env.old.url()).await?;
+    let url = switchyard_config::StoreUrl::parse(env.old.url()).map_err(anyhow::Error::msg)?;
+    let old = switchyard_store::Store::connect_lazy(switchyard_store::Role::Old, &url)?;
     let listed = |mine: &'static [i64], skip: &'static [i64], stale_secs: f64| {
         let old = old.clone();
         async move {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use switchyard_config::StoreUrl;
 
-use crate::{Role, StoreError};
+use crate::{FunctionSource, PoolSettings, Role, StoreError};
 
 /// sqlx connect options for the store at `url` (host, port, user, password, database), with
 /// `application_name` so each program's sessions can be told apart in `pg_stat_activity`, and
@@ -52,11 +52,21 @@ pub struct PgStore {
 impl PgStore {
     /// Builds the pool without connecting.
     pub fn connect_lazy(role: Role, url: &StoreUrl) -> PgStore {
-        let options = connect_options(url, "switchyard");
+        Self::connect_lazy_with(role, url, &PoolSettings::default())
+    }
+
+    /// Builds the pool as `settings` say, without connecting.
+    pub fn connect_lazy_with(role: Role, url: &StoreUrl, settings: &PoolSettings) -> PgStore {
+        let options = connect_options(url, settings.application_name).options(
+            settings
+                .server_settings
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
         let pool = PgPoolOptions::new()
-            .max_connections(4)
+            .max_connections(settings.max_connections)
             .min_connections(0)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(settings.acquire_timeout)
             .idle_timeout(Duration::from_secs(60))
             .connect_lazy_with(options);
         PgStore {
@@ -64,6 +74,54 @@ impl PgStore {
             url: url.redacted().to_string(),
             pool,
         }
+    }
+
+    /// Whether a relation (`schema.name`) exists.
+    pub async fn has_relation(&self, rel: &str) -> Result<bool, StoreError> {
+        let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(rel)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.failed("looking up a relation"))?;
+        Ok(found.is_some())
+    }
+
+    /// Every user function and procedure with its definition and the triggers that run it.
+    pub async fn function_sources(&self) -> Result<Vec<FunctionSource>, StoreError> {
+        let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+            "SELECT n.nspname::text, p.proname::text, pg_get_functiondef(p.oid), \
+                    (SELECT string_agg(format('%s on %s', t.tgname, t.tgrelid::regclass), ', ') \
+                       FROM pg_trigger t WHERE t.tgfoid = p.oid AND NOT t.tgisinternal) \
+               FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+              WHERE p.prokind IN ('f', 'p') \
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'switchyard') \
+                AND n.nspname NOT LIKE 'pg_%'",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.failed("listing functions"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(schema, name, definition, triggers)| FunctionSource {
+                schema,
+                name,
+                definition,
+                triggers,
+            })
+            .collect())
+    }
+
+    /// Which of `tables` (quoted names) lack their capture trigger.
+    pub async fn uncaptured_tables(&self, tables: &[String]) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(crate::capture::MISSING_CAPTURE_SQL)
+            .bind(tables)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.failed("checking the capture triggers"))
+    }
+
+    fn failed(&self, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
+        crate::mirror::failed(self.role.as_str(), action)
     }
 
     /// Which side this store is.
