@@ -83,12 +83,26 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
-    /// The configuration cannot be served by this build.
+    /// A store's engine that this build cannot proxy.
+    #[error("{store}.url: the {engine} engine is not supported yet; this build proxies PostgreSQL only")]
+    UnsupportedEngine {
+        /// `"old"` or `"new"`.
+        store: &'static str,
+        /// The URL's engine.
+        engine: &'static str,
+    },
+    /// A store's handle could not be set up.
     #[error("{0}")]
-    Unsupported(String),
-    /// Reading the users file or another start-up input failed.
+    Store(Box<switchyard_store::StoreError>),
+    /// The users file's entries cannot be turned into verifiers.
     #[error("{0}")]
-    Config(String),
+    Users(String),
+    /// A worker thread could not be started or its runtime built.
+    #[error("worker thread: {0}")]
+    Worker(std::io::Error),
+    /// A worker thread ended with a panic.
+    #[error("a worker thread died")]
+    WorkerDied,
     /// Telemetry could not be set up.
     #[error("telemetry: {0}")]
     Telemetry(String),
@@ -104,7 +118,7 @@ pub enum SessionError {
     /// The client's socket failed.
     #[error("client I/O: {0}")]
     ClientIo(std::io::Error),
-    /// The OLD store's socket failed.
+    /// The authoritative store's socket failed.
     #[error("upstream I/O: {0}")]
     UpstreamIo(std::io::Error),
     /// The client broke the protocol.

@@ -155,7 +155,7 @@ async fn serve(
             .spawn(move || {
                 let _ = done.send(worker(state, listener, shutdown));
             })
-            .map_err(|e| StartError::Config(format!("cannot start worker thread {i}: {e}")))?;
+            .map_err(StartError::Worker)?;
         workers.push(finished);
     }
     tracing::info!(
@@ -170,7 +170,7 @@ async fn serve(
         match finished.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => result = Err(e),
-            Err(_) => result = Err(StartError::Config("a worker thread died".into())),
+            Err(_) => result = Err(StartError::WorkerDied),
         }
     }
     tracing::info!("all sessions ended");
@@ -189,9 +189,7 @@ fn worker(
     listener: std::net::TcpListener,
     shutdown: Shutdown,
 ) -> Result<(), StartError> {
-    let addr = listener
-        .local_addr()
-        .map_err(|e| StartError::Config(e.to_string()))?;
+    let addr = listener.local_addr().map_err(StartError::Worker)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

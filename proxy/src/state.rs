@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Instant;
 
-use switchyard_config::{Config, Engine};
+use switchyard_config::Config;
 use switchyard_dualwrite::Mirror;
 use switchyard_pgwire::frame::MessageLimits;
 use switchyard_store::wire::WireTarget;
@@ -51,19 +51,19 @@ impl ProxyState {
         roles: Roles,
         shutdown: Shutdown,
     ) -> Result<ProxyState, StartError> {
-        for (role, url) in [("old", &config.old.url), ("new", &config.new.url)] {
-            if url.engine != Engine::Postgres {
-                return Err(StartError::Unsupported(format!(
-                    "{role}.url: the {} engine is not supported yet; this build proxies PostgreSQL only",
-                    url.engine.as_str()
-                )));
-            }
-        }
+        // Only the engine can make a lazy connect fail.
+        let connect = |role: Role| {
+            Store::connect_lazy(role, &role.settings(&config).url).map_err(|e| match e {
+                switchyard_store::StoreError::UnsupportedEngine { role, engine } => {
+                    StartError::UnsupportedEngine { store: role, engine }
+                }
+                other => StartError::Store(Box::new(other)),
+            })
+        };
+        let old_store = connect(Role::Old)?;
+        let new_store = connect(Role::New)?;
         let client_auth =
-            ClientAuth::new(config.auth.method, &config.auth.users).map_err(StartError::Config)?;
-        let store_err = |e: switchyard_store::StoreError| StartError::Unsupported(e.to_string());
-        let old_store = Store::connect_lazy(Role::Old, &config.old.url).map_err(store_err)?;
-        let new_store = Store::connect_lazy(Role::New, &config.new.url).map_err(store_err)?;
+            ClientAuth::new(config.auth.method, &config.auth.users).map_err(StartError::Users)?;
         // The OTLP exporter's blocking HTTP client must be built and shut down off the runtime.
         let telemetry = config.telemetry.clone();
         let metrics = tokio::task::spawn_blocking(move || {

@@ -807,3 +807,25 @@ async fn metrics_and_health_after_traffic() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A store whose engine this build cannot proxy stops the start with a cause naming the store
+/// and the engine.
+#[tokio::test]
+async fn an_unsupported_engine_is_refused_at_start_naming_the_store() -> anyhow::Result<()> {
+    let old = TestDb::create("life_engine").await?;
+    let mut proxy = TestProxy::start(&ProxyConfig::passthrough(
+        old.url(),
+        "mysql://root@127.0.0.1:3306/x",
+    ))
+    .await?;
+    let e = proxy
+        .join()
+        .await
+        .expect_err("the proxy started with a MySQL NEW");
+    let text = format!("{e:#}");
+    ensure!(
+        text.contains("new.url: the mysql engine is not supported yet"),
+        "{text}"
+    );
+    Ok(())
+}
