@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::{BufMut, Bytes, BytesMut};
+use switchyard_pgwire::frame::{take_frame, MessageLimits};
 use switchyard_pgwire::frontend::{self as fe, Target};
 use switchyard_pgwire::startup::{StartupMessage, PROTOCOL_3_0};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -113,16 +114,11 @@ impl RawConn {
     /// Reads one message; `None` when the server closed the connection.
     pub async fn read_msg(&mut self) -> anyhow::Result<Option<Msg>> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-                let total = usize::try_from(len).context("negative length")? + 1;
-                if self.buf.len() >= total {
-                    let frame = self.buf.split_to(total).freeze();
-                    return Ok(Some(Msg {
-                        tag: frame[0],
-                        body: frame.slice(5..),
-                    }));
-                }
+            if let Some(frame) = take_frame(&mut self.buf, MessageLimits::SERVER)? {
+                return Ok(Some(Msg {
+                    tag: frame.tag,
+                    body: frame.body(),
+                }));
             }
             let n = tokio::time::timeout(READ_TIMEOUT, self.stream.read_buf(&mut self.buf))
                 .await
