@@ -28,6 +28,7 @@ pub(crate) struct RawProxy {
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
     pub max_connections: Option<i64>,
+    pub max_pending_logins: Option<i64>,
     pub max_message_bytes: Option<i64>,
     pub connect_timeout_ms: Option<i64>,
     pub client_idle_timeout_secs: Option<i64>,

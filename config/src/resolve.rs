@@ -107,6 +107,13 @@ impl<'a> Resolver<'a> {
             1,
             i64::from(u32::MAX),
         );
+        let max_pending_logins = self.int(
+            "proxy.max_pending_logins",
+            raw.max_pending_logins,
+            u64::from(defaults.max_pending_logins),
+            1,
+            i64::from(u32::MAX),
+        );
         let max_message_bytes = self.int(
             "proxy.max_message_bytes",
             raw.max_message_bytes,
@@ -153,6 +160,7 @@ impl<'a> Resolver<'a> {
             listen,
             admin_listen,
             max_connections: u32::try_from(max_connections).unwrap_or(u32::MAX),
+            max_pending_logins: u32::try_from(max_pending_logins).unwrap_or(u32::MAX),
             max_message_bytes: usize::try_from(max_message_bytes).unwrap_or(usize::MAX),
             connect_timeout: Duration::from_millis(connect_ms),
             client_idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),

@@ -28,6 +28,10 @@ pub struct ProxySettings {
     /// `max_connections`: client connections at once (default 1000); beyond
     /// that, new clients get FATAL 53300 (too_many_connections).
     pub max_connections: u32,
+    /// `max_pending_logins`: connections still logging in (startup packet and password not yet
+    /// through) at once (default 256); beyond that the oldest of them is closed, so idle or
+    /// slow connections cannot exhaust the proxy's file descriptors.
+    pub max_pending_logins: u32,
     /// `max_message_bytes`: largest wire message accepted, length field
     /// included (default 256 MiB, at least 1024, at most 1 GiB).
     pub max_message_bytes: usize,
@@ -59,6 +63,7 @@ impl Default for ProxySettings {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 6432)),
             admin_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 6490))),
             max_connections: 1000,
+            max_pending_logins: 256,
             max_message_bytes: 256 * 1024 * 1024,
             connect_timeout: Duration::from_millis(5000),
             client_idle_timeout: None,

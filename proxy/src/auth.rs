@@ -101,7 +101,7 @@ impl ClientAuth {
             ErrorResponse::fatal(sqlstate::INVALID_PASSWORD, msg.clone()),
         )
         .await;
-        Err(SessionError::Refused(msg))
+        Err(SessionError::AuthFailed(user.to_owned()))
     }
 
     async fn md5<S: AsyncRead + AsyncWrite + Unpin>(

@@ -133,6 +133,9 @@ pub enum SessionError {
     /// The proxy refused the session (auth, limits, shutdown) and told the client why.
     #[error("refused: {0}")]
     Refused(String),
+    /// The client's password (or the user) was wrong; the client was told 28P01.
+    #[error("password authentication failed for user \"{0}\"")]
+    AuthFailed(String),
     /// The client or upstream did not answer in time.
     #[error("timed out: {0}")]
     Timeout(&'static str),
@@ -176,9 +179,10 @@ impl SessionError {
     /// Who caused it, for metrics.
     pub fn source(&self) -> ErrorSource {
         match self {
-            SessionError::ClientIo(_) | SessionError::ClientProtocol(_) | SessionError::Refused(_) => {
-                ErrorSource::Client
-            }
+            SessionError::ClientIo(_)
+            | SessionError::ClientProtocol(_)
+            | SessionError::Refused(_)
+            | SessionError::AuthFailed(_) => ErrorSource::Client,
             SessionError::Timeout(_) => ErrorSource::Client,
             SessionError::Injected(_) => ErrorSource::Internal,
             SessionError::UpstreamIo(_)
@@ -193,7 +197,7 @@ impl SessionError {
             SessionError::ClientIo(_) | SessionError::UpstreamIo(_) => ErrorKind::Io,
             SessionError::ClientProtocol(_) | SessionError::UpstreamProtocol(_) => ErrorKind::Protocol,
             SessionError::UpstreamLogin(_) => ErrorKind::Login,
-            SessionError::Refused(_) => ErrorKind::Refused,
+            SessionError::Refused(_) | SessionError::AuthFailed(_) => ErrorKind::Refused,
             SessionError::Timeout(_) => ErrorKind::Timeout,
             SessionError::Injected(_) => ErrorKind::Refused,
         }
@@ -214,6 +218,7 @@ impl SessionError {
             SessionError::ClientIo(_)
             | SessionError::UpstreamLogin(_)
             | SessionError::Refused(_)
+            | SessionError::AuthFailed(_)
             | SessionError::Timeout(_)
             | SessionError::Injected(_) => None,
         }

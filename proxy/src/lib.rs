@@ -16,6 +16,7 @@ pub mod cancel;
 pub mod classify;
 pub mod error;
 mod io;
+mod login_gate;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;

@@ -5,8 +5,9 @@
 //! `metrics` and the dual-write engine (`switchyard_dualwrite`), never the other way round.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use switchyard_config::Config;
 use switchyard_dualwrite::Mirror;
@@ -18,6 +19,7 @@ use tokio::sync::Semaphore;
 use crate::auth::ClientAuth;
 use crate::cancel::CancelRegistry;
 use crate::error::StartError;
+use crate::login_gate::LoginGate;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -30,6 +32,12 @@ pub(crate) struct ProxyState {
     pub(crate) cancel: Arc<CancelRegistry>,
     pub(crate) metrics: Metrics,
     pub(crate) connection_slots: Arc<Semaphore>,
+    /// The soft limit on open file descriptors after start raised it ([`raise_fd_limit`]).
+    pub(crate) fd_limit: Option<u64>,
+    /// Failed logins are logged at most this often.
+    pub(crate) auth_failures: LogLimiter,
+    /// The connections still logging in (`[proxy] max_pending_logins`).
+    pub(crate) logins: Arc<LoginGate>,
     pub(crate) limits: MessageLimits,
     pub(crate) shutdown: Shutdown,
     pub(crate) started: Instant,
@@ -88,6 +96,9 @@ impl ProxyState {
             cancel: Arc::new(CancelRegistry::default()),
             metrics,
             connection_slots: Arc::new(Semaphore::new(config.proxy.max_connections as usize)),
+            logins: LoginGate::new(config.proxy.max_pending_logins),
+            fd_limit: raise_fd_limit(),
+            auth_failures: LogLimiter::new(10, Duration::from_secs(1)),
             limits: MessageLimits {
                 max_message_bytes: config.proxy.max_message_bytes,
             },
@@ -117,5 +128,77 @@ impl ProxyState {
             }
             Err(e) => tracing::error!(error = %e, "users not reloaded; keeping the previous ones"),
         }
+    }
+}
+
+/// Raises the soft limit on open file descriptors to the hard limit, as far as the system
+/// allows, and logs both: each session holds two descriptors (client and store), and the usual
+/// soft limit of 1,024 would cap the proxy near 500 sessions whatever `max_connections` says.
+/// `None` when the limit cannot be read.
+pub(crate) fn raise_fd_limit() -> Option<u64> {
+    let before = rlimit::Resource::NOFILE.get().ok();
+    let raised = rlimit::increase_nofile_limit(u64::MAX);
+    let after = rlimit::Resource::NOFILE.get().ok();
+    match (before, &raised, after) {
+        (Some((soft_before, _)), Ok(_), Some((soft, hard))) => {
+            tracing::info!(soft, hard, was = soft_before, "open file descriptor limit")
+        }
+        (_, Err(e), _) => {
+            tracing::warn!(error = %e, limit = ?after, "cannot raise the open file descriptor limit")
+        }
+        _ => {}
+    }
+    after.map(|(soft, _)| soft)
+}
+
+/// Lets at most `per_window` events a window be logged; the next one logged says how many were
+/// left out since.
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    per_window: u32,
+    window: Duration,
+    /// Window start, events logged in it, events suppressed since the last logged one.
+    state: Mutex<(Instant, u32, u64)>,
+}
+
+impl LogLimiter {
+    pub(crate) fn new(per_window: u32, window: Duration) -> LogLimiter {
+        LogLimiter {
+            per_window,
+            window,
+            state: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// `Some(suppressed before this one)` when this event may be logged, `None` when not.
+    pub(crate) fn admit(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if now.duration_since(s.0) >= self.window {
+            s.0 = now;
+            s.1 = 0;
+        }
+        if s.1 >= self.per_window {
+            s.2 += 1;
+            return None;
+        }
+        s.1 += 1;
+        Some(std::mem::take(&mut s.2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_cut_to_the_budget_and_the_next_line_counts_what_was_left_out() {
+        let limiter = LogLimiter::new(3, Duration::from_millis(50));
+        let admitted: Vec<Option<u64>> = (0..10).map(|_| limiter.admit()).collect();
+        assert_eq!(&admitted[..3], &[Some(0), Some(0), Some(0)]);
+        assert!(admitted[3..].iter().all(Option::is_none));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(limiter.admit(), Some(7));
+        assert_eq!(limiter.admit(), Some(0));
     }
 }

@@ -42,7 +42,7 @@ pub(crate) async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: Socke
     );
     let counters = &state.metrics.counters;
     counters.connection_opened();
-    let result = run_session(&state, stream, &span).await;
+    let result = run_session(&state, stream, id, &span).await;
     counters.connection_closed();
     let _entered = span.enter();
     match result {
@@ -50,6 +50,13 @@ pub(crate) async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: Socke
         Err(e) => {
             counters.error(e.source(), e.kind());
             match &e {
+                SessionError::AuthFailed(user) => {
+                    // The span carries the peer. Bounded: a flood of wrong passwords must not
+                    // turn into a flood of log lines.
+                    if let Some(suppressed) = state.auth_failures.admit() {
+                        tracing::warn!(user = %user, suppressed, "password authentication failed");
+                    }
+                }
                 SessionError::ClientIo(_) | SessionError::Refused(_) => {
                     tracing::debug!(error = %e, "session ended")
                 }
@@ -65,13 +72,26 @@ pub(crate) async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: Socke
 async fn run_session(
     state: &ProxyState,
     mut client: TcpStream,
+    id: u64,
     span: &tracing::Span,
 ) -> Result<SessionEnd, SessionError> {
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let startup = match tokio::time::timeout(AUTHENTICATION_TIMEOUT, handshake(state, &mut client, &mut buf))
-        .instrument(span.clone())
-        .await
-    {
+    let ticket = state.logins.enter(id);
+    let login = tokio::time::timeout(AUTHENTICATION_TIMEOUT, handshake(state, &mut client, &mut buf))
+        .instrument(span.clone());
+    let outcome = tokio::select! {
+        outcome = login => outcome,
+        () = ticket.shed() => {
+            let e = ErrorResponse::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "sorry, too many clients are still logging in",
+            );
+            send_fatal(&mut client, e).await;
+            return Err(SessionError::Refused("shed: too many connections still logging in".into()));
+        }
+    };
+    drop(ticket);
+    let startup = match outcome {
         Ok(Ok(Some(startup))) => startup,
         Ok(Ok(None)) => return Ok(SessionEnd::ClientClosed),
         Ok(Err(e)) => {
