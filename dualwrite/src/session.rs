@@ -734,7 +734,14 @@ where
             self.send(&frame, Some(Expect::Sync { forward: false }));
             self.flushed = true;
             self.drain().await?;
-            self.rollback_quietly().await?;
+            if self.status == b'I' {
+                // The error came before the proxy's BEGIN ran (the server skipped it with the
+                // rest of the batch): there is nothing to roll back, and a ROLLBACK would
+                // answer a warning PostgreSQL never sends here.
+                self.end_transaction();
+            } else {
+                self.rollback_quietly().await?;
+            }
             backend::ready_for_query(&mut self.to_client, TransactionStatus::Idle);
             self.batch_failed = false;
             self.hold_client = false;

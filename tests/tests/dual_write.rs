@@ -512,6 +512,16 @@ async fn pipelined_extended_batches_answer_like_postgres() {
             .execute("", 0)
             .sync();
         v.push(f);
+        // An error before a write in the same batch: the server skips the write (and whatever
+        // the proxy would add for it) up to the Sync.
+        let mut f = Frontend::new();
+        f.parse("", "SELECT 1/0", &[])
+            .bind("", "", &[], &[], &[])
+            .execute("", 0)
+            .bind("", "ins", &[Some(b"7"), Some(b"g")], &[], &[])
+            .execute("", 0)
+            .sync();
+        v.push(f);
         let mut f = Frontend::new();
         f.query("SELECT a, b, v FROM pairs ORDER BY a");
         v.push(f);
