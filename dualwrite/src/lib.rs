@@ -80,7 +80,8 @@ pub struct Mirror {
     /// NEW is considered down until this instant (ns since `epoch`): transactions skip it and
     /// leave their intents for the repair loop instead of waiting on a dead store.
     pub(crate) new_down_until: AtomicU64,
-    epoch: Instant,
+    /// On tokio's clock, so tests can pause time.
+    epoch: tokio::time::Instant,
     /// Intents whose NEW commit succeeded: deleted in batches.
     done_tx: mpsc::UnboundedSender<i64>,
     /// Intents of this proxy whose NEW side failed: repaired first.
@@ -253,7 +254,7 @@ impl Mirror {
             proxy_id: format!("{}-{:08x}", std::process::id(), rand::random::<u32>()),
             stats: Arc::new(MirrorStats::default()),
             new_down_until: AtomicU64::new(0),
-            epoch: Instant::now(),
+            epoch: tokio::time::Instant::now(),
             done_tx,
             failed: Mutex::new(Vec::new()),
         });
@@ -693,5 +694,92 @@ async fn cleanup_loop(mirror: std::sync::Weak<Mirror>, mut done: mpsc::Unbounded
         }
         drop(m);
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+impl Mirror {
+    /// An engine for unit tests, without databases: `tables` (`schema.table`) are mirrored,
+    /// each with a text key `id` and a text column `v`; the stores are unreachable (a closed
+    /// loopback port) and the follower is marked down, so a commit takes the path that leaves
+    /// its intent to the repair loop without waiting. No background loop runs.
+    pub(crate) fn for_tests(tables: &[&str]) -> Arc<Mirror> {
+        use switchyard_config::TableName;
+        use switchyard_store::{Column, TableSchema};
+
+        let url = StoreUrl::parse("postgres://test@127.0.0.1:9/unreachable").expect("test url");
+        let store = |role| Store::connect_lazy(role, &url).expect("lazy store");
+        let column = |name: &str| Column {
+            name: name.to_owned(),
+            type_name: "text".to_owned(),
+            type_oid: 25,
+            not_null: name == "id",
+            has_default: false,
+            generated: false,
+            identity: None,
+        };
+        let mut names = Vec::new();
+        let mut mirrored = Vec::new();
+        for t in tables {
+            let name: TableName = t.parse().expect("table name");
+            let schema = TableSchema {
+                name: name.clone(),
+                columns: vec![column("id"), column("v")],
+                primary_key: vec!["id".to_owned()],
+                unique_keys: vec![vec!["id".to_owned()]],
+            };
+            names.push((name.clone(), vec!["id".to_owned()]));
+            mirrored.push(MirrorTable::new(name, vec!["id".to_owned()], &schema, &schema));
+        }
+        let (done_tx, _) = mpsc::unbounded_channel();
+        let settings = MirrorSettings::default();
+        Arc::new(Mirror {
+            capture_sql: store_capture::capture_statement(mirrored.iter().map(|t| &t.name)),
+            by_name: mirrored
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.to_string(), i))
+                .collect(),
+            analyzer: Analyzer::new(MigratedTables::new(&names), writer_set(&[])),
+            shapes: TableShapes::new(mirrored.clone()),
+            policies: vec![UncapturedPolicy::Refuse; mirrored.len()],
+            tables: mirrored,
+            roles: Roles::OLD_AUTHORITATIVE,
+            authoritative: store(Role::Old),
+            follower: store(Role::New),
+            link: NewLink::new(
+                &url,
+                Role::New,
+                1,
+                Duration::from_millis(100),
+                Duration::from_secs(1),
+            ),
+            settings,
+            proxy_id: "test".to_owned(),
+            stats: Arc::new(MirrorStats::default()),
+            new_down_until: AtomicU64::new(u64::MAX),
+            epoch: tokio::time::Instant::now(),
+            done_tx,
+            failed: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a failure the follower counts as down for a second, on tokio's clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_follower_is_skipped_for_a_second() {
+        let m = Mirror::for_tests(&["public.t"]);
+        m.new_down_until.store(0, Relaxed);
+        assert!(m.new_available());
+        m.new_failed("test");
+        assert!(!m.new_available());
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(!m.new_available());
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(m.new_available());
     }
 }

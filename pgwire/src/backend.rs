@@ -383,11 +383,37 @@ pub fn ready_for_query(out: &mut BytesMut, status: TransactionStatus) {
     out.put_slice(&[b'Z', 0, 0, 0, 5, status.as_byte()]);
 }
 
+/// Writes ParseComplete (`1`), BindComplete (`2`), CloseComplete (`3`), NoData (`n`),
+/// EmptyQueryResponse (`I`) or another message without a body, by its tag.
+pub fn empty_message(out: &mut BytesMut, tag: u8) {
+    out.put_slice(&[tag, 0, 0, 0, 4]);
+}
+
+/// Writes CommandComplete with its command tag (`INSERT 0 1`, `COMMIT`, ...).
+pub fn command_complete(out: &mut BytesMut, command_tag: &str) {
+    let start = begin(out, b'C');
+    put_cstr(out, command_tag.as_bytes());
+    patch_len(out, start);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::frame::{Frames, MessageLimits};
     use crate::sqlstate;
+
+    #[test]
+    fn built_messages_parse_back() {
+        let mut out = BytesMut::new();
+        empty_message(&mut out, b'1');
+        command_complete(&mut out, "INSERT 0 1");
+        let frames: Vec<_> = Frames::new(&out, MessageLimits::SERVER)
+            .map(|f| f.unwrap())
+            .collect();
+        assert_eq!(frames.len(), 2);
+        assert_eq!((frames[0].0.tag, frames[0].1.len()), (b'1', 0));
+        assert_eq!(command_tag(frames[1].1), b"INSERT 0 1");
+    }
 
     #[test]
     fn command_tags_and_lenient_error_fields() {

@@ -1,0 +1,301 @@
+//! Messages from the client: the extended protocol (Parse, Bind, Describe, Execute, Close,
+//! Sync, Flush), the fast-path call, and the proxy's own statements injected into a batch (its
+//! implicit BEGIN around an autocommit write, refusals raised by the server).
+
+use super::*;
+
+impl<R, W, H> MirrorSession<'_, R, W, H>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+    H: SessionHost,
+{
+    pub(super) async fn client_message(&mut self, tag: u8, frame: Bytes) -> Result<(), SessionError> {
+        tracing::trace!(tag = %(tag as char), len = frame.len(), expect = self.expect.len(), "client message");
+        let body = frame.slice(5..);
+        // A malformed message is forwarded as it came: the server refuses it (and ends the
+        // session), so the session only needs to expect its error.
+        let msg = fe::parse(tag, &body).ok();
+        match tag {
+            b'Q' => {
+                let sql = match msg {
+                    Some(ClientMessage::Query { sql }) => String::from_utf8_lossy(sql).into_owned(),
+                    _ => String::new(),
+                };
+                self.simple_query(frame, &sql).await
+            }
+            b'P' => {
+                self.flushed = false;
+                let stmt = match msg {
+                    Some(ClientMessage::Parse { statement: name, sql }) => {
+                        let analysis = self.mirror.analyzer.analyze(&String::from_utf8_lossy(sql));
+                        let stmt = match analysis.stmts.as_slice() {
+                            [one] => one.stmt.clone(),
+                            _ => Stmt::Plain,
+                        };
+                        Some((name.to_vec(), stmt))
+                    }
+                    // Malformed: the server answers it.
+                    _ => None,
+                };
+                self.send(&frame, Some(Expect::Parse { forward: true }));
+                if let Some((name, stmt)) = stmt {
+                    set_name(&mut self.statements, &name, Arc::new(stmt));
+                }
+                Ok(())
+            }
+            b'B' => {
+                self.flushed = false;
+                let Some(ClientMessage::Bind { portal, statement }) = msg else {
+                    self.send(&frame, Some(Expect::Bind { forward: true }));
+                    return Ok(());
+                };
+                let stmt = self
+                    .statements
+                    .get(statement)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Stmt::Plain));
+                if let Stmt::Write { .. } = &*stmt {
+                    self.begin_if_idle();
+                }
+                let portal = portal.to_vec();
+                self.send(&frame, Some(Expect::Bind { forward: true }));
+                set_name(&mut self.portals, &portal, stmt);
+                Ok(())
+            }
+            b'D' => {
+                self.flushed = false;
+                let e = match msg {
+                    Some(ClientMessage::Describe {
+                        target: Target::Statement,
+                        ..
+                    }) => Expect::DescribeStatement { got_params: false },
+                    _ => Expect::DescribePortal,
+                };
+                self.send(&frame, Some(e));
+                Ok(())
+            }
+            b'E' => {
+                self.flushed = false;
+                let stmt = match msg {
+                    Some(ClientMessage::Execute { portal, .. }) => self.portals.get(portal).cloned(),
+                    _ => None,
+                }
+                .unwrap_or_else(|| Arc::new(Stmt::Plain));
+                self.execute(frame, &stmt).await
+            }
+            b'C' => {
+                self.flushed = false;
+                match msg {
+                    Some(ClientMessage::Close {
+                        target: Target::Statement,
+                        name,
+                    }) => self.statements.remove(name),
+                    Some(ClientMessage::Close { name, .. }) => self.portals.remove(name),
+                    _ => None,
+                };
+                self.send(&frame, Some(Expect::Close { forward: true }));
+                Ok(())
+            }
+            b'S' => self.sync(frame).await,
+            b'H' => {
+                // The client wants its answers now, even those held for a commit in progress.
+                self.hold_client = false;
+                self.send(&frame, None);
+                self.flushed = true;
+                Ok(())
+            }
+            b'F' => {
+                // A fast-path call that writes a migrated table is captured by the trigger's
+                // net (the session cannot tell what the function does).
+                self.send(&frame, Some(Expect::FunctionCall));
+                self.flushed = true;
+                Ok(())
+            }
+            // CopyData, CopyDone, CopyFail sent ahead of the server's CopyInResponse (pipelined
+            // by the client), or outside COPY, where the server answers them.
+            _ => {
+                if tag == b'c' || tag == b'f' {
+                    self.copy_ends_sent += 1;
+                }
+                self.send(&frame, None);
+                Ok(())
+            }
+        }
+    }
+
+    /// Opens a transaction for an autocommit write in an extended-protocol batch.
+    pub(super) fn begin_if_idle(&mut self) {
+        if self.txn == Txn::None {
+            // Only errors from here on decide whether the proxy's transaction commits: one left
+            // over from an earlier simple Query (answered, and already seen by the client) must
+            // not roll back this one.
+            self.batch_failed = false;
+            self.inject_statement("BEGIN", None, false, false);
+            self.txn = Txn::Implicit { open: false };
+            self.hold_client = true;
+        }
+    }
+
+    /// Injects one statement as extended-protocol messages whose answers the client never sees
+    /// (errors excepted).
+    pub(super) fn inject_statement(
+        &mut self,
+        sql: &str,
+        commit: Option<CommitWait>,
+        forward: bool,
+        capture: bool,
+    ) {
+        let mut out = BytesMut::new();
+        fe::parse_statement(&mut out, INJECTED, sql.as_bytes(), &[]);
+        fe::bind(&mut out, INJECTED, INJECTED, &[], &[], &[]);
+        fe::execute(&mut out, INJECTED, 0);
+        fe::close(&mut out, Target::Portal, INJECTED);
+        fe::close(&mut out, Target::Statement, INJECTED);
+        self.to_up.extend_from_slice(&out);
+        self.expect.push_back(Expect::Parse { forward: false });
+        self.expect.push_back(Expect::Bind { forward: false });
+        self.expect.push_back(Expect::Execute {
+            forward,
+            commit,
+            capture,
+        });
+        self.expect.push_back(Expect::Close { forward: false });
+        self.expect.push_back(Expect::Close { forward: false });
+        self.flushed = false;
+    }
+
+    pub(super) async fn execute(&mut self, frame: Bytes, stmt: &Stmt) -> Result<(), SessionError> {
+        match stmt {
+            Stmt::Write { table } => {
+                tracing::trace!(table, "a write to a migrated table");
+                self.begin_if_idle();
+                self.dirty = true;
+                self.send(&frame, Some(Expect::exec(true, None)));
+            }
+            Stmt::Txn(op) => {
+                match op {
+                    TxnOp::Begin => self.txn = self.txn.opened(),
+                    TxnOp::Commit => {
+                        if let Some(commit) = self.prepare_commit().await? {
+                            let intent = self.intent_sql(commit.intent_id).await;
+                            self.inject_statement(&intent, None, false, false);
+                            self.send(&frame, Some(Expect::exec(true, Some(commit))));
+                            return Ok(());
+                        }
+                    }
+                    TxnOp::Prepare if self.dirty => {
+                        self.refuse_extended(
+                            "PREPARE TRANSACTION of a transaction that wrote migrated tables cannot be mirrored",
+                        );
+                        return Ok(());
+                    }
+                    TxnOp::Prepare | TxnOp::Other => {}
+                }
+                self.send(&frame, Some(Expect::exec(true, None)));
+            }
+            Stmt::Uncaptured { table, what } => {
+                if self.mirror.policies.get(*table) == Some(&UncapturedPolicy::MarkForVerify) {
+                    self.mirror.mark_for_verify(*table, what);
+                    self.send(&frame, Some(Expect::exec(true, None)));
+                } else {
+                    let msg = self.refusal(*table, what);
+                    self.refuse_extended(&msg);
+                }
+            }
+            Stmt::Plain => self.send(&frame, Some(Expect::exec(true, None))),
+        }
+        Ok(())
+    }
+
+    /// Counts a refused statement and returns the message the client gets.
+    pub(super) fn refusal(&self, table: usize, what: &str) -> String {
+        self.mirror
+            .stats
+            .uncaptured
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = self
+            .mirror
+            .tables
+            .get(table)
+            .map(|t| t.name.to_string())
+            .unwrap_or_default();
+        format!("{what} on table {name} cannot be mirrored to the new database during the migration")
+    }
+
+    /// The server itself raises the refusal, so its transaction state (aborted block, skip to
+    /// Sync) is exactly what a failed statement leaves.
+    pub(super) fn refuse_extended(&mut self, message: &str) {
+        let sql = refusal_sql(message);
+        self.inject_statement(&sql, None, true, false);
+    }
+
+    pub(super) async fn sync(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        if !self.txn.implicit() {
+            self.send(&frame, Some(Expect::Sync { forward: true }));
+            self.flushed = true;
+            self.batch_failed = false;
+            return Ok(());
+        }
+        // The proxy opened a transaction for this batch: finish it before the client's Sync.
+        self.barrier().await?;
+        self.txn = self.txn.end_implicit();
+        if self.batch_failed || self.status == TransactionStatus::Failed {
+            self.send(&frame, Some(Expect::Sync { forward: false }));
+            self.flushed = true;
+            self.drain().await?;
+            if self.status == TransactionStatus::Idle {
+                // The error came before the proxy's BEGIN ran (the server skipped it with the
+                // rest of the batch): there is nothing to roll back, and a ROLLBACK would
+                // answer a warning PostgreSQL never sends here.
+                self.end_transaction();
+            } else {
+                self.rollback_quietly().await?;
+            }
+            backend::ready_for_query(&mut self.to_client, TransactionStatus::Idle);
+            self.batch_failed = false;
+            self.hold_client = false;
+            return Ok(());
+        }
+        if let Some(commit) = self.prepare_commit().await? {
+            let intent = self.intent_sql(commit.intent_id).await;
+            self.inject_statement(&intent, None, false, false);
+            self.inject_statement("COMMIT", Some(commit), false, false);
+        } else {
+            self.inject_statement("COMMIT", None, false, false);
+        }
+        // The commit and the client's Sync go together; the client's ReadyForQuery is ours.
+        self.send(&frame, Some(Expect::Sync { forward: false }));
+        self.flushed = true;
+        self.drain().await?;
+        if self.status != TransactionStatus::Idle {
+            // The intent or COMMIT failed inside the block the proxy opened: close it; the
+            // client already has the error.
+            self.rollback_quietly().await?;
+        }
+        backend::ready_for_query(&mut self.to_client, TransactionStatus::Idle);
+        self.batch_failed = false;
+        self.hold_client = false;
+        Ok(())
+    }
+}
+
+/// A statement that makes the server raise the refusal (SQLSTATE 0A000).
+pub(super) fn refusal_sql(message: &str) -> String {
+    let msg = message.replace('\'', "''");
+    let hint = "Run it directly on both databases, or set on_uncaptured = \"mark_for_verify\" for the table and verify it before cutover."
+        .replace('\'', "''");
+    format!(
+        "DO $switchyard$ BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = '{msg}', HINT = '{hint}'; END $switchyard$",
+        sqlstate::FEATURE_NOT_SUPPORTED.as_str()
+    )
+}
+
+fn set_name(map: &mut HashMap<Vec<u8>, Arc<Stmt>>, name: &[u8], stmt: Arc<Stmt>) {
+    match map.get_mut(name) {
+        Some(slot) => *slot = stmt,
+        None => {
+            map.insert(name.to_vec(), stmt);
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! The dual-write relay: one client session when some table is mirrored.
+//!
+//! The client's messages reach OLD exactly as the client sent them: the row changes are captured
+//! by OLD's own triggers (`switchyard_store::capture`), not by rewriting statements. The session
+//! only acts around commits: it opens a transaction for an autocommit write (so that the images
+//! can reach NEW before OLD commits), and before a transaction that may have written a migrated
+//! table commits, it runs the capture statement (which fires the deferred capture triggers and
+//! brings the row images as notices it keeps from the client), then the commit sequence (images
+//! to NEW, intent on OLD, COMMIT on OLD, COMMIT on NEW) before the client hears COMMIT. A write
+//! the session did not recognise is still captured: the trigger then records it durably on OLD
+//! for the repair loop (the net).
+//!
+//! Every message sent upstream, the client's or our own, pushes an `Expect` saying what its
+//! answers are and whether the client sees them. Answers are processed strictly in order. The
+//! session only waits for answers it is sure to get (the last message sent was a Sync, Flush or
+//! Query; before the commit sequence the proxy sends a Flush of its own), and while it waits for
+//! the client it also reads the server, so notifications reach an idle listener.
+//!
+//! # State
+//!
+//! - `expect` (`Expect`): the answers owed, in order, each saying whether the client sees it
+//!   and whether a COMMIT's outcome hangs on it.
+//! - `txn` (`Txn`): no block, the client's block, or the proxy's implicit one around an
+//!   autocommit write in an extended batch (`open` once its BEGIN ran). `status`: the last
+//!   ReadyForQuery. `dirty`: the open transaction may have written a migrated table, so its
+//!   commit runs the capture statement.
+//! - The batch: `flushed` (answers to everything sent are sure to come: a Sync, Flush or Query
+//!   went last), `batch_failed` (an error was answered in it), `skipping` (the server discards
+//!   everything up to the client's next Sync). These three are separate facts: a failure is
+//!   forgotten when the proxy opens its own transaction for a later write in the same batch,
+//!   while the server may still be skipping; and being flushed is about what was sent, not
+//!   about errors.
+//! - Around a commit: `captured` (the row images, streamed to the follower), `pending` (the
+//!   follower's side of a commit whose COMMIT on the authoritative store is in flight),
+//!   `hold_client` (answers held until both stores committed).
+//!
+//! # Transitions, by event
+//!
+//! - Client Query (`simple`): a read or a string without a migrated write goes through; an
+//!   autocommit write is wrapped (BEGIN, the string, capture, intent, COMMIT) and the client hears
+//!   one ReadyForQuery at the end; a COMMIT of the client's runs the commit sequence first.
+//! - Client Parse/Bind/Execute/Close/Sync (`client`): a write's Bind opens the proxy's
+//!   transaction when none is open (`Txn::None` → `Txn::Implicit`); the client's Sync ends it
+//!   with the commit sequence, or with a ROLLBACK when the batch failed (and the server's block
+//!   is open), and answers one idle ReadyForQuery.
+//! - Server answers (`server`): CommandComplete BEGIN/COMMIT/ROLLBACK and ReadyForQuery move
+//!   `txn`; an ErrorResponse ends the failing message's expectations and, in the extended
+//!   protocol, everything up to Sync; a COMMIT's outcome (CommandComplete, or an error) decides
+//!   the follower's commit (`commit`).
+//! - COPY FROM STDIN (`copy`): the client's data is relayed until CopyDone or CopyFail.
+//! - The loop (`flow`): between client messages it waits for the client while reading the
+//!   server; it ends the session on Terminate, either side closing, the stop signal (at once
+//!   when idle, after the grace otherwise) or the idle timeout.
+
+mod client;
+mod commit;
+mod copy;
+mod flow;
+mod server;
+mod simple;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use switchyard_config::{MirrorFault, UncapturedPolicy};
+use switchyard_pgwire::backend::{self, ServerMessage, TransactionStatus};
+use switchyard_pgwire::frame::{take_frame, MessageLimits};
+use switchyard_pgwire::frontend::{self as fe, ClientMessage, Target};
+use switchyard_pgwire::sqlstate;
+use switchyard_store::capture::{ImageOp, CAPTURE_SQLSTATE};
+use switchyard_store::mirror::ChangeOp;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::sql::{Analysis, Stmt, TxnOp};
+use super::stream::ImageStream;
+use super::Mirror;
+use crate::error::SessionError;
+use client::refusal_sql;
+use commit::{Captured, CommitWait, PendingCommit};
+use switchyard_store::wire::reserve_for_read as reserve;
+
+/// Names of the statements and portals the proxy injects (PostgreSQL reserves nothing, so these
+/// are long and unlikely; they are closed again in the same batch).
+const INJECTED: &[u8] = b"__switchyard_injected";
+
+/// How a dual-write session ended without an I/O or protocol error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The client sent Terminate (already forwarded upstream).
+    ClientTerminated,
+    /// The client closed its socket.
+    ClientClosed,
+    /// The server closed the connection (after a FATAL, which was forwarded).
+    UpstreamClosed,
+    /// A drain found the session idle.
+    Drained,
+    /// Immediate shutdown or the drain deadline.
+    ShutdownNow,
+    /// The client was idle outside a transaction for too long.
+    IdleTimeout,
+}
+
+/// Whether the proxy running the session is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Serving.
+    Run,
+    /// End the session once it is idle, or after `grace` at the latest.
+    Drain {
+        /// How long a transaction in progress may still take.
+        grace: std::time::Duration,
+    },
+    /// End the session now.
+    Now,
+}
+
+/// What the session needs from the proxy that runs it: the stop signal and the metrics. The
+/// engine does no accounting of its own for these, so both relays feed the same instruments.
+pub trait SessionHost: Send {
+    /// The current stop state.
+    fn stop(&self) -> Stop;
+    /// Resolves once [`SessionHost::stop`] may have changed.
+    fn stop_changed(&mut self) -> impl std::future::Future<Output = ()> + Send;
+    /// A message from the client (`tag`, `body` without the header), before it is processed.
+    fn client_message(&mut self, tag: u8, body: &[u8]);
+    /// Every request sent so far is answered.
+    fn answered(&mut self);
+    /// The authoritative store answered a statement with an error.
+    fn statement_error(&mut self);
+}
+
+/// Settings of one session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionParams {
+    /// Size limits of client messages.
+    pub limits: MessageLimits,
+    /// End the session after this long idle outside a transaction.
+    pub idle_timeout: Option<std::time::Duration>,
+}
+
+/// What the answers to one message sent upstream look like, and what the client sees of them.
+#[derive(Debug)]
+enum Expect {
+    /// ParseComplete.
+    Parse { forward: bool },
+    /// BindComplete.
+    Bind { forward: bool },
+    /// CloseComplete.
+    Close { forward: bool },
+    /// ParameterDescription, then RowDescription or NoData.
+    DescribeStatement { got_params: bool },
+    /// RowDescription or NoData.
+    DescribePortal,
+    /// Rows, then CommandComplete, EmptyQueryResponse or PortalSuspended (or a COPY).
+    Execute {
+        forward: bool,
+        commit: Option<CommitWait>,
+        /// The capture statement: its image notices are the session's, not the client's.
+        capture: bool,
+    },
+    /// Everything up to and including ReadyForQuery.
+    Query {
+        forward: bool,
+        forward_ready: bool,
+        commit: Option<CommitWait>,
+    },
+    /// ReadyForQuery.
+    Sync { forward: bool },
+    /// FunctionCallResponse, then ReadyForQuery.
+    FunctionCall,
+}
+
+impl Expect {
+    fn exec(forward: bool, commit: Option<CommitWait>) -> Expect {
+        Expect::Execute {
+            forward,
+            commit,
+            capture: false,
+        }
+    }
+
+    fn query(forward: bool, forward_ready: bool, commit: Option<CommitWait>) -> Expect {
+        Expect::Query {
+            forward,
+            forward_ready,
+            commit,
+        }
+    }
+}
+
+/// Whose transaction block is open on the authoritative store, as far as the session knows.
+///
+/// Two facts that change on their own: whether a block is open on the server, and whether the
+/// proxy opened it, around an autocommit write in an extended-protocol batch (the client's Sync
+/// then ends it with the commit sequence). A COMMIT of the client's inside such a batch closes
+/// the server's block while the batch stays the proxy's: hence `Implicit { open }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Txn {
+    /// No block open.
+    None,
+    /// The client's own block (its BEGIN completed, or a ReadyForQuery said so).
+    Client,
+    /// The proxy's block around an autocommit write in this batch; `open` once its BEGIN ran
+    /// (until a COMMIT or ROLLBACK inside the batch ends it).
+    Implicit { open: bool },
+}
+
+impl Txn {
+    /// A block is open on the server, the client's or the proxy's.
+    fn open(self) -> bool {
+        matches!(self, Txn::Client | Txn::Implicit { open: true })
+    }
+
+    /// The proxy opened the batch's transaction.
+    fn implicit(self) -> bool {
+        matches!(self, Txn::Implicit { .. })
+    }
+
+    /// The server opened a block (a BEGIN completed).
+    fn opened(self) -> Txn {
+        match self {
+            Txn::Implicit { .. } => Txn::Implicit { open: true },
+            Txn::None | Txn::Client => Txn::Client,
+        }
+    }
+
+    /// The server's block ended (a COMMIT or ROLLBACK completed, or the transaction is over).
+    fn closed(self) -> Txn {
+        match self {
+            Txn::Implicit { .. } => Txn::Implicit { open: false },
+            Txn::None | Txn::Client => Txn::None,
+        }
+    }
+
+    /// A ReadyForQuery said `status`.
+    fn ready(self, status: TransactionStatus) -> Txn {
+        if status == TransactionStatus::Idle {
+            self.closed()
+        } else {
+            self.opened()
+        }
+    }
+
+    /// The proxy's batch is over (the client's Sync): what remains is the server's state.
+    fn end_implicit(self) -> Txn {
+        match self {
+            Txn::Implicit { open: true } => Txn::Client,
+            Txn::Implicit { open: false } => Txn::None,
+            other => other,
+        }
+    }
+}
+
+struct MirrorSession<'a, R, W, H> {
+    mirror: &'a Arc<Mirror>,
+    params: SessionParams,
+    client_rd: &'a mut R,
+    client_wr: &'a mut W,
+    up_rd: &'a mut R,
+    up_wr: &'a mut W,
+    /// The proxy's stop signal and metrics.
+    host: &'a mut H,
+    client_buf: BytesMut,
+    up_buf: BytesMut,
+    to_client: BytesMut,
+    to_up: BytesMut,
+    expect: VecDeque<Expect>,
+    /// Answers to everything in `expect` are sure to come (a Sync, Flush or Query went last).
+    flushed: bool,
+    /// Transaction status from the last ReadyForQuery the session saw.
+    status: TransactionStatus,
+    /// Whose transaction block is open.
+    txn: Txn,
+    /// The open transaction ran a statement that may write a migrated table: its commit runs the
+    /// capture statement first. (A write not recognised is caught by the trigger's net.)
+    dirty: bool,
+    /// An error was answered in the current extended-protocol batch.
+    batch_failed: bool,
+    /// The server is skipping messages until the client's next Sync (an error came before
+    /// that Sync was sent): those messages get no answers.
+    skipping: bool,
+    /// CopyDone/CopyFail messages forwarded before their COPY started.
+    copy_ends_sent: usize,
+    statements: HashMap<Vec<u8>, Arc<Stmt>>,
+    portals: HashMap<Vec<u8>, Arc<Stmt>>,
+    captured: Captured,
+    pending: Option<PendingCommit>,
+    /// Answers are held back from the client while the proxy's own transaction around an
+    /// autocommit write is open: the client hears CommandComplete only once both stores
+    /// committed, as it would from PostgreSQL.
+    hold_client: bool,
+}
+
+/// Runs a session in dual-write mode until one side ends: `client` is the client's connection
+/// (read and write halves, with what was already read from it in `client_buf`), `upstream` the
+/// logged-in connection to the authoritative store (likewise).
+pub async fn relay<R, W, H>(
+    mirror: &Arc<Mirror>,
+    params: SessionParams,
+    client: (&mut R, &mut W),
+    client_buf: BytesMut,
+    upstream: (&mut R, &mut W),
+    up_buf: BytesMut,
+    host: &mut H,
+) -> Result<SessionEnd, SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+    H: SessionHost,
+{
+    let mut s = MirrorSession {
+        mirror,
+        params,
+        host,
+        client_rd: client.0,
+        client_wr: client.1,
+        up_rd: upstream.0,
+        up_wr: upstream.1,
+        client_buf,
+        up_buf,
+        to_client: BytesMut::with_capacity(8192),
+        to_up: BytesMut::with_capacity(8192),
+        expect: VecDeque::new(),
+        flushed: true,
+        status: TransactionStatus::Idle,
+        txn: Txn::None,
+        dirty: false,
+        batch_failed: false,
+        skipping: false,
+        copy_ends_sent: 0,
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        captured: Captured::default(),
+        pending: None,
+        hold_client: false,
+    };
+    let result = s.run().await;
+    if let Some(p) = s.pending.take() {
+        // The session died inside the commit sequence: OLD's outcome is unknown here, the intent
+        // (if OLD committed) is on OLD; let the repair loop decide.
+        mirror.rollback_on_new(p.conn).await;
+        mirror.note_failed(p.intent_id);
+    }
+    result
+}
