@@ -8,7 +8,7 @@
 //! `docs/dual-writes.md`.
 
 mod error;
-mod newlink;
+mod link;
 mod repairs;
 mod schema;
 pub mod session;
@@ -26,7 +26,7 @@ use switchyard_store::{ErrorKind, FunctionSource, PoolSettings, Role, Roles, Sto
 use tokio::sync::mpsc;
 
 pub use error::{SessionError, StartError};
-use newlink::{BatchStatement, LinkConn, LinkError, NewLink};
+use link::{BatchStatement, FollowerLink, LinkConn, LinkError};
 use schema::{Shapes, TableShapes};
 use sql::{Analyzer, MigratedTables, Writers};
 
@@ -68,7 +68,7 @@ pub struct Mirror {
     /// sqlx pool to the follower, for repairs and bookkeeping.
     pub(crate) follower: Store,
     /// Wire-protocol connections to the follower for the mirrored transactions themselves.
-    link: NewLink,
+    link: FollowerLink,
     pub(crate) settings: MirrorSettings,
     /// The statement that fires OLD's capture triggers before a mirrored commit
     /// ([`store_capture::capture_statement`]).
@@ -79,7 +79,7 @@ pub struct Mirror {
     pub stats: Arc<MirrorStats>,
     /// NEW is considered down until this instant (ns since `epoch`): transactions skip it and
     /// leave their intents for the repair loop instead of waiting on a dead store.
-    pub(crate) new_down_until: AtomicU64,
+    pub(crate) follower_down_until: AtomicU64,
     /// On tokio's clock, so tests can pause time.
     epoch: tokio::time::Instant,
     /// Intents whose NEW commit succeeded: deleted in batches.
@@ -222,7 +222,7 @@ impl Mirror {
             w.log(&names);
         }
 
-        let link = NewLink::new(
+        let link = FollowerLink::new(
             follower_url,
             roles.follower,
             settings.pool_size,
@@ -253,7 +253,7 @@ impl Mirror {
             settings,
             proxy_id: format!("{}-{:08x}", std::process::id(), rand::random::<u32>()),
             stats: Arc::new(MirrorStats::default()),
-            new_down_until: AtomicU64::new(0),
+            follower_down_until: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
             done_tx,
             failed: Mutex::new(Vec::new()),
@@ -274,8 +274,8 @@ impl Mirror {
     }
 
     /// Whether NEW is believed reachable (no recent failure).
-    pub fn new_available(&self) -> bool {
-        self.now_ns() >= self.new_down_until.load(Relaxed)
+    pub fn follower_available(&self) -> bool {
+        self.now_ns() >= self.follower_down_until.load(Relaxed)
     }
 
     /// NEW did not take a batch of images: either its tables' definitions changed (they are read
@@ -293,18 +293,18 @@ impl Mirror {
                 );
                 self.mark_stale();
             }
-            _ => self.new_failed(&e.to_string()),
+            _ => self.follower_failed(&e.to_string()),
         }
     }
 
-    fn new_failed(&self, why: &str) {
+    fn follower_failed(&self, why: &str) {
         tracing::warn!(
             store = self.roles.follower.name(),
             error = why,
             "the follower failed; its writes are left for repair"
         );
         let until = self.now_ns() + Duration::from_secs(1).as_nanos() as u64;
-        self.new_down_until.store(until, Relaxed);
+        self.follower_down_until.store(until, Relaxed);
     }
 
     /// Step 1 on NEW: `BEGIN`, the images and (with `marker`, the transaction's intent id) the
@@ -312,13 +312,13 @@ impl Mirror {
     /// or refuses the images: the transaction then relies on its intent. `fenced` lists the
     /// tables whose fence lock the NEW transaction holds (see [`Mirror::batch`]). A large
     /// transaction sends its later images with [`Mirror::send_chunk`] (`stream.rs`).
-    pub(crate) async fn begin_on_new(
+    pub(crate) async fn begin_on_follower(
         &self,
         changes: &[Change],
         fenced: &mut Vec<usize>,
         marker: Option<i64>,
     ) -> Option<LinkConn> {
-        if !self.new_available() {
+        if !self.follower_available() {
             return None;
         }
         let params = image_params(changes, marker);
@@ -334,7 +334,7 @@ impl Mirror {
                 // A pooled connection that NEW (or the network) closed meanwhile: NEW rolled
                 // back whatever reached it, so one retry on a fresh connection is safe. The
                 // other idle connections likely died with it.
-                Err(newlink::LinkError::Io(_)) if conn.reused => {
+                Err(link::LinkError::Io(_)) if conn.reused => {
                     drop(conn);
                     self.link.clear_idle();
                     let mut fresh = self.link.acquire().await?;
@@ -355,7 +355,7 @@ impl Mirror {
                 // Dropping the connection alone would leave NEW's backend waiting (on a row lock,
                 // say) until it next talks to us.
                 self.link.cancel(in_use.lock().ok().and_then(|mut k| k.take()));
-                self.new_failed("timed out applying row images");
+                self.follower_failed("timed out applying row images");
                 None
             }
         }
@@ -407,7 +407,7 @@ impl Mirror {
     /// Step 3: commit NEW after OLD committed. On failure the intent stays on OLD and this
     /// proxy repairs it first.
     /// `cleanup` false leaves the intent in place (crash tests).
-    pub(crate) async fn commit_on_new(
+    pub(crate) async fn commit_on_follower(
         &self,
         conn: Option<LinkConn>,
         intent_id: i64,
@@ -424,16 +424,16 @@ impl Mirror {
                         true
                     }
                     Ok(Ok(_)) => {
-                        self.new_failed("COMMIT left a transaction open");
+                        self.follower_failed("COMMIT left a transaction open");
                         false
                     }
                     Ok(Err(e)) => {
-                        self.new_failed(&e.to_string());
+                        self.follower_failed(&e.to_string());
                         false
                     }
                     Err(_) => {
                         self.link.cancel(conn.conn.cancel_key());
-                        self.new_failed("timed out committing");
+                        self.follower_failed("timed out committing");
                         false
                     }
                 }
@@ -455,7 +455,7 @@ impl Mirror {
     }
 
     /// OLD did not commit: drop NEW's side.
-    pub(crate) async fn rollback_on_new(&self, conn: Option<LinkConn>) {
+    pub(crate) async fn rollback_on_follower(&self, conn: Option<LinkConn>) {
         if let Some(mut conn) = conn {
             let work = conn.conn.simple("ROLLBACK");
             match tokio::time::timeout(self.settings.timeout, work).await {
@@ -668,19 +668,20 @@ async fn cleanup_loop(mirror: std::sync::Weak<Mirror>, mut done: mpsc::Unbounded
         }
         let Some(m) = mirror.upgrade() else { return };
         // Async commits reach disk within three wal_writer_delay (200 ms by default).
-        let outcome = match store_mirror::durable_on_new(&m.follower, &batch, Duration::from_secs(2)).await {
-            Ok(Some(durable)) => {
-                let on_disk: std::collections::HashSet<i64> = durable.iter().copied().collect();
-                for id in batch.iter().filter(|id| !on_disk.contains(id)) {
-                    m.note_failed(*id);
+        let outcome =
+            match store_mirror::durable_on_follower(&m.follower, &batch, Duration::from_secs(2)).await {
+                Ok(Some(durable)) => {
+                    let on_disk: std::collections::HashSet<i64> = durable.iter().copied().collect();
+                    for id in batch.iter().filter(|id| !on_disk.contains(id)) {
+                        m.note_failed(*id);
+                    }
+                    store_mirror::delete_intents(&m.authoritative, &m.follower, &durable)
+                        .await
+                        .map(|()| true)
                 }
-                store_mirror::delete_intents(&m.authoritative, &m.follower, &durable)
-                    .await
-                    .map(|()| true)
-            }
-            Ok(None) => Ok(false),
-            Err(e) => Err(e),
-        };
+                Ok(None) => Ok(false),
+                Err(e) => Err(e),
+            };
         match outcome {
             Ok(true) => batch.clear(),
             Ok(false) => tracing::debug!("NEW's WAL flush has not reached the mirrored commits yet"),
@@ -747,7 +748,7 @@ impl Mirror {
             roles: Roles::OLD_AUTHORITATIVE,
             authoritative: store(Role::Old),
             follower: store(Role::New),
-            link: NewLink::new(
+            link: FollowerLink::new(
                 &url,
                 Role::New,
                 1,
@@ -757,7 +758,7 @@ impl Mirror {
             settings,
             proxy_id: "test".to_owned(),
             stats: Arc::new(MirrorStats::default()),
-            new_down_until: AtomicU64::new(u64::MAX),
+            follower_down_until: AtomicU64::new(u64::MAX),
             epoch: tokio::time::Instant::now(),
             done_tx,
             failed: Mutex::new(Vec::new()),
@@ -773,13 +774,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_follower_is_skipped_for_a_second() {
         let m = Mirror::for_tests(&["public.t"]);
-        m.new_down_until.store(0, Relaxed);
-        assert!(m.new_available());
-        m.new_failed("test");
-        assert!(!m.new_available());
+        m.follower_down_until.store(0, Relaxed);
+        assert!(m.follower_available());
+        m.follower_failed("test");
+        assert!(!m.follower_available());
         tokio::time::advance(Duration::from_millis(999)).await;
-        assert!(!m.new_available());
+        assert!(!m.follower_available());
         tokio::time::advance(Duration::from_millis(2)).await;
-        assert!(m.new_available());
+        assert!(m.follower_available());
     }
 }

@@ -221,7 +221,7 @@ async fn repair_round(m: &Mirror, queue: &mut RepairQueue) -> Result<(), StoreEr
     // NEW answers again: let transactions mirror directly instead of leaving intents.
     let ping = m.follower.ping(m.settings.timeout).await;
     if ping.is_ok() {
-        m.new_down_until.store(0, Relaxed);
+        m.follower_down_until.store(0, Relaxed);
     }
     let n = repair::count_intents(&m.authoritative).await?;
     m.stats.pending_intents.store(n, Relaxed);

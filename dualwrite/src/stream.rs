@@ -8,7 +8,7 @@
 //! on it. A chunk is sent without waiting for NEW's answer, which is read before the next chunk
 //! goes, so NEW applies one chunk while the proxy collects the next; the proxy holds at most
 //! one chunk of images, one in flight, and the keys of the intent. At COMMIT,
-//! [`Mirror::finish_on_new`] sends what is left with the applied marker, and the commit sequence
+//! [`Mirror::finish_on_follower`] sends what is left with the applied marker, and the commit sequence
 //! goes on as for any transaction (`docs/dual-writes.md`): intent and COMMIT on OLD, then COMMIT
 //! on NEW. NEW's transaction stays uncommitted until OLD committed. If NEW fails, is slow or is
 //! down at any chunk, its transaction is dropped (NEW rolls it back), the remaining images only
@@ -26,7 +26,7 @@ use std::sync::Arc;
 use switchyard_store::intent::IntentKeys;
 use switchyard_store::mirror::{Change, ChangeOp};
 
-use super::newlink::{LinkConn, LinkError};
+use super::link::{LinkConn, LinkError};
 use super::Mirror;
 use switchyard_pgwire::startup::CancelKey;
 
@@ -40,7 +40,7 @@ const YIELD_IMAGES: usize = 1024;
 const BLOCKING_INTENT_KEYS: usize = 50_000;
 
 /// Where NEW's side of the transaction is.
-enum NewSide {
+enum FollowerSide {
     /// Nothing sent to NEW yet.
     Idle,
     /// NEW's transaction is open; `in_flight` while the answers to the last chunk are unread.
@@ -57,7 +57,7 @@ pub(crate) struct ImageStream {
     pending_bytes: usize,
     /// The keys of every image so far (sent or not).
     intent: IntentKeys,
-    new: NewSide,
+    new: FollowerSide,
     /// Tables whose fence lock NEW's transaction holds.
     fenced: Vec<usize>,
     /// Tables whose first image was checked against their known definition
@@ -75,7 +75,7 @@ impl Default for ImageStream {
             pending_images: 0,
             pending_bytes: 0,
             intent: IntentKeys::new(),
-            new: NewSide::Idle,
+            new: FollowerSide::Idle,
             fenced: Vec::new(),
             checked: Vec::new(),
             images: 0,
@@ -111,11 +111,11 @@ impl ImageStream {
     }
 
     /// Forgets the transaction. A NEW transaction still open goes with its connection (NEW
-    /// rolls it back); [`Mirror::abandon_on_new`] ends it more politely.
+    /// rolls it back); [`Mirror::abandon_on_follower`] ends it more politely.
     pub(crate) fn clear(&mut self) {
         self.take_pending();
         self.intent.clear();
-        self.new = NewSide::Idle;
+        self.new = FollowerSide::Idle;
         self.fenced.clear();
         self.checked.clear();
         self.images = 0;
@@ -141,27 +141,27 @@ impl Mirror {
     pub(crate) async fn send_chunk(&self, s: &mut ImageStream) {
         let changes = self.fold(s).await;
         s.chunks += 1;
-        s.new = match mem::replace(&mut s.new, NewSide::Gone) {
-            NewSide::Idle => match self.begin_on_new(&changes, &mut s.fenced, None).await {
-                Some(conn) => NewSide::Open {
+        s.new = match mem::replace(&mut s.new, FollowerSide::Gone) {
+            FollowerSide::Idle => match self.begin_on_follower(&changes, &mut s.fenced, None).await {
+                Some(conn) => FollowerSide::Open {
                     conn: Box::new(conn),
                     in_flight: false,
                 },
-                None => NewSide::Gone,
+                None => FollowerSide::Gone,
             },
-            NewSide::Open { mut conn, in_flight } => {
+            FollowerSide::Open { mut conn, in_flight } => {
                 if (!in_flight || self.chunk_answer(&mut conn).await)
                     && self.send_more(&mut conn, &changes, &mut s.fenced, None).await
                 {
-                    NewSide::Open {
+                    FollowerSide::Open {
                         conn,
                         in_flight: true,
                     }
                 } else {
-                    NewSide::Gone
+                    FollowerSide::Gone
                 }
             }
-            NewSide::Gone => NewSide::Gone,
+            FollowerSide::Gone => FollowerSide::Gone,
         };
         drop(changes);
         tokio::task::yield_now().await;
@@ -170,11 +170,14 @@ impl Mirror {
     /// Step 1 on NEW at COMMIT: the images not sent yet and the applied marker for
     /// `intent_id`; the connection whose transaction is ready to commit, or `None` when NEW's
     /// side failed (the transaction then relies on its intent).
-    pub(crate) async fn finish_on_new(&self, s: &mut ImageStream, intent_id: i64) -> Option<LinkConn> {
+    pub(crate) async fn finish_on_follower(&self, s: &mut ImageStream, intent_id: i64) -> Option<LinkConn> {
         let changes = self.fold(s).await;
-        match mem::replace(&mut s.new, NewSide::Gone) {
-            NewSide::Idle => self.begin_on_new(&changes, &mut s.fenced, Some(intent_id)).await,
-            NewSide::Open { mut conn, in_flight } => {
+        match mem::replace(&mut s.new, FollowerSide::Gone) {
+            FollowerSide::Idle => {
+                self.begin_on_follower(&changes, &mut s.fenced, Some(intent_id))
+                    .await
+            }
+            FollowerSide::Open { mut conn, in_flight } => {
                 let ok = (!in_flight || self.chunk_answer(&mut conn).await)
                     && self
                         .send_more(&mut conn, &changes, &mut s.fenced, Some(intent_id))
@@ -182,25 +185,25 @@ impl Mirror {
                     && self.chunk_answer(&mut conn).await;
                 ok.then_some(*conn)
             }
-            NewSide::Gone => None,
+            FollowerSide::Gone => None,
         }
     }
 
     /// The transaction will not commit (its capture failed or its images cannot be used): ends
     /// NEW's side of it.
-    pub(crate) async fn abandon_on_new(&self, s: &mut ImageStream) {
+    pub(crate) async fn abandon_on_follower(&self, s: &mut ImageStream) {
         self.drop_new_side(s).await;
         s.clear();
     }
 
     /// Ends NEW's side of the transaction: the rest of it only feeds the intent.
     async fn drop_new_side(&self, s: &mut ImageStream) {
-        match mem::replace(&mut s.new, NewSide::Gone) {
-            NewSide::Open {
+        match mem::replace(&mut s.new, FollowerSide::Gone) {
+            FollowerSide::Open {
                 conn,
                 in_flight: false,
-            } => self.rollback_on_new(Some(*conn)).await,
-            NewSide::Open {
+            } => self.rollback_on_follower(Some(*conn)).await,
+            FollowerSide::Open {
                 conn,
                 in_flight: true,
             } => {
@@ -208,7 +211,7 @@ impl Mirror {
                 // wait on a lock before that.
                 self.link.cancel(conn.conn.cancel_key());
             }
-            NewSide::Idle | NewSide::Gone => {}
+            FollowerSide::Idle | FollowerSide::Gone => {}
         }
     }
 
@@ -218,7 +221,7 @@ impl Mirror {
     /// the transaction is then repaired from its intent once the stores match.
     async fn fold(&self, s: &mut ImageStream) -> Vec<Change> {
         let changes = s.take_pending();
-        if !matches!(s.new, NewSide::Gone) && !self.images_fit(&changes, &mut s.checked).await {
+        if !matches!(s.new, FollowerSide::Gone) && !self.images_fit(&changes, &mut s.checked).await {
             self.drop_new_side(s).await;
         }
         for c in &changes {
@@ -274,7 +277,7 @@ impl Mirror {
             }
             Err(_) => {
                 self.link.cancel(key);
-                self.new_failed(late);
+                self.follower_failed(late);
                 false
             }
         }

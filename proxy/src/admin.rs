@@ -93,7 +93,7 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
         let s = &m.stats;
         let n = s.latency_count.load(Relaxed);
         json!({
-            "new_available": m.new_available(),
+            "new_available": m.follower_available(),
             "mirrored_transactions": s.mirrored.load(Relaxed),
             "mirror_failures": s.mirror_failures.load(Relaxed),
             "repairs": s.repairs.load(Relaxed),

@@ -416,7 +416,7 @@ pub fn intent_sql(tables: &[MirrorTable], changes: &[Change], intent_id: i64, pr
 /// has. A NEW that crashed meanwhile lost the markers of the transactions it lost, so those
 /// ids are left out (their intents stay and are repaired), even though a restarted NEW's WAL
 /// position soon passes the old one. `None`: not flushed within `wait` (try again later).
-pub async fn durable_on_new(
+pub async fn durable_on_follower(
     follower: &Store,
     ids: &[i64],
     wait: Duration,
@@ -455,7 +455,7 @@ pub async fn durable_on_new(
 }
 
 /// Deletes intents whose NEW transaction committed (on OLD), then their applied markers (on
-/// NEW). Call it only with ids [`durable_on_new`] returned. Markers are only removed after
+/// NEW). Call it only with ids [`durable_on_follower`] returned. Markers are only removed after
 /// their intents, so a repair never sees an intent without its marker when the NEW transaction
 /// did commit.
 pub async fn delete_intents(authoritative: &Store, follower: &Store, ids: &[i64]) -> Result<(), StoreError> {

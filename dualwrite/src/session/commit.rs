@@ -12,7 +12,7 @@ pub(super) struct CommitWait {
 
 /// What the NEW side of a commit in progress holds.
 pub(super) struct PendingCommit {
-    pub(super) conn: Option<crate::newlink::LinkConn>,
+    pub(super) conn: Option<crate::link::LinkConn>,
     pub(super) intent_id: i64,
     pub(super) started: Instant,
 }
@@ -121,14 +121,14 @@ where
         if self.batch_failed {
             // The capture statement failed (the client has the error): the transaction is
             // aborted and its COMMIT will answer ROLLBACK.
-            self.mirror.abandon_on_new(&mut self.captured.stream).await;
+            self.mirror.abandon_on_follower(&mut self.captured.stream).await;
             self.captured.clear();
             return Ok(None);
         }
         if let Some(problem) = self.captured.problem.take() {
             // Images the proxy cannot apply must not be committed on OLD alone without a
             // record: refuse the commit (the server raises the error and aborts).
-            self.mirror.abandon_on_new(&mut self.captured.stream).await;
+            self.mirror.abandon_on_follower(&mut self.captured.stream).await;
             self.captured.clear();
             tracing::error!(problem, "refusing a commit whose row images cannot be mirrored");
             self.refuse_extended(&problem);
@@ -142,7 +142,7 @@ where
         let started = Instant::now();
         let conn = self
             .mirror
-            .finish_on_new(&mut self.captured.stream, intent_id)
+            .finish_on_follower(&mut self.captured.stream, intent_id)
             .await;
         if self.mirror.settings.fault_injection == Some(MirrorFault::BeforeOldCommit) {
             drop(conn);
@@ -175,13 +175,13 @@ where
             }
             let cleanup = fault != Some(MirrorFault::AfterNewCommit);
             self.mirror
-                .commit_on_new(p.conn, p.intent_id, p.started, cleanup)
+                .commit_on_follower(p.conn, p.intent_id, p.started, cleanup)
                 .await;
             if !cleanup {
                 return Err(SessionError::Injected("after NEW's commit"));
             }
         } else {
-            self.mirror.rollback_on_new(p.conn).await;
+            self.mirror.rollback_on_follower(p.conn).await;
         }
         self.captured.clear();
         Ok(())

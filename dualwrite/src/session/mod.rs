@@ -343,7 +343,7 @@ where
     if let Some(p) = s.pending.take() {
         // The session died inside the commit sequence: OLD's outcome is unknown here, the intent
         // (if OLD committed) is on OLD; let the repair loop decide.
-        mirror.rollback_on_new(p.conn).await;
+        mirror.rollback_on_follower(p.conn).await;
         mirror.note_failed(p.intent_id);
     }
     result

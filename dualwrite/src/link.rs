@@ -45,7 +45,7 @@ pub(crate) struct BatchStatement<'a> {
 }
 
 /// A logged-in connection to NEW.
-pub(crate) struct NewConn {
+pub(crate) struct FollowerConn {
     stream: TcpStream,
     buf: BytesMut,
     prepared: HashSet<String>,
@@ -55,7 +55,7 @@ pub(crate) struct NewConn {
     cancel_key: Option<CancelKey>,
 }
 
-impl NewConn {
+impl FollowerConn {
     /// The key that cancels this connection's current statement on NEW.
     pub(crate) fn cancel_key(&self) -> Option<CancelKey> {
         self.cancel_key.clone()
@@ -169,25 +169,25 @@ fn statement_error(body: &[u8]) -> LinkError {
     }
 }
 
-/// A pooled NEW connection; goes back to the pool with [`NewLink::release`].
+/// A pooled NEW connection; goes back to the pool with [`FollowerLink::release`].
 pub(crate) struct LinkConn {
-    pub(crate) conn: NewConn,
+    pub(crate) conn: FollowerConn,
     /// It came from the pool (it may have died while idle).
     pub(crate) reused: bool,
     _permit: OwnedSemaphorePermit,
 }
 
 /// The pool of NEW connections shared by a proxy's sessions.
-pub(crate) struct NewLink {
+pub(crate) struct FollowerLink {
     target: WireTarget,
-    idle: Mutex<Vec<NewConn>>,
+    idle: Mutex<Vec<FollowerConn>>,
     slots: Arc<Semaphore>,
     timeout: Duration,
     /// Server-side bound on every statement and lock wait (`statement_timeout`, `lock_timeout`).
     statement_bound: Duration,
 }
 
-impl NewLink {
+impl FollowerLink {
     /// A pool of `size` connections to NEW at `url`; logins give up after `timeout`, and NEW
     /// itself ends any statement or lock wait after `statement_bound`.
     pub(crate) fn new(
@@ -196,8 +196,8 @@ impl NewLink {
         size: u32,
         timeout: Duration,
         statement_bound: Duration,
-    ) -> NewLink {
-        NewLink {
+    ) -> FollowerLink {
+        FollowerLink {
             target: WireTarget {
                 url: url.clone(),
                 store,
@@ -251,7 +251,7 @@ impl NewLink {
         })
     }
 
-    async fn connect(&self) -> Result<NewConn, LinkError> {
+    async fn connect(&self) -> Result<FollowerConn, LinkError> {
         let params = [
             ("application_name".to_owned(), "switchyard-mirror".to_owned()),
             // The fencing of mirrored writes against each other, against repairs and against the
@@ -265,7 +265,7 @@ impl NewLink {
             // A mirrored transaction whose proxy vanished must not hold NEW's locks for long.
             // NEW commits without waiting for its WAL flush: the client's acknowledgement rests
             // on OLD's commit and the intent there, and an intent is only deleted once NEW's
-            // WAL is flushed past the transaction (`store::mirror::durable_on_new`), so a NEW
+            // WAL is flushed past the transaction (`store::mirror::durable_on_follower`), so a NEW
             // crash loses nothing that is not re-copied. The flush wait would otherwise run
             // while the transaction's rows stay locked on NEW.
             // <https://www.postgresql.org/docs/current/wal-async-commit.html>
@@ -289,7 +289,7 @@ impl NewLink {
             .connect(196_608, &params, self.timeout, Some(Duration::from_secs(30)))
             .await
         {
-            Ok(LoginOutcome::Ready(u)) => Ok(NewConn {
+            Ok(LoginOutcome::Ready(u)) => Ok(FollowerConn {
                 stream: u.stream,
                 buf: u.buf,
                 prepared: HashSet::new(),
