@@ -82,12 +82,56 @@ enum Command {
         #[arg(long)]
         cleanup_tombstones: bool,
     },
+    /// Measure how far NEW is from OLD: `sample` estimates the share of differing keys with a
+    /// 95% interval, `verify` finds every differing key. Results are recorded on NEW. Exit 0 when
+    /// no difference was found, 1 when some was, 2 when the check could not run.
+    Drift {
+        #[command(subcommand)]
+        action: DriftCommand,
+    },
     /// Show every configured table's phase and backfill progress (read from NEW).
     Status {
         /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
         #[arg(long, short)]
         config: PathBuf,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DriftCommand {
+    /// Estimate each table's drift from keys drawn at random over both stores' keys.
+    Sample {
+        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this table (`schema.table`; repeatable). Default: every configured table.
+        #[arg(long = "table", value_name = "NAME")]
+        tables: Vec<String>,
+        /// About this many keys per table.
+        #[arg(long, default_value_t = 5_000)]
+        samples: u64,
+        /// Chooses the keys: the same seed draws the same keys. Default: a random one (printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare each table exactly and list every differing key.
+    Verify {
+        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this table (`schema.table`; repeatable). Default: every configured table.
+        #[arg(long = "table", value_name = "NAME")]
+        tables: Vec<String>,
+        /// Keys per hashed range.
+        #[arg(long, default_value_t = 10_000)]
+        chunk_rows: u64,
+        /// Print the results as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -129,6 +173,7 @@ fn main() -> ExitCode {
             backfill(config, tables, options, json, cleanup_tombstones)
         }
         Command::Status { config, json } => status(config, json),
+        Command::Drift { action } => drift(action),
     };
     match result {
         Ok(code) => code,
@@ -184,17 +229,10 @@ fn run_proxy(file: PathBuf) -> anyhow::Result<ExitCode> {
 }
 
 fn prepare(file: PathBuf, check: bool, json: bool) -> anyhow::Result<ExitCode> {
-    let config = match Config::load(&file) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("{}: {e}", file.display());
-            return Ok(ExitCode::from(EXIT_NOT_CHECKED));
-        }
+    let Some(config) = load_for_check(&file) else {
+        return Ok(ExitCode::from(EXIT_NOT_CHECKED));
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = current_thread_runtime()?;
     let result = runtime.block_on(async {
         let old = Store::connect_lazy(Role::Old, &config.old.url)?;
         let new = Store::connect_lazy(Role::New, &config.new.url)?;
@@ -470,4 +508,134 @@ fn status(file: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
         println!("{:<width$}  {:<11}  {backfill}", t.table, t.phase.as_str());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `switchyard drift sample|verify`: the library does the work; this parses, prints, records.
+fn drift(action: DriftCommand) -> anyhow::Result<ExitCode> {
+    let (file, names) = match &action {
+        DriftCommand::Sample { config, tables, .. } | DriftCommand::Verify { config, tables, .. } => {
+            (config.clone(), tables.clone())
+        }
+    };
+    let Some(config) = load_for_check(&file) else {
+        return Ok(ExitCode::from(EXIT_NOT_CHECKED));
+    };
+    let runtime = current_thread_runtime()?;
+    let result = runtime.block_on(async {
+        let old = switchyard_drift::connect(Role::Old, &config.old.url)?;
+        let new = switchyard_drift::connect(Role::New, &config.new.url)?;
+        old.ping(config.proxy.connect_timeout).await?;
+        new.ping(config.proxy.connect_timeout).await?;
+        let selected: Vec<_> = config
+            .tables
+            .iter()
+            .filter(|t| names.is_empty() || names.iter().any(|n| *n == t.name.to_string()))
+            .collect();
+        if let Some(unknown) = names
+            .iter()
+            .find(|n| !config.tables.iter().any(|t| t.name.to_string() == **n))
+        {
+            anyhow::bail!("table {unknown} is not in the configuration's [[tables]]");
+        }
+        let by = format!("switchyard drift (pid {})", std::process::id());
+        let mut found = 0;
+        let mut outputs = Vec::new();
+        for settings in selected {
+            let table = switchyard_drift::DriftTable::load(&old, settings).await?;
+            match &action {
+                DriftCommand::Sample {
+                    samples, seed, json, ..
+                } => {
+                    let seed = seed.unwrap_or_else(rand_seed);
+                    let r = switchyard_drift::sample(&old, &new, &table, *samples, seed, Default::default()).await?;
+                    switchyard_drift::record(&new, switchyard_drift::Recorded::Sample(&r), table.phase, &by).await?;
+                    found += r.differing;
+                    if *json {
+                        outputs.push(serde_json::to_value(&r)?);
+                    } else {
+                        println!(
+                            "{}: {} of {} sampled keys differ: rate {:.4}% (95% CI {:.4}%..{:.4}%); \
+                             {} missing in NEW, {} extra in NEW, {} values differ; rows OLD {}, NEW {}; {:.2} s (seed {seed})",
+                            r.table,
+                            r.differing,
+                            r.sampled,
+                            r.rate * 100.0,
+                            r.ci95_low * 100.0,
+                            r.ci95_high * 100.0,
+                            r.missing_in_new,
+                            r.extra_in_new,
+                            r.value_differs,
+                            r.rows_old,
+                            r.rows_new,
+                            r.seconds
+                        );
+                    }
+                }
+                DriftCommand::Verify { chunk_rows, json, .. } => {
+                    let r = switchyard_drift::verify(&old, &new, &table, *chunk_rows, Default::default()).await?;
+                    switchyard_drift::record(&new, switchyard_drift::Recorded::Verify(&r), table.phase, &by).await?;
+                    found += r.differing;
+                    if *json {
+                        outputs.push(serde_json::to_value(&r)?);
+                    } else {
+                        println!(
+                            "{}: {} differing keys ({} missing in NEW, {} extra in NEW, {} values differ); \
+                             rows OLD {}, NEW {}; {} ranges; {:.2} s, {:.0} rows/s",
+                            r.table,
+                            r.differing,
+                            r.missing_in_new,
+                            r.extra_in_new,
+                            r.value_differs,
+                            r.rows_old,
+                            r.rows_new,
+                            r.chunks,
+                            r.seconds,
+                            r.rows_per_sec
+                        );
+                        for k in &r.differing_keys {
+                            println!("  {:?} {}", k.kind, k.key.join(", "));
+                        }
+                    }
+                }
+            }
+        }
+        if !outputs.is_empty() {
+            println!("{}", serde_json::to_string_pretty(&outputs)?);
+        }
+        anyhow::Ok(found)
+    });
+    match result {
+        Ok(0) => Ok(ExitCode::SUCCESS),
+        Ok(_) => Ok(ExitCode::FAILURE),
+        Err(e) => {
+            eprintln!("switchyard drift: {e:#}");
+            Ok(ExitCode::from(EXIT_NOT_CHECKED))
+        }
+    }
+}
+
+/// A seed for a sample nobody asked to repeat.
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() >> 1
+}
+
+/// The configuration of a command that exits 2 when it could not check (the reason printed).
+fn load_for_check(file: &std::path::Path) -> Option<Config> {
+    Config::load(file)
+        .map_err(|e| eprintln!("{}: {e}", file.display()))
+        .ok()
+}
+
+fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }

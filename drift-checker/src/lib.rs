@@ -1,1 +1,237 @@
-//! placeholder
+//! The drift checker: how far NEW is from OLD, measured.
+//!
+//! Two measures, both on the store layer ([`switchyard_store::Store`]), both comparing rows as
+//! canonical values (see [`canonical`]):
+//!
+//! - [`sample`]: an estimate of the share of keys that differ, with a 95% Wilson interval, from
+//!   keys drawn at random over the **union** of both stores' keys. Each key of the union is
+//!   included independently with the same probability (a seeded hash of the key below a
+//!   threshold, on both stores), so the sample is an equal-probability sample of the union and
+//!   its share of differing keys estimates the rate without bias (docs/drift.md gives the
+//!   argument). Keys only NEW has (extra rows) are as likely to be drawn as keys only OLD has.
+//! - [`verify`]: the exact answer. Key ranges of a few thousand rows are hashed in the databases
+//!   on both sides; a range whose hashes differ is read key by key and every differing key is
+//!   listed with the kind of difference.
+//!
+//! A key that differs may be racing a write that is being mirrored: it is read again a few
+//! times, a little later each time, before it counts. Results are recorded in
+//! `switchyard.switchyard_drift` on NEW ([`record`]), for proxies and operators to read.
+
+pub mod canonical;
+mod report;
+mod table;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use switchyard_store::{Store, StoreError};
+
+pub use report::{record, wilson, DiffKind, DifferingKey, Recorded, SampleReport, VerifyReport};
+pub use table::DriftTable;
+
+/// A key range `(lo, hi]`; `None` ends are open.
+type KeyRange = (Option<Vec<String>>, Option<Vec<String>>);
+
+/// A handle on one store for the drift checker: its connections read canonical values
+/// ([`canonical`]).
+pub fn connect(role: switchyard_store::Role, url: &switchyard_config::StoreUrl) -> Result<Store, DriftError> {
+    Ok(Store::connect_lazy_with(role, url, &canonical::pool_settings())?)
+}
+
+/// Why a drift check could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DriftError {
+    /// A store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The table cannot be compared (no key, missing on a store, ...).
+    #[error("table {table}: {problem}")]
+    Table {
+        /// The table.
+        table: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// How a differing key is confirmed: read again `rechecks` times, `pause` times the attempt
+/// number apart (100, 200, 300 ms by default: longer than a mirrored commit takes), and only a
+/// key that differs every time counts.
+#[derive(Debug, Clone, Copy)]
+pub struct Recheck {
+    pub rechecks: u32,
+    pub pause: Duration,
+}
+
+impl Default for Recheck {
+    fn default() -> Self {
+        Recheck {
+            rechecks: 3,
+            pause: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Up to this many example keys per report.
+pub const MAX_EXAMPLES: usize = 20;
+
+/// Estimates `table`'s drift from about `samples` keys drawn at random over the union of both
+/// stores' keys, with `seed` choosing which (the same seed draws the same keys).
+pub async fn sample(
+    old: &Store,
+    new: &Store,
+    table: &DriftTable,
+    samples: u64,
+    seed: u64,
+    recheck: Recheck,
+) -> Result<SampleReport, DriftError> {
+    let started = Instant::now();
+    let rows_old = table.count(old).await?;
+    let rows_new = table.count(new).await?;
+    // Inclusion probability: about `samples` keys of a union at least as large as either side.
+    let larger = rows_old.max(rows_new).max(1);
+    let fraction = (samples as f64 / larger as f64).min(1.0);
+    let threshold = (fraction * table::HASH_RANGE as f64).ceil() as i64;
+    let mut keys: BTreeSet<Vec<String>> = table
+        .sampled_keys(old, seed, threshold)
+        .await?
+        .into_iter()
+        .collect();
+    keys.extend(table.sampled_keys(new, seed, threshold).await?);
+    let keys: Vec<Vec<String>> = keys.into_iter().collect();
+    let differing = confirmed_differences(old, new, table, &keys, recheck).await?;
+    let mut report = SampleReport::new(table.name.to_string(), keys.len() as u64, rows_old, rows_new);
+    for d in &differing {
+        report.count(d);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.seed = seed;
+    Ok(report)
+}
+
+/// Compares `table` on both stores exactly: ranges of `chunk_rows` keys hashed in the
+/// databases, differing ranges read key by key. Every differing key is listed.
+pub async fn verify(
+    old: &Store,
+    new: &Store,
+    table: &DriftTable,
+    chunk_rows: u64,
+    recheck: Recheck,
+) -> Result<VerifyReport, DriftError> {
+    let started = Instant::now();
+    let rows_old = table.count(old).await?;
+    let rows_new = table.count(new).await?;
+    // Range bounds from OLD's keys; the first range is open below, the last open above, so the
+    // ranges cover every key either store has.
+    let bounds = table.range_bounds(old, chunk_rows.max(1)).await?;
+    let mut ranges: Vec<KeyRange> = Vec::new();
+    let mut lo = None;
+    for b in bounds {
+        ranges.push((lo.clone(), Some(b.clone())));
+        lo = Some(b);
+    }
+    ranges.push((lo, None));
+
+    let mut suspects = Vec::new();
+    for (lo, hi) in &ranges {
+        let (a, b) = (
+            table.range_hash(old, lo.as_deref(), hi.as_deref()).await?,
+            table.range_hash(new, lo.as_deref(), hi.as_deref()).await?,
+        );
+        if a == b {
+            continue;
+        }
+        let a = table.range_rows(old, lo.as_deref(), hi.as_deref()).await?;
+        let b = table.range_rows(new, lo.as_deref(), hi.as_deref()).await?;
+        suspects.extend(differing_keys(&a, &b).into_iter().map(|(key, _)| key));
+    }
+    let differing = confirmed_differences(old, new, table, &suspects, recheck).await?;
+    let mut report = VerifyReport::new(table.name.to_string(), rows_old, rows_new);
+    report.chunks = ranges.len() as u64;
+    for d in differing {
+        report.add(d);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.rows_per_sec = (rows_old + rows_new) as f64 / report.seconds.max(1e-9);
+    Ok(report)
+}
+
+/// The keys whose rows differ between `old` and `new` (each a map from key to canonical row),
+/// with the kind of difference.
+fn differing_keys(
+    old: &BTreeMap<Vec<String>, String>,
+    new: &BTreeMap<Vec<String>, String>,
+) -> Vec<(Vec<String>, DiffKind)> {
+    let mut out = Vec::new();
+    for (key, row) in old {
+        match new.get(key) {
+            None => out.push((key.clone(), DiffKind::MissingInNew)),
+            Some(other) if other != row => out.push((key.clone(), DiffKind::ValueDiffers)),
+            Some(_) => {}
+        }
+    }
+    for key in new.keys() {
+        if !old.contains_key(key) {
+            out.push((key.clone(), DiffKind::ExtraInNew));
+        }
+    }
+    out
+}
+
+/// Reads `keys` on both stores and returns those that differ, each read again as `recheck`
+/// says so a difference that a write in flight explains (mirrored a moment later) does not
+/// count.
+async fn confirmed_differences(
+    old: &Store,
+    new: &Store,
+    table: &DriftTable,
+    keys: &[Vec<String>],
+    recheck: Recheck,
+) -> Result<Vec<DifferingKey>, DriftError> {
+    let mut suspects: Vec<Vec<String>> = keys.to_vec();
+    let mut found = Vec::new();
+    for attempt in 0..=recheck.rechecks {
+        if suspects.is_empty() {
+            break;
+        }
+        if attempt > 0 {
+            tokio::time::sleep(recheck.pause * attempt).await;
+        }
+        let a = table.rows_by_key(old, &suspects).await?;
+        let b = table.rows_by_key(new, &suspects).await?;
+        found = differing_keys(&a, &b);
+        suspects = found.iter().map(|(k, _)| k.clone()).collect();
+    }
+    Ok(found
+        .into_iter()
+        .map(|(key, kind)| DifferingKey { key, kind })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(pairs: &[(&str, &str)]) -> BTreeMap<Vec<String>, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (vec![(*k).to_owned()], (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn differences_are_classified_by_kind() {
+        let old = rows(&[("1", "a"), ("2", "b"), ("3", "c")]);
+        let new = rows(&[("1", "a"), ("2", "x"), ("4", "d")]);
+        let mut got = differing_keys(&old, &new);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (vec!["2".to_owned()], DiffKind::ValueDiffers),
+                (vec!["3".to_owned()], DiffKind::MissingInNew),
+                (vec!["4".to_owned()], DiffKind::ExtraInNew),
+            ]
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! `switchyard drift sample` and `drift verify` as operators and scripts run them: the JSON
+//! fields the issue names, the exit codes (0 clean, 1 drift found, 2 could not check), and the
+//! results recorded on NEW.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use switchyard_test_support::TestDb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// A config file that deletes itself.
+struct TempConfig(PathBuf);
+
+impl TempConfig {
+    fn new(old_url: &str, new_url: &str) -> TempConfig {
+        let path = std::env::temp_dir().join(format!("sy-cli-drift-{}.toml", std::process::id()));
+        let text = format!(
+            "[old]\nurl = \"{old_url}\"\n[new]\nurl = \"{new_url}\"\n[auth]\nmethod = \"trust\"\n\
+             [telemetry]\nlog_level = \"warn\"\n\
+             [[tables]]\nname = \"public.items\"\nphase = \"dual_write\"\n"
+        );
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        TempConfig(path)
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+async fn run(cfg: &TempConfig, args: &[&str]) -> Output {
+    let mut command = Command::new(BIN);
+    command.arg("drift").args(args).arg("--config").arg(&cfg.0);
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_and_verify_print_the_fields_exit_by_outcome_and_record_on_new() {
+    let (old, new) = TestDb::create_pair("cli_drift").await.unwrap();
+    let setup = "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL); \
+                 INSERT INTO items SELECT i, 'item ' || i FROM generate_series(1, 500) i";
+    old.execute_batch(setup).await.unwrap();
+    new.execute_batch(setup).await.unwrap();
+    let cfg = TempConfig::new(old.url(), new.url());
+
+    let out = run(&cfg, &["sample", "--json", "--seed", "3", "--samples", "1000"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &v[0];
+    for field in [
+        "table",
+        "sampled",
+        "differing",
+        "missing_in_new",
+        "extra_in_new",
+        "value_differs",
+        "rate",
+        "ci95_low",
+        "ci95_high",
+        "rows_old",
+        "rows_new",
+        "seconds",
+        "examples",
+        "seed",
+    ] {
+        assert!(!r[field].is_null(), "field {field} missing: {r}");
+    }
+    assert_eq!(r["table"], "public.items");
+    assert_eq!(
+        (r["sampled"].as_u64(), r["differing"].as_u64()),
+        (Some(500), Some(0))
+    );
+    assert!(r["ci95_high"].as_f64().unwrap() < 0.01);
+
+    new.execute_batch("UPDATE items SET name = 'changed' WHERE id = 250; DELETE FROM items WHERE id = 7")
+        .await
+        .unwrap();
+    let out = run(&cfg, &["verify", "--json", "--table", "public.items"]).await;
+    assert_eq!(out.status.code(), Some(1), "drift found: exit 1");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys = v[0]["differing_keys"].as_array().unwrap();
+    let mut got: Vec<(String, String)> = keys
+        .iter()
+        .map(|k| {
+            (
+                k["key"][0].as_str().unwrap().to_owned(),
+                k["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("250".to_owned(), "value_differs".to_owned()),
+            ("7".to_owned(), "missing_in_new".to_owned())
+        ]
+    );
+    let recorded = new
+        .query_i64("SELECT count(*) FROM switchyard.switchyard_drift WHERE table_name = 'public.items'")
+        .await
+        .unwrap();
+    assert_eq!(recorded, 2, "one sample and one verify recorded");
+
+    let out = run(&cfg, &["verify", "--table", "public.nope"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("public.nope is not in the configuration"));
+}

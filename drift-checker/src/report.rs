@@ -1,0 +1,259 @@
+//! What a drift check found, as printed (`--json`) and as recorded on NEW.
+
+use serde::Serialize;
+use switchyard_config::Phase;
+use switchyard_store::{Store, StoreError};
+
+use crate::MAX_EXAMPLES;
+
+/// How a key differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiffKind {
+    /// OLD has the key, NEW does not.
+    MissingInNew,
+    /// NEW has the key, OLD does not.
+    ExtraInNew,
+    /// Both have it with different values.
+    ValueDiffers,
+}
+
+/// One differing key: its column values as text, in key order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DifferingKey {
+    pub key: Vec<String>,
+    pub kind: DiffKind,
+}
+
+/// The result of [`crate::sample`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleReport {
+    pub table: String,
+    /// Keys drawn (of the union of both stores' keys).
+    pub sampled: u64,
+    /// Of those, keys that differ (after re-reads).
+    pub differing: u64,
+    pub missing_in_new: u64,
+    pub extra_in_new: u64,
+    pub value_differs: u64,
+    /// `differing / sampled`: the estimated share of keys that differ.
+    pub rate: f64,
+    /// The 95% Wilson score interval of the rate.
+    pub ci95_low: f64,
+    pub ci95_high: f64,
+    pub rows_old: u64,
+    pub rows_new: u64,
+    pub seconds: f64,
+    /// The seed that chose the keys (the same seed draws the same keys).
+    pub seed: u64,
+    /// Up to [`MAX_EXAMPLES`] differing keys.
+    pub examples: Vec<DifferingKey>,
+}
+
+impl SampleReport {
+    pub(crate) fn new(table: String, sampled: u64, rows_old: u64, rows_new: u64) -> SampleReport {
+        let (ci95_low, ci95_high) = wilson(0, sampled);
+        SampleReport {
+            table,
+            sampled,
+            differing: 0,
+            missing_in_new: 0,
+            extra_in_new: 0,
+            value_differs: 0,
+            rate: 0.0,
+            ci95_low,
+            ci95_high,
+            rows_old,
+            rows_new,
+            seconds: 0.0,
+            seed: 0,
+            examples: Vec::new(),
+        }
+    }
+
+    pub(crate) fn count(&mut self, d: &DifferingKey) {
+        self.differing += 1;
+        match d.kind {
+            DiffKind::MissingInNew => self.missing_in_new += 1,
+            DiffKind::ExtraInNew => self.extra_in_new += 1,
+            DiffKind::ValueDiffers => self.value_differs += 1,
+        }
+        if self.examples.len() < MAX_EXAMPLES {
+            self.examples.push(d.clone());
+        }
+        self.rate = self.differing as f64 / self.sampled.max(1) as f64;
+        (self.ci95_low, self.ci95_high) = wilson(self.differing, self.sampled);
+    }
+}
+
+/// The result of [`crate::verify`].
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub table: String,
+    pub rows_old: u64,
+    pub rows_new: u64,
+    /// Key ranges hashed on both sides.
+    pub chunks: u64,
+    pub differing: u64,
+    pub missing_in_new: u64,
+    pub extra_in_new: u64,
+    pub value_differs: u64,
+    /// Every differing key.
+    pub differing_keys: Vec<DifferingKey>,
+    pub seconds: f64,
+    /// Rows compared (both sides) per second.
+    pub rows_per_sec: f64,
+}
+
+impl VerifyReport {
+    pub(crate) fn new(table: String, rows_old: u64, rows_new: u64) -> VerifyReport {
+        VerifyReport {
+            table,
+            rows_old,
+            rows_new,
+            chunks: 0,
+            differing: 0,
+            missing_in_new: 0,
+            extra_in_new: 0,
+            value_differs: 0,
+            differing_keys: Vec::new(),
+            seconds: 0.0,
+            rows_per_sec: 0.0,
+        }
+    }
+
+    pub(crate) fn add(&mut self, d: DifferingKey) {
+        self.differing += 1;
+        match d.kind {
+            DiffKind::MissingInNew => self.missing_in_new += 1,
+            DiffKind::ExtraInNew => self.extra_in_new += 1,
+            DiffKind::ValueDiffers => self.value_differs += 1,
+        }
+        self.differing_keys.push(d);
+    }
+}
+
+/// The 95% Wilson score interval for `k` successes in `n` trials: good coverage even for rates
+/// near 0, where the normal approximation's interval collapses to a point.
+/// <https://en.wikipedia.org/wiki/Binomial_proportion_confidence_interval#Wilson_score_interval>
+pub fn wilson(k: u64, n: u64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let z = 1.959_963_984_540_054_f64;
+    let (k, n) = (k as f64, n as f64);
+    let p = k / n;
+    let denom = 1.0 + z * z / n;
+    let centre = (p + z * z / (2.0 * n)) / denom;
+    let half = z * ((p * (1.0 - p) / n) + z * z / (4.0 * n * n)).sqrt() / denom;
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+/// One recorded result.
+pub enum Recorded<'a> {
+    Sample(&'a SampleReport),
+    Verify(&'a VerifyReport),
+}
+
+const DRIFT_TABLE_DDL: &str = "CREATE SCHEMA IF NOT EXISTS switchyard; \
+     CREATE TABLE IF NOT EXISTS switchyard.switchyard_drift ( \
+       id bigserial PRIMARY KEY, \
+       table_name text NOT NULL, \
+       kind text NOT NULL CHECK (kind IN ('sample', 'verify')), \
+       sampled bigint NOT NULL, \
+       differing bigint NOT NULL, \
+       rate double precision NOT NULL, \
+       ci95_low double precision NOT NULL, \
+       ci95_high double precision NOT NULL, \
+       rows_old bigint NOT NULL, \
+       rows_new bigint NOT NULL, \
+       phase text NOT NULL, \
+       recorded_at timestamptz NOT NULL DEFAULT now(), \
+       recorded_by text NOT NULL); \
+     CREATE INDEX IF NOT EXISTS switchyard_drift_latest ON switchyard.switchyard_drift (table_name, recorded_at DESC)";
+
+/// Records a result in `switchyard.switchyard_drift` on NEW (created if missing): the table,
+/// the kind, the estimate and its bounds (a verify is exact: its bounds are its rate), the row
+/// counts, the table's configured phase, when and by whom.
+pub async fn record(new: &Store, result: Recorded<'_>, phase: Phase, by: &str) -> Result<(), StoreError> {
+    let Store::Postgres(pg) = new;
+    let failed = |action: &'static str| {
+        move |source| StoreError::Query {
+            role: pg.role().as_str(),
+            action: action.to_owned(),
+            source,
+        }
+    };
+    sqlx::raw_sql(DRIFT_TABLE_DDL)
+        .execute(pg.pool())
+        .await
+        .map_err(failed("creating switchyard.switchyard_drift"))?;
+    let (kind, table, sampled, differing, rate, low, high, rows_old, rows_new) = match result {
+        Recorded::Sample(r) => (
+            "sample",
+            &r.table,
+            r.sampled,
+            r.differing,
+            r.rate,
+            r.ci95_low,
+            r.ci95_high,
+            r.rows_old,
+            r.rows_new,
+        ),
+        Recorded::Verify(r) => {
+            // Every key of the union: OLD's, and those only NEW has.
+            let union = (r.rows_old + r.extra_in_new).max(1);
+            let rate = r.differing as f64 / union as f64;
+            (
+                "verify",
+                &r.table,
+                union,
+                r.differing,
+                rate,
+                rate,
+                rate,
+                r.rows_old,
+                r.rows_new,
+            )
+        }
+    };
+    sqlx::query(
+        "INSERT INTO switchyard.switchyard_drift (table_name, kind, sampled, differing, rate, ci95_low, \
+         ci95_high, rows_old, rows_new, phase, recorded_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(table)
+    .bind(kind)
+    .bind(sampled as i64)
+    .bind(differing as i64)
+    .bind(rate)
+    .bind(low)
+    .bind(high)
+    .bind(rows_old as i64)
+    .bind(rows_new as i64)
+    .bind(phase.as_str())
+    .bind(by)
+    .execute(pg.pool())
+    .await
+    .map_err(failed("recording a drift result"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_bounds_match_known_values() {
+        // 0 of 3,000: the upper bound falls just under 0.0013.
+        let (lo, hi) = wilson(0, 3000);
+        assert_eq!(lo, 0.0);
+        assert!((hi - 0.00128).abs() < 0.00001, "{hi}");
+        // 10 of 100: about 0.055 .. 0.174.
+        let (lo, hi) = wilson(10, 100);
+        assert!(
+            (lo - 0.0552).abs() < 0.001 && (hi - 0.1744).abs() < 0.001,
+            "{lo} {hi}"
+        );
+        assert_eq!(wilson(0, 0), (0.0, 1.0));
+    }
+}

@@ -1,0 +1,302 @@
+//! One table as the drift checker reads it: its key, and the queries (PostgreSQL) that draw
+//! keys, hash key ranges and read rows by key, all on connections set up for canonical values
+//! ([`crate::canonical`]).
+
+use std::collections::BTreeMap;
+
+use sqlx::{AssertSqlSafe, Row};
+use switchyard_config::{Phase, TableName, TableSettings};
+use switchyard_store::{effective_key, quote_ident, quote_table, Store, StoreError};
+
+use crate::{canonical, DriftError};
+
+/// Sampling hashes a key to 32 bits: a key is drawn when its hash is below a threshold in
+/// `0..HASH_RANGE`.
+pub(crate) const HASH_RANGE: i64 = 1 << 32;
+
+/// A configured table with a key, ready to be compared.
+#[derive(Debug, Clone)]
+pub struct DriftTable {
+    pub name: TableName,
+    /// The key columns, in order.
+    pub key: Vec<String>,
+    /// Their types, as the catalog names them (for casting keys read as text back).
+    pub key_types: Vec<String>,
+    /// The configured phase, recorded with each result.
+    pub phase: Phase,
+}
+
+impl DriftTable {
+    /// Reads the table's definition on `old`: the configured key or its primary key.
+    pub async fn load(old: &Store, settings: &TableSettings) -> Result<DriftTable, DriftError> {
+        let table = settings.name.to_string();
+        let problem = |problem: &str| DriftError::Table {
+            table: table.clone(),
+            problem: problem.to_owned(),
+        };
+        let schema = old
+            .load_table(&settings.name)
+            .await?
+            .ok_or_else(|| problem("it does not exist on OLD"))?;
+        let key = effective_key(settings, &schema);
+        if key.is_empty() {
+            return Err(problem(
+                "it has no key (no primary key and no configured key); tables without a key are not compared yet",
+            ));
+        }
+        let key_types = key
+            .iter()
+            .map(|k| schema.column(k).map(|c| c.type_name.clone()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| problem("a key column does not exist"))?;
+        Ok(DriftTable {
+            name: settings.name.clone(),
+            key,
+            key_types,
+            phase: settings.phase,
+        })
+    }
+
+    fn quoted(&self) -> String {
+        quote_table(&self.name)
+    }
+
+    /// `t.k1, t.k2`
+    fn key_list(&self) -> String {
+        self.key
+            .iter()
+            .map(|k| format!("t.{}", quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `t.k1::text, t.k2::text`
+    fn key_text(&self) -> String {
+        self.key
+            .iter()
+            .map(|k| format!("t.{}::text", quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `($n::type1, $n+1::type2)`: a key bound as text parameters from `first` on.
+    fn key_params(&self, first: usize) -> String {
+        let parts: Vec<String> = self
+            .key_types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("${}::text::{t}", first + i))
+            .collect();
+        format!("({})", parts.join(", "))
+    }
+
+    /// `WHERE` conditions for the key range `(lo, hi]`, parameters from `$1`; `None` ends are
+    /// open. Returns the SQL and the parameters in order.
+    fn range_condition(&self, lo: Option<&[String]>, hi: Option<&[String]>) -> (String, Vec<String>) {
+        let mut conds = vec!["true".to_owned()];
+        let mut params = Vec::new();
+        if let Some(lo) = lo {
+            conds.push(format!(
+                "({}) > {}",
+                self.key_list(),
+                self.key_params(params.len() + 1)
+            ));
+            params.extend(lo.iter().cloned());
+        }
+        if let Some(hi) = hi {
+            conds.push(format!(
+                "({}) <= {}",
+                self.key_list(),
+                self.key_params(params.len() + 1)
+            ));
+            params.extend(hi.iter().cloned());
+        }
+        (conds.join(" AND "), params)
+    }
+
+    fn failed(store: &Store, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
+        let role = store.role().as_str();
+        move |source| StoreError::Query {
+            role,
+            action: action.to_owned(),
+            source,
+        }
+    }
+
+    /// Rows in the table.
+    pub(crate) async fn count(&self, store: &Store) -> Result<u64, DriftError> {
+        let Store::Postgres(pg) = store;
+        let sql = format!("SELECT count(*) FROM {}", self.quoted());
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_one(pg.pool())
+            .await
+            .map_err(Self::failed(store, "counting rows"))?;
+        Ok(n as u64)
+    }
+
+    /// The keys whose seeded hash is below `threshold`: each key is drawn with probability
+    /// `threshold / HASH_RANGE`, independently of the others, and the same key on the other
+    /// store gets the same hash.
+    pub(crate) async fn sampled_keys(
+        &self,
+        store: &Store,
+        seed: u64,
+        threshold: i64,
+    ) -> Result<Vec<Vec<String>>, DriftError> {
+        let Store::Postgres(pg) = store;
+        let sql = format!(
+            "SELECT {keys} FROM {table} t \
+             WHERE ('x' || substr(md5($1 || ROW({list})::text), 1, 8))::bit(32)::bigint < $2",
+            keys = self.key_text(),
+            table = self.quoted(),
+            list = self.key_list(),
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(format!("{seed}:"))
+            .bind(threshold)
+            .fetch_all(pg.pool())
+            .await
+            .map_err(Self::failed(store, "drawing sample keys"))?;
+        Ok(rows.iter().map(|r| self.key_of(r)).collect())
+    }
+
+    /// Every `chunk`-th key of the table in key order: the upper bounds of the ranges verify
+    /// hashes.
+    pub(crate) async fn range_bounds(
+        &self,
+        store: &Store,
+        chunk: u64,
+    ) -> Result<Vec<Vec<String>>, DriftError> {
+        let Store::Postgres(pg) = store;
+        let outer: Vec<String> = (0..self.key.len()).map(|i| format!("s.k{i}")).collect();
+        let inner: Vec<String> = self
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("t.{} AS k{i}", quote_ident(k)))
+            .collect();
+        let outer_text: Vec<String> = outer.iter().map(|c| format!("{c}::text")).collect();
+        let sql = format!(
+            "SELECT {outer_text} FROM (SELECT {inner}, row_number() OVER (ORDER BY {list}) AS rn FROM {table} t) s \
+             WHERE s.rn % $1 = 0 ORDER BY {outer}",
+            outer_text = outer_text.join(", "),
+            inner = inner.join(", "),
+            list = self.key_list(),
+            table = self.quoted(),
+            outer = outer.join(", "),
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(chunk as i64)
+            .fetch_all(pg.pool())
+            .await
+            .map_err(Self::failed(store, "choosing key ranges"))?;
+        Ok(rows.iter().map(|r| self.key_of(r)).collect())
+    }
+
+    /// The number of rows in `(lo, hi]` and a hash of their canonical values in key order,
+    /// computed in the database.
+    pub(crate) async fn range_hash(
+        &self,
+        store: &Store,
+        lo: Option<&[String]>,
+        hi: Option<&[String]>,
+    ) -> Result<(i64, String), DriftError> {
+        let Store::Postgres(pg) = store;
+        let (cond, params) = self.range_condition(lo, hi);
+        let sql = format!(
+            "SELECT count(*), coalesce(md5(string_agg(md5({row}), '' ORDER BY {list})), '') \
+             FROM {table} t WHERE {cond}",
+            row = canonical::row_expr("t"),
+            list = self.key_list(),
+            table = self.quoted(),
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for p in params {
+            q = q.bind(p);
+        }
+        let row = q
+            .fetch_one(pg.pool())
+            .await
+            .map_err(Self::failed(store, "hashing a key range"))?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Every key in `(lo, hi]` with a hash of its row.
+    pub(crate) async fn range_rows(
+        &self,
+        store: &Store,
+        lo: Option<&[String]>,
+        hi: Option<&[String]>,
+    ) -> Result<BTreeMap<Vec<String>, String>, DriftError> {
+        let Store::Postgres(pg) = store;
+        let (cond, params) = self.range_condition(lo, hi);
+        let sql = format!(
+            "SELECT {keys}, md5({row}) FROM {table} t WHERE {cond}",
+            keys = self.key_text(),
+            row = canonical::row_expr("t"),
+            table = self.quoted(),
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for p in params {
+            q = q.bind(p);
+        }
+        let rows = q
+            .fetch_all(pg.pool())
+            .await
+            .map_err(Self::failed(store, "reading a key range"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (self.key_of(r), r.get::<String, _>(self.key.len())))
+            .collect())
+    }
+
+    /// The canonical rows of `keys` that exist on `store`.
+    pub(crate) async fn rows_by_key(
+        &self,
+        store: &Store,
+        keys: &[Vec<String>],
+    ) -> Result<BTreeMap<Vec<String>, String>, DriftError> {
+        let Store::Postgres(pg) = store;
+        if keys.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let columns: Vec<String> = (0..self.key.len()).map(|i| format!("c{i}")).collect();
+        let arrays: Vec<String> = (0..self.key.len())
+            .map(|i| format!("${}::text[]", i + 1))
+            .collect();
+        let casts: Vec<String> = self
+            .key_types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("u.c{i}::{t}"))
+            .collect();
+        let sql = format!(
+            "SELECT {keys}, {row} FROM {table} t WHERE ({list}) IN \
+             (SELECT {casts} FROM unnest({arrays}) AS u({columns}))",
+            keys = self.key_text(),
+            row = canonical::row_expr("t"),
+            table = self.quoted(),
+            list = self.key_list(),
+            casts = casts.join(", "),
+            arrays = arrays.join(", "),
+            columns = columns.join(", "),
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for i in 0..self.key.len() {
+            let column: Vec<String> = keys.iter().map(|k| k[i].clone()).collect();
+            q = q.bind(column);
+        }
+        let rows = q
+            .fetch_all(pg.pool())
+            .await
+            .map_err(Self::failed(store, "reading rows by key"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (self.key_of(r), r.get::<String, _>(self.key.len())))
+            .collect())
+    }
+
+    fn key_of(&self, row: &sqlx::postgres::PgRow) -> Vec<String> {
+        (0..self.key.len()).map(|i| row.get::<String, _>(i)).collect()
+    }
+}
