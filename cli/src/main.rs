@@ -135,6 +135,23 @@ enum DriftCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Re-copy differing keys from OLD by the mirror's repair path (row locks, higher
+    /// versions, tombstones for keys OLD does not have). Keys that no longer differ when read
+    /// again are left alone. Exit 0 when no confirmed key still differs afterwards.
+    Repair {
+        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this table (`schema.table`; repeatable). Default: every configured table.
+        #[arg(long = "table", value_name = "NAME")]
+        tables: Vec<String>,
+        /// Repair the keys the latest recorded `drift verify` found, instead of verifying now.
+        #[arg(long)]
+        from_verify: bool,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `backfill`'s exit code when a signal stopped it before the end (the state is saved).
@@ -513,9 +530,9 @@ fn status(file: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
 /// `switchyard drift sample|verify`: the library does the work; this parses, prints, records.
 fn drift(action: DriftCommand) -> anyhow::Result<ExitCode> {
     let (file, names) = match &action {
-        DriftCommand::Sample { config, tables, .. } | DriftCommand::Verify { config, tables, .. } => {
-            (config.clone(), tables.clone())
-        }
+        DriftCommand::Sample { config, tables, .. }
+        | DriftCommand::Verify { config, tables, .. }
+        | DriftCommand::Repair { config, tables, .. } => (config.clone(), tables.clone()),
     };
     let Some(config) = load_for_check(&file) else {
         return Ok(ExitCode::from(EXIT_NOT_CHECKED));
@@ -546,7 +563,7 @@ fn drift(action: DriftCommand) -> anyhow::Result<ExitCode> {
                 DriftCommand::Sample {
                     samples, seed, json, ..
                 } => {
-                    let seed = seed.unwrap_or_else(rand_seed);
+                    let seed = seed.unwrap_or_else(switchyard_drift::random_seed);
                     let r = switchyard_drift::sample(&old, &new, &table, *samples, seed, Default::default()).await?;
                     switchyard_drift::record(&new, switchyard_drift::Recorded::Sample(&r), table.phase, &by).await?;
                     found += r.differing;
@@ -568,6 +585,42 @@ fn drift(action: DriftCommand) -> anyhow::Result<ExitCode> {
                             r.rows_old,
                             r.rows_new,
                             r.seconds
+                        );
+                    }
+                }
+                DriftCommand::Repair { from_verify, json, .. } => {
+                    let keys = if *from_verify {
+                        switchyard_drift::latest_verify_keys(&new, &table.name.to_string())
+                            .await?
+                            .ok_or_else(|| {
+                                anyhow::anyhow!(
+                                    "table {}: no verify recorded; run `switchyard drift verify` first",
+                                    table.name
+                                )
+                            })?
+                    } else {
+                        let r = switchyard_drift::verify(&old, &new, &table, 10_000, Default::default()).await?;
+                        switchyard_drift::record(&new, switchyard_drift::Recorded::Verify(&r), table.phase, &by)
+                            .await?;
+                        r.differing_keys
+                    };
+                    let authoritative = Store::connect_lazy(Role::Old, &config.old.url)?;
+                    let follower = Store::connect_lazy(Role::New, &config.new.url)?;
+                    let r = switchyard_drift::repair(
+                        (&authoritative, &follower),
+                        (&old, &new),
+                        &table,
+                        &keys,
+                        Default::default(),
+                    )
+                    .await?;
+                    found += r.remaining;
+                    if *json {
+                        outputs.push(serde_json::to_value(&r)?);
+                    } else {
+                        println!(
+                            "{}: {} keys given, {} still differed, {} repaired, {} still differ",
+                            r.table, r.candidates, r.confirmed, r.repaired, r.remaining
                         );
                     }
                 }
@@ -612,18 +665,6 @@ fn drift(action: DriftCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(EXIT_NOT_CHECKED))
         }
     }
-}
-
-/// A seed for a sample nobody asked to repeat.
-fn rand_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish() >> 1
 }
 
 /// The configuration of a command that exits 2 when it could not check (the reason printed).

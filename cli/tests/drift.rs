@@ -116,6 +116,44 @@ async fn sample_and_verify_print_the_fields_exit_by_outcome_and_record_on_new() 
         .await
         .unwrap();
     assert_eq!(recorded, 2, "one sample and one verify recorded");
+    let keys = new
+        .query_i64("SELECT count(*) FROM switchyard.switchyard_drift_keys")
+        .await
+        .unwrap();
+    assert_eq!(keys, 2, "the verify's differing keys are recorded");
+
+    // Repair the keys that verify recorded (prepare first: repairs need the side tables).
+    let prepared = Command::new(BIN)
+        .arg("prepare")
+        .arg("--config")
+        .arg(&cfg.0)
+        .output()
+        .unwrap();
+    assert_eq!(
+        prepared.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&prepared.stdout)
+    );
+    let out = run(&cfg, &["repair", "--from-verify", "--json"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v[0]["confirmed"].as_u64(), v[0]["remaining"].as_u64()),
+        (Some(2), Some(0))
+    );
+    let out = run(&cfg, &["verify"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "verify after repair: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     let out = run(&cfg, &["verify", "--table", "public.nope"]).await;
     assert_eq!(out.status.code(), Some(2));

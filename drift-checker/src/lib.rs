@@ -18,6 +18,7 @@
 //! `switchyard.switchyard_drift` on NEW ([`record`]), for proxies and operators to read.
 
 pub mod canonical;
+mod repair;
 mod report;
 mod table;
 
@@ -26,8 +27,16 @@ use std::time::{Duration, Instant};
 
 use switchyard_store::{Store, StoreError};
 
-pub use report::{record, wilson, DiffKind, DifferingKey, Recorded, SampleReport, VerifyReport};
+pub use repair::{repair, RepairReport, REPAIR_PROXY};
+pub use report::{
+    latest_verify_keys, record, wilson, DiffKind, DifferingKey, Recorded, SampleReport, VerifyReport,
+};
 pub use table::DriftTable;
+
+/// A seed for a sample nobody asked to repeat (printed with the result, so it can be).
+pub fn random_seed() -> u64 {
+    rand::random::<u64>() >> 1
+}
 
 /// A key range `(lo, hi]`; `None` ends are open.
 type KeyRange = (Option<Vec<String>>, Option<Vec<String>>);

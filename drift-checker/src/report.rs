@@ -18,6 +18,27 @@ pub enum DiffKind {
     ValueDiffers,
 }
 
+impl DiffKind {
+    /// The name used in JSON and on NEW.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiffKind::MissingInNew => "missing_in_new",
+            DiffKind::ExtraInNew => "extra_in_new",
+            DiffKind::ValueDiffers => "value_differs",
+        }
+    }
+
+    fn parse(s: &str) -> Option<DiffKind> {
+        [
+            DiffKind::MissingInNew,
+            DiffKind::ExtraInNew,
+            DiffKind::ValueDiffers,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
 /// One differing key: its column values as text, in key order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DifferingKey {
@@ -170,7 +191,11 @@ const DRIFT_TABLE_DDL: &str = "CREATE SCHEMA IF NOT EXISTS switchyard; \
        phase text NOT NULL, \
        recorded_at timestamptz NOT NULL DEFAULT now(), \
        recorded_by text NOT NULL); \
-     CREATE INDEX IF NOT EXISTS switchyard_drift_latest ON switchyard.switchyard_drift (table_name, recorded_at DESC)";
+     CREATE INDEX IF NOT EXISTS switchyard_drift_latest ON switchyard.switchyard_drift (table_name, recorded_at DESC); \
+     CREATE TABLE IF NOT EXISTS switchyard.switchyard_drift_keys ( \
+       drift_id bigint NOT NULL REFERENCES switchyard.switchyard_drift ON DELETE CASCADE, \
+       key text[] NOT NULL, \
+       kind text NOT NULL)";
 
 /// Records a result in `switchyard.switchyard_drift` on NEW (created if missing): the table,
 /// the kind, the estimate and its bounds (a verify is exact: its bounds are its rate), the row
@@ -217,9 +242,10 @@ pub async fn record(new: &Store, result: Recorded<'_>, phase: Phase, by: &str) -
             )
         }
     };
-    sqlx::query(
+    let id: i64 = sqlx::query_scalar(
         "INSERT INTO switchyard.switchyard_drift (table_name, kind, sampled, differing, rate, ci95_low, \
-         ci95_high, rows_old, rows_new, phase, recorded_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+         ci95_high, rows_old, rows_new, phase, recorded_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+         RETURNING id",
     )
     .bind(table)
     .bind(kind)
@@ -232,10 +258,80 @@ pub async fn record(new: &Store, result: Recorded<'_>, phase: Phase, by: &str) -
     .bind(rows_new as i64)
     .bind(phase.as_str())
     .bind(by)
-    .execute(pg.pool())
+    .fetch_one(pg.pool())
     .await
     .map_err(failed("recording a drift result"))?;
+    if let Recorded::Verify(r) = result {
+        // A verify's keys, for `drift repair --from-verify`.
+        for chunk in r.differing_keys.chunks(1000) {
+            let keys: Vec<String> = chunk.iter().map(|d| text_array(&d.key)).collect();
+            let kinds: Vec<&str> = chunk.iter().map(|d| d.kind.as_str()).collect();
+            sqlx::query(
+                "INSERT INTO switchyard.switchyard_drift_keys (drift_id, key, kind) \
+                 SELECT $1, k::text[], kind FROM unnest($2::text[], $3::text[]) AS u(k, kind)",
+            )
+            .bind(id)
+            .bind(keys)
+            .bind(kinds)
+            .execute(pg.pool())
+            .await
+            .map_err(failed("recording a verify's differing keys"))?;
+        }
+    }
     Ok(())
+}
+
+/// The differing keys of `table`'s latest recorded verify, and when it ran; `None` when no
+/// verify was recorded.
+pub async fn latest_verify_keys(new: &Store, table: &str) -> Result<Option<Vec<DifferingKey>>, StoreError> {
+    let Store::Postgres(pg) = new;
+    let failed = |source| StoreError::Query {
+        role: pg.role().as_str(),
+        action: "reading the latest verify".to_owned(),
+        source,
+    };
+    let exists: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('switchyard.switchyard_drift_keys')::text")
+            .fetch_one(pg.pool())
+            .await
+            .map_err(failed)?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let id: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM switchyard.switchyard_drift WHERE table_name = $1 AND kind = 'verify' \
+         ORDER BY recorded_at DESC, id DESC LIMIT 1",
+    )
+    .bind(table)
+    .fetch_optional(pg.pool())
+    .await
+    .map_err(failed)?;
+    let Some(id) = id else { return Ok(None) };
+    let rows: Vec<(Vec<String>, String)> =
+        sqlx::query_as("SELECT key, kind FROM switchyard.switchyard_drift_keys WHERE drift_id = $1")
+            .bind(id)
+            .fetch_all(pg.pool())
+            .await
+            .map_err(failed)?;
+    Ok(Some(
+        rows.into_iter()
+            .filter_map(|(key, kind)| {
+                Some(DifferingKey {
+                    key,
+                    kind: DiffKind::parse(&kind)?,
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// `{"a","b"}`: a text array literal.
+fn text_array(values: &[String]) -> String {
+    let quoted: Vec<String> = values
+        .iter()
+        .map(|v| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("{{{}}}", quoted.join(","))
 }
 
 #[cfg(test)]

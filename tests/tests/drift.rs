@@ -208,3 +208,92 @@ async fn equal_values_of_many_types_compare_equal_and_one_change_is_found() {
     assert_eq!(s.differing, 1);
     assert_eq!(s.examples[0].key[1], "name 150");
 }
+
+/// `drift repair` re-copies exactly the confirmed differing keys by the mirror's repair path:
+/// changed and missing rows come back from OLD, an extra row is deleted under a tombstone, and
+/// a key that no longer differs by the time of the repair is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_fixes_the_confirmed_keys_only_and_verify_then_finds_nothing() {
+    use switchyard_test_support::{DualEnv, DualTable};
+
+    let env = DualEnv::new(
+        "drift_repair",
+        "CREATE TABLE kv (id bigint PRIMARY KEY, v text NOT NULL)",
+        vec![DualTable::new("kv")],
+    )
+    .await
+    .unwrap();
+    let rows = "INSERT INTO kv SELECT i, 'v' || i FROM generate_series(1, 500) i";
+    env.seed_old(rows).await.unwrap();
+    env.new.execute_batch(rows).await.unwrap();
+    env.new
+        .execute_batch(
+            "UPDATE kv SET v = 'changed' WHERE id IN (10, 20); DELETE FROM kv WHERE id = 30; \
+             INSERT INTO kv VALUES (900, 'extra'); UPDATE kv SET v = 'healed later' WHERE id = 40",
+        )
+        .await
+        .unwrap();
+    let (old, new) = (store(Role::Old, &env.old), store(Role::New, &env.new));
+    let table = DriftTable::load(&old, &settings("public.kv")).await.unwrap();
+    let found = switchyard_drift::verify(&old, &new, &table, 100, NO_RECHECK)
+        .await
+        .unwrap();
+    assert_eq!(found.differing, 5);
+    // Key 40 is fixed by someone else before the repair: it must not be touched.
+    env.new
+        .execute_batch("UPDATE kv SET v = 'v40' WHERE id = 40")
+        .await
+        .unwrap();
+
+    let plain = |db: &TestDb, role| Store::connect_lazy(role, &StoreUrl::parse(db.url()).unwrap()).unwrap();
+    let (authoritative, follower) = (plain(&env.old, Role::Old), plain(&env.new, Role::New));
+    let r = switchyard_drift::repair(
+        (&authoritative, &follower),
+        (&old, &new),
+        &table,
+        &found.differing_keys,
+        NO_RECHECK,
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.candidates, r.confirmed, r.repaired, r.remaining), (5, 4, 4, 0));
+
+    let after = switchyard_drift::verify(&old, &new, &table, 100, NO_RECHECK)
+        .await
+        .unwrap();
+    assert_eq!(after.differing, 0, "{:?}", after.differing_keys);
+    let keys_table = "switchyard.switchyard_keys_public_kv";
+    assert_eq!(
+        env.new
+            .query_i64(&format!(
+                "SELECT count(*) FROM {keys_table} WHERE id IN (10, 20, 30)"
+            ))
+            .await
+            .unwrap(),
+        3,
+        "the repaired keys carry version records"
+    );
+    assert_eq!(
+        env.new
+            .query_i64(&format!(
+                "SELECT count(*) FROM {keys_table} WHERE id = 900 AND sy_deleted"
+            ))
+            .await
+            .unwrap(),
+        1,
+        "the extra row is deleted under a tombstone"
+    );
+    assert_eq!(
+        env.new
+            .query_i64(&format!("SELECT count(*) FROM {keys_table} WHERE id = 40"))
+            .await
+            .unwrap(),
+        0,
+        "a key that no longer differed was not touched"
+    );
+    assert_eq!(
+        env.pending_intents().await.unwrap(),
+        0,
+        "the repair's intent is gone"
+    );
+}
