@@ -10,6 +10,7 @@ use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -134,6 +135,22 @@ enum DriftCommand {
         /// Print the results as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Sample every table on a schedule and record each result, until SIGINT or SIGTERM
+    /// (exit 0). Proxies show the latest figures at /status and as metrics.
+    Watch {
+        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this table (`schema.table`; repeatable). Default: every configured table.
+        #[arg(long = "table", value_name = "NAME")]
+        tables: Vec<String>,
+        /// Seconds between rounds.
+        #[arg(long, default_value_t = 300)]
+        every: u64,
+        /// About this many keys per table and round.
+        #[arg(long, default_value_t = 5_000)]
+        samples: u64,
     },
     /// Re-copy differing keys from OLD by the mirror's repair path (row locks, higher
     /// versions, tombstones for keys OLD does not have). Keys that no longer differ when read
@@ -532,7 +549,8 @@ fn drift(action: DriftCommand) -> anyhow::Result<ExitCode> {
     let (file, names) = match &action {
         DriftCommand::Sample { config, tables, .. }
         | DriftCommand::Verify { config, tables, .. }
-        | DriftCommand::Repair { config, tables, .. } => (config.clone(), tables.clone()),
+        | DriftCommand::Repair { config, tables, .. }
+        | DriftCommand::Watch { config, tables, .. } => (config.clone(), tables.clone()),
     };
     let Some(config) = load_for_check(&file) else {
         return Ok(ExitCode::from(EXIT_NOT_CHECKED));
@@ -555,11 +573,15 @@ fn drift(action: DriftCommand) -> anyhow::Result<ExitCode> {
             anyhow::bail!("table {unknown} is not in the configuration's [[tables]]");
         }
         let by = format!("switchyard drift (pid {})", std::process::id());
+        if let DriftCommand::Watch { every, samples, .. } = &action {
+            return watch(&old, &new, &selected, *samples, Duration::from_secs((*every).max(1)), &by).await;
+        }
         let mut found = 0;
         let mut outputs = Vec::new();
         for settings in selected {
             let table = switchyard_drift::DriftTable::load(&old, settings).await?;
             match &action {
+                DriftCommand::Watch { .. } => unreachable!("handled above"),
                 DriftCommand::Sample {
                     samples, seed, json, ..
                 } => {
@@ -679,4 +701,49 @@ fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+/// `drift watch`: a sample of every table each round, recorded, until SIGINT or SIGTERM.
+async fn watch(
+    old: &Store,
+    new: &Store,
+    tables: &[&switchyard_config::TableSettings],
+    samples: u64,
+    every: Duration,
+    by: &str,
+) -> anyhow::Result<u64> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut drift_tables = Vec::new();
+    for t in tables {
+        drift_tables.push(switchyard_drift::DriftTable::load(old, t).await?);
+    }
+    loop {
+        for table in &drift_tables {
+            let seed = switchyard_drift::random_seed();
+            match switchyard_drift::sample(old, new, table, samples, seed, Default::default()).await {
+                Ok(r) => {
+                    switchyard_drift::record(new, switchyard_drift::Recorded::Sample(&r), table.phase, by)
+                        .await?;
+                    println!(
+                        "{}: {} of {} sampled keys differ: rate {:.4}% (95% CI {:.4}%..{:.4}%)",
+                        r.table,
+                        r.differing,
+                        r.sampled,
+                        r.rate * 100.0,
+                        r.ci95_low * 100.0,
+                        r.ci95_high * 100.0
+                    );
+                }
+                // A store that is down for a round is reported; the next round tries again.
+                Err(e) => eprintln!("switchyard drift watch: {}: {e}", table.name),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = term.recv() => return Ok(0),
+            _ = int.recv() => return Ok(0),
+        }
+    }
 }

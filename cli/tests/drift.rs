@@ -16,7 +16,9 @@ struct TempConfig(PathBuf);
 
 impl TempConfig {
     fn new(old_url: &str, new_url: &str) -> TempConfig {
-        let path = std::env::temp_dir().join(format!("sy-cli-drift-{}.toml", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("sy-cli-drift-{}-{n}.toml", std::process::id()));
         let text = format!(
             "[old]\nurl = \"{old_url}\"\n[new]\nurl = \"{new_url}\"\n[auth]\nmethod = \"trust\"\n\
              [telemetry]\nlog_level = \"warn\"\n\
@@ -158,4 +160,88 @@ async fn sample_and_verify_print_the_fields_exit_by_outcome_and_record_on_new() 
     let out = run(&cfg, &["verify", "--table", "public.nope"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("public.nope is not in the configuration"));
+}
+
+/// `drift watch` records a sample of every table each round and stops cleanly on SIGTERM; a
+/// proxy started afterwards shows the latest figures at /status and as metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_records_rounds_until_sigterm_and_proxies_show_the_figures() {
+    let (old, new) = TestDb::create_pair("cli_drift_watch").await.unwrap();
+    let setup = "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL); \
+                 INSERT INTO items SELECT i, 'item ' || i FROM generate_series(1, 200) i";
+    old.execute_batch(setup).await.unwrap();
+    new.execute_batch(setup).await.unwrap();
+    new.execute_batch("DELETE FROM items WHERE id <= 20")
+        .await
+        .unwrap();
+    let cfg = TempConfig::new(old.url(), new.url());
+
+    let mut child = Command::new(BIN)
+        .args(["drift", "watch", "--every", "1", "--samples", "1000", "--config"])
+        .arg(&cfg.0)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let count = "SELECT count(*) FROM switchyard.switchyard_drift WHERE kind = 'sample'";
+    loop {
+        let rounds = new.query_i64(count).await.unwrap_or(0);
+        if rounds >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {rounds} rounds recorded in 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM ends the watch cleanly");
+
+    // 20 of 200 keys are missing on NEW: a rate of 0.1, every key drawn.
+    let mut proxy_cfg = switchyard_test_support::ProxyConfig::passthrough(old.url(), new.url());
+    proxy_cfg.admin = true;
+    // Passthrough: the proxy needs no prepare to read and show the figures.
+    proxy_cfg
+        .extra_sections
+        .push("[[tables]]\nname = \"public.items\"\nphase = \"passthrough\"\n".to_owned());
+    let proxy = switchyard_test_support::TestProxy::start(&proxy_cfg)
+        .await
+        .unwrap();
+    // The proxy reads the figures in the background, at start and then every few seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        let (code, body) = proxy.admin_get("/status").await.unwrap();
+        assert_eq!(code, 200);
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if !status["tables"][0]["drift"]["sample"].is_null() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no drift figures at /status: {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let sample = &status["tables"][0]["drift"]["sample"];
+    assert_eq!(sample["kind"], "sample", "{status}");
+    assert!((sample["rate"].as_f64().unwrap() - 0.1).abs() < 1e-9, "{sample}");
+    assert!(sample["age_seconds"].as_f64().unwrap() < 60.0);
+    assert!(status["tables"][0]["drift"]["verify"].is_null());
+    let (_, metrics) = proxy.admin_get("/metrics").await.unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("switchyard_drift_rate{") && l.contains("bound=\"estimate\""))
+        .unwrap_or_else(|| panic!("no drift rate in the metrics:\n{metrics}"));
+    assert!(
+        line.contains("table=\"public.items\"") && line.ends_with(" 0.1"),
+        "{line}"
+    );
+    assert!(metrics.contains("switchyard_drift_age_seconds{"), "{metrics}");
 }

@@ -29,7 +29,8 @@ use switchyard_store::{Store, StoreError};
 
 pub use repair::{repair, RepairReport, REPAIR_PROXY};
 pub use report::{
-    latest_verify_keys, record, wilson, DiffKind, DifferingKey, Recorded, SampleReport, VerifyReport,
+    latest, latest_verify_keys, record, wilson, DiffKind, DifferingKey, LatestDrift, Recorded, SampleReport,
+    VerifyReport,
 };
 pub use table::DriftTable;
 

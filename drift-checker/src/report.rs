@@ -353,3 +353,96 @@ mod tests {
         assert_eq!(wilson(0, 0), (0.0, 1.0));
     }
 }
+
+/// The latest recorded result of one kind for one table, as proxies show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatestDrift {
+    pub table: String,
+    /// `sample` or `verify`.
+    pub kind: String,
+    pub rate: f64,
+    pub ci95_low: f64,
+    pub ci95_high: f64,
+    /// Keys compared.
+    pub sampled: i64,
+    pub differing: i64,
+    /// When, as NEW's clock printed it.
+    pub recorded_at: String,
+    /// Seconds since, when read.
+    pub age_seconds: f64,
+    pub recorded_by: String,
+    /// The table's configured phase at the time.
+    pub phase: String,
+}
+
+/// The latest sample and the latest verify of every table recorded on NEW (none before the
+/// first result is recorded).
+pub async fn latest(new: &Store) -> Result<Vec<LatestDrift>, StoreError> {
+    let Store::Postgres(pg) = new;
+    let failed = |source| StoreError::Query {
+        role: pg.role().as_str(),
+        action: "reading the latest drift results".to_owned(),
+        source,
+    };
+    let exists: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('switchyard.switchyard_drift')::text")
+            .fetch_one(pg.pool())
+            .await
+            .map_err(failed)?;
+    if exists.is_none() {
+        return Ok(Vec::new());
+    }
+    type Row = (
+        String,
+        String,
+        f64,
+        f64,
+        f64,
+        i64,
+        i64,
+        String,
+        f64,
+        String,
+        String,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT DISTINCT ON (table_name, kind) table_name, kind, rate, ci95_low, ci95_high, sampled, differing, \
+         recorded_at::text, extract(epoch FROM clock_timestamp() - recorded_at)::float8, recorded_by, phase \
+         FROM switchyard.switchyard_drift ORDER BY table_name, kind, recorded_at DESC, id DESC",
+    )
+    .fetch_all(pg.pool())
+    .await
+    .map_err(failed)?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(
+                table,
+                kind,
+                rate,
+                ci95_low,
+                ci95_high,
+                sampled,
+                differing,
+                recorded_at,
+                age_seconds,
+                recorded_by,
+                phase,
+            )| {
+                LatestDrift {
+                    table,
+                    kind,
+                    rate,
+                    ci95_low,
+                    ci95_high,
+                    sampled,
+                    differing,
+                    recorded_at,
+                    age_seconds,
+                    recorded_by,
+                    phase,
+                }
+            },
+        )
+        .collect())
+}

@@ -64,10 +64,12 @@ async fn health(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
 async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
     let counters = &state.metrics.counters;
     let config = &state.config;
+    let drift = state.drift.now();
     let tables: Vec<_> = config
         .tables
         .iter()
         .map(|t| {
+            let name = t.name.to_string();
             let mirrored = state
                 .mirror
                 .as_ref()
@@ -85,6 +87,10 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
                 "key": mirrored.map(|m| m.key.clone()),
                 "on_uncaptured": t.on_uncaptured.as_str(),
                 "mirror_held": held,
+                "drift": {
+                    "sample": drift.iter().find(|r| r.table == name && r.kind == "sample"),
+                    "verify": drift.iter().find(|r| r.table == name && r.kind == "verify"),
+                },
             })
         })
         .collect();

@@ -14,6 +14,7 @@ mod admin;
 mod auth;
 pub mod cancel;
 pub mod classify;
+mod drift_figures;
 pub mod error;
 mod io;
 mod login_gate;

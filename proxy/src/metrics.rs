@@ -307,6 +307,49 @@ impl Metrics {
             .build();
     }
 
+    /// The latest drift figures per configured table: `switchyard_drift_rate{table,bound}`
+    /// (`bound`: `estimate`, `low`, `high` of the 95% interval; a verify's are all its exact
+    /// rate) and `switchyard_drift_age_seconds{table}`, from the most recent result of either
+    /// kind. A table without any result has no series.
+    pub(crate) fn register_drift(
+        &self,
+        figures: Arc<crate::drift_figures::DriftFigures>,
+        tables: Vec<String>,
+    ) {
+        use crate::drift_figures::DriftFigures;
+        let meter = self.provider.meter("switchyard");
+        let (f, names) = (Arc::clone(&figures), tables.clone());
+        meter
+            .f64_observable_gauge("switchyard_drift_rate")
+            .with_description("Share of keys that differ between OLD and NEW, from the latest drift result")
+            .with_callback(move |o| {
+                let now = f.now();
+                for t in &names {
+                    if let Some(r) = DriftFigures::newest(&now, t) {
+                        for (bound, v) in [("estimate", r.rate), ("low", r.ci95_low), ("high", r.ci95_high)] {
+                            o.observe(
+                                v,
+                                &[KeyValue::new("table", t.clone()), KeyValue::new("bound", bound)],
+                            );
+                        }
+                    }
+                }
+            })
+            .build();
+        meter
+            .f64_observable_gauge("switchyard_drift_age_seconds")
+            .with_description("Age of the latest drift result")
+            .with_callback(move |o| {
+                let now = figures.now();
+                for t in &tables {
+                    if let Some(r) = DriftFigures::newest(&now, t) {
+                        o.observe(r.age_seconds, &[KeyValue::new("table", t.clone())]);
+                    }
+                }
+            })
+            .build();
+    }
+
     /// Flushes and stops the exporters.
     pub fn shutdown(&self) {
         if let Err(e) = self.provider.shutdown() {

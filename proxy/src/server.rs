@@ -131,6 +131,11 @@ async fn serve(
     mut reloads: watch::Receiver<Arc<Config>>,
 ) -> Result<(), StartError> {
     let state = Arc::new(ProxyState::build(config, roles, shutdown.clone()).await?);
+    tokio::spawn(crate::drift_figures::poll_loop(
+        Arc::clone(&state.drift),
+        state.new_store.clone(),
+        shutdown.clone(),
+    ));
     let admin = listeners
         .admin
         .map(|admin| tokio::spawn(crate::admin::serve(Arc::clone(&state), admin, shutdown.clone())));

@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 
 use crate::auth::ClientAuth;
 use crate::cancel::CancelRegistry;
+use crate::drift_figures::DriftFigures;
 use crate::error::StartError;
 use crate::login_gate::LoginGate;
 use crate::metrics::Metrics;
@@ -34,6 +35,8 @@ pub(crate) struct ProxyState {
     pub(crate) connection_slots: Arc<Semaphore>,
     /// The soft limit on open file descriptors after start raised it ([`raise_fd_limit`]).
     pub(crate) fd_limit: Option<u64>,
+    /// The latest drift results, read from NEW in the background.
+    pub(crate) drift: Arc<DriftFigures>,
     /// Failed logins are logged at most this often.
     pub(crate) auth_failures: LogLimiter,
     /// The connections still logging in (`[proxy] max_pending_logins`).
@@ -83,6 +86,11 @@ impl ProxyState {
         .await
         .map_err(|e| StartError::Telemetry(e.to_string()))??;
         let mirror = Mirror::start(&config, roles).await?;
+        let drift = Arc::new(DriftFigures::default());
+        metrics.register_drift(
+            Arc::clone(&drift),
+            config.tables.iter().map(|t| t.name.to_string()).collect(),
+        );
         if let Some(m) = &mirror {
             metrics.register_mirror(Arc::clone(&m.stats));
             tracing::info!(tables = m.tables.len(), "dual writes enabled");
@@ -99,6 +107,7 @@ impl ProxyState {
             logins: LoginGate::new(config.proxy.max_pending_logins),
             fd_limit: raise_fd_limit(),
             auth_failures: LogLimiter::new(10, Duration::from_secs(1)),
+            drift,
             limits: MessageLimits {
                 max_message_bytes: config.proxy.max_message_bytes,
             },
