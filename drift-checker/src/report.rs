@@ -290,12 +290,7 @@ pub async fn latest_verify_keys(new: &Store, table: &str) -> Result<Option<Vec<D
         action: "reading the latest verify".to_owned(),
         source,
     };
-    let exists: Option<String> =
-        sqlx::query_scalar("SELECT to_regclass('switchyard.switchyard_drift_keys')::text")
-            .fetch_one(pg.pool())
-            .await
-            .map_err(failed)?;
-    if exists.is_none() {
+    if !new.has_relation("switchyard.switchyard_drift_keys").await? {
         return Ok(None);
     }
     let id: Option<i64> = sqlx::query_scalar(
@@ -384,12 +379,7 @@ pub async fn latest(new: &Store) -> Result<Vec<LatestDrift>, StoreError> {
         action: "reading the latest drift results".to_owned(),
         source,
     };
-    let exists: Option<String> =
-        sqlx::query_scalar("SELECT to_regclass('switchyard.switchyard_drift')::text")
-            .fetch_one(pg.pool())
-            .await
-            .map_err(failed)?;
-    if exists.is_none() {
+    if !new.has_relation("switchyard.switchyard_drift").await? {
         return Ok(Vec::new());
     }
     type Row = (
