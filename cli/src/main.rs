@@ -649,6 +649,9 @@ fn drift(action: DriftCommand) -> anyhow::Result<ExitCode> {
                 DriftCommand::Verify { chunk_rows, json, .. } => {
                     let r = switchyard_drift::verify(&old, &new, &table, *chunk_rows, Default::default()).await?;
                     switchyard_drift::record(&new, switchyard_drift::Recorded::Verify(&r), table.phase, &by).await?;
+                    if switchyard_drift::clear_verify_mark(&old, &r).await? && !*json {
+                        println!("{}: equal on both stores; its verification mark is cleared", r.table);
+                    }
                     found += r.differing;
                     if *json {
                         outputs.push(serde_json::to_value(&r)?);

@@ -129,6 +129,7 @@ pub async fn verify(
     recheck: Recheck,
 ) -> Result<VerifyReport, DriftError> {
     let started = Instant::now();
+    let started_on_old = table.clock(old).await?;
     let rows_old = table.count(old).await?;
     let rows_new = table.count(new).await?;
     // Range bounds from OLD's keys; the first range is open below, the last open above, so the
@@ -158,12 +159,37 @@ pub async fn verify(
     let differing = confirmed_differences(old, new, table, &suspects, recheck).await?;
     let mut report = VerifyReport::new(table.name.to_string(), rows_old, rows_new);
     report.chunks = ranges.len() as u64;
+    report.started_on_old = started_on_old;
     for d in differing {
         report.add(d);
     }
     report.seconds = started.elapsed().as_secs_f64();
     report.rows_per_sec = (rows_old + rows_new) as f64 / report.seconds.max(1e-9);
     Ok(report)
+}
+
+/// After a verify found `table` equal on both stores (`report.differing == 0`), removes the mark
+/// an uncaptured write left on it in `switchyard.switchyard_verify` on OLD, unless the mark is
+/// newer than the verify's start (a write the verify may have missed). Returns whether a mark
+/// was removed. Only a clean verify may clear a mark: a sample cannot vouch for every key.
+pub async fn clear_verify_mark(old: &Store, report: &VerifyReport) -> Result<bool, DriftError> {
+    if report.differing != 0 || !old.has_relation("switchyard.switchyard_verify").await? {
+        return Ok(false);
+    }
+    let Store::Postgres(pg) = old;
+    let removed = sqlx::query(
+        "DELETE FROM switchyard.switchyard_verify WHERE table_name = $1 AND marked_at < $2::timestamptz",
+    )
+    .bind(&report.table)
+    .bind(&report.started_on_old)
+    .execute(pg.pool())
+    .await
+    .map_err(|source| StoreError::Query {
+        role: pg.role().as_str(),
+        action: "clearing a verification mark".to_owned(),
+        source,
+    })?;
+    Ok(removed.rows_affected() > 0)
 }
 
 /// The keys whose rows differ between `old` and `new` (each a map from key to canonical row),

@@ -124,6 +124,9 @@ pub struct VerifyReport {
     pub seconds: f64,
     /// Rows compared (both sides) per second.
     pub rows_per_sec: f64,
+    /// OLD's clock when the verify began (a verification mark older than this is cleared by a
+    /// clean verify).
+    pub started_on_old: String,
 }
 
 impl VerifyReport {
@@ -140,6 +143,7 @@ impl VerifyReport {
             differing_keys: Vec::new(),
             seconds: 0.0,
             rows_per_sec: 0.0,
+            started_on_old: String::new(),
         }
     }
 

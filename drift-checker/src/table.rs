@@ -123,6 +123,15 @@ impl DriftTable {
         }
     }
 
+    /// The store's clock, as text.
+    pub(crate) async fn clock(&self, store: &Store) -> Result<String, DriftError> {
+        let Store::Postgres(pg) = store;
+        Ok(sqlx::query_scalar("SELECT clock_timestamp()::text")
+            .fetch_one(pg.pool())
+            .await
+            .map_err(Self::failed(store, "reading the clock"))?)
+    }
+
     /// Rows in the table.
     pub(crate) async fn count(&self, store: &Store) -> Result<u64, DriftError> {
         let Store::Postgres(pg) = store;

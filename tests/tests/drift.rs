@@ -235,10 +235,25 @@ async fn repair_fixes_the_confirmed_keys_only_and_verify_then_finds_nothing() {
         .unwrap();
     let (old, new) = (store(Role::Old, &env.old), store(Role::New, &env.new));
     let table = DriftTable::load(&old, &settings("public.kv")).await.unwrap();
+    // An uncaptured write marked the table for verification an hour ago.
+    env.old
+        .execute_batch(
+            "INSERT INTO switchyard.switchyard_verify (table_name, reason, marked_at) \
+             VALUES ('public.kv', 'a test', now() - interval '1 hour')",
+        )
+        .await
+        .unwrap();
+    let marks = "SELECT count(*) FROM switchyard.switchyard_verify";
     let found = switchyard_drift::verify(&old, &new, &table, 100, NO_RECHECK)
         .await
         .unwrap();
     assert_eq!(found.differing, 5);
+    assert!(!switchyard_drift::clear_verify_mark(&old, &found).await.unwrap());
+    assert_eq!(
+        env.old.query_i64(marks).await.unwrap(),
+        1,
+        "a verify that found drift clears nothing"
+    );
     // Key 40 is fixed by someone else before the repair: it must not be touched.
     env.new
         .execute_batch("UPDATE kv SET v = 'v40' WHERE id = 40")
@@ -262,6 +277,22 @@ async fn repair_fixes_the_confirmed_keys_only_and_verify_then_finds_nothing() {
         .await
         .unwrap();
     assert_eq!(after.differing, 0, "{:?}", after.differing_keys);
+    assert!(switchyard_drift::clear_verify_mark(&old, &after).await.unwrap());
+    assert_eq!(
+        env.old.query_i64(marks).await.unwrap(),
+        0,
+        "a clean verify clears the mark"
+    );
+    // A mark made after the verify began (a write it may have missed) stays.
+    env.old
+        .execute_batch(
+            "INSERT INTO switchyard.switchyard_verify (table_name, reason, marked_at) \
+             VALUES ('public.kv', 'later', now() + interval '1 hour')",
+        )
+        .await
+        .unwrap();
+    assert!(!switchyard_drift::clear_verify_mark(&old, &after).await.unwrap());
+    assert_eq!(env.old.query_i64(marks).await.unwrap(), 1);
     let keys_table = "switchyard.switchyard_keys_public_kv";
     assert_eq!(
         env.new
