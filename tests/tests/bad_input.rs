@@ -497,3 +497,31 @@ async fn half_a_message_then_disconnect() -> anyhow::Result<()> {
     drop(conn);
     fx.finish().await
 }
+
+/// A second SSLRequest (or GSSENCRequest) after the first was answered `N` is refused as
+/// PostgreSQL's startup code refuses it (a request of a kind already answered is read as a
+/// protocol version, 1234.5679 or 1234.5680): FATAL 0A000, and the connection closes. (The
+/// local server answers `S` and `G`, so the comparison cannot be made against it here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_encryption_request_is_refused_as_the_server_refuses_it() -> anyhow::Result<()> {
+    let fx = Fixture::start("bad_sslagain", &[]).await?;
+    for (request, version) in [(SSL_REQUEST, "1234.5679"), (GSSENC_REQUEST, "1234.5680")] {
+        let mut conn = RawConn::open(fx.addr()).await?;
+        conn.send(&request).await?;
+        let first = tokio::time::timeout(WAIT, conn.read_byte()).await??;
+        ensure!(first == Some(b'N'), "first answer {first:?}");
+        conn.send(&request).await?;
+        let msgs = conn.read_until_closed(WAIT).await?;
+        match msgs.as_slice() {
+            [err] if err.tag == b'E' && err.code().as_deref() == Some("0A000") => {
+                let text = String::from_utf8_lossy(&err.body).into_owned();
+                ensure!(
+                    text.contains(&format!("unsupported frontend protocol {version}")),
+                    "{text}"
+                );
+            }
+            other => bail!("expected FATAL 0A000 and close, got {other:?}"),
+        }
+    }
+    fx.finish().await
+}

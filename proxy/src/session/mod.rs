@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use switchyard_pgwire::backend::{self, ErrorResponse};
-use switchyard_pgwire::startup::{StartupMessage, StartupPacket};
+use switchyard_pgwire::startup::{StartupMessage, StartupPacket, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE};
 use switchyard_pgwire::{frontend, sqlstate};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -236,9 +236,25 @@ async fn handshake(
     client: &mut TcpStream,
     buf: &mut BytesMut,
 ) -> Result<Option<StartupMessage>, SessionError> {
+    // Each kind of encryption request may come once, as PostgreSQL allows; a second one of the
+    // same kind is not a request any more but an unknown protocol version, refused as the server
+    // refuses it.
+    let (mut ssl_asked, mut gss_asked) = (false, false);
     let startup = loop {
         match io::read_startup(client, buf).await? {
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+            packet @ (StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
+                let (asked, code) = match packet {
+                    StartupPacket::SslRequest => (&mut ssl_asked, SSL_REQUEST_CODE),
+                    _ => (&mut gss_asked, GSSENC_REQUEST_CODE),
+                };
+                if std::mem::replace(asked, true) {
+                    return Err(SessionError::ClientProtocol(
+                        switchyard_pgwire::ProtocolError::UnsupportedProtocol {
+                            major: (code >> 16) as u16,
+                            minor: (code & 0xffff) as u16,
+                        },
+                    ));
+                }
                 // TLS is not configured: refuse, and the client goes on in plain text.
                 if !buf.is_empty() {
                     // Bytes after an encryption request, before our answer, would be a
