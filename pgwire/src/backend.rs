@@ -106,6 +106,11 @@ impl<'a> ErrorFields<'a> {
         self.fields.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v)
     }
 
+    /// Every field, in order: its type byte and raw value.
+    pub fn iter(&self) -> impl Iterator<Item = (u8, &'a [u8])> + '_ {
+        self.fields.iter().copied()
+    }
+
     /// SQLSTATE, if present and well formed.
     pub fn code(&self) -> Option<SqlState> {
         let c = self.get(b'C')?;
@@ -378,6 +383,18 @@ pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
     patch_len(out, start);
 }
 
+/// Writes an ErrorResponse (`tag` `E`) or NoticeResponse (`N`) with these fields, in order
+/// (for passing on a server's message with a field taken out).
+pub fn error_message<'f>(out: &mut BytesMut, tag: u8, fields: impl IntoIterator<Item = (u8, &'f [u8])>) {
+    let start = begin(out, tag);
+    for (kind, value) in fields {
+        out.put_u8(kind);
+        put_cstr(out, value);
+    }
+    out.put_u8(0);
+    patch_len(out, start);
+}
+
 /// Writes ReadyForQuery.
 pub fn ready_for_query(out: &mut BytesMut, status: TransactionStatus) {
     out.put_slice(&[b'Z', 0, 0, 0, 5, status.as_byte()]);
@@ -401,6 +418,23 @@ mod tests {
     use super::*;
     use crate::frame::{Frames, MessageLimits};
     use crate::sqlstate;
+
+    #[test]
+    fn an_error_rebuilt_without_a_field_keeps_the_others() {
+        let mut out = BytesMut::new();
+        ErrorResponse::new(Severity::Error, sqlstate::FEATURE_NOT_SUPPORTED, "no")
+            .with_hint("try")
+            .encode(&mut out);
+        let body = &out[5..];
+        let fields = error_fields(body);
+        let mut rebuilt = BytesMut::new();
+        error_message(&mut rebuilt, b'E', fields.iter().filter(|(k, _)| *k != b'H'));
+        let again = error_fields(&rebuilt[5..]);
+        assert_eq!(again.get(b'H'), None);
+        assert_eq!(again.message(), "no");
+        assert_eq!(again.code(), Some(sqlstate::FEATURE_NOT_SUPPORTED));
+        assert_eq!(rebuilt.len(), out.len() - "Htry\0".len());
+    }
 
     #[test]
     fn built_messages_parse_back() {

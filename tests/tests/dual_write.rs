@@ -272,6 +272,12 @@ async fn uncapturable_writes_are_refused_with_a_clear_error() {
             "{}",
             db.message()
         );
+        assert!(db.hint().is_some(), "{sql}: the refusal says what to do");
+        assert_eq!(
+            db.where_(),
+            None,
+            "{sql}: no CONTEXT line from the proxy's DO block"
+        );
     }
     // The same statements on OLD directly meet the guard trigger.
     for sql in ["TRUNCATE pairs", "UPDATE ledger SET amount = 0"] {
@@ -285,6 +291,14 @@ async fn uncapturable_writes_are_refused_with_a_clear_error() {
     // Also through the extended protocol, and inside a transaction (which it aborts).
     let err = c.execute("TRUNCATE pairs", &[]).await.expect_err("extended");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("0A000"));
+    assert_eq!(err.as_db_error().and_then(|e| e.where_()), None);
+    // A client's own DO block keeps its CONTEXT line.
+    let err = c
+        .batch_execute("DO $$ BEGIN RAISE EXCEPTION 'mine' USING ERRCODE = '0A000'; END $$")
+        .await
+        .expect_err("the client's own exception");
+    let own = err.as_db_error().and_then(|e| e.where_()).unwrap_or_default();
+    assert!(own.contains("inline_code_block"), "{own}");
     c.batch_execute("BEGIN").await.unwrap();
     assert!(c.batch_execute("TRUNCATE pairs").await.is_err());
     let m = c.simple_query("COMMIT").await.unwrap();

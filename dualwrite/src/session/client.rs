@@ -280,11 +280,13 @@ where
     }
 }
 
+/// The hint of the proxy's refusals.
+pub(super) const REFUSAL_HINT: &str = "Run it directly on both databases, or set on_uncaptured = \"mark_for_verify\" for the table and verify it before cutover.";
+
 /// A statement that makes the server raise the refusal (SQLSTATE 0A000).
 pub(super) fn refusal_sql(message: &str) -> String {
     let msg = message.replace('\'', "''");
-    let hint = "Run it directly on both databases, or set on_uncaptured = \"mark_for_verify\" for the table and verify it before cutover."
-        .replace('\'', "''");
+    let hint = REFUSAL_HINT.replace('\'', "''");
     format!(
         "DO $switchyard$ BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = '{msg}', HINT = '{hint}'; END $switchyard$",
         sqlstate::FEATURE_NOT_SUPPORTED.as_str()

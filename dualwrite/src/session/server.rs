@@ -164,10 +164,32 @@ where
         }
     }
 
+    /// Passes an ErrorResponse on to the client, except that one raising the proxy's own
+    /// refusal loses the CONTEXT line its DO block adds (`PL/pgSQL function inline_code_block`):
+    /// the client should see the refusal as if the server itself refused the statement. Known
+    /// by its SQLSTATE, hint and context together, which a client's own error does not share.
+    fn forward_error(&mut self, frame: &Bytes) {
+        let fields = backend::error_fields(&frame[5..]);
+        let ours = fields.code() == Some(sqlstate::FEATURE_NOT_SUPPORTED)
+            && fields.get(b'H') == Some(client::REFUSAL_HINT.as_bytes())
+            && fields
+                .get(b'W')
+                .is_some_and(|w| w.starts_with(b"PL/pgSQL function inline_code_block"));
+        if ours {
+            backend::error_message(
+                &mut self.to_client,
+                b'E',
+                fields.iter().filter(|(k, _)| *k != b'W'),
+            );
+        } else {
+            self.to_client.extend_from_slice(frame);
+        }
+    }
+
     pub(super) async fn server_error(&mut self, frame: Bytes) -> Result<(), SessionError> {
         self.host.statement_error();
         self.batch_failed = true;
-        self.to_client.extend_from_slice(&frame);
+        self.forward_error(&frame);
         // The failing message's expectation ends here. In a simple Query the ReadyForQuery
         // still follows; in the extended protocol the server skips everything up to Sync.
         match self.expect.front() {
