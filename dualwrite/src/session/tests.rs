@@ -561,3 +561,30 @@ async fn an_idle_session_times_out_but_not_inside_a_transaction() {
     let (end, _) = h.end().await;
     assert_eq!(end.unwrap(), SessionEnd::ShutdownNow);
 }
+
+/// COPY FROM STDIN: after CopyInResponse the client's data goes through untouched until
+/// CopyDone, then the answers.
+#[tokio::test]
+async fn copy_data_is_relayed_until_copy_done() {
+    let mut h = start(None);
+    h.client.send(&query("COPY other FROM STDIN")).await;
+    assert_eq!(
+        sql_of(&h.server.read_until(b'Q').await),
+        ["COPY other FROM STDIN"]
+    );
+    // CopyInResponse: text format, no columns.
+    h.server.send(&[b'G', 0, 0, 0, 7, 0, 0, 0]).await;
+    assert_eq!(tags(&h.client.read_until(b'G').await), "G");
+    let mut data = BytesMut::new();
+    fe::copy_data(&mut data, b"1\tone\n");
+    fe::copy_data(&mut data, b"2\ttwo\n");
+    fe::copy_done(&mut data);
+    h.client.send(&data).await;
+    let got = h.server.read_until(b'c').await;
+    assert_eq!(tags(&got), "ddc");
+    assert_eq!(got[0].1.as_ref(), b"1\tone\n");
+    h.server
+        .send(&Answers::default().done("COPY 2").ready(TransactionStatus::Idle).0)
+        .await;
+    assert_eq!(tags(&h.client.read_until(b'Z').await), "CZ");
+}
