@@ -202,8 +202,9 @@ impl DriftTable {
         Ok(rows.iter().map(|r| self.key_of(r)).collect())
     }
 
-    /// The number of rows in `(lo, hi]` and a hash of their canonical values in key order,
-    /// computed in the database.
+    /// The number of rows in `(lo, hi]` and a hash of their values in key order, computed in
+    /// the database ([`canonical::fast_row_expr`]: equal hashes mean equal rows; unequal ones
+    /// send the range to the exact comparison).
     pub(crate) async fn range_hash(
         &self,
         store: &Store,
@@ -215,7 +216,7 @@ impl DriftTable {
         let sql = format!(
             "SELECT count(*), coalesce(md5(string_agg(md5({row}), '' ORDER BY {list})), '') \
              FROM {table} t WHERE {cond}",
-            row = canonical::row_expr("t"),
+            row = canonical::fast_row_expr("t"),
             list = self.key_list(),
             table = self.quoted(),
         );
