@@ -130,8 +130,6 @@ pub async fn verify(
 ) -> Result<VerifyReport, DriftError> {
     let started = Instant::now();
     let started_on_old = table.clock(old).await?;
-    let rows_old = table.count(old).await?;
-    let rows_new = table.count(new).await?;
     // Range bounds from OLD's keys; the first range is open below, the last open above, so the
     // ranges cover every key either store has.
     let bounds = table.range_bounds(old, chunk_rows.max(1)).await?;
@@ -149,7 +147,9 @@ pub async fn verify(
         compare_ranges(old, new, table, ranges.iter().step_by(2)),
         compare_ranges(old, new, table, ranges.iter().skip(1).step_by(2)),
     )?;
-    let suspects: Vec<Vec<String>> = even.into_iter().chain(odd).collect();
+    // The ranges cover every key of both stores: their counts are the tables' row counts.
+    let (rows_old, rows_new) = (even.rows.0 + odd.rows.0, even.rows.1 + odd.rows.1);
+    let suspects: Vec<Vec<String>> = even.suspects.into_iter().chain(odd.suspects).collect();
     let differing = confirmed_differences(old, new, table, &suspects, recheck).await?;
     let mut report = VerifyReport::new(table.name.to_string(), rows_old, rows_new);
     report.chunks = ranges.len() as u64;
@@ -186,6 +186,13 @@ pub async fn clear_verify_mark(old: &Store, report: &VerifyReport) -> Result<boo
     Ok(removed.rows_affected() > 0)
 }
 
+/// What [`compare_ranges`] found: the keys that may differ, and the rows it counted on each
+/// store.
+struct Compared {
+    suspects: Vec<Vec<String>>,
+    rows: (u64, u64),
+}
+
 /// The keys that differ in `ranges`: each range hashed on both stores at once, those whose
 /// hashes differ read key by key.
 async fn compare_ranges<'r>(
@@ -193,13 +200,16 @@ async fn compare_ranges<'r>(
     new: &Store,
     table: &DriftTable,
     ranges: impl Iterator<Item = &'r KeyRange>,
-) -> Result<Vec<Vec<String>>, DriftError> {
+) -> Result<Compared, DriftError> {
     let mut suspects = Vec::new();
+    let mut rows = (0, 0);
     for (lo, hi) in ranges {
         let (a, b) = tokio::try_join!(
             table.range_hash(old, lo.as_deref(), hi.as_deref()),
             table.range_hash(new, lo.as_deref(), hi.as_deref()),
         )?;
+        rows.0 += a.0 as u64;
+        rows.1 += b.0 as u64;
         if a == b {
             continue;
         }
@@ -209,7 +219,7 @@ async fn compare_ranges<'r>(
         )?;
         suspects.extend(differing_keys(&a, &b).into_iter().map(|(key, _)| key));
     }
-    Ok(suspects)
+    Ok(Compared { suspects, rows })
 }
 
 /// The keys whose rows differ between `old` and `new` (each a map from key to canonical row),
