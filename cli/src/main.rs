@@ -3,6 +3,7 @@
 //! `main` parses the command line, loads and validates the config, sets up telemetry and calls
 //! the library's `run`. Everything else lives in the library crates.
 
+mod drift;
 mod signals;
 mod telemetry;
 
@@ -10,7 +11,6 @@ use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -88,7 +88,7 @@ enum Command {
     /// no difference was found, 1 when some was, 2 when the check could not run.
     Drift {
         #[command(subcommand)]
-        action: DriftCommand,
+        action: drift::DriftCommand,
     },
     /// Show every configured table's phase and backfill progress (read from NEW).
     Status {
@@ -101,82 +101,12 @@ enum Command {
     },
 }
 
-#[derive(Debug, Subcommand)]
-enum DriftCommand {
-    /// Estimate each table's drift from keys drawn at random over both stores' keys.
-    Sample {
-        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Only this table (`schema.table`; repeatable). Default: every configured table.
-        #[arg(long = "table", value_name = "NAME")]
-        tables: Vec<String>,
-        /// About this many keys per table.
-        #[arg(long, default_value_t = 5_000)]
-        samples: u64,
-        /// Chooses the keys: the same seed draws the same keys. Default: a random one (printed).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Print the results as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Compare each table exactly and list every differing key.
-    Verify {
-        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Only this table (`schema.table`; repeatable). Default: every configured table.
-        #[arg(long = "table", value_name = "NAME")]
-        tables: Vec<String>,
-        /// Keys per hashed range.
-        #[arg(long, default_value_t = 10_000)]
-        chunk_rows: u64,
-        /// Print the results as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Sample every table on a schedule and record each result, until SIGINT or SIGTERM
-    /// (exit 0). Proxies show the latest figures at /status and as metrics.
-    Watch {
-        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Only this table (`schema.table`; repeatable). Default: every configured table.
-        #[arg(long = "table", value_name = "NAME")]
-        tables: Vec<String>,
-        /// Seconds between rounds.
-        #[arg(long, default_value_t = 300)]
-        every: u64,
-        /// About this many keys per table and round.
-        #[arg(long, default_value_t = 5_000)]
-        samples: u64,
-    },
-    /// Re-copy differing keys from OLD by the mirror's repair path (row locks, higher
-    /// versions, tombstones for keys OLD does not have). Keys that no longer differ when read
-    /// again are left alone. Exit 0 when no confirmed key still differs afterwards.
-    Repair {
-        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Only this table (`schema.table`; repeatable). Default: every configured table.
-        #[arg(long = "table", value_name = "NAME")]
-        tables: Vec<String>,
-        /// Repair the keys the latest recorded `drift verify` found, instead of verifying now.
-        #[arg(long)]
-        from_verify: bool,
-        /// Print the results as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
 /// `backfill`'s exit code when a signal stopped it before the end (the state is saved).
 const EXIT_INTERRUPTED: u8 = 3;
 
 /// `prepare`'s exit code when the check itself could not run (bad config, store unreachable,
 /// statement failed); 1 means it ran and found mismatches.
-const EXIT_NOT_CHECKED: u8 = 2;
+pub(crate) const EXIT_NOT_CHECKED: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -207,7 +137,7 @@ fn main() -> ExitCode {
             backfill(config, tables, options, json, cleanup_tombstones)
         }
         Command::Status { config, json } => status(config, json),
-        Command::Drift { action } => drift(action),
+        Command::Drift { action } => drift::run(action),
     };
     match result {
         Ok(code) => code,
@@ -544,209 +474,16 @@ fn status(file: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `switchyard drift sample|verify`: the library does the work; this parses, prints, records.
-fn drift(action: DriftCommand) -> anyhow::Result<ExitCode> {
-    let (file, names) = match &action {
-        DriftCommand::Sample { config, tables, .. }
-        | DriftCommand::Verify { config, tables, .. }
-        | DriftCommand::Repair { config, tables, .. }
-        | DriftCommand::Watch { config, tables, .. } => (config.clone(), tables.clone()),
-    };
-    let Some(config) = load_for_check(&file) else {
-        return Ok(ExitCode::from(EXIT_NOT_CHECKED));
-    };
-    let runtime = current_thread_runtime()?;
-    let result = runtime.block_on(async {
-        let old = switchyard_drift::connect(Role::Old, &config.old.url)?;
-        let new = switchyard_drift::connect(Role::New, &config.new.url)?;
-        old.ping(config.proxy.connect_timeout).await?;
-        new.ping(config.proxy.connect_timeout).await?;
-        let selected: Vec<_> = config
-            .tables
-            .iter()
-            .filter(|t| names.is_empty() || names.iter().any(|n| *n == t.name.to_string()))
-            .collect();
-        if let Some(unknown) = names
-            .iter()
-            .find(|n| !config.tables.iter().any(|t| t.name.to_string() == **n))
-        {
-            anyhow::bail!("table {unknown} is not in the configuration's [[tables]]");
-        }
-        let by = format!("switchyard drift (pid {})", std::process::id());
-        if let DriftCommand::Watch { every, samples, .. } = &action {
-            return watch(&old, &new, &selected, *samples, Duration::from_secs((*every).max(1)), &by).await;
-        }
-        let mut found = 0;
-        let mut outputs = Vec::new();
-        for settings in selected {
-            let table = switchyard_drift::DriftTable::load(&old, settings).await?;
-            match &action {
-                DriftCommand::Watch { .. } => unreachable!("handled above"),
-                DriftCommand::Sample {
-                    samples, seed, json, ..
-                } => {
-                    let seed = seed.unwrap_or_else(switchyard_drift::random_seed);
-                    let r = switchyard_drift::sample(&old, &new, &table, *samples, seed, Default::default()).await?;
-                    switchyard_drift::record(&new, switchyard_drift::Recorded::Sample(&r), table.phase, &by).await?;
-                    found += r.differing;
-                    if *json {
-                        outputs.push(serde_json::to_value(&r)?);
-                    } else {
-                        println!(
-                            "{}: {} of {} sampled keys differ: rate {:.4}% (95% CI {:.4}%..{:.4}%); \
-                             {} missing in NEW, {} extra in NEW, {} values differ; rows OLD {}, NEW {}; {:.2} s (seed {seed})",
-                            r.table,
-                            r.differing,
-                            r.sampled,
-                            r.rate * 100.0,
-                            r.ci95_low * 100.0,
-                            r.ci95_high * 100.0,
-                            r.missing_in_new,
-                            r.extra_in_new,
-                            r.value_differs,
-                            r.rows_old,
-                            r.rows_new,
-                            r.seconds
-                        );
-                    }
-                }
-                DriftCommand::Repair { from_verify, json, .. } => {
-                    let keys = if *from_verify {
-                        switchyard_drift::latest_verify_keys(&new, &table.name.to_string())
-                            .await?
-                            .ok_or_else(|| {
-                                anyhow::anyhow!(
-                                    "table {}: no verify recorded; run `switchyard drift verify` first",
-                                    table.name
-                                )
-                            })?
-                    } else {
-                        let r = switchyard_drift::verify(&old, &new, &table, 10_000, Default::default()).await?;
-                        switchyard_drift::record(&new, switchyard_drift::Recorded::Verify(&r), table.phase, &by)
-                            .await?;
-                        r.differing_keys
-                    };
-                    let authoritative = Store::connect_lazy(Role::Old, &config.old.url)?;
-                    let follower = Store::connect_lazy(Role::New, &config.new.url)?;
-                    let r = switchyard_drift::repair(
-                        (&authoritative, &follower),
-                        (&old, &new),
-                        &table,
-                        &keys,
-                        Default::default(),
-                    )
-                    .await?;
-                    found += r.remaining;
-                    if *json {
-                        outputs.push(serde_json::to_value(&r)?);
-                    } else {
-                        println!(
-                            "{}: {} keys given, {} still differed, {} repaired, {} still differ",
-                            r.table, r.candidates, r.confirmed, r.repaired, r.remaining
-                        );
-                    }
-                }
-                DriftCommand::Verify { chunk_rows, json, .. } => {
-                    let r = switchyard_drift::verify(&old, &new, &table, *chunk_rows, Default::default()).await?;
-                    switchyard_drift::record(&new, switchyard_drift::Recorded::Verify(&r), table.phase, &by).await?;
-                    if switchyard_drift::clear_verify_mark(&old, &r).await? && !*json {
-                        println!("{}: equal on both stores; its verification mark is cleared", r.table);
-                    }
-                    found += r.differing;
-                    if *json {
-                        outputs.push(serde_json::to_value(&r)?);
-                    } else {
-                        println!(
-                            "{}: {} differing keys ({} missing in NEW, {} extra in NEW, {} values differ); \
-                             rows OLD {}, NEW {}; {} ranges; {:.2} s, {:.0} rows/s",
-                            r.table,
-                            r.differing,
-                            r.missing_in_new,
-                            r.extra_in_new,
-                            r.value_differs,
-                            r.rows_old,
-                            r.rows_new,
-                            r.chunks,
-                            r.seconds,
-                            r.rows_per_sec
-                        );
-                        for k in &r.differing_keys {
-                            println!("  {:?} {}", k.kind, k.key.join(", "));
-                        }
-                    }
-                }
-            }
-        }
-        if !outputs.is_empty() {
-            println!("{}", serde_json::to_string_pretty(&outputs)?);
-        }
-        anyhow::Ok(found)
-    });
-    match result {
-        Ok(0) => Ok(ExitCode::SUCCESS),
-        Ok(_) => Ok(ExitCode::FAILURE),
-        Err(e) => {
-            eprintln!("switchyard drift: {e:#}");
-            Ok(ExitCode::from(EXIT_NOT_CHECKED))
-        }
-    }
-}
-
 /// The configuration of a command that exits 2 when it could not check (the reason printed).
-fn load_for_check(file: &std::path::Path) -> Option<Config> {
+pub(crate) fn load_for_check(file: &std::path::Path) -> Option<Config> {
     Config::load(file)
         .map_err(|e| eprintln!("{}: {e}", file.display()))
         .ok()
 }
 
-fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-}
-
-/// `drift watch`: a sample of every table each round, recorded, until SIGINT or SIGTERM.
-async fn watch(
-    old: &Store,
-    new: &Store,
-    tables: &[&switchyard_config::TableSettings],
-    samples: u64,
-    every: Duration,
-    by: &str,
-) -> anyhow::Result<u64> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut drift_tables = Vec::new();
-    for t in tables {
-        drift_tables.push(switchyard_drift::DriftTable::load(old, t).await?);
-    }
-    loop {
-        for table in &drift_tables {
-            let seed = switchyard_drift::random_seed();
-            match switchyard_drift::sample(old, new, table, samples, seed, Default::default()).await {
-                Ok(r) => {
-                    switchyard_drift::record(new, switchyard_drift::Recorded::Sample(&r), table.phase, by)
-                        .await?;
-                    println!(
-                        "{}: {} of {} sampled keys differ: rate {:.4}% (95% CI {:.4}%..{:.4}%)",
-                        r.table,
-                        r.differing,
-                        r.sampled,
-                        r.rate * 100.0,
-                        r.ci95_low * 100.0,
-                        r.ci95_high * 100.0
-                    );
-                }
-                // A store that is down for a round is reported; the next round tries again.
-                Err(e) => eprintln!("switchyard drift watch: {}: {e}", table.name),
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            _ = term.recv() => return Ok(0),
-            _ = int.recv() => return Ok(0),
-        }
-    }
 }

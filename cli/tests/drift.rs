@@ -46,6 +46,23 @@ async fn run(cfg: &TempConfig, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A verify's `differing_keys` as (first key column, kind), sorted.
+fn differing_keys(report: &serde_json::Value) -> Vec<(String, String)> {
+    let mut got: Vec<(String, String)> = report["differing_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["key"][0].as_str().unwrap().to_owned(),
+                k["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sample_and_verify_print_the_fields_exit_by_outcome_and_record_on_new() {
     let (old, new) = TestDb::create_pair("cli_drift").await.unwrap();
@@ -95,17 +112,7 @@ async fn sample_and_verify_print_the_fields_exit_by_outcome_and_record_on_new() 
     let out = run(&cfg, &["verify", "--json", "--table", "public.items"]).await;
     assert_eq!(out.status.code(), Some(1), "drift found: exit 1");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let keys = v[0]["differing_keys"].as_array().unwrap();
-    let mut got: Vec<(String, String)> = keys
-        .iter()
-        .map(|k| {
-            (
-                k["key"][0].as_str().unwrap().to_owned(),
-                k["kind"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    got.sort();
+    let got = differing_keys(&v[0]);
     assert_eq!(
         got,
         [
@@ -244,4 +251,124 @@ async fn watch_records_rounds_until_sigterm_and_proxies_show_the_figures() {
         "{line}"
     );
     assert!(metrics.contains("switchyard_drift_age_seconds{"), "{metrics}");
+}
+
+/// A verify killed with SIGKILL halfway through a table is taken over by the next one, which
+/// compares only the ranges not yet done and still finds exactly the injected keys; while the
+/// first runs, a second verify of the same table is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_killed_midway_resumes_and_finds_exactly_the_injected_keys() {
+    let (old, new) = TestDb::create_pair("cli_drift_kill").await.unwrap();
+    let setup = "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL); \
+                 INSERT INTO items SELECT i, 'item ' || i FROM generate_series(1, 100000) i";
+    old.execute_batch(setup).await.unwrap();
+    new.execute_batch(setup).await.unwrap();
+    new.execute_batch(
+        "UPDATE items SET name = 'changed' WHERE id IN (10, 99990); DELETE FROM items WHERE id = 50000; \
+         INSERT INTO items VALUES (200000, 'extra')",
+    )
+    .await
+    .unwrap();
+    let cfg = TempConfig::new(old.url(), new.url());
+
+    // 101 ranges of 1,000 keys, paced to about 20 ranges a second: about 5 s in all.
+    let mut child = Command::new(BIN)
+        .args([
+            "drift",
+            "verify",
+            "--chunk-rows",
+            "1000",
+            "--max-rows-per-sec",
+            "40000",
+            "--config",
+        ])
+        .arg(&cfg.0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let done = "SELECT count(*) FROM switchyard.switchyard_verify_ranges";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if new.query_i64(done).await.unwrap_or(0) >= 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the verify did not get going"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let second = run(&cfg, &["verify"]).await;
+    assert_eq!(
+        second.status.code(),
+        Some(2),
+        "a second verify of the table is refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another drift verify of this table is running"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), None, "killed by a signal");
+    let compared = new.query_i64(done).await.unwrap();
+    assert!(
+        (20..101).contains(&compared),
+        "killed midway: {compared} of 101 ranges compared"
+    );
+
+    let out = run(&cfg, &["verify", "--chunk-rows", "1000", "--json"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &v[0];
+    assert_eq!(r["resumed"], true, "{r}");
+    let resumed = r["resumed_ranges"].as_i64().unwrap();
+    assert!(
+        resumed >= compared && resumed < 101,
+        "{resumed} ranges taken over, {compared} seen done"
+    );
+    assert_eq!(r["chunks"], 101);
+    assert_eq!(
+        (r["rows_old"].as_u64(), r["rows_new"].as_u64()),
+        (Some(100_000), Some(100_000))
+    );
+    let got = differing_keys(r);
+    assert_eq!(
+        got,
+        [
+            ("10".to_owned(), "value_differs".to_owned()),
+            ("200000".to_owned(), "extra_in_new".to_owned()),
+            ("50000".to_owned(), "missing_in_new".to_owned()),
+            ("99990".to_owned(), "value_differs".to_owned()),
+        ]
+    );
+    // The run is finished: the next verify starts anew.
+    let unfinished = new
+        .query_i64("SELECT count(*) FROM switchyard.switchyard_verify_runs WHERE finished_at IS NULL")
+        .await
+        .unwrap();
+    assert_eq!(unfinished, 0);
+    assert_eq!(
+        new.query_i64(done).await.unwrap(),
+        0,
+        "a finished run's ranges are dropped"
+    );
+    let out = run(&cfg, &["verify", "--chunk-rows", "1000", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v[0]["resumed"].as_bool(), v[0]["differing"].as_u64()),
+        (Some(false), Some(4))
+    );
 }

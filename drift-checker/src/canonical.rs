@@ -26,6 +26,8 @@ pub const SETTINGS: [(&str, &str); 5] = [
 pub fn pool_settings() -> PoolSettings {
     PoolSettings {
         application_name: "switchyard-drift",
+        // A verify's workers each hold one connection per store, and the verify lock one more.
+        max_connections: crate::MAX_WORKERS as u32 + 2,
         server_settings: SETTINGS
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -34,16 +36,74 @@ pub fn pool_settings() -> PoolSettings {
     }
 }
 
-/// The SQL expression hashed per row when whole key ranges are compared: the row's own text
-/// (`record` output), on the same fixed settings. About half the cost of `to_jsonb` per row.
-/// Equal rows with the same column order give the same text; a table whose columns are ordered
-/// differently on the two stores makes every range differ, and the exact comparison
-/// ([`row_expr`], by column name) then finds no difference: slower, never wrong.
-pub fn fast_row_expr(alias: &str) -> String {
-    format!("{alias}::text")
+/// The two expressions a store's rows are compared by (`alias` is the row's alias).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowExprs {
+    /// Hashed per row when whole key ranges are compared: the row's own text (`record` output),
+    /// on the fixed settings; about half the cost of `to_jsonb` per row. Equal rows give equal
+    /// text when both stores list the compared columns in the same order.
+    pub fast: String,
+    /// The canonical text of the row: `jsonb` of the compared columns, by name.
+    pub exact: String,
 }
 
-/// The SQL expression of the canonical text of row `alias`.
-pub fn row_expr(alias: &str) -> String {
-    format!("to_jsonb({alias})::text")
+impl RowExprs {
+    /// The expressions for a store whose table has `columns` (in its own order), comparing
+    /// only `compared` (OLD's columns, in OLD's order), by name. When the store's columns are
+    /// exactly OLD's, the whole row is used as it is (the cheapest form); otherwise the fast
+    /// form lists the compared columns in OLD's order and the exact form drops the columns OLD
+    /// does not have, so a NEW with extra or reordered columns compares equal when the data
+    /// OLD has is equal.
+    pub fn new(alias: &str, columns: &[String], compared: &[String]) -> RowExprs {
+        if columns == compared {
+            return RowExprs {
+                fast: format!("{alias}::text"),
+                exact: format!("to_jsonb({alias})::text"),
+            };
+        }
+        let listed: Vec<String> = compared
+            .iter()
+            .map(|c| format!("{alias}.{}", switchyard_store::quote_ident(c)))
+            .collect();
+        let extra: Vec<String> = columns
+            .iter()
+            .filter(|c| !compared.contains(c))
+            .map(|c| format!("'{}'", c.replace('\'', "''")))
+            .collect();
+        let exact = if extra.is_empty() {
+            format!("to_jsonb({alias})::text")
+        } else {
+            format!("(to_jsonb({alias}) - ARRAY[{}]::text[])::text", extra.join(", "))
+        };
+        RowExprs {
+            fast: format!("ROW({})::text", listed.join(", ")),
+            exact,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn same_columns_use_the_whole_row() {
+        let e = RowExprs::new("t", &names(&["id", "v"]), &names(&["id", "v"]));
+        assert_eq!(e.fast, "t::text");
+        assert_eq!(e.exact, "to_jsonb(t)::text");
+    }
+
+    #[test]
+    fn extra_and_reordered_columns_compare_by_name() {
+        let e = RowExprs::new("t", &names(&["v", "added", "id"]), &names(&["id", "v"]));
+        assert_eq!(e.fast, r#"ROW(t."id", t."v")::text"#);
+        assert_eq!(e.exact, "(to_jsonb(t) - ARRAY['added']::text[])::text");
+        let reordered = RowExprs::new("t", &names(&["v", "id"]), &names(&["id", "v"]));
+        assert_eq!(reordered.exact, "to_jsonb(t)::text");
+        assert_eq!(reordered.fast, r#"ROW(t."id", t."v")::text"#);
+    }
 }

@@ -21,6 +21,7 @@ pub mod canonical;
 mod repair;
 mod report;
 mod table;
+mod verify;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -33,14 +34,12 @@ pub use report::{
     VerifyReport,
 };
 pub use table::DriftTable;
+pub use verify::{verify, VerifyOptions, VerifyProgress, MAX_WORKERS};
 
 /// A seed for a sample nobody asked to repeat (printed with the result, so it can be).
 pub fn random_seed() -> u64 {
     rand::random::<u64>() >> 1
 }
-
-/// A key range `(lo, hi]`; `None` ends are open.
-type KeyRange = (Option<Vec<String>>, Option<Vec<String>>);
 
 /// A handle on one store for the drift checker: its connections read canonical values
 /// ([`canonical`]).
@@ -119,49 +118,6 @@ pub async fn sample(
     Ok(report)
 }
 
-/// Compares `table` on both stores exactly: ranges of `chunk_rows` keys hashed in the
-/// databases, differing ranges read key by key. Every differing key is listed.
-pub async fn verify(
-    old: &Store,
-    new: &Store,
-    table: &DriftTable,
-    chunk_rows: u64,
-    recheck: Recheck,
-) -> Result<VerifyReport, DriftError> {
-    let started = Instant::now();
-    let started_on_old = table.clock(old).await?;
-    // Range bounds from OLD's keys; the first range is open below, the last open above, so the
-    // ranges cover every key either store has.
-    let bounds = table.range_bounds(old, chunk_rows.max(1)).await?;
-    let mut ranges: Vec<KeyRange> = Vec::new();
-    let mut lo = None;
-    for b in bounds {
-        ranges.push((lo.clone(), Some(b.clone())));
-        lo = Some(b);
-    }
-    ranges.push((lo, None));
-
-    // Two workers take every other range, and each hashes a range on both stores at once:
-    // four queries in flight keep both servers (or both cores of one) busy.
-    let (even, odd) = tokio::try_join!(
-        compare_ranges(old, new, table, ranges.iter().step_by(2)),
-        compare_ranges(old, new, table, ranges.iter().skip(1).step_by(2)),
-    )?;
-    // The ranges cover every key of both stores: their counts are the tables' row counts.
-    let (rows_old, rows_new) = (even.rows.0 + odd.rows.0, even.rows.1 + odd.rows.1);
-    let suspects: Vec<Vec<String>> = even.suspects.into_iter().chain(odd.suspects).collect();
-    let differing = confirmed_differences(old, new, table, &suspects, recheck).await?;
-    let mut report = VerifyReport::new(table.name.to_string(), rows_old, rows_new);
-    report.chunks = ranges.len() as u64;
-    report.started_on_old = started_on_old;
-    for d in differing {
-        report.add(d);
-    }
-    report.seconds = started.elapsed().as_secs_f64();
-    report.rows_per_sec = (rows_old + rows_new) as f64 / report.seconds.max(1e-9);
-    Ok(report)
-}
-
 /// After a verify found `table` equal on both stores (`report.differing == 0`), removes the mark
 /// an uncaptured write left on it in `switchyard.switchyard_verify` on OLD, unless the mark is
 /// newer than the verify's start (a write the verify may have missed). Returns whether a mark
@@ -186,45 +142,9 @@ pub async fn clear_verify_mark(old: &Store, report: &VerifyReport) -> Result<boo
     Ok(removed.rows_affected() > 0)
 }
 
-/// What [`compare_ranges`] found: the keys that may differ, and the rows it counted on each
-/// store.
-struct Compared {
-    suspects: Vec<Vec<String>>,
-    rows: (u64, u64),
-}
-
-/// The keys that differ in `ranges`: each range hashed on both stores at once, those whose
-/// hashes differ read key by key.
-async fn compare_ranges<'r>(
-    old: &Store,
-    new: &Store,
-    table: &DriftTable,
-    ranges: impl Iterator<Item = &'r KeyRange>,
-) -> Result<Compared, DriftError> {
-    let mut suspects = Vec::new();
-    let mut rows = (0, 0);
-    for (lo, hi) in ranges {
-        let (a, b) = tokio::try_join!(
-            table.range_hash(old, lo.as_deref(), hi.as_deref()),
-            table.range_hash(new, lo.as_deref(), hi.as_deref()),
-        )?;
-        rows.0 += a.0 as u64;
-        rows.1 += b.0 as u64;
-        if a == b {
-            continue;
-        }
-        let (a, b) = tokio::try_join!(
-            table.range_rows(old, lo.as_deref(), hi.as_deref()),
-            table.range_rows(new, lo.as_deref(), hi.as_deref()),
-        )?;
-        suspects.extend(differing_keys(&a, &b).into_iter().map(|(key, _)| key));
-    }
-    Ok(Compared { suspects, rows })
-}
-
 /// The keys whose rows differ between `old` and `new` (each a map from key to canonical row),
 /// with the kind of difference.
-fn differing_keys(
+pub(crate) fn differing_keys(
     old: &BTreeMap<Vec<String>, String>,
     new: &BTreeMap<Vec<String>, String>,
 ) -> Vec<(Vec<String>, DiffKind)> {
@@ -247,7 +167,7 @@ fn differing_keys(
 /// Reads `keys` on both stores and returns those that differ, each read again as `recheck`
 /// says so a difference that a write in flight explains (mirrored a moment later) does not
 /// count.
-async fn confirmed_differences(
+pub(crate) async fn confirmed_differences(
     old: &Store,
     new: &Store,
     table: &DriftTable,

@@ -115,6 +115,10 @@ pub struct VerifyReport {
     pub rows_new: u64,
     /// Key ranges hashed on both sides.
     pub chunks: u64,
+    /// Whether this verify took over a run that had stopped (killed, or its store failed).
+    pub resumed: bool,
+    /// Ranges that run had already compared (not compared again).
+    pub resumed_ranges: u64,
     pub differing: u64,
     pub missing_in_new: u64,
     pub extra_in_new: u64,
@@ -122,7 +126,8 @@ pub struct VerifyReport {
     /// Every differing key.
     pub differing_keys: Vec<DifferingKey>,
     pub seconds: f64,
-    /// Rows compared (both sides) per second.
+    /// Rows compared (both sides) per second, by this process (a resumed run's earlier ranges
+    /// are not counted).
     pub rows_per_sec: f64,
     /// OLD's clock when the verify began (a verification mark older than this is cleared by a
     /// clean verify).
@@ -136,6 +141,8 @@ impl VerifyReport {
             rows_old,
             rows_new,
             chunks: 0,
+            resumed: false,
+            resumed_ranges: 0,
             differing: 0,
             missing_in_new: 0,
             extra_in_new: 0,

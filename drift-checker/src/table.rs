@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 
 use sqlx::{AssertSqlSafe, Row};
 use switchyard_config::{Phase, TableName, TableSettings};
-use switchyard_store::{effective_key, quote_ident, quote_table, Store, StoreError};
+use switchyard_store::{effective_key, quote_ident, quote_table, Role, Store, StoreError};
 
-use crate::{canonical, DriftError};
+use crate::canonical::RowExprs;
+use crate::DriftError;
 
 /// Sampling hashes a key to 32 bits: a key is drawn when its hash is below a threshold in
 /// `0..HASH_RANGE`.
@@ -24,37 +25,71 @@ pub struct DriftTable {
     pub key_types: Vec<String>,
     /// The configured phase, recorded with each result.
     pub phase: Phase,
+    /// How rows are read for comparison on OLD and on NEW: OLD's columns, by name.
+    on_old: RowExprs,
+    on_new: RowExprs,
 }
 
 impl DriftTable {
-    /// Reads the table's definition on `old`: the configured key or its primary key.
-    pub async fn load(old: &Store, settings: &TableSettings) -> Result<DriftTable, DriftError> {
+    /// Reads the table's definition on both stores: the configured key or OLD's primary key,
+    /// and the columns compared (OLD's; NEW may have more, in any order).
+    pub async fn load(old: &Store, new: &Store, settings: &TableSettings) -> Result<DriftTable, DriftError> {
         let table = settings.name.to_string();
-        let problem = |problem: &str| DriftError::Table {
+        let problem = |problem: String| DriftError::Table {
             table: table.clone(),
-            problem: problem.to_owned(),
+            problem,
         };
         let schema = old
             .load_table(&settings.name)
             .await?
-            .ok_or_else(|| problem("it does not exist on OLD"))?;
+            .ok_or_else(|| problem("it does not exist on OLD".to_owned()))?;
+        let on_new = new
+            .load_table(&settings.name)
+            .await?
+            .ok_or_else(|| problem("it does not exist on NEW".to_owned()))?;
         let key = effective_key(settings, &schema);
         if key.is_empty() {
             return Err(problem(
-                "it has no key (no primary key and no configured key); tables without a key are not compared yet",
+                "it has no key (no primary key and no configured key); tables without a key are not compared yet"
+                    .to_owned(),
             ));
         }
-        let key_types = key
-            .iter()
-            .map(|k| schema.column(k).map(|c| c.type_name.clone()))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| problem("a key column does not exist"))?;
+        let mut key_types = Vec::new();
+        for k in &key {
+            let column = schema
+                .column(k)
+                .ok_or_else(|| problem(format!("key column {k} does not exist on OLD")))?;
+            // Rows with a NULL key cannot be told apart or found again by key.
+            if !column.not_null {
+                return Err(problem(format!(
+                    "key column {k} may be NULL on OLD; make it NOT NULL or configure a key whose columns are"
+                )));
+            }
+            key_types.push(column.type_name.clone());
+        }
+        let compared: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+        let new_columns: Vec<String> = on_new.columns.iter().map(|c| c.name.clone()).collect();
+        if let Some(missing) = compared.iter().find(|c| !new_columns.contains(c)) {
+            return Err(problem(format!(
+                "column {missing} is missing on NEW (rows are compared by OLD's columns, by name)"
+            )));
+        }
         Ok(DriftTable {
             name: settings.name.clone(),
             key,
             key_types,
             phase: settings.phase,
+            on_old: RowExprs::new("t", &compared, &compared),
+            on_new: RowExprs::new("t", &new_columns, &compared),
         })
+    }
+
+    /// The row expressions for `store`'s side.
+    fn exprs(&self, store: &Store) -> &RowExprs {
+        match store.role() {
+            Role::Old => &self.on_old,
+            Role::New => &self.on_new,
+        }
     }
 
     fn quoted(&self) -> String {
@@ -114,22 +149,13 @@ impl DriftTable {
         (conds.join(" AND "), params)
     }
 
-    fn failed(store: &Store, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
-        let role = store.role().as_str();
-        move |source| StoreError::Query {
-            role,
-            action: action.to_owned(),
-            source,
-        }
-    }
-
     /// The store's clock, as text.
     pub(crate) async fn clock(&self, store: &Store) -> Result<String, DriftError> {
         let Store::Postgres(pg) = store;
         Ok(sqlx::query_scalar("SELECT clock_timestamp()::text")
             .fetch_one(pg.pool())
             .await
-            .map_err(Self::failed(store, "reading the clock"))?)
+            .map_err(failed(store, "reading the clock"))?)
     }
 
     /// Rows in the table.
@@ -139,7 +165,7 @@ impl DriftTable {
         let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
             .fetch_one(pg.pool())
             .await
-            .map_err(Self::failed(store, "counting rows"))?;
+            .map_err(failed(store, "counting rows"))?;
         Ok(n as u64)
     }
 
@@ -165,7 +191,7 @@ impl DriftTable {
             .bind(threshold)
             .fetch_all(pg.pool())
             .await
-            .map_err(Self::failed(store, "drawing sample keys"))?;
+            .map_err(failed(store, "drawing sample keys"))?;
         Ok(rows.iter().map(|r| self.key_of(r)).collect())
     }
 
@@ -198,12 +224,12 @@ impl DriftTable {
             .bind(chunk as i64)
             .fetch_all(pg.pool())
             .await
-            .map_err(Self::failed(store, "choosing key ranges"))?;
+            .map_err(failed(store, "choosing key ranges"))?;
         Ok(rows.iter().map(|r| self.key_of(r)).collect())
     }
 
     /// The number of rows in `(lo, hi]` and a hash of their values in key order, computed in
-    /// the database ([`canonical::fast_row_expr`]: equal hashes mean equal rows; unequal ones
+    /// the database ([`RowExprs::fast`]: equal hashes mean equal rows; unequal ones
     /// send the range to the exact comparison).
     pub(crate) async fn range_hash(
         &self,
@@ -216,7 +242,7 @@ impl DriftTable {
         let sql = format!(
             "SELECT count(*), coalesce(md5(string_agg(md5({row}), '' ORDER BY {list})), '') \
              FROM {table} t WHERE {cond}",
-            row = canonical::fast_row_expr("t"),
+            row = self.exprs(store).fast,
             list = self.key_list(),
             table = self.quoted(),
         );
@@ -227,7 +253,7 @@ impl DriftTable {
         let row = q
             .fetch_one(pg.pool())
             .await
-            .map_err(Self::failed(store, "hashing a key range"))?;
+            .map_err(failed(store, "hashing a key range"))?;
         Ok((row.get(0), row.get(1)))
     }
 
@@ -243,7 +269,7 @@ impl DriftTable {
         let sql = format!(
             "SELECT {keys}, md5({row}) FROM {table} t WHERE {cond}",
             keys = self.key_text(),
-            row = canonical::row_expr("t"),
+            row = self.exprs(store).exact,
             table = self.quoted(),
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
@@ -253,7 +279,7 @@ impl DriftTable {
         let rows = q
             .fetch_all(pg.pool())
             .await
-            .map_err(Self::failed(store, "reading a key range"))?;
+            .map_err(failed(store, "reading a key range"))?;
         Ok(rows
             .iter()
             .map(|r| (self.key_of(r), r.get::<String, _>(self.key.len())))
@@ -284,7 +310,7 @@ impl DriftTable {
             "SELECT {keys}, {row} FROM {table} t WHERE ({list}) IN \
              (SELECT {casts} FROM unnest({arrays}) AS u({columns}))",
             keys = self.key_text(),
-            row = canonical::row_expr("t"),
+            row = self.exprs(store).exact,
             table = self.quoted(),
             list = self.key_list(),
             casts = casts.join(", "),
@@ -299,7 +325,7 @@ impl DriftTable {
         let rows = q
             .fetch_all(pg.pool())
             .await
-            .map_err(Self::failed(store, "reading rows by key"))?;
+            .map_err(failed(store, "reading rows by key"))?;
         Ok(rows
             .iter()
             .map(|r| (self.key_of(r), r.get::<String, _>(self.key.len())))
@@ -308,5 +334,15 @@ impl DriftTable {
 
     fn key_of(&self, row: &sqlx::postgres::PgRow) -> Vec<String> {
         (0..self.key.len()).map(|i| row.get::<String, _>(i)).collect()
+    }
+}
+
+/// Turns a query's error on `store` into a [`StoreError`] that says what was being done.
+pub(crate) fn failed(store: &Store, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
+    let role = store.role().as_str();
+    move |source| StoreError::Query {
+        role,
+        action: action.to_owned(),
+        source,
     }
 }

@@ -23,6 +23,23 @@ fn store(role: Role, db: &TestDb) -> Store {
     switchyard_drift::connect(role, &StoreUrl::parse(db.url()).unwrap()).unwrap()
 }
 
+/// A verify from scratch with `chunk_rows` keys per range.
+async fn verify(
+    old: &Store,
+    new: &Store,
+    table: &DriftTable,
+    chunk_rows: u64,
+    recheck: Recheck,
+) -> Result<switchyard_drift::VerifyReport, switchyard_drift::DriftError> {
+    let options = switchyard_drift::VerifyOptions {
+        chunk_rows,
+        recheck,
+        resume: false,
+        ..Default::default()
+    };
+    switchyard_drift::verify(old, new, table, &options, "test").await
+}
+
 const NO_RECHECK: Recheck = Recheck {
     rechecks: 0,
     pause: std::time::Duration::ZERO,
@@ -78,11 +95,11 @@ async fn injected(label: &str) -> (TestDb, TestDb, BTreeSet<(i64, DiffKind)>) {
 async fn verify_finds_exactly_the_injected_keys_and_records_the_result() {
     let (old_db, new_db, truth) = injected("drift_verify").await;
     let (old, new) = (store(Role::Old, &old_db), store(Role::New, &new_db));
-    let table = DriftTable::load(&old, &settings("public.kv")).await.unwrap();
-    // Small ranges, so several are clean and several are read key by key.
-    let r = switchyard_drift::verify(&old, &new, &table, 300, Recheck::default())
+    let table = DriftTable::load(&old, &new, &settings("public.kv"))
         .await
         .unwrap();
+    // Small ranges, so several are clean and several are read key by key.
+    let r = verify(&old, &new, &table, 300, Recheck::default()).await.unwrap();
     let found: BTreeSet<(i64, DiffKind)> = r
         .differing_keys
         .iter()
@@ -113,7 +130,9 @@ async fn verify_finds_exactly_the_injected_keys_and_records_the_result() {
 async fn sample_intervals_cover_the_true_rate() {
     let (old_db, new_db, truth) = injected("drift_sample").await;
     let (old, new) = (store(Role::Old, &old_db), store(Role::New, &new_db));
-    let table = DriftTable::load(&old, &settings("public.kv")).await.unwrap();
+    let table = DriftTable::load(&old, &new, &settings("public.kv"))
+        .await
+        .unwrap();
     let true_rate = truth.len() as f64 / 2020.0;
     let (mut covered, mut sum, mut extra_seen) = (0, 0.0, 0);
     for seed in 0..200 {
@@ -177,11 +196,11 @@ async fn equal_values_of_many_types_compare_equal_and_one_change_is_found() {
         .await
         .unwrap();
     let (old, new) = (store(Role::Old, &old_db), store(Role::New, &new_db));
-    let table = DriftTable::load(&old, &settings("public.typed")).await.unwrap();
-    assert_eq!(table.key, ["u", "name", "at"]);
-    let r = switchyard_drift::verify(&old, &new, &table, 64, NO_RECHECK)
+    let table = DriftTable::load(&old, &new, &settings("public.typed"))
         .await
         .unwrap();
+    assert_eq!(table.key, ["u", "name", "at"]);
+    let r = verify(&old, &new, &table, 64, NO_RECHECK).await.unwrap();
     assert_eq!(r.differing, 0, "{:?}", r.differing_keys);
     let s = switchyard_drift::sample(&old, &new, &table, 1000, 1, NO_RECHECK)
         .await
@@ -196,9 +215,7 @@ async fn equal_values_of_many_types_compare_equal_and_one_change_is_found() {
         .execute_batch("UPDATE typed SET arr = array[0] WHERE name = 'name 150'")
         .await
         .unwrap();
-    let r = switchyard_drift::verify(&old, &new, &table, 64, NO_RECHECK)
-        .await
-        .unwrap();
+    let r = verify(&old, &new, &table, 64, NO_RECHECK).await.unwrap();
     assert_eq!(r.differing, 1);
     assert_eq!(r.differing_keys[0].kind, DiffKind::ValueDiffers);
     assert_eq!(r.differing_keys[0].key[1], "name 150");
@@ -207,6 +224,74 @@ async fn equal_values_of_many_types_compare_equal_and_one_change_is_found() {
         .unwrap();
     assert_eq!(s.differing, 1);
     assert_eq!(s.examples[0].key[1], "name 150");
+}
+
+/// NEW's table may list OLD's columns in another order and have more of its own: rows are
+/// compared by OLD's columns, by name, so equal data compares equal, a change to a compared
+/// column is found and a change to NEW's own column is not a difference. A key that may be NULL
+/// and a column NEW lacks are refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_compare_by_olds_columns_by_name() {
+    let (old_db, new_db) = TestDb::create_pair("drift_columns").await.unwrap();
+    old_db
+        .execute_batch(
+            "CREATE TABLE kv (id int PRIMARY KEY, a text NOT NULL, b int, c timestamptz); \
+             INSERT INTO kv SELECT i, 'a' || i, i * 2, timestamptz '2026-01-01' + i * interval '1 day' \
+             FROM generate_series(1, 500) i; \
+             CREATE TABLE loose (id int, v text); \
+             CREATE TABLE narrow (id int PRIMARY KEY, v text, w text)",
+        )
+        .await
+        .unwrap();
+    new_db
+        .execute_batch(
+            "CREATE TABLE kv (c timestamptz, added text DEFAULT 'new only', b bigint, id int PRIMARY KEY, a text NOT NULL); \
+             INSERT INTO kv (id, a, b, c) SELECT i, 'a' || i, i * 2, timestamptz '2026-01-01' + i * interval '1 day' \
+             FROM generate_series(1, 500) i; \
+             CREATE TABLE loose (id int, v text); \
+             CREATE TABLE narrow (id int PRIMARY KEY, v text)",
+        )
+        .await
+        .unwrap();
+    let (old, new) = (store(Role::Old, &old_db), store(Role::New, &new_db));
+    let table = DriftTable::load(&old, &new, &settings("public.kv"))
+        .await
+        .unwrap();
+    let r = verify(&old, &new, &table, 64, NO_RECHECK).await.unwrap();
+    assert_eq!(r.differing, 0, "{:?}", r.differing_keys);
+    let s = switchyard_drift::sample(&old, &new, &table, 1000, 3, NO_RECHECK)
+        .await
+        .unwrap();
+    assert_eq!((s.sampled, s.differing), (500, 0));
+
+    new_db
+        .execute_batch("UPDATE kv SET added = 'changed' WHERE id = 5; UPDATE kv SET b = 0 WHERE id = 77")
+        .await
+        .unwrap();
+    let r = verify(&old, &new, &table, 64, NO_RECHECK).await.unwrap();
+    let found: Vec<_> = r
+        .differing_keys
+        .iter()
+        .map(|d| (d.key[0].as_str(), d.kind))
+        .collect();
+    assert_eq!(
+        found,
+        [("77", DiffKind::ValueDiffers)],
+        "only the compared column counts"
+    );
+
+    let mut loose = settings("public.loose");
+    loose.key = vec!["id".to_owned()];
+    let refused = DriftTable::load(&old, &new, &loose)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("key column id may be NULL"), "{refused}");
+    let refused = DriftTable::load(&old, &new, &settings("public.narrow"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("column w is missing on NEW"), "{refused}");
 }
 
 /// `drift repair` re-copies exactly the confirmed differing keys by the mirror's repair path:
@@ -234,7 +319,9 @@ async fn repair_fixes_the_confirmed_keys_only_and_verify_then_finds_nothing() {
         .await
         .unwrap();
     let (old, new) = (store(Role::Old, &env.old), store(Role::New, &env.new));
-    let table = DriftTable::load(&old, &settings("public.kv")).await.unwrap();
+    let table = DriftTable::load(&old, &new, &settings("public.kv"))
+        .await
+        .unwrap();
     // An uncaptured write marked the table for verification an hour ago.
     env.old
         .execute_batch(
@@ -244,9 +331,7 @@ async fn repair_fixes_the_confirmed_keys_only_and_verify_then_finds_nothing() {
         .await
         .unwrap();
     let marks = "SELECT count(*) FROM switchyard.switchyard_verify";
-    let found = switchyard_drift::verify(&old, &new, &table, 100, NO_RECHECK)
-        .await
-        .unwrap();
+    let found = verify(&old, &new, &table, 100, NO_RECHECK).await.unwrap();
     assert_eq!(found.differing, 5);
     assert!(!switchyard_drift::clear_verify_mark(&old, &found).await.unwrap());
     assert_eq!(
@@ -273,9 +358,7 @@ async fn repair_fixes_the_confirmed_keys_only_and_verify_then_finds_nothing() {
     .unwrap();
     assert_eq!((r.candidates, r.confirmed, r.repaired, r.remaining), (5, 4, 4, 0));
 
-    let after = switchyard_drift::verify(&old, &new, &table, 100, NO_RECHECK)
-        .await
-        .unwrap();
+    let after = verify(&old, &new, &table, 100, NO_RECHECK).await.unwrap();
     assert_eq!(after.differing, 0, "{:?}", after.differing_keys);
     assert!(switchyard_drift::clear_verify_mark(&old, &after).await.unwrap());
     assert_eq!(
@@ -396,11 +479,11 @@ async fn no_false_differences_under_writes_through_two_proxies_and_a_backfill() 
         .unwrap();
 
     let (old, new) = (store(Role::Old, &env.old), store(Role::New, &env.new));
-    let table = DriftTable::load(&old, &settings("public.kv")).await.unwrap();
+    let table = DriftTable::load(&old, &new, &settings("public.kv"))
+        .await
+        .unwrap();
     for round in 0..2 {
-        let r = switchyard_drift::verify(&old, &new, &table, 500, Recheck::default())
-            .await
-            .unwrap();
+        let r = verify(&old, &new, &table, 500, Recheck::default()).await.unwrap();
         let keys: Vec<_> = r
             .differing_keys
             .iter()
