@@ -33,7 +33,7 @@ pub use report::{
     latest, latest_verify_keys, record, wilson, DiffKind, DifferingKey, LatestDrift, Recorded, SampleReport,
     VerifyReport,
 };
-pub use table::DriftTable;
+pub use table::{DriftTable, RangesFrom};
 pub use verify::{verify, VerifyOptions, VerifyProgress, MAX_WORKERS};
 
 /// A seed for a sample nobody asked to repeat (printed with the result, so it can be).

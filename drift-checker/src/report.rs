@@ -119,6 +119,9 @@ pub struct VerifyReport {
     pub resumed: bool,
     /// Ranges that run had already compared (not compared again).
     pub resumed_ranges: u64,
+    /// Where the ranges' bounds came from: `statistics` (the key's planner histogram) or
+    /// `keys` (every `chunk_rows`-th key read).
+    pub ranges_from: Option<crate::table::RangesFrom>,
     pub differing: u64,
     pub missing_in_new: u64,
     pub extra_in_new: u64,
@@ -143,6 +146,7 @@ impl VerifyReport {
             chunks: 0,
             resumed: false,
             resumed_ranges: 0,
+            ranges_from: None,
             differing: 0,
             missing_in_new: 0,
             extra_in_new: 0,

@@ -195,13 +195,54 @@ impl DriftTable {
         Ok(rows.iter().map(|r| self.key_of(r)).collect())
     }
 
-    /// Every `chunk`-th key of the table in key order: the upper bounds of the ranges verify
-    /// hashes.
+    /// Upper bounds of key ranges of about `chunk` rows each, and where they came from. Any
+    /// increasing bounds are correct (the ranges between them, open at both ends, cover every
+    /// key); they only need to be about the right size. For a one-column key, the histogram
+    /// PostgreSQL keeps for the planner (`pg_stats.histogram_bounds`, buckets of equal row
+    /// counts as of the last ANALYZE) gives them at no cost, when its buckets are at most twice
+    /// `chunk` rows; otherwise every `chunk`-th key is read in key order (a pass over the key's
+    /// index, about a tenth of a verify's time on a million rows).
     pub(crate) async fn range_bounds(
         &self,
         store: &Store,
         chunk: u64,
-    ) -> Result<Vec<Vec<String>>, DriftError> {
+    ) -> Result<(Vec<Vec<String>>, RangesFrom), DriftError> {
+        if let Some(bounds) = self.histogram_bounds(store, chunk).await? {
+            return Ok((bounds, RangesFrom::Statistics));
+        }
+        Ok((self.every_nth_key(store, chunk).await?, RangesFrom::Keys))
+    }
+
+    /// Bounds from the planner's histogram of a one-column key, thinned to buckets of about
+    /// `chunk` rows; `None` when there is no histogram or its buckets are too coarse.
+    async fn histogram_bounds(
+        &self,
+        store: &Store,
+        chunk: u64,
+    ) -> Result<Option<Vec<Vec<String>>>, DriftError> {
+        let Store::Postgres(pg) = store;
+        let [key] = self.key.as_slice() else {
+            return Ok(None);
+        };
+        let row: Option<(Option<Vec<String>>, f32)> = sqlx::query_as(
+            "SELECT s.histogram_bounds::text::text[], c.reltuples FROM pg_stats s \
+             JOIN pg_class c ON c.oid = format('%I.%I', s.schemaname, s.tablename)::regclass \
+             WHERE s.schemaname = $1 AND s.tablename = $2 AND s.attname = $3 AND NOT s.inherited",
+        )
+        .bind(&self.name.schema)
+        .bind(&self.name.table)
+        .bind(key)
+        .fetch_optional(pg.pool())
+        .await
+        .map_err(failed(store, "reading the key's statistics"))?;
+        let Some((Some(bounds), rows)) = row else {
+            return Ok(None);
+        };
+        Ok(thin_histogram(bounds, rows, chunk))
+    }
+
+    /// Every `chunk`-th key of the table in key order.
+    async fn every_nth_key(&self, store: &Store, chunk: u64) -> Result<Vec<Vec<String>>, DriftError> {
         let Store::Postgres(pg) = store;
         let outer: Vec<String> = (0..self.key.len()).map(|i| format!("s.k{i}")).collect();
         let inner: Vec<String> = self
@@ -337,6 +378,32 @@ impl DriftTable {
     }
 }
 
+/// Where a verify's key ranges came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RangesFrom {
+    /// The planner's histogram of the key (`pg_stats`).
+    Statistics,
+    /// Every `chunk_rows`-th key, read in key order.
+    Keys,
+}
+
+/// `bounds` (a histogram of a table of about `rows` rows: equal row counts between neighbours)
+/// thinned to about `chunk` rows between the ones kept; `None` when its buckets hold more than
+/// twice `chunk` rows (ranges that large would make a differing range slow to read key by key)
+/// or the table's size is unknown.
+fn thin_histogram(bounds: Vec<String>, rows: f32, chunk: u64) -> Option<Vec<Vec<String>>> {
+    if bounds.len() < 2 || rows <= 0.0 {
+        return None;
+    }
+    let per_bucket = f64::from(rows) / (bounds.len() - 1) as f64;
+    if per_bucket > 2.0 * chunk as f64 {
+        return None;
+    }
+    let step = ((chunk as f64 / per_bucket.max(1.0)).floor() as usize).max(1);
+    Some(bounds.into_iter().step_by(step).map(|b| vec![b]).collect())
+}
+
 /// Turns a query's error on `store` into a [`StoreError`] that says what was being done.
 pub(crate) fn failed(store: &Store, action: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
     let role = store.role().as_str();
@@ -344,5 +411,30 @@ pub(crate) fn failed(store: &Store, action: &'static str) -> impl Fn(sqlx::Error
         role,
         action: action.to_owned(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn histogram(n: usize) -> Vec<String> {
+        (0..n).map(|i| (i * 100).to_string()).collect()
+    }
+
+    #[test]
+    fn a_histogram_is_thinned_to_the_range_size_or_refused_when_coarse() {
+        // 101 bounds over 1,000,000 rows: buckets of 10,000.
+        let kept = thin_histogram(histogram(101), 1_000_000.0, 10_000).unwrap();
+        assert_eq!(kept.len(), 101);
+        // Ranges of 50,000 rows: every fifth bound.
+        let kept = thin_histogram(histogram(101), 1_000_000.0, 50_000).unwrap();
+        assert_eq!(kept.len(), 21);
+        assert_eq!(kept[1], ["500"]);
+        // Buckets of 10,000 rows for ranges of 1,000: too coarse.
+        assert_eq!(thin_histogram(histogram(101), 1_000_000.0, 1_000), None);
+        // Never analyzed (reltuples -1), or no buckets.
+        assert_eq!(thin_histogram(histogram(101), -1.0, 10_000), None);
+        assert_eq!(thin_histogram(histogram(1), 1_000.0, 10_000), None);
     }
 }

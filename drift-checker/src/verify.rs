@@ -21,7 +21,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::Postgres;
 use switchyard_store::Store;
 
-use crate::table::{failed, DriftTable};
+use crate::table::{failed, DriftTable, RangesFrom};
 use crate::{confirmed_differences, differing_keys, DriftError, Recheck, VerifyReport};
 
 /// A key range `(lo, hi]`; `None` ends are open.
@@ -76,6 +76,7 @@ const STATE_DDL: &str = "CREATE SCHEMA IF NOT EXISTS switchyard; \
        chunk_rows bigint NOT NULL, \
        started_on_old text NOT NULL, \
        bounds jsonb NOT NULL, \
+       ranges_from text NOT NULL, \
        started_at timestamptz NOT NULL DEFAULT now(), \
        finished_at timestamptz, \
        started_by text NOT NULL); \
@@ -92,6 +93,7 @@ struct Run {
     id: i64,
     started_on_old: String,
     ranges: Vec<KeyRange>,
+    ranges_from: RangesFrom,
     /// Ranges already compared: row counts and the keys found differing.
     done: BTreeMap<usize, RangeResult>,
 }
@@ -176,6 +178,7 @@ pub async fn verify(
     report.chunks = run.ranges.len() as u64;
     report.resumed_ranges = resumed_ranges;
     report.resumed = resumed;
+    report.ranges_from = Some(run.ranges_from);
     report.started_on_old = run.started_on_old;
     for d in differing {
         report.add(d);
@@ -224,8 +227,8 @@ async fn lock_table(new: &Store, table: &DriftTable) -> Result<TableLock, DriftE
 /// The latest unfinished run of `table` with the same range size, with the ranges it finished.
 async fn unfinished_run(new: &Store, table: &DriftTable, chunk_rows: u64) -> Result<Option<Run>, DriftError> {
     let Store::Postgres(pg) = new;
-    let row: Option<(i64, String, String)> = sqlx::query_as(
-        "SELECT id, started_on_old, bounds::text FROM switchyard.switchyard_verify_runs \
+    let row: Option<(i64, String, String, String)> = sqlx::query_as(
+        "SELECT id, started_on_old, bounds::text, to_jsonb(ranges_from)::text FROM switchyard.switchyard_verify_runs \
          WHERE table_name = $1 AND chunk_rows = $2 AND finished_at IS NULL ORDER BY id DESC LIMIT 1",
     )
     .bind(table.name.to_string())
@@ -233,7 +236,7 @@ async fn unfinished_run(new: &Store, table: &DriftTable, chunk_rows: u64) -> Res
     .fetch_optional(pg.pool())
     .await
     .map_err(failed(new, "looking for an unfinished verify"))?;
-    let Some((id, started_on_old, bounds)) = row else {
+    let Some((id, started_on_old, bounds, ranges_from)) = row else {
         return Ok(None);
     };
     let bounds: Vec<Vec<String>> = serde_json::from_str(&bounds).map_err(|e| DriftError::Table {
@@ -268,7 +271,8 @@ async fn unfinished_run(new: &Store, table: &DriftTable, chunk_rows: u64) -> Res
     Ok(Some(Run {
         id,
         started_on_old,
-        ranges: ranges_from(bounds),
+        ranges: ranges_between(bounds),
+        ranges_from: serde_json::from_str(&ranges_from).unwrap_or(RangesFrom::Keys),
         done,
     }))
 }
@@ -284,20 +288,24 @@ async fn start_run(
 ) -> Result<Run, DriftError> {
     let Store::Postgres(pg) = new;
     let started_on_old = table.clock(old).await?;
-    let bounds = table.range_bounds(old, chunk_rows).await?;
+    let (bounds, ranges_from) = table.range_bounds(old, chunk_rows).await?;
     sqlx::query("DELETE FROM switchyard.switchyard_verify_runs WHERE table_name = $1")
         .bind(table.name.to_string())
         .execute(pg.pool())
         .await
         .map_err(failed(new, "dropping earlier verify runs"))?;
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO switchyard.switchyard_verify_runs (table_name, chunk_rows, started_on_old, bounds, started_by) \
-         VALUES ($1, $2, $3, $4::text::jsonb, $5) RETURNING id",
+        "INSERT INTO switchyard.switchyard_verify_runs (table_name, chunk_rows, started_on_old, bounds, ranges_from, started_by) \
+         VALUES ($1, $2, $3, $4::text::jsonb, $5, $6) RETURNING id",
     )
     .bind(table.name.to_string())
     .bind(chunk_rows as i64)
     .bind(&started_on_old)
     .bind(keys_json(&bounds))
+    .bind(match ranges_from {
+        RangesFrom::Statistics => "statistics",
+        RangesFrom::Keys => "keys",
+    })
     .bind(by)
     .fetch_one(pg.pool())
     .await
@@ -305,7 +313,8 @@ async fn start_run(
     Ok(Run {
         id,
         started_on_old,
-        ranges: ranges_from(bounds),
+        ranges: ranges_between(bounds),
+        ranges_from,
         done: BTreeMap::new(),
     })
 }
@@ -322,7 +331,7 @@ fn keys_json(keys: &[Vec<String>]) -> String {
 
 /// The ranges between `bounds` (each an upper bound): the first open below, the last open above,
 /// so they cover every key either store has.
-fn ranges_from(bounds: Vec<Vec<String>>) -> Vec<KeyRange> {
+fn ranges_between(bounds: Vec<Vec<String>>) -> Vec<KeyRange> {
     let mut ranges = Vec::with_capacity(bounds.len() + 1);
     let mut lo = None;
     for b in bounds {
@@ -428,7 +437,7 @@ mod tests {
     #[test]
     fn ranges_cover_below_between_and_above_the_bounds() {
         let b = |s: &str| vec![s.to_owned()];
-        let ranges = ranges_from(vec![b("10"), b("20")]);
+        let ranges = ranges_between(vec![b("10"), b("20")]);
         assert_eq!(
             ranges,
             [
@@ -437,7 +446,7 @@ mod tests {
                 (Some(b("20")), None)
             ]
         );
-        assert_eq!(ranges_from(Vec::new()), [(None, None)]);
+        assert_eq!(ranges_between(Vec::new()), [(None, None)]);
     }
 
     #[tokio::test(start_paused = true)]

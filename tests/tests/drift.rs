@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use switchyard_config::{Phase, StoreUrl, TableName, TableSettings, UncapturedPolicy};
-use switchyard_drift::{DiffKind, DriftTable, Recheck};
+use switchyard_drift::{DiffKind, DriftTable, RangesFrom, Recheck};
 use switchyard_store::{Role, Store};
 use switchyard_test_support::TestDb;
 
@@ -292,6 +292,56 @@ async fn rows_compare_by_olds_columns_by_name() {
         .unwrap_err()
         .to_string();
     assert!(refused.contains("column w is missing on NEW"), "{refused}");
+}
+
+/// Key ranges from the planner's histogram (after ANALYZE) and from reading every n-th key
+/// find the same keys, including keys below OLD's smallest and above its largest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_from_statistics_or_keys_find_the_same_keys() {
+    let (old_db, new_db) = TestDb::create_pair("drift_bounds").await.unwrap();
+    let setup = "CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL); \
+                 INSERT INTO kv SELECT i, 'v' || i FROM generate_series(1, 20000) i";
+    old_db
+        .execute_batch(&format!("{setup}; ANALYZE kv"))
+        .await
+        .unwrap();
+    new_db
+        .execute_batch(&format!(
+            "{setup}; INSERT INTO kv VALUES (-5, 'below'), (0, 'below'), (30000, 'above'); \
+             UPDATE kv SET v = 'changed' WHERE id = 12345; DELETE FROM kv WHERE id = 20000"
+        ))
+        .await
+        .unwrap();
+    let (old, new) = (store(Role::Old, &old_db), store(Role::New, &new_db));
+    let table = DriftTable::load(&old, &new, &settings("public.kv"))
+        .await
+        .unwrap();
+    let expected = [
+        ("-5", DiffKind::ExtraInNew),
+        ("0", DiffKind::ExtraInNew),
+        ("12345", DiffKind::ValueDiffers),
+        ("20000", DiffKind::MissingInNew),
+        ("30000", DiffKind::ExtraInNew),
+    ];
+    // Histogram buckets of about 200 rows: ranges of 1,000 take every fifth bound; ranges of
+    // 50 are finer than the histogram, so every 50th key is read.
+    for (chunk, from) in [(1000, RangesFrom::Statistics), (50, RangesFrom::Keys)] {
+        let r = verify(&old, &new, &table, chunk, NO_RECHECK).await.unwrap();
+        assert_eq!(r.ranges_from, Some(from), "chunk {chunk}");
+        let mut found: Vec<_> = r
+            .differing_keys
+            .iter()
+            .map(|d| (d.key[0].as_str(), d.kind))
+            .collect();
+        found.sort_by_key(|(k, _)| k.parse::<i64>().unwrap());
+        assert_eq!(found, expected, "chunk {chunk}");
+        assert_eq!((r.rows_old, r.rows_new), (20_000, 20_002));
+        let chunks = match from {
+            RangesFrom::Keys => 401..=401,
+            RangesFrom::Statistics => 15..=30,
+        };
+        assert!(chunks.contains(&r.chunks), "chunk {chunk}: {} ranges", r.chunks);
+    }
 }
 
 /// `drift repair` re-copies exactly the confirmed differing keys by the mirror's repair path:
