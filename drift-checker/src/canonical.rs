@@ -68,7 +68,7 @@ impl RowExprs {
         let extra: Vec<String> = columns
             .iter()
             .filter(|c| !compared.contains(c))
-            .map(|c| format!("'{}'", c.replace('\'', "''")))
+            .map(|c| crate::table::quote_literal(c))
             .collect();
         let exact = if extra.is_empty() {
             format!("to_jsonb({alias})::text")

@@ -64,12 +64,16 @@ pub enum DriftError {
 }
 
 /// How a differing key is confirmed: read again `rechecks` times, `pause` times the attempt
-/// number apart (100, 200, 300 ms by default: longer than a mirrored commit takes), and only a
-/// key that differs every time counts.
+/// number apart (100, 200, 300 ms by default: longer than a mirrored commit takes). A key that
+/// still differs then counts, unless it is still racing a write: an intent on OLD names it (its
+/// mirrored write is in flight, or failed and waits for its repair), or its key record's
+/// version on NEW moved while it was read. Such a key is read again up to `racing_rechecks`
+/// more times, `pause` times `rechecks` apart, and counts only if it still differs after them.
 #[derive(Debug, Clone, Copy)]
 pub struct Recheck {
     pub rechecks: u32,
     pub pause: Duration,
+    pub racing_rechecks: u32,
 }
 
 impl Default for Recheck {
@@ -77,6 +81,7 @@ impl Default for Recheck {
         Recheck {
             rechecks: 3,
             pause: Duration::from_millis(100),
+            racing_rechecks: 10,
         }
     }
 }
@@ -165,7 +170,7 @@ pub(crate) fn differing_keys(
 }
 
 /// Reads `keys` on both stores and returns those that differ, each read again as `recheck`
-/// says so a difference that a write in flight explains (mirrored a moment later) does not
+/// says, so a difference that a write in flight explains (mirrored a moment later) does not
 /// count.
 pub(crate) async fn confirmed_differences(
     old: &Store,
@@ -174,24 +179,45 @@ pub(crate) async fn confirmed_differences(
     keys: &[Vec<String>],
     recheck: Recheck,
 ) -> Result<Vec<DifferingKey>, DriftError> {
-    let mut suspects: Vec<Vec<String>> = keys.to_vec();
-    let mut found = Vec::new();
-    for attempt in 0..=recheck.rechecks {
-        if suspects.is_empty() {
+    let mut pending: Vec<Vec<String>> = keys.to_vec();
+    let mut counted = Vec::new();
+    // The differing keys' record versions on NEW at the previous read.
+    let mut versions = BTreeMap::new();
+    let last = recheck.rechecks + recheck.racing_rechecks;
+    for attempt in 0..=last {
+        if pending.is_empty() {
             break;
         }
         if attempt > 0 {
-            tokio::time::sleep(recheck.pause * attempt).await;
+            tokio::time::sleep(recheck.pause * attempt.min(recheck.rechecks.max(1))).await;
         }
-        let a = table.rows_by_key(old, &suspects).await?;
-        let b = table.rows_by_key(new, &suspects).await?;
-        found = differing_keys(&a, &b);
-        suspects = found.iter().map(|(k, _)| k.clone()).collect();
+        let a = table.rows_by_key(old, &pending).await?;
+        let b = table.rows_by_key(new, &pending).await?;
+        let found = differing_keys(&a, &b);
+        pending = found.iter().map(|(k, _)| k.clone()).collect();
+        let now = table.key_versions(new, &pending).await?;
+        let moved: BTreeSet<Vec<String>> = pending
+            .iter()
+            .filter(|k| versions.get(*k) != now.get(*k))
+            .cloned()
+            .collect();
+        versions = now;
+        if attempt < recheck.rechecks {
+            continue;
+        }
+        let in_intents = table.keys_in_intents(old, &pending).await?;
+        pending.clear();
+        for (key, kind) in found {
+            let racing = moved.contains(&key) || in_intents.contains(&key);
+            if racing && attempt < last {
+                pending.push(key);
+            } else {
+                counted.push(DifferingKey { key, kind });
+            }
+        }
     }
-    Ok(found
-        .into_iter()
-        .map(|(key, kind)| DifferingKey { key, kind })
-        .collect())
+    counted.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(counted)
 }
 
 #[cfg(test)]

@@ -2,11 +2,14 @@
 //! keys, hash key ranges and read rows by key, all on connections set up for canonical values
 //! ([`crate::canonical`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::{AssertSqlSafe, Row};
 use switchyard_config::{Phase, TableName, TableSettings};
-use switchyard_store::{effective_key, quote_ident, quote_table, Role, Store, StoreError};
+use switchyard_store::prepare::INTENTS_TABLE;
+use switchyard_store::{
+    effective_key, keys_table_name, quote_ident, quote_table, Role, Store, StoreError, SIDE_SCHEMA,
+};
 
 use crate::canonical::RowExprs;
 use crate::DriftError;
@@ -333,9 +336,99 @@ impl DriftTable {
         store: &Store,
         keys: &[Vec<String>],
     ) -> Result<BTreeMap<Vec<String>, String>, DriftError> {
+        let row = &self.exprs(store).exact;
+        let rows = self
+            .select_by_key(store, keys, row, &self.quoted(), "reading rows by key")
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (self.key_of(r), r.get::<String, _>(self.key.len())))
+            .collect())
+    }
+
+    /// The version of each of `keys` in the key records on NEW (`switchyard prepare`'s keys
+    /// table); none when the table has no key records.
+    pub(crate) async fn key_versions(
+        &self,
+        new: &Store,
+        keys: &[Vec<String>],
+    ) -> Result<BTreeMap<Vec<String>, i64>, DriftError> {
+        let records = TableName::new(SIDE_SCHEMA, keys_table_name(&self.name));
+        if keys.is_empty()
+            || !new
+                .has_relation(&format!("{}.{}", records.schema, records.table))
+                .await?
+        {
+            return Ok(BTreeMap::new());
+        }
+        let rows = self
+            .select_by_key(
+                new,
+                keys,
+                "t.sy_version",
+                &quote_table(&records),
+                "reading key records",
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (self.key_of(r), r.get::<i64, _>(self.key.len())))
+            .collect())
+    }
+
+    /// Those of `keys` that an intent on OLD names: a mirrored write to them is in flight, or
+    /// failed and waits for its repair.
+    pub(crate) async fn keys_in_intents(
+        &self,
+        old: &Store,
+        keys: &[Vec<String>],
+    ) -> Result<BTreeSet<Vec<String>>, DriftError> {
+        let Store::Postgres(pg) = old;
+        let intents = format!("{SIDE_SCHEMA}.{INTENTS_TABLE}");
+        if keys.is_empty() || !old.has_relation(&intents).await? {
+            return Ok(BTreeSet::new());
+        }
+        // Each key column of the image as the key's own type, printed as the key is read here.
+        let columns: Vec<String> = self
+            .key
+            .iter()
+            .zip(&self.key_types)
+            .map(|(k, t)| format!("(k.value ->> {})::{t}::text", quote_literal(k)))
+            .collect();
+        let sql = format!(
+            "SELECT DISTINCT {columns} FROM {intents} i \
+             CROSS JOIN LATERAL jsonb_array_elements(i.changes) e \
+             CROSS JOIN LATERAL jsonb_array_elements(e.value -> 'k') k \
+             WHERE e.value ->> 't' = $1",
+            columns = columns.join(", "),
+            intents = quote_table(&TableName::new(SIDE_SCHEMA, INTENTS_TABLE)),
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(self.name.to_string())
+            .fetch_all(pg.pool())
+            .await
+            .map_err(failed(old, "reading the keys of pending intents"))?;
+        let wanted: BTreeSet<&Vec<String>> = keys.iter().collect();
+        Ok(rows
+            .iter()
+            .map(|r| self.key_of(r))
+            .filter(|k| wanted.contains(k))
+            .collect())
+    }
+
+    /// `SELECT <key as text>, <select> FROM <from> t` for the rows of `keys` (bound as text
+    /// arrays, one per key column, cast back to the key's types).
+    async fn select_by_key(
+        &self,
+        store: &Store,
+        keys: &[Vec<String>],
+        select: &str,
+        from: &str,
+        action: &'static str,
+    ) -> Result<Vec<sqlx::postgres::PgRow>, DriftError> {
         let Store::Postgres(pg) = store;
         if keys.is_empty() {
-            return Ok(BTreeMap::new());
+            return Ok(Vec::new());
         }
         let columns: Vec<String> = (0..self.key.len()).map(|i| format!("c{i}")).collect();
         let arrays: Vec<String> = (0..self.key.len())
@@ -348,11 +441,9 @@ impl DriftTable {
             .map(|(i, t)| format!("u.c{i}::{t}"))
             .collect();
         let sql = format!(
-            "SELECT {keys}, {row} FROM {table} t WHERE ({list}) IN \
+            "SELECT {keys}, {select} FROM {from} t WHERE ({list}) IN \
              (SELECT {casts} FROM unnest({arrays}) AS u({columns}))",
             keys = self.key_text(),
-            row = self.exprs(store).exact,
-            table = self.quoted(),
             list = self.key_list(),
             casts = casts.join(", "),
             arrays = arrays.join(", "),
@@ -363,14 +454,7 @@ impl DriftTable {
             let column: Vec<String> = keys.iter().map(|k| k[i].clone()).collect();
             q = q.bind(column);
         }
-        let rows = q
-            .fetch_all(pg.pool())
-            .await
-            .map_err(failed(store, "reading rows by key"))?;
-        Ok(rows
-            .iter()
-            .map(|r| (self.key_of(r), r.get::<String, _>(self.key.len())))
-            .collect())
+        Ok(q.fetch_all(pg.pool()).await.map_err(failed(store, action))?)
     }
 
     fn key_of(&self, row: &sqlx::postgres::PgRow) -> Vec<String> {
@@ -402,6 +486,11 @@ fn thin_histogram(bounds: Vec<String>, rows: f32, chunk: u64) -> Option<Vec<Vec<
     }
     let step = ((chunk as f64 / per_bucket.max(1.0)).floor() as usize).max(1);
     Some(bounds.into_iter().step_by(step).map(|b| vec![b]).collect())
+}
+
+/// `'text'`: a string literal (standard conforming strings).
+pub(crate) fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// Turns a query's error on `store` into a [`StoreError`] that says what was being done.

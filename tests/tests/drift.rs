@@ -43,6 +43,7 @@ async fn verify(
 const NO_RECHECK: Recheck = Recheck {
     rechecks: 0,
     pause: std::time::Duration::ZERO,
+    racing_rechecks: 0,
 };
 
 /// OLD with 2,000 rows; NEW with the same rows except, chosen by a seeded generator, 30 changed
@@ -344,23 +345,89 @@ async fn ranges_from_statistics_or_keys_find_the_same_keys() {
     }
 }
 
-/// `drift repair` re-copies exactly the confirmed differing keys by the mirror's repair path:
-/// changed and missing rows come back from OLD, an extra row is deleted under a tombstone, and
-/// a key that no longer differs by the time of the repair is left alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn repair_fixes_the_confirmed_keys_only_and_verify_then_finds_nothing() {
+/// Table `kv (id, v)` prepared for dual writes, with the same `rows` rows on both stores.
+async fn prepared_kv(label: &str, rows: u32) -> switchyard_test_support::DualEnv {
     use switchyard_test_support::{DualEnv, DualTable};
 
     let env = DualEnv::new(
-        "drift_repair",
+        label,
         "CREATE TABLE kv (id bigint PRIMARY KEY, v text NOT NULL)",
         vec![DualTable::new("kv")],
     )
     .await
     .unwrap();
-    let rows = "INSERT INTO kv SELECT i, 'v' || i FROM generate_series(1, 500) i";
-    env.seed_old(rows).await.unwrap();
-    env.new.execute_batch(rows).await.unwrap();
+    let rows = format!("INSERT INTO kv SELECT i, 'v' || i FROM generate_series(1, {rows}) i");
+    env.seed_old(&rows).await.unwrap();
+    env.new.execute_batch(&rows).await.unwrap();
+    env
+}
+
+/// The drift checker's stores on `env` and its table `public.kv`.
+async fn stores_and_kv(env: &switchyard_test_support::DualEnv) -> (Store, Store, DriftTable) {
+    let (old, new) = (store(Role::Old, &env.old), store(Role::New, &env.new));
+    let table = DriftTable::load(&old, &new, &settings("public.kv"))
+        .await
+        .unwrap();
+    (old, new, table)
+}
+
+/// A key still racing a write is read again for longer before it counts: one that an intent on
+/// OLD names (its mirrored write failed and waits for the repair) and one whose key record on
+/// NEW keeps moving are both healed 2.5 s later and not counted, while a plain difference is
+/// counted after the usual re-reads (about 0.6 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_racing_a_write_are_read_again_until_it_lands() {
+    let env = prepared_kv("drift_racing", 100).await;
+    env.old
+        .execute_batch(
+            "INSERT INTO switchyard.switchyard_intents (id, proxy, changes) \
+             VALUES (1, 'a test', '[{\"t\": \"public.kv\", \"k\": [{\"id\": 42}]}]')",
+        )
+        .await
+        .unwrap();
+    env.new
+        .execute_batch("UPDATE kv SET v = 'behind' WHERE id IN (42, 43, 44)")
+        .await
+        .unwrap();
+    let records = switchyard_store::keys_table(&"public.kv".parse::<TableName>().unwrap());
+    let started = std::time::Instant::now();
+    let writer = {
+        let new = env.new.client().await.unwrap();
+        let records = records.clone();
+        tokio::spawn(async move {
+            let mut version = 1;
+            while started.elapsed() < std::time::Duration::from_millis(2500) {
+                new.batch_execute(&format!(
+                    "INSERT INTO {records} (id, sy_version) VALUES (44, {version}) \
+                     ON CONFLICT (id) DO UPDATE SET sy_version = excluded.sy_version"
+                ))
+                .await
+                .unwrap();
+                version += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            new.batch_execute("UPDATE kv SET v = 'v' || id WHERE id IN (42, 44)")
+                .await
+                .unwrap();
+        })
+    };
+    let (old, new, table) = stores_and_kv(&env).await;
+    let r = verify(&old, &new, &table, 30, Recheck::default()).await.unwrap();
+    writer.await.unwrap();
+    let found: Vec<&str> = r.differing_keys.iter().map(|d| d.key[0].as_str()).collect();
+    assert_eq!(found, ["43"], "only the key no write was racing counts");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(2500),
+        "the racing keys were read until their writes landed"
+    );
+}
+
+/// `drift repair` re-copies exactly the confirmed differing keys by the mirror's repair path:
+/// changed and missing rows come back from OLD, an extra row is deleted under a tombstone, and
+/// a key that no longer differs by the time of the repair is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_fixes_the_confirmed_keys_only_and_verify_then_finds_nothing() {
+    let env = prepared_kv("drift_repair", 500).await;
     env.new
         .execute_batch(
             "UPDATE kv SET v = 'changed' WHERE id IN (10, 20); DELETE FROM kv WHERE id = 30; \
@@ -368,10 +435,7 @@ async fn repair_fixes_the_confirmed_keys_only_and_verify_then_finds_nothing() {
         )
         .await
         .unwrap();
-    let (old, new) = (store(Role::Old, &env.old), store(Role::New, &env.new));
-    let table = DriftTable::load(&old, &new, &settings("public.kv"))
-        .await
-        .unwrap();
+    let (old, new, table) = stores_and_kv(&env).await;
     // An uncaptured write marked the table for verification an hour ago.
     env.old
         .execute_batch(
@@ -528,10 +592,7 @@ async fn no_false_differences_under_writes_through_two_proxies_and_a_backfill() 
         .await
         .unwrap();
 
-    let (old, new) = (store(Role::Old, &env.old), store(Role::New, &env.new));
-    let table = DriftTable::load(&old, &new, &settings("public.kv"))
-        .await
-        .unwrap();
+    let (old, new, table) = stores_and_kv(&env).await;
     for round in 0..2 {
         let r = verify(&old, &new, &table, 500, Recheck::default()).await.unwrap();
         let keys: Vec<_> = r
