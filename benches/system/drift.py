@@ -142,6 +142,7 @@ phase = "dual_write"
                     found = {int(k["key"][0]) for k in r["differing_keys"]}
                     if found != truth:
                         raise SystemExit(f"verify found {sorted(found)}, expected {sorted(truth)}")
+                    log(f"  verify: {r['chunks']} ranges from {r.get('ranges_from')}, {r['rows_per_sec']:.0f} rows/s")
                 else:
                     r = switchyard(a, cfg.name, "sample", "--samples", "10000", "--seed", str(rnd))
                     took = time.monotonic() - start
