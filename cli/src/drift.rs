@@ -123,6 +123,11 @@ pub(crate) fn run(action: DriftCommand) -> anyhow::Result<ExitCode> {
         };
         checker.old.ping(config.proxy.connect_timeout).await?;
         checker.new.ping(config.proxy.connect_timeout).await?;
+        // Results are recorded with each table's phase as the control state says it.
+        let mut config = config.clone();
+        if let Some(state) = switchyard_control::read(&checker.old).await? {
+            switchyard_control::apply_to(&mut config, &state);
+        }
         if let Some(unknown) = names
             .iter()
             .find(|n| !config.tables.iter().any(|t| t.name.to_string() == **n))

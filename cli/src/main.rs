@@ -3,6 +3,7 @@
 //! `main` parses the command line, loads and validates the config, sets up telemetry and calls
 //! the library's `run`. Everything else lives in the library crates.
 
+mod control;
 mod drift;
 mod signals;
 mod telemetry;
@@ -90,6 +91,45 @@ enum Command {
         #[command(subcommand)]
         action: drift::DriftCommand,
     },
+    /// Move a table to another phase, for every proxy at once (through the control state on
+    /// the authoritative store). Exit 0 when done, 1 when refused (the reasons printed), 2 when
+    /// it could not be tried.
+    Phase {
+        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The table (`schema.table`).
+        #[arg(long)]
+        table: String,
+        /// The phase: passthrough, dual_write, shadow_read, read_shift, cutover, done.
+        #[arg(long)]
+        to: switchyard_config::Phase,
+        /// Override the guard rails (recorded, with the refusals overridden).
+        #[arg(long)]
+        force: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the percent of sessions whose eligible reads NEW serves (in read_shift), for every
+    /// proxy at once. Exit codes as for `phase`.
+    Shift {
+        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The table (`schema.table`).
+        #[arg(long)]
+        table: String,
+        /// Percent of sessions, 0 to 100.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+        reads: u8,
+        /// Override the guard rails (recorded, with the refusals overridden).
+        #[arg(long)]
+        force: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show every configured table's phase and backfill progress (read from NEW).
     Status {
         /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
@@ -137,6 +177,32 @@ fn main() -> ExitCode {
             backfill(config, tables, options, json, cleanup_tombstones)
         }
         Command::Status { config, json } => status(config, json),
+        Command::Phase {
+            config,
+            table,
+            to,
+            force,
+            json,
+        } => control::run(
+            &config,
+            &table,
+            switchyard_control::Target::Phase(to),
+            force,
+            json,
+        ),
+        Command::Shift {
+            config,
+            table,
+            reads,
+            force,
+            json,
+        } => control::run(
+            &config,
+            &table,
+            switchyard_control::Target::ReadShare(reads),
+            force,
+            json,
+        ),
         Command::Drift { action } => drift::run(action),
     };
     match result {
@@ -203,8 +269,23 @@ fn prepare(file: PathBuf, check: bool, json: bool) -> anyhow::Result<ExitCode> {
         // A ping first, so an unreachable store is reported with its (redacted) URL.
         old.ping(config.proxy.connect_timeout).await?;
         new.ping(config.proxy.connect_timeout).await?;
-        let (Store::Postgres(old), Store::Postgres(new)) = (&old, &new);
-        switchyard_store::prepare(old.pool(), new.pool(), &config.tables, !check).await
+        // Phases changed since with `switchyard phase` win over the file's: prepare installs
+        // and removes capture triggers by phase.
+        let mut config = config.clone();
+        if let Some(state) = switchyard_control::read(&old).await? {
+            for (table, file, control) in switchyard_control::apply_to(&mut config, &state) {
+                eprintln!("{table}: the control state says {control} (the file says {file}); preparing for {control}");
+            }
+        }
+        let (Store::Postgres(pg_old), Store::Postgres(pg_new)) = (&old, &new);
+        let report = switchyard_store::prepare(pg_old.pool(), pg_new.pool(), &config.tables, !check).await?;
+        // The control state every proxy follows starts from the file's phases and read shares
+        // (rows that exist are kept: they hold changes made since).
+        if !check && report.is_ready() {
+            let by = format!("switchyard prepare (pid {})", std::process::id());
+            switchyard_control::seed(&old, &config, &by).await?;
+        }
+        Ok::<_, switchyard_store::StoreError>(report)
     });
     let report = match result {
         Ok(report) => report,

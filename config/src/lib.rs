@@ -33,8 +33,8 @@ use serde::Serialize;
 
 pub use error::{ConfigError, Problem};
 pub use settings::{
-    AuthMethod, AuthSettings, LogFormat, MirrorFault, MirrorSettings, ProxySettings, StoreSettings,
-    TelemetrySettings,
+    AdminSettings, AuthMethod, AuthSettings, ControlSettings, LogFormat, MirrorFault, MirrorSettings,
+    ProxySettings, StoreSettings, TelemetrySettings,
 };
 pub use store_url::{Engine, RedactedStoreUrl, StoreUrl};
 pub use tables::{Phase, TableName, TableSettings, UncapturedPolicy};
@@ -62,6 +62,10 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     /// `[mirror]`: the dual-write engine's connections, deadlines and repair loop.
     pub mirror: MirrorSettings,
+    /// `[control]`: how proxies follow the shared control state, and the guard rails.
+    pub control: ControlSettings,
+    /// `[admin]`: the admin API's actions.
+    pub admin: AdminSettings,
     /// `[[tables]]`: the tables being migrated, in file order, names unique.
     pub tables: Vec<TableSettings>,
 }
@@ -146,7 +150,7 @@ impl Config {
     pub fn changes_needing_restart(&self, newer: &Config) -> Vec<&'static str> {
         let mut telemetry = newer.telemetry.clone();
         telemetry.log_level.clone_from(&self.telemetry.log_level);
-        let checks: [(&'static str, bool); 8] = [
+        let checks: [(&'static str, bool); 10] = [
             ("proxy", self.proxy != newer.proxy),
             ("old", self.old != newer.old),
             ("new", self.new != newer.new),
@@ -154,6 +158,8 @@ impl Config {
             ("auth.users_file", self.auth.users_file != newer.auth.users_file),
             ("telemetry", self.telemetry != telemetry),
             ("mirror", self.mirror != newer.mirror),
+            ("control", self.control != newer.control),
+            ("admin", self.admin != newer.admin),
             ("tables", self.tables != newer.tables),
         ];
         checks

@@ -17,6 +17,8 @@ pub(crate) struct RawConfig {
     pub auth: Option<RawAuth>,
     pub telemetry: Option<RawTelemetry>,
     pub mirror: Option<RawMirror>,
+    pub control: Option<RawControl>,
+    pub admin: Option<RawAdmin>,
     #[serde(default)]
     pub tables: Vec<RawTable>,
 }
@@ -74,6 +76,22 @@ pub(crate) struct RawMirror {
     pub fault_injection: Option<String>,
 }
 
+/// `[control]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawControl {
+    pub poll_interval_ms: Option<i64>,
+    pub max_drift_rate: Option<f64>,
+    pub max_drift_age_secs: Option<i64>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub token: Option<String>,
+}
+
 /// One `[[tables]]` entry.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,4 +105,13 @@ pub(crate) struct RawTable {
 
 /// The sections that may be set from the environment
 /// (`SWITCHYARD_<SECTION>__<KEY>`). `[[tables]]` is an array and cannot.
-pub(crate) const ENV_SECTIONS: &[&str] = &["proxy", "old", "new", "auth", "telemetry", "mirror"];
+pub(crate) const ENV_SECTIONS: &[&str] = &[
+    "proxy",
+    "old",
+    "new",
+    "auth",
+    "telemetry",
+    "mirror",
+    "control",
+    "admin",
+];

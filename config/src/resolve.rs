@@ -9,9 +9,12 @@ use std::time::Duration;
 use url::Url;
 
 use crate::error::{ConfigError, Problem};
-use crate::raw::{RawAuth, RawConfig, RawMirror, RawProxy, RawStore, RawTable, RawTelemetry};
+use crate::raw::{
+    RawAdmin, RawAuth, RawConfig, RawControl, RawMirror, RawProxy, RawStore, RawTable, RawTelemetry,
+};
 use crate::settings::{
-    AuthMethod, AuthSettings, MirrorSettings, ProxySettings, StoreSettings, TelemetrySettings,
+    AdminSettings, AuthMethod, AuthSettings, ControlSettings, MirrorSettings, ProxySettings, StoreSettings,
+    TelemetrySettings,
 };
 use crate::store_url::StoreUrl;
 use crate::tables::{Phase, TableName, TableSettings, UncapturedPolicy};
@@ -72,6 +75,8 @@ impl<'a> Resolver<'a> {
         let auth = self.auth(raw.auth.unwrap_or_default());
         let telemetry = self.telemetry(raw.telemetry.unwrap_or_default());
         let mirror = self.mirror(raw.mirror.unwrap_or_default());
+        let control = self.control(raw.control.unwrap_or_default());
+        let admin = self.admin(raw.admin.unwrap_or_default());
         let tables = self.tables(raw.tables);
         match (old, new, auth) {
             (Some(old), Some(new), Some(auth)) if self.problems.is_empty() => Ok(Config {
@@ -81,6 +86,8 @@ impl<'a> Resolver<'a> {
                 auth,
                 telemetry,
                 mirror,
+                control,
+                admin,
                 tables,
             }),
             _ => Err(ConfigError::Invalid(self.problems)),
@@ -368,6 +375,54 @@ impl<'a> Resolver<'a> {
             stale_intent: Duration::from_secs(stale),
             function_refresh: Duration::from_secs(refresh),
         }
+    }
+
+    fn control(&mut self, raw: RawControl) -> ControlSettings {
+        let d = ControlSettings::default();
+        let poll = self.int(
+            "control.poll_interval_ms",
+            raw.poll_interval_ms,
+            d.poll_interval.as_millis() as u64,
+            50,
+            3_600_000,
+        );
+        let age = self.int(
+            "control.max_drift_age_secs",
+            raw.max_drift_age_secs,
+            d.max_drift_age.as_secs(),
+            1,
+            30 * 86_400,
+        );
+        let max_drift_rate = match raw.max_drift_rate {
+            None => d.max_drift_rate,
+            Some(r) if (0.0..=1.0).contains(&r) => r,
+            Some(r) => {
+                self.problem(
+                    "control.max_drift_rate",
+                    format!("{r} is out of range; must be a share between 0 and 1 (0.001 is 0.1%)"),
+                );
+                d.max_drift_rate
+            }
+        };
+        ControlSettings {
+            poll_interval: Duration::from_millis(poll),
+            max_drift_rate,
+            max_drift_age: Duration::from_secs(age),
+        }
+    }
+
+    fn admin(&mut self, raw: RawAdmin) -> AdminSettings {
+        let token = match raw.token {
+            Some(t) if t.len() < 16 => {
+                self.problem(
+                    "admin.token",
+                    "is shorter than 16 characters; use a long random token (openssl rand -hex 32)",
+                );
+                None
+            }
+            other => other,
+        };
+        AdminSettings { token }
     }
 
     fn tables(&mut self, raw: Vec<RawTable>) -> Vec<TableSettings> {

@@ -286,3 +286,57 @@ impl Default for MirrorSettings {
         }
     }
 }
+
+/// `[control]`: how proxies follow the control state (each table's phase and read share, kept in
+/// the `switchyard` schema of the authoritative store) and the guard rails of phase changes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ControlSettings {
+    /// `poll_interval_ms`: how often each proxy reads the control state even without a
+    /// notification (default 2000): a lost notification costs at most this long.
+    #[serde(rename = "poll_interval_ms", serialize_with = "ser_ms")]
+    pub poll_interval: Duration,
+    /// `max_drift_rate`: the highest upper bound of the latest drift estimate that lets reads
+    /// move to NEW or writes cut over (default 0.001).
+    pub max_drift_rate: f64,
+    /// `max_drift_age_secs`: the oldest a drift result may be for the guard rails (default
+    /// 3600).
+    #[serde(rename = "max_drift_age_secs", serialize_with = "ser_secs")]
+    pub max_drift_age: Duration,
+}
+
+impl Eq for ControlSettings {}
+
+impl Default for ControlSettings {
+    /// The documented defaults.
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(2000),
+            max_drift_rate: 0.001,
+            max_drift_age: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// `[admin]`: the admin API's actions.
+#[derive(Clone, PartialEq, Eq, Default, Serialize)]
+pub struct AdminSettings {
+    /// `token`: the bearer token the admin API's POST actions (phase, shift) require; without
+    /// one they are refused. Never printed.
+    #[serde(serialize_with = "ser_secret")]
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+fn ser_secret<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
+}

@@ -115,6 +115,32 @@ fn numeric_ranges() {
 }
 
 #[test]
+fn control_and_admin_values() {
+    for (section, key) in [
+        ("[control]\nmax_drift_rate = 1.5", "control.max_drift_rate"),
+        ("[control]\nmax_drift_rate = -0.1", "control.max_drift_rate"),
+        ("[control]\npoll_interval_ms = 10", "control.poll_interval_ms"),
+        ("[control]\nmax_drift_age_secs = 0", "control.max_drift_age_secs"),
+    ] {
+        let e = error(&with(section));
+        assert_mentions(&e, &[key, "out of range"]);
+    }
+    let e = error(&with("[admin]\ntoken = \"short\""));
+    assert_mentions(&e, &["admin.token", "shorter than 16"]);
+    let config = Config::from_toml_str(
+        &with("[admin]\ntoken = \"0123456789abcdef0123\"\n[control]\nmax_drift_rate = 0.01"),
+        std::collections::HashMap::new(),
+    )
+    .unwrap();
+    assert_eq!(config.control.max_drift_rate, 0.01);
+    let shown = format!("{config:?} {}", toml::to_string(&config).unwrap());
+    assert!(
+        !shown.contains("0123456789abcdef"),
+        "the token is never printed: {shown}"
+    );
+}
+
+#[test]
 fn unknown_phase_lists_valid_ones() {
     let e = error(&with("[[tables]]\nname = \"accounts\"\nphase = \"shifting\""));
     assert_mentions(

@@ -1,12 +1,15 @@
-//! The admin HTTP API: `/health`, `/status` (JSON), `/metrics` (Prometheus text).
+//! The admin HTTP API: `/health`, `/status` (JSON), `/metrics` (Prometheus text), and two
+//! actions, `POST /phase` and `POST /shift`, which change the control state as `switchyard
+//! phase` and `switchyard shift` do; they are refused unless `[admin] token` is configured and
+//! presented (`Authorization: Bearer <token>`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -24,6 +27,8 @@ pub(crate) async fn serve(state: Arc<ProxyState>, listener: TcpListener, mut shu
         .route("/health", get(health))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/phase", post(phase))
+        .route("/shift", post(shift))
         .with_state(state);
     let stop = async move {
         let mut state = shutdown.state();
@@ -65,6 +70,7 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
     let counters = &state.metrics.counters;
     let config = &state.config;
     let drift = state.drift.now();
+    let control = state.control.state();
     let tables: Vec<_> = config
         .tables
         .iter()
@@ -79,10 +85,14 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
                 .mirror
                 .as_ref()
                 .and_then(|m| m.held(m.table_index(&t.name.to_string())?));
+            // The control state, once seeded, says the phase; the file only seeds it.
+            let controlled = control.as_ref().and_then(|c| c.table(&name));
             json!({
                 "name": t.name.to_string(),
-                "phase": t.phase.as_str(),
-                "read_share": t.read_share,
+                "phase": controlled.map_or(t.phase, |c| c.phase).as_str(),
+                "read_share": controlled.map_or(t.read_share, |c| c.read_share),
+                "phase_from": if controlled.is_some() { "control" } else { "config" },
+                "control_epoch": controlled.map(|c| c.epoch),
                 "mirrored": mirrored.is_some(),
                 "key": mirrored.map(|m| m.key.clone()),
                 "on_uncaptured": t.on_uncaptured.as_str(),
@@ -132,9 +142,137 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
             "max_logging_in": config.proxy.max_pending_logins,
             "fd_limit": state.fd_limit,
         },
+        "control": {
+            "epoch": control.as_ref().map(|c| c.epoch),
+            "read_seconds_ago": state.control.age(),
+        },
         "tables": tables,
         "mirror": mirror,
     }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct PhaseParams {
+    table: String,
+    to: String,
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ShiftParams {
+    table: String,
+    reads: u8,
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /phase?table=schema.table&to=PHASE[&force=true]`.
+async fn phase(
+    State(state): State<Arc<ProxyState>>,
+    headers: HeaderMap,
+    Query(p): Query<PhaseParams>,
+) -> impl IntoResponse {
+    match p.to.parse() {
+        Ok(to) => {
+            act(
+                &state,
+                &headers,
+                &p.table,
+                switchyard_control::Target::Phase(to),
+                p.force,
+            )
+            .await
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, Json(json!({"error": e}))),
+    }
+}
+
+/// `POST /shift?table=schema.table&reads=PERCENT[&force=true]`.
+async fn shift(
+    State(state): State<Arc<ProxyState>>,
+    headers: HeaderMap,
+    Query(p): Query<ShiftParams>,
+) -> impl IntoResponse {
+    act(
+        &state,
+        &headers,
+        &p.table,
+        switchyard_control::Target::ReadShare(p.reads),
+        p.force,
+    )
+    .await
+}
+
+/// Checks the token, then makes the change as the CLI does.
+async fn act(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    table: &str,
+    target: switchyard_control::Target,
+    force: bool,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let error = |code: StatusCode, message: String| (code, Json(json!({"error": message})));
+    let Some(token) = state.config.admin.token.as_deref() else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the admin API's actions are off: set [admin] token to allow them".to_owned(),
+        );
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|p| same_secret(p.as_bytes(), token.as_bytes())) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong token (Authorization: Bearer <[admin] token>)".to_owned(),
+        );
+    }
+    let name: switchyard_config::TableName = match table.parse() {
+        Ok(t) if state.config.tables.iter().any(|c| c.name == t) => t,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("table {table} is not in the configuration's [[tables]]"),
+            )
+        }
+    };
+    let by = format!("admin API (proxy pid {})", std::process::id());
+    let request = switchyard_control::Request {
+        table: &name,
+        target,
+        by: &by,
+        force,
+    };
+    let authoritative = &state.old_store;
+    let seeded = switchyard_control::seed(authoritative, &state.config, &by).await;
+    if let Err(e) = seeded {
+        return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    let deadline = state.config.mirror.timeout;
+    let table = name.to_string();
+    let result = switchyard_control::change(authoritative, &request, &state.config.control, || {
+        switchyard_control::guard::gather(authoritative, &state.new_store, &table, deadline)
+    })
+    .await;
+    match result {
+        Ok(changed) => (StatusCode::OK, Json(json!(changed))),
+        Err(switchyard_control::ControlError::Refused { table, reasons }) => (
+            StatusCode::CONFLICT,
+            Json(json!({"table": table, "refused": reasons})),
+        ),
+        Err(switchyard_control::ControlError::NotAllowed { table, reason }) => (
+            StatusCode::CONFLICT,
+            Json(json!({"table": table, "refused": [reason]})),
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn metrics(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {

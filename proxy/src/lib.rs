@@ -14,6 +14,7 @@ mod admin;
 mod auth;
 pub mod cancel;
 pub mod classify;
+mod control_state;
 mod drift_figures;
 pub mod error;
 mod io;

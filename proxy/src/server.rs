@@ -136,6 +136,12 @@ async fn serve(
         state.new_store.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(crate::control_state::follow(
+        Arc::clone(&state.control),
+        state.old_store.clone(),
+        state.config.control.poll_interval,
+        shutdown.clone(),
+    ));
     let admin = listeners
         .admin
         .map(|admin| tokio::spawn(crate::admin::serve(Arc::clone(&state), admin, shutdown.clone())));

@@ -2,7 +2,7 @@
 //!
 //! Modules depend on each other in one direction only: `server` (accept loop) uses `state`,
 //! `session` and `admin`; `session` and `admin` use `state`; `state` uses `auth`, `cancel`,
-//! `metrics` and the dual-write engine (`switchyard_dualwrite`), never the other way round.
+//! `control_state`, `metrics` and the dual-write engine (`switchyard_dualwrite`), never the other way round.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 
 use crate::auth::ClientAuth;
 use crate::cancel::CancelRegistry;
+use crate::control_state::ControlFollower;
 use crate::drift_figures::DriftFigures;
 use crate::error::StartError;
 use crate::login_gate::LoginGate;
@@ -37,6 +38,8 @@ pub(crate) struct ProxyState {
     pub(crate) fd_limit: Option<u64>,
     /// The latest drift results, read from NEW in the background.
     pub(crate) drift: Arc<DriftFigures>,
+    /// The control state (each table's phase and read share), followed in the background.
+    pub(crate) control: Arc<ControlFollower>,
     /// Failed logins are logged at most this often.
     pub(crate) auth_failures: LogLimiter,
     /// The connections still logging in (`[proxy] max_pending_logins`).
@@ -85,6 +88,7 @@ impl ProxyState {
         })
         .await
         .map_err(|e| StartError::Telemetry(e.to_string()))??;
+        let config = with_control_state(config, &old_store).await;
         let mirror = Mirror::start(&config, roles).await?;
         let drift = Arc::new(DriftFigures::default());
         metrics.register_drift(
@@ -108,6 +112,7 @@ impl ProxyState {
             fd_limit: raise_fd_limit(),
             auth_failures: LogLimiter::new(10, Duration::from_secs(1)),
             drift,
+            control: Arc::default(),
             limits: MessageLimits {
                 max_message_bytes: config.proxy.max_message_bytes,
             },
@@ -136,6 +141,27 @@ impl ProxyState {
                 tracing::info!(users = running.auth.users.users.len(), "users reloaded");
             }
             Err(e) => tracing::error!(error = %e, "users not reloaded; keeping the previous ones"),
+        }
+    }
+}
+
+/// `config` with the phases and read shares of the control state on `authoritative`, which win
+/// over the file's once `switchyard prepare` seeded it (a proxy restarted with an old file must
+/// not undo a change made with `switchyard phase`). Without a control state, or when it cannot
+/// be read, the file's values stand.
+async fn with_control_state(config: Arc<Config>, authoritative: &Store) -> Arc<Config> {
+    match switchyard_control::read(authoritative).await {
+        Ok(Some(state)) => {
+            let mut config = (*config).clone();
+            for (table, file, control) in switchyard_control::apply_to(&mut config, &state) {
+                tracing::info!(%table, %file, %control, epoch = state.epoch, "the control state's phase and read share apply");
+            }
+            Arc::new(config)
+        }
+        Ok(None) => config,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the control state at start; the file's phases apply");
+            config
         }
     }
 }

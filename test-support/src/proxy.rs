@@ -160,11 +160,32 @@ impl TestProxy {
 
     /// Fetches an admin API path (`/status`, `/metrics`, `/health`) with a bare HTTP/1.0 GET.
     pub async fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        self.admin_request("GET", path, None).await
+    }
+
+    /// Posts to an admin API action (`/phase?...`, `/shift?...`), with `token` as the bearer
+    /// token when given.
+    pub async fn admin_post(&self, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
+        self.admin_request("POST", path, token).await
+    }
+
+    async fn admin_request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = self.admin_addr.context("admin API disabled")?;
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-            .await?;
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        s.write_all(
+            format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
         let mut raw = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await??;
         let text = String::from_utf8_lossy(&raw).into_owned();

@@ -1,0 +1,274 @@
+//! The guard rails of a phase change: what must hold before reads move to NEW or writes cut
+//! over, each refusal with its reason and what to do about it.
+//!
+//! [`refusals`] is a pure function of the facts gathered from the stores ([`Facts`]) and the
+//! thresholds (`[control]`), so every rule is unit-tested here; [`gather`] reads the facts.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use switchyard_config::ControlSettings;
+use switchyard_drift::{wilson, LatestDrift};
+use switchyard_store::{Store, StoreError};
+
+/// What the guard rails look at for one table.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Facts {
+    /// The table's backfill status on NEW (`running`, `done`), `None` when it never ran.
+    pub backfill: Option<String>,
+    /// The most recent drift result of either kind (a clean verify counts as an exact
+    /// estimate).
+    pub drift: Option<LatestDrift>,
+    /// Intents on the authoritative store older than the mirror's deadline: writes whose mirror
+    /// failed and that wait for their repair.
+    pub pending_repairs: i64,
+    /// Whether an uncaptured write marked the table for a full verify.
+    pub marked_for_verify: bool,
+}
+
+/// Why the change may not happen now; empty when every guard rail passes.
+pub fn refusals(facts: &Facts, settings: &ControlSettings) -> Vec<String> {
+    let mut out = Vec::new();
+    match facts.backfill.as_deref() {
+        Some("done") => {}
+        Some(status) => out.push(format!(
+            "the backfill is not complete (status {status}); let `switchyard backfill` finish"
+        )),
+        None => out.push("the backfill has not run; run `switchyard backfill`".to_owned()),
+    }
+    let max = settings.max_drift_rate;
+    match &facts.drift {
+        None => out.push(format!(
+            "no drift result is recorded; run `switchyard drift sample --samples {}` or `switchyard drift verify`",
+            keys_for_bound(max)
+        )),
+        Some(d) => {
+            let max_age = settings.max_drift_age;
+            if d.age_seconds > max_age.as_secs_f64() {
+                out.push(format!(
+                    "the latest drift result ({}) is {} old, older than max_drift_age_secs ({}); measure again",
+                    d.kind,
+                    human(Duration::from_secs_f64(d.age_seconds.max(0.0))),
+                    max_age.as_secs()
+                ));
+            }
+            if d.differing > 0 {
+                out.push(format!(
+                    "the latest drift result ({}) found {} differing keys (upper bound {:.5} > max_drift_rate {max}); \
+                     run `switchyard drift repair`, then verify again",
+                    d.kind, d.differing, d.ci95_high
+                ));
+            } else if d.ci95_high > max {
+                let needed = keys_for_bound(max);
+                out.push(format!(
+                    "the latest drift sample compared {} keys, none differing, but its upper bound {:.5} is above \
+                     max_drift_rate {max}: a clean sample needs about {needed} keys ({} more); \
+                     run `switchyard drift sample --samples {needed}`",
+                    d.sampled,
+                    d.ci95_high,
+                    needed.saturating_sub(u64::try_from(d.sampled).unwrap_or(0))
+                ));
+            }
+        }
+    }
+    if facts.pending_repairs > 0 {
+        out.push(format!(
+            "{} repairs are pending (writes whose mirror failed); wait for the proxies' repair loop to apply them",
+            facts.pending_repairs
+        ));
+    }
+    if facts.marked_for_verify {
+        out.push(
+            "the table is marked for a full verify (a write the proxy could not capture ran on it); \
+             run `switchyard drift verify`"
+                .to_owned(),
+        );
+    }
+    out
+}
+
+/// The fewest keys a sample with no differing key needs for its 95% upper bound to fall to
+/// `max` or below (about 3,840 for 0.001).
+pub fn keys_for_bound(max: f64) -> u64 {
+    if max <= 0.0 {
+        return u64::MAX;
+    }
+    // Wilson's upper bound for 0 of n is z^2 / (n + z^2): solve for n, then step to the first n
+    // that passes (rounding).
+    let z2 = 1.959_963_984_540_054_f64.powi(2);
+    let mut n = ((z2 * (1.0 - max)) / max).floor().max(1.0) as u64;
+    while wilson(0, n).1 > max {
+        n += 1;
+    }
+    n
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        _ => format!("{} h", s / 3600),
+    }
+}
+
+/// Reads the facts for `table` (`schema.table`): the backfill state and the drift results on
+/// `new`, pending intents and verification marks on `authoritative`. `mirror_deadline` is
+/// the mirror's timeout: an intent older than that is a failed mirror waiting for its repair.
+pub async fn gather(
+    authoritative: &Store,
+    new: &Store,
+    table: &str,
+    mirror_deadline: Duration,
+) -> Result<Facts, StoreError> {
+    let Store::Postgres(pg_new) = new;
+    let backfill = switchyard_store::backfill_state::backfill_progress(pg_new.pool())
+        .await?
+        .into_iter()
+        .find(|p| p.table == table)
+        .map(|p| p.status);
+    let drift = switchyard_drift::latest(new)
+        .await?
+        .into_iter()
+        .filter(|r| r.table == table)
+        .min_by(|a, b| a.age_seconds.total_cmp(&b.age_seconds));
+    let Store::Postgres(pg_auth) = authoritative;
+    let failed = |action: &'static str| {
+        move |source| StoreError::Query {
+            role: pg_auth.role().as_str(),
+            action: action.to_owned(),
+            source,
+        }
+    };
+    let pending_repairs = if authoritative
+        .has_relation("switchyard.switchyard_intents")
+        .await?
+    {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM switchyard.switchyard_intents \
+             WHERE created_at < clock_timestamp() - make_interval(secs => $1)",
+        )
+        .bind(mirror_deadline.as_secs_f64())
+        .fetch_one(pg_auth.pool())
+        .await
+        .map_err(failed("counting pending repairs"))?
+    } else {
+        0
+    };
+    let marked_for_verify = if authoritative.has_relation("switchyard.switchyard_verify").await? {
+        sqlx::query_scalar("SELECT EXISTS (SELECT FROM switchyard.switchyard_verify WHERE table_name = $1)")
+            .bind(table)
+            .fetch_one(pg_auth.pool())
+            .await
+            .map_err(failed("reading verification marks"))?
+    } else {
+        false
+    };
+    Ok(Facts {
+        backfill,
+        drift,
+        pending_repairs,
+        marked_for_verify,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(sampled: i64, differing: i64, age: f64) -> LatestDrift {
+        let (low, high) = wilson(differing as u64, sampled as u64);
+        LatestDrift {
+            table: "public.t".to_owned(),
+            kind: "sample".to_owned(),
+            rate: differing as f64 / sampled as f64,
+            ci95_low: low,
+            ci95_high: high,
+            sampled,
+            differing,
+            recorded_at: "2026-12-05 00:00:00+00".to_owned(),
+            age_seconds: age,
+            recorded_by: "test".to_owned(),
+            phase: "dual_write".to_owned(),
+        }
+    }
+
+    fn ready() -> Facts {
+        Facts {
+            backfill: Some("done".to_owned()),
+            drift: Some(sample(5000, 0, 10.0)),
+            pending_repairs: 0,
+            marked_for_verify: false,
+        }
+    }
+
+    #[test]
+    fn everything_in_order_passes() {
+        assert!(refusals(&ready(), &ControlSettings::default()).is_empty());
+    }
+
+    #[test]
+    fn each_rule_refuses_with_its_reason() {
+        let s = ControlSettings::default();
+        let one = |f: Facts| {
+            let r = refusals(&f, &s);
+            assert_eq!(r.len(), 1, "{r:?}");
+            r.into_iter().next().unwrap_or_default()
+        };
+        let r = one(Facts {
+            backfill: Some("running".to_owned()),
+            ..ready()
+        });
+        assert!(r.contains("backfill is not complete"), "{r}");
+        let r = one(Facts {
+            backfill: None,
+            ..ready()
+        });
+        assert!(r.contains("backfill has not run"), "{r}");
+        let r = one(Facts {
+            drift: None,
+            ..ready()
+        });
+        assert!(r.contains("no drift result"), "{r}");
+        let r = one(Facts {
+            drift: Some(sample(5000, 0, 7200.0)),
+            ..ready()
+        });
+        assert!(r.contains("older than max_drift_age_secs (3600)"), "{r}");
+        let r = one(Facts {
+            drift: Some(sample(5000, 2, 10.0)),
+            ..ready()
+        });
+        assert!(r.contains("found 2 differing keys"), "{r}");
+        let r = one(Facts {
+            pending_repairs: 3,
+            ..ready()
+        });
+        assert!(r.contains("3 repairs are pending"), "{r}");
+        let r = one(Facts {
+            marked_for_verify: true,
+            ..ready()
+        });
+        assert!(r.contains("marked for a full verify"), "{r}");
+    }
+
+    #[test]
+    fn a_clean_sample_too_small_says_how_many_more_keys() {
+        let r = refusals(
+            &Facts {
+                drift: Some(sample(1000, 0, 10.0)),
+                ..ready()
+            },
+            &ControlSettings::default(),
+        );
+        let needed = keys_for_bound(0.001);
+        assert!((3800..3900).contains(&needed), "{needed}");
+        assert!(wilson(0, needed).1 <= 0.001 && wilson(0, needed - 1).1 > 0.001);
+        assert_eq!(r.len(), 1);
+        assert!(
+            r[0].contains(&format!("about {needed} keys ({} more)", needed - 1000)),
+            "{}",
+            r[0]
+        );
+    }
+}
