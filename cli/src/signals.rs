@@ -76,7 +76,12 @@ impl Reload {
                 "SIGHUP: these changes apply only when the proxy restarts; not applied"
             );
         }
-        let hot = running.hot_changes(&newer);
+        let mut hot = running.hot_changes(&newer);
+        // Certificate files are read again on every reload: a certificate renewed in place
+        // changes no key of the file.
+        if newer.tls.mode != switchyard_config::TlsMode::Disable && !hot.contains(&"tls") {
+            hot.push("tls (certificate files)");
+        }
         if hot.is_empty() {
             tracing::info!(file, "SIGHUP: nothing to apply at run time");
             return;

@@ -2,39 +2,15 @@
 //! SIGTERM (graceful drain) and SIGINT (immediate stop).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use switchyard_test_support::TestDb;
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+mod common;
+
+use common::{signal, start_proxy_with, temp_config, Proxy, BIN};
 const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-
-fn temp_config(text: &str) -> tempfile_path::TempPath {
-    tempfile_path::TempPath::with(text)
-}
-
-/// A config file that deletes itself.
-mod tempfile_path {
-    use super::*;
-    pub struct TempPath(pub std::path::PathBuf);
-    impl TempPath {
-        pub fn with(text: &str) -> TempPath {
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let path = std::env::temp_dir().join(format!("sy-cli-{}-{n}.toml", std::process::id()));
-            let mut f = std::fs::File::create(&path).unwrap();
-            f.write_all(text.as_bytes()).unwrap();
-            TempPath(path)
-        }
-    }
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
 
 #[test]
 fn check_config_accepts_the_example() {
@@ -97,68 +73,9 @@ fn proxy_refuses_an_invalid_config_with_exit_1() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.listen"));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proxy {
-    child: Child,
-    port: u16,
-    _cfg: tempfile_path::TempPath,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_proxy(old: &TestDb, new: &TestDb) -> Proxy {
     let sections = "[auth]\nmethod = \"trust\"\n[telemetry]\nlog_level = \"warn\"\n";
     start_proxy_with(old, new, "", sections, Stdio::null())
-}
-
-/// A proxy with `proxy_extra` lines added to `[proxy]`, `sections` (`[auth]` and the rest) after
-/// `[old]` and `[new]`, and its log (stdout) sent to `log`.
-fn start_proxy_with(old: &TestDb, new: &TestDb, proxy_extra: &str, sections: &str, log: Stdio) -> Proxy {
-    let port = free_port();
-    let cfg = temp_config(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"off\"\nshutdown_grace_secs = 20\n{proxy_extra}\
-         [old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n{sections}",
-        old.url(),
-        new.url()
-    ));
-    let child = Command::new(BIN)
-        .arg("proxy")
-        .arg("--config")
-        .arg(&cfg.0)
-        .stdout(log)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(20), "proxy did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Proxy {
-        child,
-        port,
-        _cfg: cfg,
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
@@ -331,7 +248,7 @@ async fn sighup_reloads_users_and_log_level_and_survives_a_bad_file() {
     let mut proxy = start_proxy_with(&old, &new, "", &sections("info"), Stdio::from(log));
     let db = old.name();
     login(proxy.port, db, "first").await.unwrap();
-    let cfg = proxy._cfg.0.clone();
+    let cfg = proxy.cfg.0.clone();
     let text = std::fs::read_to_string(&cfg).unwrap();
 
     // A file that does not load: an error in the log, nothing changes.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use switchyard_test_support::{DualEnv, DualTable, TestProxy};
+use switchyard_test_support::{DualEnv, TestProxy};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 const TOKEN: &str = "a-test-token-of-some-length";
@@ -75,13 +75,7 @@ async fn sees(proxy: &TestProxy, phase: &str, share: u64, within: Duration) -> i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phase_and_shift_reach_every_proxy_after_their_guard_rails() {
-    let env = DualEnv::new(
-        "cli_control",
-        "CREATE TABLE kv (id bigint PRIMARY KEY, v text NOT NULL)",
-        vec![DualTable::new("kv")],
-    )
-    .await
-    .unwrap();
+    let env = DualEnv::kv("cli_control").await.unwrap();
     env.seed_old("INSERT INTO kv SELECT i, 'v' || i FROM generate_series(1, 1000) i")
         .await
         .unwrap();

@@ -34,7 +34,7 @@ use serde::Serialize;
 pub use error::{ConfigError, Problem};
 pub use settings::{
     AdminSettings, AuthMethod, AuthSettings, ControlSettings, LogFormat, MirrorFault, MirrorSettings,
-    ProxySettings, StoreSettings, TelemetrySettings,
+    ProxySettings, StoreSettings, TelemetrySettings, TlsMode, TlsSettings,
 };
 pub use store_url::{Engine, RedactedStoreUrl, StoreUrl};
 pub use tables::{Phase, TableName, TableSettings, UncapturedPolicy};
@@ -66,6 +66,8 @@ pub struct Config {
     pub control: ControlSettings,
     /// `[admin]`: the admin API's actions.
     pub admin: AdminSettings,
+    /// `[tls]`: TLS toward clients (reloaded on SIGHUP, certificates included).
+    pub tls: TlsSettings,
     /// `[[tables]]`: the tables being migrated, in file order, names unique.
     pub tables: Vec<TableSettings>,
 }
@@ -128,11 +130,12 @@ impl Config {
     }
 
     /// The keys whose values differ between `self` and `newer` and that a running proxy takes
-    /// on reload (SIGHUP): the users (the content of the users file) and
-    /// `telemetry.log_level`.
+    /// on reload (SIGHUP): the users (the content of the users file), `telemetry.log_level`
+    /// and `[tls]` (whose certificate files are read again on every reload, changed or not).
     pub fn hot_changes(&self, newer: &Config) -> Vec<&'static str> {
-        let checks: [(&'static str, bool); 2] = [
+        let checks: [(&'static str, bool); 3] = [
             ("auth.users", self.auth.users != newer.auth.users),
+            ("tls", self.tls != newer.tls),
             (
                 "telemetry.log_level",
                 self.telemetry.log_level != newer.telemetry.log_level,
@@ -173,6 +176,7 @@ impl Config {
     pub fn with_hot_fields_of(&self, newer: &Config) -> Config {
         let mut running = self.clone();
         running.auth.users = newer.auth.users.clone();
+        running.tls = newer.tls.clone();
         running.telemetry.log_level.clone_from(&newer.telemetry.log_level);
         running
     }

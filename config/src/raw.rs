@@ -19,6 +19,7 @@ pub(crate) struct RawConfig {
     pub mirror: Option<RawMirror>,
     pub control: Option<RawControl>,
     pub admin: Option<RawAdmin>,
+    pub tls: Option<RawTls>,
     #[serde(default)]
     pub tables: Vec<RawTable>,
 }
@@ -92,6 +93,16 @@ pub(crate) struct RawAdmin {
     pub token: Option<String>,
 }
 
+/// `[tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub mode: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub client_ca_file: Option<String>,
+}
+
 /// One `[[tables]]` entry.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,4 +125,5 @@ pub(crate) const ENV_SECTIONS: &[&str] = &[
     "mirror",
     "control",
     "admin",
+    "tls",
 ];

@@ -10,11 +10,11 @@ use url::Url;
 
 use crate::error::{ConfigError, Problem};
 use crate::raw::{
-    RawAdmin, RawAuth, RawConfig, RawControl, RawMirror, RawProxy, RawStore, RawTable, RawTelemetry,
+    RawAdmin, RawAuth, RawConfig, RawControl, RawMirror, RawProxy, RawStore, RawTable, RawTelemetry, RawTls,
 };
 use crate::settings::{
     AdminSettings, AuthMethod, AuthSettings, ControlSettings, MirrorSettings, ProxySettings, StoreSettings,
-    TelemetrySettings,
+    TelemetrySettings, TlsMode, TlsSettings,
 };
 use crate::store_url::StoreUrl;
 use crate::tables::{Phase, TableName, TableSettings, UncapturedPolicy};
@@ -77,6 +77,7 @@ impl<'a> Resolver<'a> {
         let mirror = self.mirror(raw.mirror.unwrap_or_default());
         let control = self.control(raw.control.unwrap_or_default());
         let admin = self.admin(raw.admin.unwrap_or_default());
+        let tls = self.tls(raw.tls.unwrap_or_default());
         let tables = self.tables(raw.tables);
         match (old, new, auth) {
             (Some(old), Some(new), Some(auth)) if self.problems.is_empty() => Ok(Config {
@@ -88,6 +89,7 @@ impl<'a> Resolver<'a> {
                 mirror,
                 control,
                 admin,
+                tls,
                 tables,
             }),
             _ => Err(ConfigError::Invalid(self.problems)),
@@ -408,6 +410,51 @@ impl<'a> Resolver<'a> {
             poll_interval: Duration::from_millis(poll),
             max_drift_rate,
             max_drift_age: Duration::from_secs(age),
+        }
+    }
+
+    fn tls(&mut self, raw: RawTls) -> TlsSettings {
+        let mode = match raw.mode.as_deref() {
+            None | Some("disable") => TlsMode::Disable,
+            Some("allow") => TlsMode::Allow,
+            Some("require") => TlsMode::Require,
+            Some(other) => {
+                self.problem(
+                    "tls.mode",
+                    format!("unknown mode {other:?}; expected one of disable, allow, require"),
+                );
+                TlsMode::Disable
+            }
+        };
+        let mut path = |key: &str, value: Option<String>| match value {
+            Some(s) if s.trim().is_empty() => {
+                self.problem(key, "is empty; name a PEM file");
+                None
+            }
+            Some(s) => Some(self.base_dir.join(s)),
+            None => None,
+        };
+        let cert_file = path("tls.cert_file", raw.cert_file);
+        let key_file = path("tls.key_file", raw.key_file);
+        let client_ca_file = path("tls.client_ca_file", raw.client_ca_file);
+        if mode != TlsMode::Disable {
+            for (key, file) in [("tls.cert_file", &cert_file), ("tls.key_file", &key_file)] {
+                if file.is_none() {
+                    self.problem(
+                        key,
+                        format!(
+                            "missing; mode = \"{}\" needs a certificate and its key (PEM)",
+                            mode.as_str()
+                        ),
+                    );
+                }
+            }
+        }
+        TlsSettings {
+            mode,
+            cert_file,
+            key_file,
+            client_ca_file,
         }
     }
 

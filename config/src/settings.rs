@@ -340,3 +340,41 @@ fn ser_secret<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error
         None => s.serialize_none(),
     }
 }
+
+/// `[tls] mode`: whether clients may, or must, encrypt their connection to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// SSLRequest is answered `N`: clients go on in plain text (the default).
+    #[default]
+    Disable,
+    /// SSLRequest is answered `S` and the handshake done; plain-text clients are served too.
+    Allow,
+    /// As `Allow`, and a plain-text startup is refused as a `hostssl`-only server refuses it.
+    Require,
+}
+
+impl TlsMode {
+    /// The name used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Allow => "allow",
+            TlsMode::Require => "require",
+        }
+    }
+}
+
+/// `[tls]`: TLS between clients and the proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct TlsSettings {
+    /// `mode` (default `disable`).
+    pub mode: TlsMode,
+    /// `cert_file`: the proxy's certificate chain (PEM), leaf first; needed unless disabled.
+    pub cert_file: Option<PathBuf>,
+    /// `key_file`: its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// `client_ca_file`: when set, clients must present a certificate signed by one of these
+    /// CAs (PEM), as `clientcert=verify-ca` asks of them.
+    pub client_ca_file: Option<PathBuf>,
+}

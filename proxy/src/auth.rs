@@ -115,6 +115,7 @@ impl ClientAuth {
         let mut out = BytesMut::new();
         backend::auth_md5(&mut out, salt);
         stream.write_all(&out).await.map_err(SessionError::ClientIo)?;
+        stream.flush().await.map_err(SessionError::ClientIo)?;
         let body = read_password_message(stream, buf, limits).await?;
         let response = frontend::parse_password(&body)?;
         match self.users.get(user) {
@@ -137,6 +138,7 @@ impl ClientAuth {
         let mut out = BytesMut::new();
         backend::auth_sasl(&mut out, &[SCRAM_MECHANISM]);
         stream.write_all(&out).await.map_err(SessionError::ClientIo)?;
+        stream.flush().await.map_err(SessionError::ClientIo)?;
 
         let body = read_password_message(stream, buf, limits).await?;
         let (mechanism, first) = frontend::parse_sasl_initial_response(&body)?;
@@ -155,6 +157,7 @@ impl ClientAuth {
         out.clear();
         backend::auth_sasl_continue(&mut out, waiting.server_first_message());
         stream.write_all(&out).await.map_err(SessionError::ClientIo)?;
+        stream.flush().await.map_err(SessionError::ClientIo)?;
 
         let body = read_password_message(stream, buf, limits).await?;
         match waiting.client_final(&body) {
@@ -162,6 +165,7 @@ impl ClientAuth {
                 out.clear();
                 backend::auth_sasl_final(&mut out, &server_final);
                 stream.write_all(&out).await.map_err(SessionError::ClientIo)?;
+                stream.flush().await.map_err(SessionError::ClientIo)?;
                 Ok(true)
             }
             Err(e) => scram_failure(stream, e).await,

@@ -97,6 +97,9 @@ pub enum StartError {
     /// The users file's entries cannot be turned into verifiers.
     #[error("{0}")]
     Users(String),
+    /// The `[tls]` files cannot be used.
+    #[error("{0}")]
+    Tls(crate::tls::TlsError),
     /// A worker thread could not be started or its runtime built.
     #[error("worker thread: {0}")]
     Worker(std::io::Error),

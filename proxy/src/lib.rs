@@ -20,9 +20,11 @@ pub mod error;
 mod io;
 mod login_gate;
 pub mod metrics;
+mod net;
 pub mod server;
 pub mod shutdown;
 mod state;
+mod tls;
 
 mod session;
 

@@ -38,6 +38,8 @@ pub(crate) struct ProxyState {
     pub(crate) fd_limit: Option<u64>,
     /// The latest drift results, read from NEW in the background.
     pub(crate) drift: Arc<DriftFigures>,
+    /// TLS toward clients as configured now; a reload replaces it.
+    tls: RwLock<Arc<TlsState>>,
     /// The control state (each table's phase and read share), followed in the background.
     pub(crate) control: Arc<ControlFollower>,
     /// Failed logins are logged at most this often.
@@ -78,6 +80,7 @@ impl ProxyState {
         let new_store = connect(Role::New)?;
         let client_auth =
             ClientAuth::new(config.auth.method, &config.auth.users).map_err(StartError::Users)?;
+        let tls = TlsState::new(&config.tls).map_err(StartError::Tls)?;
         // The OTLP exporter's blocking HTTP client must be built and shut down off the runtime.
         let telemetry = config.telemetry.clone();
         let metrics = tokio::task::spawn_blocking(move || {
@@ -113,6 +116,7 @@ impl ProxyState {
             auth_failures: LogLimiter::new(10, Duration::from_secs(1)),
             drift,
             control: Arc::default(),
+            tls: RwLock::new(Arc::new(tls)),
             limits: MessageLimits {
                 max_message_bytes: config.proxy.max_message_bytes,
             },
@@ -131,7 +135,12 @@ impl ProxyState {
         Arc::clone(&self.client_auth.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Applies what a reloaded configuration may change at run time (the users); `running` is
+    /// TLS toward clients as of now.
+    pub(crate) fn tls(&self) -> Arc<TlsState> {
+        Arc::clone(&self.tls.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Applies what a reloaded configuration may change at run time (the users, TLS); `running` is
     /// the configuration with those fields already taken from the new file
     /// ([`Config::with_hot_fields_of`]).
     pub(crate) fn reload(&self, running: &Config) {
@@ -142,6 +151,30 @@ impl ProxyState {
             }
             Err(e) => tracing::error!(error = %e, "users not reloaded; keeping the previous ones"),
         }
+        // The certificate files are read again even if their names did not change: renewing a
+        // certificate in place is the usual way. Sessions already running keep theirs.
+        match TlsState::new(&running.tls) {
+            Ok(tls) => {
+                tracing::info!(mode = running.tls.mode.as_str(), "TLS settings reloaded");
+                *self.tls.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(tls);
+            }
+            Err(e) => tracing::error!(error = %e, "TLS settings not reloaded; keeping the previous ones"),
+        }
+    }
+}
+
+/// TLS toward clients: the mode and, unless disabled, the acceptor built from the files.
+pub(crate) struct TlsState {
+    pub(crate) mode: switchyard_config::TlsMode,
+    pub(crate) acceptor: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl TlsState {
+    fn new(settings: &switchyard_config::TlsSettings) -> Result<TlsState, crate::tls::TlsError> {
+        Ok(TlsState {
+            mode: settings.mode,
+            acceptor: crate::tls::acceptor(settings)?,
+        })
     }
 }
 

@@ -47,6 +47,17 @@ impl DualEnv {
         Self::new_in(Roles::OLD_AUTHORITATIVE, label, schema, tables).await
     }
 
+    /// The smallest mirrored set-up: table `kv (id bigint PRIMARY KEY, v text NOT NULL)` on both
+    /// stores, prepared for dual writes, empty.
+    pub async fn kv(label: &str) -> anyhow::Result<DualEnv> {
+        Self::new(
+            label,
+            "CREATE TABLE kv (id bigint PRIMARY KEY, v text NOT NULL)",
+            vec![DualTable::new("kv")],
+        )
+        .await
+    }
+
     /// Like [`DualEnv::new`] with the stores in `roles`: with
     /// [`Roles::NEW_AUTHORITATIVE`], NEW gets the capture triggers and intents, OLD the key
     /// records, and the proxies of [`DualEnv::proxy`] log in to NEW and mirror to OLD.

@@ -347,15 +347,9 @@ async fn ranges_from_statistics_or_keys_find_the_same_keys() {
 
 /// Table `kv (id, v)` prepared for dual writes, with the same `rows` rows on both stores.
 async fn prepared_kv(label: &str, rows: u32) -> switchyard_test_support::DualEnv {
-    use switchyard_test_support::{DualEnv, DualTable};
+    use switchyard_test_support::DualEnv;
 
-    let env = DualEnv::new(
-        label,
-        "CREATE TABLE kv (id bigint PRIMARY KEY, v text NOT NULL)",
-        vec![DualTable::new("kv")],
-    )
-    .await
-    .unwrap();
+    let env = DualEnv::kv(label).await.unwrap();
     let rows = format!("INSERT INTO kv SELECT i, 'v' || i FROM generate_series(1, {rows}) i");
     env.seed_old(&rows).await.unwrap();
     env.new.execute_batch(&rows).await.unwrap();
@@ -534,15 +528,9 @@ async fn no_false_differences_under_writes_through_two_proxies_and_a_backfill() 
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
-    use switchyard_test_support::{DualEnv, DualTable};
+    use switchyard_test_support::DualEnv;
 
-    let env = DualEnv::new(
-        "drift_busy",
-        "CREATE TABLE kv (id bigint PRIMARY KEY, v text NOT NULL)",
-        vec![DualTable::new("kv")],
-    )
-    .await
-    .unwrap();
+    let env = DualEnv::kv("drift_busy").await.unwrap();
     env.seed_old("INSERT INTO kv SELECT i, 'old ' || i FROM generate_series(1, 3000) i")
         .await
         .unwrap();

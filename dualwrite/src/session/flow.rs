@@ -94,6 +94,8 @@ where
                 .write_all(&chunk)
                 .await
                 .map_err(SessionError::UpstreamIo)?;
+            // A TLS stream may keep ciphertext buffered until flushed; TCP flushes nothing.
+            self.up_wr.flush().await.map_err(SessionError::UpstreamIo)?;
         }
         Ok(())
     }
@@ -113,6 +115,7 @@ where
                 .write_all(&chunk)
                 .await
                 .map_err(SessionError::ClientIo)?;
+            self.client_wr.flush().await.map_err(SessionError::ClientIo)?;
         }
         Ok(())
     }

@@ -20,7 +20,9 @@ use tracing::Instrument;
 
 use crate::auth::send_fatal;
 use crate::io;
+use crate::net::ClientStream;
 use relay::{RelayParams, SessionEnd};
+use switchyard_config::TlsMode;
 use switchyard_store::wire::LoginOutcome;
 
 use crate::error::SessionError;
@@ -42,7 +44,7 @@ pub(crate) async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: Socke
     );
     let counters = &state.metrics.counters;
     counters.connection_opened();
-    let result = run_session(&state, stream, id, &span).await;
+    let result = run_session(&state, stream, peer, id, &span).await;
     counters.connection_closed();
     let _entered = span.enter();
     match result {
@@ -71,14 +73,19 @@ pub(crate) async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: Socke
 /// to it explicitly.
 async fn run_session(
     state: &ProxyState,
-    mut client: TcpStream,
+    client: TcpStream,
+    peer: SocketAddr,
     id: u64,
     span: &tracing::Span,
 ) -> Result<SessionEnd, SessionError> {
+    let mut client = ClientStream::Plain(client);
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let ticket = state.logins.enter(id);
-    let login = tokio::time::timeout(AUTHENTICATION_TIMEOUT, handshake(state, &mut client, &mut buf))
-        .instrument(span.clone());
+    let login = tokio::time::timeout(
+        AUTHENTICATION_TIMEOUT,
+        handshake(state, &mut client, peer, &mut buf),
+    )
+    .instrument(span.clone());
     let outcome = tokio::select! {
         outcome = login => outcome,
         () = ticket.shed() => {
@@ -136,6 +143,7 @@ async fn run_session(
         Ok(LoginOutcome::Refused(refused)) => {
             // The server's own error, byte for byte.
             let _ = client.write_all(&refused.raw).await;
+            let _ = client.flush().await;
             return Err(SessionError::UpstreamLogin(refused.message));
         }
         Err(e) => {
@@ -162,9 +170,10 @@ async fn run_session(
     backend::auth_ok(&mut hello);
     hello.extend_from_slice(&upstream.greeting);
     client.write_all(&hello).await.map_err(SessionError::ClientIo)?;
+    client.flush().await.map_err(SessionError::ClientIo)?;
 
-    let (mut client_rd, mut client_wr) = client.into_split();
-    let (mut up_rd, mut up_wr) = upstream.stream.into_split();
+    let (mut client_rd, mut client_wr) = client.into_split().map_err(SessionError::ClientIo)?;
+    let (mut up_rd, mut up_wr) = crate::net::split_tcp(upstream.stream);
     let params = RelayParams {
         limits: state.limits,
         idle_timeout: settings.client_idle_timeout,
@@ -227,15 +236,18 @@ async fn run_session(
     end
 }
 
-/// Reads the startup packet (answering SSL and GSS encryption requests with 'N', forwarding
-/// cancel requests), checks the parameters, and authenticates the client.
+/// Reads the startup packet (an SSLRequest answered 'S' and the TLS handshake done when `[tls]`
+/// allows it, 'N' otherwise; GSS encryption requests answered 'N'; cancel requests forwarded),
+/// checks the parameters, and authenticates the client.
 ///
 /// Returns `None` when the connection only carried a CancelRequest.
 async fn handshake(
     state: &ProxyState,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
+    peer: SocketAddr,
     buf: &mut BytesMut,
 ) -> Result<Option<StartupMessage>, SessionError> {
+    let tls = state.tls();
     // Each kind of encryption request may come once, as PostgreSQL allows; a second one of the
     // same kind is not a request any more but an unknown protocol version, refused as the server
     // refuses it.
@@ -255,7 +267,6 @@ async fn handshake(
                         },
                     ));
                 }
-                // TLS is not configured: refuse, and the client goes on in plain text.
                 if !buf.is_empty() {
                     // Bytes after an encryption request, before our answer, would be a
                     // man-in-the-middle's injection (CVE-2021-23214): refuse them.
@@ -266,7 +277,20 @@ async fn handshake(
                         },
                     ));
                 }
-                client.write_all(b"N").await.map_err(SessionError::ClientIo)?;
+                match (&tls.acceptor, packet) {
+                    (Some(acceptor), StartupPacket::SslRequest) => {
+                        client.write_all(b"S").await.map_err(SessionError::ClientIo)?;
+                        let ClientStream::Plain(tcp) = std::mem::replace(client, ClientStream::Detached)
+                        else {
+                            unreachable!("an SSLRequest is accepted once, on a plain connection");
+                        };
+                        let stream = acceptor.accept(tcp).await.map_err(SessionError::ClientIo)?;
+                        *client = ClientStream::Tls(Box::new(stream));
+                    }
+                    // No TLS configured, or GSS encryption: refuse, and the client goes on in
+                    // plain text (or gives up, if it insists on encryption).
+                    _ => client.write_all(b"N").await.map_err(SessionError::ClientIo)?,
+                }
             }
             StartupPacket::Cancel(key) => {
                 match state.cancel.forward(&key).await {
@@ -288,6 +312,24 @@ async fn handshake(
         send_fatal(client, e).await;
         return Err(SessionError::Refused("no user name".into()));
     };
+    if tls.mode == TlsMode::Require && !client.is_tls() {
+        // As PostgreSQL words it when pg_hba.conf has only `hostssl` lines.
+        let database = startup
+            .param("database")
+            .filter(|d| !d.is_empty())
+            .unwrap_or(user);
+        let e = ErrorResponse::fatal(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            format!(
+                "no pg_hba.conf entry for host \"{}\", user \"{user}\", database \"{database}\", no encryption",
+                peer.ip()
+            ),
+        );
+        send_fatal(client, e).await;
+        return Err(SessionError::Refused(
+            "plain-text startup under [tls] mode = \"require\"".into(),
+        ));
+    }
     if startup.param("replication").is_some_and(asks_for_replication) {
         let e = ErrorResponse::fatal(
             sqlstate::FEATURE_NOT_SUPPORTED,

@@ -13,7 +13,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::io::ErrorKind as IoErrorKind;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,12 +25,12 @@ use switchyard_pgwire::frame::{reserve_ahead, Frames, MessageLimits};
 use switchyard_pgwire::frontend::{self, ClientMessage, Target};
 use switchyard_pgwire::ProtocolError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::classify::{Protocol, StatementKind};
 use crate::error::{ErrorKind, ErrorSource, SessionError};
 use crate::io::reserve_for_read;
 use crate::metrics::Metrics;
+use crate::net::{NetRead, NetWrite};
 use crate::shutdown::{Shutdown, ShutdownState};
 pub(crate) use switchyard_dualwrite::session::SessionEnd;
 
@@ -89,9 +88,9 @@ pub(crate) struct RelayParams<'a> {
 /// Relays until one side ends. Returns the halves so the caller can say goodbye properly.
 pub(crate) async fn relay(
     params: RelayParams<'_>,
-    client: (&mut OwnedReadHalf, &mut OwnedWriteHalf),
+    client: (&mut NetRead, &mut NetWrite),
     client_buf: BytesMut,
-    upstream: (&mut OwnedReadHalf, &mut OwnedWriteHalf),
+    upstream: (&mut NetRead, &mut NetWrite),
     upstream_buf: BytesMut,
     mut shutdown: Shutdown,
 ) -> Result<SessionEnd, SessionError> {
@@ -432,8 +431,8 @@ impl NameMap {
 async fn client_to_upstream(
     params: &RelayParams<'_>,
     shared: &Shared,
-    rd: &mut OwnedReadHalf,
-    wr: &mut OwnedWriteHalf,
+    rd: &mut NetRead,
+    wr: &mut NetWrite,
     mut buf: BytesMut,
 ) -> Result<SessionEnd, SessionError> {
     let mut kinds = StatementKinds::default();
@@ -494,14 +493,12 @@ async fn client_to_upstream(
 
 /// Writes all of `bytes`: straight to the socket first, which is all it takes unless the
 /// socket buffer is full, and whatever did not fit with `write_all`.
-async fn write_out(wr: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
-    let written = match wr.try_write(bytes) {
-        Ok(n) => n,
-        Err(e) if matches!(e.kind(), IoErrorKind::WouldBlock | IoErrorKind::Interrupted) => 0,
-        Err(e) => return Err(e),
-    };
+async fn write_out(wr: &mut NetWrite, bytes: &[u8]) -> std::io::Result<()> {
+    let written = wr.try_write(bytes)?;
     if written < bytes.len() {
         wr.write_all(&bytes[written..]).await?;
+        // A TLS write may leave ciphertext buffered; plain TCP has nothing to flush.
+        wr.flush().await?;
     }
     Ok(())
 }
@@ -574,7 +571,7 @@ fn inspect_client_frame(
 /// Reads from the client, or returns `None` once the session has been idle for `limit`.
 /// The clock restarts whenever the session becomes idle again (`read_buf` is cancel-safe).
 async fn read_unless_idle(
-    rd: &mut OwnedReadHalf,
+    rd: &mut NetRead,
     buf: &mut BytesMut,
     shared: &Shared,
     limit: Duration,
@@ -627,8 +624,8 @@ fn request_sent(shared: &Shared, span: impl FnOnce() -> tracing::Span) {
 async fn upstream_to_client(
     params: &RelayParams<'_>,
     shared: &Shared,
-    rd: &mut OwnedReadHalf,
-    wr: &mut OwnedWriteHalf,
+    rd: &mut NetRead,
+    wr: &mut NetWrite,
     mut buf: BytesMut,
 ) -> Result<SessionEnd, SessionError> {
     loop {
