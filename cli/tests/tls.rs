@@ -326,3 +326,56 @@ async fn dual_write_sessions_over_tls_mirror_and_stream_large_results() {
     );
     drop::<TestProxy>(proxy);
 }
+
+/// Over TLS, SCRAM-SHA-256-PLUS is offered and binds the exchange to the proxy's certificate:
+/// libpq with `channel_binding=require` logs in; in plain text it cannot (nothing to bind to),
+/// and a wrong password still fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_channel_binding_over_tls() {
+    let (old, new) = TestDb::create_pair("cli_tls_plus").await.unwrap();
+    let certs = Certs::new("plus");
+    certs.ca("ca");
+    certs.server("server", "switchyard-test", "ca");
+    let users = certs.path("users.toml");
+    std::fs::write(
+        &users,
+        "[[users]]\nname = \"postgres\"\npassword = \"right-one\"\n",
+    )
+    .unwrap();
+    let sections = format!(
+        "[auth]\nmethod = \"scram-sha-256\"\nusers_file = \"{}\"\n[telemetry]\nlog_level = \"warn\"\n{}",
+        users.display(),
+        tls_section("allow", &certs, "")
+    );
+    let proxy = start_proxy_with(&old, &new, "", &sections, Stdio::null());
+    let login = |conn: &str, password: &str| {
+        Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres dbname={} connect_timeout=5 {conn}",
+                proxy.port,
+                old.name()
+            ))
+            .args(["-X", "-A", "-t", "-c", "SELECT 'in'"])
+            .env("PGPASSWORD", password)
+            .env_remove("PGSSLMODE")
+            .output()
+            .unwrap()
+    };
+    let out = login("sslmode=require channel_binding=require", "right-one");
+    assert!(out.status.success(), "{}", text(&out));
+    let out = login("sslmode=disable channel_binding=require", "right-one");
+    assert!(!out.status.success(), "no channel to bind to in plain text");
+    assert!(text(&out).contains("channel binding"), "{}", text(&out));
+    let out = login("sslmode=require channel_binding=require", "wrong-one");
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("password authentication failed"),
+        "{}",
+        text(&out)
+    );
+    // A client that does not bind still logs in over TLS and in plain text.
+    for conn in ["sslmode=require channel_binding=disable", "sslmode=disable"] {
+        let out = login(conn, "right-one");
+        assert!(out.status.success(), "{conn}: {}", text(&out));
+    }
+}

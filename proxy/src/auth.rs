@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use bytes::BytesMut;
 use switchyard_config::{AuthMethod, UserCredential, UsersFile};
 use switchyard_pgwire::auth::{
-    md5_salt, verify_md5_response, Md5Source, ScramError, ScramSecret, ScramServer,
+    md5_salt, verify_md5_response, Md5Source, ScramError, ScramSecret, ScramServer, SCRAM_SHA_256_PLUS,
 };
 use switchyard_pgwire::backend::{self, ErrorResponse};
 use switchyard_pgwire::frame::MessageLimits;
@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::error::SessionError;
 use crate::io::read_frame;
 
-const SCRAM_MECHANISM: &str = "SCRAM-SHA-256";
+const SCRAM_MECHANISM: &str = switchyard_pgwire::auth::SCRAM_SHA_256;
 
 /// Users and method, resolved once at start so logins do no parsing.
 #[derive(Debug)]
@@ -86,11 +86,12 @@ impl ClientAuth {
         buf: &mut BytesMut,
         user: &str,
         limits: MessageLimits,
+        channel_binding: Option<&[u8]>,
     ) -> Result<(), SessionError> {
         let ok = match self.method {
             AuthMethod::Trust => true,
             AuthMethod::Md5 => self.md5(stream, buf, user, limits).await?,
-            AuthMethod::ScramSha256 => self.scram(stream, buf, user, limits).await?,
+            AuthMethod::ScramSha256 => self.scram(stream, buf, user, limits, channel_binding).await?,
         };
         if ok {
             return Ok(());
@@ -124,32 +125,43 @@ impl ClientAuth {
         }
     }
 
+    /// SCRAM-SHA-256, and on a TLS connection whose certificate allows it (`channel_binding`)
+    /// SCRAM-SHA-256-PLUS offered first, as PostgreSQL offers them.
     async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: &mut S,
         buf: &mut BytesMut,
         user: &str,
         limits: MessageLimits,
+        channel_binding: Option<&[u8]>,
     ) -> Result<bool, SessionError> {
         let server = match self.users.get(user) {
             Some(Verifier::Scram(secret)) => ScramServer::new(secret.clone()),
             _ => ScramServer::for_unknown_user(user, &self.mock_key),
         };
         let mut out = BytesMut::new();
-        backend::auth_sasl(&mut out, &[SCRAM_MECHANISM]);
+        match channel_binding {
+            Some(_) => backend::auth_sasl(&mut out, &[SCRAM_SHA_256_PLUS, SCRAM_MECHANISM]),
+            None => backend::auth_sasl(&mut out, &[SCRAM_MECHANISM]),
+        }
         stream.write_all(&out).await.map_err(SessionError::ClientIo)?;
         stream.flush().await.map_err(SessionError::ClientIo)?;
 
         let body = read_password_message(stream, buf, limits).await?;
         let (mechanism, first) = frontend::parse_sasl_initial_response(&body)?;
-        if mechanism != SCRAM_MECHANISM {
-            let e = ErrorResponse::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                "client selected an invalid SASL authentication mechanism",
-            );
-            send_fatal(stream, e).await;
-            return Err(SessionError::Refused(format!("SASL mechanism {mechanism}")));
-        }
+        let server = match (mechanism, channel_binding) {
+            (SCRAM_MECHANISM, None) => server,
+            (SCRAM_MECHANISM, Some(data)) => server.with_channel_binding(data.to_vec(), false),
+            (SCRAM_SHA_256_PLUS, Some(data)) => server.with_channel_binding(data.to_vec(), true),
+            _ => {
+                let e = ErrorResponse::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "client selected an invalid SASL authentication mechanism",
+                );
+                send_fatal(stream, e).await;
+                return Err(SessionError::Refused(format!("SASL mechanism {mechanism}")));
+            }
+        };
         let waiting = match server.client_first(first) {
             Ok(w) => w,
             Err(e) => return scram_failure(stream, e).await,

@@ -167,13 +167,20 @@ impl ProxyState {
 pub(crate) struct TlsState {
     pub(crate) mode: switchyard_config::TlsMode,
     pub(crate) acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// The certificate's `tls-server-end-point` binding, for SCRAM-SHA-256-PLUS.
+    pub(crate) channel_binding: Option<Vec<u8>>,
 }
 
 impl TlsState {
     fn new(settings: &switchyard_config::TlsSettings) -> Result<TlsState, crate::tls::TlsError> {
+        let (acceptor, channel_binding) = match crate::tls::acceptor(settings)? {
+            Some((acceptor, binding)) => (Some(acceptor), binding),
+            None => (None, None),
+        };
         Ok(TlsState {
             mode: settings.mode,
-            acceptor: crate::tls::acceptor(settings)?,
+            acceptor,
+            channel_binding,
         })
     }
 }

@@ -32,8 +32,9 @@ fn file_error<'a>(key: &'static str, path: &'a Path) -> impl Fn(String) -> TlsEr
     }
 }
 
-/// The acceptor for `settings`; `None` when TLS is disabled.
-pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<TlsAcceptor>, TlsError> {
+/// The acceptor for `settings` and the `tls-server-end-point` channel binding of its certificate
+/// (`None` for a signature algorithm without one); `None` when TLS is disabled.
+pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<(TlsAcceptor, Option<Vec<u8>>)>, TlsError> {
     if settings.mode == TlsMode::Disable {
         return Ok(None);
     }
@@ -43,6 +44,9 @@ pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<TlsAcceptor>, Tl
         ));
     };
     let certs = certificates("cert_file", cert_file)?;
+    let binding = certs
+        .first()
+        .and_then(|leaf| switchyard_pgwire::auth::tls_server_end_point(leaf.as_ref()));
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| file_error("key_file", key_file)(format!("no private key read: {e}")))?;
     // rustls 0.23.48 marks the ring provider deprecated because ring has no post-quantum key
@@ -74,7 +78,7 @@ pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<TlsAcceptor>, Tl
     // PostgreSQL speaks its own protocol inside TLS, without ALPN (libpq 17's direct TLS
     // negotiation would ask for "postgresql"; offering it lets such clients through).
     config.alpn_protocols = vec![b"postgresql".to_vec()];
-    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+    Ok(Some((TlsAcceptor::from(Arc::new(config)), binding)))
 }
 
 fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

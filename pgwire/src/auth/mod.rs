@@ -40,8 +40,8 @@ mod scram;
 
 pub use self::md5::{md5_salt, md5_secret, verify_md5_response, Md5Source};
 pub use self::scram::{
-    ScramAwaitingFinal, ScramError, ScramSecret, ScramServer, SCRAM_DEFAULT_ITERATIONS,
-    SCRAM_DEFAULT_SALT_LEN, SCRAM_SHA_256,
+    tls_server_end_point, ScramAwaitingFinal, ScramError, ScramSecret, ScramServer, SCRAM_DEFAULT_ITERATIONS,
+    SCRAM_DEFAULT_SALT_LEN, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, TLS_SERVER_END_POINT,
 };
 
 /// Compares two byte strings in time that depends only on their lengths.

@@ -341,7 +341,14 @@ async fn handshake(
     }
     // The users as of this login (a reload may swap them meanwhile).
     let client_auth = state.client_auth();
-    client_auth.authenticate(client, buf, user, state.limits).await?;
+    // SCRAM-SHA-256-PLUS binds the exchange to this TLS connection's certificate.
+    let channel_binding = match client.is_tls() {
+        true => tls.channel_binding.as_deref(),
+        false => None,
+    };
+    client_auth
+        .authenticate(client, buf, user, state.limits, channel_binding)
+        .await?;
 
     // Checked after authentication, as PostgreSQL does, so it reveals nothing to strangers.
     let database = startup

@@ -4,8 +4,12 @@
 //! the user name in the client-first message is ignored (it comes from the
 //! startup packet), authorization identities and mandatory extensions are
 //! refused, and unknown optional extensions are skipped. Channel binding
-//! (SCRAM-SHA-256-PLUS) needs TLS, which the proxy refuses, so a client that
-//! requires it (`p=` flag) is turned away.
+//! (SCRAM-SHA-256-PLUS, RFC 5929's `tls-server-end-point`: a hash of the
+//! server's certificate) is offered on TLS connections
+//! ([`ScramServer::with_channel_binding`]); without TLS a client that requires
+//! it (`p=` flag) is turned away, and on TLS a client that says it supports
+//! channel binding but thinks the server does not (`y` flag) is refused as a
+//! possible downgrade.
 //!
 //! The exchange is a type-state machine: [`ScramServer`] consumes the
 //! client-first message and becomes a [`ScramAwaitingFinal`], which consumes
@@ -20,6 +24,7 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
+use self::parse::Gs2Flag;
 pub use self::secret::ScramSecret;
 use super::constant_time_eq;
 use crate::sqlstate::{self, SqlState};
@@ -27,6 +32,12 @@ use crate::sqlstate::{self, SqlState};
 /// The SASL mechanism name the server offers in `AuthenticationSASL` and the
 /// client names in `SASLInitialResponse`.
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+
+/// The mechanism with channel binding, offered (first) on TLS connections.
+pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// The one channel-binding type PostgreSQL supports.
+pub const TLS_SERVER_END_POINT: &str = "tls-server-end-point";
 
 /// PostgreSQL's default iteration count (the `scram_iterations` setting).
 pub const SCRAM_DEFAULT_ITERATIONS: u32 = 4096;
@@ -53,9 +64,15 @@ pub enum ScramError {
     #[error("client requires SCRAM channel binding, which is not supported")]
     ChannelBindingUnsupported,
     /// The channel-binding attribute of the client-final message is not the
-    /// GS2 header of a client that does not use channel binding.
+    /// GS2 header (and, with channel binding, the channel's data) the client
+    /// started with.
     #[error("SCRAM channel binding check failed")]
     ChannelBindingMismatch,
+    /// The client supports channel binding but thinks this server does not,
+    /// though it offered it: someone may have stripped SCRAM-SHA-256-PLUS from
+    /// the offer.
+    #[error("SCRAM channel binding negotiation error: the client supports channel binding but thinks the server does not; this server does support it")]
+    ChannelBindingDowngrade,
     /// The client asked for a SCRAM feature PostgreSQL does not support either.
     #[error("client requires an unsupported SCRAM feature: {0}")]
     Unsupported(&'static str),
@@ -83,6 +100,7 @@ impl ScramError {
             ScramError::Malformed(_) => "malformed",
             ScramError::ChannelBindingUnsupported => "channel_binding_unsupported",
             ScramError::ChannelBindingMismatch => "channel_binding_mismatch",
+            ScramError::ChannelBindingDowngrade => "channel_binding_downgrade",
             ScramError::Unsupported(_) => "unsupported",
             ScramError::NonceMismatch => "nonce_mismatch",
             ScramError::InvalidProof => "invalid_proof",
@@ -109,6 +127,7 @@ impl ScramError {
             ScramError::Malformed(_)
             | ScramError::ChannelBindingUnsupported
             | ScramError::ChannelBindingMismatch
+            | ScramError::ChannelBindingDowngrade
             | ScramError::NonceMismatch => sqlstate::PROTOCOL_VIOLATION,
             ScramError::Unsupported(_) => sqlstate::FEATURE_NOT_SUPPORTED,
             ScramError::InvalidProof | ScramError::InvalidSecret(_) => sqlstate::INVALID_PASSWORD,
@@ -125,6 +144,10 @@ pub struct ScramServer {
     server_nonce: String,
     /// Set for an unknown user: run the whole exchange, then fail.
     doomed: bool,
+    /// `tls-server-end-point` data, when the connection is TLS.
+    channel_binding: Option<Vec<u8>>,
+    /// Whether the client selected SCRAM-SHA-256-PLUS.
+    plus: bool,
 }
 
 impl ScramServer {
@@ -137,6 +160,8 @@ impl ScramServer {
             secret,
             server_nonce: STANDARD.encode(raw),
             doomed: false,
+            channel_binding: None,
+            plus: false,
         }
     }
 
@@ -152,7 +177,20 @@ impl ScramServer {
             secret,
             server_nonce: server_nonce.to_owned(),
             doomed: false,
+            channel_binding: None,
+            plus: false,
         })
+    }
+
+    /// On a TLS connection: `data` is the channel's `tls-server-end-point`
+    /// binding (see [`tls_server_end_point`]), offered with
+    /// SCRAM-SHA-256-PLUS; `plus` says whether the client selected that
+    /// mechanism (its messages must then carry the binding, and otherwise must
+    /// not).
+    pub fn with_channel_binding(mut self, data: Vec<u8>, plus: bool) -> Self {
+        self.channel_binding = Some(data);
+        self.plus = plus;
+        self
     }
 
     /// Starts an exchange for a user that does not exist (or has no usable
@@ -173,6 +211,30 @@ impl ScramServer {
     /// [`ScramAwaitingFinal::server_first_message`] returns.
     pub fn client_first(self, message: &[u8]) -> Result<ScramAwaitingFinal, ScramError> {
         let client_first = parse::client_first(message)?;
+        // The c= attribute the client-final message must carry. As PostgreSQL
+        // does, a client without channel binding may send either header there.
+        let expected = match (client_first.flag, &self.channel_binding) {
+            (Gs2Flag::Binding(_), None) => return Err(ScramError::ChannelBindingUnsupported),
+            (Gs2Flag::Binding(_), _) if !self.plus => {
+                return Err(ScramError::Malformed(
+                    "the client selected SCRAM-SHA-256 without channel binding, but the message includes channel binding data",
+                ))
+            }
+            (Gs2Flag::Binding(name), Some(_)) if name != TLS_SERVER_END_POINT => {
+                return Err(ScramError::Unsupported("channel-binding type other than tls-server-end-point"))
+            }
+            (Gs2Flag::Binding(_), Some(data)) => {
+                let header = client_first.flag.header();
+                CbindExpected::Exactly(STANDARD.encode([header.as_bytes(), data].concat()))
+            }
+            _ if self.plus => {
+                return Err(ScramError::Malformed(
+                    "the client selected SCRAM-SHA-256-PLUS, but the message does not include channel binding data",
+                ))
+            }
+            (Gs2Flag::NotOffered, Some(_)) => return Err(ScramError::ChannelBindingDowngrade),
+            (Gs2Flag::NotOffered | Gs2Flag::NotSupported, _) => CbindExpected::NoBinding,
+        };
         let nonce = format!("{}{}", client_first.nonce, self.server_nonce);
         let server_first = format!(
             "r={nonce},s={},i={}",
@@ -186,8 +248,54 @@ impl ScramServer {
             nonce,
             server_first,
             auth_message_start,
+            expected,
         })
     }
+}
+
+/// What the client-final message's channel-binding attribute must be.
+#[derive(Debug)]
+enum CbindExpected {
+    /// `n,,` or `y,,` in base64.
+    NoBinding,
+    /// The GS2 header and the channel's data, in base64.
+    Exactly(String),
+}
+
+/// The `tls-server-end-point` channel binding of a server certificate (RFC
+/// 5929, section 4.1): its hash with the hash function of its signature
+/// algorithm, SHA-256 for MD5 and SHA-1. `None` for algorithms without a
+/// single hash (Ed25519, RSASSA-PSS), for which PostgreSQL cannot bind either,
+/// and for input that is not a certificate.
+pub fn tls_server_end_point(certificate_der: &[u8]) -> Option<Vec<u8>> {
+    use sha2::{Sha384, Sha512};
+    let oid = parse::signature_algorithm_oid(certificate_der)?;
+    // 1.2.840.113549.1.1.{4,5,11,12,13}: md5/sha1/sha256/sha384/sha512 with RSA;
+    // 1.2.840.10045.4.1 and 4.3.{2,3,4}: ECDSA with sha1/sha256/sha384/sha512.
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];
+    const ECDSA_SHA2: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+    let bits = match oid {
+        [rsa @ .., n] if rsa == RSA => match n {
+            4 | 5 | 11 => 256,
+            12 => 384,
+            13 => 512,
+            _ => return None,
+        },
+        o if o == ECDSA_SHA1 => 256,
+        [ecdsa @ .., n] if ecdsa == ECDSA_SHA2 => match n {
+            2 => 256,
+            3 => 384,
+            4 => 512,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(match bits {
+        256 => Sha256::digest(certificate_der).to_vec(),
+        384 => Sha384::digest(certificate_der).to_vec(),
+        _ => Sha512::digest(certificate_der).to_vec(),
+    })
 }
 
 /// The server after the server-first message, waiting for the client-final
@@ -202,6 +310,7 @@ pub struct ScramAwaitingFinal {
     /// `client-first-message-bare "," server-first-message ","`, the start of
     /// the AuthMessage both sides sign.
     auth_message_start: String,
+    expected: CbindExpected,
 }
 
 impl ScramAwaitingFinal {
@@ -216,9 +325,15 @@ impl ScramAwaitingFinal {
     /// `AuthenticationOk`.
     pub fn client_final(self, message: &[u8]) -> Result<Vec<u8>, ScramError> {
         let client_final = parse::client_final(message)?;
-        // PostgreSQL accepts either header here whichever flag the client sent
-        // first; without channel binding on offer, the difference is moot.
-        if !CBIND_NONE.contains(&client_final.channel_binding) {
+        let binding_ok = match &self.expected {
+            // PostgreSQL accepts either header here whichever flag the client
+            // sent first.
+            CbindExpected::NoBinding => CBIND_NONE.contains(&client_final.channel_binding),
+            CbindExpected::Exactly(expected) => {
+                constant_time_eq(expected.as_bytes(), client_final.channel_binding.as_bytes())
+            }
+        };
+        if !binding_ok {
             return Err(ScramError::ChannelBindingMismatch);
         }
         if client_final.nonce != self.nonce {

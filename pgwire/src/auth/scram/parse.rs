@@ -13,6 +13,8 @@ use super::ScramError;
 /// The parts of a client-first-message the server uses.
 #[derive(Debug)]
 pub(super) struct ClientFirst<'a> {
+    /// The GS2 channel-binding flag.
+    pub flag: Gs2Flag<'a>,
     /// client-first-message-bare: the message without its GS2 header, which
     /// starts the AuthMessage both sides sign.
     pub bare: &'a str,
@@ -33,6 +35,28 @@ pub(super) struct ClientFinal<'a> {
     pub proof: [u8; 32],
 }
 
+/// The channel-binding flag of the GS2 header (RFC 5802, section 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gs2Flag<'a> {
+    /// `n`: the client does not support channel binding.
+    NotSupported,
+    /// `y`: the client supports it but thinks the server does not.
+    NotOffered,
+    /// `p=<type>`: the client binds to the channel with this type.
+    Binding(&'a str),
+}
+
+impl Gs2Flag<'_> {
+    /// The GS2 header as it starts the client-first message (no authorization identity).
+    pub(super) fn header(&self) -> String {
+        match self {
+            Gs2Flag::NotSupported => "n,,".to_owned(),
+            Gs2Flag::NotOffered => "y,,".to_owned(),
+            Gs2Flag::Binding(name) => format!("p={name},,"),
+        }
+    }
+}
+
 /// Parses `gs2-header client-first-message-bare`, e.g. `n,,n=,r=<nonce>`.
 pub(super) fn client_first(message: &[u8]) -> Result<ClientFirst<'_>, ScramError> {
     let text = as_text(message)?;
@@ -40,14 +64,16 @@ pub(super) fn client_first(message: &[u8]) -> Result<ClientFirst<'_>, ScramError
     let (flag, rest) = text
         .split_once(',')
         .ok_or(ScramError::Malformed("missing GS2 header"))?;
-    match flag {
-        // "n": the client does not support channel binding. "y": it does but
-        // thinks the server does not, which is true: we never offer
-        // SCRAM-SHA-256-PLUS because the proxy does not speak TLS.
-        "n" | "y" => {}
-        _ if flag.starts_with("p=") => return Err(ScramError::ChannelBindingUnsupported),
-        _ => return Err(ScramError::Malformed("unexpected channel-binding flag")),
-    }
+    let flag = match flag {
+        // The client does not support channel binding.
+        "n" => Gs2Flag::NotSupported,
+        // It does, but thinks the server does not.
+        "y" => Gs2Flag::NotOffered,
+        _ => match flag.strip_prefix("p=") {
+            Some(name) if !name.is_empty() => Gs2Flag::Binding(name),
+            _ => return Err(ScramError::Malformed("unexpected channel-binding flag")),
+        },
+    };
     let (authzid, bare) = rest
         .split_once(',')
         .ok_or(ScramError::Malformed("missing GS2 header"))?;
@@ -77,7 +103,7 @@ pub(super) fn client_first(message: &[u8]) -> Result<ClientFirst<'_>, ScramError
     for extension in attributes {
         check_extension(extension)?;
     }
-    Ok(ClientFirst { bare, nonce })
+    Ok(ClientFirst { flag, bare, nonce })
 }
 
 /// Parses `c=<cbind>,r=<nonce>[,extensions],p=<proof>`.
@@ -118,6 +144,42 @@ pub(super) fn client_final(message: &[u8]) -> Result<ClientFinal<'_>, ScramError
         nonce,
         proof,
     })
+}
+
+/// The OID (content bytes) of an X.509 certificate's `signatureAlgorithm`:
+/// `Certificate ::= SEQUENCE { tbsCertificate SEQUENCE, signatureAlgorithm
+/// SEQUENCE { algorithm OBJECT IDENTIFIER, ... }, signature BIT STRING }`
+/// (RFC 5280, 4.1), read from DER. `None` for anything else.
+pub(super) fn signature_algorithm_oid(der: &[u8]) -> Option<&[u8]> {
+    let (certificate, _) = der_element(der, 0x30)?;
+    let (_tbs, rest) = der_element(certificate, 0x30)?;
+    let (algorithm, _) = der_element(rest, 0x30)?;
+    let (oid, _) = der_element(algorithm, 0x06)?;
+    Some(oid)
+}
+
+/// One DER element with tag `tag` at the start of `input`: its contents and what follows it.
+fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&found, rest) = input.split_first()?;
+    if found != tag {
+        return None;
+    }
+    let (&first, mut rest) = rest.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let octets = usize::from(first & 0x7f);
+        if octets == 0 || octets > 4 || rest.len() < octets {
+            return None;
+        }
+        let (bytes, after) = rest.split_at(octets);
+        rest = after;
+        bytes.iter().fold(0usize, |n, &b| (n << 8) | usize::from(b))
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some(rest.split_at(len))
 }
 
 /// Whether `nonce` is a valid nonce: `printable` in RFC 5802, that is ASCII
@@ -165,14 +227,19 @@ mod tests {
         let parsed = client_first(b"y,,n=user,r=rOprNGfwEbeRWgbNEkqO,x=ext").unwrap();
         assert_eq!(parsed.bare, "n=user,r=rOprNGfwEbeRWgbNEkqO,x=ext");
         assert_eq!(parsed.nonce, "rOprNGfwEbeRWgbNEkqO");
+        assert_eq!(parsed.flag, Gs2Flag::NotOffered);
+
+        let parsed = client_first(b"p=tls-server-end-point,,n=,r=abc").unwrap();
+        assert_eq!(parsed.flag, Gs2Flag::Binding("tls-server-end-point"));
+        assert_eq!(parsed.flag.header(), "p=tls-server-end-point,,");
     }
 
     #[test]
     fn client_first_errors() {
         let cases: &[(&[u8], ScramError)] = &[
             (
-                b"p=tls-server-end-point,,n=,r=abc",
-                ScramError::ChannelBindingUnsupported,
+                b"p=,,n=,r=abc",
+                ScramError::Malformed("unexpected channel-binding flag"),
             ),
             (
                 b"n,a=admin,n=,r=abc",

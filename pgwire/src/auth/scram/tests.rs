@@ -298,3 +298,86 @@ fn random_input_never_panics() {
         }
     }
 }
+
+#[test]
+fn channel_binding_with_postgres_protocol_client() {
+    let secret = fast_secret("pw");
+    let data = b"certificate hash".to_vec();
+    // The client binds to the same channel: accepted.
+    let server = ScramServer::new(secret.clone()).with_channel_binding(data.clone(), true);
+    assert_eq!(
+        exchange(server, "pw", ChannelBinding::tls_server_end_point(data.clone())),
+        Ok(true)
+    );
+    // Bound to another channel (a man in the middle terminating TLS): refused.
+    let server = ScramServer::new(secret.clone()).with_channel_binding(data.clone(), true);
+    assert_eq!(
+        exchange(
+            server,
+            "pw",
+            ChannelBinding::tls_server_end_point(b"other".to_vec())
+        ),
+        Err(ScramError::ChannelBindingMismatch)
+    );
+    // TLS, plain SCRAM-SHA-256 chosen by a client without channel binding: fine.
+    let server = ScramServer::new(secret.clone()).with_channel_binding(data.clone(), false);
+    assert_eq!(exchange(server, "pw", ChannelBinding::unsupported()), Ok(true));
+    // A client that supports it but thinks the server does not, on a server that offered it:
+    // a downgrade.
+    let server = ScramServer::new(secret.clone()).with_channel_binding(data.clone(), false);
+    assert_eq!(
+        exchange(server, "pw", ChannelBinding::unrequested()),
+        Err(ScramError::ChannelBindingDowngrade)
+    );
+    // The mechanism and the flag must agree.
+    let server = ScramServer::new(secret.clone()).with_channel_binding(data.clone(), true);
+    assert!(matches!(
+        exchange(server, "pw", ChannelBinding::unsupported()),
+        Err(ScramError::Malformed(_))
+    ));
+    let server = ScramServer::new(secret.clone()).with_channel_binding(data.clone(), false);
+    assert!(matches!(
+        exchange(server, "pw", ChannelBinding::tls_server_end_point(data)),
+        Err(ScramError::Malformed(_))
+    ));
+    // No TLS: a client that requires binding is turned away.
+    let server = ScramServer::new(secret);
+    assert_eq!(
+        exchange(server, "pw", ChannelBinding::tls_server_end_point(b"x".to_vec())),
+        Err(ScramError::ChannelBindingUnsupported)
+    );
+}
+
+#[test]
+fn tls_server_end_point_hashes_by_the_signature_algorithm() {
+    // A minimal DER certificate shape: SEQUENCE { SEQUENCE {}, SEQUENCE { OID }, BIT STRING }.
+    fn cert(oid: &[u8]) -> Vec<u8> {
+        let mut alg = vec![0x06, oid.len() as u8];
+        alg.extend_from_slice(oid);
+        let mut body = vec![0x30, 0x00, 0x30, alg.len() as u8];
+        body.extend_from_slice(&alg);
+        body.extend_from_slice(&[0x03, 0x01, 0x00]);
+        let mut der = vec![0x30, body.len() as u8];
+        der.extend_from_slice(&body);
+        der
+    }
+    let rsa = |n: u8| cert(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, n]);
+    let ecdsa = |n: u8| cert(&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, n]);
+    let sha256 = |der: &[u8]| Sha256::digest(der).to_vec();
+    for der in [
+        rsa(11),
+        rsa(5),
+        rsa(4),
+        ecdsa(2),
+        cert(&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01]),
+    ] {
+        assert_eq!(tls_server_end_point(&der), Some(sha256(&der)));
+    }
+    assert_eq!(tls_server_end_point(&rsa(12)).map(|h| h.len()), Some(48));
+    assert_eq!(tls_server_end_point(&ecdsa(4)).map(|h| h.len()), Some(64));
+    // Ed25519 (1.3.101.112) and RSASSA-PSS have no single hash; garbage is no certificate.
+    assert_eq!(tls_server_end_point(&cert(&[0x2b, 0x65, 0x70])), None);
+    assert_eq!(tls_server_end_point(&rsa(10)), None);
+    assert_eq!(tls_server_end_point(b"\x30\x82\xff"), None);
+    assert_eq!(tls_server_end_point(b""), None);
+}
