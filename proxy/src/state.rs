@@ -174,7 +174,7 @@ pub(crate) struct TlsState {
 impl TlsState {
     fn new(settings: &switchyard_config::TlsSettings) -> Result<TlsState, crate::tls::TlsError> {
         let (acceptor, channel_binding) = match crate::tls::acceptor(settings)? {
-            Some((acceptor, binding)) => (Some(acceptor), binding),
+            Some(a) => (Some(a.acceptor), a.channel_binding),
             None => (None, None),
         };
         Ok(TlsState {

@@ -32,9 +32,15 @@ fn file_error<'a>(key: &'static str, path: &'a Path) -> impl Fn(String) -> TlsEr
     }
 }
 
-/// The acceptor for `settings` and the `tls-server-end-point` channel binding of its certificate
-/// (`None` for a signature algorithm without one); `None` when TLS is disabled.
-pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<(TlsAcceptor, Option<Vec<u8>>)>, TlsError> {
+/// An acceptor and the `tls-server-end-point` channel binding of its certificate (`None` for a
+/// signature algorithm without one).
+pub(crate) struct Acceptor {
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) channel_binding: Option<Vec<u8>>,
+}
+
+/// The acceptor for `settings`; `None` when TLS is disabled.
+pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<Acceptor>, TlsError> {
     if settings.mode == TlsMode::Disable {
         return Ok(None);
     }
@@ -78,7 +84,10 @@ pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<(TlsAcceptor, Op
     // PostgreSQL speaks its own protocol inside TLS, without ALPN (libpq 17's direct TLS
     // negotiation would ask for "postgresql"; offering it lets such clients through).
     config.alpn_protocols = vec![b"postgresql".to_vec()];
-    Ok(Some((TlsAcceptor::from(Arc::new(config)), binding)))
+    Ok(Some(Acceptor {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        channel_binding: binding,
+    }))
 }
 
 fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
