@@ -229,12 +229,45 @@ impl<'a> Resolver<'a> {
                 None
             }
             Some(s) => match StoreUrl::parse(&s) {
-                Ok(url) => Some(StoreSettings { url }),
+                Ok(url) => {
+                    self.store_tls(&key, &url);
+                    Some(StoreSettings { url })
+                }
                 Err(why) => {
                     self.problem(&key, why);
                     None
                 }
             },
+        }
+    }
+
+    /// TLS toward the stores is not built yet: a URL that asks for it is refused rather than
+    /// silently served in plain text.
+    fn store_tls(&mut self, key: &str, url: &StoreUrl) {
+        if url.engine != crate::Engine::Postgres {
+            return;
+        }
+        match url.param("sslmode") {
+            None | Some("disable" | "allow" | "prefer") => {}
+            Some(mode @ ("require" | "verify-ca" | "verify-full")) => self.problem(
+                key,
+                format!(
+                    "sslmode={mode}: TLS toward the stores is not supported yet, and the proxy would \
+                     connect in plain text; use sslmode=disable (or prefer) until it is"
+                ),
+            ),
+            Some(other) => self.problem(
+                key,
+                format!("unknown sslmode {other:?}; expected disable, allow, prefer, require, verify-ca or verify-full"),
+            ),
+        }
+        for param in ["sslrootcert", "sslcert", "sslkey", "sslcrl"] {
+            if url.param(param).is_some() {
+                self.problem(
+                    key,
+                    format!("{param}: TLS toward the stores is not supported yet; remove it"),
+                );
+            }
         }
     }
 

@@ -115,6 +115,21 @@ fn numeric_ranges() {
 }
 
 #[test]
+fn store_tls_that_cannot_be_honoured_is_refused() {
+    for (query, words) in [
+        ("sslmode=require", &["old.url", "sslmode=require", "not supported yet"][..]),
+        ("sslmode=verify-full", &["old.url", "sslmode=verify-full"][..]),
+        ("sslmode=bogus", &["old.url", "unknown sslmode"][..]),
+        ("sslmode=disable&sslrootcert=/x.pem", &["old.url", "sslrootcert"][..]),
+    ] {
+        let text = MINIMAL.replacen("/old_db\"", &format!("/old_db?{query}\""), 1);
+        assert!(text.contains(query), "the fixture changed: {text}");
+        let e = error(&text);
+        assert_mentions(&e, words);
+    }
+}
+
+#[test]
 fn control_and_admin_values() {
     for (section, key) in [
         ("[control]\nmax_drift_rate = 1.5", "control.max_drift_rate"),

@@ -52,7 +52,7 @@ tcp_keepalive_secs = 0
 shutdown_grace_secs = 0
 
 [old]
-url = "postgresql://app:s%40cret@db1.internal/shop?sslmode=require"
+url = "postgresql://app:s%40cret@db1.internal/shop?sslmode=prefer"
 [new]
 url = "mysql://app@db2.internal/shop"
 
@@ -85,7 +85,7 @@ phase = "dual_write"
     assert_eq!(c.proxy.shutdown_grace, Duration::ZERO);
     assert_eq!(c.old.url.password.as_deref(), Some("s@cret"));
     assert_eq!(c.old.url.port, 5432);
-    assert_eq!(c.old.url.param("sslmode"), Some("require"));
+    assert_eq!(c.old.url.param("sslmode"), Some("prefer"));
     assert_eq!(c.new.url.engine, Engine::Mysql);
     assert_eq!(c.new.url.port, 3306);
     assert_eq!(c.telemetry.log_format, LogFormat::Json);
