@@ -190,6 +190,11 @@ impl TlsState {
 /// not undo a change made with `switchyard phase`). Without a control state, or when it cannot
 /// be read, the file's values stand.
 async fn with_control_state(config: Arc<Config>, authoritative: &Store) -> Arc<Config> {
+    // Without tables there is nothing to take from it, and a proxy in front of an unreachable
+    // store must still start at once (and tell its clients).
+    if config.tables.is_empty() {
+        return config;
+    }
     match switchyard_control::read(authoritative).await {
         Ok(Some(state)) => {
             let mut config = (*config).clone();
