@@ -117,10 +117,16 @@ fn numeric_ranges() {
 #[test]
 fn store_tls_that_cannot_be_honoured_is_refused() {
     for (query, words) in [
-        ("sslmode=require", &["old.url", "sslmode=require", "not supported yet"][..]),
+        (
+            "sslmode=require",
+            &["old.url", "sslmode=require", "not supported yet"][..],
+        ),
         ("sslmode=verify-full", &["old.url", "sslmode=verify-full"][..]),
         ("sslmode=bogus", &["old.url", "unknown sslmode"][..]),
-        ("sslmode=disable&sslrootcert=/x.pem", &["old.url", "sslrootcert"][..]),
+        (
+            "sslmode=disable&sslrootcert=/x.pem",
+            &["old.url", "sslrootcert"][..],
+        ),
     ] {
         let text = MINIMAL.replacen("/old_db\"", &format!("/old_db?{query}\""), 1);
         assert!(text.contains(query), "the fixture changed: {text}");
