@@ -30,8 +30,8 @@ use switchyard_store::{Store, StoreError};
 
 pub use repair::{repair, RepairReport, REPAIR_PROXY};
 pub use report::{
-    latest, latest_verify_keys, record, wilson, DiffKind, DifferingKey, LatestDrift, Recorded, SampleReport,
-    VerifyReport,
+    history, latest, latest_verify_keys, record, wilson, DiffKind, DifferingKey, HistoryPoint, LatestDrift,
+    Recorded, SampleReport, VerifyReport,
 };
 pub use table::{DriftTable, RangesFrom};
 pub use verify::{verify, VerifyOptions, VerifyProgress, MAX_WORKERS};

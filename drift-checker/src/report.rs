@@ -451,3 +451,51 @@ pub async fn latest(new: &Store) -> Result<Vec<LatestDrift>, StoreError> {
         )
         .collect())
 }
+
+/// One recorded result, for a chart of the estimate over time.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryPoint {
+    pub table: String,
+    /// `sample` or `verify`.
+    pub kind: String,
+    pub rate: f64,
+    pub ci95_low: f64,
+    pub ci95_high: f64,
+    /// Seconds since the Unix epoch, on NEW's clock.
+    pub at_unix: f64,
+}
+
+/// The latest `per_table` results of every table recorded on NEW, oldest first per table (none
+/// before the first result is recorded).
+pub async fn history(new: &Store, per_table: i64) -> Result<Vec<HistoryPoint>, StoreError> {
+    let Store::Postgres(pg) = new;
+    if !new.has_relation("switchyard.switchyard_drift").await? {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(String, String, f64, f64, f64, f64)> = sqlx::query_as(
+        "SELECT table_name, kind, rate, ci95_low, ci95_high, at FROM ( \
+           SELECT table_name, kind, rate, ci95_low, ci95_high, extract(epoch FROM recorded_at)::float8 AS at, \
+                  row_number() OVER (PARTITION BY table_name ORDER BY recorded_at DESC, id DESC) AS n \
+           FROM switchyard.switchyard_drift) r \
+         WHERE n <= $1 ORDER BY table_name, at",
+    )
+    .bind(per_table)
+    .fetch_all(pg.pool())
+    .await
+    .map_err(|source| StoreError::Query {
+        role: pg.role().as_str(),
+        action: "reading the drift history".to_owned(),
+        source,
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(|(table, kind, rate, ci95_low, ci95_high, at_unix)| HistoryPoint {
+            table,
+            kind,
+            rate,
+            ci95_low,
+            ci95_high,
+            at_unix,
+        })
+        .collect())
+}

@@ -24,6 +24,7 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// session has ended.
 pub(crate) async fn serve(state: Arc<ProxyState>, listener: TcpListener, mut shutdown: Shutdown) {
     let app = Router::new()
+        .route("/", get(page))
         .route("/health", get(health))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
@@ -70,6 +71,8 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
     let counters = &state.metrics.counters;
     let config = &state.config;
     let drift = state.drift.now();
+    let history = state.drift.history();
+    let backfill = state.drift.backfill();
     let control = state.control.state();
     let tables: Vec<_> = config
         .tables
@@ -87,10 +90,21 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
                 .and_then(|m| m.held(m.table_index(&t.name.to_string())?));
             // The control state, once seeded, says the phase; the file only seeds it.
             let controlled = control.as_ref().and_then(|c| c.table(&name));
+            let phase = controlled.map_or(t.phase, |c| c.phase);
+            let read_share = controlled.map_or(t.read_share, |c| c.read_share);
+            let table_backfill = backfill.iter().find(|b| b.progress.table == name);
+            let refusals = state.drift.refusals(&name);
+            let next = next_step(
+                &name,
+                phase,
+                read_share,
+                table_backfill.map(|b| b.progress.status.as_str()),
+                refusals.as_deref(),
+            );
             json!({
                 "name": t.name.to_string(),
-                "phase": controlled.map_or(t.phase, |c| c.phase).as_str(),
-                "read_share": controlled.map_or(t.read_share, |c| c.read_share),
+                "phase": phase.as_str(),
+                "read_share": read_share,
                 "phase_from": if controlled.is_some() { "control" } else { "config" },
                 "control_epoch": controlled.map(|c| c.epoch),
                 "mirrored": mirrored.is_some(),
@@ -100,7 +114,15 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
                 "drift": {
                     "sample": drift.iter().find(|r| r.table == name && r.kind == "sample"),
                     "verify": drift.iter().find(|r| r.table == name && r.kind == "verify"),
+                    "history": history.iter().filter(|h| h.table == name).collect::<Vec<_>>(),
                 },
+                "backfill": table_backfill,
+                "guard_rails": {
+                    "checked": refusals.is_some(),
+                    "pass": refusals.as_ref().is_some_and(Vec::is_empty),
+                    "refusals": refusals.unwrap_or_default(),
+                },
+                "next": {"action": next.0, "command": next.1},
             })
         })
         .collect();
@@ -275,9 +297,108 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The status page: one self-contained HTML file (no external scripts, fonts or styles) that
+/// reads `/status` and refreshes itself.
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("page.html"),
+    )
+}
+
+/// What the operator can do next with a table, and the exact command (CONFIG is their file).
+fn next_step(
+    table: &str,
+    phase: switchyard_config::Phase,
+    read_share: u8,
+    backfill: Option<&str>,
+    refusals: Option<&[String]>,
+) -> (String, String) {
+    use switchyard_config::Phase::*;
+    let cmd = |rest: &str| format!("switchyard {rest} --config CONFIG --table {table}");
+    let guards_pass = refusals.is_some_and(<[String]>::is_empty);
+    match phase {
+        Passthrough => (
+            "start dual writes: set phase = \"dual_write\" in [[tables]], prepare, restart the proxies"
+                .to_owned(),
+            "switchyard prepare --config CONFIG".to_owned(),
+        ),
+        DualWrite | ShadowRead if backfill != Some("done") => {
+            ("copy the rows that existed before".to_owned(), cmd("backfill"))
+        }
+        DualWrite | ShadowRead | ReadShift if !guards_pass => (
+            "measure the drift exactly (the guard rails refuse until they pass)".to_owned(),
+            cmd("drift verify"),
+        ),
+        DualWrite => (
+            "compare reads on NEW (optional)".to_owned(),
+            format!("{} --to shadow_read", cmd("phase")),
+        ),
+        ShadowRead => (
+            "move to read shifting".to_owned(),
+            format!("{} --to read_shift", cmd("phase")),
+        ),
+        ReadShift if read_share < 100 => {
+            let next = match read_share {
+                0..=9 => 10,
+                10..=49 => 50,
+                _ => 100,
+            };
+            (
+                format!("serve {next}% of reads from NEW"),
+                format!("{} --reads {next}", cmd("shift")),
+            )
+        }
+        ReadShift => (
+            "cut over (not built yet: issue 14)".to_owned(),
+            format!("{} --to cutover", cmd("phase")),
+        ),
+        Cutover | Done => ("not built yet (issue 14)".to_owned(), "-".to_owned()),
+    }
+}
+
 async fn metrics(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render_prometheus(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_step;
+    use switchyard_config::Phase;
+
+    #[test]
+    fn the_next_step_follows_the_journey() {
+        let t = "public.kv";
+        let pass: &[String] = &[];
+        let refused = ["the backfill has not run".to_owned()];
+        assert_eq!(
+            next_step(t, Phase::Passthrough, 0, None, None).1,
+            "switchyard prepare --config CONFIG"
+        );
+        assert_eq!(
+            next_step(t, Phase::DualWrite, 0, None, Some(&refused)).1,
+            "switchyard backfill --config CONFIG --table public.kv"
+        );
+        assert_eq!(
+            next_step(t, Phase::DualWrite, 0, Some("done"), Some(&refused)).1,
+            "switchyard drift verify --config CONFIG --table public.kv"
+        );
+        assert_eq!(
+            next_step(t, Phase::DualWrite, 0, Some("done"), Some(pass)).1,
+            "switchyard phase --config CONFIG --table public.kv --to shadow_read"
+        );
+        assert_eq!(
+            next_step(t, Phase::ReadShift, 10, Some("done"), Some(pass)).1,
+            "switchyard shift --config CONFIG --table public.kv --reads 50"
+        );
+        assert!(next_step(t, Phase::ReadShift, 100, Some("done"), Some(pass))
+            .1
+            .ends_with("--to cutover"));
+    }
 }

@@ -1,10 +1,14 @@
-//! The latest drift results (`switchyard drift sample|verify|watch` record them on NEW), read
-//! every [`POLL`] by each proxy for `/status` and the metrics.
+//! What the proxy reads from the stores for `/status`, the status page and the metrics, every
+//! [`POLL`]: the latest drift results and their history (`switchyard drift sample|verify|watch`
+//! record them on NEW), each table's backfill progress (with rows per second between two reads)
+//! and whether the guard rails of the next phase pass.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use switchyard_drift::LatestDrift;
+use switchyard_drift::{HistoryPoint, LatestDrift};
+use switchyard_store::backfill_state::BackfillProgress;
 use switchyard_store::Store;
 
 use crate::shutdown::{Shutdown, ShutdownState};
@@ -16,9 +20,92 @@ pub(crate) const POLL: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 pub(crate) struct DriftFigures {
     latest: Mutex<Option<(Vec<LatestDrift>, Instant)>>,
+    /// The last [`HISTORY`] results per table, oldest first.
+    history: Mutex<Vec<HistoryPoint>>,
+    /// Each table's backfill progress, with rows read per second since the previous read.
+    backfill: Mutex<Vec<Backfill>>,
+    /// Per table, why raising its read share (or cutting over) would be refused now.
+    guards: Mutex<BTreeMap<String, Vec<String>>>,
+}
+
+/// Results per table kept for the chart.
+pub(crate) const HISTORY: i64 = 50;
+
+/// One table's backfill as last read.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Backfill {
+    #[serde(flatten)]
+    pub(crate) progress: BackfillProgress,
+    /// Rows read from OLD per second between the last two reads.
+    pub(crate) rows_per_sec: Option<f64>,
+    /// Seconds left at that rate, when the total is estimated.
+    pub(crate) eta_seconds: Option<f64>,
+}
+
+/// What the poll needs to read.
+pub(crate) struct Sources {
+    pub(crate) old: Store,
+    pub(crate) new: Store,
+    pub(crate) tables: Vec<String>,
+    pub(crate) mirror_deadline: Duration,
+    pub(crate) control: switchyard_config::ControlSettings,
 }
 
 impl DriftFigures {
+    /// The recorded results, oldest first per table.
+    pub(crate) fn history(&self) -> Vec<HistoryPoint> {
+        self.history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Backfill progress per table.
+    pub(crate) fn backfill(&self) -> Vec<Backfill> {
+        self.backfill
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Why the guard rails of `table` refuse now (empty when they pass); `None` before the
+    /// first read.
+    pub(crate) fn refusals(&self, table: &str) -> Option<Vec<String>> {
+        self.guards
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(table)
+            .cloned()
+    }
+
+    fn set_backfill(&self, progress: Vec<BackfillProgress>, elapsed: Option<Duration>) {
+        let mut backfill = self.backfill.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = progress
+            .into_iter()
+            .map(|p| {
+                let before = backfill.iter().find(|b| b.progress.table == p.table);
+                let rows_per_sec = match (before, elapsed) {
+                    (Some(b), Some(e)) if e.as_secs_f64() > 0.0 => {
+                        Some((p.rows_read - b.progress.rows_read).max(0) as f64 / e.as_secs_f64())
+                    }
+                    _ => None,
+                };
+                let eta_seconds = match (rows_per_sec, p.rows_estimated) {
+                    (Some(r), Some(total)) if r > 0.0 && p.status != "done" => {
+                        Some((total - p.rows_read).max(0) as f64 / r)
+                    }
+                    _ => None,
+                };
+                Backfill {
+                    progress: p,
+                    rows_per_sec,
+                    eta_seconds,
+                }
+            })
+            .collect();
+        *backfill = next;
+    }
+
     fn set(&self, results: Vec<LatestDrift>) {
         *self.latest.lock().unwrap_or_else(PoisonError::into_inner) = Some((results, Instant::now()));
     }
@@ -50,13 +137,41 @@ impl DriftFigures {
     }
 }
 
-/// Reads the figures from `new` every [`POLL`] until shutdown; a failed read keeps the last
-/// figures (their ages keep growing, which is what an operator should see).
-pub(crate) async fn poll_loop(figures: Arc<DriftFigures>, new: Store, mut shutdown: Shutdown) {
+/// Reads the figures every [`POLL`] until shutdown; a failed read keeps the last figures
+/// (drift ages keep growing, which is what an operator should see).
+pub(crate) async fn poll_loop(figures: Arc<DriftFigures>, sources: Sources, mut shutdown: Shutdown) {
+    let mut last_backfill: Option<Instant> = None;
     loop {
-        match switchyard_drift::latest(&new).await {
+        match switchyard_drift::latest(&sources.new).await {
             Ok(results) => figures.set(results),
             Err(e) => tracing::debug!(error = %e, "cannot read the latest drift results"),
+        }
+        match switchyard_drift::history(&sources.new, HISTORY).await {
+            Ok(h) => *figures.history.lock().unwrap_or_else(PoisonError::into_inner) = h,
+            Err(e) => tracing::debug!(error = %e, "cannot read the drift history"),
+        }
+        let Store::Postgres(pg) = &sources.new;
+        match switchyard_store::backfill_state::backfill_progress(pg.pool()).await {
+            Ok(progress) => {
+                figures.set_backfill(progress, last_backfill.map(|t| t.elapsed()));
+                last_backfill = Some(Instant::now());
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the backfill progress"),
+        }
+        for table in &sources.tables {
+            let facts =
+                switchyard_control::guard::gather(&sources.old, &sources.new, table, sources.mirror_deadline);
+            match facts.await {
+                Ok(f) => {
+                    let refusals = switchyard_control::guard::refusals(&f, &sources.control);
+                    figures
+                        .guards
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(table.clone(), refusals);
+                }
+                Err(e) => tracing::debug!(error = %e, table, "cannot read the guard rails' facts"),
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(POLL) => {}

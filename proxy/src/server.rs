@@ -133,7 +133,13 @@ async fn serve(
     let state = Arc::new(ProxyState::build(config, roles, shutdown.clone()).await?);
     tokio::spawn(crate::drift_figures::poll_loop(
         Arc::clone(&state.drift),
-        state.new_store.clone(),
+        crate::drift_figures::Sources {
+            old: state.old_store.clone(),
+            new: state.new_store.clone(),
+            tables: state.config.tables.iter().map(|t| t.name.to_string()).collect(),
+            mirror_deadline: state.config.mirror.timeout,
+            control: state.config.control.clone(),
+        },
         shutdown.clone(),
     ));
     tokio::spawn(crate::control_state::follow(
