@@ -79,10 +79,17 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
                 .mirror
                 .as_ref()
                 .and_then(|m| m.held(m.table_index(&t.name.to_string())?));
+            // Counts by outcome and recent examples, for a table in `shadow_read`.
+            let shadow_reads = state.mirror.as_ref().and_then(|m| {
+                let stats = m.shadow.as_ref()?.table(m.table_index(&name)?)?;
+                Some(stats.to_json())
+            });
             json!({
                 "name": t.name.to_string(),
                 "phase": t.phase.as_str(),
                 "read_share": t.read_share,
+                "shadow_share": t.shadow_share,
+                "shadow_reads": shadow_reads,
                 "mirrored": mirrored.is_some(),
                 "key": mirrored.map(|m| m.key.clone()),
                 "on_uncaptured": t.on_uncaptured.as_str(),

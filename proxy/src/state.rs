@@ -93,6 +93,9 @@ impl ProxyState {
         );
         if let Some(m) = &mirror {
             metrics.register_mirror(Arc::clone(&m.stats));
+            if let Some(shadow) = &m.shadow {
+                metrics.register_shadow(Arc::clone(shadow));
+            }
             tracing::info!(tables = m.tables.len(), "dual writes enabled");
         }
         Ok(ProxyState {
