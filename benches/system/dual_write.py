@@ -289,7 +289,7 @@ pool_size = {max(4, a.clients * 2)}
 # pgbench
 
 
-def pgbench(a, port, mode, duration, logdir, groups=None, quiet_capture=False):
+def pgbench(a, port, mode, duration, logdir, groups=None, quiet_capture=False, script_args=()):
     """One pgbench run against `port` (database OLD_DB: direct, or a proxy in front of it);
     returns tps, failed transactions, p50/p99 latency (ms) from its per-transaction log and, when
     `groups` (name -> (pids, postmaster) as for cpu_split) is given, the CPU µs per committed
@@ -298,12 +298,13 @@ def pgbench(a, port, mode, duration, logdir, groups=None, quiet_capture=False):
     pgbench's log shows completed in that window (no query of ours runs in it).
     `quiet_capture` runs the sessions with `session_replication_role = replica`, so OLD's capture
     triggers stay quiet, as before a migration (the direct and passthrough targets: otherwise the
-    triggers' net would record every row they change, and OLD would pay for it)."""
+    triggers' net would record every row they change, and OLD would pay for it).
+    `script_args` go to pgbench before the database (`-S` for the select-only script)."""
     for f in logdir.glob("pgbench_log*"):
         f.unlink()
     cmd = ["pgbench", "-h", HOST, "-p", str(port), "-U", USER, "-n", "-c", str(a.clients),
            "-j", str(a.threads), "-T", str(duration), "-M", mode, "-l",
-           "--log-prefix", str(logdir / "pgbench_log"), OLD_DB]
+           "--log-prefix", str(logdir / "pgbench_log"), *script_args, OLD_DB]
     penv = pg_env()
     if quiet_capture:
         penv["PGOPTIONS"] = "-c session_replication_role=replica"

@@ -37,7 +37,7 @@ pub use settings::{
     ProxySettings, StoreSettings, TelemetrySettings, TlsMode, TlsSettings,
 };
 pub use store_url::{Engine, RedactedStoreUrl, StoreUrl};
-pub use tables::{Phase, TableName, TableSettings, UncapturedPolicy};
+pub use tables::{Phase, TableName, TableSettings, UncapturedPolicy, DEFAULT_SHADOW_SHARE};
 pub use url::Url;
 pub use users::{UserCredential, UserEntry, UsersFile};
 

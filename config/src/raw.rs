@@ -110,6 +110,7 @@ pub(crate) struct RawTable {
     pub name: Option<String>,
     pub phase: Option<String>,
     pub read_share: Option<i64>,
+    pub shadow_share: Option<i64>,
     pub key: Option<Vec<String>>,
     pub on_uncaptured: Option<String>,
 }

@@ -17,7 +17,7 @@ use crate::settings::{
     TelemetrySettings, TlsMode, TlsSettings,
 };
 use crate::store_url::StoreUrl;
-use crate::tables::{Phase, TableName, TableSettings, UncapturedPolicy};
+use crate::tables::{Phase, TableName, TableSettings, UncapturedPolicy, DEFAULT_SHADOW_SHARE};
 use crate::users::UsersFile;
 use crate::Config;
 
@@ -54,6 +54,19 @@ impl<'a> Resolver<'a> {
             message.push_str(&format!(" (set by environment variable {var})"));
         }
         self.problems.push(Problem::new(key, message));
+    }
+
+    /// A percentage from 0 to 100 (`default` when unset); a problem against `key` otherwise
+    /// (`which` names the table).
+    fn percent(&mut self, key: &str, which: &str, value: Option<i64>, default: u8) -> Option<u8> {
+        match value {
+            None => Some(default),
+            Some(v @ 0..=100) => u8::try_from(v).ok(),
+            Some(v) => {
+                self.problem(key, format!("{which}{v} is not a percentage from 0 to 100"));
+                None
+            }
+        }
     }
 
     /// Resolves the whole configuration, or returns every problem found
@@ -545,16 +558,13 @@ impl<'a> Resolver<'a> {
                 }
                 Some(Ok(phase)) => Some(phase),
             };
-            let read_share = match t.read_share.unwrap_or(0) {
-                v @ 0..=100 => u8::try_from(v).ok(),
-                v => {
-                    self.problem(
-                        &format!("{key}.read_share"),
-                        format!("{which}{v} is not a percentage from 0 to 100"),
-                    );
-                    None
-                }
-            };
+            let read_share = self.percent(&format!("{key}.read_share"), &which, t.read_share, 0);
+            let shadow_share = self.percent(
+                &format!("{key}.shadow_share"),
+                &which,
+                t.shadow_share,
+                DEFAULT_SHADOW_SHARE,
+            );
             let key_cols = t.key.unwrap_or_default();
             let mut key_ok = true;
             for (j, col) in key_cols.iter().enumerate() {
@@ -582,13 +592,20 @@ impl<'a> Resolver<'a> {
                     None
                 }
             };
-            if let (Some(name), Some(phase), Some(read_share), Some(on_uncaptured), true) =
-                (name, phase, read_share, on_uncaptured, key_ok)
+            if let (
+                Some(name),
+                Some(phase),
+                Some(read_share),
+                Some(shadow_share),
+                Some(on_uncaptured),
+                true,
+            ) = (name, phase, read_share, shadow_share, on_uncaptured, key_ok)
             {
                 tables.push(TableSettings {
                     name,
                     phase,
                     read_share,
+                    shadow_share,
                     key: key_cols,
                     on_uncaptured,
                 });

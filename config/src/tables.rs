@@ -148,6 +148,11 @@ impl Serialize for TableName {
     }
 }
 
+/// `shadow_share` when the entry does not set it: every eligible read is compared. The shadow
+/// runs are bounded per proxy (beyond the bound they are skipped and counted), so the share is
+/// a cost knob for NEW, not a safety one.
+pub const DEFAULT_SHADOW_SHARE: u8 = 100;
+
 /// One `[[tables]]` entry, validated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TableSettings {
@@ -158,6 +163,10 @@ pub struct TableSettings {
     /// Percent (0..=100) of eligible reads served by NEW in
     /// [`Phase::ReadShift`].
     pub read_share: u8,
+    /// Percent (0..=100) of eligible reads that also run on NEW, to compare their results, in
+    /// [`Phase::ShadowRead`] (default [`DEFAULT_SHADOW_SHARE`]). The client always gets OLD's
+    /// answer.
+    pub shadow_share: u8,
     /// `key`: the columns that identify a row, for tables without a primary key. Empty (the
     /// default) means the table's primary key; a table with neither is mirrored append-only.
     pub key: Vec<String>,

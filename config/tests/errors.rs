@@ -183,11 +183,13 @@ fn missing_phase_and_name() {
 
 #[test]
 fn read_share_out_of_range() {
-    for share in ["101", "-1"] {
-        let e = error(&with(&format!(
-            "[[tables]]\nname = \"a\"\nphase = \"read_shift\"\n\n[[tables]]\nname = \"b\"\nphase = \"read_shift\"\nread_share = {share}"
-        )));
-        assert_mentions(&e, &["tables[1].read_share", "public.b", share]);
+    for key in ["read_share", "shadow_share"] {
+        for share in ["101", "-1"] {
+            let e = error(&with(&format!(
+                "[[tables]]\nname = \"a\"\nphase = \"read_shift\"\n\n[[tables]]\nname = \"b\"\nphase = \"shadow_read\"\n{key} = {share}"
+            )));
+            assert_mentions(&e, &[&format!("tables[1].{key}"), "public.b", share]);
+        }
     }
 }
 

@@ -69,6 +69,7 @@ service_name = "switchyard-canary"
 name = "public.accounts"
 phase = "read_shift"
 read_share = 25
+shadow_share = 7
 
 [[tables]]
 name = "orders"
@@ -102,6 +103,8 @@ phase = "dual_write"
     assert_eq!(c.tables[1].name.to_string(), "public.orders");
     assert_eq!(c.tables[1].phase, Phase::DualWrite);
     assert_eq!(c.tables[1].read_share, 0);
+    assert_eq!(c.tables[0].shadow_share, 7);
+    assert_eq!(c.tables[1].shadow_share, switchyard_config::DEFAULT_SHADOW_SHARE);
     assert!(c.table(&TableName::new("public", "orders")).is_some());
     assert!(c.table(&TableName::new("public", "nope")).is_none());
 }

@@ -9,9 +9,11 @@
 
 mod error;
 mod link;
+mod reads;
 mod repairs;
 mod schema;
 pub mod session;
+pub mod shadow;
 mod sql;
 mod stream;
 mod writers;
@@ -88,6 +90,8 @@ pub struct Mirror {
     done_tx: mpsc::UnboundedSender<i64>,
     /// Intents of this proxy whose NEW side failed: repaired first.
     pub(crate) failed: Mutex<Vec<i64>>,
+    /// Shadow reads, when some table is in phase `shadow_read`.
+    pub shadow: Option<Arc<shadow::ShadowReads>>,
 }
 
 /// The engine's pool to one store: `switchyard-repair` on the authoritative store,
@@ -129,6 +133,17 @@ fn server_bound(limit: Duration) -> Duration {
 }
 
 impl Mirror {
+    /// Follows a phase change of the control state: a mirrored table moved into or out of
+    /// `shadow_read` starts or stops being shadowed (with its configured `shadow_share`).
+    /// Sessions started before the change shadow too: every session keeps the settings a shadow
+    /// read needs.
+    pub fn follow_phase(&self, table: &str, phase: Phase, shadow_share: u8) {
+        let (Some(shadow), Some(index)) = (&self.shadow, self.table_index(table)) else {
+            return;
+        };
+        shadow.set_share(index, (phase == Phase::ShadowRead).then_some(shadow_share));
+    }
+
     /// Sets up mirroring for the tables in a mirrored phase, from the `roles.authoritative` store
     /// to the `roles.follower`; `None` when there are none (every session then runs the plain
     /// passthrough relay). Fails when a table's schema cannot be read, when `switchyard prepare`
@@ -183,6 +198,10 @@ impl Mirror {
         let mut tables = Vec::new();
         let mut names = Vec::new();
         let mut policies = Vec::new();
+        let shares: Vec<Option<u8>> = mirrored
+            .iter()
+            .map(|t| (t.phase == Phase::ShadowRead).then_some(t.shadow_share))
+            .collect();
         for t in mirrored {
             let err = |store: &'static str, source: switchyard_store::StoreError| StartError::Catalog {
                 table: t.name.to_string(),
@@ -259,6 +278,12 @@ impl Mirror {
             epoch: tokio::time::Instant::now(),
             done_tx,
             failed: Mutex::new(Vec::new()),
+            shadow: shadow::ShadowReads::new(
+                shares,
+                names.iter().map(|(n, _)| n.to_string()).collect(),
+                roles,
+                (auth_url, follower_url),
+            ),
         });
         tokio::spawn(cleanup_loop(Arc::downgrade(&mirror), done_rx));
         tokio::spawn(writer_refresh_loop(Arc::downgrade(&mirror)));
@@ -661,6 +686,7 @@ impl Mirror {
             epoch: tokio::time::Instant::now(),
             done_tx,
             failed: Mutex::new(Vec::new()),
+            shadow: None,
         })
     }
 }

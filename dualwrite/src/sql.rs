@@ -20,6 +20,8 @@ use pg_query::protobuf::{self, TransactionStmtKind};
 use pg_query::{NodeEnum, NodeRef};
 use switchyard_config::TableName;
 
+use crate::reads::{read_shape, ReadShape};
+
 /// Cached analyses at most; beyond this, statements are analysed every time (simple-protocol
 /// clients that inline literals would otherwise fill memory with one-off texts).
 const CACHE_LIMIT: usize = 10_000;
@@ -85,7 +87,7 @@ impl MigratedTables {
         m
     }
 
-    fn lookup(&self, rel: &protobuf::RangeVar) -> Option<usize> {
+    pub(crate) fn lookup(&self, rel: &protobuf::RangeVar) -> Option<usize> {
         let schema = if rel.schemaname.is_empty() {
             "public"
         } else {
@@ -248,6 +250,8 @@ impl Stmt {
 #[derive(Debug, Clone)]
 pub(crate) struct Analyzed {
     pub(crate) stmt: Stmt,
+    /// A read whose results may be compared on both stores (`reads.rs`).
+    pub(crate) read: Option<Arc<ReadShape>>,
 }
 
 /// A whole query string, statement by statement. `None` statements means the text could not be
@@ -372,7 +376,10 @@ impl Analyzer {
         defined: &mut Vec<(String, String, usize)>,
     ) -> Analysis {
         let plain = || Analysis {
-            stmts: vec![Analyzed { stmt: Stmt::Plain }],
+            stmts: vec![Analyzed {
+                stmt: Stmt::Plain,
+                read: None,
+            }],
         };
         if !self.tables.might_matter(sql.as_bytes(), writers) {
             return plain();
@@ -388,15 +395,22 @@ impl Analyzer {
                 n => (start + n).min(sql.len()),
             };
             let text = sql.get(start..end).unwrap_or(sql);
+            let mut read = None;
             let stmt = match raw.stmt.as_deref().and_then(|n| n.node.as_ref()) {
                 Some(NodeEnum::CreateFunctionStmt(f)) => {
                     defined.extend(self.defines_writer(f, text));
                     Stmt::Plain
                 }
-                Some(node) => self.classify(node, text, writers),
+                Some(node) => {
+                    let stmt = self.classify(node, text, writers);
+                    if !stmt.matters() {
+                        read = read_shape(&self.tables, node, text).map(Arc::new);
+                    }
+                    stmt
+                }
                 None => Stmt::Plain,
             };
-            stmts.push(Analyzed { stmt });
+            stmts.push(Analyzed { stmt, read });
         }
         if stmts.is_empty() {
             return plain();

@@ -159,6 +159,22 @@ pub fn error_fields(body: &[u8]) -> ErrorFields<'_> {
     ErrorFields { fields }
 }
 
+/// The fields of a DataRow body (`None` is NULL), or `None` when the body is malformed.
+pub fn data_row_fields(body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let mut r = BodyReader::new(body, "DataRow");
+    let n = r.i16().ok()?;
+    let mut fields = Vec::with_capacity(usize::try_from(n).ok()?);
+    for _ in 0..n {
+        let len = r.i32().ok()?;
+        fields.push(match usize::try_from(len) {
+            Ok(len) => Some(r.bytes(len).ok()?),
+            Err(_) => None,
+        });
+    }
+    r.finish().ok()?;
+    Some(fields)
+}
+
 /// Parses a server message body with the given tag.
 pub fn parse(tag: u8, body: &[u8]) -> Result<ServerMessage<'_>, ProtocolError> {
     let msg = match tag {
@@ -418,6 +434,14 @@ mod tests {
     use super::*;
     use crate::frame::{Frames, MessageLimits};
     use crate::sqlstate;
+
+    #[test]
+    fn data_row_fields_with_nulls_and_malformed_bodies() {
+        let body = b"\0\x02\0\0\0\x0242\xff\xff\xff\xff";
+        assert_eq!(data_row_fields(body), Some(vec![Some(&b"42"[..]), None]));
+        assert_eq!(data_row_fields(b"\0\x01\0\0\0\x05ab"), None);
+        assert_eq!(data_row_fields(b"\0\x00x"), None);
+    }
 
     #[test]
     fn an_error_rebuilt_without_a_field_keeps_the_others() {

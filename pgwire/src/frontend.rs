@@ -275,6 +275,26 @@ pub fn bind(
     crate::startup::patch_len(out, start);
 }
 
+/// Writes a copy of a client's Parse (`tag` `P`) or Bind (`B`) message under other names: the
+/// leading names of `body` (the statement for Parse; the portal and statement for Bind) are
+/// replaced by `names`, and the rest (query text and parameter types, or parameter formats,
+/// values and result formats) is copied as it came. Used to run a client's statement again on
+/// another connection under the unnamed statement and portal. Fails on a body that does not
+/// hold that many names (the caller has seen the server accept it, so this means a bug).
+pub fn renamed(out: &mut BytesMut, tag: u8, names: &[&[u8]], body: &[u8]) -> Result<(), ProtocolError> {
+    let mut r = BodyReader::new(body, "Parse/Bind");
+    for _ in names {
+        r.cstr()?;
+    }
+    let start = begin(out, tag);
+    for n in names {
+        put_cstr(out, n);
+    }
+    out.extend_from_slice(r.remaining());
+    crate::startup::patch_len(out, start);
+    Ok(())
+}
+
 /// Writes a FunctionCall (fast path) message: function `oid`, arguments (`None` is NULL) with
 /// their format codes (same rule as Bind), and the result's format.
 pub fn function_call(
@@ -408,6 +428,13 @@ mod tests {
             &buf[5..],
             b"p\0s1\0\0\x01\0\0\0\x02\0\0\0\x0242\xff\xff\xff\xff\0\x01\0\x01"
         );
+        let mut renamed_bind = BytesMut::new();
+        renamed(&mut renamed_bind, b'B', &[b"", b""], &buf[5..]).unwrap();
+        assert_eq!(
+            &renamed_bind[5..],
+            b"\0\0\0\x01\0\0\0\x02\0\0\0\x0242\xff\xff\xff\xff\0\x01\0\x01"
+        );
+        assert!(renamed(&mut renamed_bind, b'B', &[b"", b"", b""], b"p\0s\0").is_err());
         buf.clear();
         describe(&mut buf, Target::Portal, b"p");
         assert_eq!(

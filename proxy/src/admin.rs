@@ -101,10 +101,17 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
                 table_backfill.map(|b| b.progress.status.as_str()),
                 refusals.as_deref(),
             );
+            // Counts by outcome and recent examples, for a table in `shadow_read`.
+            let shadow_reads = state.mirror.as_ref().and_then(|m| {
+                let stats = m.shadow.as_ref()?.table(m.table_index(&name)?)?;
+                Some(stats.to_json())
+            });
             json!({
                 "name": t.name.to_string(),
                 "phase": phase.as_str(),
                 "read_share": read_share,
+                "shadow_share": t.shadow_share,
+                "shadow_reads": shadow_reads,
                 "phase_from": if controlled.is_some() { "control" } else { "config" },
                 "control_epoch": controlled.map(|c| c.epoch),
                 "mirrored": mirrored.is_some(),

@@ -7,18 +7,31 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgListener;
-use switchyard_control::{ControlState, CHANNEL};
+use switchyard_control::{ControlState, TableControl, CHANNEL};
 use switchyard_store::Store;
 
 use crate::shutdown::{Shutdown, ShutdownState};
 
+/// What follows each table's change (the dual-write engine, for shadow reads).
+pub(crate) type OnChange = Box<dyn Fn(&TableControl) + Send + Sync>;
+
 /// The latest control state read, and when.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct ControlFollower {
     latest: RwLock<Option<(Arc<ControlState>, Instant)>>,
+    on_change: Option<OnChange>,
 }
 
 impl ControlFollower {
+    /// A follower that calls `on_change` for every table whose row changed (and for every table
+    /// at the first read).
+    pub(crate) fn new(on_change: Option<OnChange>) -> ControlFollower {
+        ControlFollower {
+            latest: RwLock::default(),
+            on_change,
+        }
+    }
+
     /// The state as last read; `None` until the control state exists (before `switchyard
     /// prepare` seeded it, the configuration file's phases apply).
     pub(crate) fn state(&self) -> Option<Arc<ControlState>> {
@@ -42,6 +55,9 @@ impl ControlFollower {
                     .and_then(|(s, _)| s.table(&t.table))
                     .is_none_or(|old| old.epoch != t.epoch);
                 if changed {
+                    if let Some(f) = &self.on_change {
+                        f(t);
+                    }
                     tracing::info!(
                         epoch = state.epoch,
                         table = %t.table,

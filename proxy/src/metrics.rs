@@ -307,6 +307,31 @@ impl Metrics {
             .build();
     }
 
+    /// Shadow reads per table in phase `shadow_read` and outcome:
+    /// `switchyard_shadow_reads_total{table,outcome}` (`match`, `mismatch`, `error`, `skipped`).
+    pub fn register_shadow(&self, shadow: Arc<switchyard_dualwrite::shadow::ShadowReads>) {
+        use switchyard_dualwrite::shadow::ShadowOutcome;
+        self.provider
+            .meter("switchyard")
+            .u64_observable_counter("switchyard_shadow_reads")
+            .with_description("Reads also run on NEW and compared with OLD's answer, by outcome")
+            .with_callback(move |o| {
+                for (i, name) in shadow.tables() {
+                    let Some(stats) = shadow.table(i) else { continue };
+                    for outcome in ShadowOutcome::ALL {
+                        o.observe(
+                            stats.count(outcome),
+                            &[
+                                KeyValue::new("table", name.to_owned()),
+                                KeyValue::new("outcome", outcome.as_str()),
+                            ],
+                        );
+                    }
+                }
+            })
+            .build();
+    }
+
     /// The latest drift figures per configured table: `switchyard_drift_rate{table,bound}`
     /// (`bound`: `estimate`, `low`, `high` of the 95% interval; a verify's are all its exact
     /// rate) and `switchyard_drift_age_seconds{table}`, from the most recent result of either

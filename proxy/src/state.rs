@@ -100,6 +100,9 @@ impl ProxyState {
         );
         if let Some(m) = &mirror {
             metrics.register_mirror(Arc::clone(&m.stats));
+            if let Some(shadow) = &m.shadow {
+                metrics.register_shadow(Arc::clone(shadow));
+            }
             tracing::info!(tables = m.tables.len(), "dual writes enabled");
         }
         Ok(ProxyState {
@@ -115,7 +118,21 @@ impl ProxyState {
             fd_limit: raise_fd_limit(),
             auth_failures: LogLimiter::new(10, Duration::from_secs(1)),
             drift,
-            control: Arc::default(),
+            control: Arc::new(ControlFollower::new(mirror.as_ref().map(|m| {
+                let m = Arc::clone(m);
+                let shares: Vec<(String, u8)> = config
+                    .tables
+                    .iter()
+                    .map(|t| (t.name.to_string(), t.shadow_share))
+                    .collect();
+                Box::new(move |t: &switchyard_control::TableControl| {
+                    let share = shares
+                        .iter()
+                        .find(|(n, _)| *n == t.table)
+                        .map_or(100, |(_, s)| *s);
+                    m.follow_phase(&t.table, t.phase, share);
+                }) as crate::control_state::OnChange
+            }))),
             tls: RwLock::new(Arc::new(tls)),
             limits: MessageLimits {
                 max_message_bytes: config.proxy.max_message_bytes,

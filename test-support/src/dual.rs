@@ -193,6 +193,7 @@ impl DualEnv {
                     name: t.name.parse::<TableName>().map_err(anyhow::Error::msg)?,
                     phase: Phase::DualWrite,
                     read_share: 0,
+                    shadow_share: 0,
                     key: t.key.clone(),
                     on_uncaptured: if t.on_uncaptured == "mark_for_verify" {
                         UncapturedPolicy::MarkForVerify

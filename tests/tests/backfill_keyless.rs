@@ -340,6 +340,7 @@ async fn the_capture_boundary_is_kept_by_prepare_and_dropped_with_the_triggers()
         name: "public.events".parse().unwrap(),
         phase: switchyard_config::Phase::Passthrough,
         read_share: 0,
+        shadow_share: 0,
         key: Vec::new(),
         on_uncaptured: switchyard_config::UncapturedPolicy::Refuse,
     }];

@@ -14,6 +14,7 @@ fn settings(name: &str) -> TableSettings {
         name: name.parse::<TableName>().unwrap(),
         phase: Phase::DualWrite,
         read_share: 0,
+        shadow_share: 0,
         key: Vec::new(),
         on_uncaptured: UncapturedPolicy::Refuse,
     }

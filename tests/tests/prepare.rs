@@ -63,6 +63,7 @@ fn table_named(name: TableName, key: &[&str]) -> TableSettings {
         name,
         phase: Phase::DualWrite,
         read_share: 0,
+        shadow_share: 0,
         key: key.iter().map(|k| k.to_string()).collect(),
         on_uncaptured: UncapturedPolicy::Refuse,
     }

@@ -28,7 +28,9 @@ where
                 self.flushed = false;
                 let stmt = match msg {
                     Some(ClientMessage::Parse { statement: name, sql }) => {
-                        let analysis = self.mirror.analyzer.analyze(&String::from_utf8_lossy(sql));
+                        let sql = String::from_utf8_lossy(sql);
+                        let analysis = self.mirror.analyzer.analyze(&sql);
+                        self.shadow_parse(name, &sql, &analysis, &frame);
                         let stmt = match analysis.stmts.as_slice() {
                             [one] => one.stmt.clone(),
                             _ => Stmt::Plain,
@@ -58,6 +60,7 @@ where
                 if let Stmt::Write { .. } = &*stmt {
                     self.begin_if_idle();
                 }
+                self.shadow_bind(portal, statement, &frame);
                 let portal = portal.to_vec();
                 self.send(&frame, Some(Expect::Bind { forward: true }));
                 set_name(&mut self.portals, &portal, stmt);
@@ -77,12 +80,15 @@ where
             }
             b'E' => {
                 self.flushed = false;
-                let stmt = match msg {
-                    Some(ClientMessage::Execute { portal, .. }) => self.portals.get(portal).cloned(),
-                    _ => None,
-                }
-                .unwrap_or_else(|| Arc::new(Stmt::Plain));
-                self.execute(frame, &stmt).await
+                let (stmt, shadow) = match msg {
+                    Some(ClientMessage::Execute { portal, max_rows }) => (
+                        self.portals.get(portal).cloned(),
+                        self.shadow_execute(portal, max_rows),
+                    ),
+                    _ => (None, None),
+                };
+                let stmt = stmt.unwrap_or_else(|| Arc::new(Stmt::Plain));
+                self.execute(frame, &stmt, shadow).await
             }
             b'C' => {
                 self.flushed = false;
@@ -90,8 +96,14 @@ where
                     Some(ClientMessage::Close {
                         target: Target::Statement,
                         name,
-                    }) => self.statements.remove(name),
-                    Some(ClientMessage::Close { name, .. }) => self.portals.remove(name),
+                    }) => {
+                        self.shadow_close(Target::Statement, name);
+                        self.statements.remove(name)
+                    }
+                    Some(ClientMessage::Close { name, .. }) => {
+                        self.shadow_close(Target::Portal, name);
+                        self.portals.remove(name)
+                    }
                     _ => None,
                 };
                 self.send(&frame, Some(Expect::Close { forward: true }));
@@ -159,13 +171,20 @@ where
             forward,
             commit,
             capture,
+            shadow: None,
         });
         self.expect.push_back(Expect::Close { forward: false });
         self.expect.push_back(Expect::Close { forward: false });
         self.flushed = false;
     }
 
-    pub(super) async fn execute(&mut self, frame: Bytes, stmt: &Stmt) -> Result<(), SessionError> {
+    /// An Execute message; `shadow` collects OLD's rows of a shadowed read.
+    pub(super) async fn execute(
+        &mut self,
+        frame: Bytes,
+        stmt: &Stmt,
+        shadow: Option<Box<Capture>>,
+    ) -> Result<(), SessionError> {
         match stmt {
             Stmt::Write { table } => {
                 tracing::trace!(table, "a write to a migrated table");
@@ -203,7 +222,15 @@ where
                     self.refuse_extended(&msg);
                 }
             }
-            Stmt::Plain => self.send(&frame, Some(Expect::exec(true, None))),
+            Stmt::Plain => {
+                let expect = Expect::Execute {
+                    forward: true,
+                    commit: None,
+                    capture: false,
+                    shadow,
+                };
+                self.send(&frame, Some(expect));
+            }
         }
         Ok(())
     }

@@ -57,6 +57,7 @@ mod commit;
 mod copy;
 mod flow;
 mod server;
+mod shadowed;
 mod simple;
 #[cfg(test)]
 mod tests;
@@ -76,7 +77,10 @@ use switchyard_store::capture::{ImageOp, CAPTURE_SQLSTATE};
 use switchyard_store::mirror::ChangeOp;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::sql::{Analysis, Stmt, TxnOp};
+use super::reads::ReadShape;
+use super::shadow::settings::SessionSettings;
+use super::shadow::{Capture, ShadowRequest};
+use super::sql::{Analysis, Analyzed, Stmt, TxnOp};
 use super::stream::ImageStream;
 use super::Mirror;
 use crate::error::SessionError;
@@ -135,12 +139,14 @@ pub trait SessionHost: Send {
 }
 
 /// Settings of one session.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SessionParams {
     /// Size limits of client messages.
     pub limits: MessageLimits,
     /// End the session after this long idle outside a transaction.
     pub idle_timeout: Option<std::time::Duration>,
+    /// The client's startup parameters (the session's settings, replayed for shadow reads).
+    pub startup: Vec<(String, String)>,
 }
 
 /// What the answers to one message sent upstream look like, and what the client sees of them.
@@ -162,12 +168,15 @@ enum Expect {
         commit: Option<CommitWait>,
         /// The capture statement: its image notices are the session's, not the client's.
         capture: bool,
+        /// A shadow read: OLD's rows are collected for the comparison.
+        shadow: Option<Box<Capture>>,
     },
     /// Everything up to and including ReadyForQuery.
     Query {
         forward: bool,
         forward_ready: bool,
         commit: Option<CommitWait>,
+        shadow: Option<Box<Capture>>,
     },
     /// ReadyForQuery.
     Sync { forward: bool },
@@ -181,6 +190,7 @@ impl Expect {
             forward,
             commit,
             capture: false,
+            shadow: None,
         }
     }
 
@@ -189,6 +199,7 @@ impl Expect {
             forward,
             forward_ready,
             commit,
+            shadow: None,
         }
     }
 }
@@ -294,6 +305,12 @@ struct MirrorSession<'a, R, W, H> {
     /// autocommit write is open: the client hears CommandComplete only once both stores
     /// committed, as it would from PostgreSQL.
     hold_client: bool,
+    /// Shadow reads: the session's settings (`None` when no table is in `shadow_read`), and
+    /// the eligible reads among its prepared statements and portals (their Parse, and Bind,
+    /// frames).
+    shadow_settings: Option<SessionSettings>,
+    shadow_statements: HashMap<Vec<u8>, (Arc<ReadShape>, Bytes)>,
+    shadow_portals: HashMap<Vec<u8>, (Arc<ReadShape>, Bytes, Bytes)>,
 }
 
 /// Runs a session in dual-write mode until one side ends: `client` is the client's connection
@@ -313,6 +330,10 @@ where
     W: AsyncWrite + Unpin + Send,
     H: SessionHost,
 {
+    let shadow_settings = mirror
+        .shadow
+        .as_ref()
+        .map(|_| SessionSettings::from_startup(&params.startup));
     let mut s = MirrorSession {
         mirror,
         params,
@@ -338,6 +359,9 @@ where
         captured: Captured::default(),
         pending: None,
         hold_client: false,
+        shadow_settings,
+        shadow_statements: HashMap::new(),
+        shadow_portals: HashMap::new(),
     };
     let result = s.run().await;
     if let Some(p) = s.pending.take() {

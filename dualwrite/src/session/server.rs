@@ -34,6 +34,9 @@ where
             }
             // Asynchronous messages: always the client's.
             b'N' | b'A' | b'S' => {
+                if tag == b'S' {
+                    self.shadow_reported(&frame);
+                }
                 self.to_client.extend_from_slice(&frame);
                 return Ok(());
             }
@@ -79,8 +82,31 @@ where
                 self.to_client.extend_from_slice(&frame);
                 self.expect.pop_front();
             }
-            Expect::Execute { forward, commit, .. } | Expect::Query { forward, commit, .. } => {
+            Expect::Execute {
+                forward,
+                commit,
+                shadow,
+                ..
+            }
+            | Expect::Query {
+                forward,
+                commit,
+                shadow,
+                ..
+            } => {
                 let (forward, commit) = (*forward, *commit);
+                // A shadowed read: OLD's rows are kept as relayed; once complete, compared.
+                let shadowed = match (tag, shadow.as_deref_mut()) {
+                    (b'D', Some(capture)) => {
+                        capture.row(&frame);
+                        None
+                    }
+                    (b'C', Some(_)) => shadow.take(),
+                    _ => None,
+                };
+                if let Some(capture) = shadowed {
+                    self.shadow_completed(capture);
+                }
                 match tag {
                     b'C' | b'I' | b's' if !is_query || tag == b'C' => {
                         // The statement completed.

@@ -19,7 +19,14 @@ where
         }
         let analysis = self.mirror.analyzer.analyze(sql);
         if !analysis.matters() {
-            self.send(&frame, Some(Expect::query(true, true, None)));
+            let shadow = self.shadow_query(sql, &analysis, &frame);
+            let expect = Expect::Query {
+                forward: true,
+                forward_ready: true,
+                commit: None,
+                shadow,
+            };
+            self.send(&frame, Some(expect));
             self.flushed = true;
             return Ok(());
         }

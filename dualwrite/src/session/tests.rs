@@ -134,6 +134,7 @@ fn start(idle_timeout: Option<Duration>) -> Harness {
         let params = SessionParams {
             limits: MessageLimits::default(),
             idle_timeout,
+            startup: Vec::new(),
         };
         let end = relay(
             &engine,

@@ -199,6 +199,7 @@ async fn run_session(
                 switchyard_dualwrite::session::SessionParams {
                     limits: params.limits,
                     idle_timeout: params.idle_timeout,
+                    startup: startup.params.clone(),
                 },
                 (&mut client_rd, &mut client_wr),
                 buf,
