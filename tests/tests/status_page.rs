@@ -54,6 +54,7 @@ async fn the_page_shows_what_status_says_with_a_chart_and_no_errors() {
         name: "public.kv".parse::<TableName>().unwrap(),
         phase: Phase::DualWrite,
         read_share: 0,
+        shadow_share: 100,
         key: Vec::new(),
         on_uncaptured: UncapturedPolicy::Refuse,
     };
