@@ -47,7 +47,7 @@ pub fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptio
 
 /// The URL's TLS settings on sqlx's options, with sqlx's rustls (ring) support. sqlx differs
 /// from libpq (and from the wire-level logins, `tls.rs`) in three ways, documented in
-/// docs/operations.md: `allow` becomes `prefer` (sqlx's `allow` never tries TLS, so a server
+/// the README (TLS toward the stores): `allow` becomes `prefer` (sqlx's `allow` never tries TLS, so a server
 /// that requires TLS would refuse it); `prefer` does not retry in plain text when the server
 /// refuses a login over TLS; `verify-ca` and `verify-full` also trust the public web roots
 /// (webpki-roots) besides `sslrootcert`.
