@@ -317,16 +317,17 @@ impl TestCluster {
         Ok(())
     }
 
-    /// Turns TLS on (`ssl = on`) with the PEM certificate and key at `cert` and `key` (copied
-    /// into the cluster's directory, the key readable by the server only), and returns once a
-    /// new session sees it in force.
+    /// Turns TLS on (`ssl = on`) with the PEM certificate and key at `cert` and `key`, and the
+    /// CAs whose client certificates it accepts at `client_ca` (copied into the cluster's
+    /// directory, readable by the server only), and returns once a new session sees it in force.
     /// <https://www.postgresql.org/docs/current/ssl-tcp.html>
-    pub async fn enable_tls(&self, cert: &Path, key: &Path) -> anyhow::Result<()> {
+    pub async fn enable_tls(&self, cert: &Path, key: &Path, client_ca: &Path) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let mut settings = Vec::new();
         for (src, name, setting) in [
             (cert, "server.crt", "ssl_cert_file"),
             (key, "server.key", "ssl_key_file"),
+            (client_ca, "client-ca.crt", "ssl_ca_file"),
         ] {
             let dst = self.root.join(name);
             std::fs::copy(src, &dst).with_context(|| format!("copying {}", src.display()))?;

@@ -21,26 +21,39 @@ use switchyard_test_support::{
 const LIMIT: Duration = Duration::from_secs(60);
 /// The role the stores' URLs name on the TLS cluster: refused unless encrypted.
 const TLS_USER: &str = "sy_tls";
+/// The role that logs in with a client certificate (`cert` authentication) on the TLS cluster.
+const CERT_USER: &str = "sy_cert";
 /// Debian's self-signed certificate, served by the shared server.
 const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
 
 /// A cluster serving TLS with `certs`' `server` certificate (for `localhost` only, signed by
-/// CA `ca`), where `sy_tls` may only log in over TLS.
+/// CA `ca`), where `sy_tls` may only log in over TLS, and `sy_cert` only with a client
+/// certificate signed by CA `clients` (`certs`' `sy_cert.pem` / `sy_cert.key`).
 async fn tls_cluster(certs: &Certs) -> TestCluster {
     certs.ca("ca");
     certs.ca("other");
     certs.server_for_localhost("server", "ca");
+    certs.ca("clients");
+    certs.leaf(CERT_USER, CERT_USER, "clients", "extendedKeyUsage=clientAuth\n");
     let options = ClusterOptions::default()
+        .hba_first(format!("hostssl all {CERT_USER} 127.0.0.1/32 cert"))
+        .hba_first(format!("host all {CERT_USER} 127.0.0.1/32 reject"))
         .hba_first(format!("hostnossl all {TLS_USER} 127.0.0.1/32 reject"))
         .hba_first(format!("hostssl all {TLS_USER} 127.0.0.1/32 trust"));
     let cluster = TestCluster::start(options).await.unwrap();
     cluster
-        .enable_tls(&certs.path("server.pem"), &certs.path("server.key"))
+        .enable_tls(
+            &certs.path("server.pem"),
+            &certs.path("server.key"),
+            &certs.path("clients.pem"),
+        )
         .await
         .unwrap();
     let admin = cluster.client("postgres").await.unwrap();
     admin
-        .batch_execute(&format!("CREATE ROLE {TLS_USER} LOGIN SUPERUSER"))
+        .batch_execute(&format!(
+            "CREATE ROLE {TLS_USER} LOGIN SUPERUSER; CREATE ROLE {CERT_USER} LOGIN"
+        ))
         .await
         .unwrap();
     cluster
@@ -262,6 +275,20 @@ async fn every_sslmode_and_its_failures() {
         Err(&["invalid peer certificate", "UnknownIssuer"]),
     )
     .await;
+    // A client certificate (sslcert/sslkey), for a server that asks for one.
+    let (cert, key) = (certs.path("sy_cert.pem"), certs.path("sy_cert.key"));
+    let cert_url = |query: &str| url(CERT_USER, "127.0.0.1", port, "postgres", query);
+    both(
+        &cert_url(&format!(
+            "sslmode=require&sslcert={}&sslkey={}",
+            cert.display(),
+            key.display()
+        )),
+        Ok(true),
+    )
+    .await;
+    both(&cert_url("sslmode=require"), Err(&["certificate"])).await;
+
     // The wire login's errors name the store and the URL.
     let e = wire(&at("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={ca}")))
         .await
