@@ -5,108 +5,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{signal, start_proxy_with, Proxy};
-use switchyard_test_support::TestDb;
-
-/// A directory of certificates that removes itself.
-struct Certs(PathBuf);
-
-impl Drop for Certs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl Certs {
-    fn new(label: &str) -> Certs {
-        let dir = std::env::temp_dir().join(format!("sy-tls-{label}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Certs(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(&self.0)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// A CA `name.pem` / `name.key`.
-    fn ca(&self, name: &str) {
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-    }
-
-    /// A certificate `name.pem` / `name.key` for `cn`, signed by CA `ca`, with `extension`.
-    fn leaf(&self, name: &str, cn: &str, ca: &str, extension: &str) {
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ]);
-        std::fs::write(self.path(&format!("{name}.ext")), extension).unwrap();
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-        ]);
-    }
-
-    fn server(&self, name: &str, cn: &str, ca: &str) {
-        self.leaf(name, cn, ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
-    }
-}
+use switchyard_test_support::{Certs, TestDb};
 
 fn start(old: &TestDb, new: &TestDb, tls: &str) -> Proxy {
     let sections = format!("[auth]\nmethod = \"trust\"\n[telemetry]\nlog_level = \"warn\"\n{tls}");

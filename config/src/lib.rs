@@ -22,6 +22,7 @@ mod error;
 mod raw;
 mod resolve;
 mod settings;
+mod store_tls;
 mod store_url;
 mod tables;
 mod users;
@@ -36,6 +37,7 @@ pub use settings::{
     AdminSettings, AuthMethod, AuthSettings, ControlSettings, LogFormat, MirrorFault, MirrorSettings,
     ProxySettings, StoreSettings, TelemetrySettings, TlsMode, TlsSettings,
 };
+pub use store_tls::{SslMode, StoreTls};
 pub use store_url::{Engine, RedactedStoreUrl, StoreUrl};
 pub use tables::{Phase, TableName, TableSettings, UncapturedPolicy, DEFAULT_SHADOW_SHARE};
 pub use url::Url;

@@ -254,32 +254,20 @@ impl<'a> Resolver<'a> {
         }
     }
 
-    /// TLS toward the stores is not built yet: a URL that asks for it is refused rather than
-    /// silently served in plain text.
+    /// TLS toward a PostgreSQL store (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`): what the
+    /// store connections cannot honour is refused here, and the files it names must be readable.
     fn store_tls(&mut self, key: &str, url: &StoreUrl) {
         if url.engine != crate::Engine::Postgres {
             return;
         }
-        match url.param("sslmode") {
-            None | Some("disable" | "allow" | "prefer") => {}
-            Some(mode @ ("require" | "verify-ca" | "verify-full")) => self.problem(
-                key,
-                format!(
-                    "sslmode={mode}: TLS toward the stores is not supported yet, and the proxy would \
-                     connect in plain text; use sslmode=disable (or prefer) until it is"
-                ),
-            ),
-            Some(other) => self.problem(
-                key,
-                format!("unknown sslmode {other:?}; expected disable, allow, prefer, require, verify-ca or verify-full"),
-            ),
-        }
-        for param in ["sslrootcert", "sslcert", "sslkey", "sslcrl"] {
-            if url.param(param).is_some() {
-                self.problem(
-                    key,
-                    format!("{param}: TLS toward the stores is not supported yet; remove it"),
-                );
+        match crate::StoreTls::of(url) {
+            Err(why) => self.problem(key, why),
+            Ok(tls) => {
+                for (param, path) in tls.files() {
+                    if let Err(e) = std::fs::File::open(path) {
+                        self.problem(key, format!("{param} {}: cannot be read: {e}", path.display()));
+                    }
+                }
             }
         }
     }

@@ -114,24 +114,70 @@ fn numeric_ranges() {
     }
 }
 
+/// TLS toward the stores: what cannot be honoured is refused at load, naming the URL key and
+/// the parameter; a named file must be readable; what can be honoured loads.
 #[test]
 fn store_tls_that_cannot_be_honoured_is_refused() {
+    let scratch = Scratch::new();
+    let ca = scratch.write("ca.pem", "not checked at load beyond being readable");
+    let ca = ca.display().to_string();
+    let missing = scratch.dir.join("missing.pem").display().to_string();
     for (query, words) in [
         (
-            "sslmode=require",
-            &["old.url", "sslmode=require", "not supported yet"][..],
+            "sslmode=bogus".to_owned(),
+            vec!["old.url", "unknown sslmode", "verify-full"],
         ),
-        ("sslmode=verify-full", &["old.url", "sslmode=verify-full"][..]),
-        ("sslmode=bogus", &["old.url", "unknown sslmode"][..]),
         (
-            "sslmode=disable&sslrootcert=/x.pem",
-            &["old.url", "sslrootcert"][..],
+            "sslmode=verify-full".to_owned(),
+            vec!["old.url", "sslmode=verify-full needs sslrootcert"],
+        ),
+        (
+            "sslmode=verify-ca".to_owned(),
+            vec!["old.url", "sslmode=verify-ca needs sslrootcert"],
+        ),
+        (
+            format!("sslmode=verify-ca&sslrootcert={missing}"),
+            vec!["old.url", "sslrootcert", "missing.pem", "cannot be read"],
+        ),
+        (
+            "sslrootcert=system".to_owned(),
+            vec!["old.url", "sslrootcert=system", "not supported"],
+        ),
+        (
+            format!("sslmode=disable&sslcrl={ca}"),
+            vec!["old.url", "sslcrl", "not supported"],
+        ),
+        (
+            format!("sslcert={ca}"),
+            vec!["old.url", "sslcert is given without sslkey"],
+        ),
+        (
+            "sslnegotiation=direct".to_owned(),
+            vec!["old.url", "sslnegotiation=direct"],
         ),
     ] {
         let text = MINIMAL.replacen("/old_db\"", &format!("/old_db?{query}\""), 1);
-        assert!(text.contains(query), "the fixture changed: {text}");
+        assert!(text.contains(&query), "the fixture changed: {text}");
         let e = error(&text);
-        assert_mentions(&e, words);
+        assert_mentions(&e, &words);
+    }
+    for query in [
+        "sslmode=disable".to_owned(),
+        "sslmode=allow".to_owned(),
+        "sslmode=prefer".to_owned(),
+        "sslmode=require".to_owned(),
+        format!("sslmode=verify-ca&sslrootcert={ca}"),
+        format!("sslmode=verify-full&sslrootcert={ca}&sslcert={ca}&sslkey={ca}"),
+    ] {
+        let text = MINIMAL.replacen("/new_db\"", &format!("/new_db?{query}\""), 1);
+        assert!(text.contains(&query), "the fixture changed: {text}");
+        let config = Config::from_toml_str(&text, std::collections::HashMap::new())
+            .unwrap_or_else(|e| panic!("{query}: {e}"));
+        let tls = switchyard_config::StoreTls::of(&config.new.url).unwrap();
+        assert_eq!(
+            tls.mode.as_str(),
+            query.trim_start_matches("sslmode=").split('&').next().unwrap()
+        );
     }
 }
 

@@ -18,10 +18,9 @@ use switchyard_pgwire::frame::{take_frame, MessageLimits};
 use switchyard_pgwire::frontend as fe;
 use switchyard_pgwire::startup::CancelKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use switchyard_store::wire::{send_cancel_request, LoginError, LoginOutcome, WireTarget};
+use switchyard_store::wire::{send_cancel_request, LoginError, LoginOutcome, StoreStream, WireTarget};
 use switchyard_store::Role;
 
 /// Why NEW did not do what the mirror asked.
@@ -46,7 +45,8 @@ pub(crate) struct BatchStatement<'a> {
 
 /// A logged-in connection to NEW.
 pub(crate) struct FollowerConn {
-    stream: TcpStream,
+    /// Plain or TLS, as NEW's URL says (`sslmode`).
+    stream: StoreStream,
     buf: BytesMut,
     prepared: HashSet<String>,
     /// Statements parsed by batches whose answers are not read yet.
@@ -100,8 +100,7 @@ impl FollowerConn {
             fe::execute(&mut out, b"", 0);
         }
         fe::sync(&mut out);
-        self.stream.write_all(&out).await?;
-        Ok(())
+        self.write(&out).await
     }
 
     /// Reads the answers of the oldest batch sent with [`Self::send_batch`]: `Ok` when it ran
@@ -123,8 +122,16 @@ impl FollowerConn {
     pub(crate) async fn simple(&mut self, sql: &str) -> Result<u8, LinkError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         fe::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
+        self.write(&out).await?;
         self.until_ready().await
+    }
+
+    /// Writes `out` whole; a TLS stream keeps ciphertext buffered until flushed (TCP flushes
+    /// nothing).
+    async fn write(&mut self, out: &[u8]) -> Result<(), LinkError> {
+        self.stream.write_all(out).await?;
+        self.stream.flush().await?;
+        Ok(())
     }
 
     /// Reads answers up to ReadyForQuery; returns its status, or the first error.

@@ -170,7 +170,7 @@ impl From<switchyard_store::wire::LoginError> for SessionError {
     fn from(e: switchyard_store::wire::LoginError) -> Self {
         use switchyard_store::wire::LoginError;
         match e {
-            LoginError::Refused(message) => SessionError::UpstreamLogin(message),
+            LoginError::Refused(message) | LoginError::Tls(message) => SessionError::UpstreamLogin(message),
             LoginError::Timeout(what) => SessionError::Timeout(what),
             LoginError::Io(e) => SessionError::UpstreamIo(e),
             LoginError::Protocol(e) => SessionError::UpstreamProtocol(e),

@@ -1,14 +1,17 @@
 //! A client connection in plain text or in TLS, and its two halves, one type each whatever the
 //! transport: the relays read and write through them. Plain TCP halves are tokio's owned halves
-//! (no lock between them); TLS halves share the TLS state through `tokio::io::split`.
+//! (no lock between them); TLS halves share the TLS state through `tokio::io::split`. The store
+//! connection's halves are of the same types: plain, or TLS as a client (`sslmode`).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use switchyard_store::wire::StoreStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream as StoreTlsStream;
 use tokio_rustls::server::TlsStream;
 
 /// A client connection.
@@ -23,12 +26,15 @@ pub(crate) enum ClientStream {
 pub(crate) enum NetRead {
     Plain(OwnedReadHalf),
     Tls(ReadHalf<Box<TlsStream<TcpStream>>>),
+    /// A store connection in TLS, the proxy being the TLS client.
+    StoreTls(ReadHalf<Box<StoreTlsStream<TcpStream>>>),
 }
 
 /// The write half of a connection.
 pub(crate) enum NetWrite {
     Plain(OwnedWriteHalf),
     Tls(WriteHalf<Box<TlsStream<TcpStream>>>),
+    StoreTls(WriteHalf<Box<StoreTlsStream<TcpStream>>>),
 }
 
 impl ClientStream {
@@ -53,10 +59,18 @@ impl ClientStream {
     }
 }
 
-/// A store connection's halves (plain TCP).
-pub(crate) fn split_tcp(stream: TcpStream) -> (NetRead, NetWrite) {
-    let (r, w) = stream.into_split();
-    (NetRead::Plain(r), NetWrite::Plain(w))
+/// A store connection's halves: tokio's owned halves in plain text, as a client's.
+pub(crate) fn split_store(stream: StoreStream) -> (NetRead, NetWrite) {
+    match stream {
+        StoreStream::Plain(s) => {
+            let (r, w) = s.into_split();
+            (NetRead::Plain(r), NetWrite::Plain(w))
+        }
+        StoreStream::Tls(s) => {
+            let (r, w) = tokio::io::split(s);
+            (NetRead::StoreTls(r), NetWrite::StoreTls(w))
+        }
+    }
 }
 
 fn detached() -> io::Error {
@@ -76,7 +90,7 @@ impl NetWrite {
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => Ok(0),
                 other => other,
             },
-            NetWrite::Tls(_) => Ok(0),
+            NetWrite::Tls(_) | NetWrite::StoreTls(_) => Ok(0),
         }
     }
 }
@@ -122,6 +136,7 @@ impl AsyncRead for NetRead {
         match self.get_mut() {
             NetRead::Plain(s) => Pin::new(s).poll_read(cx, buf),
             NetRead::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            NetRead::StoreTls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -131,6 +146,7 @@ impl AsyncWrite for NetWrite {
         match self.get_mut() {
             NetWrite::Plain(s) => Pin::new(s).poll_write(cx, buf),
             NetWrite::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            NetWrite::StoreTls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -138,6 +154,7 @@ impl AsyncWrite for NetWrite {
         match self.get_mut() {
             NetWrite::Plain(s) => Pin::new(s).poll_flush(cx),
             NetWrite::Tls(s) => Pin::new(s).poll_flush(cx),
+            NetWrite::StoreTls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -145,6 +162,7 @@ impl AsyncWrite for NetWrite {
         match self.get_mut() {
             NetWrite::Plain(s) => Pin::new(s).poll_shutdown(cx),
             NetWrite::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            NetWrite::StoreTls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -50,6 +50,9 @@ pub struct ClusterOptions {
     /// Further `postgresql.conf` settings, written as `name = 'value'` after
     /// the defaults (so they override them).
     pub settings: Vec<(String, String)>,
+    /// `pg_hba.conf` lines placed before every other line (first match wins), e.g.
+    /// `hostssl all alice 127.0.0.1/32 trust`.
+    pub hba_first: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -58,6 +61,7 @@ impl Default for ClusterOptions {
             max_prepared_transactions: 10,
             max_connections: 100,
             settings: Vec::new(),
+            hba_first: Vec::new(),
         }
     }
 }
@@ -66,6 +70,12 @@ impl ClusterOptions {
     /// Add one `postgresql.conf` setting.
     pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// Add a `pg_hba.conf` line before the others.
+    pub fn hba_first(mut self, line: impl Into<String>) -> Self {
+        self.hba_first.push(line.into());
         self
     }
 }
@@ -307,6 +317,49 @@ impl TestCluster {
         Ok(())
     }
 
+    /// Turns TLS on (`ssl = on`) with the PEM certificate and key at `cert` and `key`, and the
+    /// CAs whose client certificates it accepts at `client_ca` (copied into the cluster's
+    /// directory, readable by the server only), and returns once a new session sees it in force.
+    /// <https://www.postgresql.org/docs/current/ssl-tcp.html>
+    pub async fn enable_tls(&self, cert: &Path, key: &Path, client_ca: &Path) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut settings = Vec::new();
+        for (src, name, setting) in [
+            (cert, "server.crt", "ssl_cert_file"),
+            (key, "server.key", "ssl_key_file"),
+            (client_ca, "client-ca.crt", "ssl_ca_file"),
+        ] {
+            let dst = self.root.join(name);
+            std::fs::copy(src, &dst).with_context(|| format!("copying {}", src.display()))?;
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600))?;
+            self.chown(&dst)?;
+            settings.push(format!(
+                "ALTER SYSTEM SET {setting} = {}",
+                quote_literal(&dst.display().to_string())
+            ));
+        }
+        settings.push("ALTER SYSTEM SET ssl = on".to_owned());
+        let admin = connect(&self.socket_conninfo("postgres")).await?;
+        for sql in settings {
+            admin.batch_execute(&sql).await.with_context(|| sql.clone())?;
+        }
+        admin.batch_execute("SELECT pg_reload_conf()").await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let client = connect(&self.socket_conninfo("postgres")).await?;
+            let on: String = client.query_one("SHOW ssl", &[]).await?.get(0);
+            if on == "on" {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "ssl = on not in force; log:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The last lines of the server log, for error messages.
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
@@ -371,6 +424,9 @@ impl TestCluster {
              local all all trust\n\
              local replication all trust\n",
         );
+        for line in &self.options.hba_first {
+            let _ = writeln!(text, "{line}");
+        }
         for (user, method) in &self.password_users {
             let _ = writeln!(text, "host all \"{user}\" 127.0.0.1/32 {method}");
         }

@@ -18,6 +18,7 @@
 // test loudly, so `expect`/`unwrap`/`panic` are fine here (never in Drop).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod certs;
 pub mod cluster;
 pub mod db;
 pub mod dual;
@@ -25,6 +26,7 @@ pub mod faults;
 pub mod proxy;
 pub mod wire;
 
+pub use certs::Certs;
 pub use cluster::{ClusterOptions, TestCluster};
 pub use db::{sweep_stale, TestDb};
 pub use dual::{DualEnv, DualTable};

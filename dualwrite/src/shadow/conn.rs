@@ -14,10 +14,9 @@ use switchyard_pgwire::backend;
 use switchyard_pgwire::frame::{take_frame, MessageLimits};
 use switchyard_pgwire::frontend::{self as fe, Target};
 use switchyard_pgwire::startup::CancelKey;
-use switchyard_store::wire::{send_cancel_request, LoginOutcome, WireTarget};
+use switchyard_store::wire::{send_cancel_request, LoginOutcome, StoreStream, WireTarget};
 use switchyard_store::Role;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::ShadowRequest;
 
@@ -30,7 +29,7 @@ pub(crate) const MAX_BYTES: usize = 8 << 20;
 pub(crate) type Answer = Result<Vec<Bytes>, String>;
 
 struct ShadowConn {
-    stream: TcpStream,
+    stream: StoreStream,
     buf: BytesMut,
     /// The settings prelude this connection runs under.
     prelude: Option<Arc<str>>,
@@ -157,6 +156,8 @@ impl ShadowConn {
         }
         self.prelude = None;
         self.stream.write_all(&out).await?;
+        // A TLS stream keeps ciphertext until flushed.
+        self.stream.flush().await?;
         if set_up {
             let (settings, _) = self.exchange().await?;
             if let Some(e) = settings.error {

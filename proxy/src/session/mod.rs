@@ -173,7 +173,7 @@ async fn run_session(
     client.flush().await.map_err(SessionError::ClientIo)?;
 
     let (mut client_rd, mut client_wr) = client.into_split().map_err(SessionError::ClientIo)?;
-    let (mut up_rd, mut up_wr) = crate::net::split_tcp(upstream.stream);
+    let (mut up_rd, mut up_wr) = crate::net::split_store(upstream.stream);
     let params = RelayParams {
         limits: state.limits,
         idle_timeout: settings.client_idle_timeout,

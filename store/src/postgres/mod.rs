@@ -1,12 +1,13 @@
 //! PostgreSQL adapter (sqlx).
 
 pub mod catalog;
+mod tls;
 pub mod wire;
 
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use switchyard_config::StoreUrl;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
+use switchyard_config::{SslMode, StoreTls, StoreUrl};
 
 use crate::{FunctionSource, PoolSettings, Role, StoreError};
 
@@ -24,6 +25,8 @@ use crate::{FunctionSource, PoolSettings, Role, StoreError};
 /// applies to, a query the policy would filter fails instead of silently seeing fewer rows (a
 /// repair that read a hidden row as gone would delete it on NEW; a backfill would skip it).
 /// <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-ROW-SECURITY>
+///
+/// TLS as the URL's `sslmode`, `sslrootcert`, `sslcert` and `sslkey` ask ([`tls_options`]).
 pub fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptions {
     let options = PgConnectOptions::new()
         .host(&url.host)
@@ -35,10 +38,46 @@ pub fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptio
             ("default_transaction_isolation", "read committed"),
             ("row_security", "off"),
         ]);
+    let options = tls_options(options, url);
     match &url.password {
         Some(password) => options.password(password),
         None => options,
     }
+}
+
+/// The URL's TLS settings on sqlx's options, with sqlx's rustls (ring) support. sqlx differs
+/// from libpq (and from the wire-level logins, `tls.rs`) in three ways, documented in
+/// the README (TLS toward the stores): `allow` becomes `prefer` (sqlx's `allow` never tries TLS, so a server
+/// that requires TLS would refuse it); `prefer` does not retry in plain text when the server
+/// refuses a login over TLS; `verify-ca` and `verify-full` also trust the public web roots
+/// (webpki-roots) besides `sslrootcert`.
+fn tls_options(options: PgConnectOptions, url: &StoreUrl) -> PgConnectOptions {
+    let tls = match StoreTls::of(url) {
+        Ok(tls) => tls,
+        Err(why) => {
+            // The config refuses such a URL at load; should one get here, fail closed: a
+            // verifying mode with a root certificate file that cannot be read.
+            tracing::error!(url = %url.redacted(), error = %why, "store URL's TLS settings");
+            return options
+                .ssl_mode(PgSslMode::VerifyFull)
+                .ssl_root_cert("/nonexistent/switchyard-invalid-sslrootcert");
+        }
+    };
+    let mode = match tls.mode {
+        SslMode::Disable => PgSslMode::Disable,
+        SslMode::Allow | SslMode::Prefer => PgSslMode::Prefer,
+        SslMode::Require => PgSslMode::Require,
+        SslMode::VerifyCa => PgSslMode::VerifyCa,
+        SslMode::VerifyFull => PgSslMode::VerifyFull,
+    };
+    let mut options = options.ssl_mode(mode);
+    if let Some(root) = &tls.root_cert {
+        options = options.ssl_root_cert(root);
+    }
+    if let Some((cert, key)) = &tls.client_cert {
+        options = options.ssl_client_cert(cert).ssl_client_key(key);
+    }
+    options
 }
 
 /// A PostgreSQL store: a small sqlx pool for the proxy's own queries.

@@ -14,15 +14,16 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use switchyard_config::StoreUrl;
+use switchyard_config::{SslMode, StoreTls, StoreUrl};
 use switchyard_pgwire::backend::{self, Authentication, ServerMessage};
 use switchyard_pgwire::frame::{peek_header, reserve_ahead, MessageLimits};
 use switchyard_pgwire::frontend;
-use switchyard_pgwire::startup::{CancelKey, StartupMessage};
+use switchyard_pgwire::startup::{CancelKey, StartupMessage, SSL_REQUEST_CODE};
 use switchyard_pgwire::ProtocolError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
+pub use super::tls::StoreStream;
 use crate::Role;
 
 /// Why a wire-level login (or a read during it) failed.
@@ -40,6 +41,10 @@ pub enum LoginError {
     /// The server broke the protocol.
     #[error("upstream protocol violation: {0}")]
     Protocol(ProtocolError),
+    /// TLS could not be set up as `sslmode` asks (no TLS on the server, a certificate that
+    /// does not verify, an unreadable file); the message names the store.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Where and as whom the proxy logs in upstream.
@@ -52,7 +57,8 @@ pub struct WireTarget {
 
 /// A logged-in upstream connection.
 pub struct Upstream {
-    pub stream: TcpStream,
+    /// In TLS or in plain text, as the URL's `sslmode` and the server decided.
+    pub stream: StoreStream,
     /// Bytes already read past the startup reply.
     pub buf: BytesMut,
     /// Everything the server sent after AuthenticationOk, up to and including ReadyForQuery.
@@ -94,14 +100,58 @@ impl WireTarget {
             })?
     }
 
+    /// Tries plain text and TLS in libpq's order for the URL's `sslmode`: `prefer` falls back
+    /// to plain text when the server answers `N`, when the handshake fails or when the server
+    /// refuses the login over TLS; `allow` retries in TLS when the server refuses the plain-text
+    /// login. <https://www.postgresql.org/docs/current/libpq-ssl.html#LIBPQ-SSL-PROTECTION>
     async fn connect_inner(
         &self,
         protocol: i32,
         client_params: &[(String, String)],
         keepalive: Option<Duration>,
     ) -> Result<LoginOutcome, LoginError> {
+        let tls = StoreTls::of(&self.url).map_err(|e| self.tls_error(&e))?;
+        let attempt = |encryption| self.attempt(encryption, &tls, protocol, client_params, keepalive);
+        match tls.mode {
+            SslMode::Disable => attempt(Encryption::Plain).await.map(|(o, _)| o),
+            SslMode::Allow => match attempt(Encryption::Plain).await? {
+                (LoginOutcome::Refused(plain), _) => match attempt(Encryption::Required).await {
+                    Ok((outcome, _)) => Ok(outcome),
+                    Err(e) => {
+                        tracing::debug!(store = self.store.name(), error = %e, "sslmode=allow: TLS retry failed");
+                        Ok(LoginOutcome::Refused(plain))
+                    }
+                },
+                (outcome, _) => Ok(outcome),
+            },
+            SslMode::Prefer => match attempt(Encryption::Preferred).await {
+                Ok((LoginOutcome::Refused(in_tls), true)) => match attempt(Encryption::Plain).await {
+                    Ok((outcome, _)) => Ok(outcome),
+                    Err(_) => Ok(LoginOutcome::Refused(in_tls)),
+                },
+                Err(LoginError::Tls(e)) => {
+                    tracing::debug!(store = self.store.name(), error = %e, "sslmode=prefer: TLS failed, plain text");
+                    attempt(Encryption::Plain).await.map(|(o, _)| o)
+                }
+                other => other.map(|(o, _)| o),
+            },
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                attempt(Encryption::Required).await.map(|(o, _)| o)
+            }
+        }
+    }
+
+    /// One connection and login; also says whether it ran in TLS.
+    async fn attempt(
+        &self,
+        encryption: Encryption,
+        tls: &StoreTls,
+        protocol: i32,
+        client_params: &[(String, String)],
+        keepalive: Option<Duration>,
+    ) -> Result<(LoginOutcome, bool), LoginError> {
         let url = &self.url;
-        let mut stream = TcpStream::connect((url.host.as_str(), url.port))
+        let tcp = TcpStream::connect((url.host.as_str(), url.port))
             .await
             .map_err(|e| {
                 LoginError::Refused(format!(
@@ -110,8 +160,63 @@ impl WireTarget {
                     url.redacted()
                 ))
             })?;
-        tune_socket(&stream, keepalive);
+        tune_socket(&tcp, keepalive);
+        let stream = match encryption {
+            Encryption::Plain => StoreStream::Plain(tcp),
+            Encryption::Preferred => self.negotiate_tls(tcp, tls, false).await?,
+            Encryption::Required => self.negotiate_tls(tcp, tls, true).await?,
+        };
+        let encrypted = stream.is_tls();
+        Ok((self.login(stream, protocol, client_params).await?, encrypted))
+    }
 
+    /// Sends an SSLRequest and, when the server answers `S`, does the handshake. `N` leaves the
+    /// connection in plain text, unless TLS is `required`.
+    async fn negotiate_tls(
+        &self,
+        mut tcp: TcpStream,
+        tls: &StoreTls,
+        required: bool,
+    ) -> Result<StoreStream, LoginError> {
+        let (connector, name) = super::tls::connector(tls, &self.url.host).map_err(|e| self.tls_error(&e))?;
+        let mut request = BytesMut::with_capacity(8);
+        request.put_i32(8);
+        request.put_i32(SSL_REQUEST_CODE);
+        tcp.write_all(&request).await.map_err(LoginError::Io)?;
+        // Exactly one byte: anything the server sent after it would have to come inside TLS
+        // (CVE-2021-23222).
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await.map_err(LoginError::Io)?;
+        match answer[0] {
+            b'S' => match connector.connect(name, tcp).await {
+                Ok(stream) => Ok(StoreStream::Tls(Box::new(stream))),
+                Err(e) => Err(self.tls_error(&format!("TLS handshake failed: {e}"))),
+            },
+            b'N' if !required => Ok(StoreStream::Plain(tcp)),
+            b'N' => Err(self.tls_error(&format!(
+                "the server does not support TLS (it answered N to the SSLRequest), and sslmode={} requires it",
+                tls.mode
+            ))),
+            other => Err(self.tls_error(&format!("unexpected answer {other:#04x} to the SSLRequest"))),
+        }
+    }
+
+    fn tls_error(&self, detail: &str) -> LoginError {
+        LoginError::Tls(format!(
+            "TLS with the {} store at {}: {detail}",
+            self.store.name(),
+            self.url.redacted()
+        ))
+    }
+
+    /// The startup message and the authentication exchange on a connected stream.
+    async fn login(
+        &self,
+        mut stream: StoreStream,
+        protocol: i32,
+        client_params: &[(String, String)],
+    ) -> Result<LoginOutcome, LoginError> {
+        let url = &self.url;
         let mut params = vec![
             ("user".to_owned(), url.user.clone()),
             ("database".to_owned(), url.database.clone()),
@@ -132,6 +237,8 @@ impl WireTarget {
         let mut out = BytesMut::with_capacity(256);
         StartupMessage { protocol, params }.encode(&mut out);
         stream.write_all(&out).await.map_err(LoginError::Io)?;
+        // TLS keeps ciphertext buffered until flushed; TCP flushes nothing.
+        stream.flush().await.map_err(LoginError::Io)?;
 
         let limits = MessageLimits::default();
         let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -203,6 +310,7 @@ impl WireTarget {
             }
             if !out.is_empty() {
                 stream.write_all(&out).await.map_err(LoginError::Io)?;
+                stream.flush().await.map_err(LoginError::Io)?;
             }
         }
 
@@ -253,6 +361,15 @@ impl WireTarget {
     fn unexpected(&self, what: &str) -> LoginError {
         LoginError::Refused(format!("unexpected {what} from the {} store", self.store.name()))
     }
+}
+
+/// How one connection attempt encrypts.
+#[derive(Clone, Copy)]
+enum Encryption {
+    Plain,
+    /// TLS if the server accepts the SSLRequest, plain text if it answers `N`.
+    Preferred,
+    Required,
 }
 
 /// Rebuilds a frame from its tag and body (startup replies are few and small).
