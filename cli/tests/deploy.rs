@@ -87,8 +87,20 @@ async fn the_dashboard_queries_only_metrics_the_proxy_exports() {
         "an error to count"
     );
 
-    let (code, metrics) = proxy.admin_get("/metrics").await.unwrap();
-    assert_eq!(code, 200);
+    // The proxy reads the drift figures in the background, at start and then every few seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let metrics = loop {
+        let (code, metrics) = proxy.admin_get("/metrics").await.unwrap();
+        assert_eq!(code, 200);
+        if metrics.contains("switchyard_drift_age_seconds{") {
+            break metrics;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no drift figures exported:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     let exported: BTreeSet<String> = metrics
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
