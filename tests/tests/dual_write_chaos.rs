@@ -1115,7 +1115,14 @@ where
 async fn intents_of_a_dead_proxy_are_repaired_by_another() -> anyhow::Result<()> {
     let env = DualEnv::new("dead_proxy", SCHEMA, tables()).await?;
     let fault = FaultProxy::start(server_of(env.new.url())).await?;
+    // The link is slowed to 150 ms per message below, and C's mirror must reconnect within the
+    // 1.5 s mirror timeout: a TLS handshake's extra round trips (sslmode=prefer, libpq's
+    // default) would not fit. This test is about dead proxies, not TLS: plain text.
     let new_url = env.follower_url_via(fault.addr());
+    let new_url = format!(
+        "{new_url}{}sslmode=disable",
+        if new_url.contains('?') { '&' } else { '?' }
+    );
     // The first proxy never repairs anything: it is the one that dies.
     let doomed = TestProxy::start(&env.proxy_config_with_mirror(
         &new_url,
