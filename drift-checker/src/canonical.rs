@@ -68,7 +68,7 @@ impl RowExprs {
         let extra: Vec<String> = columns
             .iter()
             .filter(|c| !compared.contains(c))
-            .map(|c| crate::table::quote_literal(c))
+            .map(|c| switchyard_store::mirror::escape_literal(c))
             .collect();
         let exact = if extra.is_empty() {
             format!("to_jsonb({alias})::text")
@@ -101,7 +101,7 @@ mod tests {
     fn extra_and_reordered_columns_compare_by_name() {
         let e = RowExprs::new("t", &names(&["v", "added", "id"]), &names(&["id", "v"]));
         assert_eq!(e.fast, r#"ROW(t."id", t."v")::text"#);
-        assert_eq!(e.exact, "(to_jsonb(t) - ARRAY['added']::text[])::text");
+        assert_eq!(e.exact, "(to_jsonb(t) - ARRAY[E'added']::text[])::text");
         let reordered = RowExprs::new("t", &names(&["v", "id"]), &names(&["id", "v"]));
         assert_eq!(reordered.exact, "to_jsonb(t)::text");
         assert_eq!(reordered.fast, r#"ROW(t."id", t."v")::text"#);

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::{AssertSqlSafe, Row};
 use switchyard_config::{Phase, TableName, TableSettings};
+use switchyard_store::mirror::escape_literal;
 use switchyard_store::prepare::INTENTS_TABLE;
 use switchyard_store::{
     effective_key, keys_table_name, quote_ident, quote_table, Role, Store, StoreError, SIDE_SCHEMA,
@@ -393,7 +394,7 @@ impl DriftTable {
             .key
             .iter()
             .zip(&self.key_types)
-            .map(|(k, t)| format!("(k.value ->> {})::{t}::text", quote_literal(k)))
+            .map(|(k, t)| format!("(k.value ->> {})::{t}::text", escape_literal(k)))
             .collect();
         let sql = format!(
             "SELECT DISTINCT {columns} FROM {intents} i \
@@ -486,11 +487,6 @@ fn thin_histogram(bounds: Vec<String>, rows: f32, chunk: u64) -> Option<Vec<Vec<
     }
     let step = ((chunk as f64 / per_bucket.max(1.0)).floor() as usize).max(1);
     Some(bounds.into_iter().step_by(step).map(|b| vec![b]).collect())
-}
-
-/// `'text'`: a string literal (standard conforming strings).
-pub(crate) fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// Turns a query's error on `store` into a [`StoreError`] that says what was being done.
