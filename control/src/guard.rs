@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 use switchyard_config::ControlSettings;
 use switchyard_drift::{wilson, LatestDrift};
+use switchyard_store::backfill_state::BackfillProgress;
 use switchyard_store::{Store, StoreError};
 
 /// What the guard rails look at for one table.
@@ -112,26 +113,45 @@ fn human(d: Duration) -> String {
     }
 }
 
-/// Reads the facts for `table` (`schema.table`): the backfill state and the drift results on
-/// `new`, pending intents and verification marks on `authoritative`. `mirror_deadline` is
-/// the mirror's timeout: an intent older than that is a failed mirror waiting for its repair.
-pub async fn gather(
-    authoritative: &Store,
-    new: &Store,
+/// The facts of `table` (`schema.table`) from what was read of every table: the backfill
+/// progress and the latest drift results on NEW, and what [`authoritative_facts`] read.
+pub fn facts(
     table: &str,
+    backfill: &[BackfillProgress],
+    latest: &[LatestDrift],
+    authoritative: &AuthoritativeFacts,
+) -> Facts {
+    Facts {
+        backfill: backfill
+            .iter()
+            .find(|p| p.table == table)
+            .map(|p| p.status.clone()),
+        drift: latest
+            .iter()
+            .filter(|r| r.table == table)
+            .min_by(|a, b| a.age_seconds.total_cmp(&b.age_seconds))
+            .cloned(),
+        pending_repairs: authoritative.pending_repairs,
+        marked_for_verify: authoritative.marked_for_verify.iter().any(|t| t == table),
+    }
+}
+
+/// What the guard rails read on the authoritative store, for every table at once.
+#[derive(Debug, Clone, Default)]
+pub struct AuthoritativeFacts {
+    /// Intents older than the mirror's deadline (the count is the same for every table: an
+    /// intent may name several).
+    pub pending_repairs: i64,
+    /// The tables marked for a full verify.
+    pub marked_for_verify: Vec<String>,
+}
+
+/// Reads [`AuthoritativeFacts`] on `authoritative`. `mirror_deadline` is the mirror's timeout:
+/// an intent older than that is a failed mirror waiting for its repair.
+pub async fn authoritative_facts(
+    authoritative: &Store,
     mirror_deadline: Duration,
-) -> Result<Facts, StoreError> {
-    let Store::Postgres(pg_new) = new;
-    let backfill = switchyard_store::backfill_state::backfill_progress(pg_new.pool())
-        .await?
-        .into_iter()
-        .find(|p| p.table == table)
-        .map(|p| p.status);
-    let drift = switchyard_drift::latest(new)
-        .await?
-        .into_iter()
-        .filter(|r| r.table == table)
-        .min_by(|a, b| a.age_seconds.total_cmp(&b.age_seconds));
+) -> Result<AuthoritativeFacts, StoreError> {
     let Store::Postgres(pg_auth) = authoritative;
     let failed = |action: &'static str| {
         move |source| StoreError::Query {
@@ -156,20 +176,32 @@ pub async fn gather(
         0
     };
     let marked_for_verify = if authoritative.has_relation("switchyard.switchyard_verify").await? {
-        sqlx::query_scalar("SELECT EXISTS (SELECT FROM switchyard.switchyard_verify WHERE table_name = $1)")
-            .bind(table)
-            .fetch_one(pg_auth.pool())
+        sqlx::query_scalar("SELECT table_name FROM switchyard.switchyard_verify")
+            .fetch_all(pg_auth.pool())
             .await
             .map_err(failed("reading verification marks"))?
     } else {
-        false
+        Vec::new()
     };
-    Ok(Facts {
-        backfill,
-        drift,
+    Ok(AuthoritativeFacts {
         pending_repairs,
         marked_for_verify,
     })
+}
+
+/// Reads the facts for `table` (`schema.table`): the backfill state and the drift results on
+/// `new`, pending intents and verification marks on `authoritative` (see [`facts`]).
+pub async fn gather(
+    authoritative: &Store,
+    new: &Store,
+    table: &str,
+    mirror_deadline: Duration,
+) -> Result<Facts, StoreError> {
+    let Store::Postgres(pg_new) = new;
+    let backfill = switchyard_store::backfill_state::backfill_progress(pg_new.pool()).await?;
+    let latest = switchyard_drift::latest(new).await?;
+    let on_authoritative = authoritative_facts(authoritative, mirror_deadline).await?;
+    Ok(facts(table, &backfill, &latest, &on_authoritative))
 }
 
 #[cfg(test)]

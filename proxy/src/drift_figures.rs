@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use switchyard_control::guard;
 use switchyard_drift::{HistoryPoint, LatestDrift};
 use switchyard_store::backfill_state::BackfillProgress;
 use switchyard_store::Store;
@@ -142,36 +143,46 @@ impl DriftFigures {
 pub(crate) async fn poll_loop(figures: Arc<DriftFigures>, sources: Sources, mut shutdown: Shutdown) {
     let mut last_backfill: Option<Instant> = None;
     loop {
-        match switchyard_drift::latest(&sources.new).await {
-            Ok(results) => figures.set(results),
-            Err(e) => tracing::debug!(error = %e, "cannot read the latest drift results"),
-        }
+        // Read once per round for every table: the drift figures and the backfill progress
+        // serve /status and the guard rails alike.
+        let latest = match switchyard_drift::latest(&sources.new).await {
+            Ok(results) => {
+                figures.set(results.clone());
+                Some(results)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the latest drift results");
+                None
+            }
+        };
         match switchyard_drift::history(&sources.new, HISTORY).await {
             Ok(h) => *figures.history.lock().unwrap_or_else(PoisonError::into_inner) = h,
             Err(e) => tracing::debug!(error = %e, "cannot read the drift history"),
         }
         let Store::Postgres(pg) = &sources.new;
-        match switchyard_store::backfill_state::backfill_progress(pg.pool()).await {
+        let backfill = match switchyard_store::backfill_state::backfill_progress(pg.pool()).await {
             Ok(progress) => {
-                figures.set_backfill(progress, last_backfill.map(|t| t.elapsed()));
+                figures.set_backfill(progress.clone(), last_backfill.map(|t| t.elapsed()));
                 last_backfill = Some(Instant::now());
+                Some(progress)
             }
-            Err(e) => tracing::debug!(error = %e, "cannot read the backfill progress"),
-        }
-        for table in &sources.tables {
-            let facts =
-                switchyard_control::guard::gather(&sources.old, &sources.new, table, sources.mirror_deadline);
-            match facts.await {
-                Ok(f) => {
-                    let refusals = switchyard_control::guard::refusals(&f, &sources.control);
-                    figures
-                        .guards
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(table.clone(), refusals);
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the backfill progress");
+                None
+            }
+        };
+        let on_old = guard::authoritative_facts(&sources.old, sources.mirror_deadline).await;
+        match (latest, backfill, on_old) {
+            (Some(latest), Some(backfill), Ok(on_old)) => {
+                let mut guards = figures.guards.lock().unwrap_or_else(PoisonError::into_inner);
+                for table in &sources.tables {
+                    let f = guard::facts(table, &backfill, &latest, &on_old);
+                    guards.insert(table.clone(), guard::refusals(&f, &sources.control));
                 }
-                Err(e) => tracing::debug!(error = %e, table, "cannot read the guard rails' facts"),
             }
+            (_, _, Err(e)) => tracing::debug!(error = %e, "cannot read the guard rails' facts"),
+            // What NEW could not give was logged above.
+            _ => {}
         }
         tokio::select! {
             () = tokio::time::sleep(POLL) => {}
