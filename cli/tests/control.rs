@@ -4,55 +4,33 @@
 //! `--force` overrides and is recorded, and the admin API's actions need the token.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Write;
-use std::path::PathBuf;
+mod common;
+
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::tempfile_path::TempPath;
+use common::{temp_config, text, BIN};
 use switchyard_test_support::{DualEnv, TestProxy};
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 const TOKEN: &str = "a-test-token-of-some-length";
 
-/// A config file that deletes itself.
-struct TempConfig(PathBuf);
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn config_file(env: &DualEnv) -> TempConfig {
-    let path = std::env::temp_dir().join(format!("sy-cli-control-{}.toml", std::process::id()));
-    let text = format!(
+fn config_file(env: &DualEnv) -> TempPath {
+    temp_config(&format!(
         "[old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n[auth]\nmethod = \"trust\"\n\
          [telemetry]\nlog_level = \"warn\"\n\
          [[tables]]\nname = \"public.kv\"\nphase = \"dual_write\"\n",
         env.old.url(),
         env.new.url()
-    );
-    std::fs::File::create(&path)
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    TempConfig(path)
+    ))
 }
 
-async fn cli(cfg: &TempConfig, args: &[&str]) -> Output {
+async fn cli(cfg: &TempPath, args: &[&str]) -> Output {
     let mut command = Command::new(BIN);
     command.args(args).arg("--config").arg(&cfg.0);
     tokio::task::spawn_blocking(move || command.output().unwrap())
         .await
         .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Waits until `proxy`'s /status shows `public.kv` at `phase` and `share`; returns the epoch.

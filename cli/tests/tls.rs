@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{signal, start_proxy_with, Proxy};
+use common::{signal, start_proxy_with, text, Proxy};
 use switchyard_test_support::{Certs, TestDb};
 
 fn start(old: &TestDb, new: &TestDb, tls: &str) -> Proxy {
@@ -37,14 +37,6 @@ fn psql(proxy: &Proxy, db: &TestDb, conn: &str, command: &str) -> Output {
         .env_remove("PGSSLMODE")
         .output()
         .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The subject of the certificate the proxy serves, as `openssl s_client` sees it.

@@ -3,7 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use switchyard_test_support::TestDb;
@@ -88,4 +88,13 @@ pub fn signal(child: &Child, sig: &str) {
         .status()
         .unwrap();
     assert!(ok.success());
+}
+
+/// A command's stdout and stderr together, for messages and searches.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
