@@ -429,6 +429,13 @@ impl<'a> Resolver<'a> {
             1,
             30 * 86_400,
         );
+        let lease = self.int(
+            "control.read_lease_ms",
+            raw.read_lease_ms,
+            d.read_lease.as_millis() as u64,
+            100,
+            60_000,
+        );
         let max_drift_rate = match raw.max_drift_rate {
             None => d.max_drift_rate,
             Some(r) if (0.0..=1.0).contains(&r) => r,
@@ -444,6 +451,7 @@ impl<'a> Resolver<'a> {
             poll_interval: Duration::from_millis(poll),
             max_drift_rate,
             max_drift_age: Duration::from_secs(age),
+            read_lease: Duration::from_millis(lease),
         }
     }
 

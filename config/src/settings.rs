@@ -302,6 +302,12 @@ pub struct ControlSettings {
     /// 3600).
     #[serde(rename = "max_drift_age_secs", serialize_with = "ser_secs")]
     pub max_drift_age: Duration,
+    /// `read_lease_ms`: how long a proxy may serve reads from NEW after its last check that no
+    /// mirror failure awaits repair (default 2000; checked every half of it). A commit whose
+    /// mirror failed is answered this much later, so no proxy can still serve the stale row
+    /// when the client reads again (`docs/read-shift.md`).
+    #[serde(rename = "read_lease_ms", serialize_with = "ser_ms")]
+    pub read_lease: Duration,
 }
 
 impl Eq for ControlSettings {}
@@ -313,6 +319,7 @@ impl Default for ControlSettings {
             poll_interval: Duration::from_millis(2000),
             max_drift_rate: 0.001,
             max_drift_age: Duration::from_secs(3600),
+            read_lease: Duration::from_millis(2000),
         }
     }
 }

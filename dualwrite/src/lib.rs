@@ -14,6 +14,7 @@ mod repairs;
 mod schema;
 pub mod session;
 pub mod shadow;
+pub mod shift;
 mod sql;
 mod stream;
 mod writers;
@@ -92,6 +93,8 @@ pub struct Mirror {
     pub(crate) failed: Mutex<Vec<i64>>,
     /// Shadow reads, when some table is in phase `shadow_read`.
     pub shadow: Option<Arc<shadow::ShadowReads>>,
+    /// Reads served by the follower, for the tables in phase `read_shift`.
+    pub shift: Arc<shift::ReadShift>,
 }
 
 /// The engine's pool to one store: `switchyard-repair` on the authoritative store,
@@ -137,11 +140,18 @@ impl Mirror {
     /// `shadow_read` starts or stops being shadowed (with its configured `shadow_share`).
     /// Sessions started before the change shadow too: every session keeps the settings a shadow
     /// read needs.
-    pub fn follow_phase(&self, table: &str, phase: Phase, shadow_share: u8) {
-        let (Some(shadow), Some(index)) = (&self.shadow, self.table_index(table)) else {
+    ///
+    /// A table moved into or out of `read_shift`, or whose read share changed, has its reads
+    /// served by NEW for that share of the sessions from their next read on.
+    pub fn follow_phase(&self, table: &str, phase: Phase, shadow_share: u8, read_share: u8) {
+        let Some(index) = self.table_index(table) else {
             return;
         };
-        shadow.set_share(index, (phase == Phase::ShadowRead).then_some(shadow_share));
+        self.shift
+            .set_share(index, (phase == Phase::ReadShift).then_some(read_share));
+        if let Some(shadow) = &self.shadow {
+            shadow.set_share(index, (phase == Phase::ShadowRead).then_some(shadow_share));
+        }
     }
 
     /// Sets up mirroring for the tables in a mirrored phase, from the `roles.authoritative` store
@@ -260,7 +270,25 @@ impl Mirror {
             .enumerate()
             .map(|(i, t)| (t.name.to_string(), i))
             .collect();
+        let read_shares: Vec<Option<u8>> = config
+            .tables
+            .iter()
+            .filter(|t| switchyard_store::prepare::captured_phase(t.phase))
+            .map(|t| (t.phase == Phase::ReadShift).then_some(t.read_share))
+            .collect();
+        let shift = shift::ReadShift::new(
+            names.iter().map(|(n, _)| n.clone()).collect(),
+            config.control.read_lease,
+            (old.clone(), new.clone()),
+            follower_url,
+            roles.follower,
+            config.proxy.connect_timeout,
+        );
+        for (i, share) in read_shares.into_iter().enumerate() {
+            shift.set_share(i, share);
+        }
         let mirror = Arc::new(Mirror {
+            shift,
             capture_sql,
             by_name,
             analyzer: Analyzer::new(MigratedTables::new(&names), writer_set(&writers)),
@@ -440,7 +468,7 @@ impl Mirror {
         intent_id: i64,
         started: Instant,
         cleanup: bool,
-    ) {
+    ) -> bool {
         let committed = match conn {
             None => false,
             Some(mut conn) => {
@@ -479,6 +507,7 @@ impl Mirror {
             self.stats.mirror_failures.fetch_add(1, Relaxed);
             self.note_failed(intent_id);
         }
+        committed
     }
 
     /// OLD did not commit: drop NEW's side.
@@ -687,6 +716,14 @@ impl Mirror {
             done_tx,
             failed: Mutex::new(Vec::new()),
             shadow: None,
+            shift: shift::ReadShift::new(
+                names.iter().map(|(n, _)| n.clone()).collect(),
+                Duration::from_secs(2),
+                (store(Role::Old), store(Role::New)),
+                &url,
+                Role::New,
+                Duration::from_millis(100),
+            ),
         })
     }
 }

@@ -106,10 +106,24 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
                 let stats = m.shadow.as_ref()?.table(m.table_index(&name)?)?;
                 Some(stats.to_json())
             });
+            // Reads served per store, for a table in `read_shift`.
+            let reads = state.mirror.as_ref().and_then(|m| {
+                let (_, c) = m.shift.tables().find(|(n, _)| *n == name)?;
+                Some(json!({
+                    "old": c.old.load(std::sync::atomic::Ordering::Relaxed),
+                    "new": c.new.load(std::sync::atomic::Ordering::Relaxed),
+                    "fallbacks": switchyard_dualwrite::shift::Fallback::ALL
+                        .iter()
+                        .map(|f| (f.as_str().to_owned(), json!(c.fallbacks(*f))))
+                        .collect::<serde_json::Map<_, _>>(),
+                    "lease_held": m.shift.lease_held(),
+                }))
+            });
             json!({
                 "name": t.name.to_string(),
                 "phase": phase.as_str(),
                 "read_share": read_share,
+                "reads": reads,
                 "shadow_share": t.shadow_share,
                 "shadow_reads": shadow_reads,
                 "phase_from": if controlled.is_some() { "control" } else { "config" },

@@ -332,6 +332,57 @@ impl Metrics {
             .build();
     }
 
+    /// Reads of tables in phase `read_shift`, by the store that served them:
+    /// `switchyard_reads_total{table,store}` (`old`, `new`), and those NEW was to serve that
+    /// OLD served instead: `switchyard_read_fallbacks_total{table,reason}` (`error`,
+    /// `unavailable`, `too_large`, `types`); `switchyard_read_lease_held` (1 while this proxy
+    /// may serve reads from NEW).
+    pub fn register_read_shift(&self, shift: Arc<switchyard_dualwrite::shift::ReadShift>) {
+        use switchyard_dualwrite::shift::Fallback;
+        let meter = self.provider.meter("switchyard");
+        let s = Arc::clone(&shift);
+        meter
+            .u64_observable_counter("switchyard_reads")
+            .with_description("Eligible reads of tables in read_shift, by the store that served them")
+            .with_callback(move |o| {
+                for (name, counts) in s.tables() {
+                    for (store, n) in [("old", &counts.old), ("new", &counts.new)] {
+                        o.observe(
+                            n.load(Relaxed),
+                            &[
+                                KeyValue::new("table", name.clone()),
+                                KeyValue::new("store", store),
+                            ],
+                        );
+                    }
+                }
+            })
+            .build();
+        let s = Arc::clone(&shift);
+        meter
+            .u64_observable_counter("switchyard_read_fallbacks")
+            .with_description("Reads NEW was to serve that OLD served instead, by reason")
+            .with_callback(move |o| {
+                for (name, counts) in s.tables() {
+                    for reason in Fallback::ALL {
+                        o.observe(
+                            counts.fallbacks(reason),
+                            &[
+                                KeyValue::new("table", name.clone()),
+                                KeyValue::new("reason", reason.as_str()),
+                            ],
+                        );
+                    }
+                }
+            })
+            .build();
+        meter
+            .u64_observable_gauge("switchyard_read_lease_held")
+            .with_description("1 while this proxy holds the read lease (may serve reads from NEW)")
+            .with_callback(move |o| o.observe(u64::from(shift.lease_held()), &[]))
+            .build();
+    }
+
     /// The latest drift figures per configured table: `switchyard_drift_rate{table,bound}`
     /// (`bound`: `estimate`, `low`, `high` of the 95% interval; a verify's are all its exact
     /// rate) and `switchyard_drift_age_seconds{table}`, from the most recent result of either

@@ -103,6 +103,7 @@ impl ProxyState {
             if let Some(shadow) = &m.shadow {
                 metrics.register_shadow(Arc::clone(shadow));
             }
+            metrics.register_read_shift(Arc::clone(&m.shift));
             tracing::info!(tables = m.tables.len(), "dual writes enabled");
         }
         Ok(ProxyState {
@@ -130,7 +131,7 @@ impl ProxyState {
                         .iter()
                         .find(|(n, _)| *n == t.table)
                         .map_or(100, |(_, s)| *s);
-                    m.follow_phase(&t.table, t.phase, share);
+                    m.follow_phase(&t.table, t.phase, share, t.read_share);
                 }) as crate::control_state::OnChange
             }))),
             tls: RwLock::new(Arc::new(tls)),

@@ -17,6 +17,7 @@ pub mod mirror;
 mod postgres;
 pub mod prepare;
 pub mod repair;
+pub mod stale_reads;
 
 use std::time::Duration;
 

@@ -36,6 +36,9 @@ pub const TABLES_TABLE: &str = "switchyard_tables";
 pub const APPLIED_TABLE: &str = "switchyard_applied";
 /// OLD's intent records, one per mirrored transaction.
 pub const INTENTS_TABLE: &str = "switchyard_intents";
+/// OLD's records of transactions whose mirror failed, for the read lease
+/// (`crate::stale_reads`).
+pub const STALE_READS_TABLE: &str = "switchyard_stale_reads";
 /// OLD's tables awaiting a full verification.
 pub const VERIFY_TABLE: &str = "switchyard_verify";
 
@@ -366,6 +369,10 @@ fn old_side_ddl() -> Vec<Step> {
         (
             format!("GRANT INSERT ON {} TO PUBLIC", side(INTENTS_TABLE)),
             format!("letting every role record intents in {SIDE_SCHEMA}.{INTENTS_TABLE}"),
+        ),
+        create_step(
+            STALE_READS_TABLE,
+            "intent_id bigint PRIMARY KEY, recorded_at timestamptz NOT NULL DEFAULT clock_timestamp()",
         ),
         create_step(
             VERIFY_TABLE,

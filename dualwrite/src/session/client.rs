@@ -10,7 +10,21 @@ where
     W: AsyncWrite + Unpin + Send,
     H: SessionHost,
 {
+    /// A message from the client: held for NEW when it may start or continue a batch NEW
+    /// serves (`served`), else processed for OLD.
     pub(super) async fn client_message(&mut self, tag: u8, frame: Bytes) -> Result<(), SessionError> {
+        if self.held.is_some() {
+            return self.hold_next(tag, frame).await;
+        }
+        if self.may_hold(tag, &frame) {
+            self.held = Some(vec![(tag, frame)]);
+            return Ok(());
+        }
+        self.client_message_for_old(tag, frame).await
+    }
+
+    /// A message from the client, processed for OLD.
+    pub(super) async fn client_message_for_old(&mut self, tag: u8, frame: Bytes) -> Result<(), SessionError> {
         tracing::trace!(tag = %(tag as char), len = frame.len(), expect = self.expect.len(), "client message");
         let body = frame.slice(5..);
         // A malformed message is forwarded as it came: the server refuses it (and ends the
@@ -26,24 +40,8 @@ where
             }
             b'P' => {
                 self.flushed = false;
-                let stmt = match msg {
-                    Some(ClientMessage::Parse { statement: name, sql }) => {
-                        let sql = String::from_utf8_lossy(sql);
-                        let analysis = self.mirror.analyzer.analyze(&sql);
-                        self.shadow_parse(name, &sql, &analysis, &frame);
-                        let stmt = match analysis.stmts.as_slice() {
-                            [one] => one.stmt.clone(),
-                            _ => Stmt::Plain,
-                        };
-                        Some((name.to_vec(), stmt))
-                    }
-                    // Malformed: the server answers it.
-                    _ => None,
-                };
                 self.send(&frame, Some(Expect::Parse { forward: true }));
-                if let Some((name, stmt)) = stmt {
-                    set_name(&mut self.statements, &name, Arc::new(stmt));
-                }
+                self.note_parse(msg, &frame);
                 Ok(())
             }
             b'B' => {
@@ -109,7 +107,10 @@ where
                 self.send(&frame, Some(Expect::Close { forward: true }));
                 Ok(())
             }
-            b'S' => self.sync(frame).await,
+            b'S' => {
+                self.no_hold = false;
+                self.sync(frame).await
+            }
             b'H' => {
                 // The client wants its answers now, even those held for a commit in progress.
                 self.hold_client = false;
@@ -134,6 +135,23 @@ where
                 Ok(())
             }
         }
+    }
+
+    /// What the session keeps of a Parse: the statement's kind, and whether it is a read
+    /// shadow reads and NEW may serve.
+    pub(super) fn note_parse(&mut self, msg: Option<ClientMessage<'_>>, frame: &Bytes) {
+        // Malformed: the server answers it.
+        let Some(ClientMessage::Parse { statement: name, sql }) = msg else {
+            return;
+        };
+        let sql = String::from_utf8_lossy(sql);
+        let analysis = self.mirror.analyzer.analyze(&sql);
+        self.shadow_parse(name, &sql, &analysis, frame);
+        let stmt = match analysis.stmts.as_slice() {
+            [one] => one.stmt.clone(),
+            _ => Stmt::Plain,
+        };
+        set_name(&mut self.statements, name, Arc::new(stmt));
     }
 
     /// Opens a transaction for an autocommit write in an extended-protocol batch.

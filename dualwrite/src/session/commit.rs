@@ -174,11 +174,25 @@ where
                 return Err(SessionError::Injected("after OLD's commit"));
             }
             let cleanup = fault != Some(MirrorFault::AfterNewCommit);
-            self.mirror
+            let mirrored = self
+                .mirror
                 .commit_on_follower(p.conn, p.intent_id, p.started, cleanup)
                 .await;
             if !cleanup {
                 return Err(SessionError::Injected("after NEW's commit"));
+            }
+            if !mirrored {
+                // NEW lacks what OLD committed until the repair: while reads may be served by
+                // NEW, the client hears COMMIT only once no proxy can still serve them
+                // (`crate::shift`).
+                if let Some(wait) = self.mirror.shift.mirror_failed(p.intent_id).await {
+                    tracing::info!(
+                        intent_id = p.intent_id,
+                        wait_ms = wait.as_millis() as u64,
+                        "mirror failed; answering COMMIT after the read lease"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
             }
         } else {
             self.mirror.rollback_on_follower(p.conn).await;

@@ -56,6 +56,7 @@ mod client;
 mod commit;
 mod copy;
 mod flow;
+mod served;
 mod server;
 mod shadowed;
 mod simple;
@@ -311,6 +312,13 @@ struct MirrorSession<'a, R, W, H> {
     shadow_settings: Option<SessionSettings>,
     shadow_statements: HashMap<Vec<u8>, (Arc<ReadShape>, Bytes)>,
     shadow_portals: HashMap<Vec<u8>, (Arc<ReadShape>, Bytes, Bytes)>,
+    /// Read shifting (`served`): the number this session drew (NEW serves its reads of a
+    /// table whose read share is above it), its connection to NEW, the messages of a batch
+    /// held for NEW, and `no_hold` after held messages were let go to OLD (until the Sync).
+    shift_draw: u8,
+    served_conn: Option<crate::shift::ServedConn>,
+    held: Option<Vec<(u8, Bytes)>>,
+    no_hold: bool,
 }
 
 /// Runs a session in dual-write mode until one side ends: `client` is the client's connection
@@ -362,6 +370,10 @@ where
         shadow_settings,
         shadow_statements: HashMap::new(),
         shadow_portals: HashMap::new(),
+        shift_draw: rand::random::<u8>() % 100,
+        served_conn: None,
+        held: None,
+        no_hold: false,
     };
     let result = s.run().await;
     if let Some(p) = s.pending.take() {

@@ -19,6 +19,9 @@ where
         }
         let analysis = self.mirror.analyzer.analyze(sql);
         if !analysis.matters() {
+            if self.serve_query(&frame, &analysis).await? {
+                return Ok(());
+            }
             let shadow = self.shadow_query(sql, &analysis, &frame);
             let expect = Expect::Query {
                 forward: true,

@@ -14,7 +14,7 @@ use switchyard_pgwire::backend;
 use switchyard_pgwire::frame::{take_frame, MessageLimits};
 use switchyard_pgwire::frontend::{self as fe, Target};
 use switchyard_pgwire::startup::CancelKey;
-use switchyard_store::wire::{send_cancel_request, LoginOutcome, StoreStream, WireTarget};
+use switchyard_store::wire::{send_cancel_request, LoginOutcome, StoreStream, Upstream, WireTarget};
 use switchyard_store::Role;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -92,32 +92,53 @@ impl ShadowPool {
     }
 
     async fn connect(&self) -> Result<ShadowConn, String> {
-        let bound = self.timeout.as_millis() + 1000;
-        let params = [
-            ("application_name".to_owned(), "switchyard-shadow".to_owned()),
-            (
-                "options".to_owned(),
-                format!(
-                    "-c default_transaction_read_only=on -c statement_timeout={bound} \
-                     -c idle_in_transaction_session_timeout=60000"
-                ),
-            ),
-        ];
-        match self
-            .target
-            .connect(196_608, &params, self.timeout, Some(Duration::from_secs(30)))
-            .await
-        {
-            Ok(LoginOutcome::Ready(u)) => Ok(ShadowConn {
-                stream: u.stream,
-                buf: u.buf,
-                prelude: None,
-                cancel_key: u.cancel_key,
-            }),
-            Ok(LoginOutcome::Refused(r)) => Err(format!("login refused: {}", r.message)),
-            Err(e) => Err(e.to_string()),
-        }
+        let u = read_only_login(&self.target, "switchyard-shadow", self.timeout, self.timeout).await?;
+        Ok(ShadowConn {
+            stream: u.stream,
+            buf: u.buf,
+            prelude: None,
+            cancel_key: u.cancel_key,
+        })
     }
+}
+
+/// Logs in to `target` for reads only: the server refuses writes and stops a statement a
+/// second after `bound` (the longest the proxy waits for one), whatever the session's
+/// settings replayed later say (see [`prelude_sql`]).
+pub(crate) async fn read_only_login(
+    target: &WireTarget,
+    application_name: &str,
+    bound: Duration,
+    connect_timeout: Duration,
+) -> Result<Upstream, String> {
+    let bound_ms = bound.as_millis() + 1000;
+    let params = [
+        ("application_name".to_owned(), application_name.to_owned()),
+        (
+            "options".to_owned(),
+            format!(
+                "-c default_transaction_read_only=on -c statement_timeout={bound_ms} \
+                 -c idle_in_transaction_session_timeout=60000"
+            ),
+        ),
+    ];
+    match target
+        .connect(196_608, &params, connect_timeout, Some(Duration::from_secs(30)))
+        .await
+    {
+        Ok(LoginOutcome::Ready(u)) => Ok(u),
+        Ok(LoginOutcome::Refused(r)) => Err(format!("login refused: {}", r.message)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The statement that applies a session's settings `prelude` on a read-only connection: the
+/// safety settings last, as the client's own SETs may have changed them.
+pub(crate) fn prelude_sql(prelude: &str) -> String {
+    let mut sql = String::with_capacity(prelude.len() + 80);
+    sql.push_str(prelude);
+    sql.push_str("; SET default_transaction_read_only = on; SET statement_timeout = DEFAULT");
+    sql
 }
 
 /// What one ReadyForQuery-terminated exchange gave: the DataRows and the first error.
@@ -135,11 +156,7 @@ impl ShadowConn {
         let mut out = BytesMut::with_capacity(1024);
         let set_up = self.prelude.as_ref() != Some(prelude);
         if set_up {
-            // The safety settings last: the client's own SETs may have changed them.
-            let mut sql = String::with_capacity(prelude.len() + 80);
-            sql.push_str(prelude);
-            sql.push_str("; SET default_transaction_read_only = on; SET statement_timeout = DEFAULT");
-            fe::query(&mut out, &sql);
+            fe::query(&mut out, &prelude_sql(prelude));
         }
         match request {
             ShadowRequest::Simple { query } => out.extend_from_slice(query),

@@ -10,7 +10,7 @@
 //! is in `docs/drift.md`, "Shadow reads".
 
 mod compare;
-mod conn;
+pub(crate) mod conn;
 pub(crate) mod settings;
 
 use std::collections::VecDeque;
