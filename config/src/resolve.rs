@@ -429,6 +429,13 @@ impl<'a> Resolver<'a> {
             1,
             30 * 86_400,
         );
+        let window = self.int(
+            "control.unconfigured_write_window_secs",
+            raw.unconfigured_write_window_secs,
+            d.unconfigured_write_window.as_secs(),
+            30,
+            7 * 86_400,
+        );
         let max_drift_rate = match raw.max_drift_rate {
             None => d.max_drift_rate,
             Some(r) if (0.0..=1.0).contains(&r) => r,
@@ -444,6 +451,7 @@ impl<'a> Resolver<'a> {
             poll_interval: Duration::from_millis(poll),
             max_drift_rate,
             max_drift_age: Duration::from_secs(age),
+            unconfigured_write_window: Duration::from_secs(window),
         }
     }
 

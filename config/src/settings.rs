@@ -302,6 +302,10 @@ pub struct ControlSettings {
     /// 3600).
     #[serde(rename = "max_drift_age_secs", serialize_with = "ser_secs")]
     pub max_drift_age: Duration,
+    /// `unconfigured_write_window_secs`: how far back cutover looks for writes to tables that
+    /// are not configured (they would be left behind on OLD; default 300).
+    #[serde(rename = "unconfigured_write_window_secs", serialize_with = "ser_secs")]
+    pub unconfigured_write_window: Duration,
 }
 
 impl Eq for ControlSettings {}
@@ -313,6 +317,7 @@ impl Default for ControlSettings {
             poll_interval: Duration::from_millis(2000),
             max_drift_rate: 0.001,
             max_drift_age: Duration::from_secs(3600),
+            unconfigured_write_window: Duration::from_secs(300),
         }
     }
 }

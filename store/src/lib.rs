@@ -11,12 +11,15 @@
 
 pub mod backfill_state;
 pub mod capture;
+pub mod cleanup;
 mod error;
 pub mod intent;
 pub mod mirror;
 mod postgres;
 pub mod prepare;
 pub mod repair;
+pub mod sequences;
+pub mod table_writes;
 
 use std::time::Duration;
 
