@@ -150,13 +150,29 @@ pub(crate) fn cleanup(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
             Role::Old => [&new, &old],
             Role::New => [&old, &new],
         };
+        // A dry run on both first: a refusal on either leaves both as they were.
+        let mut refusals = Vec::new();
+        for store in order {
+            match remove_side_objects(store, false).await {
+                Ok(_) => {}
+                Err(e @ CleanupError::Dependents { .. }) => refusals.push(e.to_string()),
+                Err(CleanupError::Store(e)) => return Err(e),
+            }
+        }
+        if !refusals.is_empty() {
+            return Ok(Err(refusals));
+        }
         let mut reports = Vec::new();
         for store in order {
-            match remove_side_objects(store).await {
+            match remove_side_objects(store, true).await {
                 Ok(r) => reports.push(r),
-                Err(CleanupError::Dependents { store, objects }) => {
-                    let refusal = CleanupError::Dependents { store, objects }.to_string();
-                    return Ok(Err(vec![refusal]));
+                // Created between the dry run and now.
+                Err(e @ CleanupError::Dependents { .. }) => {
+                    let done: Vec<&str> = reports.iter().map(|r: &CleanupReport| r.store).collect();
+                    return Ok(Err(vec![format!(
+                        "{e}; the stores cleaned before it ({}) stay cleaned: run again once it is resolved",
+                        done.join(", ")
+                    )]));
                 }
                 Err(CleanupError::Store(e)) => return Err(e),
             }

@@ -351,18 +351,24 @@ async fn cleanup_is_refused_before_done_and_then_leaves_nothing_on_either_store(
         .execute_batch("UPDATE switchyard.switchyard_control SET phase = 'done'")
         .await
         .unwrap();
-    // A user's view over Switchyard's drift results would go with the schema: refused, named.
-    env.new
-        .execute_batch("CREATE VIEW public.drift_seen AS SELECT * FROM switchyard.switchyard_drift")
+    // A user's view over Switchyard's intents on OLD would go with the schema: refused, named,
+    // and NEW (cleaned first) is left as it was too.
+    env.old
+        .execute_batch("CREATE VIEW public.intents_seen AS SELECT * FROM switchyard.switchyard_intents")
         .await
         .unwrap();
     let out = cli(&cfg, &["cleanup"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("view drift_seen"), "{}", text(&out));
+    assert!(
+        text(&out).contains("OLD store: objects outside schema switchyard"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("view intents_seen"), "{}", text(&out));
     assert_eq!(switchyard_objects(&env.new).await, before.1);
     assert_eq!(switchyard_objects(&env.old).await, before.0);
-    env.new
-        .execute_batch("DROP VIEW public.drift_seen")
+    env.old
+        .execute_batch("DROP VIEW public.intents_seen")
         .await
         .unwrap();
 

@@ -104,8 +104,10 @@ const SCHEMA_EXISTS_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE
 
 /// Drops Switchyard's triggers from user tables, then the [`SIDE_SCHEMA`] schema and all it
 /// holds, in one transaction on `store`; refuses ([`CleanupError::Dependents`]) when objects
-/// outside the schema depend on it. Idempotent: without the schema, does nothing.
-pub async fn remove_side_objects(store: &Store) -> Result<CleanupReport, CleanupError> {
+/// outside the schema depend on it. Idempotent: without the schema, does nothing. With `apply`
+/// false the transaction is rolled back: the report says what would be removed (a dry run, to
+/// check every store before changing any).
+pub async fn remove_side_objects(store: &Store, apply: bool) -> Result<CleanupReport, CleanupError> {
     let Store::Postgres(pg) = store;
     let failed = |action: &'static str| crate::mirror::failed(store.role().as_str(), action);
     let mut report = CleanupReport {
@@ -180,6 +182,10 @@ pub async fn remove_side_objects(store: &Store) -> Result<CleanupReport, Cleanup
         .execute(&mut *tx)
         .await
         .map_err(failed("dropping the side schema"))?;
-    tx.commit().await.map_err(failed("committing the cleanup"))?;
+    if apply {
+        tx.commit().await.map_err(failed("committing the cleanup"))?;
+    } else {
+        tx.rollback().await.map_err(failed("rolling back the dry run"))?;
+    }
     Ok(report)
 }
