@@ -57,9 +57,8 @@ pub(crate) fn run(
             force,
         };
         let name = table.to_string();
-        let deadline = config.mirror.timeout;
         let changed = switchyard_control::change(&authoritative, &request, &config.control, || {
-            switchyard_control::guard::gather(&authoritative, &new, &name, deadline)
+            switchyard_control::guard::gather(&authoritative, &new, &name, &config)
         })
         .await?;
         anyhow::Ok(changed)

@@ -5,6 +5,7 @@
 
 mod control;
 mod drift;
+mod finish;
 mod signals;
 mod telemetry;
 
@@ -130,6 +131,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set the sequences the configured tables use (serial, identity, `nextval` defaults) past
+    /// the authoritative store's on the other store: to its value plus a margin of increments,
+    /// never moving one back. Run it before NEW takes writes (OLD to NEW) and before a rollback
+    /// to OLD (NEW to OLD). Exit 0 when done, 1 when a sequence could not be set (missing on
+    /// the target, out of range), 2 when it could not be tried.
+    Sequences {
+        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The store whose sequences are ahead. Default: the authoritative store per the
+        /// control state (NEW once a table is in cutover or done), else OLD.
+        #[arg(long, value_enum)]
+        from: Option<finish::Side>,
+        /// Increments added to the source's value (values it may hand out meanwhile).
+        #[arg(long, default_value_t = switchyard_store::sequences::DEFAULT_MARGIN)]
+        margin: u32,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove everything Switchyard created (the `switchyard` schema with its side tables,
+    /// tombstones, intents, backfill, drift and control state, and the capture triggers on
+    /// the migrated tables) from both stores, once every configured table is `done` in the
+    /// control state; refused otherwise (exit 1, nothing removed). Running it again is
+    /// harmless. Exit 2 when it could not be tried. There is no --force: before `done` these
+    /// objects are what makes a rollback lossless.
+    Cleanup {
+        /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show every configured table's phase and backfill progress (read from NEW).
     Status {
         /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
@@ -204,6 +239,13 @@ fn main() -> ExitCode {
             json,
         ),
         Command::Drift { action } => drift::run(action),
+        Command::Sequences {
+            config,
+            from,
+            margin,
+            json,
+        } => finish::sequences(&config, from, margin, json),
+        Command::Cleanup { config, json } => finish::cleanup(&config, json),
     };
     match result {
         Ok(code) => code,

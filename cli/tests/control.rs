@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::tempfile_path::TempPath;
-use common::{temp_config, text, BIN};
+use common::{cli, temp_config, text};
 use switchyard_test_support::{DualEnv, TestProxy};
 
 const TOKEN: &str = "a-test-token-of-some-length";
@@ -23,14 +22,6 @@ fn config_file(env: &DualEnv) -> TempPath {
         env.old.url(),
         env.new.url()
     ))
-}
-
-async fn cli(cfg: &TempPath, args: &[&str]) -> Output {
-    let mut command = Command::new(BIN);
-    command.args(args).arg("--config").arg(&cfg.0);
-    tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap()
 }
 
 /// Waits until `proxy`'s /status shows `public.kv` at `phase` and `share`; returns the epoch.

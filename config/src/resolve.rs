@@ -436,6 +436,13 @@ impl<'a> Resolver<'a> {
             100,
             60_000,
         );
+        let window = self.int(
+            "control.unconfigured_write_window_secs",
+            raw.unconfigured_write_window_secs,
+            d.unconfigured_write_window.as_secs(),
+            30,
+            7 * 86_400,
+        );
         let max_drift_rate = match raw.max_drift_rate {
             None => d.max_drift_rate,
             Some(r) if (0.0..=1.0).contains(&r) => r,
@@ -452,6 +459,7 @@ impl<'a> Resolver<'a> {
             max_drift_rate,
             max_drift_age: Duration::from_secs(age),
             read_lease: Duration::from_millis(lease),
+            unconfigured_write_window: Duration::from_secs(window),
         }
     }
 

@@ -308,6 +308,10 @@ pub struct ControlSettings {
     /// when the client reads again (`docs/read-shift.md`).
     #[serde(rename = "read_lease_ms", serialize_with = "ser_ms")]
     pub read_lease: Duration,
+    /// `unconfigured_write_window_secs`: how far back cutover looks for writes to tables that
+    /// are not configured (they would be left behind on OLD; default 300).
+    #[serde(rename = "unconfigured_write_window_secs", serialize_with = "ser_secs")]
+    pub unconfigured_write_window: Duration,
 }
 
 impl Eq for ControlSettings {}
@@ -320,6 +324,7 @@ impl Default for ControlSettings {
             max_drift_rate: 0.001,
             max_drift_age: Duration::from_secs(3600),
             read_lease: Duration::from_millis(2000),
+            unconfigured_write_window: Duration::from_secs(300),
         }
     }
 }

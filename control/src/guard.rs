@@ -3,13 +3,17 @@
 //!
 //! [`refusals`] is a pure function of the facts gathered from the stores ([`Facts`]) and the
 //! thresholds (`[control]`), so every rule is unit-tested here; [`gather`] reads the facts.
+//! Entering `cutover` has one more rail ([`cutover_refusals`]): no table outside the
+//! configuration written on the authoritative store within `unconfigured_write_window_secs`
+//! (it would be left behind; see `switchyard_store::table_writes`).
 
 use std::time::Duration;
 
 use serde::Serialize;
-use switchyard_config::ControlSettings;
+use switchyard_config::{Config, ControlSettings};
 use switchyard_drift::{wilson, LatestDrift};
 use switchyard_store::backfill_state::BackfillProgress;
+use switchyard_store::table_writes::UnconfiguredWrites;
 use switchyard_store::{Store, StoreError};
 
 /// What the guard rails look at for one table.
@@ -25,6 +29,64 @@ pub struct Facts {
     pub pending_repairs: i64,
     /// Whether an uncaptured write marked the table for a full verify.
     pub marked_for_verify: bool,
+    /// Tables outside the configuration written recently on the authoritative store (for
+    /// cutover); `None` when not read.
+    pub unconfigured_writes: Option<UnconfiguredWrites>,
+}
+
+/// Why entering `cutover` may not happen now: every rail of [`refusals`], and
+/// [`unconfigured_refusals`].
+pub fn cutover_refusals(facts: &Facts, settings: &ControlSettings) -> Vec<String> {
+    let mut out = refusals(facts, settings);
+    out.extend(unconfigured_refusals(facts.unconfigured_writes.as_ref()));
+    out
+}
+
+/// Cutover moves only the configured tables: refused while a table that is not configured was
+/// written within the window (one refusal per table, with its writes), and while the window has
+/// not been observed (no write-counter snapshot that old yet; `None` counts as never observed).
+pub fn unconfigured_refusals(writes: Option<&UnconfiguredWrites>) -> Vec<String> {
+    const HOW: &str =
+        "keep a proxy running (it records the authoritative store's write counters every 30 s), \
+                       or override with --force";
+    let Some(w) = writes else {
+        return vec![format!(
+            "writes to tables that are not configured have not been observed yet: no write-counter snapshot \
+             exists on the authoritative store; {HOW}"
+        )];
+    };
+    let window = Duration::from_secs_f64(w.window_secs.max(0.0));
+    let Some(observed) = w.observed_secs else {
+        return vec![format!(
+            "writes to tables that are not configured have not been observed yet (unconfigured_write_window_secs \
+             {}): no write-counter snapshot exists on the authoritative store; {HOW}",
+            window.as_secs()
+        )];
+    };
+    let observed = Duration::from_secs_f64(observed.max(0.0));
+    let mut out: Vec<String> = w
+        .tables
+        .iter()
+        .map(|t| {
+            format!(
+                "table {} is not configured but was written in the last {} ({} rows inserted, updated or deleted): \
+                 it would be left behind; add it to [[tables]] (and prepare and backfill it) or stop writing it",
+                t.table,
+                human(observed),
+                t.writes
+            )
+        })
+        .collect();
+    if observed < window {
+        out.push(format!(
+            "writes to tables that are not configured have been observed for only {} of the {} window \
+             (unconfigured_write_window_secs); wait {} more: {HOW}",
+            human(observed),
+            human(window),
+            human(window.saturating_sub(observed))
+        ));
+    }
+    out
 }
 
 /// Why the change may not happen now; empty when every guard rail passes.
@@ -133,6 +195,7 @@ pub fn facts(
             .cloned(),
         pending_repairs: authoritative.pending_repairs,
         marked_for_verify: authoritative.marked_for_verify.iter().any(|t| t == table),
+        unconfigured_writes: authoritative.unconfigured_writes.clone(),
     }
 }
 
@@ -144,6 +207,24 @@ pub struct AuthoritativeFacts {
     pub pending_repairs: i64,
     /// The tables marked for a full verify.
     pub marked_for_verify: Vec<String>,
+    /// Tables outside the configuration written recently ([`unconfigured_writes`]); `None`
+    /// when not read.
+    pub unconfigured_writes: Option<UnconfiguredWrites>,
+}
+
+/// The tables of `authoritative` outside `config`'s `[[tables]]` written within its
+/// `[control] unconfigured_write_window_secs` (see [`unconfigured_refusals`]).
+pub async fn unconfigured_writes(
+    authoritative: &Store,
+    config: &Config,
+) -> Result<UnconfiguredWrites, StoreError> {
+    let configured: Vec<_> = config.tables.iter().map(|t| t.name.clone()).collect();
+    switchyard_store::table_writes::unconfigured_writes(
+        authoritative,
+        &configured,
+        config.control.unconfigured_write_window,
+    )
+    .await
 }
 
 /// Reads [`AuthoritativeFacts`] on `authoritative`. `mirror_deadline` is the mirror's timeout:
@@ -186,21 +267,24 @@ pub async fn authoritative_facts(
     Ok(AuthoritativeFacts {
         pending_repairs,
         marked_for_verify,
+        unconfigured_writes: None,
     })
 }
 
 /// Reads the facts for `table` (`schema.table`): the backfill state and the drift results on
-/// `new`, pending intents and verification marks on `authoritative` (see [`facts`]).
+/// `new`, pending intents, verification marks and writes to tables outside `config` on
+/// `authoritative` (see [`facts`]); the mirror's deadline and the window are `config`'s.
 pub async fn gather(
     authoritative: &Store,
     new: &Store,
     table: &str,
-    mirror_deadline: Duration,
+    config: &Config,
 ) -> Result<Facts, StoreError> {
     let Store::Postgres(pg_new) = new;
     let backfill = switchyard_store::backfill_state::backfill_progress(pg_new.pool()).await?;
     let latest = switchyard_drift::latest(new).await?;
-    let on_authoritative = authoritative_facts(authoritative, mirror_deadline).await?;
+    let mut on_authoritative = authoritative_facts(authoritative, config.mirror.timeout).await?;
+    on_authoritative.unconfigured_writes = Some(unconfigured_writes(authoritative, config).await?);
     Ok(facts(table, &backfill, &latest, &on_authoritative))
 }
 
@@ -231,6 +315,11 @@ mod tests {
             drift: Some(sample(5000, 0, 10.0)),
             pending_repairs: 0,
             marked_for_verify: false,
+            unconfigured_writes: Some(UnconfiguredWrites {
+                observed_secs: Some(400.0),
+                window_secs: 300.0,
+                tables: Vec::new(),
+            }),
         }
     }
 
@@ -282,6 +371,67 @@ mod tests {
             ..ready()
         });
         assert!(r.contains("marked for a full verify"), "{r}");
+    }
+
+    #[test]
+    fn cutover_is_refused_while_unconfigured_tables_are_written_or_unobserved() {
+        use switchyard_store::table_writes::TableWrites;
+        let s = ControlSettings::default();
+        assert!(cutover_refusals(&ready(), &s).is_empty());
+        let written = Facts {
+            unconfigured_writes: Some(UnconfiguredWrites {
+                observed_secs: Some(400.0),
+                window_secs: 300.0,
+                tables: vec![TableWrites {
+                    table: "public.audit".to_owned(),
+                    writes: 12,
+                }],
+            }),
+            ..ready()
+        };
+        // Raising a read share does not look at other tables.
+        assert!(refusals(&written, &s).is_empty());
+        let r = cutover_refusals(&written, &s);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(
+            r[0].contains("table public.audit is not configured") && r[0].contains("12 rows"),
+            "{}",
+            r[0]
+        );
+        for unobserved in [
+            None,
+            Some(UnconfiguredWrites {
+                window_secs: 300.0,
+                ..UnconfiguredWrites::default()
+            }),
+        ] {
+            let r = cutover_refusals(
+                &Facts {
+                    unconfigured_writes: unobserved,
+                    ..ready()
+                },
+                &s,
+            );
+            assert_eq!(r.len(), 1, "{r:?}");
+            assert!(
+                r[0].contains("not been observed yet") && r[0].contains("--force"),
+                "{}",
+                r[0]
+            );
+        }
+        let short = Facts {
+            unconfigured_writes: Some(UnconfiguredWrites {
+                observed_secs: Some(60.0),
+                window_secs: 300.0,
+                tables: Vec::new(),
+            }),
+            ..ready()
+        };
+        let r = cutover_refusals(&short, &s);
+        assert!(
+            r.len() == 1 && r[0].contains("observed for only 60 s of the 5 min window"),
+            "{r:?}"
+        );
     }
 
     #[test]

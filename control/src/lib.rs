@@ -16,7 +16,7 @@ pub mod guard;
 
 use serde::Serialize;
 use switchyard_config::{Config, ControlSettings, Phase, TableName};
-use switchyard_store::{Store, StoreError};
+use switchyard_store::{Role, Store, StoreError};
 
 /// The notification channel proxies listen on; the payload is the new epoch.
 pub const CHANNEL: &str = "switchyard_control";
@@ -237,8 +237,8 @@ pub struct Request<'a> {
 }
 
 /// Makes `request` on the authoritative `store` in one transaction, after its guard rails:
-/// raising the read share, and entering `cutover`, need every rail of [`guard::refusals`] to
-/// pass under `thresholds` (`facts` reads them while the control state is locked), unless
+/// raising the read share, and entering `cutover`, need every rail of [`guard::refusals`] (for
+/// cutover, [`guard::cutover_refusals`]) to pass under `thresholds` (`facts` reads them while the control state is locked), unless
 /// `force`, which is recorded with the refusals it overrode.
 pub async fn change<F, Fut>(
     store: &Store,
@@ -302,7 +302,11 @@ where
     };
     let mut overridden = Vec::new();
     if guarded {
-        let reasons = guard::refusals(&facts().await?, thresholds);
+        let facts = facts().await?;
+        let reasons = match target {
+            Target::Phase(Phase::Cutover) => guard::cutover_refusals(&facts, thresholds),
+            _ => guard::refusals(&facts, thresholds),
+        };
         if !reasons.is_empty() && !force {
             return Err(ControlError::Refused { table: name, reasons });
         }
@@ -364,6 +368,53 @@ where
         epoch,
         overridden,
     })
+}
+
+/// The control state of a migration wherever it is: read on both stores, the one with the
+/// larger epoch wins (at cutover the authoritative store changes, and a copy left on the other
+/// is older). `None` when neither store has one.
+pub async fn locate(old: &Store, new: &Store) -> Result<Option<(Role, ControlState)>, StoreError> {
+    let on_old = read(old).await?;
+    let on_new = read(new).await?;
+    Ok(match (on_old, on_new) {
+        (Some(o), Some(n)) if n.epoch > o.epoch => Some((Role::New, n)),
+        (Some(o), _) => Some((Role::Old, o)),
+        (None, Some(n)) => Some((Role::New, n)),
+        (None, None) => None,
+    })
+}
+
+/// The store `state` makes authoritative: NEW once a table is in `cutover` or `done` (the
+/// configured tables move together), OLD before.
+pub fn authoritative(state: &ControlState) -> Role {
+    let moved = state
+        .tables
+        .iter()
+        .any(|t| matches!(t.phase, Phase::Cutover | Phase::Done));
+    if moved {
+        Role::New
+    } else {
+        Role::Old
+    }
+}
+
+/// The configured tables that are not `done` in `state`, each with its phase, as reasons to
+/// refuse what needs the migration finished (`switchyard cleanup`).
+pub fn not_done(config: &Config, state: &ControlState) -> Vec<String> {
+    config
+        .tables
+        .iter()
+        .filter_map(|t| {
+            let name = t.name.to_string();
+            match state.table(&name) {
+                Some(c) if c.phase == Phase::Done => None,
+                Some(c) => Some(format!("table {name} is in {}, not done", c.phase)),
+                None => Some(format!(
+                    "table {name} is not in the control state (run `switchyard prepare`)"
+                )),
+            }
+        })
+        .collect()
 }
 
 /// `config` with each table's phase and read share taken from `state` where it has the table:

@@ -94,6 +94,7 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
             let read_share = controlled.map_or(t.read_share, |c| c.read_share);
             let table_backfill = backfill.iter().find(|b| b.progress.table == name);
             let refusals = state.drift.refusals(&name);
+            let cutover_refusals = state.drift.cutover_refusals(&name);
             let next = next_step(
                 &name,
                 phase,
@@ -142,6 +143,8 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
                     "checked": refusals.is_some(),
                     "pass": refusals.as_ref().is_some_and(Vec::is_empty),
                     "refusals": refusals.unwrap_or_default(),
+                    // Entering cutover: the same rails, and no unconfigured table written lately.
+                    "cutover_refusals": cutover_refusals.unwrap_or_default(),
                 },
                 "next": {"action": next.0, "command": next.1},
             })
@@ -293,10 +296,9 @@ async fn act(
     if let Err(e) = seeded {
         return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     }
-    let deadline = state.config.mirror.timeout;
     let table = name.to_string();
     let result = switchyard_control::change(authoritative, &request, &state.config.control, || {
-        switchyard_control::guard::gather(authoritative, &state.new_store, &table, deadline)
+        switchyard_control::guard::gather(authoritative, &state.new_store, &table, &state.config)
     })
     .await;
     match result {

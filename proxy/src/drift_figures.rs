@@ -1,7 +1,9 @@
 //! What the proxy reads from the stores for `/status`, the status page and the metrics, every
 //! [`POLL`]: the latest drift results and their history (`switchyard drift sample|verify|watch`
 //! record them on NEW), each table's backfill progress (with rows per second between two reads)
-//! and whether the guard rails of the next phase pass.
+//! and whether the guard rails of the next phase pass. Each round also records a snapshot of
+//! OLD's write counters (at most every 30 s, whichever proxy comes first) for the cutover rail
+//! on tables that are not configured (`switchyard_store::table_writes`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 use switchyard_control::guard;
 use switchyard_drift::{HistoryPoint, LatestDrift};
 use switchyard_store::backfill_state::BackfillProgress;
-use switchyard_store::Store;
+use switchyard_store::{table_writes, Store};
 
 use crate::shutdown::{Shutdown, ShutdownState};
 
@@ -25,9 +27,15 @@ pub(crate) struct DriftFigures {
     history: Mutex<Vec<HistoryPoint>>,
     /// Each table's backfill progress, with rows read per second since the previous read.
     backfill: Mutex<Vec<Backfill>>,
-    /// Per table, why raising its read share (or cutting over) would be refused now.
+    /// Per table, why raising its read share would be refused now.
     guards: Mutex<BTreeMap<String, Vec<String>>>,
+    /// Per table, why entering cutover would be refused now (the same, and writes to tables
+    /// that are not configured).
+    cutover_guards: Mutex<BTreeMap<String, Vec<String>>>,
 }
+
+/// The shortest history of write-counter snapshots kept.
+const WRITES_HISTORY: Duration = Duration::from_secs(3600);
 
 /// Results per table kept for the chart.
 pub(crate) const HISTORY: i64 = 50;
@@ -48,6 +56,8 @@ pub(crate) struct Sources {
     pub(crate) old: Store,
     pub(crate) new: Store,
     pub(crate) tables: Vec<String>,
+    /// The configured tables (the others' writes refuse cutover).
+    pub(crate) configured: Vec<switchyard_config::TableName>,
     pub(crate) mirror_deadline: Duration,
     pub(crate) control: switchyard_config::ControlSettings,
 }
@@ -73,6 +83,15 @@ impl DriftFigures {
     /// first read.
     pub(crate) fn refusals(&self, table: &str) -> Option<Vec<String>> {
         self.guards
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(table)
+            .cloned()
+    }
+
+    /// Why entering cutover with `table` would be refused now; `None` before the first read.
+    pub(crate) fn cutover_refusals(&self, table: &str) -> Option<Vec<String>> {
+        self.cutover_guards
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(table)
@@ -171,13 +190,30 @@ pub(crate) async fn poll_loop(figures: Arc<DriftFigures>, sources: Sources, mut 
                 None
             }
         };
-        let on_old = guard::authoritative_facts(&sources.old, sources.mirror_deadline).await;
+        let window = sources.control.unconfigured_write_window;
+        // Enough history for the window, and for a CLI whose window is longer than ours.
+        let keep = (window * 2).max(WRITES_HISTORY);
+        if let Err(e) = table_writes::record_table_writes(&sources.old, keep).await {
+            tracing::debug!(error = %e, "cannot record the write counters");
+        }
+        let mut on_old = guard::authoritative_facts(&sources.old, sources.mirror_deadline).await;
+        if let Ok(facts) = &mut on_old {
+            match table_writes::unconfigured_writes(&sources.old, &sources.configured, window).await {
+                Ok(w) => facts.unconfigured_writes = Some(w),
+                Err(e) => tracing::debug!(error = %e, "cannot read the write counters"),
+            }
+        }
         match (latest, backfill, on_old) {
             (Some(latest), Some(backfill), Ok(on_old)) => {
                 let mut guards = figures.guards.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut cutover = figures
+                    .cutover_guards
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 for table in &sources.tables {
                     let f = guard::facts(table, &backfill, &latest, &on_old);
                     guards.insert(table.clone(), guard::refusals(&f, &sources.control));
+                    cutover.insert(table.clone(), guard::cutover_refusals(&f, &sources.control));
                 }
             }
             (_, _, Err(e)) => tracing::debug!(error = %e, "cannot read the guard rails' facts"),

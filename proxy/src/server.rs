@@ -137,6 +137,7 @@ async fn serve(
             old: state.old_store.clone(),
             new: state.new_store.clone(),
             tables: state.config.tables.iter().map(|t| t.name.to_string()).collect(),
+            configured: state.config.tables.iter().map(|t| t.name.clone()).collect(),
             mirror_deadline: state.config.mirror.timeout,
             control: state.config.control.clone(),
         },

@@ -11,6 +11,7 @@
 
 pub mod backfill_state;
 pub mod capture;
+pub mod cleanup;
 mod error;
 pub mod intent;
 pub mod mirror;
@@ -18,6 +19,8 @@ mod postgres;
 pub mod prepare;
 pub mod repair;
 pub mod stale_reads;
+pub mod sequences;
+pub mod table_writes;
 
 use std::time::Duration;
 

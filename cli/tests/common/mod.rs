@@ -90,6 +90,15 @@ pub fn signal(child: &Child, sig: &str) {
     assert!(ok.success());
 }
 
+/// Runs `switchyard ARGS... --config CFG` off the async runtime.
+pub async fn cli(cfg: &tempfile_path::TempPath, args: &[&str]) -> Output {
+    let mut command = Command::new(BIN);
+    command.args(args).arg("--config").arg(&cfg.0);
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
 /// A command's stdout and stderr together, for messages and searches.
 pub fn text(out: &Output) -> String {
     format!(
