@@ -35,7 +35,8 @@ use serde::Serialize;
 pub use error::{ConfigError, Problem};
 pub use settings::{
     AdminSettings, AuthMethod, AuthSettings, ControlSettings, LogFormat, MirrorFault, MirrorSettings,
-    ProxySettings, StoreSettings, TelemetrySettings, TlsMode, TlsSettings,
+    OtherDatabases, ProxySettings, StoreSettings, TelemetrySettings, TlsMode, TlsSettings, UpstreamLogin,
+    DEFAULT_AUTH_QUERY,
 };
 pub use store_tls::{SslMode, StoreTls};
 pub use store_url::{Engine, RedactedStoreUrl, StoreUrl};
