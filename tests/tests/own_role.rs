@@ -408,3 +408,32 @@ async fn a_dual_write_table_written_as_the_clients_role_is_mirrored() -> anyhow:
     drop(role);
     Ok(())
 }
+
+/// md5 all the way: the users file holds only the role's md5 secret, and the server's md5
+/// challenge is answered from it (the challenge needs md5(password || user), which the secret
+/// is), so no plaintext password is stored for md5 either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_md5_secret_answers_an_md5_server() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await?;
+    cluster.set_password_auth("md5", "dave", "dave-pw").await?;
+    let new = TestDb::create("own_role_md5").await?;
+    let dir = TempDir::new("own-role-md5")?;
+    let users = dir.write(
+        "users.toml",
+        &format!(
+            "[[users]]\nname = \"dave\"\nsecret = \"{}\"\n",
+            md5_secret("dave-pw", "dave")
+        ),
+    )?;
+    let mut config = ProxyConfig::passthrough(&cluster.url("postgres"), new.url()).with_auth("md5", &users);
+    config.admin = false;
+    let proxy = TestProxy::start(&config).await?;
+    let c = connect(proxy.port(), "dave", "dave-pw", "postgres").await?;
+    let me: String = c.query_one("SELECT current_user::text", &[]).await?.get(0);
+    assert_eq!(me, "dave");
+    assert_eq!(
+        code(connect(proxy.port(), "dave", "nope", "postgres").await).0,
+        "28P01"
+    );
+    Ok(())
+}

@@ -107,6 +107,15 @@ mod tests {
     // "md5" + md5(SECRET_POSTGRES[3:].encode() + bytes([1, 2, 3, 4])).hexdigest()
     const RESPONSE_1234: &str = "md5bb41a296aab6baccb36ff243a562abff";
 
+    /// The proxy answers a server's md5 challenge from the stored secret alone.
+    #[test]
+    fn response_from_the_secret_is_the_clients() {
+        assert_eq!(
+            md5_response_from_secret(SECRET_POSTGRES, [1, 2, 3, 4]),
+            RESPONSE_1234
+        );
+    }
+
     #[test]
     fn secret_matches_known_value() {
         assert_eq!(md5_secret("secret", "postgres"), SECRET_POSTGRES);

@@ -141,6 +141,7 @@ async fn run_session(
             user: &user,
             database,
             credential: credential.as_wire(),
+            of_url: false,
         },
         UpstreamLogin::Service => Login {
             database,

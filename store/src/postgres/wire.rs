@@ -62,6 +62,9 @@ pub struct Login<'a> {
     pub database: &'a str,
     /// What answers the server's authentication request.
     pub credential: Credential<'a>,
+    /// Whether this is the URL's own login ([`WireTarget::url_login`]): a missing password is
+    /// then the URL's to fix.
+    pub of_url: bool,
 }
 
 /// What answers a server's authentication request during a [`Login`].
@@ -150,6 +153,7 @@ impl WireTarget {
                 .password
                 .as_deref()
                 .map_or(Credential::None, Credential::Password),
+            of_url: true,
         }
     }
 
@@ -482,7 +486,7 @@ impl WireTarget {
     /// The server asks `login` for `what`, which its credential cannot give.
     fn no_credential(&self, login: &Login<'_>, what: &str) -> LoginError {
         let store = self.store.name();
-        if login.user == self.url.user && matches!(login.credential, Credential::None) {
+        if login.of_url {
             return LoginError::NoCredential(format!(
                 "the {store} store asks for a password but {} has none",
                 self.url.redacted()
