@@ -282,6 +282,8 @@ async fn scram_key_reuse_with_secrets_fetched_by_auth_query() -> anyhow::Result<
 
     // The secrets are neither in /status nor in the resolved configuration.
     let (_, status) = proxy.admin_get("/status").await?;
+    let shown: serde_json::Value = serde_json::from_str(&status)?;
+    assert_eq!(shown["upstream_login"], "client");
     let printed = serde_json::to_string(&proxy.config)?;
     for user in ["alice", "bob"] {
         let secret = old.secret_of(user).await?;
