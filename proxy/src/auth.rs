@@ -75,6 +75,13 @@ pub(crate) enum ClientCredential {
 }
 
 impl ClientCredential {
+    fn from_md5_source(source: &Md5Source) -> ClientCredential {
+        match source {
+            Md5Source::Password(p) => ClientCredential::Password(p.clone()),
+            Md5Source::Secret(s) => ClientCredential::Md5Secret(s.clone()),
+        }
+    }
+
     /// The same, as the wire login takes it.
     pub(crate) fn as_wire(&self) -> Credential<'_> {
         match self {
@@ -110,13 +117,16 @@ impl ClientAuth {
         let mut verifiers = HashMap::new();
         for entry in &users.users {
             let verifier = match (method, &entry.credential) {
-                (AuthMethod::Trust, _) => continue,
-                (AuthMethod::Md5, UserCredential::Password(p)) => {
+                // Under trust nothing is checked, but a password (or md5 secret) in the users
+                // file still serves the upstream login as the client, as PgBouncer's auth_file
+                // does.
+                (AuthMethod::Trust | AuthMethod::Md5, UserCredential::Password(p)) => {
                     Verifier::Md5(Md5Source::Password(p.clone()))
                 }
-                (AuthMethod::Md5, UserCredential::Md5Secret(s)) => {
+                (AuthMethod::Trust | AuthMethod::Md5, UserCredential::Md5Secret(s)) => {
                     Verifier::Md5(Md5Source::Secret(s.clone()))
                 }
+                (AuthMethod::Trust, UserCredential::ScramSecret(_)) => continue,
                 (AuthMethod::ScramSha256, UserCredential::Password(p)) => Verifier::Scram {
                     secret: ScramSecret::generate(p)
                         .map_err(|e| format!("users file: user \"{}\": {e}", entry.name))?,
@@ -184,7 +194,10 @@ impl ClientAuth {
         };
         let verifier = self.users.get(user).or(fetched.as_ref());
         let proven = match self.method {
-            AuthMethod::Trust => Some(ClientCredential::None),
+            AuthMethod::Trust => Some(match verifier {
+                Some(Verifier::Md5(source)) => ClientCredential::from_md5_source(source),
+                _ => ClientCredential::None,
+            }),
             AuthMethod::Md5 => self.md5(stream, buf, user, verifier, limits).await?,
             AuthMethod::ScramSha256 => {
                 self.scram(stream, buf, user, verifier, limits, channel_binding)
@@ -220,10 +233,7 @@ impl ClientAuth {
         let response = frontend::parse_password(&body)?;
         match verifier {
             Some(Verifier::Md5(source)) if verify_md5_response(source, user, salt, response) => {
-                Ok(Some(match source {
-                    Md5Source::Password(p) => ClientCredential::Password(p.clone()),
-                    Md5Source::Secret(s) => ClientCredential::Md5Secret(s.clone()),
-                }))
+                Ok(Some(ClientCredential::from_md5_source(source)))
             }
             _ => Ok(None),
         }

@@ -330,6 +330,20 @@ async fn scram_key_reuse_with_the_roles_secret_in_the_users_file() -> anyhow::Re
     let md5_proxy = TestProxy::start(&config).await?;
     let (refused, message) = code(connect(md5_proxy.port(), "alice", "alice-pw", DB).await);
     assert_eq!(refused, "28000", "{message}");
+
+    // trust toward the client: the users file's password still proves the role upstream; a
+    // role without one there cannot be proven.
+    let users = dir.write(
+        "trust.toml",
+        "[[users]]\nname = \"alice\"\npassword = \"alice-pw\"\n",
+    )?;
+    let mut config = ProxyConfig::passthrough(&old.old_url(), old.new.url()).with_auth("trust", &users);
+    config.admin = false;
+    let trust_proxy = TestProxy::start(&config).await?;
+    let c = connect(trust_proxy.port(), "alice", "", DB).await?;
+    assert_eq!(view(&c).await[0], "alice alice");
+    let (refused, message) = code(connect(trust_proxy.port(), "bob", "", DB).await);
+    assert_eq!(refused, "28000", "{message}");
     Ok(())
 }
 
