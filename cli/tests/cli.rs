@@ -241,7 +241,8 @@ async fn sighup_reloads_users_and_log_level_and_survives_a_bad_file() {
     let log = std::fs::File::create(&log_path).unwrap();
     let sections = |level: &str| {
         format!(
-            "[auth]\nmethod = \"scram-sha-256\"\nusers_file = \"{}\"\n[telemetry]\nlog_format = \"json\"\nlog_level = \"{level}\"\n",
+            // `app` is no role on the server: every client logs in upstream as the URL's user.
+            "[auth]\nmethod = \"scram-sha-256\"\nusers_file = \"{}\"\nupstream_login = \"service\"\n[telemetry]\nlog_format = \"json\"\nlog_level = \"{level}\"\n",
             users.0.display()
         )
     };

@@ -35,7 +35,8 @@ use serde::Serialize;
 pub use error::{ConfigError, Problem};
 pub use settings::{
     AdminSettings, AuthMethod, AuthSettings, ControlSettings, LogFormat, MirrorFault, MirrorSettings,
-    ProxySettings, StoreSettings, TelemetrySettings, TlsMode, TlsSettings,
+    OtherDatabases, ProxySettings, StoreSettings, TelemetrySettings, TlsMode, TlsSettings, UpstreamLogin,
+    DEFAULT_AUTH_QUERY,
 };
 pub use store_tls::{SslMode, StoreTls};
 pub use store_url::{Engine, RedactedStoreUrl, StoreUrl};
@@ -155,12 +156,17 @@ impl Config {
     pub fn changes_needing_restart(&self, newer: &Config) -> Vec<&'static str> {
         let mut telemetry = newer.telemetry.clone();
         telemetry.log_level.clone_from(&self.telemetry.log_level);
-        let checks: [(&'static str, bool); 10] = [
+        let checks: [(&'static str, bool); 12] = [
             ("proxy", self.proxy != newer.proxy),
             ("old", self.old != newer.old),
             ("new", self.new != newer.new),
             ("auth.method", self.auth.method != newer.auth.method),
             ("auth.users_file", self.auth.users_file != newer.auth.users_file),
+            (
+                "auth.upstream_login",
+                self.auth.upstream_login != newer.auth.upstream_login,
+            ),
+            ("auth.auth_query", self.auth.auth_query != newer.auth.auth_query),
             ("telemetry", self.telemetry != telemetry),
             ("mirror", self.mirror != newer.mirror),
             ("control", self.control != newer.control),

@@ -38,6 +38,7 @@ pub(crate) struct RawProxy {
     pub tcp_keepalive_secs: Option<i64>,
     pub shutdown_grace_secs: Option<i64>,
     pub worker_threads: Option<i64>,
+    pub other_databases: Option<String>,
 }
 
 /// `[old]` and `[new]`.
@@ -53,6 +54,9 @@ pub(crate) struct RawStore {
 pub(crate) struct RawAuth {
     pub method: Option<String>,
     pub users_file: Option<String>,
+    pub upstream_login: Option<String>,
+    pub auth_lookup: Option<String>,
+    pub auth_query: Option<String>,
 }
 
 /// `[telemetry]`.

@@ -13,8 +13,8 @@ use crate::raw::{
     RawAdmin, RawAuth, RawConfig, RawControl, RawMirror, RawProxy, RawStore, RawTable, RawTelemetry, RawTls,
 };
 use crate::settings::{
-    AdminSettings, AuthMethod, AuthSettings, ControlSettings, MirrorSettings, ProxySettings, StoreSettings,
-    TelemetrySettings, TlsMode, TlsSettings,
+    AdminSettings, AuthMethod, AuthSettings, ControlSettings, MirrorSettings, OtherDatabases, ProxySettings,
+    StoreSettings, TelemetrySettings, TlsMode, TlsSettings, UpstreamLogin, DEFAULT_AUTH_QUERY,
 };
 use crate::store_url::StoreUrl;
 use crate::tables::{Phase, TableName, TableSettings, UncapturedPolicy, DEFAULT_SHADOW_SHARE};
@@ -189,7 +189,34 @@ impl<'a> Resolver<'a> {
             tcp_keepalive: (keepalive > 0).then(|| Duration::from_secs(keepalive)),
             shutdown_grace: Duration::from_secs(grace),
             worker_threads: usize::try_from(workers).unwrap_or(0),
+            other_databases: self
+                .choice(
+                    "proxy.other_databases",
+                    raw.other_databases,
+                    &[
+                        ("passthrough", OtherDatabases::Passthrough),
+                        ("refuse", OtherDatabases::Refuse),
+                    ],
+                )
+                .unwrap_or_default(),
         }
+    }
+
+    /// One of `choices` by its name, the first one when absent; `None` (and a problem naming
+    /// every choice) for any other value.
+    fn choice<T: Copy>(&mut self, key: &str, value: Option<String>, choices: &[(&str, T)]) -> Option<T> {
+        let Some(value) = value else {
+            return choices.first().map(|(_, c)| *c);
+        };
+        let found = choices.iter().find(|(name, _)| *name == value).map(|(_, c)| *c);
+        if found.is_none() {
+            let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+            self.problem(
+                key,
+                format!("unknown value {value:?}; expected one of {}", names.join(", ")),
+            );
+        }
+        found
     }
 
     fn socket_addr(&mut self, key: &str, s: &str) -> Option<SocketAddr> {
@@ -288,12 +315,43 @@ impl<'a> Resolver<'a> {
             Some(s) => Some(self.base_dir.join(s)),
             None => None,
         };
+        let upstream_login = self.choice(
+            "auth.upstream_login",
+            raw.upstream_login,
+            &[
+                ("client", UpstreamLogin::Client),
+                ("service", UpstreamLogin::Service),
+            ],
+        );
+        let lookup = self.choice(
+            "auth.auth_lookup",
+            raw.auth_lookup,
+            &[("off", false), ("old", true)],
+        );
+        let auth_query = match (lookup, raw.auth_query) {
+            (Some(true), None) => Some(DEFAULT_AUTH_QUERY.to_owned()),
+            (Some(true), Some(q)) if !q.contains("$1") => {
+                self.problem(
+                    "auth.auth_query",
+                    "must take the user name as its parameter $1 (and return the name and the secret)",
+                );
+                None
+            }
+            (Some(true), Some(q)) => Some(q),
+            (_, Some(_)) => {
+                self.problem("auth.auth_query", "is set but auth_lookup is not \"old\"");
+                None
+            }
+            (_, None) => None,
+        };
         let users = match (&users_file, method) {
             (None, Some(AuthMethod::Trust)) => UsersFile::default(),
+            // Every user is looked up on the store.
+            (None, Some(_)) if auth_query.is_some() => UsersFile::default(),
             (None, Some(method)) => {
                 self.problem(
                     "auth.users_file",
-                    format!("missing; auth method {method} needs a users file (or set method = \"trust\")"),
+                    format!("missing; auth method {method} needs a users file, or auth_lookup = \"old\" (or set method = \"trust\")"),
                 );
                 return None;
             }
@@ -305,6 +363,8 @@ impl<'a> Resolver<'a> {
             method: method?,
             users_file,
             users,
+            upstream_login: upstream_login?,
+            auth_query,
         })
     }
 

@@ -54,6 +54,22 @@ pub struct ProxySettings {
     /// listening socket (`SO_REUSEPORT`) and every session on one thread; 0 (the default) =
     /// one per available CPU.
     pub worker_threads: usize,
+    /// `other_databases`: what a client naming a database other than the authoritative store's
+    /// gets (default `passthrough`).
+    pub other_databases: OtherDatabases,
+}
+
+/// `[proxy] other_databases`: clients that name another database of the same server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtherDatabases {
+    /// A plain relay to that database on the same server (host, port and TLS settings of the
+    /// store's URL), with the login `[auth] upstream_login` says; nothing in it is migrated
+    /// (no dual writes, no read shifting). The default.
+    #[default]
+    Passthrough,
+    /// FATAL 3D000, as if the database did not exist.
+    Refuse,
 }
 
 impl Default for ProxySettings {
@@ -70,6 +86,7 @@ impl Default for ProxySettings {
             tcp_keepalive: Some(Duration::from_secs(60)),
             shutdown_grace: Duration::from_secs(30),
             worker_threads: 0,
+            other_databases: OtherDatabases::Passthrough,
         }
     }
 }
@@ -139,6 +156,34 @@ pub struct AuthSettings {
     /// The users read from `users_file` and checked against `method`; empty
     /// when there is no users file.
     pub users: UsersFile,
+    /// `upstream_login` (default `client`): as whom sessions log in to the store.
+    pub upstream_login: UpstreamLogin,
+    /// `auth_lookup = "old"` with `auth_query`: the query that fetches the secret of a user the
+    /// users file does not list, run on the authoritative store with its URL's login; `None`
+    /// (`auth_lookup = "off"`, the default) when users come from the users file only.
+    pub auth_query: Option<String>,
+}
+
+/// PgBouncer's default `auth_query`: the user's name and secret from `pg_shadow`
+/// (readable by superusers only, so the URL's user must be one, or the query must call a
+/// `SECURITY DEFINER` function instead).
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1";
+
+/// `[auth] upstream_login`: as whom a session logs in to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamLogin {
+    /// As the client's own role (the default): `current_user`, grants, row-level security,
+    /// per-role settings and connection limits are the client's, as with a direct connection.
+    /// The proxy proves it with the client's plaintext password from the users file, or with
+    /// the SCRAM keys recovered from the client's own SCRAM exchange (the secret must be the
+    /// role's secret on the store), or with nothing when the store does not ask (trust).
+    #[default]
+    Client,
+    /// Every session as the user of the store's URL, whoever the client is: the proxy's users
+    /// get that user's rights. For a deployment where the URL's user is an unprivileged
+    /// application role.
+    Service,
 }
 
 /// `[telemetry] log_format`.

@@ -436,3 +436,19 @@ fn file_errors_name_the_file() {
         &[&path.display().to_string(), "line 10", "proxy.lisen"],
     );
 }
+
+#[test]
+fn bad_upstream_login_and_auth_lookup_values() {
+    let stores = "[old]\nurl = \"postgres://u@127.0.0.1:5432/old_db\"\n[new]\nurl = \"postgres://u@127.0.0.1:5432/new_db\"\n";
+    let auth = |lines: &str| error(&format!("{stores}[auth]\n{lines}\n"));
+    let e = auth("method = \"trust\"\nupstream_login = \"admin\"");
+    assert_mentions(&e, &["auth.upstream_login", "client", "service"]);
+    let e = error(&with("[proxy]\nother_databases = \"maybe\""));
+    assert_mentions(&e, &["proxy.other_databases", "passthrough", "refuse"]);
+    let e = auth("method = \"trust\"\nauth_query = \"SELECT 1\"");
+    assert_mentions(&e, &["auth.auth_query", "auth_lookup"]);
+    let e = auth("method = \"scram-sha-256\"\nauth_lookup = \"old\"\nauth_query = \"SELECT usename, passwd FROM pg_shadow\"");
+    assert_mentions(&e, &["auth.auth_query", "$1"]);
+    let e = auth("method = \"md5\"");
+    assert_mentions(&e, &["auth.users_file", "auth_lookup"]);
+}

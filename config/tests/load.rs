@@ -279,3 +279,34 @@ fn example_config_loads() {
     assert_eq!(c.proxy, ProxySettings::default());
     assert_eq!(c.telemetry, TelemetrySettings::default());
 }
+
+#[test]
+fn upstream_login_other_databases_and_auth_lookup() {
+    const STORES: &str = "[old]\nurl = \"postgres://u@127.0.0.1:5432/old_db\"\n[new]\nurl = \"postgres://u@127.0.0.1:5432/new_db\"\n";
+    use switchyard_config::{OtherDatabases, UpstreamLogin, DEFAULT_AUTH_QUERY};
+    let c = parse(MINIMAL);
+    assert_eq!(c.auth.upstream_login, UpstreamLogin::Client);
+    assert_eq!(c.auth.auth_query, None);
+    assert_eq!(c.proxy.other_databases, OtherDatabases::Passthrough);
+
+    let c = parse(&format!(
+        "{STORES}[proxy]\nother_databases = \"refuse\"\n[auth]\nmethod = \"trust\"\nupstream_login = \"service\"\n"
+    ));
+    assert_eq!(c.auth.upstream_login, UpstreamLogin::Service);
+    assert_eq!(c.proxy.other_databases, OtherDatabases::Refuse);
+
+    // SCRAM with no users file: every user is looked up on the store, with PgBouncer's query
+    // unless another is given.
+    let c = parse(&format!(
+        "{STORES}[auth]\nmethod = \"scram-sha-256\"\nauth_lookup = \"old\"\n"
+    ));
+    assert_eq!(c.auth.auth_query.as_deref(), Some(DEFAULT_AUTH_QUERY));
+    assert!(c.auth.users.users.is_empty());
+    let c = parse(&format!(
+        "{STORES}[auth]\nmethod = \"scram-sha-256\"\nauth_lookup = \"old\"\nauth_query = \"SELECT * FROM pgbouncer.get_auth($1)\"\n"
+    ));
+    assert_eq!(
+        c.auth.auth_query.as_deref(),
+        Some("SELECT * FROM pgbouncer.get_auth($1)")
+    );
+}

@@ -180,6 +180,7 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
         "old": config.old.url.redacted().to_string(),
         "new": config.new.url.redacted().to_string(),
         "auth_method": config.auth.method.as_str(),
+        "upstream_login": config.auth.upstream_login,
         "connections": {
             "active": counters.connections_active(),
             "total": counters.connections_total(),

@@ -133,6 +133,13 @@ pub enum SessionError {
     /// Login to the store failed before the session started.
     #[error("upstream login: {0}")]
     UpstreamLogin(String),
+    /// The store asked for a proof of the client's role that the proxy does not hold
+    /// (`[auth] upstream_login = "client"`); the message says how to give it one.
+    #[error("upstream login: {0}")]
+    NoUpstreamCredential(String),
+    /// `[auth] auth_query` could not be run on the store.
+    #[error("auth_query: {0}")]
+    AuthLookup(String),
     /// The proxy refused the session (auth, limits, shutdown) and told the client why.
     #[error("refused: {0}")]
     Refused(String),
@@ -171,6 +178,7 @@ impl From<switchyard_store::wire::LoginError> for SessionError {
         use switchyard_store::wire::LoginError;
         match e {
             LoginError::Refused(message) | LoginError::Tls(message) => SessionError::UpstreamLogin(message),
+            LoginError::NoCredential(message) => SessionError::NoUpstreamCredential(message),
             LoginError::Timeout(what) => SessionError::Timeout(what),
             LoginError::Io(e) => SessionError::UpstreamIo(e),
             LoginError::Protocol(e) => SessionError::UpstreamProtocol(e),
@@ -190,7 +198,9 @@ impl SessionError {
             SessionError::Injected(_) => ErrorSource::Internal,
             SessionError::UpstreamIo(_)
             | SessionError::UpstreamProtocol(_)
-            | SessionError::UpstreamLogin(_) => ErrorSource::Old,
+            | SessionError::UpstreamLogin(_)
+            | SessionError::NoUpstreamCredential(_)
+            | SessionError::AuthLookup(_) => ErrorSource::Old,
         }
     }
 
@@ -199,7 +209,9 @@ impl SessionError {
         match self {
             SessionError::ClientIo(_) | SessionError::UpstreamIo(_) => ErrorKind::Io,
             SessionError::ClientProtocol(_) | SessionError::UpstreamProtocol(_) => ErrorKind::Protocol,
-            SessionError::UpstreamLogin(_) => ErrorKind::Login,
+            SessionError::UpstreamLogin(_)
+            | SessionError::NoUpstreamCredential(_)
+            | SessionError::AuthLookup(_) => ErrorKind::Login,
             SessionError::Refused(_) | SessionError::AuthFailed(_) => ErrorKind::Refused,
             SessionError::Timeout(_) => ErrorKind::Timeout,
             SessionError::Injected(_) => ErrorKind::Refused,
@@ -218,6 +230,21 @@ impl SessionError {
                 sqlstate::CONNECTION_FAILURE,
                 "lost the connection to the database server",
             )),
+            // The fix is the operator's: the details are in the proxy's log, not for the client.
+            SessionError::NoUpstreamCredential(_) => Some(
+                ErrorResponse::fatal(
+                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                    "the proxy holds no credential the database server accepts for this role",
+                )
+                .with_hint("see the proxy's log for how to give it one"),
+            ),
+            SessionError::AuthLookup(_) => Some(
+                ErrorResponse::fatal(
+                    sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                    "the proxy cannot reach the database server",
+                )
+                .with_hint("see the proxy's log for details"),
+            ),
             SessionError::ClientIo(_)
             | SessionError::UpstreamLogin(_)
             | SessionError::Refused(_)

@@ -13,10 +13,10 @@ use switchyard_config::Config;
 use switchyard_dualwrite::Mirror;
 use switchyard_pgwire::frame::MessageLimits;
 use switchyard_store::wire::WireTarget;
-use switchyard_store::{Role, Roles, Store};
+use switchyard_store::{PoolSettings, Role, Roles, Store};
 use tokio::sync::Semaphore;
 
-use crate::auth::ClientAuth;
+use crate::auth::{AuthLookup, ClientAuth};
 use crate::cancel::CancelRegistry;
 use crate::control_state::ControlFollower;
 use crate::drift_figures::DriftFigures;
@@ -30,6 +30,8 @@ pub(crate) struct ProxyState {
     pub(crate) config: Arc<Config>,
     /// The users clients log in as; a reload replaces them ([`run_with_reload`]).
     client_auth: RwLock<Arc<ClientAuth>>,
+    /// `[auth] auth_lookup`, kept across reloads of the users.
+    auth_lookup: Option<Arc<AuthLookup>>,
     pub(crate) upstream: WireTarget,
     pub(crate) cancel: Arc<CancelRegistry>,
     pub(crate) metrics: Metrics,
@@ -78,8 +80,26 @@ impl ProxyState {
         };
         let old_store = connect(Role::Old)?;
         let new_store = connect(Role::New)?;
-        let client_auth =
-            ClientAuth::new(config.auth.method, &config.auth.users).map_err(StartError::Users)?;
+        let upstream_url = &roles.authoritative.settings(&config).url;
+        let auth_lookup = match &config.auth.auth_query {
+            Some(query) => Some(Arc::new(AuthLookup {
+                // A pool of its own: lookups never wait behind the proxy's other queries.
+                store: Store::connect_lazy_with(
+                    roles.authoritative,
+                    upstream_url,
+                    &PoolSettings {
+                        application_name: "switchyard auth_query",
+                        max_connections: 2,
+                        ..PoolSettings::default()
+                    },
+                )
+                .map_err(|e| StartError::Store(Box::new(e)))?,
+                query: query.clone(),
+            })),
+            None => None,
+        };
+        let client_auth = ClientAuth::new(config.auth.method, &config.auth.users, auth_lookup.clone())
+            .map_err(StartError::Users)?;
         let tls = TlsState::new(&config.tls).map_err(StartError::Tls)?;
         // The OTLP exporter's blocking HTTP client must be built and shut down off the runtime.
         let telemetry = config.telemetry.clone();
@@ -108,6 +128,7 @@ impl ProxyState {
         }
         Ok(ProxyState {
             client_auth: RwLock::new(Arc::new(client_auth)),
+            auth_lookup,
             upstream: WireTarget {
                 url: roles.authoritative.settings(&config).url.clone(),
                 store: roles.authoritative,
@@ -162,7 +183,7 @@ impl ProxyState {
     /// the configuration with those fields already taken from the new file
     /// ([`Config::with_hot_fields_of`]).
     pub(crate) fn reload(&self, running: &Config) {
-        match ClientAuth::new(running.auth.method, &running.auth.users) {
+        match ClientAuth::new(running.auth.method, &running.auth.users, self.auth_lookup.clone()) {
             Ok(auth) => {
                 *self.client_auth.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(auth);
                 tracing::info!(users = running.auth.users.users.len(), "users reloaded");

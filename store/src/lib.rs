@@ -197,6 +197,13 @@ impl Store {
         }
     }
 
+    /// The stored secret of role `user`, fetched with `auth_query` (`[auth] auth_lookup`).
+    pub async fn role_secret(&self, auth_query: &str, user: &str) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.role_secret(auth_query, user).await,
+        }
+    }
+
     /// Which side this store is.
     pub fn role(&self) -> Role {
         match self {

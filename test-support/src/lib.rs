@@ -23,7 +23,9 @@ pub mod cluster;
 pub mod db;
 pub mod dual;
 pub mod faults;
+pub mod files;
 pub mod proxy;
+pub mod role;
 pub mod wire;
 
 pub use certs::Certs;
@@ -31,7 +33,9 @@ pub use cluster::{ClusterOptions, TestCluster};
 pub use db::{sweep_stale, TestDb};
 pub use dual::{DualEnv, DualTable};
 pub use faults::FaultProxy;
+pub use files::TempDir;
 pub use proxy::{ProxyConfig, TestProxy};
+pub use role::TestRole;
 
 /// Admin URL used when `SWITCHYARD_TEST_PG` is not set.
 pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";

@@ -22,6 +22,8 @@ pub struct ProxyConfig {
     pub auth_method: String,
     /// Absolute path of a users file, when the method needs one.
     pub users_file: Option<String>,
+    /// Extra lines for the `[auth]` section, e.g. `upstream_login = "service"`.
+    pub auth_extra: Vec<String>,
     /// Extra lines for the `[proxy]` section, e.g. `max_connections = 2`.
     pub proxy_extra: Vec<String>,
     /// Whether to serve the admin API (on an ephemeral port).
@@ -38,6 +40,7 @@ impl ProxyConfig {
             new_url: new_url.to_owned(),
             auth_method: "trust".to_owned(),
             users_file: None,
+            auth_extra: Vec::new(),
             proxy_extra: Vec::new(),
             admin: true,
             extra_sections: Vec::new(),
@@ -48,6 +51,18 @@ impl ProxyConfig {
     pub fn with_proxy_setting(mut self, line: &str) -> Self {
         self.proxy_extra.push(line.to_owned());
         self
+    }
+
+    /// Adds a line to `[auth]`.
+    pub fn with_auth_setting(mut self, line: &str) -> Self {
+        self.auth_extra.push(line.to_owned());
+        self
+    }
+
+    /// Sessions log in to the store as its URL's user, whoever the client is
+    /// (`[auth] upstream_login = "service"`).
+    pub fn with_service_login(self) -> Self {
+        self.with_auth_setting("upstream_login = \"service\"")
     }
 
     /// Uses `method` with a users file.
@@ -75,6 +90,10 @@ impl ProxyConfig {
         ));
         if let Some(users) = &self.users_file {
             toml.push_str(&format!("users_file = \"{users}\"\n"));
+        }
+        for line in &self.auth_extra {
+            toml.push_str(line);
+            toml.push('\n');
         }
         for section in &self.extra_sections {
             toml.push_str(section);

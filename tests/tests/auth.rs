@@ -4,48 +4,21 @@
 //! plaintext passwords or PostgreSQL's stored secrets, and fails the way PostgreSQL does (28P01
 //! for a wrong password and for an unknown user alike, 3D000 for a wrong database).
 //!
-//! Upstream side: the proxy logs in to the OLD store with the credentials of its URL, whatever
-//! method the server asks for; the server's own refusal reaches the client unchanged, and an
-//! unreachable server is reported as 08001.
+//! Upstream side, with `[auth] upstream_login = "service"` (the client logging in as its own
+//! role is in `own_role.rs`): the proxy logs in to the OLD store with the credentials of its
+//! URL, whatever method the server asks for; the server's own refusal reaches the client
+//! unchanged, and an unreachable server is reported as 08001.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use switchyard_pgwire::auth::{md5_secret, ScramSecret};
 use switchyard_pgwire::startup::{StartupMessage, PROTOCOL_3_0};
 use switchyard_test_support::wire::{Msg, RawConn};
-use switchyard_test_support::{ClusterOptions, ProxyConfig, TestCluster, TestDb, TestProxy};
+use switchyard_test_support::{ClusterOptions, ProxyConfig, TempDir, TestCluster, TestDb, TestProxy};
 use tokio_postgres::NoTls;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A private directory for a users file, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> anyhow::Result<TempDir> {
-        let dir = std::env::temp_dir().join(format!(
-            "sy-{label}-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(TempDir(dir))
-    }
-
-    fn write(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
-        let path = self.0.join(name);
-        std::fs::write(&path, text)?;
-        Ok(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A proxy with client authentication in front of a fresh database.
 struct AuthProxy {
@@ -60,7 +33,9 @@ impl AuthProxy {
         let dir = TempDir::new(label)?;
         let users = dir.write("users.toml", users_toml)?;
         let (old, new) = TestDb::create_pair(label).await?;
-        let config = ProxyConfig::passthrough(old.url(), new.url()).with_auth(method, &users);
+        let config = ProxyConfig::passthrough(old.url(), new.url())
+            .with_auth(method, &users)
+            .with_service_login();
         let proxy = TestProxy::start(&config).await?;
         Ok(AuthProxy {
             proxy,
@@ -298,7 +273,7 @@ async fn upstream_login_with_each_password_method() -> anyhow::Result<()> {
 
     for (user, password) in [("up", "up-pw"), ("up5", "up5-pw"), ("upc", "upc-pw")] {
         let old = format!("postgres://{user}:{password}@127.0.0.1:{port}/postgres");
-        let proxy = TestProxy::passthrough(&old, new.url()).await?;
+        let proxy = service_proxy(&old, new.url()).await?;
         let client = connect(&proxy.url("whoever")).await?;
         let row = client.query_one("select current_user::text", &[]).await?;
         assert_eq!(
@@ -309,7 +284,7 @@ async fn upstream_login_with_each_password_method() -> anyhow::Result<()> {
         drop(client);
 
         let wrong = format!("postgres://{user}:not-{password}@127.0.0.1:{port}/postgres");
-        let proxy = TestProxy::passthrough(&wrong, new.url()).await?;
+        let proxy = service_proxy(&wrong, new.url()).await?;
         assert_refused(
             connect(&proxy.url("whoever")).await,
             "28P01",
@@ -326,6 +301,11 @@ async fn upstream_login_with_each_password_method() -> anyhow::Result<()> {
         assert_eq!(err.field(b'F').as_deref(), Some("auth.c"), "{err:?}");
     }
     Ok(())
+}
+
+/// A proxy with trust auth that logs every client in to `old` as the URL's user.
+async fn service_proxy(old: &str, new: &str) -> anyhow::Result<TestProxy> {
+    TestProxy::start(&ProxyConfig::passthrough(old, new).with_service_login()).await
 }
 
 /// Logs in with a raw client and returns the single FATAL it gets before the close.

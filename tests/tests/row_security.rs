@@ -6,59 +6,13 @@
 
 use std::time::Duration;
 
-use switchyard_test_support::{DualEnv, DualTable, TestProxy};
+use switchyard_test_support::{DualEnv, DualTable, TestProxy, TestRole};
 
 const SETTLE: Duration = Duration::from_secs(30);
 
-/// A role on the shared server, dropped (after the databases that grant it privileges) when
-/// this value is.
-struct Role {
-    name: String,
-}
-
-impl Role {
-    async fn create(label: &str) -> Role {
-        let name = format!("sy_{label}_{}_{:08x}", std::process::id(), rand::random::<u32>());
-        let admin = tokio_postgres::connect(&switchyard_test_support::pg_url(), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(admin.1);
-        admin
-            .0
-            .batch_execute(&format!("CREATE ROLE {name} NOLOGIN"))
-            .await
-            .unwrap();
-        Role { name }
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        let sql = format!("DROP ROLE IF EXISTS {}", self.name);
-        // Drop may run inside a runtime: a thread of its own with its own runtime works anywhere.
-        let done = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let (client, conn) =
-                    tokio_postgres::connect(&switchyard_test_support::pg_url(), tokio_postgres::NoTls)
-                        .await?;
-                tokio::spawn(conn);
-                client.batch_execute(&sql).await?;
-                anyhow::Ok(())
-            })
-        })
-        .join();
-        if !matches!(done, Ok(Ok(()))) {
-            eprintln!("row_security: could not drop role {}", self.name);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_bound_by_row_security_changes_only_its_rows_on_both_stores() {
-    let role = Role::create("rls_tenant").await;
+    let role = TestRole::create("rls_tenant", "NOLOGIN").await.unwrap();
     let schema = format!(
         "CREATE TABLE docs (id int PRIMARY KEY, tenant text NOT NULL, body text);
          ALTER TABLE docs ENABLE ROW LEVEL SECURITY;

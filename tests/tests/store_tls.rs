@@ -158,7 +158,8 @@ async fn sessions_mirror_backfill_and_drift_through_a_hostssl_only_server() {
         env.new.name(),
         &format!("sslmode=verify-full&sslrootcert={ca}"),
     );
-    let mut config = env.proxy_config_via(&new_url);
+    // Sessions log in as the URL's user too, so all of Switchyard's logins are that role's.
+    let mut config = env.proxy_config_via(&new_url).with_service_login();
     config.old_url = old_url;
     let proxy = env.start_proxy(&config).await.unwrap();
 

@@ -60,6 +60,14 @@ pub fn verify_md5_response(source: &Md5Source, user: &str, salt: [u8; 4], client
         Md5Source::Secret(secret) if is_md5_secret(secret) => secret.clone(),
         Md5Source::Secret(_) => return false,
     };
+    let expected = md5_response_from_secret(&secret, salt);
+    constant_time_eq(expected.as_bytes(), client_response)
+}
+
+/// The answer to an `AuthenticationMD5Password(salt)` challenge computed from the stored secret
+/// (`"md5" + hex(md5(password + user))`) rather than the password: what a client with the
+/// password sends, and what the proxy sends upstream when it holds only the secret.
+pub fn md5_response_from_secret(secret: &str, salt: [u8; 4]) -> String {
     // PostgreSQL hashes the stored hex digits as they are (see `md5_crypt_verify`
     // in src/backend/libpq/crypt.c), so neither side normalises their case.
     let hex_digest = secret.get(3..).unwrap_or_default();
@@ -69,7 +77,7 @@ pub fn verify_md5_response(source: &Md5Source, user: &str, salt: [u8; 4], client
     let mut expected = String::with_capacity(MD5_SECRET_LEN);
     expected.push_str("md5");
     push_hex(&mut expected, &hasher.finalize());
-    constant_time_eq(expected.as_bytes(), client_response)
+    expected
 }
 
 /// The same test PostgreSQL's `get_password_type` applies to a stored password.
@@ -98,6 +106,15 @@ mod tests {
     const SECRET_POSTGRES: &str = "md553f48b7c4b76a86ce72276c5755f217d";
     // "md5" + md5(SECRET_POSTGRES[3:].encode() + bytes([1, 2, 3, 4])).hexdigest()
     const RESPONSE_1234: &str = "md5bb41a296aab6baccb36ff243a562abff";
+
+    /// The proxy answers a server's md5 challenge from the stored secret alone.
+    #[test]
+    fn response_from_the_secret_is_the_clients() {
+        assert_eq!(
+            md5_response_from_secret(SECRET_POSTGRES, [1, 2, 3, 4]),
+            RESPONSE_1234
+        );
+    }
 
     #[test]
     fn secret_matches_known_value() {

@@ -38,10 +38,11 @@
 mod md5;
 mod scram;
 
-pub use self::md5::{md5_salt, md5_secret, verify_md5_response, Md5Source};
+pub use self::md5::{md5_response_from_secret, md5_salt, md5_secret, verify_md5_response, Md5Source};
 pub use self::scram::{
-    tls_server_end_point, ScramAwaitingFinal, ScramError, ScramSecret, ScramServer, SCRAM_DEFAULT_ITERATIONS,
-    SCRAM_DEFAULT_SALT_LEN, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, TLS_SERVER_END_POINT,
+    tls_server_end_point, ScramAwaitingFinal, ScramError, ScramKeyClient, ScramKeyClientAwaitingFinal,
+    ScramKeys, ScramSecret, ScramServer, SCRAM_DEFAULT_ITERATIONS, SCRAM_DEFAULT_SALT_LEN, SCRAM_SHA_256,
+    SCRAM_SHA_256_PLUS, TLS_SERVER_END_POINT,
 };
 
 /// Compares two byte strings in time that depends only on their lengths.

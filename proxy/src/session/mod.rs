@@ -18,12 +18,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::auth::send_fatal;
+use crate::auth::{send_fatal, ClientCredential};
 use crate::io;
 use crate::net::ClientStream;
 use relay::{RelayParams, SessionEnd};
-use switchyard_config::TlsMode;
-use switchyard_store::wire::LoginOutcome;
+use switchyard_config::{OtherDatabases, TlsMode, UpstreamLogin};
+use switchyard_store::wire::{Login, LoginOutcome};
 
 use crate::error::SessionError;
 use crate::shutdown::ShutdownState;
@@ -98,8 +98,12 @@ async fn run_session(
         }
     };
     drop(ticket);
-    let startup = match outcome {
-        Ok(Ok(Some(startup))) => startup,
+    let Admitted {
+        startup,
+        credential,
+        other_database,
+    } = match outcome {
+        Ok(Ok(Some(admitted))) => admitted,
         Ok(Ok(None)) => return Ok(SessionEnd::ClientClosed),
         Ok(Err(e)) => {
             if let Some(fatal) = e.client_message() {
@@ -127,9 +131,27 @@ async fn run_session(
     }
 
     let settings = &state.config.proxy;
+    let database = startup
+        .param("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user);
+    // The client's own role (and database), or the URL's user for every client.
+    let as_whom = match state.config.auth.upstream_login {
+        UpstreamLogin::Client => Login {
+            user: &user,
+            database,
+            credential: credential.as_wire(),
+            of_url: false,
+        },
+        UpstreamLogin::Service => Login {
+            database,
+            ..state.upstream.url_login()
+        },
+    };
     let login = state
         .upstream
-        .connect(
+        .connect_as(
+            as_whom,
             startup.protocol,
             &startup.params,
             settings.connect_timeout,
@@ -148,11 +170,13 @@ async fn run_session(
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot open a session on the OLD store");
-            let fatal = ErrorResponse::fatal(
-                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-                "the proxy cannot reach the database server",
-            )
-            .with_hint("see the proxy's log for details");
+            let fatal = e.client_message().unwrap_or_else(|| {
+                ErrorResponse::fatal(
+                    sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                    "the proxy cannot reach the database server",
+                )
+                .with_hint("see the proxy's log for details")
+            });
             send_fatal(&mut client, fatal).await;
             return Err(e);
         }
@@ -180,7 +204,10 @@ async fn run_session(
         metrics: &state.metrics,
         span,
     };
-    let end = match &state.mirror {
+    // Another database of the same server is relayed as it is: only the store's own database
+    // is migrated.
+    let mirror = state.mirror.as_ref().filter(|_| !other_database);
+    let end = match mirror {
         None => {
             relay::relay(
                 params,
@@ -237,6 +264,16 @@ async fn run_session(
     end
 }
 
+/// A client through authentication: what it asked for and what it proved.
+struct Admitted {
+    startup: StartupMessage,
+    /// What logs in upstream as the client (`[auth] upstream_login = "client"`).
+    credential: ClientCredential,
+    /// The client named a database other than the store's (`[proxy] other_databases =
+    /// "passthrough"`): a plain relay, nothing migrated.
+    other_database: bool,
+}
+
 /// Reads the startup packet (an SSLRequest answered 'S' and the TLS handshake done when `[tls]`
 /// allows it, 'N' otherwise; GSS encryption requests answered 'N'; cancel requests forwarded),
 /// checks the parameters, and authenticates the client.
@@ -247,7 +284,7 @@ async fn handshake(
     client: &mut ClientStream,
     peer: SocketAddr,
     buf: &mut BytesMut,
-) -> Result<Option<StartupMessage>, SessionError> {
+) -> Result<Option<Admitted>, SessionError> {
     let tls = state.tls();
     // Each kind of encryption request may come once, as PostgreSQL allows; a second one of the
     // same kind is not a request any more but an unknown protocol version, refused as the server
@@ -347,7 +384,7 @@ async fn handshake(
         true => tls.channel_binding.as_deref(),
         false => None,
     };
-    client_auth
+    let credential = client_auth
         .authenticate(client, buf, user, state.limits, channel_binding)
         .await?;
 
@@ -356,7 +393,8 @@ async fn handshake(
         .param("database")
         .filter(|d| !d.is_empty())
         .unwrap_or(user);
-    if database != state.upstream.url.database {
+    let other_database = database != state.upstream.url.database;
+    if other_database && state.config.proxy.other_databases == OtherDatabases::Refuse {
         let e = ErrorResponse::fatal(
             sqlstate::INVALID_CATALOG_NAME,
             format!("database \"{database}\" does not exist"),
@@ -368,7 +406,11 @@ async fn handshake(
         send_fatal(client, e).await;
         return Err(SessionError::Refused(format!("unknown database {database}")));
     }
-    Ok(Some(startup))
+    Ok(Some(Admitted {
+        startup,
+        credential,
+        other_database,
+    }))
 }
 
 /// Whether a `replication` startup parameter asks for a replication connection: `database`, or

@@ -125,6 +125,25 @@ impl PgStore {
         Ok(found.is_some())
     }
 
+    /// The stored secret of role `user` (as `pg_authid.rolpassword` holds it), by `auth_query`:
+    /// a query taking the name as `$1` and returning the name and the secret, PgBouncer's
+    /// convention. `None` when it returns no row or no secret. The secret is never logged.
+    pub async fn role_secret(&self, auth_query: &str, user: &str) -> Result<Option<String>, StoreError> {
+        use sqlx::Row as _;
+        // The operator's own query from the config, not built from input: the user is a bind value.
+        let row = sqlx::query(sqlx::AssertSqlSafe(auth_query.to_owned()))
+            .bind(user)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(self.failed("running auth_query"))?;
+        match row {
+            None => Ok(None),
+            Some(row) => row
+                .try_get::<Option<String>, _>(1)
+                .map_err(self.failed("reading auth_query's second column (the secret)")),
+        }
+    }
+
     /// Every user function and procedure with its definition and the triggers that run it.
     pub async fn function_sources(&self) -> Result<Vec<FunctionSource>, StoreError> {
         let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use switchyard_config::{SslMode, StoreTls, StoreUrl};
+use switchyard_pgwire::auth::{md5_response_from_secret, ScramKeyClient, ScramKeys};
 use switchyard_pgwire::backend::{self, Authentication, ServerMessage};
 use switchyard_pgwire::frame::{peek_header, reserve_ahead, MessageLimits};
 use switchyard_pgwire::frontend;
@@ -45,6 +46,53 @@ pub enum LoginError {
     /// does not verify, an unreadable file); the message names the store.
     #[error("{0}")]
     Tls(String),
+    /// The server asks for a proof the proxy does not hold for this role (a password it was
+    /// never given, an authentication method its credential cannot answer); the message says
+    /// which role, which store and how to give the proxy what it needs.
+    #[error("{0}")]
+    NoCredential(String),
+}
+
+/// As whom a wire-level login is made, and what proves it.
+#[derive(Debug, Clone, Copy)]
+pub struct Login<'a> {
+    /// The role (`user` in the StartupMessage).
+    pub user: &'a str,
+    /// The database to open.
+    pub database: &'a str,
+    /// What answers the server's authentication request.
+    pub credential: Credential<'a>,
+    /// Whether this is the URL's own login ([`WireTarget::url_login`]): a missing password is
+    /// then the URL's to fix.
+    pub of_url: bool,
+}
+
+/// What answers a server's authentication request during a [`Login`].
+#[derive(Debug, Clone, Copy)]
+pub enum Credential<'a> {
+    /// Nothing: enough when the server trusts the connection; a password request is refused
+    /// with [`LoginError::NoCredential`].
+    None,
+    /// A plaintext password: answers cleartext, md5 and SCRAM-SHA-256 requests.
+    Password(&'a str),
+    /// A stored md5 secret (`md5<hex>`): answers md5 requests (the md5 challenge only needs
+    /// md5(password || user), which is what the secret holds).
+    Md5Secret(&'a str),
+    /// A SCRAM ClientKey recovered from the client's own exchange with the proxy, with the
+    /// secret it was checked against: answers SCRAM-SHA-256 requests from a server that holds
+    /// the same secret ([`switchyard_pgwire::auth::ScramKeyClient`]).
+    ScramKeys(&'a ScramKeys),
+}
+
+impl Credential<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Credential::None => "no credential",
+            Credential::Password(_) => "a password",
+            Credential::Md5Secret(_) => "an md5 secret",
+            Credential::ScramKeys(_) => "SCRAM keys",
+        }
+    }
 }
 
 /// Where and as whom the proxy logs in upstream.
@@ -82,7 +130,8 @@ pub enum LoginOutcome {
 }
 
 impl WireTarget {
-    /// Connects and logs in, forwarding the client's parameters.
+    /// Connects and logs in as the URL's user to its database, forwarding the client's
+    /// parameters.
     pub async fn connect(
         &self,
         protocol: i32,
@@ -90,14 +139,45 @@ impl WireTarget {
         timeout: Duration,
         keepalive: Option<Duration>,
     ) -> Result<LoginOutcome, LoginError> {
-        tokio::time::timeout(timeout, self.connect_inner(protocol, client_params, keepalive))
+        self.connect_as(self.url_login(), protocol, client_params, timeout, keepalive)
             .await
-            .map_err(|_| {
-                LoginError::Timeout(match self.store {
-                    Role::Old => "connecting to the OLD store",
-                    Role::New => "connecting to the NEW store",
-                })
-            })?
+    }
+
+    /// The URL's own login: its user, its database, its password if it has one.
+    pub fn url_login(&self) -> Login<'_> {
+        Login {
+            user: &self.url.user,
+            database: &self.url.database,
+            credential: self
+                .url
+                .password
+                .as_deref()
+                .map_or(Credential::None, Credential::Password),
+            of_url: true,
+        }
+    }
+
+    /// Connects to the URL's server (host, port, TLS settings) and logs in as `login` says,
+    /// forwarding the client's parameters.
+    pub async fn connect_as(
+        &self,
+        login: Login<'_>,
+        protocol: i32,
+        client_params: &[(String, String)],
+        timeout: Duration,
+        keepalive: Option<Duration>,
+    ) -> Result<LoginOutcome, LoginError> {
+        tokio::time::timeout(
+            timeout,
+            self.connect_inner(login, protocol, client_params, keepalive),
+        )
+        .await
+        .map_err(|_| {
+            LoginError::Timeout(match self.store {
+                Role::Old => "connecting to the OLD store",
+                Role::New => "connecting to the NEW store",
+            })
+        })?
     }
 
     /// Tries plain text and TLS in libpq's order for the URL's `sslmode`: `prefer` falls back
@@ -106,12 +186,13 @@ impl WireTarget {
     /// login. <https://www.postgresql.org/docs/current/libpq-ssl.html#LIBPQ-SSL-PROTECTION>
     async fn connect_inner(
         &self,
+        login: Login<'_>,
         protocol: i32,
         client_params: &[(String, String)],
         keepalive: Option<Duration>,
     ) -> Result<LoginOutcome, LoginError> {
         let tls = StoreTls::of(&self.url).map_err(|e| self.tls_error(&e))?;
-        let attempt = |encryption| self.attempt(encryption, &tls, protocol, client_params, keepalive);
+        let attempt = |encryption| self.attempt(encryption, &tls, login, protocol, client_params, keepalive);
         match tls.mode {
             SslMode::Disable => attempt(Encryption::Plain).await.map(|(o, _)| o),
             SslMode::Allow => match attempt(Encryption::Plain).await? {
@@ -146,6 +227,7 @@ impl WireTarget {
         &self,
         encryption: Encryption,
         tls: &StoreTls,
+        login: Login<'_>,
         protocol: i32,
         client_params: &[(String, String)],
         keepalive: Option<Duration>,
@@ -167,7 +249,10 @@ impl WireTarget {
             Encryption::Required => self.negotiate_tls(tcp, tls, true).await?,
         };
         let encrypted = stream.is_tls();
-        Ok((self.login(stream, protocol, client_params).await?, encrypted))
+        Ok((
+            self.login(stream, login, protocol, client_params).await?,
+            encrypted,
+        ))
     }
 
     /// Sends an SSLRequest and, when the server answers `S`, does the handshake. `N` leaves the
@@ -213,13 +298,14 @@ impl WireTarget {
     async fn login(
         &self,
         mut stream: StoreStream,
+        login: Login<'_>,
         protocol: i32,
         client_params: &[(String, String)],
     ) -> Result<LoginOutcome, LoginError> {
         let url = &self.url;
         let mut params = vec![
-            ("user".to_owned(), url.user.clone()),
-            ("database".to_owned(), url.database.clone()),
+            ("user".to_owned(), login.user.to_owned()),
+            ("database".to_owned(), login.database.to_owned()),
         ];
         params.extend(
             client_params
@@ -242,7 +328,7 @@ impl WireTarget {
 
         let limits = MessageLimits::default();
         let mut buf = BytesMut::with_capacity(8 * 1024);
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<ScramLogin> = None;
         let mut negotiation = None;
         // Authentication exchange.
         loop {
@@ -252,14 +338,21 @@ impl WireTarget {
             match msg {
                 ServerMessage::Authentication(Authentication::Ok) => break,
                 ServerMessage::Authentication(Authentication::CleartextPassword) => {
-                    frontend::password(&mut out, self.password()?.as_bytes());
+                    let Credential::Password(password) = login.credential else {
+                        return Err(self.no_credential(&login, "a password"));
+                    };
+                    frontend::password(&mut out, password.as_bytes());
                 }
                 ServerMessage::Authentication(Authentication::Md5Password { salt }) => {
-                    let hash = postgres_protocol::authentication::md5_hash(
-                        url.user.as_bytes(),
-                        self.password()?.as_bytes(),
-                        salt,
-                    );
+                    let hash = match login.credential {
+                        Credential::Password(password) => postgres_protocol::authentication::md5_hash(
+                            login.user.as_bytes(),
+                            password.as_bytes(),
+                            salt,
+                        ),
+                        Credential::Md5Secret(secret) => md5_response_from_secret(secret, salt),
+                        _ => return Err(self.no_credential(&login, "an md5 password")),
+                    };
                     frontend::password(&mut out, hash.as_bytes());
                 }
                 ServerMessage::Authentication(Authentication::Sasl { mechanisms }) => {
@@ -269,25 +362,67 @@ impl WireTarget {
                             self.store.name()
                         )));
                     }
-                    let client = ScramSha256::new(self.password()?.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(&mut out, "SCRAM-SHA-256", client.message());
+                    let client = match login.credential {
+                        Credential::Password(password) => ScramLogin::Password(Box::new(ScramSha256::new(
+                            password.as_bytes(),
+                            ChannelBinding::unsupported(),
+                        ))),
+                        Credential::ScramKeys(keys) => {
+                            ScramLogin::KeysFirst(ScramKeyClient::new(keys.clone()))
+                        }
+                        _ => return Err(self.no_credential(&login, "a SCRAM-SHA-256 password")),
+                    };
+                    let first = match &client {
+                        ScramLogin::Password(c) => c.message().to_vec(),
+                        ScramLogin::KeysFirst(c) => c.client_first_message(),
+                        ScramLogin::KeysFinal(_) => Vec::new(),
+                    };
+                    frontend::sasl_initial_response(&mut out, "SCRAM-SHA-256", &first);
                     scram = Some(client);
                 }
                 ServerMessage::Authentication(Authentication::SaslContinue(data)) => {
-                    let client = scram.as_mut().ok_or_else(|| self.unexpected("SASLContinue"))?;
-                    client.update(data).map_err(|e| {
+                    let scram_error = |e: &dyn std::fmt::Display| {
                         LoginError::Refused(format!("SCRAM with the {} store: {e}", self.store.name()))
-                    })?;
-                    frontend::sasl_response(&mut out, client.message());
+                    };
+                    let next = match scram.take().ok_or_else(|| self.unexpected("SASLContinue"))? {
+                        ScramLogin::Password(mut client) => {
+                            client.update(data).map_err(|e| scram_error(&e))?;
+                            frontend::sasl_response(&mut out, client.message());
+                            ScramLogin::Password(client)
+                        }
+                        ScramLogin::KeysFirst(client) => {
+                            // Keys that do not fit the server's secret are a credential the
+                            // operator must fix, not a fault of the server.
+                            let (waiting, message) = client.server_first(data).map_err(|e| {
+                                LoginError::NoCredential(format!(
+                                    "SCRAM with the {} store as role \"{}\": {e}; the users file's secret must be \
+                                     the role's secret on that server (pg_authid.rolpassword), or drop it from the \
+                                     users file and use auth_lookup = \"old\"",
+                                    self.store.name(),
+                                    login.user
+                                ))
+                            })?;
+                            frontend::sasl_response(&mut out, &message);
+                            ScramLogin::KeysFinal(waiting)
+                        }
+                        ScramLogin::KeysFinal(_) => return Err(self.unexpected("SASLContinue")),
+                    };
+                    scram = Some(next);
                 }
                 ServerMessage::Authentication(Authentication::SaslFinal(data)) => {
-                    let mut client = scram.take().ok_or_else(|| self.unexpected("SASLFinal"))?;
-                    client.finish(data).map_err(|e| {
+                    let invalid = |e: &dyn std::fmt::Display| {
                         LoginError::Refused(format!(
                             "the {} store's SCRAM signature is invalid: {e}",
                             self.store.name()
                         ))
-                    })?;
+                    };
+                    match scram.take().ok_or_else(|| self.unexpected("SASLFinal"))? {
+                        ScramLogin::Password(mut client) => client.finish(data).map_err(|e| invalid(&e))?,
+                        ScramLogin::KeysFinal(waiting) => {
+                            waiting.server_final(data).map_err(|e| invalid(&e))?
+                        }
+                        ScramLogin::KeysFirst(_) => return Err(self.unexpected("SASLFinal")),
+                    }
                 }
                 ServerMessage::Authentication(Authentication::Unsupported(code)) => {
                     return Err(LoginError::Refused(format!(
@@ -348,19 +483,36 @@ impl WireTarget {
         }))
     }
 
-    fn password(&self) -> Result<&str, LoginError> {
-        self.url.password.as_deref().ok_or_else(|| {
-            LoginError::Refused(format!(
-                "the {} store asks for a password but {} has none",
-                self.store.name(),
+    /// The server asks `login` for `what`, which its credential cannot give.
+    fn no_credential(&self, login: &Login<'_>, what: &str) -> LoginError {
+        let store = self.store.name();
+        if login.of_url {
+            return LoginError::NoCredential(format!(
+                "the {store} store asks for a password but {} has none",
                 self.url.redacted()
-            ))
-        })
+            ));
+        }
+        LoginError::NoCredential(format!(
+            "the {store} store asks role \"{}\" for {what}, and the proxy holds {} for it: give the user a \
+             plaintext password in the users file, or use [auth] method = \"scram-sha-256\" with the role's \
+             SCRAM secret (in the users file, or fetched with auth_lookup = \"old\"), or set \
+             [auth] upstream_login = \"service\"",
+            login.user,
+            login.credential.kind()
+        ))
     }
 
     fn unexpected(&self, what: &str) -> LoginError {
         LoginError::Refused(format!("unexpected {what} from the {} store", self.store.name()))
     }
+}
+
+/// The SCRAM exchange in progress with the server: with a password (postgres-protocol's
+/// client), or with reused keys before and after the server-first message.
+enum ScramLogin {
+    Password(Box<ScramSha256>),
+    KeysFirst(ScramKeyClient),
+    KeysFinal(switchyard_pgwire::auth::ScramKeyClientAwaitingFinal),
 }
 
 /// How one connection attempt encrypts.

@@ -15,6 +15,7 @@
 //! client-first message and becomes a [`ScramAwaitingFinal`], which consumes
 //! the client-final message and yields the server-final message.
 
+mod client;
 mod parse;
 mod secret;
 
@@ -24,6 +25,7 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
+pub use self::client::{ScramKeyClient, ScramKeyClientAwaitingFinal, ScramKeys};
 use self::parse::Gs2Flag;
 pub use self::secret::ScramSecret;
 use super::constant_time_eq;
@@ -87,6 +89,11 @@ pub enum ScramError {
     /// not from the client.
     #[error("invalid SCRAM secret: {0}")]
     InvalidSecret(&'static str),
+    /// Logging in to a server with reused keys ([`ScramKeyClient`]): the server's messages do
+    /// not fit the keys (another salt or iteration count, a wrong signature, a malformed
+    /// message, or the server's own `e=` error).
+    #[error("SCRAM login to the server: {0}")]
+    Server(String),
     /// A server nonce given to [`ScramServer::with_nonce`] is empty or has
     /// characters other than printable ASCII without ','.
     #[error("invalid SCRAM server nonce")]
@@ -106,6 +113,7 @@ impl ScramError {
             ScramError::InvalidProof => "invalid_proof",
             ScramError::InvalidSecret(_) => "invalid_secret",
             ScramError::InvalidServerNonce => "invalid_server_nonce",
+            ScramError::Server(_) => "server",
         }
     }
 
@@ -114,7 +122,7 @@ impl ScramError {
     pub fn is_client_error(&self) -> bool {
         !matches!(
             self,
-            ScramError::InvalidSecret(_) | ScramError::InvalidServerNonce
+            ScramError::InvalidSecret(_) | ScramError::InvalidServerNonce | ScramError::Server(_)
         )
     }
 
@@ -131,7 +139,7 @@ impl ScramError {
             | ScramError::NonceMismatch => sqlstate::PROTOCOL_VIOLATION,
             ScramError::Unsupported(_) => sqlstate::FEATURE_NOT_SUPPORTED,
             ScramError::InvalidProof | ScramError::InvalidSecret(_) => sqlstate::INVALID_PASSWORD,
-            ScramError::InvalidServerNonce => sqlstate::INTERNAL_ERROR,
+            ScramError::InvalidServerNonce | ScramError::Server(_) => sqlstate::INTERNAL_ERROR,
         }
     }
 }
@@ -154,11 +162,9 @@ impl ScramServer {
     /// Starts an exchange that checks the client against `secret`, with a
     /// random server nonce.
     pub fn new(secret: ScramSecret) -> Self {
-        let mut raw = [0u8; SERVER_NONCE_RAW_LEN];
-        rand::thread_rng().fill_bytes(&mut raw);
         Self {
             secret,
-            server_nonce: STANDARD.encode(raw),
+            server_nonce: random_nonce(),
             doomed: false,
             channel_binding: None,
             plus: false,
@@ -324,6 +330,15 @@ impl ScramAwaitingFinal {
     /// (`v=<ServerSignature>`) to send in `AuthenticationSASLFinal` before
     /// `AuthenticationOk`.
     pub fn client_final(self, message: &[u8]) -> Result<Vec<u8>, ScramError> {
+        self.client_final_with_keys(message)
+            .map(|(server_final, _)| server_final)
+    }
+
+    /// As [`ScramAwaitingFinal::client_final`], and also returns the keys the verified client
+    /// proved it holds: its ClientKey (recovered as ClientProof XOR ClientSignature) with the
+    /// secret, enough to log in as that client to a server that holds the same secret
+    /// ([`ScramKeyClient`]) without ever knowing the password.
+    pub fn client_final_with_keys(self, message: &[u8]) -> Result<(Vec<u8>, ScramKeys), ScramError> {
         let client_final = parse::client_final(message)?;
         let binding_ok = match &self.expected {
             // PostgreSQL accepts either header here whichever flag the client
@@ -358,8 +373,22 @@ impl ScramAwaitingFinal {
         }
 
         let server_signature = hmac_sha256(&self.secret.server_key, &auth_message);
-        Ok(format!("v={}", STANDARD.encode(server_signature)).into_bytes())
+        let server_final = format!("v={}", STANDARD.encode(server_signature)).into_bytes();
+        Ok((
+            server_final,
+            ScramKeys {
+                client_key,
+                secret: self.secret,
+            },
+        ))
     }
+}
+
+/// A fresh random nonce (either side's half), base64 of [`SERVER_NONCE_RAW_LEN`] random bytes.
+fn random_nonce() -> String {
+    let mut raw = [0u8; SERVER_NONCE_RAW_LEN];
+    rand::thread_rng().fill_bytes(&mut raw);
+    STANDARD.encode(raw)
 }
 
 /// HMAC-SHA-256 of the concatenation of `parts` under `key`.
