@@ -4,6 +4,7 @@
 //! the library's `run`. Everything else lives in the library crates.
 
 mod control;
+mod demo;
 mod drift;
 mod finish;
 mod signals;
@@ -30,6 +31,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Walk the whole migration journey on the local PostgreSQL in one command: two fresh
+    /// databases with a small shop's data, two proxies, a client workload, and the operator's
+    /// steps (prepare, backfill, drift, shadow reads, read shifting); one line per step and a
+    /// verdict. Exit 0 on PASS, 1 on FAIL.
+    Demo(demo::DemoArgs),
     /// Run the proxy.
     Proxy {
         /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
@@ -186,6 +192,7 @@ pub(crate) const EXIT_NOT_CHECKED: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Proxy { config } => run_proxy(config),
         Command::CheckConfig { file, print } => check_config(file, print),
         Command::Prepare { config, check, json } => prepare(config, check, json),

@@ -1,8 +1,8 @@
 //! The session's part in read shifting (`crate::shift`): which of its reads NEW serves, and
 //! how a batch is held, sent to NEW, and let go to OLD when NEW cannot answer it.
 //!
-//! A read is NEW's only when nothing is in flight on OLD and no transaction is open, so the
-//! client's answers stay in order and the read sees committed data only. A simple Query is run
+//! A read is NEW's only outside a transaction: what the client sent OLD before it is answered
+//! first (the client's answers stay in order), and the read sees committed data only. A simple Query is run
 //! on NEW at once. In the extended protocol the messages from the Parse or Bind of an eligible
 //! read up to the client's Sync are held (nothing reaches OLD meanwhile); a message that does
 //! not belong in such a batch (a write, a Flush, a partial Execute, ...) lets the held ones go
@@ -20,11 +20,10 @@ where
     W: AsyncWrite + Unpin + Send,
     H: SessionHost,
 {
-    /// Nothing is in flight on OLD and no transaction is open.
+    /// No transaction is open (as far as the answers so far tell: what is still in flight on
+    /// OLD is answered before NEW is asked, and this is checked again then).
     fn shift_idle(&self) -> bool {
-        self.expect.is_empty()
-            && self.to_up.is_empty()
-            && self.txn == Txn::None
+        self.txn == Txn::None
             && self.status == TransactionStatus::Idle
             && !self.dirty
             && self.pending.is_none()
@@ -69,7 +68,7 @@ where
             forward: true,
             prepares: None,
         }];
-        Ok(self.serve(&shape, &steps).await)
+        self.serve(&shape, &steps).await
     }
 
     /// Whether the client's message starts a batch for NEW: the Parse or the Bind of an
@@ -229,7 +228,7 @@ where
                 }
             }
         }
-        if !self.serve(&shape, &steps).await {
+        if !self.serve(&shape, &steps).await? {
             self.held = Some(held);
             return self.let_go().await;
         }
@@ -272,9 +271,16 @@ where
 
     /// Runs `steps` on the session's NEW connection and queues NEW's answers, with OLD's ids,
     /// and a ReadyForQuery for the client. `false` (counted) when OLD must answer instead.
-    async fn serve(&mut self, shape: &ReadShape, steps: &[Step]) -> bool {
+    async fn serve(&mut self, shape: &ReadShape, steps: &[Step]) -> Result<bool, SessionError> {
         let shift = Arc::clone(&self.mirror.shift);
-        match self.run_on_new(steps).await {
+        // The client's earlier messages are answered first, in order; they may have opened a
+        // transaction (then the read is OLD's).
+        self.barrier().await?;
+        if !self.shift_idle() {
+            shift.count(shape, false, None);
+            return Ok(false);
+        }
+        Ok(match self.run_on_new(steps).await {
             Ok(answers) => {
                 self.to_client.extend_from_slice(&answers);
                 backend::ready_for_query(&mut self.to_client, TransactionStatus::Idle);
@@ -286,7 +292,7 @@ where
                 shift.count(shape, false, Some(reason));
                 false
             }
-        }
+        })
     }
 
     async fn run_on_new(&mut self, steps: &[Step]) -> Result<BytesMut, Fallback> {
