@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use switchyard_config::TableName;
+use switchyard_control::switch::Applied;
 use switchyard_control::{ControlError, Request, Target};
 use switchyard_store::{Role, Store};
 
@@ -56,15 +57,31 @@ pub(crate) fn run(
             by: &by,
             force,
         };
-        let name = table.to_string();
-        let changed = switchyard_control::change(&authoritative, &request, &config.control, || {
-            switchyard_control::guard::gather(&authoritative, &new, &name, &config)
-        })
-        .await?;
-        anyhow::Ok(changed)
+        let applied = switchyard_control::switch::apply(&authoritative, &new, &config, &request).await?;
+        anyhow::Ok(applied)
     });
     match result {
-        Ok(c) => {
+        Ok(Applied::Switched(s)) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!(
+                    "every configured table -> {} (epoch {}); writes now go to {}; barrier held {:.3} s with {} proxies",
+                    s.to, s.epoch, s.authority, s.barrier_seconds, s.proxies
+                );
+                for m in s.sequences.iter().filter(|m| m.moved) {
+                    println!(
+                        "  sequence {}: {} -> {}",
+                        m.sequence, m.target_before, m.target_after
+                    );
+                }
+                for r in &s.overridden {
+                    println!("  forced over: {r}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Applied::Changed(c)) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&c)?);
             } else if c.from == c.to {

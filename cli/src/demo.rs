@@ -515,9 +515,55 @@ async fn walk(
             ),
         );
     }
+    // Cutover, rollback, cutover again: write authority moves under the barrier.
+    for (name, to) in [
+        ("cutover", "cutover"),
+        ("rollback", "read_shift"),
+        ("cutover again", "cutover"),
+    ] {
+        let before = tally.commits.load(Relaxed);
+        // `--force` only over the rail on unconfigured tables: it needs minutes of observed
+        // write counters, more than the demo runs (every table of the demo is configured).
+        let (ok, out) = step(&[
+            "phase", "--config", &cfg, "--table", TABLES[0], "--to", to, "--force", "--json",
+        ])
+        .await?;
+        if !ok {
+            bail!("phase --to {to} failed: {out}");
+        }
+        let unexpected: Vec<&str> = out["overridden"]
+            .as_array()
+            .map(|o| {
+                o.iter()
+                    .filter_map(Value::as_str)
+                    .filter(|r| !r.contains("not configured"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !unexpected.is_empty() {
+            bail!("cutover needed --force over: {unexpected:?}");
+        }
+        tokio::time::sleep(secs).await;
+        let mut pause: f64 = 0.0;
+        for a in &admins {
+            if let Ok(s) = status(*a).await {
+                pause = pause.max(s["authority"]["last_pause_seconds"].as_f64().unwrap_or(0.0));
+            }
+        }
+        next(
+            name,
+            &format!(
+                "writes now go to {} on both proxies; barrier open {:.2} s, transactions held at most {:.2} s; {} commits since",
+                out["authority"].as_str().unwrap_or("?"),
+                out["barrier_seconds"].as_f64().unwrap_or(0.0),
+                pause,
+                tally.commits.load(Relaxed) - before
+            ),
+        );
+    }
     next(
-        "cutover, rollback",
-        "not built yet (issue 14): the journey stops at read_shift 100; rollback from here is `switchyard phase --to dual_write`",
+        "done",
+        "not built yet (issue 14): OLD is still written (mirrored from NEW) and rollback stays possible",
     );
 
     // The verdict: the workload stops, the repairs settle, every row is compared again.

@@ -321,13 +321,22 @@ fn prepare(file: PathBuf, check: bool, json: bool) -> anyhow::Result<ExitCode> {
         // Phases changed since with `switchyard phase` win over the file's: prepare installs
         // and removes capture triggers by phase.
         let mut config = config.clone();
+        let mut roles = switchyard_store::Roles::OLD_AUTHORITATIVE;
         if let Some(state) = switchyard_control::read(&old).await? {
             for (table, file, control) in switchyard_control::apply_to(&mut config, &state) {
                 eprintln!("{table}: the control state says {control} (the file says {file}); preparing for {control}");
             }
+            // After cutover the capture belongs on NEW, the key records on OLD.
+            if switchyard_control::authoritative(&state) == Role::New {
+                roles = switchyard_store::Roles::NEW_AUTHORITATIVE;
+            }
         }
         let (Store::Postgres(pg_old), Store::Postgres(pg_new)) = (&old, &new);
-        let report = switchyard_store::prepare(pg_old.pool(), pg_new.pool(), &config.tables, !check).await?;
+        let (auth, follower) = match roles.authoritative {
+            Role::Old => (pg_old.pool(), pg_new.pool()),
+            Role::New => (pg_new.pool(), pg_old.pool()),
+        };
+        let report = switchyard_store::prepare_in(roles, auth, follower, &config.tables, !check).await?;
         // The control state every proxy follows starts from the file's phases and read shares
         // (rows that exist are kept: they hold changes made since).
         if !check && report.is_ready() {

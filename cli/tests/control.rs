@@ -186,8 +186,10 @@ async fn phase_and_shift_reach_every_proxy_after_their_guard_rails() {
         .admin_post("/phase?table=public.kv&to=cutover", Some(TOKEN))
         .await
         .unwrap();
+    // Cutover through the admin API: its guard rails refuse (the planted intent is a pending
+    // repair), with the reasons.
     assert_eq!(code, 409, "{body}");
-    assert!(body.contains("not built yet"), "{body}");
+    assert!(body.contains("repairs are pending"), "{body}");
     let (code, body) = a
         .admin_post("/shift?table=public.kv&reads=30&force=true", Some(TOKEN))
         .await

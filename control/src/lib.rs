@@ -12,7 +12,9 @@
 //! [`CHANNEL`], which proxies listen to (and poll, so a lost notification costs at most one
 //! poll interval).
 
+pub mod barrier;
 pub mod guard;
+pub mod switch;
 
 use serde::Serialize;
 use switchyard_config::{Config, ControlSettings, Phase, TableName};
@@ -61,6 +63,8 @@ pub struct ControlState {
     /// The largest epoch: grows with every change.
     pub epoch: i64,
     pub tables: Vec<TableControl>,
+    /// The cutover barrier, while one is open (`barrier`).
+    pub barrier: Option<barrier::Barrier>,
 }
 
 impl ControlState {
@@ -121,6 +125,10 @@ pub async fn seed(store: &Store, config: &Config, by: &str) -> Result<ControlSta
         .execute(&mut *tx)
         .await
         .map_err(failed(store, "creating the control tables"))?;
+    sqlx::raw_sql(barrier::DDL)
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(store, "creating the barrier's tables"))?;
     lock(&mut tx, store).await?;
     let mut added = 0;
     for t in &config.tables {
@@ -192,6 +200,10 @@ pub async fn read(store: &Store) -> Result<Option<ControlState>, StoreError> {
             changed_by,
         });
     }
+    state.barrier = barrier::open_barrier(store).await?;
+    if let Some(b) = &state.barrier {
+        state.epoch = state.epoch.max(b.epoch);
+    }
     Ok(Some(state))
 }
 
@@ -214,8 +226,13 @@ pub fn transition(from: Phase, to: Phase) -> Result<(), String> {
         ),
         (DualWrite, ShadowRead | ReadShift) | (ShadowRead, ReadShift) => Ok(()),
         (ShadowRead | ReadShift, DualWrite) | (ReadShift, ShadowRead) => Ok(()),
-        (_, Cutover | Done) | (Cutover, _) => Err(format!(
-            "moving from {from} to {to} is not built yet: cutover and done are refused (issue 14)"
+        // Write authority moves for every table together, under the barrier (`switch`).
+        (ReadShift, Cutover) | (Cutover, DualWrite | ShadowRead | ReadShift) => Ok(()),
+        (_, Cutover) => Err(format!(
+            "cutover comes from read_shift (the table is in {from}); move it there first"
+        )),
+        (_, Done) | (Cutover, _) => Err(format!(
+            "moving from {from} to {to} is not built yet: done is refused (issue 14)"
         )),
         (_, Passthrough) => Err(format!(
             "moving back from {from} to passthrough would stop mirroring while NEW holds copied rows; \
@@ -522,6 +539,9 @@ mod tests {
             (ReadShift, DualWrite),
             (ShadowRead, DualWrite),
             (ReadShift, ReadShift),
+            (ReadShift, Cutover),
+            (Cutover, ReadShift),
+            (Cutover, DualWrite),
         ] {
             assert_eq!(transition(from, to), Ok(()), "{from} -> {to}");
         }
@@ -529,7 +549,8 @@ mod tests {
             (Passthrough, ReadShift, "one phase at a time"),
             (Passthrough, DualWrite, "restart the proxies"),
             (DualWrite, Passthrough, "restart the proxies"),
-            (ReadShift, Cutover, "not built yet"),
+            (DualWrite, Cutover, "comes from read_shift"),
+            (Cutover, Done, "not built yet"),
             (Done, ReadShift, "stays there"),
         ] {
             let refused = transition(from, to).unwrap_err();

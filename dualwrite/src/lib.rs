@@ -159,11 +159,7 @@ impl Mirror {
     /// passthrough relay). Fails when a table's schema cannot be read, when `switchyard prepare`
     /// has not been run for these roles, or for phases not built yet.
     pub async fn start(config: &Config, roles: Roles) -> Result<Option<Arc<Mirror>>, StartError> {
-        if let Some(t) = config
-            .tables
-            .iter()
-            .find(|t| matches!(t.phase, Phase::Cutover | Phase::Done))
-        {
+        if let Some(t) = config.tables.iter().find(|t| t.phase == Phase::Done) {
             return Err(StartError::UnsupportedPhase {
                 table: t.name.to_string(),
                 phase: t.phase,

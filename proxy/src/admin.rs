@@ -74,17 +74,18 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
     let history = state.drift.history();
     let backfill = state.drift.backfill();
     let control = state.control.state();
+    let engine = state.engine();
     let tables: Vec<_> = config
         .tables
         .iter()
         .map(|t| {
             let name = t.name.to_string();
-            let mirrored = state
+            let mirrored = engine
                 .mirror
                 .as_ref()
                 .and_then(|m| m.tables.iter().find(|mt| mt.name == t.name));
             // Why the table's mirror waits for OLD and NEW to match again, if it does.
-            let held = state
+            let held = engine
                 .mirror
                 .as_ref()
                 .and_then(|m| m.held(m.table_index(&t.name.to_string())?));
@@ -103,12 +104,12 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
                 refusals.as_deref(),
             );
             // Counts by outcome and recent examples, for a table in `shadow_read`.
-            let shadow_reads = state.mirror.as_ref().and_then(|m| {
+            let shadow_reads = engine.mirror.as_ref().and_then(|m| {
                 let stats = m.shadow.as_ref()?.table(m.table_index(&name)?)?;
                 Some(stats.to_json())
             });
             // Reads served per store, for a table in `read_shift`.
-            let reads = state.mirror.as_ref().and_then(|m| {
+            let reads = engine.mirror.as_ref().and_then(|m| {
                 let (_, c) = m.shift.tables().find(|(n, _)| *n == name)?;
                 Some(json!({
                     "old": c.old.load(std::sync::atomic::Ordering::Relaxed),
@@ -150,7 +151,7 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
             })
         })
         .collect();
-    let mirror = state.mirror.as_ref().map(|m| {
+    let mirror = engine.mirror.as_ref().map(|m| {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &m.stats;
         let n = s.latency_count.load(Relaxed);
@@ -192,6 +193,15 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
         "control": {
             "epoch": control.as_ref().map(|c| c.epoch),
             "read_seconds_ago": state.control.age(),
+            "barrier": control.as_ref().and_then(|c| c.barrier.clone()),
+        },
+        "authority": {
+            "writes_to": engine.roles.authoritative.name(),
+            "generation": engine.generation,
+            "proxy_id": state.authority.proxy_id,
+            "held_for_barrier": state.authority.closed_for(),
+            "busy_sessions": state.authority.busy(),
+            "last_pause_seconds": state.authority.last_pause_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6,
         },
         "tables": tables,
         "mirror": mirror,
@@ -297,11 +307,8 @@ async fn act(
     if let Err(e) = seeded {
         return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     }
-    let table = name.to_string();
-    let result = switchyard_control::change(authoritative, &request, &state.config.control, || {
-        switchyard_control::guard::gather(authoritative, &state.new_store, &table, &state.config)
-    })
-    .await;
+    let result =
+        switchyard_control::switch::apply(authoritative, &state.new_store, &state.config, &request).await;
     match result {
         Ok(changed) => (StatusCode::OK, Json(json!(changed))),
         Err(switchyard_control::ControlError::Refused { table, reasons }) => (

@@ -10,10 +10,12 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use switchyard_pgwire::startup::CancelKey;
 
-/// Live sessions' cancel keys and the upstream address each one belongs to.
+/// Live sessions' cancel keys: the key the client knows, the upstream address and the key of
+/// the backend the session runs on now (another one once the session moved to the other store
+/// at cutover).
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
-    keys: DashMap<CancelKey, SocketAddr>,
+    keys: DashMap<CancelKey, (SocketAddr, CancelKey)>,
 }
 
 /// Removes a key from the registry when its session ends.
@@ -29,9 +31,10 @@ impl Drop for CancelGuard {
 }
 
 impl CancelRegistry {
-    /// Records a session's key; the returned guard removes it again.
-    pub fn register(self: &Arc<Self>, key: CancelKey, upstream: SocketAddr) -> CancelGuard {
-        self.keys.insert(key.clone(), upstream);
+    /// Records a session's key (`key`, as the client knows it) and the backend's (`real`, at
+    /// `upstream`); the returned guard removes it again. Registering the key again replaces it.
+    pub fn register(self: &Arc<Self>, key: CancelKey, upstream: SocketAddr, real: CancelKey) -> CancelGuard {
+        self.keys.insert(key.clone(), (upstream, real));
         CancelGuard {
             registry: Arc::clone(self),
             key,
@@ -50,10 +53,10 @@ impl CancelRegistry {
 
     /// Forwards a CancelRequest to the backend that owns `key`. Returns whether it was known.
     pub async fn forward(&self, key: &CancelKey) -> std::io::Result<bool> {
-        let Some(addr) = self.keys.get(key).map(|e| *e.value()) else {
+        let Some((addr, real)) = self.keys.get(key).map(|e| e.value().clone()) else {
             return Ok(false);
         };
-        send_cancel_request(addr, key).await?;
+        send_cancel_request(addr, &real).await?;
         Ok(true)
     }
 }

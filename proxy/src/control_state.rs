@@ -16,10 +16,11 @@ use crate::shutdown::{Shutdown, ShutdownState};
 pub(crate) type OnChange = Box<dyn Fn(&TableControl) + Send + Sync>;
 
 /// The latest control state read, and when.
-#[derive(Default)]
 pub(crate) struct ControlFollower {
     latest: RwLock<Option<(Arc<ControlState>, Instant)>>,
     on_change: Option<OnChange>,
+    /// Every state read, for the write authority's follower (`crate::authority`).
+    updates: tokio::sync::watch::Sender<Option<Arc<ControlState>>>,
 }
 
 impl ControlFollower {
@@ -29,7 +30,13 @@ impl ControlFollower {
         ControlFollower {
             latest: RwLock::default(),
             on_change,
+            updates: tokio::sync::watch::Sender::new(None),
         }
+    }
+
+    /// Every state read from now on (and the latest one).
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<Arc<ControlState>>> {
+        self.updates.subscribe()
     }
 
     /// The state as last read; `None` until the control state exists (before `switchyard
@@ -69,7 +76,10 @@ impl ControlFollower {
                 }
             }
         }
-        *latest = Some((Arc::new(state), Instant::now()));
+        let state = Arc::new(state);
+        *latest = Some((Arc::clone(&state), Instant::now()));
+        drop(latest);
+        self.updates.send_replace(Some(state));
     }
 
     async fn refresh(&self, store: &Store) {

@@ -12,6 +12,7 @@
 
 mod admin;
 mod auth;
+mod authority;
 pub mod cancel;
 pub mod classify;
 mod control_state;

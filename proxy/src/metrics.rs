@@ -383,6 +383,17 @@ impl Metrics {
             .build();
     }
 
+    /// How long this proxy last held new transactions for a cutover barrier:
+    /// `switchyard_cutover_pause_seconds` (0 before any).
+    pub(crate) fn register_authority(&self, authority: Arc<crate::authority::Authority>) {
+        self.provider
+            .meter("switchyard")
+            .f64_observable_gauge("switchyard_cutover_pause_seconds")
+            .with_description("How long new transactions last waited for a cutover barrier in this proxy")
+            .with_callback(move |o| o.observe(authority.last_pause_us.load(Relaxed) as f64 / 1e6, &[]))
+            .build();
+    }
+
     /// The latest drift figures per configured table: `switchyard_drift_rate{table,bound}`
     /// (`bound`: `estimate`, `low`, `high` of the 95% interval; a verify's are all its exact
     /// rate) and `switchyard_drift_age_seconds{table}`, from the most recent result of either

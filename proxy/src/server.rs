@@ -105,7 +105,7 @@ pub async fn run_with_reload(
     shutdown: Shutdown,
     reloads: watch::Receiver<Arc<Config>>,
 ) -> Result<(), StartError> {
-    serve(config, Roles::OLD_AUTHORITATIVE, listeners, shutdown, reloads).await
+    serve(config, None, listeners, shutdown, reloads).await
 }
 
 /// Runs the proxy with the stores in `roles`: sessions log in to `roles.authoritative` and the
@@ -120,12 +120,14 @@ pub async fn run_with_roles(
     shutdown: Shutdown,
 ) -> Result<(), StartError> {
     let (_never, reloads) = watch::channel(Arc::clone(&config));
-    serve(config, roles, listeners, shutdown, reloads).await
+    serve(config, Some(roles), listeners, shutdown, reloads).await
 }
 
 async fn serve(
     config: Arc<Config>,
-    roles: Roles,
+    // `None`: the control state says which store takes the writes, and the proxy follows it
+    // when it changes (cutover); `Some`: fixed (the engine's tests).
+    roles: Option<Roles>,
     listeners: Listeners,
     shutdown: Shutdown,
     mut reloads: watch::Receiver<Arc<Config>>,
@@ -147,6 +149,17 @@ async fn serve(
         Arc::clone(&state.control),
         state.old_store.clone(),
         state.config.control.poll_interval,
+        shutdown.clone(),
+    ));
+    tokio::spawn(crate::authority::follow(
+        Arc::clone(&state.authority),
+        crate::authority::Follow {
+            control_store: state.old_store.clone(),
+            poll: state.config.control.poll_interval,
+            build: state.engine_builder(),
+            follow_authority: roles.is_none(),
+        },
+        state.control.subscribe(),
         shutdown.clone(),
     ));
     let admin = listeners
@@ -179,8 +192,8 @@ async fn serve(
     tracing::info!(
         listen = ?addr,
         workers = workers.len(),
-        authoritative = state.upstream.store.name(),
-        url = %state.upstream.url.redacted(),
+        authoritative = state.engine().upstream.store.name(),
+        url = %state.engine().upstream.url.redacted(),
         "proxy ready"
     );
     let mut result = Ok(());

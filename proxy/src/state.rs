@@ -17,6 +17,7 @@ use switchyard_store::{PoolSettings, Role, Roles, Store};
 use tokio::sync::Semaphore;
 
 use crate::auth::{AuthLookup, ClientAuth};
+use crate::authority::{Authority, Engine};
 use crate::cancel::CancelRegistry;
 use crate::control_state::ControlFollower;
 use crate::drift_figures::DriftFigures;
@@ -25,6 +26,9 @@ use crate::login_gate::LoginGate;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
+/// Applies a table's control row to a dual-write engine.
+type OnPhase = Arc<dyn Fn(&Mirror, &switchyard_control::TableControl) + Send + Sync>;
+
 /// What every session and the admin API share.
 pub(crate) struct ProxyState {
     pub(crate) config: Arc<Config>,
@@ -32,7 +36,6 @@ pub(crate) struct ProxyState {
     client_auth: RwLock<Arc<ClientAuth>>,
     /// `[auth] auth_lookup`, kept across reloads of the users.
     auth_lookup: Option<Arc<AuthLookup>>,
-    pub(crate) upstream: WireTarget,
     pub(crate) cancel: Arc<CancelRegistry>,
     pub(crate) metrics: Metrics,
     pub(crate) connection_slots: Arc<Semaphore>,
@@ -44,6 +47,8 @@ pub(crate) struct ProxyState {
     tls: RwLock<Arc<TlsState>>,
     /// The control state (each table's phase and read share), followed in the background.
     pub(crate) control: Arc<ControlFollower>,
+    /// Applies a table's control row to a dual-write engine (shadow and read shares).
+    on_phase: OnPhase,
     /// Failed logins are logged at most this often.
     pub(crate) auth_failures: LogLimiter,
     /// The connections still logging in (`[proxy] max_pending_logins`).
@@ -56,8 +61,9 @@ pub(crate) struct ProxyState {
     pub(crate) next_session_id: AtomicU64,
     pub(crate) old_store: Store,
     pub(crate) new_store: Store,
-    /// The dual-write engine, when some table is in a mirrored phase.
-    pub(crate) mirror: Option<Arc<Mirror>>,
+    /// Write authority: the store sessions log in to and the dual-write engine (when some
+    /// table is in a mirrored phase), replaced at cutover; the barrier's gate.
+    pub(crate) authority: Arc<Authority>,
 }
 
 impl ProxyState {
@@ -66,7 +72,7 @@ impl ProxyState {
     /// Sessions log in to `roles.authoritative`.
     pub(crate) async fn build(
         config: Arc<Config>,
-        roles: Roles,
+        roles: Option<Roles>,
         shutdown: Shutdown,
     ) -> Result<ProxyState, StartError> {
         // Only the engine can make a lazy connect fail.
@@ -80,12 +86,14 @@ impl ProxyState {
         };
         let old_store = connect(Role::Old)?;
         let new_store = connect(Role::New)?;
-        let upstream_url = &roles.authoritative.settings(&config).url;
+        // Secrets are looked up on OLD (where the roles were made), unless the roles are fixed.
+        let lookup_role = roles.map_or(Role::Old, |r| r.authoritative);
+        let upstream_url = &lookup_role.settings(&config).url;
         let auth_lookup = match &config.auth.auth_query {
             Some(query) => Some(Arc::new(AuthLookup {
                 // A pool of its own: lookups never wait behind the proxy's other queries.
                 store: Store::connect_lazy_with(
-                    roles.authoritative,
+                    lookup_role,
                     upstream_url,
                     &PoolSettings {
                         application_name: "switchyard auth_query",
@@ -111,7 +119,14 @@ impl ProxyState {
         })
         .await
         .map_err(|e| StartError::Telemetry(e.to_string()))??;
-        let config = with_control_state(config, &old_store).await;
+        let (config, control) = with_control_state(config, &old_store).await;
+        // The control state says which store takes the writes (NEW once the tables cut over),
+        // unless the caller chose the roles (the engine's tests).
+        let roles = match (&control, roles) {
+            (_, Some(fixed)) => fixed,
+            (Some(c), None) => crate::authority::roles_of(c),
+            (None, None) => Roles::OLD_AUTHORITATIVE,
+        };
         let mirror = Mirror::start(&config, roles).await?;
         let drift = Arc::new(DriftFigures::default());
         metrics.register_drift(
@@ -126,13 +141,36 @@ impl ProxyState {
             metrics.register_read_shift(Arc::clone(&m.shift));
             tracing::info!(tables = m.tables.len(), "dual writes enabled");
         }
+        let on_phase: OnPhase = {
+            let shares: Vec<(String, u8)> = config
+                .tables
+                .iter()
+                .map(|t| (t.name.to_string(), t.shadow_share))
+                .collect();
+            Arc::new(move |m: &Mirror, t: &switchyard_control::TableControl| {
+                let share = shares
+                    .iter()
+                    .find(|(n, _)| *n == t.table)
+                    .map_or(100, |(_, s)| *s);
+                m.follow_phase(&t.table, t.phase, share, t.read_share);
+            })
+        };
+        let authority = Arc::new(Authority::new(Engine::new(0, roles, &config, mirror)));
+        metrics.register_authority(Arc::clone(&authority));
+        let control = {
+            let authority = Arc::clone(&authority);
+            let on_phase = Arc::clone(&on_phase);
+            Arc::new(ControlFollower::new(Some(
+                Box::new(move |t: &switchyard_control::TableControl| {
+                    if let Some(m) = &authority.engine().mirror {
+                        on_phase(m, t);
+                    }
+                }) as crate::control_state::OnChange,
+            )))
+        };
         Ok(ProxyState {
             client_auth: RwLock::new(Arc::new(client_auth)),
             auth_lookup,
-            upstream: WireTarget {
-                url: roles.authoritative.settings(&config).url.clone(),
-                store: roles.authoritative,
-            },
             cancel: Arc::new(CancelRegistry::default()),
             metrics,
             connection_slots: Arc::new(Semaphore::new(config.proxy.max_connections as usize)),
@@ -140,21 +178,8 @@ impl ProxyState {
             fd_limit: raise_fd_limit(),
             auth_failures: LogLimiter::new(10, Duration::from_secs(1)),
             drift,
-            control: Arc::new(ControlFollower::new(mirror.as_ref().map(|m| {
-                let m = Arc::clone(m);
-                let shares: Vec<(String, u8)> = config
-                    .tables
-                    .iter()
-                    .map(|t| (t.name.to_string(), t.shadow_share))
-                    .collect();
-                Box::new(move |t: &switchyard_control::TableControl| {
-                    let share = shares
-                        .iter()
-                        .find(|(n, _)| *n == t.table)
-                        .map_or(100, |(_, s)| *s);
-                    m.follow_phase(&t.table, t.phase, share, t.read_share);
-                }) as crate::control_state::OnChange
-            }))),
+            control,
+            on_phase,
             tls: RwLock::new(Arc::new(tls)),
             limits: MessageLimits {
                 max_message_bytes: config.proxy.max_message_bytes,
@@ -164,8 +189,43 @@ impl ProxyState {
             next_session_id: AtomicU64::new(1),
             old_store,
             new_store,
-            mirror,
+            authority,
             config,
+        })
+    }
+
+    /// OLD's server, for clients of its other databases (relayed as they are, never migrated).
+    pub(crate) fn old_target(&self) -> WireTarget {
+        WireTarget {
+            url: self.config.old.url.clone(),
+            store: Role::Old,
+        }
+    }
+
+    /// The engine as of now (the authoritative store, the dual-write engine).
+    pub(crate) fn engine(&self) -> Arc<Engine> {
+        self.authority.engine()
+    }
+
+    /// Builds the engine for `roles` (a move of write authority): the dual-write engine started
+    /// for the control state's phases, with the current phases and read shares applied.
+    pub(crate) fn engine_builder(self: &Arc<Self>) -> crate::authority::BuildEngine {
+        let me = Arc::downgrade(self);
+        Box::new(move |roles, generation| {
+            let me = me.clone();
+            Box::pin(async move {
+                let Some(state) = me.upgrade() else {
+                    return Err("the proxy is stopping".to_owned());
+                };
+                let (config, control) = with_control_state(Arc::clone(&state.config), &state.old_store).await;
+                let mirror = Mirror::start(&config, roles).await.map_err(|e| e.to_string())?;
+                if let (Some(m), Some(c)) = (&mirror, &control) {
+                    for t in &c.tables {
+                        (state.on_phase)(m, t);
+                    }
+                }
+                Ok(Engine::new(generation, roles, &config, mirror))
+            })
         })
     }
 
@@ -228,11 +288,14 @@ impl TlsState {
 /// over the file's once `switchyard prepare` seeded it (a proxy restarted with an old file must
 /// not undo a change made with `switchyard phase`). Without a control state, or when it cannot
 /// be read, the file's values stand.
-async fn with_control_state(config: Arc<Config>, authoritative: &Store) -> Arc<Config> {
+async fn with_control_state(
+    config: Arc<Config>,
+    authoritative: &Store,
+) -> (Arc<Config>, Option<switchyard_control::ControlState>) {
     // Without tables there is nothing to take from it, and a proxy in front of an unreachable
     // store must still start at once (and tell its clients).
     if config.tables.is_empty() {
-        return config;
+        return (config, None);
     }
     match switchyard_control::read(authoritative).await {
         Ok(Some(state)) => {
@@ -240,12 +303,12 @@ async fn with_control_state(config: Arc<Config>, authoritative: &Store) -> Arc<C
             for (table, file, control) in switchyard_control::apply_to(&mut config, &state) {
                 tracing::info!(%table, %file, %control, epoch = state.epoch, "the control state's phase and read share apply");
             }
-            Arc::new(config)
+            (Arc::new(config), Some(state))
         }
-        Ok(None) => config,
+        Ok(None) => (config, None),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the control state at start; the file's phases apply");
-            config
+            (config, None)
         }
     }
 }

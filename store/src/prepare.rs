@@ -166,9 +166,13 @@ pub async fn prepare_in(
     Ok(report)
 }
 
-/// Whether writes to a table in `phase` are captured on OLD and mirrored to NEW.
+/// Whether writes to a table in `phase` are captured on the authoritative store and mirrored
+/// to the follower (OLD to NEW, and in `cutover` NEW to OLD).
 pub fn captured_phase(phase: Phase) -> bool {
-    matches!(phase, Phase::DualWrite | Phase::ShadowRead | Phase::ReadShift)
+    matches!(
+        phase,
+        Phase::DualWrite | Phase::ShadowRead | Phase::ReadShift | Phase::Cutover
+    )
 }
 
 /// OLD's capture triggers ([`crate::capture`]): installed on the tables in a mirrored phase,

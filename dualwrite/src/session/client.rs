@@ -96,6 +96,7 @@ where
                         name,
                     }) => {
                         self.shadow_close(Target::Statement, name);
+                        self.parses.remove(name);
                         self.statements.remove(name)
                     }
                     Some(ClientMessage::Close { name, .. }) => {
@@ -144,6 +145,7 @@ where
         let Some(ClientMessage::Parse { statement: name, sql }) = msg else {
             return;
         };
+        self.parses.insert(name.to_vec(), frame.clone());
         let sql = String::from_utf8_lossy(sql);
         let analysis = self.mirror.analyzer.analyze(&sql);
         self.shadow_parse(name, &sql, &analysis, frame);

@@ -12,6 +12,14 @@ where
     pub(super) async fn run(&mut self) -> Result<SessionEnd, SessionError> {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
+            // A quiet session the client sends something: the proxy may hold it (a barrier)
+            // or move it to the other store first.
+            if !self.client_buf.is_empty() && !self.entered && self.is_quiet() {
+                if self.host.enter().await {
+                    return Ok(SessionEnd::Reroute);
+                }
+                self.entered = true;
+            }
             // Process every complete client message already buffered.
             while let Some((tag, frame)) = take_frame(&mut self.client_buf, self.params.limits)
                 .map_err(SessionError::ClientProtocol)?
@@ -41,6 +49,10 @@ where
                 self.host.answered();
             }
             self.flush_client().await?;
+            if self.entered && self.is_quiet() {
+                self.host.quiet();
+                self.entered = false;
+            }
             let idle = self.status == TransactionStatus::Idle && self.expect.is_empty() && !self.txn.open();
             match self.host.stop() {
                 Stop::Now => return Ok(SessionEnd::ShutdownNow),
@@ -85,6 +97,17 @@ where
                 } => return Ok(SessionEnd::ShutdownNow),
             }
         }
+    }
+
+    /// No transaction open, nothing unanswered or held: the session may move to another store.
+    fn is_quiet(&self) -> bool {
+        self.status == TransactionStatus::Idle
+            && self.expect.is_empty()
+            && self.to_up.is_empty()
+            && self.txn == Txn::None
+            && !self.dirty
+            && self.held.is_none()
+            && self.pending.is_none()
     }
 
     pub(super) async fn flush_upstream(&mut self) -> Result<(), SessionError> {

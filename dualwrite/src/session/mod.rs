@@ -108,6 +108,9 @@ pub enum SessionEnd {
     ShutdownNow,
     /// The client was idle outside a transaction for too long.
     IdleTimeout,
+    /// Write authority moved to the other store: the session goes on there (what it takes
+    /// along is in the relay's `resume`).
+    Reroute,
 }
 
 /// Whether the proxy running the session is stopping.
@@ -137,6 +140,37 @@ pub trait SessionHost: Send {
     fn answered(&mut self);
     /// The authoritative store answered a statement with an error.
     fn statement_error(&mut self);
+    /// The session is quiet (no transaction, nothing unanswered) and the client sent
+    /// something: waits while the proxy holds new transactions (the cutover barrier), then
+    /// counts the session as busy until [`SessionHost::quiet`]. `true` when the session must
+    /// first move to the other store ([`SessionEnd::Reroute`]; it is then not counted).
+    fn enter(&mut self) -> impl std::future::Future<Output = bool> + Send {
+        std::future::ready(false)
+    }
+    /// The session is quiet again after [`SessionHost::enter`].
+    fn quiet(&mut self) {}
+}
+
+/// What a session moving to the other store takes along ([`SessionEnd::Reroute`]): the client's
+/// bytes not processed yet, its settings, its prepared statements, its read-shift draw.
+pub struct Resume {
+    pub client_buf: BytesMut,
+    settings: Option<SessionSettings>,
+    parses: HashMap<Vec<u8>, Bytes>,
+    shift_draw: u8,
+}
+
+impl Resume {
+    /// The statement that gives a new connection the session's settings (`None`: none to
+    /// give), and the Parse messages that prepare its statements there again.
+    pub fn replay(&mut self) -> (Option<String>, Vec<Bytes>) {
+        let prelude = self
+            .settings
+            .as_mut()
+            .map(|s| s.prelude().to_string())
+            .filter(|p| !p.is_empty());
+        (prelude, self.parses.values().cloned().collect())
+    }
 }
 
 /// Settings of one session.
@@ -319,11 +353,20 @@ struct MirrorSession<'a, R, W, H> {
     served_conn: Option<crate::shift::ServedConn>,
     held: Option<Vec<(u8, Bytes)>>,
     no_hold: bool,
+    /// Every prepared statement's Parse, by name, so a session moving to the other store can
+    /// prepare them there again.
+    parses: HashMap<Vec<u8>, Bytes>,
+    /// Counted busy by the host ([`SessionHost::enter`]).
+    entered: bool,
 }
 
 /// Runs a session in dual-write mode until one side ends: `client` is the client's connection
 /// (read and write halves, with what was already read from it in `client_buf`), `upstream` the
 /// logged-in connection to the authoritative store (likewise).
+///
+/// `resume` carries a session across a move of write authority: given, the session goes on
+/// with what it had on the other store; on [`SessionEnd::Reroute`] it is filled.
+#[allow(clippy::too_many_arguments)]
 pub async fn relay<R, W, H>(
     mirror: &Arc<Mirror>,
     params: SessionParams,
@@ -332,16 +375,26 @@ pub async fn relay<R, W, H>(
     upstream: (&mut R, &mut W),
     up_buf: BytesMut,
     host: &mut H,
+    resume: &mut Option<Resume>,
 ) -> Result<SessionEnd, SessionError>
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
     H: SessionHost,
 {
-    let shadow_settings = mirror
-        .shadow
-        .as_ref()
-        .map(|_| SessionSettings::from_startup(&params.startup));
+    let resumed = resume.take();
+    let (client_buf, shadow_settings, parses, shift_draw) = match resumed {
+        Some(r) => (r.client_buf, r.settings, r.parses, r.shift_draw),
+        None => (
+            client_buf,
+            mirror
+                .shadow
+                .as_ref()
+                .map(|_| SessionSettings::from_startup(&params.startup)),
+            HashMap::new(),
+            rand::random::<u8>() % 100,
+        ),
+    };
     let mut s = MirrorSession {
         mirror,
         params,
@@ -370,12 +423,25 @@ where
         shadow_settings,
         shadow_statements: HashMap::new(),
         shadow_portals: HashMap::new(),
-        shift_draw: rand::random::<u8>() % 100,
+        shift_draw,
         served_conn: None,
         held: None,
         no_hold: false,
+        parses,
+        entered: false,
     };
     let result = s.run().await;
+    if s.entered {
+        s.host.quiet();
+    }
+    if matches!(result, Ok(SessionEnd::Reroute)) {
+        *resume = Some(Resume {
+            client_buf: std::mem::take(&mut s.client_buf),
+            settings: s.shadow_settings.take(),
+            parses: std::mem::take(&mut s.parses),
+            shift_draw: s.shift_draw,
+        });
+    }
     if let Some(p) = s.pending.take() {
         // The session died inside the commit sequence: OLD's outcome is unknown here, the intent
         // (if OLD committed) is on OLD; let the repair loop decide.

@@ -144,6 +144,7 @@ fn start(idle_timeout: Option<Duration>) -> Harness {
             (&mut ur, &mut uw),
             BytesMut::new(),
             &mut host,
+            &mut None,
         )
         .await;
         (end, host.counts)

@@ -18,23 +18,32 @@ use switchyard_pgwire::frontend;
 use switchyard_dualwrite::session::{SessionHost, Stop};
 
 use super::relay::StatementKinds;
+use crate::authority::Authority;
 use crate::error::{ErrorKind, ErrorSource};
 use crate::metrics::Metrics;
 use crate::shutdown::{Shutdown, ShutdownState};
+use std::sync::Arc;
 
 /// The proxy's side of a dual-write session: its stop signal and its metrics.
 pub(crate) struct DualHost<'a> {
     shutdown: Shutdown,
     meter: RequestMeter,
     metrics: &'a Metrics,
+    /// The write authority's gate, and the engine generation the session runs.
+    authority: (&'a Arc<Authority>, u64),
 }
 
 impl<'a> DualHost<'a> {
-    pub(crate) fn new(shutdown: Shutdown, metrics: &'a Metrics) -> Self {
+    pub(crate) fn new(
+        shutdown: Shutdown,
+        metrics: &'a Metrics,
+        authority: (&'a Arc<Authority>, u64),
+    ) -> Self {
         DualHost {
             shutdown,
             meter: RequestMeter::default(),
             metrics,
+            authority,
         }
     }
 }
@@ -65,6 +74,15 @@ impl SessionHost for DualHost<'_> {
         self.metrics
             .counters
             .error(ErrorSource::Old, ErrorKind::Statement);
+    }
+
+    async fn enter(&mut self) -> bool {
+        let (authority, generation) = self.authority;
+        authority.enter(generation).await
+    }
+
+    fn quiet(&mut self) {
+        self.authority.0.quiet();
     }
 }
 

@@ -6,6 +6,9 @@
 
 pub(crate) mod meter;
 pub(crate) mod relay;
+mod reroute;
+
+use reroute::Who;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,8 +25,8 @@ use crate::auth::{send_fatal, ClientCredential};
 use crate::io;
 use crate::net::ClientStream;
 use relay::{RelayParams, SessionEnd};
-use switchyard_config::{OtherDatabases, TlsMode, UpstreamLogin};
-use switchyard_store::wire::{Login, LoginOutcome};
+use switchyard_config::{OtherDatabases, TlsMode};
+use switchyard_store::wire::LoginOutcome;
 
 use crate::error::SessionError;
 use crate::shutdown::ShutdownState;
@@ -134,32 +137,23 @@ async fn run_session(
     let database = startup
         .param("database")
         .filter(|d| !d.is_empty())
-        .unwrap_or(&user);
-    // The client's own role (and database), or the URL's user for every client.
-    let as_whom = match state.config.auth.upstream_login {
-        UpstreamLogin::Client => Login {
-            user: &user,
-            database,
-            credential: credential.as_wire(),
-            of_url: false,
-        },
-        UpstreamLogin::Service => Login {
-            database,
-            ..state.upstream.url_login()
-        },
+        .unwrap_or(&user)
+        .to_owned();
+    // Another database of the same server is relayed as it is, on OLD's server: only the
+    // store's own database is migrated.
+    let mut engine = state.engine();
+    let target = if other_database {
+        state.old_target()
+    } else {
+        engine.upstream.clone()
     };
-    let login = state
-        .upstream
-        .connect_as(
-            as_whom,
-            startup.protocol,
-            &startup.params,
-            settings.connect_timeout,
-            settings.tcp_keepalive,
-        )
-        .instrument(span.clone())
-        .await
-        .map_err(SessionError::from);
+    let who = Who {
+        user: &user,
+        database: &database,
+        credential: &credential,
+        startup: &startup,
+    };
+    let login = who.login(state, &target).instrument(span.clone()).await;
     let upstream = match login {
         Ok(LoginOutcome::Ready(u)) => u,
         Ok(LoginOutcome::Refused(refused)) => {
@@ -169,7 +163,7 @@ async fn run_session(
             return Err(SessionError::UpstreamLogin(refused.message));
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot open a session on the OLD store");
+            tracing::warn!(error = %e, store = target.store.name(), "cannot open a session on the store");
             let fatal = e.client_message().unwrap_or_else(|| {
                 ErrorResponse::fatal(
                     sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
@@ -182,9 +176,12 @@ async fn run_session(
         }
     };
     let upstream_addr = upstream.stream.peer_addr().map_err(SessionError::UpstreamIo)?;
-    let _cancel_guard = upstream.cancel_key.clone().map(|key| {
+    // The key the client knows is the first backend's; after a move to the other store it
+    // still names this session.
+    let client_key = upstream.cancel_key.clone();
+    let mut cancel_guard = client_key.clone().map(|key| {
         span.record("backend_pid", key.pid);
-        state.cancel.register(key, upstream_addr)
+        state.cancel.register(key.clone(), upstream_addr, key)
     });
 
     let mut hello = BytesMut::with_capacity(upstream.greeting.len() + 64);
@@ -198,46 +195,85 @@ async fn run_session(
 
     let (mut client_rd, mut client_wr) = client.into_split().map_err(SessionError::ClientIo)?;
     let (mut up_rd, mut up_wr) = crate::net::split_store(upstream.stream);
-    let params = RelayParams {
-        limits: state.limits,
-        idle_timeout: settings.client_idle_timeout,
-        metrics: &state.metrics,
-        span,
-    };
-    // Another database of the same server is relayed as it is: only the store's own database
-    // is migrated.
-    let mirror = state.mirror.as_ref().filter(|_| !other_database);
-    let end = match mirror {
-        None => {
-            relay::relay(
-                params,
-                (&mut client_rd, &mut client_wr),
-                buf,
-                (&mut up_rd, &mut up_wr),
-                upstream.buf,
-                state.shutdown.clone(),
-            )
-            .await
+    let mut up_buf = upstream.buf;
+    let mut client_buf = buf;
+    let mut resume: Option<switchyard_dualwrite::session::Resume> = None;
+    let end = loop {
+        let params = RelayParams {
+            limits: state.limits,
+            idle_timeout: settings.client_idle_timeout,
+            metrics: &state.metrics,
+            span,
+        };
+        let end = match engine.mirror.as_ref().filter(|_| !other_database) {
+            None => {
+                relay::relay(
+                    params,
+                    (&mut client_rd, &mut client_wr),
+                    std::mem::take(&mut client_buf),
+                    (&mut up_rd, &mut up_wr),
+                    std::mem::take(&mut up_buf),
+                    state.shutdown.clone(),
+                )
+                .await
+            }
+            Some(mirror) => {
+                let mut host = meter::DualHost::new(
+                    state.shutdown.clone(),
+                    &state.metrics,
+                    (&state.authority, engine.generation),
+                );
+                switchyard_dualwrite::session::relay(
+                    mirror,
+                    switchyard_dualwrite::session::SessionParams {
+                        limits: params.limits,
+                        idle_timeout: params.idle_timeout,
+                        startup: startup.params.clone(),
+                    },
+                    (&mut client_rd, &mut client_wr),
+                    std::mem::take(&mut client_buf),
+                    (&mut up_rd, &mut up_wr),
+                    std::mem::take(&mut up_buf),
+                    &mut host,
+                    &mut resume,
+                )
+                .await
+                .map_err(SessionError::from)
+            }
+        };
+        if !matches!(end, Ok(SessionEnd::Reroute)) {
+            break end;
         }
-        Some(mirror) => {
-            let mut host = meter::DualHost::new(state.shutdown.clone(), &state.metrics);
-            switchyard_dualwrite::session::relay(
-                mirror,
-                switchyard_dualwrite::session::SessionParams {
-                    limits: params.limits,
-                    idle_timeout: params.idle_timeout,
-                    startup: startup.params.clone(),
-                },
-                (&mut client_rd, &mut client_wr),
-                buf,
-                (&mut up_rd, &mut up_wr),
-                upstream.buf,
-                &mut host,
-            )
-            .await
-            .map_err(SessionError::from)
+        // Write authority moved: the session goes on with the new authoritative store.
+        engine = state.engine();
+        let Some(r) = resume.as_mut() else {
+            break Err(SessionError::Refused("rerouted without its state".into()));
+        };
+        let moved = reroute::to(state, &who, &engine.upstream, r)
+            .instrument(span.clone())
+            .await;
+        let next = match moved {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::warn!(error = %e, store = engine.upstream.store.name(), "cannot move the session to the new authoritative store");
+                break Err(e);
+            }
+        };
+        let mut bye = BytesMut::with_capacity(5);
+        frontend::terminate(&mut bye);
+        let _ = up_wr.write_all(&bye).await;
+        let _ = up_wr.shutdown().await;
+        if let (Some(key), Some(real)) = (client_key.clone(), next.cancel_key.clone()) {
+            cancel_guard = Some(state.cancel.register(key, next.addr, real));
         }
+        (up_rd, up_wr) = crate::net::split_store(next.stream);
+        up_buf = next.buf;
+        tracing::debug!(
+            store = engine.upstream.store.name(),
+            "session moved to the new authoritative store"
+        );
     };
+    drop(cancel_guard);
 
     let goodbye = match &end {
         Ok(SessionEnd::Drained | SessionEnd::ShutdownNow) => Some(ErrorResponse::fatal(
@@ -393,7 +429,10 @@ async fn handshake(
         .param("database")
         .filter(|d| !d.is_empty())
         .unwrap_or(user);
-    let other_database = database != state.upstream.url.database;
+    // Clients name OLD's database (their connection strings predate the migration); NEW's name
+    // is the same database too.
+    let other_database =
+        database != state.config.old.url.database && database != state.config.new.url.database;
     if other_database && state.config.proxy.other_databases == OtherDatabases::Refuse {
         let e = ErrorResponse::fatal(
             sqlstate::INVALID_CATALOG_NAME,
@@ -401,7 +440,7 @@ async fn handshake(
         )
         .with_hint(format!(
             "this proxy serves the database \"{}\"",
-            state.upstream.url.database
+            state.config.old.url.database
         ));
         send_fatal(client, e).await;
         return Err(SessionError::Refused(format!("unknown database {database}")));

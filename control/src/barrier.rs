@@ -1,0 +1,277 @@
+//! The cutover barrier (`docs/cutover.md`, "The barrier"): moving write authority from one
+//! store to the other while the application runs through several proxies.
+//!
+//! Two proxies must never write one key with different authorities at once. So the change is
+//! a barrier kept in the control state: `switchyard phase --to cutover` (or back) opens it with
+//! a new epoch; every proxy, seeing it, lets the write transactions in flight finish and holds
+//! new ones (they wait, they do not fail), then confirms by writing the barrier's epoch in its
+//! row of [`PROXIES_TABLE`]. Once every live proxy confirmed (a proxy whose row was not renewed
+//! within the liveness window is gone: its connections died with it), the command moves the
+//! sequences, moves the capture triggers to the new authority, and commits the phases of every
+//! configured table together with the barrier's end; the proxies switch their sessions to the
+//! new authority and let the held transactions go. A barrier not confirmed in time is aborted:
+//! nothing moved, writes resume where they were.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::Row;
+use switchyard_config::Phase;
+use switchyard_store::{Role, Store, StoreError};
+
+use crate::{begin, failed, lock, log, next_epoch, notify, CHANNEL};
+
+/// The open barrier, at most one row.
+pub const BARRIER_TABLE: &str = "switchyard_barrier";
+/// One row per proxy: its heartbeat, the epoch and authority it runs, the barrier it confirmed.
+pub const PROXIES_TABLE: &str = "switchyard_proxies";
+
+/// The tables of this module, created with the control state's.
+pub(crate) const DDL: &str = "CREATE TABLE IF NOT EXISTS switchyard.switchyard_barrier ( \
+       id integer PRIMARY KEY DEFAULT 1 CHECK (id = 1), \
+       epoch bigint NOT NULL, \
+       authority text NOT NULL, \
+       to_phase text NOT NULL, \
+       started_at timestamptz NOT NULL DEFAULT clock_timestamp(), \
+       started_by text NOT NULL); \
+     CREATE TABLE IF NOT EXISTS switchyard.switchyard_proxies ( \
+       proxy_id text PRIMARY KEY, \
+       epoch bigint NOT NULL, \
+       authority text NOT NULL, \
+       paused_for bigint, \
+       seen_at timestamptz NOT NULL DEFAULT clock_timestamp())";
+
+/// An open barrier: writes are moving to `authority`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Barrier {
+    pub epoch: i64,
+    /// The store that will take the writes.
+    #[serde(serialize_with = "role_name")]
+    pub authority: Role,
+    /// The phase every configured table moves to.
+    pub to_phase: Phase,
+}
+
+fn role_name<S: serde::Serializer>(r: &Role, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(r.as_str())
+}
+
+fn role_of(s: &str) -> Role {
+    if s == "new" {
+        Role::New
+    } else {
+        Role::Old
+    }
+}
+
+/// The open barrier on `store`, if any.
+pub async fn open_barrier(store: &Store) -> Result<Option<Barrier>, StoreError> {
+    let Store::Postgres(pg) = store;
+    if !store.has_relation("switchyard.switchyard_barrier").await? {
+        return Ok(None);
+    }
+    let row = sqlx::query("SELECT epoch, authority, to_phase FROM switchyard.switchyard_barrier")
+        .fetch_optional(pg.pool())
+        .await
+        .map_err(failed(store, "reading the barrier"))?;
+    Ok(row.and_then(|r| {
+        Some(Barrier {
+            epoch: r.get(0),
+            authority: role_of(r.get::<&str, _>(1)),
+            to_phase: r.get::<&str, _>(2).parse().ok()?,
+        })
+    }))
+}
+
+/// What a proxy says of itself at each poll.
+#[derive(Debug, Clone)]
+pub struct Heartbeat<'a> {
+    pub proxy_id: &'a str,
+    pub epoch: i64,
+    pub authority: Role,
+    /// The barrier this proxy holds its writes for (in flight ones finished).
+    pub paused_for: Option<i64>,
+}
+
+/// Renews `beat`'s row on `store`.
+pub async fn heartbeat(store: &Store, beat: &Heartbeat<'_>) -> Result<(), StoreError> {
+    let Store::Postgres(pg) = store;
+    sqlx::query(
+        "INSERT INTO switchyard.switchyard_proxies (proxy_id, epoch, authority, paused_for, seen_at) \
+         VALUES ($1, $2, $3, $4, clock_timestamp()) ON CONFLICT (proxy_id) DO UPDATE SET \
+         epoch = EXCLUDED.epoch, authority = EXCLUDED.authority, paused_for = EXCLUDED.paused_for, \
+         seen_at = EXCLUDED.seen_at",
+    )
+    .bind(beat.proxy_id)
+    .bind(beat.epoch)
+    .bind(beat.authority.as_str())
+    .bind(beat.paused_for)
+    .execute(pg.pool())
+    .await
+    .map_err(failed(store, "renewing the proxy's heartbeat"))?;
+    Ok(())
+}
+
+/// Removes a stopping proxy's row (it no longer counts for a barrier).
+pub async fn leave(store: &Store, proxy_id: &str) -> Result<(), StoreError> {
+    let Store::Postgres(pg) = store;
+    sqlx::query("DELETE FROM switchyard.switchyard_proxies WHERE proxy_id = $1")
+        .bind(proxy_id)
+        .execute(pg.pool())
+        .await
+        .map_err(failed(store, "removing the proxy's heartbeat"))?;
+    Ok(())
+}
+
+/// Opens a barrier moving writes to `authority` and every table to `to_phase`; fails when one
+/// is open already. Returns its epoch.
+pub async fn open(store: &Store, authority: Role, to_phase: Phase, by: &str) -> Result<i64, StoreError> {
+    let mut tx = begin(store, "opening the barrier").await?;
+    lock(&mut tx, store).await?;
+    let epoch = next_epoch(&mut tx, store).await?;
+    sqlx::query(
+        "INSERT INTO switchyard.switchyard_barrier (epoch, authority, to_phase, started_by) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(epoch)
+    .bind(authority.as_str())
+    .bind(to_phase.as_str())
+    .bind(by)
+    .execute(&mut *tx)
+    .await
+    .map_err(failed(store, "opening the barrier (is another one open?)"))?;
+    log(
+        &mut tx,
+        store,
+        epoch,
+        "*",
+        "barrier",
+        None,
+        &format!("writes to {}", authority.name()),
+        &[],
+        by,
+    )
+    .await?;
+    notify_barrier(&mut tx, store, epoch).await?;
+    tx.commit().await.map_err(failed(store, "opening the barrier"))?;
+    Ok(epoch)
+}
+
+async fn notify_barrier(tx: &mut crate::Tx<'_>, store: &Store, epoch: i64) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(epoch.to_string())
+        .execute(&mut **tx)
+        .await
+        .map_err(failed(store, "notifying the proxies"))?;
+    Ok(())
+}
+
+/// Aborts the barrier of `epoch`: nothing moved, writes resume where they were.
+pub async fn abort(store: &Store, epoch: i64, why: &str, by: &str) -> Result<(), StoreError> {
+    let mut tx = begin(store, "aborting the barrier").await?;
+    lock(&mut tx, store).await?;
+    sqlx::query("DELETE FROM switchyard.switchyard_barrier WHERE epoch = $1")
+        .bind(epoch)
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(store, "aborting the barrier"))?;
+    let at = next_epoch(&mut tx, store).await?;
+    log(&mut tx, store, at, "*", "barrier aborted", None, why, &[], by).await?;
+    notify_barrier(&mut tx, store, at).await?;
+    tx.commit().await.map_err(failed(store, "aborting the barrier"))?;
+    Ok(())
+}
+
+/// The live proxies (a row renewed within `live`) that have not confirmed barrier `epoch`, by
+/// id; and how many live proxies there are.
+pub async fn unconfirmed(
+    store: &Store,
+    epoch: i64,
+    live: Duration,
+) -> Result<(Vec<String>, usize), StoreError> {
+    let Store::Postgres(pg) = store;
+    let rows = sqlx::query(
+        "SELECT proxy_id, paused_for IS NOT DISTINCT FROM $1 FROM switchyard.switchyard_proxies \
+         WHERE seen_at > clock_timestamp() - make_interval(secs => $2)",
+    )
+    .bind(epoch)
+    .bind(live.as_secs_f64())
+    .fetch_all(pg.pool())
+    .await
+    .map_err(failed(store, "reading the proxies' confirmations"))?;
+    let live = rows.len();
+    let waiting = rows
+        .iter()
+        .filter(|r| !r.get::<bool, _>(1))
+        .map(|r| r.get::<String, _>(0))
+        .collect();
+    Ok((waiting, live))
+}
+
+/// Ends barrier `epoch` by moving every table of `tables` to `to_phase` (read share kept), in
+/// one transaction with the barrier's removal. Returns the new epoch.
+pub async fn complete(
+    store: &Store,
+    epoch: i64,
+    tables: &[String],
+    to_phase: Phase,
+    overridden: &[String],
+    by: &str,
+) -> Result<i64, StoreError> {
+    let mut tx = begin(store, "completing the barrier").await?;
+    lock(&mut tx, store).await?;
+    let gone = sqlx::query("DELETE FROM switchyard.switchyard_barrier WHERE epoch = $1")
+        .bind(epoch)
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(store, "completing the barrier"))?
+        .rows_affected();
+    if gone == 0 {
+        return Err(StoreError::Query {
+            role: store.role().as_str(),
+            action: "completing the barrier".to_owned(),
+            source: sqlx::Error::Protocol(format!(
+                "barrier {epoch} is no longer open (aborted by someone else?)"
+            )),
+        });
+    }
+    let mut last = epoch;
+    for t in tables {
+        let at = next_epoch(&mut tx, store).await?;
+        let from: Option<String> =
+            sqlx::query_scalar("SELECT phase FROM switchyard.switchyard_control WHERE table_name = $1")
+                .bind(t)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(failed(store, "reading the control state"))?;
+        sqlx::query(
+            "UPDATE switchyard.switchyard_control SET phase = $2, epoch = $3, changed_at = now(), changed_by = $4 \
+             WHERE table_name = $1",
+        )
+        .bind(t)
+        .bind(to_phase.as_str())
+        .bind(at)
+        .bind(by)
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(store, "changing the control state"))?;
+        log(
+            &mut tx,
+            store,
+            at,
+            t,
+            "phase",
+            from.as_deref(),
+            to_phase.as_str(),
+            overridden,
+            by,
+        )
+        .await?;
+        last = at;
+    }
+    notify(&mut tx, store).await?;
+    tx.commit()
+        .await
+        .map_err(failed(store, "completing the barrier"))?;
+    Ok(last)
+}

@@ -1,0 +1,330 @@
+//! Moving write authority between the stores: `switchyard phase --to cutover` (NEW takes the
+//! writes, OLD follows) and back (`--to read_shift`, `shadow_read` or `dual_write` from
+//! `cutover`: a rollback). Every configured table moves together: a transaction cannot span two
+//! authorities. The steps, under the barrier (`crate::barrier`):
+//!
+//! 1. the guard rails of cutover, per table (not for a rollback);
+//! 2. the barrier opens; every live proxy finishes its write transactions in flight, holds new
+//!    ones, and confirms;
+//! 3. the intents on the current authority are gone (every mirrored transaction is on the
+//!    other store, or repaired);
+//! 4. the sequences the tables use are moved past the current authority's on the other store;
+//! 5. the capture triggers move: installed on the new authority (with the side tables the new
+//!    follower needs), removed from the old one;
+//! 6. every table's phase changes and the barrier closes, in one transaction; the proxies switch
+//!    their sessions to the new authority and the held transactions go on.
+//!
+//! A step that fails or times out aborts the barrier (the capture stays where it was), and
+//! writes resume on the authority they had.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use switchyard_config::{Config, Phase, TableSettings};
+use switchyard_store::prepare::prepare_in;
+use switchyard_store::sequences::{advance_sequences, SequenceMove, DEFAULT_MARGIN};
+use switchyard_store::{Role, Roles, Store, StoreError};
+
+use crate::{authoritative, barrier, guard, read, ControlError};
+
+/// How long the proxies have to confirm a barrier (their write transactions in flight must
+/// finish within it), and the intents to drain.
+pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What a move of authority did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Switched {
+    /// The phase every configured table is in now.
+    pub to: Phase,
+    /// The store that takes the writes now.
+    pub authority: &'static str,
+    /// The barrier's epoch and the epoch after it.
+    pub barrier_epoch: i64,
+    pub epoch: i64,
+    /// Proxies that confirmed the barrier.
+    pub proxies: usize,
+    /// From the barrier's opening to its completion (writes were held at most this long).
+    pub barrier_seconds: f64,
+    pub sequences: Vec<SequenceMove>,
+    /// Guard-rail refusals overridden by `--force`.
+    pub overridden: Vec<String>,
+}
+
+/// Whether moving every table to `to` moves authority, from the phases they are in.
+pub fn moves_authority(from: Phase, to: Phase) -> bool {
+    (to == Phase::Cutover) != (from == Phase::Cutover) && from != Phase::Done
+}
+
+fn not_allowed(table: &str, reason: impl Into<String>) -> ControlError {
+    ControlError::NotAllowed {
+        table: table.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn store_of<'a>(role: Role, old: &'a Store, new: &'a Store) -> &'a Store {
+    match role {
+        Role::Old => old,
+        Role::New => new,
+    }
+}
+
+/// Moves every configured table to `to` (cutover or back), moving write authority under the
+/// barrier. `facts` gathers a table's guard-rail facts (for entering cutover). The control
+/// state lives on OLD throughout.
+pub async fn switch_authority<F, Fut>(
+    old: &Store,
+    new: &Store,
+    config: &Config,
+    to: Phase,
+    force: bool,
+    by: &str,
+    facts: F,
+) -> Result<Switched, ControlError>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<guard::Facts, StoreError>>,
+{
+    let state = read(old)
+        .await?
+        .ok_or_else(|| not_allowed("*", "no control state; run `switchyard prepare` first"))?;
+    if let Some(b) = &state.barrier {
+        return Err(not_allowed(
+            "*",
+            format!(
+                "a barrier is open already (epoch {}, writes moving to {})",
+                b.epoch,
+                b.authority.name()
+            ),
+        ));
+    }
+    let from_authority = authoritative(&state);
+    let to_authority = if to == Phase::Cutover {
+        Role::New
+    } else {
+        Role::Old
+    };
+    let mut names = Vec::new();
+    for t in &config.tables {
+        let name = t.name.to_string();
+        let Some(c) = state.table(&name) else {
+            return Err(not_allowed(
+                &name,
+                "not in the control state; run `switchyard prepare`",
+            ));
+        };
+        let fits = match to {
+            Phase::Cutover => c.phase == Phase::ReadShift || c.phase == Phase::Cutover,
+            Phase::DualWrite | Phase::ShadowRead | Phase::ReadShift => {
+                c.phase == Phase::Cutover || c.phase == to
+            }
+            _ => false,
+        };
+        if !fits {
+            return Err(not_allowed(
+                &name,
+                format!(
+                    "moving from {} to {to} is not a cutover or a rollback: every configured table moves together, \
+                     from read_shift to cutover and from cutover back",
+                    c.phase
+                ),
+            ));
+        }
+        names.push(name);
+    }
+    if from_authority == to_authority {
+        return Err(not_allowed(
+            "*",
+            format!("writes are already {}'s", to_authority.name()),
+        ));
+    }
+    let mut overridden = Vec::new();
+    if to == Phase::Cutover {
+        for name in &names {
+            let f = facts(name.clone()).await?;
+            for r in guard::cutover_refusals(&f, &config.control) {
+                overridden.push(format!("{name}: {r}"));
+            }
+        }
+        if !overridden.is_empty() && !force {
+            return Err(ControlError::Refused {
+                table: names.join(", "),
+                reasons: overridden,
+            });
+        }
+    }
+
+    let started = Instant::now();
+    let epoch = barrier::open(old, to_authority, to, by).await?;
+    match under_barrier(old, new, config, (from_authority, to_authority), epoch).await {
+        Ok((proxies, sequences)) => {
+            let after = barrier::complete(old, epoch, &names, to, &overridden, by).await?;
+            Ok(Switched {
+                to,
+                authority: to_authority.name(),
+                barrier_epoch: epoch,
+                epoch: after,
+                proxies,
+                barrier_seconds: started.elapsed().as_secs_f64(),
+                sequences,
+                overridden,
+            })
+        }
+        Err(why) => {
+            if let Err(e) = barrier::abort(old, epoch, &why, by).await {
+                tracing::error!(error = %e, "cannot abort the barrier; remove switchyard.switchyard_barrier's row by hand");
+            }
+            Err(not_allowed(
+                "*",
+                format!("cutover barrier aborted, nothing moved: {why}"),
+            ))
+        }
+    }
+}
+
+/// Steps 2 to 5 of the module's list. `Err` says why the barrier must be aborted.
+async fn under_barrier(
+    old: &Store,
+    new: &Store,
+    config: &Config,
+    (from, to): (Role, Role),
+    epoch: i64,
+) -> Result<(usize, Vec<SequenceMove>), String> {
+    let live = config.control.poll_interval * 3 + Duration::from_secs(1);
+    let deadline = Instant::now() + BARRIER_TIMEOUT;
+    // Every live proxy confirms.
+    let proxies = loop {
+        let (waiting, live_count) = barrier::unconfirmed(old, epoch, live)
+            .await
+            .map_err(|e| e.to_string())?;
+        if waiting.is_empty() {
+            break live_count;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "proxies {} did not confirm within {BARRIER_TIMEOUT:?} (a transaction open there too long?)",
+                waiting.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Every mirrored transaction is on both stores.
+    let (source, target) = (store_of(from, old, new), store_of(to, old, new));
+    loop {
+        let n = switchyard_store::repair::count_intents(source)
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{n} intents on {} still wait for NEW's side or a repair",
+                from.name()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tables: Vec<_> = config.tables.iter().map(|t| t.name.clone()).collect();
+    let sequences = advance_sequences(source, target, &tables, DEFAULT_MARGIN)
+        .await
+        .map_err(|e| format!("moving the sequences: {e}"))?;
+    // The capture moves: installed on the new authority first, then removed from the old one.
+    let with_phase = |phase: Phase| -> Vec<TableSettings> {
+        config
+            .tables
+            .iter()
+            .map(|t| TableSettings { phase, ..t.clone() })
+            .collect()
+    };
+    let (Store::Postgres(src), Store::Postgres(dst)) = (source, target);
+    let to_roles = Roles {
+        authoritative: to,
+        follower: from,
+    };
+    let from_roles = Roles {
+        authoritative: from,
+        follower: to,
+    };
+    let installed = prepare_in(
+        to_roles,
+        dst.pool(),
+        src.pool(),
+        &with_phase(Phase::DualWrite),
+        true,
+    )
+    .await
+    .map_err(|e| format!("installing the capture on {}: {e}", to.name()))?;
+    if !installed.is_ready() {
+        return Err(format!(
+            "{} is not ready to take the writes: {:?}",
+            to.name(),
+            installed.mismatches
+        ));
+    }
+    if let Err(e) = prepare_in(
+        from_roles,
+        src.pool(),
+        dst.pool(),
+        &with_phase(Phase::Passthrough),
+        true,
+    )
+    .await
+    {
+        // Back to where it was: no capture on the store that stays the follower.
+        let _ = prepare_in(
+            to_roles,
+            dst.pool(),
+            src.pool(),
+            &with_phase(Phase::Passthrough),
+            true,
+        )
+        .await;
+        return Err(format!("removing the capture from {}: {e}", from.name()));
+    }
+    Ok((proxies, sequences))
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Applied {
+    /// One table's phase or read share changed ([`crate::change`]).
+    Changed(crate::Changed),
+    /// Write authority moved, every table together ([`switch_authority`]).
+    Switched(Switched),
+}
+
+/// Makes `request` as `switchyard phase` and `switchyard shift` (and the admin API) do: into
+/// `cutover` or back out of it through [`switch_authority`], any other change through
+/// [`crate::change`], with the guard rails' facts gathered from `old` and `new`.
+pub async fn apply(
+    old: &Store,
+    new: &Store,
+    config: &Config,
+    request: &crate::Request<'_>,
+) -> Result<Applied, ControlError> {
+    if let crate::Target::Phase(to) = request.target {
+        let state = read(old).await?.unwrap_or_default();
+        let from = state.table(&request.table.to_string()).map(|t| t.phase);
+        if from.is_some_and(|f| moves_authority(f, to)) {
+            let switched = switch_authority(
+                old,
+                new,
+                config,
+                to,
+                request.force,
+                request.by,
+                |name| async move { guard::gather(old, new, &name, config).await },
+            )
+            .await?;
+            return Ok(Applied::Switched(switched));
+        }
+    }
+    let table = request.table.to_string();
+    let changed = crate::change(old, request, &config.control, || {
+        guard::gather(old, new, &table, config)
+    })
+    .await?;
+    Ok(Applied::Changed(changed))
+}

@@ -1,0 +1,292 @@
+//! Write authority at run time (`docs/cutover.md`): the engine sessions use (the authoritative
+//! store they log in to, the dual-write engine mirroring to the other), replaced when the
+//! control state moves authority, and the gate the cutover barrier closes.
+//!
+//! A session counts as busy from the moment it leaves quiet (no transaction, nothing
+//! unanswered) until it is quiet again. While a barrier is open the gate is closed: a quiet
+//! session the client sends something waits at the gate instead of starting. Once no session is
+//! busy, the proxy confirms the barrier in its heartbeat row. When the barrier ends with the
+//! authority moved, the proxy builds the engine for the new roles, opens the gate, and every
+//! session moves to the new authority before it goes on (`session::reroute`). Counting and
+//! closing happen under one lock, so no session can slip past a gate that was just closed.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use switchyard_config::Config;
+use switchyard_control::barrier::{heartbeat, leave, Heartbeat};
+use switchyard_control::ControlState;
+use switchyard_dualwrite::Mirror;
+use switchyard_store::wire::WireTarget;
+use switchyard_store::{Role, Roles, Store};
+use tokio::sync::{watch, Notify};
+
+use crate::shutdown::{Shutdown, ShutdownState};
+
+/// What sessions of one authority use.
+pub(crate) struct Engine {
+    /// Grows with every change of authority.
+    pub(crate) generation: u64,
+    pub(crate) roles: Roles,
+    /// The authoritative store sessions log in to.
+    pub(crate) upstream: WireTarget,
+    /// The dual-write engine, when some table is mirrored.
+    pub(crate) mirror: Option<Arc<Mirror>>,
+}
+
+impl Engine {
+    pub(crate) fn new(generation: u64, roles: Roles, config: &Config, mirror: Option<Arc<Mirror>>) -> Engine {
+        Engine {
+            generation,
+            roles,
+            upstream: WireTarget {
+                url: roles.authoritative.settings(config).url.clone(),
+                store: roles.authoritative,
+            },
+            mirror,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Gate {
+    /// The barrier the gate is closed for.
+    closed_for: Option<i64>,
+    /// Sessions between [`Authority::enter`] and [`Authority::quiet`].
+    busy: usize,
+    closed_at: Option<Instant>,
+}
+
+/// The proxy's engine and gate.
+pub(crate) struct Authority {
+    engine: RwLock<Arc<Engine>>,
+    gate: Mutex<Gate>,
+    opened: Notify,
+    /// This proxy's row in the control state's proxies table.
+    pub(crate) proxy_id: String,
+    /// The barrier this proxy confirmed (0: none).
+    confirmed: AtomicI64,
+    /// How long the gate was last closed, in microseconds
+    /// (`switchyard_cutover_pause_seconds`).
+    pub(crate) last_pause_us: AtomicU64,
+}
+
+impl Authority {
+    pub(crate) fn new(engine: Engine) -> Authority {
+        Authority {
+            engine: RwLock::new(Arc::new(engine)),
+            gate: Mutex::default(),
+            opened: Notify::new(),
+            proxy_id: format!(
+                "{}-{}-{:08x}",
+                hostname(),
+                std::process::id(),
+                rand::random::<u32>()
+            ),
+            confirmed: AtomicI64::new(0),
+            last_pause_us: AtomicU64::new(0),
+        }
+    }
+
+    /// The engine as of now.
+    pub(crate) fn engine(&self) -> Arc<Engine> {
+        Arc::clone(&self.engine.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A quiet session of engine `generation` is about to go on: waits while the gate is
+    /// closed, then counts it busy. `true` (not counted) when the engine changed: the session
+    /// must move first.
+    pub(crate) async fn enter(&self, generation: u64) -> bool {
+        loop {
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            {
+                let mut g = self.gate();
+                if g.closed_for.is_none() {
+                    if self.engine().generation != generation {
+                        return true;
+                    }
+                    g.busy += 1;
+                    return false;
+                }
+            }
+            opened.await;
+        }
+    }
+
+    /// A session counted by [`Authority::enter`] is quiet again.
+    pub(crate) fn quiet(&self) {
+        let mut g = self.gate();
+        g.busy = g.busy.saturating_sub(1);
+    }
+
+    /// Sessions busy now.
+    pub(crate) fn busy(&self) -> usize {
+        self.gate().busy
+    }
+
+    /// The barrier the gate is closed for.
+    pub(crate) fn closed_for(&self) -> Option<i64> {
+        self.gate().closed_for
+    }
+
+    fn close(&self, epoch: i64) {
+        let mut g = self.gate();
+        if g.closed_for != Some(epoch) {
+            g.closed_for = Some(epoch);
+            g.closed_at.get_or_insert_with(Instant::now);
+            tracing::info!(
+                barrier = epoch,
+                busy = g.busy,
+                "cutover barrier: new transactions wait"
+            );
+        }
+    }
+
+    fn open(&self) {
+        let mut g = self.gate();
+        if g.closed_for.take().is_some() {
+            if let Some(at) = g.closed_at.take() {
+                let us = at.elapsed().as_micros() as u64;
+                self.last_pause_us.store(us, Relaxed);
+                tracing::info!(paused_ms = us / 1000, "cutover barrier over: transactions go on");
+            }
+        }
+        drop(g);
+        self.confirmed.store(0, Relaxed);
+        self.opened.notify_waiters();
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "proxy".to_owned())
+}
+
+/// The roles the control state gives: NEW authoritative once the tables are in `cutover`.
+pub(crate) fn roles_of(state: &ControlState) -> Roles {
+    match switchyard_control::authoritative(state) {
+        Role::New => Roles::NEW_AUTHORITATIVE,
+        Role::Old => Roles::OLD_AUTHORITATIVE,
+    }
+}
+
+/// What [`follow`] needs besides the authority.
+pub(crate) struct Follow {
+    pub(crate) control_store: Store,
+    pub(crate) poll: Duration,
+    /// Builds the engine for new roles (the dual-write engine started for them).
+    pub(crate) build: BuildEngine,
+    /// Whether the control state decides the roles (else they were fixed at start).
+    pub(crate) follow_authority: bool,
+}
+
+/// Builds the engine of `roles` with `generation`.
+pub(crate) type BuildEngine = Box<
+    dyn Fn(Roles, u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Engine, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Follows the control state's barrier and authority until shutdown: closes the gate while a
+/// barrier is open and confirms it once no session is busy; builds the new engine and opens the
+/// gate when it ends; renews this proxy's heartbeat at every poll.
+pub(crate) async fn follow(
+    authority: Arc<Authority>,
+    follow: Follow,
+    mut updates: watch::Receiver<Option<Arc<ControlState>>>,
+    mut shutdown: Shutdown,
+) {
+    let mut last_beat: Option<(Instant, i64, i64, Role)> = None;
+    loop {
+        let state = updates.borrow_and_update().clone();
+        if let Some(state) = &state {
+            step(&authority, &follow, state).await;
+            let engine = authority.engine();
+            let confirmed = authority.confirmed.load(Relaxed);
+            let due = last_beat.is_none_or(|(at, epoch, c, role)| {
+                at.elapsed() >= follow.poll
+                    || epoch != state.epoch
+                    || c != confirmed
+                    || role != engine.roles.authoritative
+            });
+            if due {
+                let beat = Heartbeat {
+                    proxy_id: &authority.proxy_id,
+                    epoch: state.epoch,
+                    authority: engine.roles.authoritative,
+                    paused_for: (confirmed != 0).then_some(confirmed),
+                };
+                match heartbeat(&follow.control_store, &beat).await {
+                    Ok(()) => {
+                        last_beat = Some((Instant::now(), state.epoch, confirmed, engine.roles.authoritative))
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot renew the proxy's heartbeat"),
+                }
+            }
+        }
+        // While a barrier waits for this proxy's sessions, look again soon.
+        let wait = if authority.closed_for().is_some() && authority.confirmed.load(Relaxed) == 0 {
+            Duration::from_millis(5)
+        } else {
+            follow.poll
+        };
+        tokio::select! {
+            r = updates.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed_from(ShutdownState::Running) => {
+                let _ = leave(&follow.control_store, &authority.proxy_id).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn step(authority: &Authority, follow: &Follow, state: &ControlState) {
+    match &state.barrier {
+        Some(b) => {
+            authority.close(b.epoch);
+            if authority.confirmed.load(Relaxed) != b.epoch && authority.busy() == 0 {
+                authority.confirmed.store(b.epoch, Relaxed);
+                tracing::info!(
+                    barrier = b.epoch,
+                    "cutover barrier: no transaction in flight here; confirmed"
+                );
+            }
+        }
+        None => {
+            let engine = authority.engine();
+            let roles = if follow.follow_authority {
+                roles_of(state)
+            } else {
+                engine.roles
+            };
+            if roles != engine.roles {
+                match (follow.build)(roles, engine.generation + 1).await {
+                    Ok(next) => {
+                        tracing::info!(
+                            authoritative = roles.authoritative.name(),
+                            generation = next.generation,
+                            "write authority moved; sessions follow at their next transaction"
+                        );
+                        *authority.engine.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+                    }
+                    Err(e) => {
+                        // Writes stay held: going on with the old authority would write both.
+                        tracing::error!(error = %e, "cannot start the engine for the new authority; writes stay held");
+                        authority.close(-1);
+                        return;
+                    }
+                }
+            }
+            authority.open();
+        }
+    }
+}
