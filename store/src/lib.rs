@@ -18,8 +18,8 @@ pub mod mirror;
 mod postgres;
 pub mod prepare;
 pub mod repair;
-pub mod stale_reads;
 pub mod sequences;
+pub mod stale_reads;
 pub mod table_writes;
 
 use std::time::Duration;
