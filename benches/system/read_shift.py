@@ -33,7 +33,7 @@ from pathlib import Path
 
 import dual_write
 from dual_write import Proxy, pgbench, postmaster_pid
-from pglocal import HOST, drop_databases, env, fmt, log, median_or_none as med, pgbench_databases, ratio
+from pglocal import HOST, drop_databases, psql as _psql, env, fmt, log, median_or_none as med, pgbench_databases, ratio
 
 OLD_DB = "switchyard_rs_old"
 NEW_DB = "switchyard_rs_new"
@@ -100,14 +100,9 @@ def main():
                            capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise SystemExit(f"switchyard prepare failed:\n{r.stdout}{r.stderr}")
-        for px in proxies.values():
-            px.start()
         pm = postmaster_pid(a.pg_port)
         log(f"clients={a.clients} threads={a.threads} duration={a.duration}s rounds={a.rounds} "
             f"scale={a.scale} proxy workers={a.proxy_workers}")
-        # A short warm-up per proxy: connections, plans, NEW's caches, the read lease.
-        for t in TARGETS:
-            pgbench(a, proxies[t].port, "prepared", 2, work, script_args=["-S"])
         runs = {t: [] for t in TARGETS}
         fell_back = 0
         log(f"{'round':>5} {'target':<14} {'tps':>9} {'p50 ms':>8} {'p99 ms':>8} {'proxy µs/txn':>12} "
@@ -115,8 +110,15 @@ def main():
         for rnd in range(a.rounds):
             k = rnd % len(TARGETS)
             for t in TARGETS[k:] + TARGETS[:k]:  # rotate the order each round
+                # One proxy runs at a time (four, each with its pools and a connection to NEW
+                # per session, would not fit in a shared server's max_connections), after a
+                # 2 s warm-up: connections, plans, NEW's caches, the read lease.
                 px = proxies[t]
-                px.check()
+                # The control state in OLD, seeded by the first proxy that starts, would win over
+                # the next one's file: cleared so that each proxy seeds its own phase and share.
+                _psql(a.pg_port, OLD_DB, "DELETE FROM switchyard.switchyard_control", 60)
+                px.start()
+                pgbench(a, px.port, "prepared", 2, work, script_args=["-S"])
                 before = read_metrics(px.admin_port)
                 groups = {"PostgreSQL": (set(), pm), "proxy": ({px.pid}, None)}
                 res = pgbench(a, px.port, "prepared", a.duration, work, groups, script_args=["-S"])
@@ -125,6 +127,7 @@ def main():
                     res[f"reads_{store}"] = after[0].get(store, 0) - before[0].get(store, 0)
                 res["fallbacks"] = sum(after[1].values()) - sum(before[1].values())
                 fell_back += res["fallbacks"]
+                px.stop()
                 res["proxy_us"] = res["cpu"].get("proxy")
                 runs[t].append(res)
                 ro, rn = (f"{res[f'reads_{s}']:.0f}" if t != "dual_write" else "-" for s in ("old", "new"))
@@ -137,7 +140,7 @@ def main():
             share = ""
             if t != "dual_write":
                 o, n = sum(r["reads_old"] for r in runs[t]), sum(r["reads_new"] for r in runs[t])
-                share = f"  reads served by NEW {fmt(100 * ratio(n, o + n), '.0f')}%"
+                share = f"  reads served by NEW {fmt(ratio(100 * n, o + n), '.0f')}%"
             log(f"median {t:<14} tps {m[t]['tps']:.0f}  p50 {fmt(m[t]['p50'], '.3f')} ms  "
                 f"p99 {fmt(m[t]['p99'], '.3f')} ms  proxy {fmt(m[t]['proxy_us'])} µs/txn{share}")
         base = m["dual_write"]
