@@ -63,3 +63,20 @@ def ratio(x, y):
 def median_or_none(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def pgbench_databases(port, dbs, scale):
+    """Drops and creates each of `dbs` on the local server, fills it with `pgbench -i -s scale`
+    and analyzes it."""
+    for db in dbs:
+        psql(port, "postgres", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)", 600)
+        psql(port, "postgres", f"CREATE DATABASE {db}", 600)
+        run(["pgbench", "-h", HOST, "-p", str(port), "-U", USER, "-i", "-q", "-s", str(scale), db], timeout=1800)
+        psql(port, db, "VACUUM ANALYZE", 600)
+
+
+def drop_databases(port, dbs):
+    """Drops `dbs` (at exit: errors are ignored)."""
+    for db in dbs:
+        subprocess.run(["psql", "-X", "-q", "-h", HOST, "-p", str(port), "-U", USER, "-d", "postgres",
+                        "-c", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"], capture_output=True, timeout=120)

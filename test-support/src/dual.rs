@@ -239,6 +239,19 @@ impl DualEnv {
         cfg
     }
 
+    /// A config with every table in `read_shift` at `share` percent of the sessions, the
+    /// follower reached at `follower_url`.
+    pub fn read_shift_config(&self, follower_url: &str, share: u8) -> ProxyConfig {
+        let mut cfg = self.proxy_config_via(follower_url);
+        for s in &mut cfg.extra_sections {
+            *s = s.replace(
+                "phase = \"dual_write\"",
+                &format!("phase = \"read_shift\"\nread_share = {share}"),
+            );
+        }
+        cfg
+    }
+
     /// A proxy config with every table in `dual_write`.
     pub fn proxy_config(&self) -> ProxyConfig {
         self.proxy_config_via(self.follower().url())

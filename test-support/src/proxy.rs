@@ -220,6 +220,42 @@ impl TestProxy {
         Ok((code, body))
     }
 
+    /// The admin API's `/status`, parsed.
+    pub async fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let (code, body) = self.admin_get("/status").await?;
+        anyhow::ensure!(code == 200, "/status answered {code}: {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// The `reads` of the table named `table` (`schema.name`) in `/status`: counts per store and
+    /// fallbacks, while the table is in `read_shift`.
+    pub async fn table_reads(&self, table: &str) -> anyhow::Result<serde_json::Value> {
+        let status = self.status().await?;
+        let tables = status["tables"].as_array().context("no tables in /status")?;
+        let t = tables
+            .iter()
+            .find(|t| t["name"] == table)
+            .with_context(|| format!("no table {table} in /status"))?;
+        Ok(t["reads"].clone())
+    }
+
+    /// Waits until the proxy holds its read lease (its first check runs at start), at most
+    /// 10 s; `table` is one in `read_shift`.
+    pub async fn wait_for_read_lease(&self, table: &str) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let reads = self.table_reads(table).await?;
+            if reads["lease_held"] == true {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "no read lease after 10 s: {reads}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Starts a graceful drain.
     pub fn drain(&self, grace: Duration) {
         self.trigger.drain(grace);

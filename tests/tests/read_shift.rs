@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use switchyard_test_support::wire::{Frontend, Msg, RawConn};
-use switchyard_test_support::{server_of, DualEnv, DualTable, FaultProxy, ProxyConfig, TestProxy};
+use switchyard_test_support::{server_of, DualEnv, DualTable, FaultProxy, TestProxy};
 
 const SCHEMA: &str = "
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -39,37 +39,16 @@ async fn env(label: &str) -> DualEnv {
     env
 }
 
-/// A config with every table in `read_shift` at `share` percent, NEW reached at `new_url`.
-fn shift_config(env: &DualEnv, new_url: &str, share: u8) -> ProxyConfig {
-    let mut cfg = env.proxy_config_via(new_url);
-    for s in &mut cfg.extra_sections {
-        *s = s.replace(
-            "phase = \"dual_write\"",
-            &format!("phase = \"read_shift\"\nread_share = {share}"),
-        );
-    }
-    cfg
-}
-
-/// `tables[0].reads` of the proxy's `/status`.
+/// `reads` of table `items` in the proxy's `/status`.
 async fn reads(proxy: &TestProxy) -> serde_json::Value {
-    let (code, body) = proxy.admin_get("/status").await.expect("status");
-    assert_eq!(code, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
-    v["tables"][0]["reads"].clone()
+    proxy.table_reads("public.items").await.expect("status")
 }
 
-/// Waits until the proxy holds its read lease (its first check runs at start).
 async fn lease(proxy: &TestProxy) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while reads(proxy).await["lease_held"] != true {
-        assert!(
-            Instant::now() < deadline,
-            "no read lease after 10 s: {}",
-            reads(proxy).await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    proxy
+        .wait_for_read_lease("public.items")
+        .await
+        .expect("read lease");
 }
 
 async fn name_of_row_1(client: &tokio_postgres::Client) -> String {
@@ -84,7 +63,7 @@ async fn name_of_row_1(client: &tokio_postgres::Client) -> String {
 async fn reads_served_by_new_carry_olds_ids_and_the_sessions_settings() {
     let env = env("shift_ids").await;
     let proxy = env
-        .start_proxy(&shift_config(&env, env.new.url(), 100))
+        .start_proxy(&env.read_shift_config(env.new.url(), 100))
         .await
         .unwrap();
     lease(&proxy).await;
@@ -198,7 +177,7 @@ async fn what_new_cannot_answer_is_answered_by_old_and_writes_stay_on_old() {
     let env = env("shift_fallback").await;
     let fault = FaultProxy::start(env.follower_server()).await.unwrap();
     let proxy = env
-        .start_proxy(&shift_config(&env, &env.follower_url_via(fault.addr()), 100))
+        .start_proxy(&env.read_shift_config(&env.follower_url_via(fault.addr()), 100))
         .await
         .unwrap();
     lease(&proxy).await;
@@ -248,7 +227,7 @@ async fn what_new_cannot_answer_is_answered_by_old_and_writes_stay_on_old() {
 async fn sessions_are_sticky_and_split_by_the_share() {
     let env = env("shift_share").await;
     let proxy = env
-        .start_proxy(&shift_config(&env, env.new.url(), 50))
+        .start_proxy(&env.read_shift_config(env.new.url(), 50))
         .await
         .unwrap();
     lease(&proxy).await;
@@ -271,14 +250,14 @@ async fn a_write_whose_mirror_failed_is_not_read_stale_from_new_through_another_
     // Proxy A mirrors through a link that is cut for one transaction; proxy B serves every
     // read from NEW directly.
     let fault = FaultProxy::start(env.follower_server()).await.unwrap();
-    let mut cfg_a = shift_config(&env, &env.follower_url_via(fault.addr()), 0);
+    let mut cfg_a = env.read_shift_config(&env.follower_url_via(fault.addr()), 0);
     cfg_a
         .extra_sections
         .push("[mirror]\ntimeout_ms = 500\n".to_owned());
     let a = env.start_proxy(&cfg_a).await.unwrap();
     // B leaves A's failed intent alone for a while (an intent is B's to repair once older
     // than B's mirror timeout), so NEW stays behind while B is read.
-    let mut cfg_b = shift_config(&env, env.new.url(), 100);
+    let mut cfg_b = env.read_shift_config(env.new.url(), 100);
     cfg_b
         .extra_sections
         .push("[mirror]\nstale_intent_secs = 60\n".to_owned());

@@ -32,14 +32,15 @@ where
     }
 
     /// Whether NEW serves this session's read of `shape` now. A read of tables in `read_shift`
-    /// that stays on OLD is counted as OLD's.
-    fn new_serves(&self, shape: &ReadShape) -> bool {
+    /// that stays on OLD is counted as OLD's when it is `reads` executions (a Query, a Bind: not
+    /// the Parse before a Bind, or a read would count twice).
+    fn new_serves(&self, shape: &ReadShape, reads: u64) -> bool {
         let shift = &self.mirror.shift;
         match shift.serves(shape, self.shift_draw) {
             None => false,
             Some(true) if self.shift_idle() => true,
             Some(_) => {
-                shift.count(shape, false, None);
+                shift.count(shape, false, reads, None);
                 false
             }
         }
@@ -59,7 +60,7 @@ where
             return Ok(false);
         };
         let shape = Arc::clone(shape);
-        if !self.new_serves(&shape) {
+        if !self.new_serves(&shape, 1) {
             return Ok(false);
         }
         let steps = [Step {
@@ -78,7 +79,7 @@ where
             return false;
         }
         match self.held_read(tag, frame, &[]) {
-            Some(shape) => self.new_serves(&shape),
+            Some(shape) => self.new_serves(&shape, u64::from(tag == b'B')),
             None => false,
         }
     }
@@ -139,14 +140,21 @@ where
             }
             return Ok(());
         }
-        self.let_go().await?;
+        self.let_go(false).await?;
         self.client_message_for_old(tag, frame).await
     }
 
     /// The held messages go to OLD, as if they had just come; the rest of the batch follows.
-    async fn let_go(&mut self) -> Result<(), SessionError> {
+    /// Their reads are counted as OLD's unless they were (`counted`, a fallback).
+    async fn let_go(&mut self, counted: bool) -> Result<(), SessionError> {
         let held = self.held.take().unwrap_or_default();
         self.no_hold = true;
+        if !counted {
+            if let Some(shape) = held.first().and_then(|(t, f)| self.held_read(*t, f, &held)) {
+                let binds = held.iter().filter(|(t, _)| *t == b'B').count() as u64;
+                self.mirror.shift.count(&shape, false, binds, None);
+            }
+        }
         for (tag, frame) in held {
             self.client_message_for_old(tag, frame).await?;
         }
@@ -158,7 +166,7 @@ where
         let shape = held.first().and_then(|(t, f)| self.held_read(*t, f, &held));
         let Some(shape) = shape else {
             self.held = Some(held);
-            return self.let_go().await;
+            return self.let_go(false).await;
         };
         // The batch's steps on NEW: what the session's connection there lacks is prepared
         // first, and every Bind is followed by a Describe of its portal (the client's own, or
@@ -170,9 +178,9 @@ where
                     tracing::debug!(error = %e, "NEW cannot serve reads; they stay on OLD");
                     self.mirror
                         .shift
-                        .count(&shape, false, Some(Fallback::Unavailable));
+                        .count(&shape, false, 0, Some(Fallback::Unavailable));
                     self.held = Some(held);
-                    return self.let_go().await;
+                    return self.let_go(false).await;
                 }
             }
         }
@@ -224,13 +232,13 @@ where
                 Ok(ClientMessage::Sync) => steps.push(step(Kind::Sync)),
                 _ => {
                     self.held = Some(held);
-                    return self.let_go().await;
+                    return self.let_go(false).await;
                 }
             }
         }
         if !self.serve(&shape, &steps).await? {
             self.held = Some(held);
-            return self.let_go().await;
+            return self.let_go(true).await;
         }
         // The client's statements exist on OLD too; their answers were NEW's.
         let mut sent_parse = false;
@@ -284,12 +292,12 @@ where
             Ok(answers) => {
                 self.to_client.extend_from_slice(&answers);
                 backend::ready_for_query(&mut self.to_client, TransactionStatus::Idle);
-                shift.count(shape, true, None);
+                shift.count(shape, true, reads(steps), None);
                 true
             }
             Err(reason) => {
                 tracing::debug!(reason = reason.as_str(), "a read NEW was to serve runs on OLD");
-                shift.count(shape, false, Some(reason));
+                shift.count(shape, false, reads(steps), Some(reason));
                 false
             }
         })
@@ -334,4 +342,12 @@ where
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The reads a batch for NEW executes: its Query, or the client's Binds.
+fn reads(steps: &[Step]) -> u64 {
+    steps
+        .iter()
+        .filter(|s| s.forward && matches!(s.kind, Kind::Query | Kind::Bind))
+        .count() as u64
 }

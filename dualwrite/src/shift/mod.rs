@@ -184,15 +184,17 @@ impl ReadShift {
         Some(new && self.lease_held() && self.now() >= self.down_until.load(Relaxed))
     }
 
-    /// Counts a read of `shape` served by one store (`new`), or that fell back to OLD.
-    pub(crate) fn count(&self, shape: &ReadShape, new: bool, fallback: Option<Fallback>) {
+    /// Counts `reads` reads of `shape` (executions: a Query, or a Bind of the extended
+    /// protocol) served by one store (`new`), and a batch NEW was to serve that fell back to
+    /// OLD.
+    pub(crate) fn count(&self, shape: &ReadShape, new: bool, reads: u64, fallback: Option<Fallback>) {
         let Some(c) = shape.tables.first().and_then(|t| self.counts.get(*t)) else {
             return;
         };
         if new {
-            c.new.fetch_add(1, Relaxed);
+            c.new.fetch_add(reads, Relaxed);
         } else {
-            c.old.fetch_add(1, Relaxed);
+            c.old.fetch_add(reads, Relaxed);
         }
         if let Some(f) = fallback {
             c.fallbacks[f as usize].fetch_add(1, Relaxed);
