@@ -2,7 +2,8 @@
 //! databases (OLD with a small shop's data, NEW with its empty tables), two proxies in this
 //! process, a client workload through both that checks its own reads, and the operator's
 //! steps run as the real commands (this binary's subcommands, in child processes): prepare,
-//! backfill, drift sample and verify, shadow_read, read_shift at 10, 50 and 100%. One line per
+//! backfill, drift sample and verify, shadow_read, read_shift at 10, 50 and 100%, cutover,
+//! rollback, cutover again. One line per
 //! step with what it measured, the status page's address while it runs, a verdict, and the
 //! databases dropped at the end (`--keep` leaves everything running until Ctrl-C).
 

@@ -33,8 +33,8 @@ struct Cli {
 enum Command {
     /// Walk the whole migration journey on the local PostgreSQL in one command: two fresh
     /// databases with a small shop's data, two proxies, a client workload, and the operator's
-    /// steps (prepare, backfill, drift, shadow reads, read shifting); one line per step and a
-    /// verdict. Exit 0 on PASS, 1 on FAIL.
+    /// steps (prepare, backfill, drift, shadow reads, read shifting, cutover, rollback); one line
+    /// per step and a verdict. Exit 0 on PASS, 1 on FAIL.
     Demo(demo::DemoArgs),
     /// Run the proxy.
     Proxy {

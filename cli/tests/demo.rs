@@ -31,6 +31,9 @@ async fn the_demo_walks_the_journey_to_pass_and_drops_its_databases() {
         "read_shift 10%",
         "read_shift 50%",
         "read_shift 100%",
+        "cutover ",
+        "rollback",
+        "cutover again",
         "final check",
     ] {
         assert!(stdout.contains(step), "no step {step:?} in\n{stdout}");
