@@ -223,3 +223,210 @@ async fn the_journey_through_cutover_rollback_and_cutover_again_loses_nothing() 
         }
     }
 }
+
+/// OLD and NEW with `items` backfilled and verified, in `read_shift`; the config file (polls
+/// every 200 ms, barriers time out after `barrier_ms`).
+async fn ready_for_cutover(label: &str, barrier_ms: u64) -> (DualEnv, common::tempfile_path::TempPath) {
+    let env = DualEnv::new(label, SCHEMA, vec![DualTable::new("public.items")])
+        .await
+        .unwrap();
+    env.seed_old("INSERT INTO items (owner, v) SELECT 0, i FROM generate_series(1, 100) i")
+        .await
+        .unwrap();
+    let cfg = temp_config(&format!(
+        "[old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n[auth]\nmethod = \"trust\"\n\
+         [control]\npoll_interval_ms = 200\nbarrier_timeout_ms = {barrier_ms}\n\
+         [telemetry]\nlog_level = \"warn\"\n\
+         [[tables]]\nname = \"public.items\"\nphase = \"dual_write\"\n",
+        env.old.url(),
+        env.new.url()
+    ));
+    for args in [
+        &["prepare"][..],
+        &["backfill"],
+        &["drift", "verify"],
+        &["phase", "--table", "public.items", "--to", "read_shift"],
+    ] {
+        let out = cli(&cfg, args).await;
+        assert_eq!(out.status.code(), Some(0), "switchyard {args:?}: {}", text(&out));
+    }
+    (env, cfg)
+}
+
+/// A client at `url` in a transaction that wrote row 1 and stays open.
+async fn hold_a_write(url: &str) -> tokio_postgres::Client {
+    let (held, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    held.batch_execute("BEGIN; UPDATE items SET v = -1 WHERE id = 1")
+        .await
+        .unwrap();
+    held
+}
+
+/// Waits until `n` proxies renew their heartbeat in the control state.
+async fn wait_for_heartbeats(env: &DualEnv, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while heartbeats(env).await < n {
+        assert!(
+            Instant::now() < deadline,
+            "{n} proxies never showed up in the heartbeat table"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Live proxies in the control state's heartbeat table.
+async fn heartbeats(env: &DualEnv) -> i64 {
+    env.old
+        .client()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM switchyard.switchyard_proxies WHERE seen_at > clock_timestamp() - interval '1 second'",
+            &[],
+        )
+        .await
+        .map_or(0, |r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_killed_during_the_barrier_does_not_hold_it_up() {
+    let (env, cfg) = ready_for_cutover("journey_kill", 20_000).await;
+    let mut proxy_cfg = env.proxy_config();
+    proxy_cfg
+        .extra_sections
+        .push("[control]\npoll_interval_ms = 200\n".to_owned());
+    let a = env.start_proxy(&proxy_cfg).await.unwrap();
+    // Proxy B is a process of its own, with a client holding a write transaction open: B
+    // cannot confirm the barrier until it dies.
+    let mut b = common::start_proxy_with(
+        &env.old,
+        &env.new,
+        "",
+        "[auth]\nmethod = \"trust\"\n[control]\npoll_interval_ms = 200\n\
+         [telemetry]\nlog_level = \"warn\"\n\
+         [[tables]]\nname = \"public.items\"\nphase = \"dual_write\"\n",
+        std::process::Stdio::null(),
+    );
+    let held = hold_a_write(&format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        b.port,
+        env.old.name()
+    ))
+    .await;
+    wait_for_heartbeats(&env, 2).await;
+
+    let started = Instant::now();
+    let (out, ()) = tokio::join!(
+        cli(
+            &cfg,
+            &[
+                "phase",
+                "--table",
+                "public.items",
+                "--to",
+                "cutover",
+                "--force",
+                "--json"
+            ]
+        ),
+        async {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            b.child.kill().unwrap();
+            b.child.wait().unwrap();
+        }
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let switched: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(switched["authority"], "NEW", "{switched}");
+    // Only A confirmed; the barrier went on once B's heartbeat was too old.
+    assert_eq!(switched["proxies"], 1, "{switched}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // B's transaction died with B; A writes to NEW and the stores agree.
+    assert!(held.batch_execute("COMMIT").await.is_err());
+    writes_to(&a, "NEW").await;
+    let c = tokio_postgres::connect(&a.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(c.1);
+    let id: i64 =
+        c.0.query_one("INSERT INTO items (owner, v) VALUES (9, 9) RETURNING id", &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert!(id > 100, "{id}");
+    let (only_old, only_new) = env.diff("public.items").await.unwrap();
+    assert!(
+        only_old.is_empty() && only_new.is_empty(),
+        "{only_old:?} {only_new:?}"
+    );
+    let v: i32 = env
+        .old
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT v FROM items WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 1, "the killed proxy's uncommitted write must not be anywhere");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_barrier_not_confirmed_in_time_is_aborted_and_writes_go_on_where_they_were() {
+    let (env, cfg) = ready_for_cutover("journey_abort", 1_500).await;
+    let mut proxy_cfg = env.proxy_config();
+    proxy_cfg
+        .extra_sections
+        .push("[control]\npoll_interval_ms = 200\n".to_owned());
+    let a = env.start_proxy(&proxy_cfg).await.unwrap();
+    let held = hold_a_write(&a.url("postgres")).await;
+    wait_for_heartbeats(&env, 1).await;
+    let out = cli(
+        &cfg,
+        &["phase", "--table", "public.items", "--to", "cutover", "--force"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("did not confirm"), "{}", text(&out));
+    // Nothing moved: the open transaction commits on OLD, new writes go to OLD, mirrored.
+    held.batch_execute("COMMIT").await.unwrap();
+    let status = authority(&a).await;
+    assert_eq!(status["writes_to"], "OLD", "{status}");
+    assert!(status["held_for_barrier"].is_null(), "{status}");
+    held.batch_execute("INSERT INTO items (owner, v) VALUES (7, 7)")
+        .await
+        .unwrap();
+    let (only_old, only_new) = env.diff("public.items").await.unwrap();
+    assert!(
+        only_old.is_empty() && only_new.is_empty(),
+        "{only_old:?} {only_new:?}"
+    );
+    let phase: String = env
+        .old
+        .client()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT phase FROM switchyard.switchyard_control WHERE table_name = 'public.items'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(phase, "read_shift");
+    let barriers: i64 = env
+        .old
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM switchyard.switchyard_barrier", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(barriers, 0);
+}

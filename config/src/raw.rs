@@ -89,6 +89,7 @@ pub(crate) struct RawControl {
     pub max_drift_rate: Option<f64>,
     pub max_drift_age_secs: Option<i64>,
     pub read_lease_ms: Option<i64>,
+    pub barrier_timeout_ms: Option<i64>,
     pub unconfigured_write_window_secs: Option<i64>,
 }
 

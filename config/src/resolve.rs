@@ -496,6 +496,13 @@ impl<'a> Resolver<'a> {
             100,
             60_000,
         );
+        let barrier = self.int(
+            "control.barrier_timeout_ms",
+            raw.barrier_timeout_ms,
+            d.barrier_timeout.as_millis() as u64,
+            100,
+            600_000,
+        );
         let window = self.int(
             "control.unconfigured_write_window_secs",
             raw.unconfigured_write_window_secs,
@@ -519,6 +526,7 @@ impl<'a> Resolver<'a> {
             max_drift_rate,
             max_drift_age: Duration::from_secs(age),
             read_lease: Duration::from_millis(lease),
+            barrier_timeout: Duration::from_millis(barrier),
             unconfigured_write_window: Duration::from_secs(window),
         }
     }

@@ -353,6 +353,11 @@ pub struct ControlSettings {
     /// when the client reads again (`docs/read-shift.md`).
     #[serde(rename = "read_lease_ms", serialize_with = "ser_ms")]
     pub read_lease: Duration,
+    /// `barrier_timeout_ms`: how long a cutover (or rollback) waits for every proxy to confirm
+    /// its barrier and for the mirrored transactions to drain before it is aborted (default
+    /// 15000; a transaction held open longer than this through a proxy aborts the cutover).
+    #[serde(rename = "barrier_timeout_ms", serialize_with = "ser_ms")]
+    pub barrier_timeout: Duration,
     /// `unconfigured_write_window_secs`: how far back cutover looks for writes to tables that
     /// are not configured (they would be left behind on OLD; default 300).
     #[serde(rename = "unconfigured_write_window_secs", serialize_with = "ser_secs")]
@@ -369,6 +374,7 @@ impl Default for ControlSettings {
             max_drift_rate: 0.001,
             max_drift_age: Duration::from_secs(3600),
             read_lease: Duration::from_millis(2000),
+            barrier_timeout: Duration::from_millis(15_000),
             unconfigured_write_window: Duration::from_secs(300),
         }
     }

@@ -27,10 +27,6 @@ use switchyard_store::{Role, Roles, Store, StoreError};
 
 use crate::{authoritative, barrier, guard, read, ControlError};
 
-/// How long the proxies have to confirm a barrier (their write transactions in flight must
-/// finish within it), and the intents to drain.
-pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(15);
-
 /// What a move of authority did.
 #[derive(Debug, Clone, Serialize)]
 pub struct Switched {
@@ -191,7 +187,8 @@ async fn under_barrier(
     epoch: i64,
 ) -> Result<(usize, Vec<SequenceMove>), String> {
     let live = config.control.poll_interval * 3 + Duration::from_secs(1);
-    let deadline = Instant::now() + BARRIER_TIMEOUT;
+    let timeout = config.control.barrier_timeout;
+    let deadline = Instant::now() + timeout;
     // Every live proxy confirms.
     let proxies = loop {
         let (waiting, live_count) = barrier::unconfirmed(old, epoch, live)
@@ -202,7 +199,7 @@ async fn under_barrier(
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "proxies {} did not confirm within {BARRIER_TIMEOUT:?} (a transaction open there too long?)",
+                "proxies {} did not confirm within {timeout:?} ([control] barrier_timeout_ms; a transaction open there too long?)",
                 waiting.join(", ")
             ));
         }

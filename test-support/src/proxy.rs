@@ -133,12 +133,17 @@ impl TestProxy {
         let addr = listeners.client_addr().context("no client address")?;
         let admin_addr = listeners.admin_addr();
         let (trigger, shutdown) = switchyard_proxy::shutdown::channel();
-        let task = tokio::spawn(switchyard_proxy::run_with_roles(
-            std::sync::Arc::new(config.clone()),
-            roles,
-            listeners,
-            shutdown,
-        ));
+        // OLD authoritative is how every proxy starts: the control state then decides, and the
+        // proxy follows a cutover. Other roles are fixed (the engine's tests with NEW
+        // authoritative from the start).
+        let shared = std::sync::Arc::new(config.clone());
+        let task = if roles == Roles::OLD_AUTHORITATIVE {
+            tokio::spawn(switchyard_proxy::run(shared, listeners, shutdown))
+        } else {
+            tokio::spawn(switchyard_proxy::run_with_roles(
+                shared, roles, listeners, shutdown,
+            ))
+        };
         Ok(TestProxy {
             addr,
             admin_addr,

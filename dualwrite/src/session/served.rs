@@ -285,7 +285,7 @@ where
         // transaction (then the read is OLD's).
         self.barrier().await?;
         if !self.shift_idle() {
-            shift.count(shape, false, None);
+            shift.count(shape, false, reads(steps), None);
             return Ok(false);
         }
         Ok(match self.run_on_new(steps).await {
