@@ -3,7 +3,7 @@
 //! process, a client workload through both that checks its own reads, and the operator's
 //! steps run as the real commands (this binary's subcommands, in child processes): prepare,
 //! backfill, drift sample and verify, shadow_read, read_shift at 10, 50 and 100%, cutover,
-//! rollback, cutover again. One line per
+//! rollback, cutover again, a final comparison, done and cleanup. One line per
 //! step with what it measured, the status page's address while it runs, a verdict, and the
 //! databases dropped at the end (`--keep` leaves everything running until Ctrl-C).
 
@@ -562,10 +562,6 @@ async fn walk(
             ),
         );
     }
-    next(
-        "done",
-        "not built yet (issue 14): OLD is still written (mirrored from NEW) and rollback stays possible",
-    );
 
     // The verdict: the workload stops, the repairs settle, every row is compared again.
     stop.store(true, Relaxed);
@@ -587,7 +583,24 @@ async fn walk(
             "{commits} commits, {reads_done} reads back, {errors} client errors; {final_differing} differing keys; {lost} acknowledged writes missing"
         ),
     );
-    let pass = final_differing == 0 && lost == 0 && errors == 0;
+    // Done: NEW keeps the writes and stops mirroring them; then Switchyard's objects go.
+    let (done_ok, done) = step(&[
+        "phase", "--config", &cfg, "--table", TABLES[0], "--to", "done", "--json",
+    ])
+    .await?;
+    let (cleaned, _) = step(&["cleanup", "--config", &cfg, "--json"]).await?;
+    next(
+        "done, cleanup",
+        &if done_ok && cleaned {
+            format!(
+                "NEW alone takes the writes (barrier open {:.2} s); Switchyard's tables, triggers and functions removed from both stores",
+                done["barrier_seconds"].as_f64().unwrap_or(0.0)
+            )
+        } else {
+            format!("failed: done {done_ok}, cleanup {cleaned}")
+        },
+    );
+    let pass = final_differing == 0 && lost == 0 && errors == 0 && done_ok && cleaned;
     if let Ok(Some(e)) = tally.first_error.lock().map(|e| e.clone()) {
         println!("     first client error: {e}");
     }

@@ -35,6 +35,7 @@ async fn the_demo_walks_the_journey_to_pass_and_drops_its_databases() {
         "rollback",
         "cutover again",
         "final check",
+        "done, cleanup",
     ] {
         assert!(stdout.contains(step), "no step {step:?} in\n{stdout}");
     }

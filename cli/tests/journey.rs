@@ -1,8 +1,9 @@
 //! The operator's journey through the CLI under a continuous client workload through two
 //! proxies: dual_write, backfill, verify, read_shift at 100%, cutover (write authority moves to
-//! NEW under the barrier), rollback to read_shift (back to OLD), cutover again. No client
-//! error from any phase change, every client reads its own writes back at once, no
-//! acknowledged write lost, and OLD and NEW equal at the end.
+//! NEW under the barrier), rollback to read_shift (back to OLD), cutover again, done, cleanup.
+//! No client error from any phase change, every client reads its own writes back at once, no
+//! acknowledged write lost, OLD and NEW equal before done, and nothing of Switchyard left after
+//! cleanup.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -18,6 +19,10 @@ const SCHEMA: &str = "CREATE TABLE items (id bigserial PRIMARY KEY, owner int NO
 
 #[derive(Default)]
 struct Tally {
+    /// The phase the journey is moving to (for the errors).
+    stage: Mutex<&'static str>,
+    /// OLD's and NEW's URLs.
+    stores: Vec<String>,
     commits: AtomicU64,
     errors: Mutex<Vec<String>>,
     /// Every acknowledged row and its last acknowledged value.
@@ -65,16 +70,44 @@ async fn client(url: String, owner: i32, stop: Arc<AtomicBool>, tally: Arc<Tally
                 .map_err(|e| format!("read back: {e}"))?
                 .get(0);
             if back != v {
-                return Err(format!("row {id}: wrote {v}, read {back}"));
+                // Where the row is now, to tell which store served the stale read.
+                let mut on = Vec::new();
+                for url in &tally.stores {
+                    if let Ok((d, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+                        tokio::spawn(conn);
+                        if let Ok(r) = d.query_one("SELECT v FROM items WHERE id = $1", &[&id]).await {
+                            on.push(r.get::<_, i32>(0));
+                        }
+                    }
+                }
+                return Err(format!(
+                    "row {id}: wrote {v}, read {back}; OLD and NEW hold {on:?}"
+                ));
             }
             Ok(())
         }
         .await;
         if let Err(e) = result {
-            tally.errors.lock().unwrap().push(e);
+            let stage = *tally.stage.lock().unwrap();
+            tally.errors.lock().unwrap().push(format!("{e} (around {stage})"));
         }
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
+}
+
+/// Stops the clients and checks none saw an error.
+async fn stop_clients(stop: &AtomicBool, clients: Vec<tokio::task::JoinHandle<()>>, tally: &Tally) {
+    stop.store(true, Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let errors = tally.errors.lock().unwrap().clone();
+    assert!(
+        errors.is_empty(),
+        "{} client errors, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
 }
 
 async fn authority(proxy: &TestProxy) -> serde_json::Value {
@@ -97,7 +130,7 @@ async fn writes_to(proxy: &TestProxy, store: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_journey_through_cutover_rollback_and_cutover_again_loses_nothing() {
+async fn the_journey_through_cutover_rollback_cutover_again_and_done_loses_nothing() {
     let env = DualEnv::new("journey", SCHEMA, vec![DualTable::new("public.items")])
         .await
         .unwrap();
@@ -129,7 +162,10 @@ async fn the_journey_through_cutover_rollback_and_cutover_again_loses_nothing() 
     let b = env.start_proxy(&proxy_cfg).await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(Tally {
+        stores: vec![env.old.url().to_owned(), env.new.url().to_owned()],
+        ..Tally::default()
+    });
     let mut clients = Vec::new();
     for (i, p) in [&a, &b, &a, &b].iter().enumerate() {
         clients.push(tokio::spawn(client(
@@ -146,6 +182,7 @@ async fn the_journey_through_cutover_rollback_and_cutover_again_loses_nothing() 
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     for (to, store) in [("cutover", "NEW"), ("read_shift", "OLD"), ("cutover", "NEW")] {
+        *tally.stage.lock().unwrap() = to;
         let before = tally.commits.load(Relaxed);
         // Forced: the unconfigured-writes rail needs minutes of observed write counters (its
         // own test is in cutover.rs); the other rails pass.
@@ -187,17 +224,7 @@ async fn the_journey_through_cutover_rollback_and_cutover_again_loses_nothing() 
         let pause = authority(&a).await["last_pause_seconds"].as_f64().unwrap();
         assert!(pause > 0.0 && pause < 5.0, "pause {pause}");
     }
-    stop.store(true, Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let errors = tally.errors.lock().unwrap().clone();
-    assert!(
-        errors.is_empty(),
-        "{} client errors, first: {:?}",
-        errors.len(),
-        errors.first()
-    );
+    stop_clients(&stop, clients, &tally).await;
     assert!(tally.commits.load(Relaxed) > 150);
 
     // Every acknowledged write is on both stores with its value, and the stores are equal.
@@ -221,6 +248,70 @@ async fn the_journey_through_cutover_rollback_and_cutover_again_loses_nothing() 
         for (id, v) in &acked {
             assert_eq!(found.get(id), Some(v), "row {id} on {}", db.name());
         }
+    }
+
+    // Done under a workload: NEW keeps the writes, OLD is left behind, nobody sees an error;
+    // then cleanup leaves no Switchyard object on either store.
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let clients: Vec<_> = [&a, &b]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            tokio::spawn(client(
+                p.url("postgres"),
+                10 + i as i32,
+                Arc::clone(&stop),
+                Arc::clone(&tally),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = cli(&cfg, &["cleanup"]).await;
+    assert_eq!(out.status.code(), Some(1), "cleanup before done: {}", text(&out));
+    let out = cli(
+        &cfg,
+        &["phase", "--table", "public.items", "--to", "done", "--json"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "phase --to done: {}", text(&out));
+    let before = tally.commits.load(Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tally.commits.load(Relaxed) < before + 50 {
+        assert!(Instant::now() < deadline, "the workload stalled after done");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop_clients(&stop, clients, &tally).await;
+    let on_new = env.new.client().await.unwrap();
+    let last: i64 = on_new
+        .query_one("SELECT max(id) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let on_old = env.old.client().await.unwrap();
+    let last_old: i64 = on_old
+        .query_one("SELECT max(id) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        last > last_old,
+        "writes after done reach NEW only ({last} vs {last_old})"
+    );
+    drop(a);
+    drop(b);
+    let out = cli(&cfg, &["cleanup"]).await;
+    assert_eq!(out.status.code(), Some(0), "cleanup: {}", text(&out));
+    for c in [&on_old, &on_new] {
+        let left: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'switchyard'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0);
     }
 }
 

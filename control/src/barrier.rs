@@ -64,14 +64,20 @@ fn role_of(s: &str) -> Role {
     }
 }
 
-/// The open barrier on `store`, if any.
-pub async fn open_barrier(store: &Store) -> Result<Option<Barrier>, StoreError> {
-    let Store::Postgres(pg) = store;
-    if !store.has_relation("switchyard.switchyard_barrier").await? {
+/// The open barrier, if any, read in `tx` (the control state's snapshot).
+pub(crate) async fn open_barrier_in(
+    tx: &mut crate::Tx<'_>,
+    store: &Store,
+) -> Result<Option<Barrier>, StoreError> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('switchyard.switchyard_barrier') IS NOT NULL")
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(failed(store, "reading the barrier"))?;
+    if !exists {
         return Ok(None);
     }
     let row = sqlx::query("SELECT epoch, authority, to_phase FROM switchyard.switchyard_barrier")
-        .fetch_optional(pg.pool())
+        .fetch_optional(&mut **tx)
         .await
         .map_err(failed(store, "reading the barrier"))?;
     Ok(row.and_then(|r| {

@@ -177,11 +177,22 @@ pub async fn read(store: &Store) -> Result<Option<ControlState>, StoreError> {
     if !store.has_relation("switchyard.switchyard_control").await? {
         return Ok(None);
     }
+    // One snapshot: a barrier that completes between two reads must not look open and
+    // closed at once (the phases from before it, no barrier row after it).
+    let mut tx = pg
+        .pool()
+        .begin()
+        .await
+        .map_err(failed(store, "reading the control state"))?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(store, "reading the control state"))?;
     let rows: Vec<(String, String, i32, i64, String, String)> = sqlx::query_as(
         "SELECT table_name, phase, read_share, epoch, changed_at::text, changed_by \
          FROM switchyard.switchyard_control ORDER BY table_name",
     )
-    .fetch_all(pg.pool())
+    .fetch_all(&mut *tx)
     .await
     .map_err(failed(store, "reading the control state"))?;
     let mut state = ControlState::default();
@@ -200,10 +211,17 @@ pub async fn read(store: &Store) -> Result<Option<ControlState>, StoreError> {
             changed_by,
         });
     }
-    state.barrier = barrier::open_barrier(store).await?;
-    if let Some(b) = &state.barrier {
-        state.epoch = state.epoch.max(b.epoch);
-    }
+    // Every change is logged with its epoch, barriers opened and aborted included.
+    let logged: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(epoch), 0)::int8 FROM switchyard.switchyard_control_log")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(failed(store, "reading the control epoch"))?;
+    state.epoch = state.epoch.max(logged);
+    state.barrier = barrier::open_barrier_in(&mut tx, store).await?;
+    tx.rollback()
+        .await
+        .map_err(failed(store, "reading the control state"))?;
     Ok(Some(state))
 }
 
@@ -227,12 +245,13 @@ pub fn transition(from: Phase, to: Phase) -> Result<(), String> {
         (DualWrite, ShadowRead | ReadShift) | (ShadowRead, ReadShift) => Ok(()),
         (ShadowRead | ReadShift, DualWrite) | (ReadShift, ShadowRead) => Ok(()),
         // Write authority moves for every table together, under the barrier (`switch`).
-        (ReadShift, Cutover) | (Cutover, DualWrite | ShadowRead | ReadShift) => Ok(()),
+        (ReadShift, Cutover) | (Cutover, DualWrite | ShadowRead | ReadShift | Done) => Ok(()),
         (_, Cutover) => Err(format!(
             "cutover comes from read_shift (the table is in {from}); move it there first"
         )),
-        (_, Done) | (Cutover, _) => Err(format!(
-            "moving from {from} to {to} is not built yet: done is refused (issue 14)"
+        (_, Done) => Err(format!("done comes from cutover (the table is in {from})")),
+        (Cutover, _) => Err(format!(
+            "from cutover a table goes back to a mirrored phase (a rollback) or on to done, not to {to}"
         )),
         (_, Passthrough) => Err(format!(
             "moving back from {from} to passthrough would stop mirroring while NEW holds copied rows; \
@@ -542,6 +561,7 @@ mod tests {
             (ReadShift, Cutover),
             (Cutover, ReadShift),
             (Cutover, DualWrite),
+            (Cutover, Done),
         ] {
             assert_eq!(transition(from, to), Ok(()), "{from} -> {to}");
         }
@@ -550,7 +570,7 @@ mod tests {
             (Passthrough, DualWrite, "restart the proxies"),
             (DualWrite, Passthrough, "restart the proxies"),
             (DualWrite, Cutover, "comes from read_shift"),
-            (Cutover, Done, "not built yet"),
+            (ReadShift, Done, "comes from cutover"),
             (Done, ReadShift, "stays there"),
         ] {
             let refused = transition(from, to).unwrap_err();

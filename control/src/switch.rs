@@ -1,7 +1,9 @@
 //! Moving write authority between the stores: `switchyard phase --to cutover` (NEW takes the
 //! writes, OLD follows) and back (`--to read_shift`, `shadow_read` or `dual_write` from
-//! `cutover`: a rollback). Every configured table moves together: a transaction cannot span two
-//! authorities. The steps, under the barrier (`crate::barrier`):
+//! `cutover`: a rollback), and `--to done` (NEW keeps the writes and stops mirroring them to
+//! OLD: under the barrier the capture is removed from NEW instead of moved). Every configured
+//! table moves together: a transaction cannot span two authorities. The steps, under the
+//! barrier (`crate::barrier`):
 //!
 //! 1. the guard rails of cutover, per table (not for a rollback);
 //! 2. the barrier opens; every live proxy finishes its write transactions in flight, holds new
@@ -46,9 +48,10 @@ pub struct Switched {
     pub overridden: Vec<String>,
 }
 
-/// Whether moving every table to `to` moves authority, from the phases they are in.
+/// Whether moving a table from `from` to `to` goes through the barrier: into `cutover`, back out
+/// of it (a rollback), or on to `done` (the proxies stop mirroring to OLD).
 pub fn moves_authority(from: Phase, to: Phase) -> bool {
-    (to == Phase::Cutover) != (from == Phase::Cutover) && from != Phase::Done
+    from != Phase::Done && (to == Phase::Done || (to == Phase::Cutover) != (from == Phase::Cutover))
 }
 
 fn not_allowed(table: &str, reason: impl Into<String>) -> ControlError {
@@ -95,7 +98,7 @@ where
         ));
     }
     let from_authority = authoritative(&state);
-    let to_authority = if to == Phase::Cutover {
+    let to_authority = if matches!(to, Phase::Cutover | Phase::Done) {
         Role::New
     } else {
         Role::Old
@@ -111,6 +114,7 @@ where
         };
         let fits = match to {
             Phase::Cutover => c.phase == Phase::ReadShift || c.phase == Phase::Cutover,
+            Phase::Done => c.phase == Phase::Cutover || c.phase == Phase::Done,
             Phase::DualWrite | Phase::ShadowRead | Phase::ReadShift => {
                 c.phase == Phase::Cutover || c.phase == to
             }
@@ -128,7 +132,7 @@ where
         }
         names.push(name);
     }
-    if from_authority == to_authority {
+    if from_authority == to_authority && to != Phase::Done {
         return Err(not_allowed(
             "*",
             format!("writes are already {}'s", to_authority.name()),
@@ -152,7 +156,7 @@ where
 
     let started = Instant::now();
     let epoch = barrier::open(old, to_authority, to, by).await?;
-    match under_barrier(old, new, config, (from_authority, to_authority), epoch).await {
+    match under_barrier(old, new, config, (from_authority, to_authority, to), epoch).await {
         Ok((proxies, sequences)) => {
             let after = barrier::complete(old, epoch, &names, to, &overridden, by).await?;
             Ok(Switched {
@@ -183,7 +187,7 @@ async fn under_barrier(
     old: &Store,
     new: &Store,
     config: &Config,
-    (from, to): (Role, Role),
+    (from, to, phase): (Role, Role, Phase),
     epoch: i64,
 ) -> Result<(usize, Vec<SequenceMove>), String> {
     let live = config.control.poll_interval * 3 + Duration::from_secs(1);
@@ -222,11 +226,6 @@ async fn under_barrier(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let tables: Vec<_> = config.tables.iter().map(|t| t.name.clone()).collect();
-    let sequences = advance_sequences(source, target, &tables, DEFAULT_MARGIN)
-        .await
-        .map_err(|e| format!("moving the sequences: {e}"))?;
-    // The capture moves: installed on the new authority first, then removed from the old one.
     let with_phase = |phase: Phase| -> Vec<TableSettings> {
         config
             .tables
@@ -234,6 +233,25 @@ async fn under_barrier(
             .map(|t| TableSettings { phase, ..t.clone() })
             .collect()
     };
+    if phase == Phase::Done {
+        // NEW stays authoritative and stops capturing: OLD is left behind.
+        let (Store::Postgres(pg_new), Store::Postgres(pg_old)) = (new, old);
+        prepare_in(
+            Roles::NEW_AUTHORITATIVE,
+            pg_new.pool(),
+            pg_old.pool(),
+            &with_phase(Phase::Done),
+            true,
+        )
+        .await
+        .map_err(|e| format!("removing the capture from NEW: {e}"))?;
+        return Ok((proxies, Vec::new()));
+    }
+    let tables: Vec<_> = config.tables.iter().map(|t| t.name.clone()).collect();
+    let sequences = advance_sequences(source, target, &tables, DEFAULT_MARGIN)
+        .await
+        .map_err(|e| format!("moving the sequences: {e}"))?;
+    // The capture moves: installed on the new authority first, then removed from the old one.
     let (Store::Postgres(src), Store::Postgres(dst)) = (source, target);
     let to_roles = Roles {
         authoritative: to,

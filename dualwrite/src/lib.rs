@@ -55,6 +55,70 @@ pub struct MirrorStats {
     pub latency_count: AtomicU64,
     /// Largest NEW apply+commit time seen, in microseconds.
     pub latency_us_max: AtomicU64,
+    /// NEW apply+commit times, for their quantiles.
+    pub latency: LatencyHistogram,
+}
+
+/// Sub-buckets per power of two of [`LatencyHistogram`]: a quantile is known within 19%.
+const SUB_BUCKETS: usize = 4;
+
+/// Times in microseconds, counted in buckets that grow geometrically (four per power of two,
+/// up to about 70 minutes), so quantiles cost a fixed amount of memory and no lock.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    buckets: Vec<AtomicU64>,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: (0..32 * SUB_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    fn bucket(us: u64) -> usize {
+        let us = us.max(1);
+        let power = 63 - us.leading_zeros() as usize;
+        // The two bits below the leading one choose the sub-bucket.
+        let sub = if power >= 2 {
+            ((us >> (power - 2)) & 3) as usize
+        } else {
+            ((us << (2 - power)) & 3) as usize
+        };
+        (power * SUB_BUCKETS + sub).min(32 * SUB_BUCKETS - 1)
+    }
+
+    /// The largest time bucket `i` holds, in microseconds.
+    fn upper(i: usize) -> f64 {
+        let (power, sub) = (i / SUB_BUCKETS, i % SUB_BUCKETS);
+        (1u64 << power) as f64 * (1.0 + (sub + 1) as f64 / SUB_BUCKETS as f64)
+    }
+
+    /// Counts one time.
+    pub fn record(&self, us: u64) {
+        self.buckets[Self::bucket(us)].fetch_add(1, Relaxed);
+    }
+
+    /// The `q` quantile (0 to 1), in milliseconds (the upper end of its bucket); `None` before
+    /// any time was counted.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(Self::upper(i) / 1000.0);
+            }
+        }
+        None
+    }
 }
 
 /// The dual-write engine shared by a proxy's sessions.
@@ -157,14 +221,8 @@ impl Mirror {
     /// Sets up mirroring for the tables in a mirrored phase, from the `roles.authoritative` store
     /// to the `roles.follower`; `None` when there are none (every session then runs the plain
     /// passthrough relay). Fails when a table's schema cannot be read, when `switchyard prepare`
-    /// has not been run for these roles, or for phases not built yet.
+    /// has not been run for these roles. Tables in `done` are not mirrored (OLD is left behind).
     pub async fn start(config: &Config, roles: Roles) -> Result<Option<Arc<Mirror>>, StartError> {
-        if let Some(t) = config.tables.iter().find(|t| t.phase == Phase::Done) {
-            return Err(StartError::UnsupportedPhase {
-                table: t.name.to_string(),
-                phase: t.phase,
-            });
-        }
         let mirrored: Vec<&TableSettings> = config
             .tables
             .iter()
@@ -496,6 +554,7 @@ impl Mirror {
             self.stats.latency_us_sum.fetch_add(us, Relaxed);
             self.stats.latency_count.fetch_add(1, Relaxed);
             self.stats.latency_us_max.fetch_max(us, Relaxed);
+            self.stats.latency.record(us);
             if cleanup {
                 let _ = self.done_tx.send(intent_id);
             }
@@ -727,6 +786,22 @@ impl Mirror {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_quantiles_are_within_a_fifth() {
+        let h = LatencyHistogram::default();
+        assert_eq!(h.quantile_ms(0.5), None);
+        for us in 1..=1000u64 {
+            h.record(us * 10);
+        }
+        let p50 = h.quantile_ms(0.5).unwrap();
+        let p99 = h.quantile_ms(0.99).unwrap();
+        assert!((5.0..=5.0 * 1.25).contains(&p50), "{p50}");
+        assert!((9.9..=9.9 * 1.25).contains(&p99), "{p99}");
+        h.record(u64::MAX);
+        // Past the last bucket (about 70 minutes) times are counted in it.
+        assert!(h.quantile_ms(1.0).unwrap() > 4e6);
+    }
 
     /// After a failure the follower counts as down for a second, on tokio's clock.
     #[tokio::test(start_paused = true)]

@@ -166,6 +166,8 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
             "mirror_latency_ms": {
                 "mean": if n > 0 { s.latency_us_sum.load(Relaxed) as f64 / n as f64 / 1000.0 } else { 0.0 },
                 "max": s.latency_us_max.load(Relaxed) as f64 / 1000.0,
+                "p50": s.latency.quantile_ms(0.5),
+                "p99": s.latency.quantile_ms(0.99),
             },
         })
     });

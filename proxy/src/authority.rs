@@ -33,6 +33,8 @@ pub(crate) struct Engine {
     pub(crate) upstream: WireTarget,
     /// The dual-write engine, when some table is mirrored.
     pub(crate) mirror: Option<Arc<Mirror>>,
+    /// The tables it mirrors (`schema.table`).
+    pub(crate) mirrored: Vec<String>,
 }
 
 impl Engine {
@@ -44,8 +46,22 @@ impl Engine {
                 url: roles.authoritative.settings(config).url.clone(),
                 store: roles.authoritative,
             },
+            mirrored: mirror
+                .as_ref()
+                .map(|m| m.tables.iter().map(|t| t.name.to_string()).collect())
+                .unwrap_or_default(),
             mirror,
         }
+    }
+
+    /// Whether the control state moved a table this engine mirrors to `done` (the engine must
+    /// stop mirroring it).
+    fn outdated_by(&self, state: &ControlState) -> bool {
+        self.mirrored.iter().any(|t| {
+            state
+                .table(t)
+                .is_some_and(|c| c.phase == switchyard_config::Phase::Done)
+        })
     }
 }
 
@@ -262,13 +278,18 @@ async fn step(authority: &Authority, follow: &Follow, state: &ControlState) {
             }
         }
         None => {
+            // The barrier this proxy held for ended (completed or aborted) only in a state
+            // newer than it; an older one read late says nothing about it.
+            if authority.closed_for().is_some_and(|e| state.epoch <= e) {
+                return;
+            }
             let engine = authority.engine();
             let roles = if follow.follow_authority {
                 roles_of(state)
             } else {
                 engine.roles
             };
-            if roles != engine.roles {
+            if roles != engine.roles || (follow.follow_authority && engine.outdated_by(state)) {
                 match (follow.build)(roles, engine.generation + 1).await {
                     Ok(next) => {
                         tracing::info!(

@@ -305,6 +305,20 @@ impl Metrics {
                 }
             })
             .build();
+        let s = Arc::clone(&stats);
+        meter
+            .f64_observable_gauge("switchyard_mirror_latency_seconds")
+            .with_description(
+                "Quantiles of the time from applying row images on NEW to NEW's commit, since start",
+            )
+            .with_callback(move |o| {
+                for (q, label) in [(0.5, "0.5"), (0.99, "0.99")] {
+                    if let Some(ms) = s.latency.quantile_ms(q) {
+                        o.observe(ms / 1000.0, &[KeyValue::new("quantile", label)]);
+                    }
+                }
+            })
+            .build();
     }
 
     /// Shadow reads per table in phase `shadow_read` and outcome:

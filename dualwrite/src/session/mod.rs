@@ -430,6 +430,12 @@ where
         parses,
         entered: false,
     };
+    // A session that moved here: what its prepared statements are (writes, reads) is known
+    // again, so a Bind of one parsed on the other store is captured and served as before.
+    let carried: Vec<Bytes> = s.parses.values().cloned().collect();
+    for frame in &carried {
+        s.note_parse(fe::parse(b'P', frame.get(5..).unwrap_or_default()).ok(), frame);
+    }
     let result = s.run().await;
     if s.entered {
         s.host.quiet();

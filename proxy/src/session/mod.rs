@@ -245,10 +245,21 @@ async fn run_session(
             break end;
         }
         // Write authority moved: the session goes on with the new authoritative store.
+        let before = engine.upstream.store;
         engine = state.engine();
         let Some(r) = resume.as_mut() else {
             break Err(SessionError::Refused("rerouted without its state".into()));
         };
+        if engine.upstream.store == before {
+            // The same store (the engine changed, not the authority: `done`): the session goes
+            // on with its connection; without a dual-write engine nothing else is carried.
+            tracing::debug!(generation = engine.generation, "session stays on its store");
+            if engine.mirror.is_none() {
+                client_buf = std::mem::take(&mut r.client_buf);
+                resume = None;
+            }
+            continue;
+        }
         let moved = reroute::to(state, &who, &engine.upstream, r)
             .instrument(span.clone())
             .await;
