@@ -386,10 +386,21 @@ fn next_step(
             )
         }
         ReadShift => (
-            "cut over (not built yet: issue 14)".to_owned(),
+            "cut over: NEW takes the writes, every configured table together (rollback stays possible)"
+                .to_owned(),
             format!("{} --to cutover", cmd("phase")),
         ),
-        Cutover | Done => ("not built yet (issue 14)".to_owned(), "-".to_owned()),
+        Cutover => (
+            format!(
+                "finish: OLD is no longer written, no way back (or roll back: {} --to read_shift)",
+                cmd("phase")
+            ),
+            format!("{} --to done", cmd("phase")),
+        ),
+        Done => (
+            "remove Switchyard's objects from both stores".to_owned(),
+            "switchyard cleanup --config CONFIG".to_owned(),
+        ),
     }
 }
 
@@ -433,5 +444,14 @@ mod tests {
         assert!(next_step(t, Phase::ReadShift, 100, Some("done"), Some(pass))
             .1
             .ends_with("--to cutover"));
+        let (what, command) = next_step(t, Phase::Cutover, 100, Some("done"), Some(pass));
+        assert!(
+            command.ends_with("--to done") && what.contains("--to read_shift"),
+            "{what}"
+        );
+        assert_eq!(
+            next_step(t, Phase::Done, 100, Some("done"), Some(pass)).1,
+            "switchyard cleanup --config CONFIG"
+        );
     }
 }
