@@ -484,6 +484,9 @@ fn backfill(
     };
     init_stderr_logs(&config, bars)?;
     let runtime = batch_runtime(options.workers)?;
+    // Phases changed with `switchyard phase` win over the file's (a table whose dual writes
+    // started at run time is backfilled).
+    let config = runtime.block_on(with_control_phases(config));
     if cleanup {
         let result = runtime.block_on(switchyard_backfill::cleanup_tombstones(&config, &options.tables));
         return match result {
@@ -625,4 +628,16 @@ pub(crate) fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+/// `config` with the phases and read shares of the control state on OLD, when there is one and
+/// it can be read (else the file's, as before `switchyard prepare` seeded it).
+async fn with_control_phases(mut config: Config) -> Config {
+    let Ok(old) = Store::connect_lazy(Role::Old, &config.old.url) else {
+        return config;
+    };
+    if let Ok(Some(state)) = switchyard_control::read(&old).await {
+        switchyard_control::apply_to(&mut config, &state);
+    }
+    config
 }

@@ -3,7 +3,8 @@
 //! NEW under the barrier), rollback to read_shift (back to OLD), cutover again, done, cleanup.
 //! No client error from any phase change, every client reads its own writes back at once, no
 //! acknowledged write lost, OLD and NEW equal before done, and nothing of Switchyard left after
-//! cleanup.
+//! cleanup. Also: a proxy killed during the barrier, a barrier aborted by a transaction held
+//! open, and dual writes started at run time from passthrough.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -520,4 +521,129 @@ async fn a_barrier_not_confirmed_in_time_is_aborted_and_writes_go_on_where_they_
         .unwrap()
         .get(0);
     assert_eq!(barriers, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_writes_start_at_run_time_from_passthrough_and_converge() {
+    let env = DualEnv::new("journey_start", SCHEMA, vec![DualTable::new("public.items")])
+        .await
+        .unwrap();
+    env.seed_old("INSERT INTO items (owner, v) SELECT 0, i FROM generate_series(1, 300) i")
+        .await
+        .unwrap();
+    let cfg = temp_config(&format!(
+        "[old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n[auth]\nmethod = \"trust\"\n\
+         [control]\npoll_interval_ms = 200\nbarrier_timeout_ms = 1500\n[telemetry]\nlog_level = \"warn\"\n\
+         [[tables]]\nname = \"public.items\"\nphase = \"passthrough\"\n",
+        env.old.url(),
+        env.new.url()
+    ));
+    let out = cli(&cfg, &["prepare"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let mut proxy_cfg = env.proxy_config();
+    for s in &mut proxy_cfg.extra_sections {
+        *s = s.replace("phase = \"dual_write\"", "phase = \"passthrough\"");
+    }
+    proxy_cfg.extra_sections.push(
+        "[control]\npoll_interval_ms = 200\n[mirror]\nstale_intent_secs = 1\nrepair_interval_ms = 100\n"
+            .to_owned(),
+    );
+    let a = env.start_proxy(&proxy_cfg).await.unwrap();
+    // Clients connected before the change: their sessions relay plainly, and keep doing so.
+    let (plain, conn) = tokio_postgres::connect(&a.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let plain_conn = tokio::spawn(conn);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally {
+        stores: vec![env.old.url().to_owned(), env.new.url().to_owned()],
+        ..Tally::default()
+    });
+    let clients: Vec<_> = (0..2)
+        .map(|i| {
+            tokio::spawn(client(
+                a.url("postgres"),
+                20 + i,
+                Arc::clone(&stop),
+                Arc::clone(&tally),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let out = cli(&cfg, &["phase", "--table", "public.items", "--to", "dual_write"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // The proxy mirrors the table from now on: a new session's write is on NEW at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = a.admin_get("/status").await.unwrap();
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if status["tables"][0]["mirrored"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never started mirroring: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (fresh, conn) = tokio_postgres::connect(&a.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let id: i64 = fresh
+        .query_one("INSERT INTO items (owner, v) VALUES (99, 99) RETURNING id", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let on_new = env.new.client().await.unwrap();
+    let mirrored = on_new
+        .query_opt("SELECT v FROM items WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    assert_eq!(
+        mirrored.map(|r| r.get::<_, i32>(0)),
+        Some(99),
+        "mirrored before COMMIT was answered"
+    );
+
+    // The rows from before, by the backfill; the old sessions' writes, by the trigger's net and
+    // the repair loop. Then both stores are equal.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = cli(&cfg, &["backfill"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    stop_clients(&stop, clients, &tally).await;
+    assert!(tally.commits.load(Relaxed) > 20);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match env.diff("public.items").await {
+            Ok((only_old, only_new)) if only_old.is_empty() && only_new.is_empty() => break,
+            other => assert!(Instant::now() < deadline, "stores differ: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = cli(&cfg, &["drift", "verify"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // A session that relays plainly (connected before dual writes started) cannot move to NEW:
+    // a cutover waits for it and is aborted while it stays; once it is gone the cutover goes.
+    plain.batch_execute("SELECT 1").await.unwrap();
+    let out = cli(&cfg, &["phase", "--table", "public.items", "--to", "read_shift"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = cli(
+        &cfg,
+        &["phase", "--table", "public.items", "--to", "cutover", "--force"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("relay plainly"), "{}", text(&out));
+    drop(plain);
+    let _ = plain_conn.await;
+    drop(fresh);
+    let out = cli(
+        &cfg,
+        &["phase", "--table", "public.items", "--to", "cutover", "--force"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }

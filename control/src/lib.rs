@@ -237,11 +237,9 @@ pub fn transition(from: Phase, to: Phase) -> Result<(), String> {
     }
     match (from, to) {
         (Done, _) => Err("a table in done stays there (OLD is no longer written)".to_owned()),
-        (Passthrough, DualWrite) => Err(
-            "starting dual writes at run time is not built yet: set phase = \"dual_write\" in [[tables]], \
-             run `switchyard prepare`, then restart the proxies"
-                .to_owned(),
-        ),
+        // The capture triggers are installed first (`switch::apply`), then every proxy starts
+        // mirroring the table.
+        (Passthrough, DualWrite) => Ok(()),
         (DualWrite, ShadowRead | ReadShift) | (ShadowRead, ReadShift) => Ok(()),
         (ShadowRead | ReadShift, DualWrite) | (ReadShift, ShadowRead) => Ok(()),
         // Write authority moves for every table together, under the barrier (`switch`).
@@ -562,12 +560,12 @@ mod tests {
             (Cutover, ReadShift),
             (Cutover, DualWrite),
             (Cutover, Done),
+            (Passthrough, DualWrite),
         ] {
             assert_eq!(transition(from, to), Ok(()), "{from} -> {to}");
         }
         for (from, to, why) in [
             (Passthrough, ReadShift, "one phase at a time"),
-            (Passthrough, DualWrite, "restart the proxies"),
             (DualWrite, Passthrough, "restart the proxies"),
             (DualWrite, Cutover, "comes from read_shift"),
             (ReadShift, Done, "comes from cutover"),

@@ -203,7 +203,7 @@ async fn under_barrier(
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "proxies {} did not confirm within {timeout:?} ([control] barrier_timeout_ms; a transaction open there too long?)",
+                "proxies {} did not confirm within {timeout:?} ([control] barrier_timeout_ms): a transaction open there too long, or sessions connected before dual writes started (they relay plainly until they reconnect)",
                 waiting.join(", ")
             ));
         }
@@ -337,9 +337,56 @@ pub async fn apply(
         }
     }
     let table = request.table.to_string();
+    if let crate::Target::Phase(Phase::DualWrite) = request.target {
+        start_capture(old, new, config, &table).await?;
+    }
     let changed = crate::change(old, request, &config.control, || {
         guard::gather(old, new, &table, config)
     })
     .await?;
     Ok(Applied::Changed(changed))
+}
+
+/// Before a table in `passthrough` moves to `dual_write`: `switchyard prepare` for it (its
+/// side tables on NEW, its capture triggers on OLD, with the capture boundary the backfill
+/// starts from), the other tables as the control state has them. From the triggers on, a write
+/// no proxy mirrors yet (a session still relaying plainly) is recorded by the trigger's net and
+/// copied by the repair loop, so nothing written in between is missed.
+async fn start_capture(old: &Store, new: &Store, config: &Config, table: &str) -> Result<(), ControlError> {
+    let Some(state) = read(old).await? else {
+        return Ok(());
+    };
+    if state.table(table).map(|t| t.phase) != Some(Phase::Passthrough) {
+        return Ok(());
+    }
+    if authoritative(&state) == Role::New {
+        return Err(not_allowed(
+            table,
+            "the other tables have cut over to NEW: a table cannot start dual writes from OLD now",
+        ));
+    }
+    let mut config = config.clone();
+    crate::apply_to(&mut config, &state);
+    for t in &mut config.tables {
+        if t.name.to_string() == table {
+            t.phase = Phase::DualWrite;
+        }
+    }
+    let (Store::Postgres(pg_old), Store::Postgres(pg_new)) = (old, new);
+    let report = prepare_in(
+        Roles::OLD_AUTHORITATIVE,
+        pg_old.pool(),
+        pg_new.pool(),
+        &config.tables,
+        true,
+    )
+    .await?;
+    if !report.is_ready() {
+        let problems: Vec<String> = report.mismatches.iter().map(ToString::to_string).collect();
+        return Err(not_allowed(
+            table,
+            format!("NEW is not ready for dual writes: {}", problems.join("; ")),
+        ));
+    }
+    Ok(())
 }

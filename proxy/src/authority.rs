@@ -35,6 +35,8 @@ pub(crate) struct Engine {
     pub(crate) mirror: Option<Arc<Mirror>>,
     /// The tables it mirrors (`schema.table`).
     pub(crate) mirrored: Vec<String>,
+    /// The configured tables (`schema.table`).
+    configured: Vec<String>,
 }
 
 impl Engine {
@@ -50,18 +52,27 @@ impl Engine {
                 .as_ref()
                 .map(|m| m.tables.iter().map(|t| t.name.to_string()).collect())
                 .unwrap_or_default(),
+            configured: config.tables.iter().map(|t| t.name.to_string()).collect(),
             mirror,
         }
     }
 
     /// Whether the control state moved a table this engine mirrors to `done` (the engine must
-    /// stop mirroring it).
+    /// stop mirroring it), or a configured table it does not mirror into a mirrored phase
+    /// (dual writes started at run time).
     fn outdated_by(&self, state: &ControlState) -> bool {
-        self.mirrored.iter().any(|t| {
+        let done = self.mirrored.iter().any(|t| {
             state
                 .table(t)
                 .is_some_and(|c| c.phase == switchyard_config::Phase::Done)
-        })
+        });
+        let started = self.configured.iter().any(|t| {
+            !self.mirrored.contains(t)
+                && state
+                    .table(t)
+                    .is_some_and(|c| switchyard_store::prepare::captured_phase(c.phase))
+        });
+        done || started
     }
 }
 

@@ -207,7 +207,11 @@ async fn run_session(
         };
         let end = match engine.mirror.as_ref().filter(|_| !other_database) {
             None => {
-                relay::relay(
+                // A plain relay of the migrated database cannot move to another store, so it
+                // counts as busy for its whole life: a cutover barrier waits for it (and is
+                // aborted if it stays). It exists while no table was mirrored when it started.
+                let counted = !other_database && !state.authority.enter(engine.generation).await;
+                let end = relay::relay(
                     params,
                     (&mut client_rd, &mut client_wr),
                     std::mem::take(&mut client_buf),
@@ -215,7 +219,11 @@ async fn run_session(
                     std::mem::take(&mut up_buf),
                     state.shutdown.clone(),
                 )
-                .await
+                .await;
+                if counted {
+                    state.authority.quiet();
+                }
+                end
             }
             Some(mirror) => {
                 let mut host = meter::DualHost::new(
