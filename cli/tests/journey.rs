@@ -111,6 +111,18 @@ async fn stop_clients(stop: &AtomicBool, clients: Vec<tokio::task::JoinHandle<()
     );
 }
 
+/// Waits (20 s at most) until OLD and NEW hold the same rows of `items`.
+async fn stores_equal(env: &DualEnv) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match env.diff("public.items").await {
+            Ok((only_old, only_new)) if only_old.is_empty() && only_new.is_empty() => return,
+            other => assert!(Instant::now() < deadline, "stores differ: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn authority(proxy: &TestProxy) -> serde_json::Value {
     let (_, body) = proxy.admin_get("/status").await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -229,14 +241,7 @@ async fn the_journey_through_cutover_rollback_cutover_again_and_done_loses_nothi
     assert!(tally.commits.load(Relaxed) > 150);
 
     // Every acknowledged write is on both stores with its value, and the stores are equal.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match env.diff("public.items").await {
-            Ok((only_old, only_new)) if only_old.is_empty() && only_new.is_empty() => break,
-            other => assert!(Instant::now() < deadline, "stores differ: {other:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stores_equal(&env).await;
     let acked = tally.acked.lock().unwrap().clone();
     for db in [&env.old, &env.new] {
         let c = db.client().await.unwrap();
@@ -614,14 +619,7 @@ async fn dual_writes_start_at_run_time_from_passthrough_and_converge() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     stop_clients(&stop, clients, &tally).await;
     assert!(tally.commits.load(Relaxed) > 20);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match env.diff("public.items").await {
-            Ok((only_old, only_new)) if only_old.is_empty() && only_new.is_empty() => break,
-            other => assert!(Instant::now() < deadline, "stores differ: {other:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stores_equal(&env).await;
     let out = cli(&cfg, &["drift", "verify"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 
