@@ -103,6 +103,7 @@ def main():
             out = json.loads(cli("phase", "--table", "public.pgbench_accounts", "--to", to, "--force", "--json"))
             time.sleep(1.0)
             moves.append((to, at - started, out["barrier_seconds"], [pause_seconds(px.admin_port) for px in proxies]))
+            log(f"{to}: under the barrier " + ", ".join(f"{s['step']} {s['ms']:.0f} ms" for s in out.get("steps", [])))
         outputs = [b.communicate(timeout=a.duration + 60)[0] for b in benches]
         failed = sum(int(line.split(":")[1].split()[0]) for o in outputs for line in o.splitlines()
                      if line.startswith("number of failed transactions"))

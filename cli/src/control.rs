@@ -69,6 +69,12 @@ pub(crate) fn run(
                     "every configured table -> {} (epoch {}); writes now go to {}; barrier held {:.3} s with {} proxies",
                     s.to, s.epoch, s.authority, s.barrier_seconds, s.proxies
                 );
+                let steps: Vec<String> = s
+                    .steps
+                    .iter()
+                    .map(|t| format!("{} {:.0} ms", t.step, t.ms))
+                    .collect();
+                println!("  under the barrier: {}", steps.join(", "));
                 for m in s.sequences.iter().filter(|m| m.moved) {
                     println!(
                         "  sequence {}: {} -> {}",

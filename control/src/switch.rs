@@ -46,6 +46,35 @@ pub struct Switched {
     pub sequences: Vec<SequenceMove>,
     /// Guard-rail refusals overridden by `--force`.
     pub overridden: Vec<String>,
+    /// How long each step under the barrier took, in order.
+    pub steps: Vec<Step>,
+}
+
+/// One step under the barrier and how long it took.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub step: &'static str,
+    pub ms: f64,
+}
+
+/// The steps of [`under_barrier`] as they end.
+struct Steps(Vec<Step>, Instant);
+
+impl Default for Steps {
+    fn default() -> Self {
+        Steps(Vec::new(), Instant::now())
+    }
+}
+
+impl Steps {
+    fn done(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.0.push(Step {
+            step,
+            ms: (now - self.1).as_secs_f64() * 1000.0,
+        });
+        self.1 = now;
+    }
 }
 
 /// Whether moving a table from `from` to `to` goes through the barrier: into `cutover`, back out
@@ -157,8 +186,13 @@ where
     let started = Instant::now();
     let epoch = barrier::open(old, to_authority, to, by).await?;
     match under_barrier(old, new, config, (from_authority, to_authority, to), epoch).await {
-        Ok((proxies, sequences)) => {
+        Ok((proxies, sequences, mut steps)) => {
+            let at = Instant::now();
             let after = barrier::complete(old, epoch, &names, to, &overridden, by).await?;
+            steps.push(Step {
+                step: "phases changed, barrier closed",
+                ms: at.elapsed().as_secs_f64() * 1000.0,
+            });
             Ok(Switched {
                 to,
                 authority: to_authority.name(),
@@ -168,6 +202,7 @@ where
                 barrier_seconds: started.elapsed().as_secs_f64(),
                 sequences,
                 overridden,
+                steps,
             })
         }
         Err(why) => {
@@ -189,8 +224,9 @@ async fn under_barrier(
     config: &Config,
     (from, to, phase): (Role, Role, Phase),
     epoch: i64,
-) -> Result<(usize, Vec<SequenceMove>), String> {
+) -> Result<(usize, Vec<SequenceMove>, Vec<Step>), String> {
     let live = config.control.poll_interval * 3 + Duration::from_secs(1);
+    let mut steps = Steps::default();
     let timeout = config.control.barrier_timeout;
     let deadline = Instant::now() + timeout;
     // Every live proxy confirms.
@@ -209,6 +245,7 @@ async fn under_barrier(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    steps.done("proxies confirmed");
     // Every mirrored transaction is on both stores.
     let (source, target) = (store_of(from, old, new), store_of(to, old, new));
     loop {
@@ -226,6 +263,7 @@ async fn under_barrier(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    steps.done("intents drained");
     let with_phase = |phase: Phase| -> Vec<TableSettings> {
         config
             .tables
@@ -245,12 +283,14 @@ async fn under_barrier(
         )
         .await
         .map_err(|e| format!("removing the capture from NEW: {e}"))?;
-        return Ok((proxies, Vec::new()));
+        steps.done("capture removed from NEW");
+        return Ok((proxies, Vec::new(), steps.0));
     }
     let tables: Vec<_> = config.tables.iter().map(|t| t.name.clone()).collect();
     let sequences = advance_sequences(source, target, &tables, DEFAULT_MARGIN)
         .await
         .map_err(|e| format!("moving the sequences: {e}"))?;
+    steps.done("sequences moved");
     // The capture moves: installed on the new authority first, then removed from the old one.
     let (Store::Postgres(src), Store::Postgres(dst)) = (source, target);
     let to_roles = Roles {
@@ -297,7 +337,8 @@ async fn under_barrier(
         .await;
         return Err(format!("removing the capture from {}: {e}", from.name()));
     }
-    Ok((proxies, sequences))
+    steps.done("capture moved");
+    Ok((proxies, sequences, steps.0))
 }
 
 /// What [`apply`] did.
