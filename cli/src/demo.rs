@@ -234,13 +234,14 @@ async fn client(url: String, seed: u64, customers: u64, stop: Arc<AtomicBool>, t
 }
 
 /// Runs this binary's subcommand `args` (`--json` output parsed); stderr shows on a terminal
-/// (progress bars), else it is dropped.
+/// (progress bars), else it is kept, and given with the exit status when the command failed
+/// without a JSON answer.
 async fn step(args: &[&str]) -> anyhow::Result<(bool, Value)> {
     let exe = std::env::current_exe().context("cannot find the switchyard binary")?;
     let stderr = if std::io::stderr().is_terminal() {
         Stdio::inherit()
     } else {
-        Stdio::null()
+        Stdio::piped()
     };
     let out = tokio::process::Command::new(exe)
         .args(args)
@@ -248,7 +249,19 @@ async fn step(args: &[&str]) -> anyhow::Result<(bool, Value)> {
         .output()
         .await
         .with_context(|| format!("cannot run switchyard {}", args.join(" ")))?;
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let mut json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    if !out.status.success() && json.is_null() {
+        let text = String::from_utf8_lossy(&out.stderr);
+        let tail: String = text
+            .chars()
+            .rev()
+            .take(2000)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        json = serde_json::json!({"exit": out.status.code(), "stderr": tail.trim()});
+    }
     Ok((out.status.success(), json))
 }
 
