@@ -250,17 +250,14 @@ pub async fn complete(
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(failed(store, "reading the control state"))?;
-        sqlx::query(
-            "UPDATE switchyard.switchyard_control SET phase = $2, epoch = $3, changed_at = now(), changed_by = $4 \
-             WHERE table_name = $1",
-        )
-        .bind(t)
-        .bind(to_phase.as_str())
-        .bind(at)
-        .bind(by)
-        .execute(&mut *tx)
-        .await
-        .map_err(failed(store, "changing the control state"))?;
+        sqlx::query(crate::SET_PHASE)
+            .bind(t)
+            .bind(to_phase.as_str())
+            .bind(at)
+            .bind(by)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed(store, "changing the control state"))?;
         log(
             &mut tx,
             store,

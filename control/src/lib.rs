@@ -43,6 +43,11 @@ const DDL: &str = "SELECT pg_advisory_xact_lock(hashtextextended('switchyard.con
        changed_by text NOT NULL, \
        changed_at timestamptz NOT NULL DEFAULT now())";
 
+/// Sets table `$1`'s phase to `$2` at epoch `$3`, changed by `$4`.
+pub(crate) const SET_PHASE: &str =
+    "UPDATE switchyard.switchyard_control SET phase = $2, epoch = $3, changed_at = now(), changed_by = $4 \
+     WHERE table_name = $1";
+
 /// One table's row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TableControl {
@@ -359,11 +364,7 @@ where
     }
     let epoch = next_epoch(&mut tx, store).await?;
     let (sql, value) = match target {
-        Target::Phase(p) => (
-            "UPDATE switchyard.switchyard_control SET phase = $2, epoch = $3, changed_at = now(), changed_by = $4 \
-             WHERE table_name = $1",
-            p.as_str().to_owned(),
-        ),
+        Target::Phase(p) => (SET_PHASE, p.as_str().to_owned()),
         Target::ReadShare(n) => (
             "UPDATE switchyard.switchyard_control SET read_share = $2::int, epoch = $3, changed_at = now(), \
              changed_by = $4 WHERE table_name = $1",

@@ -171,18 +171,12 @@ where
         // The batch's steps on NEW: what the session's connection there lacks is prepared
         // first, and every Bind is followed by a Describe of its portal (the client's own, or
         // one whose answer only the session sees) to check the types of the result.
-        if self.served_conn.is_none() {
-            match self.mirror.shift.connect().await {
-                Ok(c) => self.served_conn = Some(c),
-                Err(e) => {
-                    tracing::debug!(error = %e, "NEW cannot serve reads; they stay on OLD");
-                    self.mirror
-                        .shift
-                        .count(&shape, false, 0, Some(Fallback::Unavailable));
-                    self.held = Some(held);
-                    return self.let_go(false).await;
-                }
-            }
+        if !self.open_served_conn().await {
+            self.mirror
+                .shift
+                .count(&shape, false, 0, Some(Fallback::Unavailable));
+            self.held = Some(held);
+            return self.let_go(false).await;
         }
         let mut steps: Vec<Step> = Vec::with_capacity(held.len() + 4);
         let mut parsed: Vec<Vec<u8>> = Vec::new();
@@ -303,19 +297,28 @@ where
         })
     }
 
+    /// Opens the session's connection to NEW unless it has one; `false` when NEW cannot be
+    /// reached.
+    async fn open_served_conn(&mut self) -> bool {
+        if self.served_conn.is_none() {
+            match self.mirror.shift.connect().await {
+                Ok(c) => self.served_conn = Some(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "NEW cannot serve reads; they stay on OLD");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     async fn run_on_new(&mut self, steps: &[Step]) -> Result<BytesMut, Fallback> {
         let shift = Arc::clone(&self.mirror.shift);
         let Some(prelude) = self.shadow_settings.as_mut().map(|s| s.prelude()) else {
             return Err(Fallback::Unavailable);
         };
-        if self.served_conn.is_none() {
-            match shift.connect().await {
-                Ok(c) => self.served_conn = Some(c),
-                Err(e) => {
-                    tracing::debug!(error = %e, "NEW cannot serve reads; they stay on OLD");
-                    return Err(Fallback::Unavailable);
-                }
-            }
+        if !self.open_served_conn().await {
+            return Err(Fallback::Unavailable);
         }
         let Some(conn) = self.served_conn.as_mut() else {
             return Err(Fallback::Unavailable);
