@@ -18,13 +18,12 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use switchyard_config::{AuthMethod, UserCredential, UsersFile};
 use switchyard_pgwire::auth::{
-    md5_salt, verify_md5_response, Md5Source, ScramError, ScramKeys, ScramSecret, ScramServer,
-    SCRAM_SHA_256_PLUS,
+    md5_salt, verify_md5_response, Md5Source, ScramError, ScramSecret, ScramServer, SCRAM_SHA_256_PLUS,
 };
 use switchyard_pgwire::backend::{self, ErrorResponse};
 use switchyard_pgwire::frame::MessageLimits;
 use switchyard_pgwire::{frontend, sqlstate};
-use switchyard_store::wire::Credential;
+pub(crate) use switchyard_store::wire::ClientCredential;
 use switchyard_store::Store;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -64,43 +63,11 @@ enum Verifier {
     },
 }
 
-/// What a client's successful login leaves for logging in upstream as that client. `Debug`
-/// shows only the kind.
-pub(crate) enum ClientCredential {
-    /// Nothing (trust): the upstream login works only if the server asks for nothing either.
-    None,
-    Password(String),
-    Md5Secret(String),
-    ScramKeys(ScramKeys),
-}
-
-impl ClientCredential {
-    fn from_md5_source(source: &Md5Source) -> ClientCredential {
-        match source {
-            Md5Source::Password(p) => ClientCredential::Password(p.clone()),
-            Md5Source::Secret(s) => ClientCredential::Md5Secret(s.clone()),
-        }
-    }
-
-    /// The same, as the wire login takes it.
-    pub(crate) fn as_wire(&self) -> Credential<'_> {
-        match self {
-            ClientCredential::None => Credential::None,
-            ClientCredential::Password(p) => Credential::Password(p),
-            ClientCredential::Md5Secret(s) => Credential::Md5Secret(s),
-            ClientCredential::ScramKeys(k) => Credential::ScramKeys(k),
-        }
-    }
-}
-
-impl std::fmt::Debug for ClientCredential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ClientCredential::None => "None",
-            ClientCredential::Password(_) => "Password(<redacted>)",
-            ClientCredential::Md5Secret(_) => "Md5Secret(<redacted>)",
-            ClientCredential::ScramKeys(_) => "ScramKeys(<redacted>)",
-        })
+/// What the users file's md5 entry proves upstream: its password, or its md5 secret.
+fn credential_of_md5(source: &Md5Source) -> ClientCredential {
+    match source {
+        Md5Source::Password(p) => ClientCredential::Password(p.clone()),
+        Md5Source::Secret(s) => ClientCredential::Md5Secret(s.clone()),
     }
 }
 
@@ -195,7 +162,7 @@ impl ClientAuth {
         let verifier = self.users.get(user).or(fetched.as_ref());
         let proven = match self.method {
             AuthMethod::Trust => Some(match verifier {
-                Some(Verifier::Md5(source)) => ClientCredential::from_md5_source(source),
+                Some(Verifier::Md5(source)) => credential_of_md5(source),
                 _ => ClientCredential::None,
             }),
             AuthMethod::Md5 => self.md5(stream, buf, user, verifier, limits).await?,
@@ -233,7 +200,7 @@ impl ClientAuth {
         let response = frontend::parse_password(&body)?;
         match verifier {
             Some(Verifier::Md5(source)) if verify_md5_response(source, user, salt, response) => {
-                Ok(Some(ClientCredential::from_md5_source(source)))
+                Ok(Some(credential_of_md5(source)))
             }
             _ => Ok(None),
         }

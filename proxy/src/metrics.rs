@@ -349,7 +349,7 @@ impl Metrics {
     /// Reads of tables in phase `read_shift`, by the store that served them:
     /// `switchyard_reads_total{table,store}` (`old`, `new`), and those NEW was to serve that
     /// OLD served instead: `switchyard_read_fallbacks_total{table,reason}` (`error`,
-    /// `unavailable`, `too_large`, `types`); `switchyard_read_lease_held` (1 while this proxy
+    /// `unavailable`, `too_large`, `types`, `login`); `switchyard_read_lease_held` (1 while this proxy
     /// may serve reads from NEW).
     pub fn register_read_shift(&self, shift: Arc<switchyard_dualwrite::shift::ReadShift>) {
         use switchyard_dualwrite::shift::Fallback;

@@ -314,3 +314,96 @@ async fn name_of(client: &tokio_postgres::Client, id: i32) -> String {
         .expect("read")
         .get(0)
 }
+
+/// Reads NEW serves run there as the client's own role, as they do on OLD
+/// (`[auth] upstream_login = "client"`): a row-level security policy on NEW lets each role see
+/// only its rows, as OLD's does. A role NEW refuses (no CONNECT on NEW's database) is answered
+/// by OLD, and the session does not ask NEW again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_served_by_new_run_as_the_clients_own_role() {
+    let alice = switchyard_test_support::TestRole::create("shift_alice", "LOGIN")
+        .await
+        .unwrap();
+    let bob = switchyard_test_support::TestRole::create("shift_bob", "LOGIN")
+        .await
+        .unwrap();
+    let schema = format!(
+        "CREATE TABLE docs (id int PRIMARY KEY, owner text NOT NULL, body text NOT NULL);
+         ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own_rows ON docs USING (owner = current_user);
+         GRANT SELECT ON docs TO {a}, {b};",
+        a = alice.name,
+        b = bob.name
+    );
+    let env = DualEnv::new("shift_role", &schema, vec![DualTable::new("public.docs")])
+        .await
+        .expect("dual env");
+    let rows = format!(
+        "INSERT INTO docs VALUES (1, '{a}', 'a1'), (2, '{b}', 'b2'), (3, '{a}', 'a3'), (4, 'carol', 'c4')",
+        a = alice.name,
+        b = bob.name
+    );
+    env.seed_old(&rows).await.unwrap();
+    env.new.execute_batch(&rows).await.unwrap();
+    env.new
+        .execute_batch(&format!(
+            "UPDATE docs SET body = body || ' {ON_NEW}';
+             REVOKE CONNECT ON DATABASE {db} FROM PUBLIC;
+             GRANT CONNECT ON DATABASE {db} TO postgres, {a};",
+            db = env.new.name(),
+            a = alice.name
+        ))
+        .await
+        .unwrap();
+    let proxy = env
+        .start_proxy(&env.read_shift_config(env.new.url(), 100))
+        .await
+        .unwrap();
+    proxy
+        .wait_for_read_lease("public.docs")
+        .await
+        .expect("read lease");
+    let connect = |user: &str| {
+        let url = proxy.url(user);
+        async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client
+        }
+    };
+    let a = connect(&alice.name).await;
+    let before = proxy.table_reads("public.docs").await.unwrap()["new"]
+        .as_u64()
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            docs_seen(&a).await,
+            format!("1:a1 {ON_NEW},3:a3 {ON_NEW}"),
+            "alice through NEW sees her rows only"
+        );
+    }
+    let r = proxy.table_reads("public.docs").await.unwrap();
+    assert!(r["new"].as_u64().unwrap() >= before + 6, "{r}");
+
+    // bob may not connect to NEW's database: OLD answers, with his rows only.
+    let b = connect(&bob.name).await;
+    for _ in 0..3 {
+        assert_eq!(docs_seen(&b).await, "2:b2", "bob is answered by OLD");
+    }
+    let r = proxy.table_reads("public.docs").await.unwrap();
+    assert!(r["fallbacks"]["login"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(r["fallbacks"]["unavailable"], 0, "{r}");
+    // alice still reads from NEW: a refused role does not stop NEW for the others.
+    assert_eq!(docs_seen(&a).await, format!("1:a1 {ON_NEW},3:a3 {ON_NEW}"));
+}
+
+/// The rows of `docs` a session sees, by the simple and the extended protocol (which agree).
+async fn docs_seen(c: &tokio_postgres::Client) -> String {
+    let sql = "SELECT string_agg(id || ':' || body, ',' ORDER BY id) FROM docs";
+    let simple = text_rows(c, sql).await;
+    let extended: Option<String> = c.query_one(sql, &[]).await.unwrap().get(0);
+    assert_eq!(simple, vec![extended.unwrap_or_default()], "simple vs extended");
+    simple.concat()
+}

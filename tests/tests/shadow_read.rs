@@ -388,3 +388,67 @@ async fn a_phase_change_at_run_time_starts_and_stops_shadow_reads() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Shadow reads run as the client's own role on both stores (`[auth] upstream_login =
+/// "client"`): with the same row-level security policy on both, a role's read matches although
+/// NEW holds a row the role may not see. Run as the stores' URL user (a superuser, whom the
+/// policy does not bind), NEW would return every row, and the re-run on both stores would still
+/// differ by that row: a mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_reads_run_as_the_clients_own_role() {
+    let role = switchyard_test_support::TestRole::create("shadow_role", "LOGIN")
+        .await
+        .unwrap();
+    let schema = format!(
+        "{SCHEMA}
+         ALTER TABLE items ADD COLUMN owner text NOT NULL DEFAULT 'someone';
+         ALTER TABLE items ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own_rows ON items USING (owner = current_user);
+         GRANT SELECT ON items TO {r};",
+        r = role.name
+    );
+    let env = DualEnv::new("shadow_role", &schema, vec![DualTable::new("public.items")])
+        .await
+        .expect("dual env");
+    let rows = format!(
+        "INSERT INTO items SELECT i, 'item ' || i, i * 1.25, now(), \
+         CASE WHEN i % 2 = 0 THEN '{r}' ELSE 'someone' END FROM generate_series(1, 10) i",
+        r = role.name
+    );
+    env.seed_old(&rows).await.unwrap();
+    env.new.execute_batch(&rows).await.unwrap();
+    // A row on NEW only, that the role may not see: its reads still match.
+    env.new
+        .execute_batch(
+            "UPDATE items SET at = timestamptz '2024-01-01';
+             INSERT INTO items VALUES (11, 'item 11', 1, timestamptz '2024-01-01', 'someone');",
+        )
+        .await
+        .unwrap();
+    env.old
+        .execute_batch("UPDATE items SET at = timestamptz '2024-01-01'; ")
+        .await
+        .unwrap();
+    let proxy = env
+        .start_proxy(&shadow_config(&env, env.new.url()))
+        .await
+        .unwrap();
+    let (client, conn) = tokio_postgres::connect(&proxy.url(&role.name), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..5 {
+        let rows = client
+            .query("SELECT id, name FROM items ORDER BY id", &[])
+            .await
+            .unwrap();
+        let ids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, vec![2, 4, 6, 8, 10], "OLD's answer under the policy");
+    }
+    let s = wait_for(&proxy, "5 compared reads", |s| {
+        count(s, "match") + count(s, "mismatch") + count(s, "error") >= 5
+    })
+    .await;
+    assert_eq!(count(&s, "match"), 5, "{s}");
+    assert_eq!(count(&s, "mismatch"), 0, "{s}");
+}

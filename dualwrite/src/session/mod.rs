@@ -76,6 +76,7 @@ use switchyard_pgwire::frontend::{self as fe, ClientMessage, Target};
 use switchyard_pgwire::sqlstate;
 use switchyard_store::capture::{ImageOp, CAPTURE_SQLSTATE};
 use switchyard_store::mirror::ChangeOp;
+use switchyard_store::wire::ClientLogin;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::reads::ReadShape;
@@ -182,6 +183,10 @@ pub struct SessionParams {
     pub idle_timeout: Option<std::time::Duration>,
     /// The client's startup parameters (the session's settings, replayed for shadow reads).
     pub startup: Vec<(String, String)>,
+    /// The client's login, for the connections opened as the client (reads served by NEW,
+    /// shadow reads); `None` under `[auth] upstream_login = "service"`, where they log in as
+    /// the stores' URLs say.
+    pub login: Option<Arc<ClientLogin>>,
 }
 
 /// What the answers to one message sent upstream look like, and what the client sees of them.
@@ -351,6 +356,8 @@ struct MirrorSession<'a, R, W, H> {
     /// held for NEW, and `no_hold` after held messages were let go to OLD (until the Sync).
     shift_draw: u8,
     served_conn: Option<crate::shift::ServedConn>,
+    /// NEW refused the client's role for served reads: not asked again this session.
+    served_refused: bool,
     held: Option<Vec<(u8, Bytes)>>,
     no_hold: bool,
     /// Every prepared statement's Parse, by name, so a session moving to the other store can
@@ -425,6 +432,7 @@ where
         shadow_portals: HashMap::new(),
         shift_draw,
         served_conn: None,
+        served_refused: false,
         held: None,
         no_hold: false,
         parses,

@@ -12,6 +12,7 @@
 //! prepared statements exist on both.
 
 use super::*;
+use crate::shadow::conn::ReadLoginError;
 use crate::shift::{Fallback, Kind, ServedConn, Step};
 
 impl<R, W, H> MirrorSession<'_, R, W, H>
@@ -171,10 +172,8 @@ where
         // The batch's steps on NEW: what the session's connection there lacks is prepared
         // first, and every Bind is followed by a Describe of its portal (the client's own, or
         // one whose answer only the session sees) to check the types of the result.
-        if !self.open_served_conn().await {
-            self.mirror
-                .shift
-                .count(&shape, false, 0, Some(Fallback::Unavailable));
+        if let Err(reason) = self.open_served_conn().await {
+            self.mirror.shift.count(&shape, false, 0, Some(reason));
             self.held = Some(held);
             return self.let_go(false).await;
         }
@@ -297,19 +296,30 @@ where
         })
     }
 
-    /// Opens the session's connection to NEW unless it has one; `false` when NEW cannot be
-    /// reached.
-    async fn open_served_conn(&mut self) -> bool {
-        if self.served_conn.is_none() {
-            match self.mirror.shift.connect().await {
-                Ok(c) => self.served_conn = Some(c),
-                Err(e) => {
-                    tracing::debug!(error = %e, "NEW cannot serve reads; they stay on OLD");
-                    return false;
-                }
+    /// Opens the session's connection to NEW, as its client, unless it has one. NEW refusing
+    /// the client's role is remembered: the session's reads stay on OLD without asking again.
+    async fn open_served_conn(&mut self) -> Result<(), Fallback> {
+        if self.served_conn.is_some() {
+            return Ok(());
+        }
+        if self.served_refused {
+            return Err(Fallback::Login);
+        }
+        match self.mirror.shift.connect(self.params.login.as_deref()).await {
+            Ok(c) => {
+                self.served_conn = Some(c);
+                Ok(())
+            }
+            Err(ReadLoginError::Refused(e)) => {
+                tracing::warn!(error = %e, "NEW refused the client's role: the session's reads stay on OLD");
+                self.served_refused = true;
+                Err(Fallback::Login)
+            }
+            Err(ReadLoginError::Failed(e)) => {
+                tracing::debug!(error = %e, "NEW cannot serve reads; they stay on OLD");
+                Err(Fallback::Unavailable)
             }
         }
-        true
     }
 
     async fn run_on_new(&mut self, steps: &[Step]) -> Result<BytesMut, Fallback> {
@@ -317,9 +327,7 @@ where
         let Some(prelude) = self.shadow_settings.as_mut().map(|s| s.prelude()) else {
             return Err(Fallback::Unavailable);
         };
-        if !self.open_served_conn().await {
-            return Err(Fallback::Unavailable);
-        }
+        self.open_served_conn().await?;
         let Some(conn) = self.served_conn.as_mut() else {
             return Err(Fallback::Unavailable);
         };

@@ -39,6 +39,7 @@ where
             shape,
             || ShadowRequest::Simple { query: frame.clone() },
             || settings.prelude(),
+            self.params.login.as_ref(),
         )
     }
 
@@ -100,6 +101,7 @@ where
                 bind: bind.clone(),
             },
             || settings.prelude(),
+            self.params.login.as_ref(),
         )
     }
 

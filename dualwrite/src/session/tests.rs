@@ -135,6 +135,7 @@ fn start(idle_timeout: Option<Duration>) -> Harness {
             limits: MessageLimits::default(),
             idle_timeout,
             startup: Vec::new(),
+            login: None,
         };
         let end = relay(
             &engine,

@@ -5,6 +5,7 @@
 //! `statement_timeout`), whatever the replayed settings say: a statement misjudged as a read
 //! fails there rather than changing anything.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +15,9 @@ use switchyard_pgwire::backend;
 use switchyard_pgwire::frame::{take_frame, MessageLimits};
 use switchyard_pgwire::frontend::{self as fe, Target};
 use switchyard_pgwire::startup::CancelKey;
-use switchyard_store::wire::{send_cancel_request, LoginOutcome, StoreStream, Upstream, WireTarget};
+use switchyard_store::wire::{
+    send_cancel_request, ClientLogin, LoginOutcome, StoreStream, Upstream, WireTarget,
+};
 use switchyard_store::Role;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -29,6 +32,8 @@ pub(crate) const MAX_BYTES: usize = 8 << 20;
 pub(crate) type Answer = Result<Vec<Bytes>, String>;
 
 struct ShadowConn {
+    /// The role logged in as (`None`: the URL's).
+    user: Option<String>,
     stream: StoreStream,
     buf: BytesMut,
     /// The settings prelude this connection runs under.
@@ -36,10 +41,13 @@ struct ShadowConn {
     cancel_key: Option<CancelKey>,
 }
 
-/// The shadow connections to one store.
+/// The shadow connections to one store. Each is logged in as the client whose read it runs
+/// (or as the URL's user under `upstream_login = "service"`), so grants and row-level security
+/// shape NEW's answer as they shaped OLD's; idle ones are kept for any session of the same role,
+/// at most [`super::MAX_IN_FLIGHT`] in all (the oldest closed first).
 pub(crate) struct ShadowPool {
     target: WireTarget,
-    idle: Mutex<Vec<ShadowConn>>,
+    idle: Mutex<VecDeque<ShadowConn>>,
     /// Longest a shadow read may take on this store, login included.
     timeout: Duration,
 }
@@ -51,18 +59,27 @@ impl ShadowPool {
                 url: url.clone(),
                 store,
             },
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
             timeout,
         }
     }
 
     /// Runs `request` under the session settings `prelude`; gives up after the pool's timeout
     /// (and cancels the statement on the server).
-    pub(crate) async fn run(&self, prelude: &Arc<str>, request: &ShadowRequest) -> Answer {
-        let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
+    pub(crate) async fn run(
+        &self,
+        prelude: &Arc<str>,
+        login: Option<&ClientLogin>,
+        request: &ShadowRequest,
+    ) -> Answer {
+        let user = login.map(|l| l.user.as_str());
+        let idle = self.idle.lock().ok().and_then(|mut v| {
+            let at = v.iter().rposition(|c| c.user.as_deref() == user)?;
+            v.remove(at)
+        });
         let mut conn = match idle {
             Some(c) => c,
-            None => match tokio::time::timeout(self.timeout, self.connect()).await {
+            None => match tokio::time::timeout(self.timeout, self.connect(login)).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(format!("no connection within {:?}", self.timeout)),
@@ -72,7 +89,10 @@ impl ShadowPool {
             Ok(Ok((rows, ready))) => {
                 if ready == b'I' {
                     if let Ok(mut idle) = self.idle.lock() {
-                        idle.push(conn);
+                        if idle.len() >= super::MAX_IN_FLIGHT {
+                            idle.pop_front();
+                        }
+                        idle.push_back(conn);
                     }
                 }
                 rows
@@ -91,9 +111,18 @@ impl ShadowPool {
         }
     }
 
-    async fn connect(&self) -> Result<ShadowConn, String> {
-        let u = read_only_login(&self.target, "switchyard-shadow", self.timeout, self.timeout).await?;
+    async fn connect(&self, login: Option<&ClientLogin>) -> Result<ShadowConn, String> {
+        let u = read_only_login(
+            &self.target,
+            login,
+            "switchyard-shadow",
+            self.timeout,
+            self.timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         Ok(ShadowConn {
+            user: login.map(|l| l.user.clone()),
             stream: u.stream,
             buf: u.buf,
             prelude: None,
@@ -102,15 +131,36 @@ impl ShadowPool {
     }
 }
 
-/// Logs in to `target` for reads only: the server refuses writes and stops a statement a
-/// second after `bound` (the longest the proxy waits for one), whatever the session's
-/// settings replayed later say (see [`prelude_sql`]).
+/// Why a read-only login failed.
+#[derive(Debug)]
+pub(crate) enum ReadLoginError {
+    /// The server refused the role (no such role there, another password, no grant to
+    /// connect): the same role will be refused again.
+    Refused(String),
+    /// The store could not be reached or failed during the login.
+    Failed(String),
+}
+
+impl std::fmt::Display for ReadLoginError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadLoginError::Refused(m) => write!(f, "login refused: {m}"),
+            ReadLoginError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Logs in to `target` for reads only, as the client `login` names (`None`: as the URL's
+/// user): the server refuses writes and stops a statement a second after `bound` (the longest
+/// the proxy waits for one), whatever the session's settings replayed later say (see
+/// [`prelude_sql`]).
 pub(crate) async fn read_only_login(
     target: &WireTarget,
+    login: Option<&ClientLogin>,
     application_name: &str,
     bound: Duration,
     connect_timeout: Duration,
-) -> Result<Upstream, String> {
+) -> Result<Upstream, ReadLoginError> {
     let bound_ms = bound.as_millis() + 1000;
     let params = [
         ("application_name".to_owned(), application_name.to_owned()),
@@ -122,13 +172,23 @@ pub(crate) async fn read_only_login(
             ),
         ),
     ];
+    let as_whom = login.map_or_else(|| target.url_login(), |l| l.to(target));
     match target
-        .connect(196_608, &params, connect_timeout, Some(Duration::from_secs(30)))
+        .connect_as(
+            as_whom,
+            196_608,
+            &params,
+            connect_timeout,
+            Some(Duration::from_secs(30)),
+        )
         .await
     {
         Ok(LoginOutcome::Ready(u)) => Ok(u),
-        Ok(LoginOutcome::Refused(r)) => Err(format!("login refused: {}", r.message)),
-        Err(e) => Err(e.to_string()),
+        Ok(LoginOutcome::Refused(r)) => Err(ReadLoginError::Refused(r.message)),
+        Err(e @ switchyard_store::wire::LoginError::NoCredential(_)) => {
+            Err(ReadLoginError::Refused(e.to_string()))
+        }
+        Err(e) => Err(ReadLoginError::Failed(e.to_string())),
     }
 }
 

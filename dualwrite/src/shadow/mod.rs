@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::json;
 use switchyard_config::StoreUrl;
+use switchyard_store::wire::ClientLogin;
 use switchyard_store::Roles;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -136,6 +137,8 @@ pub(crate) struct Capture {
     ordered: bool,
     request: ShadowRequest,
     prelude: Arc<str>,
+    /// The client's login, for both stores' runs (`None`: the URLs' logins).
+    login: Option<Arc<ClientLogin>>,
     rows: Vec<Bytes>,
     bytes: usize,
     _slot: OwnedSemaphorePermit,
@@ -236,6 +239,7 @@ impl ShadowReads {
         shape: &ReadShape,
         request: impl FnOnce() -> ShadowRequest,
         prelude: impl FnOnce() -> Arc<str>,
+        login: Option<&Arc<ClientLogin>>,
     ) -> Option<Box<Capture>> {
         let mut shares = shape.tables.iter().map(|t| self.share(*t));
         let share = shares.next()??;
@@ -255,6 +259,7 @@ impl ShadowReads {
             ordered: shape.ordered,
             request: request(),
             prelude: prelude(),
+            login: login.cloned(),
             rows: Vec::new(),
             bytes: 0,
             _slot: slot,
@@ -276,7 +281,7 @@ impl ShadowReads {
         if c.rows.len() > MAX_ROWS || c.bytes > MAX_BYTES {
             return (ShadowOutcome::Skipped, None);
         }
-        let new = match self.new.run(&c.prelude, &c.request).await {
+        let new = match self.new.run(&c.prelude, c.login.as_deref(), &c.request).await {
             Ok(rows) => rows,
             Err(e) => return self.failed(c, "NEW", e),
         };
@@ -285,8 +290,8 @@ impl ShadowReads {
         }
         // A write may have committed between OLD's run and NEW's: both run it again, at once.
         let (old_again, new_again): (Answer, Answer) = tokio::join!(
-            self.old.run(&c.prelude, &c.request),
-            self.new.run(&c.prelude, &c.request)
+            self.old.run(&c.prelude, c.login.as_deref(), &c.request),
+            self.new.run(&c.prelude, c.login.as_deref(), &c.request)
         );
         let old_again = match old_again {
             Ok(rows) => rows,

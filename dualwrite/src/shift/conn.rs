@@ -17,12 +17,12 @@ use bytes::{Bytes, BytesMut};
 use switchyard_pgwire::frame::{take_frame, MessageLimits};
 use switchyard_pgwire::frontend::{self as fe, Target};
 use switchyard_pgwire::startup::CancelKey;
-use switchyard_store::wire::{send_cancel_request, StoreStream, WireTarget};
+use switchyard_store::wire::{send_cancel_request, ClientLogin, StoreStream, WireTarget};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::oids::{OidMap, Untranslatable};
 use super::Fallback;
-use crate::shadow::conn::{prelude_sql, read_only_login};
+use crate::shadow::conn::{prelude_sql, read_only_login, ReadLoginError};
 
 /// The most of one served answer held before the client sees it; a larger one is read from
 /// OLD instead.
@@ -111,9 +111,10 @@ pub(crate) struct ServedConn {
 impl ServedConn {
     pub(crate) async fn connect(
         target: &WireTarget,
+        login: Option<&ClientLogin>,
         connect_timeout: Duration,
-    ) -> Result<ServedConn, String> {
-        let u = read_only_login(target, "switchyard-reads", SERVED_TIMEOUT, connect_timeout).await?;
+    ) -> Result<ServedConn, ReadLoginError> {
+        let u = read_only_login(target, login, "switchyard-reads", SERVED_TIMEOUT, connect_timeout).await?;
         Ok(ServedConn {
             stream: u.stream,
             buf: u.buf,

@@ -29,7 +29,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use switchyard_config::{StoreUrl, TableName};
-use switchyard_store::wire::WireTarget;
+use switchyard_store::wire::{ClientLogin, WireTarget};
 use switchyard_store::{Role, Store};
 use tokio::sync::Mutex;
 
@@ -54,11 +54,20 @@ pub enum Fallback {
     TooLarge,
     /// An object id of the answer has no counterpart on OLD, or a binary value carries ids.
     Types,
+    /// NEW refused the client's role (not created there, another password or secret): the
+    /// session's reads stay on OLD.
+    Login,
 }
 
 impl Fallback {
     /// Every reason, for metrics.
-    pub const ALL: [Fallback; 4] = [Self::Error, Self::Unavailable, Self::TooLarge, Self::Types];
+    pub const ALL: [Fallback; 5] = [
+        Self::Error,
+        Self::Unavailable,
+        Self::TooLarge,
+        Self::Types,
+        Self::Login,
+    ];
 
     /// The metric label.
     pub fn as_str(self) -> &'static str {
@@ -67,6 +76,7 @@ impl Fallback {
             Self::Unavailable => "unavailable",
             Self::TooLarge => "too_large",
             Self::Types => "types",
+            Self::Login => "login",
         }
     }
 }
@@ -79,7 +89,7 @@ pub struct ReadCounts {
     /// Eligible reads served by OLD (the session is OLD's, the lease was not held, or NEW
     /// failed them).
     pub old: AtomicU64,
-    fallbacks: [AtomicU64; 4],
+    fallbacks: [AtomicU64; Fallback::ALL.len()],
 }
 
 impl ReadCounts {
@@ -205,9 +215,18 @@ impl ReadShift {
         }
     }
 
-    /// Opens a session's connection to NEW.
-    pub(crate) async fn connect(&self) -> Result<ServedConn, String> {
-        ServedConn::connect(&self.target, self.connect_timeout.min(conn::SERVED_TIMEOUT)).await
+    /// Opens a session's connection to NEW, logged in as its client (`None`: as NEW's URL
+    /// says).
+    pub(crate) async fn connect(
+        &self,
+        login: Option<&ClientLogin>,
+    ) -> Result<ServedConn, crate::shadow::conn::ReadLoginError> {
+        ServedConn::connect(
+            &self.target,
+            login,
+            self.connect_timeout.min(conn::SERVED_TIMEOUT),
+        )
+        .await
     }
 
     /// The current id map (read on first use).

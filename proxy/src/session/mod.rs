@@ -25,7 +25,9 @@ use crate::auth::{send_fatal, ClientCredential};
 use crate::io;
 use crate::net::ClientStream;
 use relay::{RelayParams, SessionEnd};
+use switchyard_config::UpstreamLogin;
 use switchyard_config::{OtherDatabases, TlsMode};
+use switchyard_store::wire::ClientLogin;
 use switchyard_store::wire::LoginOutcome;
 
 use crate::error::SessionError;
@@ -147,10 +149,13 @@ async fn run_session(
     } else {
         engine.upstream.clone()
     };
+    // Kept for the connections the session opens later as its client (reads served by NEW).
+    let client_login = Arc::new(ClientLogin { user, credential });
+    let user = client_login.user.as_str();
     let who = Who {
-        user: &user,
+        user,
         database: &database,
-        credential: &credential,
+        credential: &client_login.credential,
         startup: &startup,
     };
     let login = who.login(state, &target).instrument(span.clone()).await;
@@ -237,6 +242,10 @@ async fn run_session(
                         limits: params.limits,
                         idle_timeout: params.idle_timeout,
                         startup: startup.params.clone(),
+                        login: match state.config.auth.upstream_login {
+                            UpstreamLogin::Client => Some(Arc::clone(&client_login)),
+                            UpstreamLogin::Service => None,
+                        },
                     },
                     (&mut client_rd, &mut client_wr),
                     std::mem::take(&mut client_buf),

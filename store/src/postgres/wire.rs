@@ -95,6 +95,62 @@ impl Credential<'_> {
     }
 }
 
+/// What a client's successful login to the proxy leaves for logging in upstream as that client
+/// (`[auth] upstream_login = "client"`): owned, so it outlives the login and can open more
+/// connections on the session's behalf (a move to the other store, reads served by NEW).
+/// `Debug` shows only the kind.
+pub enum ClientCredential {
+    /// Nothing (trust): the upstream login works only if the server asks for nothing either.
+    None,
+    Password(String),
+    Md5Secret(String),
+    ScramKeys(ScramKeys),
+}
+
+impl ClientCredential {
+    /// The same, as a [`Login`] takes it.
+    pub fn as_wire(&self) -> Credential<'_> {
+        match self {
+            ClientCredential::None => Credential::None,
+            ClientCredential::Password(p) => Credential::Password(p),
+            ClientCredential::Md5Secret(s) => Credential::Md5Secret(s),
+            ClientCredential::ScramKeys(k) => Credential::ScramKeys(k),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClientCredential::None => "None",
+            ClientCredential::Password(_) => "Password(<redacted>)",
+            ClientCredential::Md5Secret(_) => "Md5Secret(<redacted>)",
+            ClientCredential::ScramKeys(_) => "ScramKeys(<redacted>)",
+        })
+    }
+}
+
+/// A client's role and what proves it, kept by its session for the connections it opens later
+/// as that client (reads served by NEW, shadow reads): the same login the session made
+/// upstream, to the store's own database.
+#[derive(Debug)]
+pub struct ClientLogin {
+    pub user: String,
+    pub credential: ClientCredential,
+}
+
+impl ClientLogin {
+    /// The login to `target`'s database.
+    pub fn to<'a>(&'a self, target: &'a WireTarget) -> Login<'a> {
+        Login {
+            user: &self.user,
+            database: &target.url.database,
+            credential: self.credential.as_wire(),
+            of_url: false,
+        }
+    }
+}
+
 /// Where and as whom the proxy logs in upstream.
 #[derive(Debug, Clone)]
 pub struct WireTarget {
