@@ -1,10 +1,13 @@
 //! The operator's journey through the CLI under a continuous client workload through two
-//! proxies: dual_write, backfill, verify, read_shift at 100%, cutover (write authority moves to
-//! NEW under the barrier), rollback to read_shift (back to OLD), cutover again, done, cleanup.
-//! No client error from any phase change, every client reads its own writes back at once, no
-//! acknowledged write lost, OLD and NEW equal before done, and nothing of Switchyard left after
-//! cleanup. Also: a proxy killed during the barrier, a barrier aborted by a transaction held
-//! open, and dual writes started at run time from passthrough.
+//! proxies, its sessions renewed as a pool does: passthrough, dual writes started at run time,
+//! backfill, drift sample, shadow_read, read_shift at 10, 50 and 100%, cutover (write authority
+//! moves to NEW under the barrier), rollback to read_shift (back to OLD), cutover again, done,
+//! cleanup. A full `drift verify` finds 0 differing keys after every step from the backfill on;
+//! no client error from any phase change; every client reads its own writes back at once and
+//! never reads another client's row older than what was acknowledged before its read began; no
+//! acknowledged write lost; nothing of Switchyard left after cleanup. Also: a proxy killed
+//! during the barrier, a barrier aborted by a transaction held open, and dual writes started at
+//! run time from passthrough while sessions from before stay.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -28,19 +31,37 @@ struct Tally {
     errors: Mutex<Vec<String>>,
     /// Every acknowledged row and its last acknowledged value.
     acked: Mutex<std::collections::HashMap<i64, i32>>,
+    /// Reads of other clients' rows checked.
+    reads: AtomicU64,
+    /// A new session every this many writes (0: one session for the client's life).
+    reconnect_every: i32,
 }
 
-/// One client: inserts rows and updates its own, reading each write back at once; stops at
-/// `stop` or after 2,000 writes.
+/// One client: inserts rows and updates its own, reading each write back at once, then reads
+/// a row another client wrote and checks it is not older than what was acknowledged before the
+/// read began (so reads never go back past an acknowledged write, through either proxy and from
+/// either store); stops at `stop` or after 2,000 writes. With `Tally::reconnect_every`, it
+/// opens a new session every that many writes, as a pool with a connection lifetime does.
 async fn client(url: String, owner: i32, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
-    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut session: Option<tokio_postgres::Client> = None;
     let mut mine: Vec<i64> = Vec::new();
     let mut n: i32 = 0;
     while !stop.load(Relaxed) && n < 2_000 {
         n += 1;
+        let every = tally.reconnect_every;
+        if every > 0 && n % every == 0 {
+            session = None;
+        }
+        let c = match &session {
+            Some(c) => c,
+            None => {
+                let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                session.insert(c)
+            }
+        };
         let result: Result<(), String> = async {
             let (id, v) = if mine.len() < 5 || n % 3 == 0 {
                 let id: i64 = c
@@ -65,25 +86,33 @@ async fn client(url: String, owner: i32, stop: Arc<AtomicBool>, tally: Arc<Tally
             };
             tally.commits.fetch_add(1, Relaxed);
             tally.acked.lock().unwrap().insert(id, v);
-            let back: i32 = c
-                .query_one("SELECT v FROM items WHERE id = $1", &[&id])
-                .await
-                .map_err(|e| format!("read back: {e}"))?
-                .get(0);
+            let back = read_v(c, id).await?;
             if back != v {
-                // Where the row is now, to tell which store served the stale read.
-                let mut on = Vec::new();
-                for url in &tally.stores {
-                    if let Ok((d, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
-                        tokio::spawn(conn);
-                        if let Ok(r) = d.query_one("SELECT v FROM items WHERE id = $1", &[&id]).await {
-                            on.push(r.get::<_, i32>(0));
-                        }
-                    }
-                }
                 return Err(format!(
-                    "row {id}: wrote {v}, read {back}; OLD and NEW hold {on:?}"
+                    "row {id}: wrote {v}, read {back}; OLD and NEW hold {:?}",
+                    where_is(&tally, id).await
                 ));
+            }
+            // Another client's row: its values only grow, so an older one is a stale read.
+            let other = {
+                let acked = tally.acked.lock().unwrap();
+                let theirs: Vec<(i64, i32)> = acked
+                    .iter()
+                    .filter(|(id, _)| !mine.contains(id))
+                    .map(|(id, v)| (*id, *v))
+                    .take(64)
+                    .collect();
+                theirs.get(n as usize % theirs.len().max(1)).copied()
+            };
+            if let Some((id, floor)) = other {
+                let seen = read_v(c, id).await?;
+                tally.reads.fetch_add(1, Relaxed);
+                if seen < floor {
+                    return Err(format!(
+                        "row {id}: read {seen} after {floor} was acknowledged; OLD and NEW hold {:?}",
+                        where_is(&tally, id).await
+                    ));
+                }
             }
             Ok(())
         }
@@ -94,6 +123,27 @@ async fn client(url: String, owner: i32, stop: Arc<AtomicBool>, tally: Arc<Tally
         }
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
+}
+
+async fn read_v(c: &tokio_postgres::Client, id: i64) -> Result<i32, String> {
+    Ok(c.query_one("SELECT v FROM items WHERE id = $1", &[&id])
+        .await
+        .map_err(|e| format!("read of {id}: {e}"))?
+        .get(0))
+}
+
+/// Row `id`'s value on each store, to tell which store served a stale read.
+async fn where_is(tally: &Tally, id: i64) -> Vec<i32> {
+    let mut on = Vec::new();
+    for url in &tally.stores {
+        if let Ok((d, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            if let Ok(r) = d.query_one("SELECT v FROM items WHERE id = $1", &[&id]).await {
+                on.push(r.get::<_, i32>(0));
+            }
+        }
+    }
+    on
 }
 
 /// Stops the clients and checks none saw an error.
@@ -142,6 +192,36 @@ async fn writes_to(proxy: &TestProxy, store: &str) {
     }
 }
 
+/// `switchyard drift verify`: every row of OLD compared with NEW's (keys still racing a write
+/// read again); the journey requires 0 differing keys at each step.
+async fn verified_equal(cfg: &common::tempfile_path::TempPath, step: &str) {
+    let out = cli(cfg, &["drift", "verify", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "verify after {step}: {}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["differing"], 0, "verify after {step}: {v}");
+    assert!(v[0]["rows_old"].as_u64().unwrap() >= 500, "{v}");
+}
+
+/// Waits until every proxy's `/status` shows `public.items` with `field` = `value`.
+async fn tables_show(proxies: &[&TestProxy], field: &str, value: serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for p in proxies {
+        loop {
+            let (_, body) = p.admin_get("/status").await.unwrap();
+            let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if status["tables"][0][field] == value {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a proxy never showed {field} = {value}: {}",
+                status["tables"][0]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_journey_through_cutover_rollback_cutover_again_and_done_loses_nothing() {
     let env = DualEnv::new("journey", SCHEMA, vec![DualTable::new("public.items")])
@@ -154,7 +234,7 @@ async fn the_journey_through_cutover_rollback_cutover_again_and_done_loses_nothi
                     [telemetry]\nlog_level = \"warn\"\n";
     let cfg = temp_config(&format!(
         "[old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n{sections}\
-         [[tables]]\nname = \"public.items\"\nphase = \"dual_write\"\n",
+         [[tables]]\nname = \"public.items\"\nphase = \"passthrough\"\n",
         env.old.url(),
         env.new.url()
     ));
@@ -168,15 +248,21 @@ async fn the_journey_through_cutover_rollback_cutover_again_and_done_loses_nothi
     };
     run(&["prepare"]).await;
     let mut proxy_cfg = env.proxy_config();
+    for s in &mut proxy_cfg.extra_sections {
+        *s = s.replace("phase = \"dual_write\"", "phase = \"passthrough\"");
+    }
     proxy_cfg
         .extra_sections
-        .push("[control]\npoll_interval_ms = 200\n".to_owned());
+        .push("[control]\npoll_interval_ms = 200\n[mirror]\nrepair_interval_ms = 100\n".to_owned());
     let a = env.start_proxy(&proxy_cfg).await.unwrap();
     let b = env.start_proxy(&proxy_cfg).await.unwrap();
 
+    // The application runs from the start, through both proxies, its sessions renewed as a
+    // pool does (the sessions from before dual writes relay plainly until they end).
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally {
         stores: vec![env.old.url().to_owned(), env.new.url().to_owned()],
+        reconnect_every: 50,
         ..Tally::default()
     });
     let mut clients = Vec::new();
@@ -188,11 +274,51 @@ async fn the_journey_through_cutover_rollback_cutover_again_and_done_loses_nothi
             Arc::clone(&tally),
         )));
     }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    *tally.stage.lock().unwrap() = "dual_write";
+    run(&["phase", "--table", "public.items", "--to", "dual_write"]).await;
+    tables_show(&[&a, &b], "mirrored", true.into()).await;
     run(&["backfill"]).await;
-    run(&["drift", "verify"]).await;
-    run(&["phase", "--table", "public.items", "--to", "read_shift"]).await;
-    run(&["shift", "--table", "public.items", "--reads", "100"]).await;
+    verified_equal(&cfg, "backfill").await;
+
+    // A drift sample under the workload finds nothing either.
+    let out = cli(&cfg, &["drift", "sample", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "drift sample: {}", text(&out));
+    let sample: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sample[0]["differing"], 0, "{sample}");
+
+    *tally.stage.lock().unwrap() = "shadow_read";
+    run(&["phase", "--table", "public.items", "--to", "shadow_read"]).await;
+    tables_show(&[&a, &b], "phase", "shadow_read".into()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    verified_equal(&cfg, "shadow_read").await;
+
+    *tally.stage.lock().unwrap() = "read_shift";
+    run(&["phase", "--table", "public.items", "--to", "read_shift"]).await;
+    for (share, label) in [
+        ("10", "read_shift 10"),
+        ("50", "read_shift 50"),
+        ("100", "read_shift 100"),
+    ] {
+        *tally.stage.lock().unwrap() = label;
+        let out = cli(&cfg, &["shift", "--table", "public.items", "--reads", share]).await;
+        assert_eq!(out.status.code(), Some(0), "shift {share}: {}", text(&out));
+        tables_show(&[&a, &b], "read_share", share.parse::<u64>().unwrap().into()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The verify is also the fresh drift result the next share's guard rail asks for.
+        verified_equal(&cfg, label).await;
+    }
+    // Reads were served by NEW (sessions renewed since the share rose drew again).
+    let served: u64 = {
+        let mut n = 0;
+        for p in [&a, &b] {
+            n += p.table_reads("public.items").await.unwrap()["new"]
+                .as_u64()
+                .unwrap();
+        }
+        n
+    };
+    assert!(served > 0, "no read served by NEW");
 
     for (to, store) in [("cutover", "NEW"), ("read_shift", "OLD"), ("cutover", "NEW")] {
         *tally.stage.lock().unwrap() = to;
@@ -236,9 +362,11 @@ async fn the_journey_through_cutover_rollback_cutover_again_and_done_loses_nothi
         }
         let pause = authority(&a).await["last_pause_seconds"].as_f64().unwrap();
         assert!(pause > 0.0 && pause < 5.0, "pause {pause}");
+        verified_equal(&cfg, to).await;
     }
     stop_clients(&stop, clients, &tally).await;
     assert!(tally.commits.load(Relaxed) > 150);
+    assert!(tally.reads.load(Relaxed) > 100, "other clients' rows read");
 
     // Every acknowledged write is on both stores with its value, and the stores are equal.
     stores_equal(&env).await;
