@@ -60,6 +60,9 @@ pub enum StartError {
     /// listed.
     #[error("cannot list the functions on the authoritative store: {0}")]
     Functions(StoreError),
+    /// A task reading the tables' definitions ended without an answer (the runtime stopping).
+    #[error("reading the tables' definitions was interrupted: {0}")]
+    Interrupted(String),
 }
 
 /// Why a dual-write session ended abnormally. The proxy maps these onto its own session errors

@@ -223,6 +223,29 @@ impl Mirror {
     /// passthrough relay). Fails when a table's schema cannot be read, when `switchyard prepare`
     /// has not been run for these roles. Tables in `done` are not mirrored (OLD is left behind).
     pub async fn start(config: &Config, roles: Roles) -> Result<Option<Arc<Mirror>>, StartError> {
+        let mirror = Self::start_unchecked(config, roles).await?;
+        if let Some(m) = &mirror {
+            m.check_ready().await?;
+        }
+        Ok(mirror)
+    }
+
+    /// Whether the stores are prepared for this engine's roles: the side tables on both, the
+    /// capture trigger on the authoritative store. An engine started ahead of a cutover
+    /// ([`Mirror::start_unchecked`]) is checked once the barrier moved the capture.
+    pub async fn check_ready(&self) -> Result<(), StartError> {
+        check_prepared(&self.authoritative, &self.follower, &self.tables).await
+    }
+
+    /// Closes the engine's pools (an engine replaced by another: its sessions have moved or
+    /// will at their next transaction, and none of them uses these pools again).
+    pub async fn close(&self) {
+        tokio::join!(self.authoritative.close(), self.follower.close());
+    }
+
+    /// [`Mirror::start`] without checking that the stores are prepared for `roles`: for an
+    /// engine built while a cutover barrier still moves the capture to the new authority.
+    pub async fn start_unchecked(config: &Config, roles: Roles) -> Result<Option<Arc<Mirror>>, StartError> {
         let mirrored: Vec<&TableSettings> = config
             .tables
             .iter()
@@ -231,6 +254,7 @@ impl Mirror {
         if mirrored.is_empty() {
             return Ok(None);
         }
+        let started = std::time::Instant::now();
         let settings = config.mirror.clone();
         let (auth_url, follower_url) = (
             &roles.authoritative.settings(config).url,
@@ -266,23 +290,33 @@ impl Mirror {
             .iter()
             .map(|t| (t.phase == Phase::ShadowRead).then_some(t.shadow_share))
             .collect();
-        for t in mirrored {
+        // Every table's definition on both stores, read at once (a cutover waits for them).
+        let mut loads = tokio::task::JoinSet::new();
+        for (i, t) in mirrored.iter().enumerate() {
+            let (old, new, name) = (old.clone(), new.clone(), t.name.clone());
+            loads.spawn(async move {
+                let (o, n) = tokio::join!(old.load_table(&name), new.load_table(&name));
+                (i, o, n)
+            });
+        }
+        let mut loaded = Vec::with_capacity(mirrored.len());
+        while let Some(done) = loads.join_next().await {
+            loaded.push(done.map_err(|e| StartError::Interrupted(e.to_string()))?);
+        }
+        loaded.sort_by_key(|(i, _, _)| *i);
+        for (t, (_, old_loaded, new_loaded)) in mirrored.into_iter().zip(loaded) {
             let err = |store: &'static str, source: switchyard_store::StoreError| StartError::Catalog {
                 table: t.name.to_string(),
                 store,
                 source,
             };
-            let old_schema = old
-                .load_table(&t.name)
-                .await
+            let old_schema = old_loaded
                 .map_err(|e| err(roles.authoritative.name(), e))?
                 .ok_or_else(|| StartError::MissingTable {
                     table: t.name.to_string(),
                     store: roles.authoritative.name(),
                 })?;
-            let new_schema = new
-                .load_table(&t.name)
-                .await
+            let new_schema = new_loaded
                 .map_err(|e| err(roles.follower.name(), e))?
                 .ok_or_else(|| StartError::MissingTable {
                     table: t.name.to_string(),
@@ -299,10 +333,15 @@ impl Mirror {
             policies.push(t.on_uncaptured);
             tables.push(MirrorTable::new(t.name.clone(), key, &old_schema, &new_schema));
         }
-        check_prepared(&old, &new, &tables).await?;
+        let catalog = started.elapsed();
         let writers = writer_functions(&old, &names)
             .await
             .map_err(StartError::Functions)?;
+        tracing::debug!(
+            catalog_ms = catalog.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "dual-write engine: tables and writer functions read"
+        );
         for w in &writers {
             w.log(&names);
         }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use switchyard_config::Config;
+use switchyard_config::{Config, Phase};
 use switchyard_control::barrier::{heartbeat, leave, Heartbeat};
 use switchyard_control::ControlState;
 use switchyard_dualwrite::Mirror;
@@ -211,16 +211,33 @@ pub(crate) struct Follow {
     pub(crate) poll: Duration,
     /// Builds the engine for new roles (the dual-write engine started for them).
     pub(crate) build: BuildEngine,
+    /// Makes an engine built during a barrier ready once the barrier ended.
+    pub(crate) ready: ReadyEngine,
     /// Whether the control state decides the roles (else they were fixed at start).
     pub(crate) follow_authority: bool,
 }
 
-/// Builds the engine of `roles` with `generation`.
-pub(crate) type BuildEngine = Box<
-    dyn Fn(Roles, u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Engine, String>> + Send>>
-        + Send
-        + Sync,
->;
+type Boxed<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send>>;
+
+/// Builds the engine of `roles` with `generation`; with a phase, ahead of a barrier's end, for
+/// every configured table in that phase and without checking the stores' readiness yet.
+pub(crate) type BuildEngine = Box<dyn Fn(Roles, u64, Option<Phase>) -> Boxed<Engine> + Send + Sync>;
+
+/// Checks an engine built ahead on the stores and applies the control state to it.
+pub(crate) type ReadyEngine = Box<dyn Fn(Arc<Mirror>, Arc<ControlState>) -> Boxed<()> + Send + Sync>;
+
+/// The engine being built while barrier `epoch` is open, for the roles it moves to.
+struct Ahead {
+    epoch: i64,
+    roles: Roles,
+    task: tokio::task::JoinHandle<Result<Engine, String>>,
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 /// Follows the control state's barrier and authority until shutdown: closes the gate while a
 /// barrier is open and confirms it once no session is busy; builds the new engine and opens the
@@ -232,10 +249,11 @@ pub(crate) async fn follow(
     mut shutdown: Shutdown,
 ) {
     let mut last_beat: Option<(Instant, i64, i64, Role)> = None;
+    let mut ahead: Option<Ahead> = None;
     loop {
         let state = updates.borrow_and_update().clone();
         if let Some(state) = &state {
-            step(&authority, &follow, state).await;
+            step(&authority, &follow, state, &mut ahead).await;
             let engine = authority.engine();
             let confirmed = authority.confirmed.load(Relaxed);
             let due = last_beat.is_none_or(|(at, epoch, c, role)| {
@@ -276,10 +294,25 @@ pub(crate) async fn follow(
     }
 }
 
-async fn step(authority: &Authority, follow: &Follow, state: &ControlState) {
+async fn step(authority: &Authority, follow: &Follow, state: &Arc<ControlState>, ahead: &mut Option<Ahead>) {
     match &state.barrier {
         Some(b) => {
             authority.close(b.epoch);
+            // The engine for the roles the barrier moves to is built while it is open (its
+            // catalog reads and logins take about half a second), so the gate opens at once
+            // when the barrier ends.
+            if follow.follow_authority && ahead.as_ref().is_none_or(|a| a.epoch != b.epoch) {
+                let roles = match b.authority {
+                    Role::New => Roles::NEW_AUTHORITATIVE,
+                    Role::Old => Roles::OLD_AUTHORITATIVE,
+                };
+                let generation = authority.engine().generation + 1;
+                *ahead = Some(Ahead {
+                    epoch: b.epoch,
+                    roles,
+                    task: tokio::spawn((follow.build)(roles, generation, Some(b.to_phase))),
+                });
+            }
             if authority.confirmed.load(Relaxed) != b.epoch && authority.busy() == 0 {
                 authority.confirmed.store(b.epoch, Relaxed);
                 tracing::info!(
@@ -300,15 +333,34 @@ async fn step(authority: &Authority, follow: &Follow, state: &ControlState) {
             } else {
                 engine.roles
             };
+            let built = ahead.take();
             if roles != engine.roles || (follow.follow_authority && engine.outdated_by(state)) {
-                match (follow.build)(roles, engine.generation + 1).await {
+                let next = match built {
+                    Some(a) if Some(a.epoch) == authority.closed_for() && a.roles == roles => {
+                        take_ahead(a, follow, state).await
+                    }
+                    _ => None,
+                };
+                let next = match next {
+                    Some(n) => Ok(n),
+                    None => (follow.build)(roles, engine.generation + 1, None).await,
+                };
+                match next {
                     Ok(next) => {
                         tracing::info!(
                             authoritative = roles.authoritative.name(),
                             generation = next.generation,
                             "write authority moved; sessions follow at their next transaction"
                         );
-                        *authority.engine.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+                        let before = std::mem::replace(
+                            &mut *authority.engine.write().unwrap_or_else(PoisonError::into_inner),
+                            Arc::new(next),
+                        );
+                        // Its sessions move at their next transaction and never use its pools
+                        // again: their connections go now, not when the last session moved.
+                        if let Some(m) = before.mirror.clone() {
+                            tokio::spawn(async move { m.close().await });
+                        }
                     }
                     Err(e) => {
                         // Writes stay held: going on with the old authority would write both.
@@ -321,4 +373,27 @@ async fn step(authority: &Authority, follow: &Follow, state: &ControlState) {
             authority.open();
         }
     }
+}
+
+/// The engine built while the barrier was open, made ready for the state the barrier left
+/// (`None`: it failed or is not ready; the caller builds one the usual way).
+async fn take_ahead(mut a: Ahead, follow: &Follow, state: &Arc<ControlState>) -> Option<Engine> {
+    let engine = match (&mut a.task).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the engine built during the barrier failed; building it again");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the engine built during the barrier was lost; building it again");
+            return None;
+        }
+    };
+    if let Some(m) = &engine.mirror {
+        if let Err(e) = (follow.ready)(Arc::clone(m), Arc::clone(state)).await {
+            tracing::warn!(error = %e, "the engine built during the barrier is not ready; building it again");
+            return None;
+        }
+    }
+    Some(engine)
 }

@@ -208,23 +208,61 @@ impl ProxyState {
     }
 
     /// Builds the engine for `roles` (a move of write authority): the dual-write engine started
-    /// for the control state's phases, with the current phases and read shares applied.
+    /// for the control state's phases, with the current phases and read shares applied. With
+    /// `ahead` (a cutover barrier's phase), it is built while the barrier is still open, for
+    /// every configured table in that phase; the stores' readiness is then checked, and the
+    /// control state applied, when the barrier ends ([`ProxyState::engine_ready`]).
     pub(crate) fn engine_builder(self: &Arc<Self>) -> crate::authority::BuildEngine {
         let me = Arc::downgrade(self);
-        Box::new(move |roles, generation| {
+        Box::new(move |roles, generation, ahead| {
             let me = me.clone();
             Box::pin(async move {
                 let Some(state) = me.upgrade() else {
                     return Err("the proxy is stopping".to_owned());
                 };
+                let started = std::time::Instant::now();
                 let (config, control) = with_control_state(Arc::clone(&state.config), &state.old_store).await;
-                let mirror = Mirror::start(&config, roles).await.map_err(|e| e.to_string())?;
-                if let (Some(m), Some(c)) = (&mirror, &control) {
+                let mirror = match ahead {
+                    Some(phase) => {
+                        let mut config = (*config).clone();
+                        for t in &mut config.tables {
+                            t.phase = phase;
+                        }
+                        Mirror::start_unchecked(&config, roles).await
+                    }
+                    None => Mirror::start(&config, roles).await,
+                }
+                .map_err(|e| e.to_string())?;
+                if let (Some(m), Some(c), None) = (&mirror, &control, ahead) {
                     for t in &c.tables {
                         (state.on_phase)(m, t);
                     }
                 }
+                tracing::info!(
+                    ahead = ahead.is_some(),
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    "engine for the new roles started"
+                );
                 Ok(Engine::new(generation, roles, &config, mirror))
+            })
+        })
+    }
+
+    /// Makes an engine built ahead of a barrier's end ready to take over: the stores checked
+    /// for its roles (the barrier moved the capture) and the control state's phases and read
+    /// shares applied.
+    pub(crate) fn engine_ready(self: &Arc<Self>) -> crate::authority::ReadyEngine {
+        let me = Arc::downgrade(self);
+        Box::new(move |mirror, control| {
+            let me = me.clone();
+            Box::pin(async move {
+                mirror.check_ready().await.map_err(|e| e.to_string())?;
+                if let Some(state) = me.upgrade() {
+                    for t in &control.tables {
+                        (state.on_phase)(&mirror, t);
+                    }
+                }
+                Ok(())
             })
         })
     }

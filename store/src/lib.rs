@@ -141,6 +141,14 @@ pub enum Store {
 }
 
 impl Store {
+    /// Closes the pool: idle connections at once, the others as they are given back. Later
+    /// operations on this handle (or its clones) fail.
+    pub async fn close(&self) {
+        match self {
+            Store::Postgres(pg) => pg.pool().close().await,
+        }
+    }
+
     /// Prepares a handle for the store at `url`. Connects lazily: an unreachable store is
     /// reported by the first operation, not here, so the proxy can start before its stores.
     pub fn connect_lazy(role: Role, url: &StoreUrl) -> Result<Store, StoreError> {
