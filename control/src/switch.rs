@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use switchyard_config::{Config, Phase, TableSettings};
-use switchyard_store::prepare::prepare_in;
+use switchyard_store::prepare::{prepare_in, prepare_with, set_capture, Triggers};
 use switchyard_store::sequences::{advance_sequences, SequenceMove, DEFAULT_MARGIN};
+use switchyard_store::PreparedTable;
 use switchyard_store::{Role, Roles, Store, StoreError};
 
 use crate::{authoritative, barrier, guard, read, ControlError};
@@ -183,9 +184,61 @@ where
         }
     }
 
+    // Before the barrier: what the stores need in the new roles besides the capture triggers
+    // (side objects, idempotent), and the tables' definitions, so only the triggers move under
+    // it. `done` keeps the roles and creates nothing.
+    let to_roles = Roles {
+        authoritative: to_authority,
+        follower: if to_authority == Role::New {
+            Role::Old
+        } else {
+            Role::New
+        },
+    };
+    let sides = {
+        let (Store::Postgres(dst), Store::Postgres(src)) = (
+            store_of(to_authority, old, new),
+            store_of(to_roles.follower, old, new),
+        );
+        prepare_with(
+            to_roles,
+            dst.pool(),
+            src.pool(),
+            &config.tables,
+            to != Phase::Done,
+            Triggers::Leave,
+        )
+        .await
+        .map_err(|e| {
+            not_allowed(
+                "*",
+                format!("preparing {} to take the writes: {e}", to_authority.name()),
+            )
+        })?
+    };
+    if !sides.is_ready() {
+        return Err(not_allowed(
+            "*",
+            format!(
+                "{} is not ready to take the writes: {:?}",
+                to_authority.name(),
+                sides.mismatches
+            ),
+        ));
+    }
+
     let started = Instant::now();
     let epoch = barrier::open(old, to_authority, to, by).await?;
-    match under_barrier(old, new, config, (from_authority, to_authority, to), epoch).await {
+    match under_barrier(
+        old,
+        new,
+        config,
+        (from_authority, to_authority, to),
+        epoch,
+        &sides.tables,
+    )
+    .await
+    {
         Ok((proxies, sequences, mut steps)) => {
             let at = Instant::now();
             let after = barrier::complete(old, epoch, &names, to, &overridden, by).await?;
@@ -224,6 +277,7 @@ async fn under_barrier(
     config: &Config,
     (from, to, phase): (Role, Role, Phase),
     epoch: i64,
+    prepared: &[PreparedTable],
 ) -> Result<(usize, Vec<SequenceMove>, Vec<Step>), String> {
     let live = config.control.poll_interval * 3 + Duration::from_secs(1);
     let mut steps = Steps::default();
@@ -246,10 +300,12 @@ async fn under_barrier(
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     steps.done("proxies confirmed");
-    // Every mirrored transaction is on both stores.
+    // Every mirrored transaction is on both stores: the follower's WAL flushed and the intents
+    // it holds deleted at once; any other waits for its repair.
     let (source, target) = (store_of(from, old, new), store_of(to, old, new));
+    let follower = store_of(if from == Role::Old { Role::New } else { Role::Old }, old, new);
     loop {
-        let n = switchyard_store::repair::count_intents(source)
+        let n = switchyard_store::mirror::settle_intents(source, follower)
             .await
             .map_err(|e| e.to_string())?;
         if n == 0 {
@@ -273,16 +329,10 @@ async fn under_barrier(
     };
     if phase == Phase::Done {
         // NEW stays authoritative and stops capturing: OLD is left behind.
-        let (Store::Postgres(pg_new), Store::Postgres(pg_old)) = (new, old);
-        prepare_in(
-            Roles::NEW_AUTHORITATIVE,
-            pg_new.pool(),
-            pg_old.pool(),
-            &with_phase(Phase::Done),
-            true,
-        )
-        .await
-        .map_err(|e| format!("removing the capture from NEW: {e}"))?;
+        let Store::Postgres(pg_new) = new;
+        set_capture(pg_new.pool(), Role::New, &with_phase(Phase::Done), prepared)
+            .await
+            .map_err(|e| format!("removing the capture from NEW: {e}"))?;
         steps.done("capture removed from NEW");
         return Ok((proxies, Vec::new(), steps.0));
     }
@@ -291,51 +341,29 @@ async fn under_barrier(
         .await
         .map_err(|e| format!("moving the sequences: {e}"))?;
     steps.done("sequences moved");
-    // The capture moves: installed on the new authority first, then removed from the old one.
+    // The capture moves: installed on the new authority and removed from the old one at once
+    // (no write runs under the barrier); if either fails, both go back to where they were.
     let (Store::Postgres(src), Store::Postgres(dst)) = (source, target);
-    let to_roles = Roles {
-        authoritative: to,
-        follower: from,
-    };
-    let from_roles = Roles {
-        authoritative: from,
-        follower: to,
-    };
-    let installed = prepare_in(
-        to_roles,
-        dst.pool(),
-        src.pool(),
-        &with_phase(Phase::DualWrite),
-        true,
-    )
-    .await
-    .map_err(|e| format!("installing the capture on {}: {e}", to.name()))?;
-    if !installed.is_ready() {
-        return Err(format!(
-            "{} is not ready to take the writes: {:?}",
-            to.name(),
-            installed.mismatches
-        ));
-    }
-    if let Err(e) = prepare_in(
-        from_roles,
-        src.pool(),
-        dst.pool(),
-        &with_phase(Phase::Passthrough),
-        true,
-    )
-    .await
-    {
-        // Back to where it was: no capture on the store that stays the follower.
-        let _ = prepare_in(
-            to_roles,
-            dst.pool(),
-            src.pool(),
-            &with_phase(Phase::Passthrough),
-            true,
-        )
-        .await;
-        return Err(format!("removing the capture from {}: {e}", from.name()));
+    let on_src: Vec<PreparedTable> = prepared.iter().map(switchyard_store::prepare::swapped).collect();
+    let (captured, plain) = (with_phase(Phase::DualWrite), with_phase(Phase::Passthrough));
+    let (installed, removed) = tokio::join!(
+        set_capture(dst.pool(), to, &captured, prepared),
+        set_capture(src.pool(), from, &plain, &on_src),
+    );
+    if installed.is_err() || removed.is_err() {
+        let _ = tokio::join!(
+            set_capture(dst.pool(), to, &plain, prepared),
+            set_capture(src.pool(), from, &captured, &on_src),
+        );
+        let why = [
+            installed
+                .err()
+                .map(|e| format!("installing the capture on {}: {e}", to.name())),
+            removed
+                .err()
+                .map(|e| format!("removing the capture from {}: {e}", from.name())),
+        ];
+        return Err(why.into_iter().flatten().collect::<Vec<_>>().join("; "));
     }
     steps.done("capture moved");
     Ok((proxies, sequences, steps.0))

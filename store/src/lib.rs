@@ -32,7 +32,7 @@ pub use postgres::catalog::{
     Column, Identity, Mismatch, TableSchema, SIDE_SCHEMA,
 };
 pub use postgres::{connect_options, wire, PgStore};
-pub use prepare::{prepare, prepare_in, PrepareReport, PreparedTable};
+pub use prepare::{prepare, prepare_in, prepare_with, set_capture, PrepareReport, PreparedTable, Triggers};
 
 /// Which side of the migration a store is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -454,6 +454,45 @@ pub async fn durable_on_follower(
     Ok(Some(applied))
 }
 
+/// For a cutover barrier, when no mirrored transaction runs: makes the follower's WAL durable up
+/// to now with one synchronous commit (every commit record before it is then on disk), and
+/// deletes the intents whose applied marker the follower holds, as the engines' cleanup would a
+/// moment later. Returns how many intents are left: their follower side is missing, a repair's
+/// to do.
+pub async fn settle_intents(authoritative: &Store, follower: &Store) -> Result<usize, StoreError> {
+    let Store::Postgres(old) = authoritative;
+    let (old_pool, old_role) = (old.pool(), old.role().as_str());
+    let Store::Postgres(new) = follower;
+    let (new_pool, new_role) = (new.pool(), new.role().as_str());
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM switchyard.switchyard_intents")
+        .fetch_all(old_pool)
+        .await
+        .map_err(failed(old_role, "listing intents"))?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let nerr = failed(new_role, "flushing the follower's WAL");
+    let mut tx = new_pool.begin().await.map_err(nerr)?;
+    // A transaction with an id writes a commit record; synchronous_commit makes its commit wait
+    // until the WAL up to that record is flushed.
+    // <https://www.postgresql.org/docs/current/wal-async-commit.html>
+    sqlx::raw_sql("SET LOCAL synchronous_commit = on; SELECT pg_catalog.txid_current()")
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(new_role, "flushing the follower's WAL"))?;
+    tx.commit()
+        .await
+        .map_err(failed(new_role, "flushing the follower's WAL"))?;
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT intent_id FROM switchyard.switchyard_applied WHERE intent_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(new_pool)
+            .await
+            .map_err(failed(new_role, "reading applied markers"))?;
+    delete_intents(authoritative, follower, &applied).await?;
+    Ok(ids.len() - applied.len())
+}
+
 /// Deletes intents whose NEW transaction committed (on OLD), then their applied markers (on
 /// NEW). Call it only with ids [`durable_on_follower`] returned. Markers are only removed after
 /// their intents, so a repair never sees an intent without its marker when the NEW transaction

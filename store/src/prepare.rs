@@ -107,6 +107,66 @@ pub async fn prepare_in(
     tables: &[TableSettings],
     apply: bool,
 ) -> Result<PrepareReport, StoreError> {
+    prepare_with(roles, authoritative, follower, tables, apply, Triggers::Set).await
+}
+
+/// What [`prepare_with`] does with the capture triggers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Triggers {
+    /// Installs them on the tables in a mirrored phase, removes them from the others.
+    Set,
+    /// Leaves them as they are: a cutover prepares the side objects for the new roles before its
+    /// barrier, and moves only the triggers under it ([`set_capture`]).
+    Leave,
+}
+
+/// Installs the capture triggers on `pool` (the store that is, or becomes, authoritative as
+/// `role`) for the tables whose phase in `settings` is mirrored, and removes them from the
+/// others, in one transaction and one round trip. `tables` come from a [`prepare_with`] report
+/// for the roles in which `role` is authoritative (their `old` is that store's definition).
+pub async fn set_capture(
+    pool: &PgPool,
+    role: Role,
+    settings: &[TableSettings],
+    tables: &[PreparedTable],
+) -> Result<(), StoreError> {
+    let mut batch = String::from("SET TRANSACTION ISOLATION LEVEL READ COMMITTED;\n");
+    for (sql, _) in capture_steps(settings, tables) {
+        batch.push_str(&sql);
+        batch.push_str(";\n");
+    }
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(failed(role, "starting a transaction"))?;
+    sqlx::raw_sql(AssertSqlSafe(batch.as_str()))
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(role, "installing or removing the capture triggers"))?;
+    tx.commit()
+        .await
+        .map_err(failed(role, "committing the capture triggers"))
+}
+
+/// `table` seen from the other store: its `old` and `new` definitions swapped (for
+/// [`set_capture`] on the store that is the follower in the report's roles).
+pub fn swapped(table: &PreparedTable) -> PreparedTable {
+    PreparedTable {
+        old: table.new.clone(),
+        new: table.old.clone(),
+        ..table.clone()
+    }
+}
+
+/// [`prepare_in`], with the capture triggers set or left as they are.
+pub async fn prepare_with(
+    roles: Roles,
+    authoritative: &PgPool,
+    follower: &PgPool,
+    tables: &[TableSettings],
+    apply: bool,
+    triggers: Triggers,
+) -> Result<PrepareReport, StoreError> {
     let (old, new) = (authoritative, follower);
     let mut report = PrepareReport::default();
     for settings in tables {
@@ -160,7 +220,9 @@ pub async fn prepare_in(
             "choosing READ COMMITTED".to_owned(),
         )];
         old_steps.extend(old_side_ddl());
-        old_steps.extend(capture_steps(tables, &report.tables));
+        if triggers == Triggers::Set {
+            old_steps.extend(capture_steps(tables, &report.tables));
+        }
         create_side_objects(old, roles.authoritative, &old_steps, &[]).await?;
     }
     Ok(report)
