@@ -39,7 +39,9 @@ pub(crate) const DDL: &str = "CREATE TABLE IF NOT EXISTS switchyard.switchyard_b
        epoch bigint NOT NULL, \
        authority text NOT NULL, \
        paused_for bigint, \
-       seen_at timestamptz NOT NULL DEFAULT clock_timestamp())";
+       seen_at timestamptz NOT NULL DEFAULT clock_timestamp()); \
+     ALTER TABLE switchyard.switchyard_barrier ADD COLUMN IF NOT EXISTS holding boolean NOT NULL DEFAULT true; \
+     ALTER TABLE switchyard.switchyard_proxies ADD COLUMN IF NOT EXISTS built_for bigint";
 
 /// An open barrier: writes are moving to `authority`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -50,6 +52,9 @@ pub struct Barrier {
     pub authority: Role,
     /// The phase every configured table moves to.
     pub to_phase: Phase,
+    /// Whether writes are held: `false` while the barrier is only announced (the proxies build
+    /// the engine for the new roles meanwhile, and writes go on).
+    pub holding: bool,
 }
 
 fn role_name<S: serde::Serializer>(r: &Role, s: S) -> Result<S::Ok, S::Error> {
@@ -76,7 +81,7 @@ pub(crate) async fn open_barrier_in(
     if !exists {
         return Ok(None);
     }
-    let row = sqlx::query("SELECT epoch, authority, to_phase FROM switchyard.switchyard_barrier")
+    let row = sqlx::query("SELECT epoch, authority, to_phase, holding FROM switchyard.switchyard_barrier")
         .fetch_optional(&mut **tx)
         .await
         .map_err(failed(store, "reading the barrier"))?;
@@ -85,6 +90,7 @@ pub(crate) async fn open_barrier_in(
             epoch: r.get(0),
             authority: role_of(r.get::<&str, _>(1)),
             to_phase: r.get::<&str, _>(2).parse().ok()?,
+            holding: r.get(3),
         })
     }))
 }
@@ -97,21 +103,24 @@ pub struct Heartbeat<'a> {
     pub authority: Role,
     /// The barrier this proxy holds its writes for (in flight ones finished).
     pub paused_for: Option<i64>,
+    /// The announced barrier this proxy has built the new roles' engine for.
+    pub built_for: Option<i64>,
 }
 
 /// Renews `beat`'s row on `store`.
 pub async fn heartbeat(store: &Store, beat: &Heartbeat<'_>) -> Result<(), StoreError> {
     let Store::Postgres(pg) = store;
     sqlx::query(
-        "INSERT INTO switchyard.switchyard_proxies (proxy_id, epoch, authority, paused_for, seen_at) \
-         VALUES ($1, $2, $3, $4, clock_timestamp()) ON CONFLICT (proxy_id) DO UPDATE SET \
+        "INSERT INTO switchyard.switchyard_proxies (proxy_id, epoch, authority, paused_for, built_for, seen_at) \
+         VALUES ($1, $2, $3, $4, $5, clock_timestamp()) ON CONFLICT (proxy_id) DO UPDATE SET \
          epoch = EXCLUDED.epoch, authority = EXCLUDED.authority, paused_for = EXCLUDED.paused_for, \
-         seen_at = EXCLUDED.seen_at",
+         built_for = EXCLUDED.built_for, seen_at = EXCLUDED.seen_at",
     )
     .bind(beat.proxy_id)
     .bind(beat.epoch)
     .bind(beat.authority.as_str())
     .bind(beat.paused_for)
+    .bind(beat.built_for)
     .execute(pg.pool())
     .await
     .map_err(failed(store, "renewing the proxy's heartbeat"))?;
@@ -129,19 +138,77 @@ pub async fn leave(store: &Store, proxy_id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Opens a barrier moving writes to `authority` and every table to `to_phase`; fails when one
-/// is open already. Returns its epoch.
+/// Opens a barrier moving writes to `authority` and every table to `to_phase`, holding writes
+/// at once; fails when one is open already. Returns its epoch.
 pub async fn open(store: &Store, authority: Role, to_phase: Phase, by: &str) -> Result<i64, StoreError> {
+    open_with(store, authority, to_phase, by, true).await
+}
+
+/// Announces a barrier: like [`open`], but writes go on until [`hold`]; meanwhile every proxy
+/// builds the engine for the new roles and says so in its heartbeat ([`unbuilt`]).
+pub async fn announce(store: &Store, authority: Role, to_phase: Phase, by: &str) -> Result<i64, StoreError> {
+    open_with(store, authority, to_phase, by, false).await
+}
+
+/// Makes the announced barrier `announced` hold writes, under a new epoch (the one the
+/// proxies confirm). Fails when it is no longer there (aborted).
+pub async fn hold(store: &Store, announced: i64, by: &str) -> Result<i64, StoreError> {
+    let mut tx = begin(store, "holding the writes").await?;
+    lock(&mut tx, store).await?;
+    let epoch = next_epoch(&mut tx, store).await?;
+    let held =
+        sqlx::query("UPDATE switchyard.switchyard_barrier SET epoch = $1, holding = true WHERE epoch = $2")
+            .bind(epoch)
+            .bind(announced)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed(store, "holding the writes"))?
+            .rows_affected();
+    if held == 0 {
+        return Err(StoreError::Query {
+            role: store.role().as_str(),
+            action: "holding the writes".to_owned(),
+            source: sqlx::Error::Protocol(format!(
+                "barrier {announced} is no longer announced (aborted by someone else?)"
+            )),
+        });
+    }
+    log(
+        &mut tx,
+        store,
+        epoch,
+        "*",
+        "barrier holds",
+        None,
+        "writes wait",
+        &[],
+        by,
+    )
+    .await?;
+    notify_barrier(&mut tx, store, epoch).await?;
+    tx.commit().await.map_err(failed(store, "holding the writes"))?;
+    Ok(epoch)
+}
+
+async fn open_with(
+    store: &Store,
+    authority: Role,
+    to_phase: Phase,
+    by: &str,
+    holding: bool,
+) -> Result<i64, StoreError> {
     let mut tx = begin(store, "opening the barrier").await?;
     lock(&mut tx, store).await?;
     let epoch = next_epoch(&mut tx, store).await?;
     sqlx::query(
-        "INSERT INTO switchyard.switchyard_barrier (epoch, authority, to_phase, started_by) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO switchyard.switchyard_barrier (epoch, authority, to_phase, started_by, holding) \
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(epoch)
     .bind(authority.as_str())
     .bind(to_phase.as_str())
     .bind(by)
+    .bind(holding)
     .execute(&mut *tx)
     .await
     .map_err(failed(store, "opening the barrier (is another one open?)"))?;
@@ -195,16 +262,32 @@ pub async fn unconfirmed(
     epoch: i64,
     live: Duration,
 ) -> Result<(Vec<String>, usize), StoreError> {
+    waiting(store, "paused_for", epoch, live).await
+}
+
+/// The live proxies that have not built the engine for announced barrier `epoch` yet; and how
+/// many live proxies there are.
+pub async fn unbuilt(store: &Store, epoch: i64, live: Duration) -> Result<(Vec<String>, usize), StoreError> {
+    waiting(store, "built_for", epoch, live).await
+}
+
+async fn waiting(
+    store: &Store,
+    column: &'static str,
+    epoch: i64,
+    live: Duration,
+) -> Result<(Vec<String>, usize), StoreError> {
     let Store::Postgres(pg) = store;
-    let rows = sqlx::query(
-        "SELECT proxy_id, paused_for IS NOT DISTINCT FROM $1 FROM switchyard.switchyard_proxies \
-         WHERE seen_at > clock_timestamp() - make_interval(secs => $2)",
-    )
-    .bind(epoch)
-    .bind(live.as_secs_f64())
-    .fetch_all(pg.pool())
-    .await
-    .map_err(failed(store, "reading the proxies' confirmations"))?;
+    let sql = format!(
+        "SELECT proxy_id, {column} IS NOT DISTINCT FROM $1 FROM switchyard.switchyard_proxies \
+         WHERE seen_at > clock_timestamp() - make_interval(secs => $2)"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(epoch)
+        .bind(live.as_secs_f64())
+        .fetch_all(pg.pool())
+        .await
+        .map_err(failed(store, "reading the proxies' confirmations"))?;
     let live = rows.len();
     let waiting = rows
         .iter()

@@ -42,7 +42,11 @@ pub struct Switched {
     pub epoch: i64,
     /// Proxies that confirmed the barrier.
     pub proxies: usize,
-    /// From the barrier's opening to its completion (writes were held at most this long).
+    /// From the barrier's announcement to its holding the writes: the side objects prepared
+    /// and every proxy's engine for the new roles built, while writes went on.
+    pub ahead_seconds: f64,
+    /// From the barrier's holding the writes to its completion (writes were held at most this
+    /// long).
     pub barrier_seconds: f64,
     pub sequences: Vec<SequenceMove>,
     /// Guard-rail refusals overridden by `--force`.
@@ -97,6 +101,9 @@ fn store_of<'a>(role: Role, old: &'a Store, new: &'a Store) -> &'a Store {
         Role::New => new,
     }
 }
+
+/// How long an announced barrier waits for the proxies to build the engine for the new roles.
+const BUILD_WAIT: Duration = Duration::from_secs(2);
 
 /// Moves every configured table to `to` (cutover or back), moving write authority under the
 /// barrier. `facts` gathers a table's guard-rail facts (for entering cutover). The control
@@ -184,23 +191,27 @@ where
         }
     }
 
-    // Before the barrier: what the stores need in the new roles besides the capture triggers
-    // (side objects, idempotent), and the tables' definitions, so only the triggers move under
-    // it. `done` keeps the roles and creates nothing.
-    let to_roles = Roles {
-        authoritative: to_authority,
-        follower: if to_authority == Role::New {
-            Role::Old
-        } else {
-            Role::New
-        },
-    };
-    let sides = {
+    // The barrier is announced first: writes go on while every proxy builds the engine for the
+    // new roles, and while the stores get what they need in those roles besides the capture
+    // triggers (side objects, idempotent; the tables' definitions read), so that only the
+    // triggers move while writes are held. `done` keeps the roles and creates nothing.
+    let announced_at = Instant::now();
+    let announced = barrier::announce(old, to_authority, to, by).await?;
+    let live = config.control.poll_interval * 3 + Duration::from_secs(1);
+    let ahead = async {
+        let to_roles = Roles {
+            authoritative: to_authority,
+            follower: if to_authority == Role::New {
+                Role::Old
+            } else {
+                Role::New
+            },
+        };
         let (Store::Postgres(dst), Store::Postgres(src)) = (
             store_of(to_authority, old, new),
             store_of(to_roles.follower, old, new),
         );
-        prepare_with(
+        let sides = prepare_with(
             to_roles,
             dst.pool(),
             src.pool(),
@@ -209,26 +220,52 @@ where
             Triggers::Leave,
         )
         .await
-        .map_err(|e| {
-            not_allowed(
-                "*",
-                format!("preparing {} to take the writes: {e}", to_authority.name()),
-            )
-        })?
-    };
-    if !sides.is_ready() {
-        return Err(not_allowed(
-            "*",
-            format!(
+        .map_err(|e| format!("preparing {} to take the writes: {e}", to_authority.name()))?;
+        if !sides.is_ready() {
+            return Err(format!(
                 "{} is not ready to take the writes: {:?}",
                 to_authority.name(),
                 sides.mismatches
-            ),
-        ));
+            ));
+        }
+        // The proxies' engines: waited for a little (a proxy that cannot build one builds it
+        // after the barrier, as a proxy that does not answer in time does).
+        let deadline = Instant::now() + BUILD_WAIT;
+        loop {
+            let (waiting, _) = barrier::unbuilt(old, announced, live)
+                .await
+                .map_err(|e| e.to_string())?;
+            if waiting.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(proxies = %waiting.join(", "), "proxies did not build the engine for the new roles in time; they build it after the barrier");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(sides)
     }
+    .await;
+    let sides = match ahead {
+        Ok(sides) => sides,
+        Err(why) => {
+            if let Err(e) = barrier::abort(old, announced, &why, by).await {
+                tracing::error!(error = %e, "cannot abort the barrier; remove switchyard.switchyard_barrier's row by hand");
+            }
+            return Err(not_allowed("*", why));
+        }
+    };
+    let ahead_seconds = announced_at.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    let epoch = barrier::open(old, to_authority, to, by).await?;
+    let epoch = match barrier::hold(old, announced, by).await {
+        Ok(epoch) => epoch,
+        Err(e) => {
+            let _ = barrier::abort(old, announced, &e.to_string(), by).await;
+            return Err(e.into());
+        }
+    };
     match under_barrier(
         old,
         new,
@@ -249,6 +286,7 @@ where
             Ok(Switched {
                 to,
                 authority: to_authority.name(),
+                ahead_seconds,
                 barrier_epoch: epoch,
                 epoch: after,
                 proxies,

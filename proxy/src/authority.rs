@@ -226,10 +226,12 @@ pub(crate) type BuildEngine = Box<dyn Fn(Roles, u64, Option<Phase>) -> Boxed<Eng
 /// Checks an engine built ahead on the stores and applies the control state to it.
 pub(crate) type ReadyEngine = Box<dyn Fn(Arc<Mirror>, Arc<ControlState>) -> Boxed<()> + Send + Sync>;
 
-/// The engine being built while barrier `epoch` is open, for the roles it moves to.
+/// The engine being built for barrier `epoch` (as first seen: announced), for the roles and
+/// phase it moves to.
 struct Ahead {
     epoch: i64,
     roles: Roles,
+    phase: Phase,
     task: tokio::task::JoinHandle<Result<Engine, String>>,
 }
 
@@ -248,7 +250,7 @@ pub(crate) async fn follow(
     mut updates: watch::Receiver<Option<Arc<ControlState>>>,
     mut shutdown: Shutdown,
 ) {
-    let mut last_beat: Option<(Instant, i64, i64, Role)> = None;
+    let mut last_beat: Option<(Instant, i64, i64, Option<i64>, Role)> = None;
     let mut ahead: Option<Ahead> = None;
     loop {
         let state = updates.borrow_and_update().clone();
@@ -256,10 +258,12 @@ pub(crate) async fn follow(
             step(&authority, &follow, state, &mut ahead).await;
             let engine = authority.engine();
             let confirmed = authority.confirmed.load(Relaxed);
-            let due = last_beat.is_none_or(|(at, epoch, c, role)| {
+            let built_for = ahead.as_ref().filter(|a| a.task.is_finished()).map(|a| a.epoch);
+            let due = last_beat.is_none_or(|(at, epoch, c, b, role)| {
                 at.elapsed() >= follow.poll
                     || epoch != state.epoch
                     || c != confirmed
+                    || b != built_for
                     || role != engine.roles.authoritative
             });
             if due {
@@ -268,17 +272,26 @@ pub(crate) async fn follow(
                     epoch: state.epoch,
                     authority: engine.roles.authoritative,
                     paused_for: (confirmed != 0).then_some(confirmed),
+                    built_for,
                 };
                 match heartbeat(&follow.control_store, &beat).await {
                     Ok(()) => {
-                        last_beat = Some((Instant::now(), state.epoch, confirmed, engine.roles.authoritative))
+                        last_beat = Some((
+                            Instant::now(),
+                            state.epoch,
+                            confirmed,
+                            built_for,
+                            engine.roles.authoritative,
+                        ))
                     }
                     Err(e) => tracing::debug!(error = %e, "cannot renew the proxy's heartbeat"),
                 }
             }
         }
-        // While a barrier waits for this proxy's sessions, look again soon.
-        let wait = if authority.closed_for().is_some() && authority.confirmed.load(Relaxed) == 0 {
+        // While a barrier waits for this proxy's sessions or its engine, look again soon.
+        let waited_for = (authority.closed_for().is_some() && authority.confirmed.load(Relaxed) == 0)
+            || ahead.as_ref().is_some_and(|a| !a.task.is_finished());
+        let wait = if waited_for {
             Duration::from_millis(5)
         } else {
             follow.poll
@@ -297,22 +310,30 @@ pub(crate) async fn follow(
 async fn step(authority: &Authority, follow: &Follow, state: &Arc<ControlState>, ahead: &mut Option<Ahead>) {
     match &state.barrier {
         Some(b) => {
-            authority.close(b.epoch);
-            // The engine for the roles the barrier moves to is built while it is open (its
-            // catalog reads and logins take about half a second), so the gate opens at once
-            // when the barrier ends.
-            if follow.follow_authority && ahead.as_ref().is_none_or(|a| a.epoch != b.epoch) {
-                let roles = match b.authority {
-                    Role::New => Roles::NEW_AUTHORITATIVE,
-                    Role::Old => Roles::OLD_AUTHORITATIVE,
-                };
+            // The engine for the roles the barrier moves to is built as soon as it is announced,
+            // while writes go on (its catalog reads and logins take a good part of a second), so
+            // the gate opens at once when the barrier ends.
+            let roles = match b.authority {
+                Role::New => Roles::NEW_AUTHORITATIVE,
+                Role::Old => Roles::OLD_AUTHORITATIVE,
+            };
+            if follow.follow_authority
+                && ahead
+                    .as_ref()
+                    .is_none_or(|a| a.roles != roles || a.phase != b.to_phase)
+            {
                 let generation = authority.engine().generation + 1;
                 *ahead = Some(Ahead {
                     epoch: b.epoch,
                     roles,
+                    phase: b.to_phase,
                     task: tokio::spawn((follow.build)(roles, generation, Some(b.to_phase))),
                 });
             }
+            if !b.holding {
+                return;
+            }
+            authority.close(b.epoch);
             if authority.confirmed.load(Relaxed) != b.epoch && authority.busy() == 0 {
                 authority.confirmed.store(b.epoch, Relaxed);
                 tracing::info!(
@@ -336,7 +357,7 @@ async fn step(authority: &Authority, follow: &Follow, state: &Arc<ControlState>,
             let built = ahead.take();
             if roles != engine.roles || (follow.follow_authority && engine.outdated_by(state)) {
                 let next = match built {
-                    Some(a) if Some(a.epoch) == authority.closed_for() && a.roles == roles => {
+                    Some(a) if a.roles == roles && state.tables.iter().all(|t| t.phase == a.phase) => {
                         take_ahead(a, follow, state).await
                     }
                     _ => None,
