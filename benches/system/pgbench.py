@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """System benchmark: pgbench against PostgreSQL directly, through the
-Switchyard proxy and through pgbouncer (session mode), interleaved.
+Switchyard proxy and through pgbouncer (session mode), interleaved; with
+--tls, every client connects over TLS (the proxy and pgbouncer serving the
+same certificate).
 
 Python 3 standard library only. See benches/system/README.md.
 
@@ -43,8 +45,11 @@ BUILTIN_MODES = {
     "tpcb-prepared": ["-M", "prepared"],
     "tpcb-simple": ["-M", "simple"],
     "select-extended": ["-S", "-M", "extended"],
+    # one connection (and, over TLS, one handshake) per transaction
+    "connect-select": ["-C", "-S", "-M", "simple"],
 }
 DEFAULT_MODES = "select-prepared,select-simple,tpcb-prepared"
+TLS_DEFAULT_MODES = "select-prepared,connect-select"
 ALL_TARGETS = ("direct", "proxy", "pgbouncer")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -88,11 +93,12 @@ def parse_args():
                    help="pgbench -i -s (env SCALE)")
     p.add_argument("--warmup", type=int, default=int(env("WARMUP", "2")),
                    help="seconds of discarded warm-up per target per mode, 0 = none (env WARMUP)")
-    p.add_argument("--modes", default=env("MODES", DEFAULT_MODES),
+    p.add_argument("--modes", default=env("MODES", ""),
                    help="comma-separated modes; builtin: %s; or custom NAME=FLAGS "
                         "with FLAGS space-separated, e.g. 'sel-ext=-S -M extended' "
-                        "(separate several with ';' when using custom ones) (env MODES)"
-                        % ", ".join(BUILTIN_MODES))
+                        "(separate several with ';' when using custom ones); default %s, "
+                        "with --tls %s (env MODES)"
+                        % (", ".join(BUILTIN_MODES), DEFAULT_MODES, TLS_DEFAULT_MODES))
     p.add_argument("--targets", default=env("TARGETS", ",".join(ALL_TARGETS)),
                    help="comma-separated subset of direct,proxy,pgbouncer (env TARGETS)")
     p.add_argument("--proxy-bin", default=env("SWITCHYARD_BIN", str(REPO_ROOT / "target/release/switchyard")),
@@ -124,7 +130,12 @@ def parse_args():
                    help="libpq sslmode for psql/pgbench on every target. 'disable' keeps the "
                         "comparison fair: pgbouncer here has no client TLS, while PostgreSQL "
                         "may (Debian enables ssl=on), and libpq's default 'prefer' would then "
-                        "encrypt only the direct runs (env SSLMODE)")
+                        "encrypt only the direct runs; --tls sets 'require' (env SSLMODE)")
+    p.add_argument("--tls", action="store_true", default=env_bool("TLS"),
+                   help="clients connect over TLS (sslmode=require) to every target: the proxy "
+                        "([tls] mode = require) and pgbouncer (client_tls_sslmode = require) serve "
+                        "one certificate made for the run with openssl, PostgreSQL its own "
+                        "(needs ssl = on); upstream stays plain text for both (env TLS=1)")
     p.add_argument("--json", default=env("JSON", ""), metavar="FILE",
                    help="also write results as JSON to FILE (env JSON)")
     p.add_argument("--keep-db", action="store_true", default=env_bool("KEEP_DB"),
@@ -149,6 +160,10 @@ def parse_args():
     if not a.targets:
         p.error("no targets")
 
+    if a.tls:
+        a.sslmode = "require"
+    if not a.modes:
+        a.modes = TLS_DEFAULT_MODES if a.tls else DEFAULT_MODES
     a.mode_list = []
     sep = ";" if "=" in a.modes else ","
     for item in a.modes.split(sep):
@@ -341,11 +356,53 @@ class SetupError(Exception):
     pass
 
 
+def make_certificate(workdir):
+    """A CA and a server certificate for 127.0.0.1 signed by it (P-256 keys), made with the
+    openssl command; returns (cert, key) paths. Both the proxy and pgbouncer serve them."""
+    d = workdir / "tls"
+    d.mkdir()
+    steps = [
+        ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "2", "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=switchyard-bench-ca"],
+        ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={HOST}"],
+        ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+         "-CAcreateserial", "-days", "2", "-out", "server.pem", "-extfile", "server.ext"],
+    ]
+    (d / "server.ext").write_text(f"subjectAltName=IP:{HOST}\n")
+    for args in steps:
+        try:
+            r = subprocess.run(["openssl"] + args, cwd=str(d), capture_output=True, text=True, timeout=60)
+        except OSError as e:
+            raise SetupError(f"--tls needs the openssl command: {e}")
+        if r.returncode != 0:
+            raise SetupError(f"openssl {' '.join(args)} failed:\n{r.stderr[-1000:]}")
+    return d / "server.pem", d / "server.key"
+
+
+def pgbouncer_user():
+    """The user pgbouncer runs as when we are root (it refuses root)."""
+    try:
+        return pwd.getpwnam("postgres")
+    except KeyError:
+        return pwd.getpwnam("nobody")
+
+
 def start_pgbouncer(a, workdir, exe):
     d = workdir / "pgbouncer"
     d.mkdir()
     auth = d / "userlist.txt"
     auth.write_text('"postgres" ""\n')
+    tls = ""
+    if a.tls:
+        # The key stays private: readable by the user pgbouncer runs as only.
+        if os.geteuid() == 0:
+            pw = pgbouncer_user()
+            os.chown(a.tls_key, pw.pw_uid, pw.pw_gid)
+        os.chmod(a.tls_key, 0o600)
+        os.chmod(a.tls_key.parent, 0o755)
+        tls = (f"client_tls_sslmode = require\nclient_tls_cert_file = {a.tls_cert}\n"
+               f"client_tls_key_file = {a.tls_key}\n")
     ini = d / "pgbouncer.ini"
     ini.write_text(f"""\
 [databases]
@@ -363,7 +420,9 @@ default_pool_size = 50
 ignore_startup_parameters = extra_float_digits,options
 log_connections = 0
 log_disconnections = 0
-""")
+; upstream in plain text, as the proxy's (its URL says sslmode=disable)
+server_tls_sslmode = disable
+{tls}""")
     for f in (d, auth, ini):
         os.chmod(f, 0o755 if f.is_dir() else 0o644)
     os.chmod(workdir, 0o755)
@@ -371,10 +430,7 @@ log_disconnections = 0
     if os.geteuid() == 0:
         # pgbouncer refuses to run as root; same effect as `runuser -u postgres --`,
         # but the Popen pid is pgbouncer itself (needed for /proc/PID/stat).
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            pw = pwd.getpwnam("nobody")
+        pw = pgbouncer_user()
         kwargs = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
     logfile = d / "pgbouncer.log"
     with open(logfile, "w") as lf:
@@ -414,6 +470,12 @@ def start_proxy(a, workdir, binp):
     else:
         cfg = d / "switchyard.toml"
         url = f"postgres://{PG_USER}@{HOST}:{a.pg_port}/{DB_NAME}"
+        # Upstream in plain text as pgbouncer's: an absent sslmode is `prefer`, and with the
+        # server's ssl = on the proxy alone would pay for TLS toward PostgreSQL.
+        plain = "?sslmode=disable"
+        tls = ""
+        if a.tls:
+            tls = f'[tls]\nmode = "require"\ncert_file = "{a.tls_cert}"\nkey_file = "{a.tls_key}"\n'
         cfg.write_text(f"""\
 [proxy]
 listen = "{HOST}:{a.proxy_port}"
@@ -421,18 +483,18 @@ worker_threads = {a.proxy_workers}
 admin_listen = "{HOST}:{a.admin_port}"
 
 [old]
-url = "{url}"
+url = "{url}{plain}"
 
 [new]
 # Passthrough never writes to NEW; it must differ from OLD and is only health-checked.
-url = "{url}_new"
+url = "{url}_new{plain}"
 
 [auth]
 method = "trust"
 
 [telemetry]
 log_level = "warn"
-""")
+{tls}""")
     logfile = d / "switchyard.log"
     with open(logfile, "w") as lf:
         cmd = shlex.split(a.proxy_wrapper) + [binp, "proxy", "--config", str(cfg)]
@@ -444,7 +506,9 @@ log_level = "warn"
 # --------------------------------------------------------------------------
 # pgbench runs
 
-RE_TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.M)
+# With -C (a connection per transaction) pgbench counts the connections in its tps.
+RE_TPS = re.compile(r"^tps = ([0-9.]+) \((?:without initial connection time|including reconnection times)\)", re.M)
+RE_CONN = re.compile(r"^average connection time = ([0-9.]+) ms", re.M)
 RE_LAT = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
 RE_TXN = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 RE_FAIL = re.compile(r"^number of failed transactions: (\d+)", re.M)
@@ -468,8 +532,10 @@ def run_pgbench(a, port, flags, duration):
     if r.returncode != 0 or not tps or not txn:
         res["error"] = f"pgbench exit {r.returncode}: " + out.strip()[-600:]
         return res
+    conn = RE_CONN.search(out)
     res.update(ok=True, tps=float(tps.group(1)), txns=int(txn.group(1)),
                latency_ms=float(lat.group(1)) if lat else None,
+               connect_ms=float(conn.group(1)) if conn else None,
                failed=int(fail.group(1)) if fail else 0)
     if res["txns"] == 0:
         res.update(ok=False, error="pgbench processed 0 transactions")
@@ -483,7 +549,8 @@ def run_pgbench(a, port, flags, duration):
 def main():
     global SSLMODE
     a = parse_args()
-    SSLMODE = a.sslmode
+    # With --tls the setup talks to PostgreSQL with libpq's default, and the runs require TLS.
+    SSLMODE = "prefer" if a.tls else a.sslmode
     started = time.time()
     ports = {"direct": a.pg_port, "proxy": a.proxy_port, "pgbouncer": a.pgbouncer_port}
     procs = {}  # target -> Proc
@@ -525,6 +592,12 @@ def main():
         "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
         "postgres": pg_version, "pgbench": tool_version(["pgbench", "--version"]),
     }
+    if a.tls:
+        a.tls_cert, a.tls_key = make_certificate(workdir)
+        info["tls_certificate"] = "P-256 ECDSA, one for the proxy and pgbouncer"
+        ok, out = psql(a.pg_port, "SHOW ssl")
+        if "direct" in a.targets and not (ok and out.strip() == "on"):
+            unavailable["direct"] = f"PostgreSQL has ssl = {out.strip()!r}: no TLS to compare with"
 
     # ---- prerequisites that may take a while, before creating the DB
     pgb_exe = proxy_bin = None
@@ -555,6 +628,7 @@ def main():
 
     db_created = True  # from here on, drop it at exit (unless KEEP_DB=1)
     setup_database(a)
+    SSLMODE = a.sslmode
 
     # ---- start servers
     if "pgbouncer" in a.targets and "pgbouncer" not in unavailable:
@@ -576,6 +650,15 @@ def main():
             p.stop()
         else:
             log(f"switchyard proxy ready on {HOST}:{a.proxy_port} (pid {p.pid})")
+
+    if a.tls:
+        # What each target's TLS session is, as psql reports it (readiness already required TLS).
+        for t in a.targets:
+            if t not in unavailable:
+                ok, out = psql(ports[t], "\\conninfo", db=DB_NAME)
+                found = re.search(r"SSL connection \(([^)]*)\)", out)
+                info[f"tls_{t}"] = found.group(1) if ok and found else f"not TLS? {out[-200:]}"
+                log(f"{t:<9} over TLS: {info[f'tls_{t}']}")
 
     for t, why in unavailable.items():
         warn(f"{t} UNAVAILABLE, its column will show n/a: {why}")
@@ -628,8 +711,9 @@ def main():
                     if "cpu_us_per_txn" in r:
                         cpu = f"  {t} cpu={r['cpu_s']:.2f}s ({r['cpu_us_per_txn']:.1f} us/txn)"
                     failed = f"  FAILED_TXNS={r['failed']}" if r.get("failed") else ""
+                    conn = f"  conn={r['connect_ms']:.3f} ms" if r.get("connect_ms") is not None else ""
                     log(f"  round {rnd + 1}/{a.rounds} {t:<9} tps={r['tps']:>10.1f}  "
-                        f"lat={fmt(r['latency_ms'], '.3f')} ms  txns={r['txns']}{cpu}{failed}")
+                        f"lat={fmt(r['latency_ms'], '.3f')} ms{conn}  txns={r['txns']}{cpu}{failed}")
                 else:
                     run_failures += 1
                     log(f"  round {rnd + 1}/{a.rounds} {t:<9} FAILED: {r.get('error')}")
@@ -647,6 +731,7 @@ def main():
                 "tps_max": max(tps) if tps else None,
                 "latency_ms_median": median_or_none([r["latency_ms"] for r in ok_runs]),
                 "cpu_us_per_txn_median": median_or_none([r.get("cpu_us_per_txn") for r in ok_runs]),
+                "connect_ms_median": median_or_none([r.get("connect_ms") for r in ok_runs]),
             }
         T = s["targets"]
         d, p, b = (T[x]["tps_median"] for x in ALL_TARGETS)
@@ -679,8 +764,12 @@ def main():
         log(f"NOTE: {t} = n/a: {why.splitlines()[0]}")
     for s in summaries:
         T = s["targets"]
-        log(f"\n-- {s['mode']} (pgbench {s['flags']}) --")
-        log(f"{'target':<10} {'median tps':>11} {'min':>10} {'max':>10} {'lat ms':>8} {'cpu us/txn':>11} runs")
+        log(f"\n-- {s['mode']} (pgbench {s['flags']}{', over TLS' if a.tls else ''}) --")
+        # With -C, each transaction is a connection: 'conn ms' is pgbench's average
+        # connection time, and cpu us/txn the server's CPU per connection.
+        with_conn = any(T[t]["connect_ms_median"] is not None for t in ALL_TARGETS)
+        conn_head = f" {'conn ms':>8}" if with_conn else ""
+        log(f"{'target':<10} {'median tps':>11} {'min':>10} {'max':>10} {'lat ms':>8}{conn_head} {'cpu us/txn':>11} runs")
         for t in ALL_TARGETS:
             if t not in a.targets:
                 continue
@@ -690,8 +779,9 @@ def main():
                 log(f"{t:<10} {'n/a':>11}   ({why if len(why) <= 64 else why[:61] + '...'})")
                 continue
             cpu = fmt(x["cpu_us_per_txn_median"]) if t != "direct" else "-"
+            conn = f" {fmt(x['connect_ms_median'], '.3f'):>8}" if with_conn else ""
             log(f"{t:<10} {x['tps_median']:>11.1f} {x['tps_min']:>10.1f} {x['tps_max']:>10.1f} "
-                f"{fmt(x['latency_ms_median'], '.3f'):>8} {cpu:>11} {x['runs']}/{a.rounds}")
+                f"{fmt(x['latency_ms_median'], '.3f'):>8}{conn} {cpu:>11} {x['runs']}/{a.rounds}")
         log(f"ratios (of medians): proxy/direct={fmt(s['proxy_vs_direct'], '.3f')} "
             f"proxy/pgbouncer={fmt(s['proxy_vs_pgbouncer'], '.3f')} "
             f"pgbouncer/direct={fmt(s['pgbouncer_vs_direct'], '.3f')}")
@@ -701,7 +791,9 @@ def main():
     log("")
     for s in summaries:
         T = s["targets"]
-        log(f"RESULT mode={s['mode']} direct_tps={fmt(T['direct']['tps_median'])} "
+        conn = "".join(f"{t}_connect_ms={fmt(T[t]['connect_ms_median'], '.3f')} "
+                       for t in ALL_TARGETS if T[t]["connect_ms_median"] is not None)
+        log(f"RESULT mode={s['mode']} tls={'on' if a.tls else 'off'} {conn}direct_tps={fmt(T['direct']['tps_median'])} "
             f"proxy_tps={fmt(T['proxy']['tps_median'])} pgbouncer_tps={fmt(T['pgbouncer']['tps_median'])} "
             f"proxy_vs_direct={fmt(s['proxy_vs_direct'], '.3f')} "
             f"proxy_vs_pgbouncer={fmt(s['proxy_vs_pgbouncer'], '.3f')} "
@@ -728,7 +820,7 @@ def main():
             "elapsed_s": round(time.time() - started, 1),
             "params": {"duration_s": a.duration, "rounds": a.rounds, "clients": a.clients,
                        "threads": a.threads, "scale": a.scale, "warmup_s": a.warmup,
-                       "sslmode": a.sslmode,
+                       "sslmode": a.sslmode, "tls": a.tls,
                        "targets": a.targets, "ports": ports, "admin_port": a.admin_port},
             "env": info,
             "unavailable": unavailable,
