@@ -240,7 +240,14 @@ impl Mirror {
     /// Closes the engine's pools (an engine replaced by another: its sessions have moved or
     /// will at their next transaction, and none of them uses these pools again).
     pub async fn close(&self) {
+        self.link.clear_idle();
         tokio::join!(self.authoritative.close(), self.follower.close());
+    }
+
+    /// Opens up to `n` of the follower link's connections ahead of use (an engine built for a
+    /// cutover: the sessions' first mirrored transactions after it find them open).
+    pub async fn warm(&self, n: usize) {
+        self.link.warm(n).await;
     }
 
     /// [`Mirror::start`] without checking that the stores are prepared for `roles`: for an

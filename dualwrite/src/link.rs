@@ -311,6 +311,33 @@ impl FollowerLink {
         }
     }
 
+    /// Opens up to `n` connections at once and keeps them idle (a new engine about to take
+    /// over: its first mirrored transactions then find them ready). Failures are left to the
+    /// first use to report.
+    pub(crate) async fn warm(&self, n: usize) {
+        let mut logins = tokio::task::JoinSet::new();
+        for _ in 0..n.min(self.slots.available_permits()) {
+            let target = self.target.clone();
+            let (timeout, bound) = (self.timeout, self.statement_bound);
+            logins.spawn(async move {
+                FollowerLink {
+                    target,
+                    idle: Mutex::new(Vec::new()),
+                    slots: Arc::new(Semaphore::new(1)),
+                    timeout,
+                    statement_bound: bound,
+                }
+                .connect()
+                .await
+            });
+        }
+        while let Some(done) = logins.join_next().await {
+            if let (Ok(Ok(conn)), Ok(mut idle)) = (done, self.idle.lock()) {
+                idle.push(conn);
+            }
+        }
+    }
+
     /// Closes every idle connection (after one of them turned out dead).
     pub(crate) fn clear_idle(&self) {
         if let Ok(mut idle) = self.idle.lock() {

@@ -233,6 +233,13 @@ impl ProxyState {
                     None => Mirror::start(&config, roles).await,
                 }
                 .map_err(|e| e.to_string())?;
+                if let (Some(m), Some(_)) = (&mirror, ahead) {
+                    // As many link connections as sessions may need at once right after the
+                    // swap (bounded by the link's own size).
+                    let sessions = (config.proxy.max_connections as usize)
+                        .saturating_sub(state.connection_slots.available_permits());
+                    m.warm(sessions.min(8)).await;
+                }
                 if let (Some(m), Some(c), None) = (&mirror, &control, ahead) {
                     for t in &c.tables {
                         (state.on_phase)(m, t);

@@ -277,6 +277,7 @@ async fn run_session(
             }
             continue;
         }
+        let moving = std::time::Instant::now();
         let moved = reroute::to(state, &who, &engine.upstream, r)
             .instrument(span.clone())
             .await;
@@ -298,6 +299,7 @@ async fn run_session(
         up_buf = next.buf;
         tracing::debug!(
             store = engine.upstream.store.name(),
+            ms = moving.elapsed().as_secs_f64() * 1e3,
             "session moved to the new authoritative store"
         );
     };
