@@ -116,7 +116,16 @@ pub(crate) async fn relay(
     let mut state = shutdown.state();
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut branches = Branches::new();
+    // The client sent Terminate, which went upstream: the server reads it only once the
+    // statement it runs is over, and until then it says nothing and keeps the connection open.
+    // So the client's socket stays open too, and whatever the server still sends reaches it,
+    // until the server closes; closing it at once would wake a client thread waiting on the
+    // socket before the client had closed it itself (issue 15, "a socket closed mid-query").
+    let mut client_done = false;
     loop {
+        if client_done && state != ShutdownState::Running {
+            return Ok(SessionEnd::ClientTerminated);
+        }
         if let ShutdownState::Draining { grace } = state {
             shared.draining.store(true, Relaxed);
             if shared.idle() {
@@ -152,7 +161,8 @@ pub(crate) async fn relay(
                     }
                 }
             }
-            if woken & TO_UPSTREAM != 0 {
+            // A finished pump is never polled again.
+            if woken & TO_UPSTREAM != 0 && !client_done {
                 woken &= !TO_UPSTREAM;
                 if let Poll::Ready(end) = branches.poll(TO_UPSTREAM, to_upstream.as_mut()) {
                     branches.wake(woken);
@@ -179,9 +189,15 @@ pub(crate) async fn relay(
                         }
                         Err(e)
                     }
+                    Ok(SessionEnd::ClientTerminated) => {
+                        client_done = true;
+                        continue;
+                    }
                     other => other,
                 };
             }
+            // The server closed after the client's Terminate (or the client went away first).
+            Woke::ToClient(_) if client_done => return Ok(SessionEnd::ClientTerminated),
             Woke::ToClient(end) => return end,
             Woke::Shutdown(next) => state = next,
             Woke::Deadline => return Ok(SessionEnd::ShutdownNow),
@@ -474,6 +490,10 @@ async fn client_to_upstream(
             reserve_ahead(&mut buf, missing);
         }
         if terminate {
+            // Nothing may follow Terminate: the server sees the end of the stream after it, as
+            // when the client closes its socket (a server in COPY IN mode, which does not take
+            // Terminate, would otherwise wait for more forever).
+            let _ = wr.shutdown().await;
             return Ok(SessionEnd::ClientTerminated);
         }
         reserve_for_read(&mut buf, 4096);
