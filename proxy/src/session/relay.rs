@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use switchyard_pgwire::backend::TransactionStatus;
-use switchyard_pgwire::frame::{reserve_ahead, Frames, MessageLimits};
+use switchyard_pgwire::frame::{release, reserve_ahead, Frames, MessageLimits, LARGE_FRAME};
 use switchyard_pgwire::frontend::{self, ClientMessage, Target};
 use switchyard_pgwire::ProtocolError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -452,6 +452,8 @@ async fn client_to_upstream(
     mut buf: BytesMut,
 ) -> Result<SessionEnd, SessionError> {
     let mut kinds = StatementKinds::default();
+    // The buffer grew for a large message ([`release`]).
+    let mut grown = false;
     loop {
         let mut frames = Frames::new(&buf, params.limits);
         let mut terminate = false;
@@ -485,10 +487,7 @@ async fn client_to_upstream(
         if let Some(e) = violation {
             return Err(e);
         }
-        if let Some(frame_len) = pending? {
-            let missing = frame_len.saturating_sub(buf.len());
-            reserve_ahead(&mut buf, missing);
-        }
+        make_room(&mut buf, pending?, &mut grown);
         if terminate {
             // Nothing may follow Terminate: the server sees the end of the stream after it, as
             // when the client closes its socket (a server in COPY IN mode, which does not take
@@ -508,6 +507,23 @@ async fn client_to_upstream(
         if n == 0 {
             return Ok(SessionEnd::ClientClosed);
         }
+    }
+}
+
+/// Makes room for the rest of a partly buffered frame of `pending` bytes; with none pending,
+/// gives back the memory of a buffer that `grown` says grew for a large frame.
+#[inline]
+fn make_room(buf: &mut BytesMut, pending: Option<usize>, grown: &mut bool) {
+    match pending {
+        Some(frame_len) => {
+            *grown |= frame_len >= LARGE_FRAME;
+            reserve_ahead(buf, frame_len.saturating_sub(buf.len()));
+        }
+        None if *grown => {
+            release(buf);
+            *grown = false;
+        }
+        None => {}
     }
 }
 
@@ -648,6 +664,7 @@ async fn upstream_to_client(
     wr: &mut NetWrite,
     mut buf: BytesMut,
 ) -> Result<SessionEnd, SessionError> {
+    let mut grown = false;
     loop {
         let mut frames = Frames::new(&buf, MessageLimits::SERVER);
         for frame in &mut frames {
@@ -673,10 +690,7 @@ async fn upstream_to_client(
                 .map_err(SessionError::ClientIo)?;
             buf.advance(consumed);
         }
-        if let Some(frame_len) = pending {
-            let missing = frame_len.saturating_sub(buf.len());
-            reserve_ahead(&mut buf, missing);
-        }
+        make_room(&mut buf, pending, &mut grown);
         if shared.draining.load(Relaxed) && shared.idle() {
             return Ok(SessionEnd::Drained);
         }
