@@ -390,6 +390,10 @@ async fn handshake(
                         };
                         let stream = acceptor.accept(tcp).await.map_err(SessionError::ClientIo)?;
                         *client = ClientStream::Tls(Box::new(stream));
+                        // On an encrypted connection a GSSENCRequest is refused too: PostgreSQL
+                        // takes one only after an SSLRequest it answered N
+                        // (backend_startup.c, ProcessStartupPacket(port, true, SSLok == 'S')).
+                        gss_asked = true;
                     }
                     // No TLS configured, or GSS encryption: refuse, and the client goes on in
                     // plain text (or gives up, if it insists on encryption).
