@@ -146,6 +146,39 @@ async fn require_serves_tls_refuses_plain_text_and_reloads_certificates_on_sighu
     assert!(text(&out).contains("still here"), "{}", text(&out));
 }
 
+/// After the TLS handshake a GSSENCRequest is refused as PostgreSQL refuses it there (it takes
+/// one only after an SSLRequest it answered N): FATAL, unsupported frontend protocol 1234.5680.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gss_encryption_request_inside_tls_is_refused_as_the_server_refuses_it() {
+    let (old, new) = TestDb::create_pair("cli_tls_gss").await.unwrap();
+    let certs = Certs::new("gss");
+    certs.ca("ca1");
+    certs.server("server", "switchyard-test-1", "ca1");
+    let proxy = start(&old, &new, &tls_section("allow", &certs, ""));
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect"])
+        .arg(format!("127.0.0.1:{}", proxy.port))
+        .args(["-starttls", "postgres"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.starts_with('E'), "expected an ErrorResponse, got {shown:?}");
+    assert!(
+        shown.contains("unsupported frontend protocol 1234.5680"),
+        "{shown:?}"
+    );
+    drop(proxy);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allow_serves_both_and_a_client_ca_requires_client_certificates() {
     let (old, new) = TestDb::create_pair("cli_tls_allow").await.unwrap();

@@ -25,6 +25,9 @@ use crate::reads::{read_shape, ReadShape};
 /// Cached analyses at most; beyond this, statements are analysed every time (simple-protocol
 /// clients that inline literals would otherwise fill memory with one-off texts).
 const CACHE_LIMIT: usize = 10_000;
+/// Longest statement the analysis cache keeps (as its key): statements the application
+/// repeats are short; a large one is analysed again if it comes back.
+const CACHE_KEY_MAX: usize = 64 * 1024;
 
 /// The migrated tables the proxy mirrors (phase `dual_write` and later), by name.
 #[derive(Debug, Default)]
@@ -112,18 +115,18 @@ impl MigratedTables {
     /// the tables (case-insensitively, as a substring) or contains a transaction keyword.
     /// False positives only cost a parse.
     fn might_matter(&self, sql: &[u8], writers: &Writers) -> bool {
-        let lower: Vec<u8> = sql.iter().map(u8::to_ascii_lowercase).collect();
+        // The needles and words are lowercase; the statement is compared without a lowercase
+        // copy of it (a statement may be hundreds of MB).
         if self
             .needles
             .iter()
             .chain(&writers.needles)
-            .any(|n| lower.windows(n.len()).any(|w| w == n.as_slice()))
+            .any(|n| sql.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n)))
         {
             return true;
         }
-        lower
-            .split(|b| !b.is_ascii_alphabetic())
-            .any(|w| TXN_WORDS.contains(&w))
+        sql.split(|b| !b.is_ascii_alphabetic())
+            .any(|w| TXN_WORDS.iter().any(|t| w.eq_ignore_ascii_case(t)))
     }
 }
 
@@ -349,7 +352,8 @@ impl Analyzer {
                 Err(_) => Arc::default(),
             };
             let analysis = Arc::new(self.analyze_uncached(sql, &writers, &mut defined));
-            if defined.is_empty() && self.cache.len() < CACHE_LIMIT {
+            // A large statement is not kept: the cache would hold a copy of it for good.
+            if defined.is_empty() && sql.len() <= CACHE_KEY_MAX && self.cache.len() < CACHE_LIMIT {
                 self.cache.insert(sql.to_owned(), analysis.clone());
             }
             analysis

@@ -391,6 +391,24 @@ pub fn auth_sasl_final(out: &mut BytesMut, data: &[u8]) {
     patch_len(out, start);
 }
 
+/// Writes NegotiateProtocolVersion: the newest protocol version the server speaks that is not
+/// newer than the client's, and the `_pq_.` options it did not recognize.
+/// <https://www.postgresql.org/docs/current/protocol-message-formats.html#PROTOCOL-MESSAGE-FORMATS-NEGOTIATEPROTOCOLVERSION>
+pub fn negotiate_protocol_version(out: &mut BytesMut, version: i32, unrecognized: &[&str]) {
+    let start = begin(out, b'v');
+    out.put_i32(version);
+    out.put_i32(i32::try_from(unrecognized.len()).unwrap_or(i32::MAX));
+    for option in unrecognized {
+        put_cstr(out, option.as_bytes());
+    }
+    patch_len(out, start);
+}
+
+/// The protocol version a NegotiateProtocolVersion body offers.
+pub fn negotiated_version(body: &[u8]) -> Option<i32> {
+    Some(i32::from_be_bytes(body.get(..4)?.try_into().ok()?))
+}
+
 /// Writes ParameterStatus.
 pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
     let start = begin(out, b'S');

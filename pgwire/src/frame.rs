@@ -81,6 +81,21 @@ pub fn reserve_ahead(buf: &mut BytesMut, want: usize) {
     }
 }
 
+/// Frames from this size on make a buffer worth giving back once they are gone ([`release`]).
+pub const LARGE_FRAME: usize = 1 << 20;
+
+/// Gives back the memory of a buffer that grew for a large message: its bytes (few, once the
+/// message is gone) move to a new buffer of their size, at least 8 KiB, and the large
+/// allocation is freed once no frame taken from it is alive. A buffer's `capacity()` cannot
+/// tell (after `advance` or `split_to` it counts only what is left past the frame), so the
+/// caller calls this when it has seen a frame of [`LARGE_FRAME`] or more.
+#[cold]
+pub fn release(buf: &mut BytesMut) {
+    let mut small = BytesMut::with_capacity(buf.len().max(8192));
+    small.extend_from_slice(buf);
+    *buf = small;
+}
+
 /// The tag and size of one complete or partial frame at the start of a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {

@@ -54,6 +54,21 @@ impl StartupMessage {
             .map(|(_, v)| v.as_str())
     }
 
+    /// What a server whose newest protocol is `newest` negotiates for this startup, as
+    /// PostgreSQL's `ProcessStartupPacket` does: when the client asked for a newer minor version
+    /// or sent `_pq_.` options (PostgreSQL recognizes none), the version both speak and the
+    /// options in the client's order; `None` when nothing needs saying.
+    pub fn negotiation(&self, newest: i32) -> Option<(i32, Vec<&str>)> {
+        let options: Vec<&str> = self
+            .params
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| k.starts_with("_pq_."))
+            .collect();
+        let newer = (self.protocol & 0xffff) > (newest & 0xffff);
+        (newer || !options.is_empty()).then(|| (self.protocol.min(newest), options))
+    }
+
     /// Encodes this message for sending to a server.
     pub fn encode(&self, out: &mut BytesMut) {
         let start = out.len();
@@ -170,6 +185,31 @@ pub(crate) fn patch_len(out: &mut BytesMut, start: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn negotiates_as_postgresql_does() {
+        let startup = |protocol, params: &[&str]| StartupMessage {
+            protocol,
+            params: params.iter().map(|k| (k.to_string(), "1".to_owned())).collect(),
+        };
+        // Nothing to say: the version is spoken and no option was sent.
+        assert_eq!(startup(PROTOCOL_3_0, &["user"]).negotiation(PROTOCOL_3_2), None);
+        assert_eq!(startup(PROTOCOL_3_2, &["user"]).negotiation(PROTOCOL_3_2), None);
+        // A newer minor version comes down to the server's.
+        assert_eq!(
+            startup(0x0003_0009, &["user"]).negotiation(PROTOCOL_3_2),
+            Some((PROTOCOL_3_2, vec![]))
+        );
+        assert_eq!(
+            startup(PROTOCOL_3_2, &["user"]).negotiation(PROTOCOL_3_0),
+            Some((PROTOCOL_3_0, vec![]))
+        );
+        // Options are listed in the client's order, at the version asked for if spoken.
+        assert_eq!(
+            startup(PROTOCOL_3_0, &["_pq_.b", "user", "_pq_.a"]).negotiation(PROTOCOL_3_2),
+            Some((PROTOCOL_3_0, vec!["_pq_.b", "_pq_.a"]))
+        );
+    }
 
     #[test]
     fn round_trips_a_startup_message() {

@@ -205,10 +205,85 @@ fn random_scram(rng: &mut TestRng) -> Vec<u8> {
     out
 }
 
+/// Server-first and server-final messages for the key-reuse client, from attribute syntax
+/// around the right nonce, salt and iteration count, joined by a NUL.
+fn random_scram_server(rng: &mut TestRng, salt_b64: &str) -> Vec<u8> {
+    let extended = format!("r={}Srv", checks::SCRAM_CLIENT_NONCE);
+    let salt = format!("s={salt_b64}");
+    let iterations = format!("i={}", checks::SCRAM_ITERATIONS);
+    let first: [&[u8]; 9] = [
+        extended.as_bytes(),
+        checks::SCRAM_CLIENT_NONCE.as_bytes(),
+        b"r=other",
+        salt.as_bytes(),
+        b"s=!!",
+        iterations.as_bytes(),
+        b"i=-1",
+        b"i=99999999999",
+        b"e=x",
+    ];
+    let last: [&[u8]; 6] = [
+        b"v=",
+        b"v=AAAA",
+        b"v=!!",
+        b"e=invalid-proof",
+        b"x",
+        b"v=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    ];
+    let mut out = Vec::new();
+    for i in 0..rng.gen_range(0..5) {
+        if i > 0 {
+            out.push(b',');
+        }
+        if rng.gen_bool(0.05) {
+            out.extend(random_bytes(rng, 4));
+        } else {
+            out.extend_from_slice(first[rng.gen_range(0..first.len())]);
+        }
+    }
+    out.push(0);
+    out.extend_from_slice(last[rng.gen_range(0..last.len())]);
+    out
+}
+
+/// The salt of the fixture's secret, in base64 as a server-first message carries it.
+fn fixture_salt_b64(secret: &switchyard_pgwire::auth::ScramSecret) -> String {
+    let stored = secret.to_string();
+    stored
+        .split(['$', ':'])
+        .nth(2)
+        .expect("stored form has a salt")
+        .to_owned()
+}
+
+/// The key-reuse client takes a well-formed server-first message (so the checks below get past
+/// it) and refuses a signature it cannot verify.
+#[test]
+fn scram_client_reaches_the_signature_check() {
+    let secret = checks::scram_secret();
+    let first = format!(
+        "r={}Srv,s={},i={}",
+        checks::SCRAM_CLIENT_NONCE,
+        fixture_salt_b64(&secret),
+        checks::SCRAM_ITERATIONS
+    );
+    let keys = switchyard_pgwire::auth::ScramKeys {
+        client_key: [7; 32],
+        secret: secret.clone(),
+    };
+    let client = switchyard_pgwire::auth::ScramKeyClient::with_nonce(keys, checks::SCRAM_CLIENT_NONCE);
+    let (waiting, _) = client
+        .server_first(first.as_bytes())
+        .expect("well-formed server-first");
+    assert!(waiting.server_final(b"v=AAAA").is_err());
+    assert!(!checks::check_scram_client(&secret, first.as_bytes(), b"v=AAAA"));
+}
+
 #[test]
 fn seeded_random_inputs() {
     let mut rng = TestRng::new(0x5717_c4ad);
     let secret = checks::scram_secret();
+    let salt_b64 = fixture_salt_b64(&secret);
     let mut frames = 0;
     for _ in 0..RANDOM_INPUTS {
         check_all(&random_bytes(&mut rng, 64));
@@ -223,6 +298,12 @@ fn seeded_random_inputs() {
         }
         checks::check_startup(&random_startup(&mut rng));
         assert!(checks::check_scram_input(&secret, &random_scram(&mut rng)).is_none());
+        assert!(!checks::check_scram_client_input(
+            &secret,
+            &random_bytes(&mut rng, 64)
+        ));
+        let server = random_scram_server(&mut rng, &salt_b64);
+        assert!(!checks::check_scram_client_input(&secret, &server));
     }
     // The generators reach past framing into the message parsers.
     assert!(frames > RANDOM_INPUTS, "only {frames} frames parsed");
@@ -540,6 +621,9 @@ fn run_fuzz_input(target: &str, data: &[u8]) {
         }
         "scram_exchange" => {
             assert!(checks::check_scram_input(&checks::scram_secret(), data).is_none());
+        }
+        "scram_client" => {
+            assert!(!checks::check_scram_client_input(&checks::scram_secret(), data));
         }
         "take_frame" => checks::check_take_frame_input(data),
         "error_fields" => checks::check_error_body(data),

@@ -64,6 +64,9 @@ pub(crate) struct ProxyState {
     /// Write authority: the store sessions log in to and the dual-write engine (when some
     /// table is in a mirrored phase), replaced at cutover; the barrier's gate.
     pub(crate) authority: Arc<Authority>,
+    /// The newest protocol version of OLD's and of NEW's server, asked once, when a client
+    /// first needs it ([`ProxyState::newest_protocol`]).
+    newest_protocol: [tokio::sync::OnceCell<i32>; 2],
 }
 
 impl ProxyState {
@@ -190,8 +193,29 @@ impl ProxyState {
             old_store,
             new_store,
             authority,
+            newest_protocol: Default::default(),
             config,
         })
+    }
+
+    /// The newest protocol version `target`'s server speaks, asked the first time a client's
+    /// startup needs it (a newer minor version or `_pq_.` options; most never do) and kept.
+    /// `None` when the server cannot be asked now: the next client asks again.
+    pub(crate) async fn newest_protocol(&self, target: &WireTarget) -> Option<i32> {
+        let cell = &self.newest_protocol[match target.store {
+            Role::Old => 0,
+            Role::New => 1,
+        }];
+        let asked = cell
+            .get_or_try_init(|| target.newest_protocol(self.config.proxy.connect_timeout))
+            .await;
+        match asked {
+            Ok(v) => Some(*v),
+            Err(e) => {
+                tracing::warn!(error = %e, store = target.store.name(), "cannot ask the store's server for its protocol version");
+                None
+            }
+        }
     }
 
     /// OLD's server, for clients of its other databases (relayed as they are, never migrated).

@@ -32,22 +32,24 @@ where
         let msg = fe::parse(tag, &body).ok();
         match tag {
             b'Q' => {
+                // Borrowed from the frame when it is UTF-8 (it always is for a server in UTF-8):
+                // a copy of a statement of hundreds of MB would double what it costs.
                 let sql = match msg {
-                    Some(ClientMessage::Query { sql }) => String::from_utf8_lossy(sql).into_owned(),
-                    _ => String::new(),
+                    Some(ClientMessage::Query { sql }) => String::from_utf8_lossy(sql),
+                    _ => std::borrow::Cow::Borrowed(""),
                 };
                 self.simple_query(frame, &sql).await
             }
             b'P' => {
                 self.flushed = false;
-                self.send(&frame, Some(Expect::Parse { forward: true }));
+                self.send_frame(&frame, Some(Expect::Parse { forward: true }));
                 self.note_parse(msg, &frame);
                 Ok(())
             }
             b'B' => {
                 self.flushed = false;
                 let Some(ClientMessage::Bind { portal, statement }) = msg else {
-                    self.send(&frame, Some(Expect::Bind { forward: true }));
+                    self.send_frame(&frame, Some(Expect::Bind { forward: true }));
                     return Ok(());
                 };
                 let stmt = self
@@ -60,7 +62,7 @@ where
                 }
                 self.shadow_bind(portal, statement, &frame);
                 let portal = portal.to_vec();
-                self.send(&frame, Some(Expect::Bind { forward: true }));
+                self.send_frame(&frame, Some(Expect::Bind { forward: true }));
                 set_name(&mut self.portals, &portal, stmt);
                 Ok(())
             }
@@ -73,7 +75,7 @@ where
                     }) => Expect::DescribeStatement { got_params: false },
                     _ => Expect::DescribePortal,
                 };
-                self.send(&frame, Some(e));
+                self.send_frame(&frame, Some(e));
                 Ok(())
             }
             b'E' => {
@@ -105,7 +107,7 @@ where
                     }
                     _ => None,
                 };
-                self.send(&frame, Some(Expect::Close { forward: true }));
+                self.send_frame(&frame, Some(Expect::Close { forward: true }));
                 Ok(())
             }
             b'S' => {
@@ -115,14 +117,14 @@ where
             b'H' => {
                 // The client wants its answers now, even those held for a commit in progress.
                 self.hold_client = false;
-                self.send(&frame, None);
+                self.send_frame(&frame, None);
                 self.flushed = true;
                 Ok(())
             }
             b'F' => {
                 // A fast-path call that writes a migrated table is captured by the trigger's
                 // net (the session cannot tell what the function does).
-                self.send(&frame, Some(Expect::FunctionCall));
+                self.send_frame(&frame, Some(Expect::FunctionCall));
                 self.flushed = true;
                 Ok(())
             }
@@ -132,7 +134,7 @@ where
                 if tag == b'c' || tag == b'f' {
                     self.copy_ends_sent += 1;
                 }
-                self.send(&frame, None);
+                self.send_frame(&frame, None);
                 Ok(())
             }
         }
@@ -210,7 +212,7 @@ where
                 tracing::trace!(table, "a write to a migrated table");
                 self.begin_if_idle();
                 self.dirty = true;
-                self.send(&frame, Some(Expect::exec(true, None)));
+                self.send_frame(&frame, Some(Expect::exec(true, None)));
             }
             Stmt::Txn(op) => {
                 match op {
@@ -219,7 +221,7 @@ where
                         if let Some(commit) = self.prepare_commit().await? {
                             let intent = self.intent_sql(commit.intent_id).await;
                             self.inject_statement(&intent, None, false, false);
-                            self.send(&frame, Some(Expect::exec(true, Some(commit))));
+                            self.send_frame(&frame, Some(Expect::exec(true, Some(commit))));
                             return Ok(());
                         }
                     }
@@ -231,12 +233,12 @@ where
                     }
                     TxnOp::Prepare | TxnOp::Other => {}
                 }
-                self.send(&frame, Some(Expect::exec(true, None)));
+                self.send_frame(&frame, Some(Expect::exec(true, None)));
             }
             Stmt::Uncaptured { table, what } => {
                 if self.mirror.policies.get(*table) == Some(&UncapturedPolicy::MarkForVerify) {
                     self.mirror.mark_for_verify(*table, what);
-                    self.send(&frame, Some(Expect::exec(true, None)));
+                    self.send_frame(&frame, Some(Expect::exec(true, None)));
                 } else {
                     let msg = self.refusal(*table, what);
                     self.refuse_extended(&msg);
@@ -249,7 +251,7 @@ where
                     capture: false,
                     shadow,
                 };
-                self.send(&frame, Some(expect));
+                self.send_frame(&frame, Some(expect));
             }
         }
         Ok(())
@@ -279,7 +281,7 @@ where
 
     pub(super) async fn sync(&mut self, frame: Bytes) -> Result<(), SessionError> {
         if !self.txn.implicit() {
-            self.send(&frame, Some(Expect::Sync { forward: true }));
+            self.send_frame(&frame, Some(Expect::Sync { forward: true }));
             self.flushed = true;
             self.batch_failed = false;
             return Ok(());
@@ -288,7 +290,7 @@ where
         self.barrier().await?;
         self.txn = self.txn.end_implicit();
         if self.batch_failed || self.status == TransactionStatus::Failed {
-            self.send(&frame, Some(Expect::Sync { forward: false }));
+            self.send_frame(&frame, Some(Expect::Sync { forward: false }));
             self.flushed = true;
             self.drain().await?;
             if self.status == TransactionStatus::Idle {
@@ -312,7 +314,7 @@ where
             self.inject_statement("COMMIT", None, false, false);
         }
         // The commit and the client's Sync go together; the client's ReadyForQuery is ours.
-        self.send(&frame, Some(Expect::Sync { forward: false }));
+        self.send_frame(&frame, Some(Expect::Sync { forward: false }));
         self.flushed = true;
         self.drain().await?;
         if self.status != TransactionStatus::Idle {

@@ -1,6 +1,7 @@
 //! COPY FROM STDIN: the client's data relayed until CopyDone or CopyFail.
 
 use super::*;
+use switchyard_pgwire::frame::LARGE_FRAME;
 
 impl<R, W, H> MirrorSession<'_, R, W, H>
 where
@@ -17,9 +18,10 @@ where
                 .map_err(SessionError::ClientProtocol)?
                 .map(|f| (f.tag, f.bytes))
             {
+                self.large_seen |= frame.len() >= LARGE_FRAME;
                 match tag {
                     b'd' | b'c' | b'f' | b'H' | b'S' => {
-                        self.to_up.extend_from_slice(&frame);
+                        self.send_frame(&frame, None);
                         if tag == b'c' || tag == b'f' {
                             self.flush_upstream().await?;
                             return Ok(());

@@ -2,6 +2,7 @@
 //! to get, flush both ways; and the primitives every other part uses to send upstream and wait.
 
 use super::*;
+use switchyard_pgwire::frame::{release, LARGE_FRAME};
 
 impl<R, W, H> MirrorSession<'_, R, W, H>
 where
@@ -25,6 +26,7 @@ where
                 .map_err(SessionError::ClientProtocol)?
                 .map(|f| (f.tag, f.bytes))
             {
+                self.large_seen |= frame.len() >= LARGE_FRAME;
                 if tag == b'X' {
                     self.flush_upstream().await?;
                     self.drain().await?;
@@ -49,6 +51,17 @@ where
                 self.host.answered();
             }
             self.flush_client().await?;
+            // After a large message, give its buffers' memory back.
+            if std::mem::take(&mut self.large_seen) {
+                for buf in [
+                    &mut self.client_buf,
+                    &mut self.up_buf,
+                    &mut self.to_client,
+                    &mut self.to_up,
+                ] {
+                    release(buf);
+                }
+            }
             if self.entered && self.is_quiet() {
                 self.host.quiet();
                 self.entered = false;
@@ -104,6 +117,7 @@ where
         self.status == TransactionStatus::Idle
             && self.expect.is_empty()
             && self.to_up.is_empty()
+            && self.to_up_large.is_empty()
             && self.txn == Txn::None
             && !self.dirty
             && self.held.is_none()
@@ -111,6 +125,12 @@ where
     }
 
     pub(super) async fn flush_upstream(&mut self) -> Result<(), SessionError> {
+        for part in std::mem::take(&mut self.to_up_large) {
+            self.up_wr
+                .write_all(&part)
+                .await
+                .map_err(SessionError::UpstreamIo)?;
+        }
         if !self.to_up.is_empty() {
             let chunk = self.to_up.split();
             self.up_wr
@@ -141,6 +161,20 @@ where
             self.client_wr.flush().await.map_err(SessionError::ClientIo)?;
         }
         Ok(())
+    }
+
+    /// Sends a client's frame as it came. A large one is queued as it is, not copied: a
+    /// statement or COPY row of hundreds of MB then costs its one buffer, not two.
+    pub(super) fn send_frame(&mut self, frame: &Bytes, expect: Option<Expect>) {
+        if frame.len() < LARGE_FRAME {
+            return self.send(frame, expect);
+        }
+        if !self.to_up.is_empty() {
+            let before = self.to_up.split().freeze();
+            self.to_up_large.push(before);
+        }
+        self.to_up_large.push(frame.clone());
+        self.send(&[], expect);
     }
 
     pub(super) fn send(&mut self, frame: &[u8], expect: Option<Expect>) {
@@ -228,6 +262,7 @@ where
             .map_err(SessionError::UpstreamProtocol)?
             .map(|f| (f.tag, f.bytes))
         {
+            self.large_seen |= frame.len() >= LARGE_FRAME;
             self.server_message(tag, frame).await?;
         }
         Ok(())

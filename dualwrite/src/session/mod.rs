@@ -320,6 +320,12 @@ struct MirrorSession<'a, R, W, H> {
     up_buf: BytesMut,
     to_client: BytesMut,
     to_up: BytesMut,
+    /// Large client frames sent as they came rather than copied into `to_up`, each after the
+    /// bytes `to_up` held before it ([`MirrorSession::send_frame`]).
+    to_up_large: Vec<Bytes>,
+    /// A frame of `LARGE_FRAME` or more went through: the buffers are given back at the next
+    /// turn of the loop.
+    large_seen: bool,
     expect: VecDeque<Expect>,
     /// Answers to everything in `expect` are sure to come (a Sync, Flush or Query went last).
     flushed: bool,
@@ -414,6 +420,8 @@ where
         up_buf,
         to_client: BytesMut::with_capacity(8192),
         to_up: BytesMut::with_capacity(8192),
+        to_up_large: Vec::new(),
+        large_seen: false,
         expect: VecDeque::new(),
         flushed: true,
         status: TransactionStatus::Idle,

@@ -29,7 +29,7 @@ where
                 commit: None,
                 shadow,
             };
-            self.send(&frame, Some(expect));
+            self.send_frame(&frame, Some(expect));
             self.flushed = true;
             return Ok(());
         }
@@ -61,7 +61,7 @@ where
                     // If the intent fails the transaction is aborted and COMMIT answers
                     // ROLLBACK, as the server decides.
                     self.queue_query(&intent);
-                    self.send(&frame, Some(Expect::query(true, true, Some(commit))));
+                    self.send_frame(&frame, Some(Expect::query(true, true, Some(commit))));
                     self.flushed = true;
                     return Ok(());
                 }
@@ -87,7 +87,7 @@ where
             // changes durably on OLD for the repair loop (the net).
             _ => self.dirty |= writes,
         }
-        self.send(&frame, Some(Expect::query(true, true, None)));
+        self.send_frame(&frame, Some(Expect::query(true, true, None)));
         self.flushed = true;
         Ok(())
     }
@@ -115,7 +115,7 @@ where
         self.queue_query("BEGIN");
         self.dirty = true;
         self.batch_failed = false;
-        self.send(&frame, Some(Expect::query(true, false, None)));
+        self.send_frame(&frame, Some(Expect::query(true, false, None)));
         self.flushed = true;
         self.flush_upstream().await?;
         self.drain().await?;

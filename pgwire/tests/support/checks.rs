@@ -7,7 +7,9 @@
 #![allow(dead_code, clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::BytesMut;
-use switchyard_pgwire::auth::{verify_md5_response, Md5Source, ScramError, ScramSecret, ScramServer};
+use switchyard_pgwire::auth::{
+    verify_md5_response, Md5Source, ScramError, ScramKeyClient, ScramKeys, ScramSecret, ScramServer,
+};
 use switchyard_pgwire::backend::{self, Authentication, ErrorFields, ServerMessage};
 use switchyard_pgwire::frame::{
     peek_header, take_frame, FrameHeader, Frames, MessageLimits, RESERVE_AHEAD_MAX,
@@ -23,6 +25,9 @@ pub const SMALL_LIMITS: MessageLimits = MessageLimits {
 
 /// Fixed server nonce for the SCRAM exchange (printable ASCII without ',').
 pub const SCRAM_SERVER_NONCE: &str = "fuzzServerNonce0123456789";
+
+/// Fixed client nonce of the key-reuse client ([`check_scram_client`]).
+pub const SCRAM_CLIENT_NONCE: &str = "fuzzClientNonce";
 
 /// Salt of [`scram_secret`].
 pub const SCRAM_SALT: &[u8] = b"switchyard-fuzz-salt";
@@ -692,4 +697,61 @@ pub fn check_scram_input(secret: &ScramSecret, data: &[u8]) -> Option<Vec<u8>> {
         None => (data, &b""[..]),
     };
     check_scram(secret, first, last)
+}
+
+/// The client side of a SCRAM key-reuse login (`ScramKeyClient`, how the proxy logs in upstream
+/// as a client it verified) fed a server's messages: `server-first NUL server-final`, split at
+/// the first NUL. The keys are [`scram_secret`]'s with a made-up ClientKey and the nonce is
+/// [`SCRAM_CLIENT_NONCE`]. No panic; errors blame the server; a client-final is well formed;
+/// returns whether the server's signature was accepted (a fuzzer cannot forge one).
+pub fn check_scram_client_input(secret: &ScramSecret, data: &[u8]) -> bool {
+    let (first, last) = match data.iter().position(|&b| b == 0) {
+        Some(at) => (&data[..at], &data[at + 1..]),
+        None => (data, &b""[..]),
+    };
+    check_scram_client(secret, first, last)
+}
+
+/// See [`check_scram_client_input`].
+pub fn check_scram_client(secret: &ScramSecret, server_first: &[u8], server_final: &[u8]) -> bool {
+    let touch = |e: &ScramError| {
+        assert!(
+            matches!(e, ScramError::Server(_)),
+            "a server message caused a non-server error: {e:?}"
+        );
+        assert!(!e.to_string().is_empty());
+    };
+    let keys = ScramKeys {
+        client_key: [7; 32],
+        secret: secret.clone(),
+    };
+    let client = ScramKeyClient::with_nonce(keys, SCRAM_CLIENT_NONCE);
+    let first = client.client_first_message();
+    assert_eq!(first, format!("n,,n=,r={SCRAM_CLIENT_NONCE}").into_bytes());
+    let (waiting, client_final) = match client.server_first(server_first) {
+        Ok(next) => next,
+        Err(e) => {
+            touch(&e);
+            return false;
+        }
+    };
+    // client-final = "c=biws,r=" nonce ",p=" base64(32 bytes): the nonce is the server's,
+    // which extends the client's.
+    let text = std::str::from_utf8(&client_final).expect("client-final is UTF-8");
+    let nonce = text
+        .strip_prefix("c=biws,r=")
+        .and_then(|t| t.rsplit_once(",p="))
+        .map(|(nonce, proof)| {
+            assert_eq!(proof.len(), 44, "proof is not 32 bytes of base64: {text}");
+            nonce
+        })
+        .unwrap_or_else(|| panic!("malformed client-final {text:?}"));
+    assert!(nonce.len() > SCRAM_CLIENT_NONCE.len() && nonce.starts_with(SCRAM_CLIENT_NONCE));
+    match waiting.server_final(server_final) {
+        Ok(()) => true,
+        Err(e) => {
+            touch(&e);
+            false
+        }
+    }
 }

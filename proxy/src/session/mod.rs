@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use switchyard_pgwire::backend::{self, ErrorResponse};
-use switchyard_pgwire::startup::{StartupMessage, StartupPacket, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE};
+use switchyard_pgwire::startup::{
+    StartupMessage, StartupPacket, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE,
+};
 use switchyard_pgwire::{frontend, sqlstate};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -107,6 +109,7 @@ async fn run_session(
         startup,
         credential,
         other_database,
+        negotiated,
     } = match outcome {
         Ok(Ok(Some(admitted))) => admitted,
         Ok(Ok(None)) => return Ok(SessionEnd::ClientClosed),
@@ -190,8 +193,14 @@ async fn run_session(
     });
 
     let mut hello = BytesMut::with_capacity(upstream.greeting.len() + 64);
-    if let Some(negotiation) = &upstream.negotiation {
-        hello.extend_from_slice(negotiation);
+    match (&negotiated, &upstream.negotiation) {
+        // The server could not be asked before authentication: its answer, late, is better
+        // than none.
+        (None, Some(late)) => hello.extend_from_slice(late),
+        (Some(sent), Some(server)) if sent != server => {
+            tracing::warn!("the server negotiated the protocol unlike the proxy did before authentication")
+        }
+        _ => {}
     }
     backend::auth_ok(&mut hello);
     hello.extend_from_slice(&upstream.greeting);
@@ -338,6 +347,8 @@ struct Admitted {
     /// The client named a database other than the store's (`[proxy] other_databases =
     /// "passthrough"`): a plain relay, nothing migrated.
     other_database: bool,
+    /// The NegotiateProtocolVersion the proxy sent before authentication, if any.
+    negotiated: Option<bytes::Bytes>,
 }
 
 /// Reads the startup packet (an SSLRequest answered 'S' and the TLS handshake done when `[tls]`
@@ -390,6 +401,10 @@ async fn handshake(
                         };
                         let stream = acceptor.accept(tcp).await.map_err(SessionError::ClientIo)?;
                         *client = ClientStream::Tls(Box::new(stream));
+                        // On an encrypted connection a GSSENCRequest is refused too: PostgreSQL
+                        // takes one only after an SSLRequest it answered N
+                        // (backend_startup.c, ProcessStartupPacket(port, true, SSLok == 'S')).
+                        gss_asked = true;
                     }
                     // No TLS configured, or GSS encryption: refuse, and the client goes on in
                     // plain text (or gives up, if it insists on encryption).
@@ -407,6 +422,8 @@ async fn handshake(
             StartupPacket::Startup(startup) => break startup,
         }
     };
+    let mut startup = startup;
+    let negotiated = negotiate(state, client, &mut startup).await?;
 
     let Some(user) = startup.param("user").filter(|u| !u.is_empty()) else {
         let e = ErrorResponse::fatal(
@@ -459,10 +476,7 @@ async fn handshake(
         .param("database")
         .filter(|d| !d.is_empty())
         .unwrap_or(user);
-    // Clients name OLD's database (their connection strings predate the migration); NEW's name
-    // is the same database too.
-    let other_database =
-        database != state.config.old.url.database && database != state.config.new.url.database;
+    let other_database = names_other_database(state, database);
     if other_database && state.config.proxy.other_databases == OtherDatabases::Refuse {
         let e = ErrorResponse::fatal(
             sqlstate::INVALID_CATALOG_NAME,
@@ -479,7 +493,55 @@ async fn handshake(
         startup,
         credential,
         other_database,
+        negotiated,
     }))
+}
+
+/// Whether the client names a database other than the store's. Clients name OLD's database
+/// (their connection strings predate the migration); NEW's name is the same database too.
+fn names_other_database(state: &ProxyState, database: &str) -> bool {
+    database != state.config.old.url.database && database != state.config.new.url.database
+}
+
+/// Answers a startup that asks for a newer minor protocol version or sends `_pq_.` options with
+/// NegotiateProtocolVersion, as PostgreSQL does: straight after the startup packet, before any
+/// authentication request (its `ProcessStartupPacket`), for the server the client will reach.
+/// The startup's version becomes the one agreed, so the sessions upstream speak what the client
+/// was told. Returns the message sent. When the server cannot be asked, nothing is sent here and
+/// the server's own answer reaches the client after authentication, as a fallback.
+async fn negotiate(
+    state: &ProxyState,
+    client: &mut ClientStream,
+    startup: &mut StartupMessage,
+) -> Result<Option<bytes::Bytes>, SessionError> {
+    // Most clients ask for 3.0 without options: then there is nothing to ask the server.
+    if startup.negotiation(PROTOCOL_3_0).is_none() {
+        return Ok(None);
+    }
+    let database = startup
+        .param("database")
+        .filter(|d| !d.is_empty())
+        .or(startup.param("user"))
+        .unwrap_or_default();
+    let target = match names_other_database(state, database) {
+        true => state.old_target(),
+        false => state.engine().upstream.clone(),
+    };
+    let Some(newest) = state.newest_protocol(&target).await else {
+        return Ok(None);
+    };
+    let mut out = BytesMut::new();
+    let version = match startup.negotiation(newest) {
+        Some((version, options)) => {
+            backend::negotiate_protocol_version(&mut out, version, &options);
+            version
+        }
+        None => return Ok(None),
+    };
+    client.write_all(&out).await.map_err(SessionError::ClientIo)?;
+    client.flush().await.map_err(SessionError::ClientIo)?;
+    startup.protocol = version;
+    Ok(Some(out.freeze()))
 }
 
 /// Whether a `replication` startup parameter asks for a replication connection: `database`, or

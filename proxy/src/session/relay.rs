@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use switchyard_pgwire::backend::TransactionStatus;
-use switchyard_pgwire::frame::{reserve_ahead, Frames, MessageLimits};
+use switchyard_pgwire::frame::{release, reserve_ahead, Frames, MessageLimits, LARGE_FRAME};
 use switchyard_pgwire::frontend::{self, ClientMessage, Target};
 use switchyard_pgwire::ProtocolError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -116,7 +116,16 @@ pub(crate) async fn relay(
     let mut state = shutdown.state();
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut branches = Branches::new();
+    // The client sent Terminate, which went upstream: the server reads it only once the
+    // statement it runs is over, and until then it says nothing and keeps the connection open.
+    // So the client's socket stays open too, and whatever the server still sends reaches it,
+    // until the server closes; closing it at once would wake a client thread waiting on the
+    // socket before the client had closed it itself (issue 15, "a socket closed mid-query").
+    let mut client_done = false;
     loop {
+        if client_done && state != ShutdownState::Running {
+            return Ok(SessionEnd::ClientTerminated);
+        }
         if let ShutdownState::Draining { grace } = state {
             shared.draining.store(true, Relaxed);
             if shared.idle() {
@@ -152,7 +161,8 @@ pub(crate) async fn relay(
                     }
                 }
             }
-            if woken & TO_UPSTREAM != 0 {
+            // A finished pump is never polled again.
+            if woken & TO_UPSTREAM != 0 && !client_done {
                 woken &= !TO_UPSTREAM;
                 if let Poll::Ready(end) = branches.poll(TO_UPSTREAM, to_upstream.as_mut()) {
                     branches.wake(woken);
@@ -179,9 +189,15 @@ pub(crate) async fn relay(
                         }
                         Err(e)
                     }
+                    Ok(SessionEnd::ClientTerminated) => {
+                        client_done = true;
+                        continue;
+                    }
                     other => other,
                 };
             }
+            // The server closed after the client's Terminate (or the client went away first).
+            Woke::ToClient(_) if client_done => return Ok(SessionEnd::ClientTerminated),
             Woke::ToClient(end) => return end,
             Woke::Shutdown(next) => state = next,
             Woke::Deadline => return Ok(SessionEnd::ShutdownNow),
@@ -436,6 +452,8 @@ async fn client_to_upstream(
     mut buf: BytesMut,
 ) -> Result<SessionEnd, SessionError> {
     let mut kinds = StatementKinds::default();
+    // The buffer grew for a large message ([`release`]).
+    let mut grown = false;
     loop {
         let mut frames = Frames::new(&buf, params.limits);
         let mut terminate = false;
@@ -469,11 +487,12 @@ async fn client_to_upstream(
         if let Some(e) = violation {
             return Err(e);
         }
-        if let Some(frame_len) = pending? {
-            let missing = frame_len.saturating_sub(buf.len());
-            reserve_ahead(&mut buf, missing);
-        }
+        make_room(&mut buf, pending?, &mut grown);
         if terminate {
+            // Nothing may follow Terminate: the server sees the end of the stream after it, as
+            // when the client closes its socket (a server in COPY IN mode, which does not take
+            // Terminate, would otherwise wait for more forever).
+            let _ = wr.shutdown().await;
             return Ok(SessionEnd::ClientTerminated);
         }
         reserve_for_read(&mut buf, 4096);
@@ -488,6 +507,23 @@ async fn client_to_upstream(
         if n == 0 {
             return Ok(SessionEnd::ClientClosed);
         }
+    }
+}
+
+/// Makes room for the rest of a partly buffered frame of `pending` bytes; with none pending,
+/// gives back the memory of a buffer that `grown` says grew for a large frame.
+#[inline]
+fn make_room(buf: &mut BytesMut, pending: Option<usize>, grown: &mut bool) {
+    match pending {
+        Some(frame_len) => {
+            *grown |= frame_len >= LARGE_FRAME;
+            reserve_ahead(buf, frame_len.saturating_sub(buf.len()));
+        }
+        None if *grown => {
+            release(buf);
+            *grown = false;
+        }
+        None => {}
     }
 }
 
@@ -628,6 +664,7 @@ async fn upstream_to_client(
     wr: &mut NetWrite,
     mut buf: BytesMut,
 ) -> Result<SessionEnd, SessionError> {
+    let mut grown = false;
     loop {
         let mut frames = Frames::new(&buf, MessageLimits::SERVER);
         for frame in &mut frames {
@@ -653,10 +690,7 @@ async fn upstream_to_client(
                 .map_err(SessionError::ClientIo)?;
             buf.advance(consumed);
         }
-        if let Some(frame_len) = pending {
-            let missing = frame_len.saturating_sub(buf.len());
-            reserve_ahead(&mut buf, missing);
-        }
+        make_room(&mut buf, pending, &mut grown);
         if shared.draining.load(Relaxed) && shared.idle() {
             return Ok(SessionEnd::Drained);
         }

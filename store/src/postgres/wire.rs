@@ -199,6 +199,35 @@ impl WireTarget {
             .await
     }
 
+    /// The newest protocol version the URL's server speaks, asked once with the URL's own
+    /// login: a startup asking for minor version 65535 is answered with NegotiateProtocolVersion
+    /// naming it (PostgreSQL before 18 speaks 3.0, 18 speaks 3.2). The proxy needs it to answer
+    /// a client's startup before that client has authenticated, as the server would.
+    pub async fn newest_protocol(&self, timeout: Duration) -> Result<i32, LoginError> {
+        const NEWEST_ASKABLE: i32 = 0x0003_ffff;
+        let outcome = self.connect(NEWEST_ASKABLE, &[], timeout, None).await?;
+        let LoginOutcome::Ready(mut upstream) = outcome else {
+            return Err(LoginError::Refused(format!(
+                "the {} store refused the login that asks for its protocol version",
+                self.store.name()
+            )));
+        };
+        let mut bye = BytesMut::with_capacity(5);
+        frontend::terminate(&mut bye);
+        let _ = upstream.stream.write_all(&bye).await;
+        let _ = upstream.stream.shutdown().await;
+        // A server that said nothing speaks every 3.x version asked for.
+        Ok(match &upstream.negotiation {
+            Some(v) => backend::negotiated_version(v.get(5..).unwrap_or_default()).ok_or(
+                LoginError::Protocol(ProtocolError::Malformed {
+                    what: "NegotiateProtocolVersion",
+                    detail: "too short",
+                }),
+            )?,
+            None => NEWEST_ASKABLE,
+        })
+    }
+
     /// The URL's own login: its user, its database, its password if it has one.
     pub fn url_login(&self) -> Login<'_> {
         Login {

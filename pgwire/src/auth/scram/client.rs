@@ -57,6 +57,15 @@ impl ScramKeyClient {
         }
     }
 
+    /// Starts an exchange with a chosen nonce, so tests and fuzz targets can write server
+    /// messages that extend it. A login upstream uses [`ScramKeyClient::new`].
+    pub fn with_nonce(keys: ScramKeys, nonce: &str) -> Self {
+        Self {
+            keys,
+            nonce: nonce.to_owned(),
+        }
+    }
+
     /// The client-first message, for `SASLInitialResponse` with mechanism `SCRAM-SHA-256`. No
     /// channel binding (`n`), and an empty user name: PostgreSQL takes the user from the
     /// startup packet.
