@@ -97,6 +97,9 @@ pub(crate) struct Authority {
     /// How long the gate was last closed, in microseconds
     /// (`switchyard_cutover_pause_seconds`).
     pub(crate) last_pause_us: AtomicU64,
+    /// The store an announced (or holding) barrier moves the writes to; `None` once there is
+    /// none. Sessions log in there ahead of their move (`session::reroute::Standby`).
+    pub(crate) announced: watch::Sender<Option<Role>>,
 }
 
 impl Authority {
@@ -113,6 +116,7 @@ impl Authority {
             ),
             confirmed: AtomicI64::new(0),
             last_pause_us: AtomicU64::new(0),
+            announced: watch::channel(None).0,
         }
     }
 
@@ -310,6 +314,11 @@ pub(crate) async fn follow(
 async fn step(authority: &Authority, follow: &Follow, state: &Arc<ControlState>, ahead: &mut Option<Ahead>) {
     match &state.barrier {
         Some(b) => {
+            authority.announced.send_if_modified(|a| {
+                let changed = *a != Some(b.authority);
+                *a = Some(b.authority);
+                changed
+            });
             // The engine for the roles the barrier moves to is built as soon as it is announced,
             // while writes go on (its catalog reads and logins take a good part of a second), so
             // the gate opens at once when the barrier ends.
@@ -392,6 +401,8 @@ async fn step(authority: &Authority, follow: &Follow, state: &Arc<ControlState>,
                 }
             }
             authority.open();
+            // After the swap: a session's connection opened ahead is kept for its move.
+            authority.announced.send_if_modified(|a| a.take().is_some());
         }
     }
 }

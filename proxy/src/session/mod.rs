@@ -79,7 +79,7 @@ pub(crate) async fn serve(state: Arc<ProxyState>, stream: TcpStream, peer: Socke
 /// (that costs a subscriber call per wake-up on the hot path) but parents its statement spans
 /// to it explicitly.
 async fn run_session(
-    state: &ProxyState,
+    state: &Arc<ProxyState>,
     client: TcpStream,
     peer: SocketAddr,
     id: u64,
@@ -212,6 +212,19 @@ async fn run_session(
     let mut up_buf = upstream.buf;
     let mut client_buf = buf;
     let mut resume: Option<switchyard_dualwrite::session::Resume> = None;
+    // A session of the migrated database logs in ahead to the store a barrier announces.
+    let standby = Arc::new(reroute::Standby::default());
+    let _follow = (!other_database && engine.mirror.is_some()).then(|| {
+        AbortOnDrop(reroute::follow_barriers(
+            Arc::clone(state),
+            reroute::Owned {
+                login: Arc::clone(&client_login),
+                database: database.clone(),
+                startup: startup.clone(),
+            },
+            Arc::clone(&standby),
+        ))
+    });
     let end = loop {
         let params = RelayParams {
             limits: state.limits,
@@ -287,7 +300,8 @@ async fn run_session(
             continue;
         }
         let moving = std::time::Instant::now();
-        let moved = reroute::to(state, &who, &engine.upstream, r)
+        let ahead = standby.take(engine.upstream.store);
+        let moved = reroute::to(state, &who, &engine.upstream, r, ahead)
             .instrument(span.clone())
             .await;
         let next = match moved {
@@ -565,5 +579,14 @@ mod tests {
         for no in ["false", "f", "no", "n", "off", "0", "of", "bogus", "o"] {
             assert!(!asks_for_replication(no), "{no}");
         }
+    }
+}
+
+/// Aborts a task when dropped (a session's helper task ends with the session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -6,11 +6,14 @@
 //! locks, SQL-level `PREPARE`, `WITH HOLD` cursors) is lost; the documentation says so.
 
 use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
 use switchyard_config::UpstreamLogin;
 use switchyard_pgwire::frame::{take_frame, MessageLimits};
 use switchyard_pgwire::startup::{CancelKey, StartupMessage};
 use switchyard_pgwire::{backend, frontend};
-use switchyard_store::wire::{Login, LoginOutcome, StoreStream, WireTarget};
+
+use switchyard_store::wire::{ClientLogin, Login, LoginOutcome, StoreStream, Upstream, WireTarget};
+use switchyard_store::Role;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::ClientCredential;
@@ -68,6 +71,85 @@ impl Who<'_> {
     }
 }
 
+/// A session's connection to the store an announced barrier moves the writes to, opened (logged
+/// in as the session was) while the barrier is announced, so that the session's move after it
+/// only replays its state. Dropped if the barrier ends without moving the writes there.
+#[derive(Default)]
+pub(crate) struct Standby(std::sync::Mutex<Option<(Role, Upstream)>>);
+
+impl Standby {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<(Role, Upstream)>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The connection opened to `role`, if any.
+    pub(crate) fn take(&self, role: Role) -> Option<Upstream> {
+        let mut slot = self.slot();
+        match slot.take() {
+            Some((r, u)) if r == role => Some(u),
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    }
+}
+
+/// What a session's standby login needs, owned.
+pub(crate) struct Owned {
+    pub(crate) login: Arc<ClientLogin>,
+    pub(crate) database: String,
+    pub(crate) startup: StartupMessage,
+}
+
+/// Follows the proxy's announced barriers for one session: logs in ahead to the store a barrier
+/// moves the writes to, and drops that connection when a barrier ends without moving them
+/// there. Aborted with the session.
+pub(crate) fn follow_barriers(
+    state: Arc<ProxyState>,
+    who: Owned,
+    standby: Arc<Standby>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut announced = state.authority.announced.subscribe();
+        loop {
+            let target = *announced.borrow_and_update();
+            let current = state.engine().upstream.store;
+            match target {
+                Some(role) if role != current && standby.slot().as_ref().is_none_or(|(r, _)| *r != role) => {
+                    let target = WireTarget {
+                        url: role.settings(&state.config).url.clone(),
+                        store: role,
+                    };
+                    let w = Who {
+                        user: &who.login.user,
+                        database: &who.database,
+                        credential: &who.login.credential,
+                        startup: &who.startup,
+                    };
+                    match w.login(&state, &target).await {
+                        Ok(LoginOutcome::Ready(u)) => *standby.slot() = Some((role, u)),
+                        Ok(LoginOutcome::Refused(r)) => {
+                            tracing::debug!(error = %r.message, "no connection ahead of the move")
+                        }
+                        Err(e) => tracing::debug!(error = %e, "no connection ahead of the move"),
+                    }
+                }
+                None => {
+                    let mut slot = standby.slot();
+                    if slot.as_ref().is_some_and(|(r, _)| *r != current) {
+                        *slot = None;
+                    }
+                }
+                _ => {}
+            }
+            if announced.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
 /// A session's new upstream connection.
 pub(crate) struct Moved {
     pub(crate) stream: StoreStream,
@@ -84,11 +166,27 @@ pub(crate) async fn to(
     who: &Who<'_>,
     target: &WireTarget,
     resume: &mut switchyard_dualwrite::session::Resume,
+    standby: Option<Upstream>,
 ) -> Result<Moved, SessionError> {
+    if let Some(ahead) = standby {
+        match replay(ahead, resume).await {
+            Ok(moved) => return Ok(moved),
+            // Opened ahead and lost since (a server restart): a fresh login.
+            Err(e) => tracing::debug!(error = %e, "the connection opened ahead failed; logging in again"),
+        }
+    }
     let upstream = match who.login(state, target).await? {
         LoginOutcome::Ready(u) => u,
         LoginOutcome::Refused(r) => return Err(SessionError::UpstreamLogin(r.message)),
     };
+    replay(upstream, resume).await
+}
+
+/// Gives the session's state to its new connection `upstream`.
+async fn replay(
+    upstream: Upstream,
+    resume: &mut switchyard_dualwrite::session::Resume,
+) -> Result<Moved, SessionError> {
     let addr = upstream.stream.peer_addr().map_err(SessionError::UpstreamIo)?;
     let mut stream = upstream.stream;
     let mut buf = upstream.buf;
