@@ -28,6 +28,9 @@ const SOURCES: [ErrorSource; 4] = [
     ErrorSource::Internal,
 ];
 
+/// The dual-write engine running now, if any (it changes when write authority moves).
+pub type CurrentMirror = Arc<dyn Fn() -> Option<Arc<switchyard_dualwrite::Mirror>> + Send + Sync>;
+
 /// Counters shared by every session of one proxy instance.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -250,17 +253,29 @@ impl Metrics {
         out
     }
 
-    /// Adds the dual-write engine's instruments: mirrored transactions, failures, repairs,
-    /// pending intents and mirror latency.
-    pub fn register_mirror(&self, stats: Arc<switchyard_dualwrite::MirrorStats>) {
+    /// Adds the dual-write engine's instruments, read from the engine running when they are
+    /// observed (`current`; a cutover replaces it, and its counters start again from zero, which
+    /// Prometheus counts as a counter reset): mirrored transactions, failures, repairs, pending
+    /// intents, mirror latency, shadow reads and reads served per store.
+    pub fn register_engine(&self, current: CurrentMirror) {
+        self.register_mirror(&current);
+        self.register_shadow(&current);
+        self.register_read_shift(&current);
+    }
+
+    fn register_mirror(&self, current: &CurrentMirror) {
         let meter = self.provider.meter("switchyard");
         let counter =
             |name: &'static str, help: &'static str, read: fn(&switchyard_dualwrite::MirrorStats) -> u64| {
-                let s = Arc::clone(&stats);
+                let m = Arc::clone(current);
                 meter
                     .u64_observable_counter(name)
                     .with_description(help)
-                    .with_callback(move |o| o.observe(read(&s), &[]))
+                    .with_callback(move |o| {
+                        if let Some(m) = m() {
+                            o.observe(read(&m.stats), &[]);
+                        }
+                    })
                     .build();
             };
         counter(
@@ -288,32 +303,39 @@ impl Metrics {
             "Writes on migrated tables that could not be captured (refused or marked for verification)",
             |s| s.uncaptured.load(Relaxed),
         );
-        let s = Arc::clone(&stats);
+        let m = Arc::clone(current);
         meter
             .i64_observable_gauge("switchyard_repairs_pending")
             .with_description("Intents on OLD not yet confirmed on NEW (pending repairs included)")
-            .with_callback(move |o| o.observe(s.pending_intents.load(Relaxed), &[]))
+            .with_callback(move |o| {
+                if let Some(m) = m() {
+                    o.observe(m.stats.pending_intents.load(Relaxed), &[]);
+                }
+            })
             .build();
-        let s = Arc::clone(&stats);
+        let m = Arc::clone(current);
         meter
             .f64_observable_gauge("switchyard_mirror_latency_mean_seconds")
             .with_description("Mean time from applying row images on NEW to NEW's commit")
             .with_callback(move |o| {
+                let Some(m) = m() else { return };
+                let s = &m.stats;
                 let n = s.latency_count.load(Relaxed);
                 if n > 0 {
                     o.observe(s.latency_us_sum.load(Relaxed) as f64 / n as f64 / 1e6, &[]);
                 }
             })
             .build();
-        let s = Arc::clone(&stats);
+        let m = Arc::clone(current);
         meter
             .f64_observable_gauge("switchyard_mirror_latency_seconds")
             .with_description(
                 "Quantiles of the time from applying row images on NEW to NEW's commit, since start",
             )
             .with_callback(move |o| {
+                let Some(m) = m() else { return };
                 for (q, label) in [(0.5, "0.5"), (0.99, "0.99")] {
-                    if let Some(ms) = s.latency.quantile_ms(q) {
+                    if let Some(ms) = m.stats.latency.quantile_ms(q) {
                         o.observe(ms / 1000.0, &[KeyValue::new("quantile", label)]);
                     }
                 }
@@ -323,13 +345,16 @@ impl Metrics {
 
     /// Shadow reads per table in phase `shadow_read` and outcome:
     /// `switchyard_shadow_reads_total{table,outcome}` (`match`, `mismatch`, `error`, `skipped`).
-    pub fn register_shadow(&self, shadow: Arc<switchyard_dualwrite::shadow::ShadowReads>) {
+    fn register_shadow(&self, current: &CurrentMirror) {
         use switchyard_dualwrite::shadow::ShadowOutcome;
+        let m = Arc::clone(current);
         self.provider
             .meter("switchyard")
             .u64_observable_counter("switchyard_shadow_reads")
             .with_description("Reads also run on NEW and compared with OLD's answer, by outcome")
             .with_callback(move |o| {
+                let Some(m) = m() else { return };
+                let Some(shadow) = &m.shadow else { return };
                 for (i, name) in shadow.tables() {
                     let Some(stats) = shadow.table(i) else { continue };
                     for outcome in ShadowOutcome::ALL {
@@ -351,15 +376,16 @@ impl Metrics {
     /// OLD served instead: `switchyard_read_fallbacks_total{table,reason}` (`error`,
     /// `unavailable`, `too_large`, `types`, `login`); `switchyard_read_lease_held` (1 while this proxy
     /// may serve reads from NEW).
-    pub fn register_read_shift(&self, shift: Arc<switchyard_dualwrite::shift::ReadShift>) {
+    fn register_read_shift(&self, current: &CurrentMirror) {
         use switchyard_dualwrite::shift::Fallback;
         let meter = self.provider.meter("switchyard");
-        let s = Arc::clone(&shift);
+        let m = Arc::clone(current);
         meter
             .u64_observable_counter("switchyard_reads")
             .with_description("Eligible reads of tables in read_shift, by the store that served them")
             .with_callback(move |o| {
-                for (name, counts) in s.tables() {
+                let Some(m) = m() else { return };
+                for (name, counts) in m.shift.tables() {
                     for (store, n) in [("old", &counts.old), ("new", &counts.new)] {
                         o.observe(
                             n.load(Relaxed),
@@ -372,12 +398,13 @@ impl Metrics {
                 }
             })
             .build();
-        let s = Arc::clone(&shift);
+        let m = Arc::clone(current);
         meter
             .u64_observable_counter("switchyard_read_fallbacks")
             .with_description("Reads NEW was to serve that OLD served instead, by reason")
             .with_callback(move |o| {
-                for (name, counts) in s.tables() {
+                let Some(m) = m() else { return };
+                for (name, counts) in m.shift.tables() {
                     for reason in Fallback::ALL {
                         o.observe(
                             counts.fallbacks(reason),
@@ -390,10 +417,15 @@ impl Metrics {
                 }
             })
             .build();
+        let m = Arc::clone(current);
         meter
             .u64_observable_gauge("switchyard_read_lease_held")
             .with_description("1 while this proxy holds the read lease (may serve reads from NEW)")
-            .with_callback(move |o| o.observe(u64::from(shift.lease_held()), &[]))
+            .with_callback(move |o| {
+                if let Some(m) = m() {
+                    o.observe(u64::from(m.shift.lease_held()), &[]);
+                }
+            })
             .build();
     }
 

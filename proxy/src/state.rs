@@ -137,11 +137,6 @@ impl ProxyState {
             config.tables.iter().map(|t| t.name.to_string()).collect(),
         );
         if let Some(m) = &mirror {
-            metrics.register_mirror(Arc::clone(&m.stats));
-            if let Some(shadow) = &m.shadow {
-                metrics.register_shadow(Arc::clone(shadow));
-            }
-            metrics.register_read_shift(Arc::clone(&m.shift));
             tracing::info!(tables = m.tables.len(), "dual writes enabled");
         }
         let on_phase: OnPhase = {
@@ -160,6 +155,8 @@ impl ProxyState {
         };
         let authority = Arc::new(Authority::new(Engine::new(0, roles, &config, mirror)));
         metrics.register_authority(Arc::clone(&authority));
+        let current = Arc::downgrade(&authority);
+        metrics.register_engine(Arc::new(move || current.upgrade()?.engine().mirror.clone()));
         let control = {
             let authority = Arc::clone(&authority);
             let on_phase = Arc::clone(&on_phase);
