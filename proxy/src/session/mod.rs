@@ -567,6 +567,15 @@ fn asks_for_replication(value: &str) -> bool {
     v == "database" || v == "1" || v == "on" || prefix_of("true") || prefix_of("yes")
 }
 
+/// Aborts a task when dropped (a session's helper task ends with the session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::asks_for_replication;
@@ -579,14 +588,5 @@ mod tests {
         for no in ["false", "f", "no", "n", "off", "0", "of", "bogus", "o"] {
             assert!(!asks_for_replication(no), "{no}");
         }
-    }
-}
-
-/// Aborts a task when dropped (a session's helper task ends with the session).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
