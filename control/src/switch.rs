@@ -335,7 +335,8 @@ async fn under_barrier(
                 waiting.join(", ")
             ));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Writes are held meanwhile: checked often (a query on a table of a few rows).
+        tokio::time::sleep(Duration::from_millis(2)).await;
     };
     steps.done("proxies confirmed");
     // Every mirrored transaction is on both stores: the follower's WAL flushed and the intents

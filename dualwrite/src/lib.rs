@@ -676,36 +676,45 @@ async fn check_prepared(old: &Store, new: &Store, tables: &[MirrorTable]) -> Res
         let name = store.role().name();
         move |source| StartError::Unreachable { store: name, source }
     };
-    if !old
-        .has_relation("switchyard.switchyard_intents")
-        .await
-        .map_err(unreachable(old))?
-    {
-        return Err(missing(old, "switchyard.switchyard_intents".into()));
-    }
-    if !new
-        .has_relation("switchyard.switchyard_applied")
-        .await
-        .map_err(unreachable(new))?
-    {
-        return Err(missing(new, "switchyard.switchyard_applied".into()));
-    }
+    // Both stores at once, one round trip each (two on the authoritative store): an engine
+    // built ahead of a cutover barrier is checked here while the writes are still held.
     let names: Vec<String> = tables
         .iter()
         .map(|t| switchyard_store::quote_table(&t.name))
         .collect();
-    let uncaptured = old.uncaptured_tables(&names).await.map_err(unreachable(old))?;
+    let on_follower: Vec<String> = std::iter::once("switchyard.switchyard_applied".to_owned())
+        .chain(
+            tables
+                .iter()
+                .filter(|t| t.keyed())
+                .map(|t| switchyard_store::keys_table(&t.name)),
+        )
+        .collect();
+    let intents = ["switchyard.switchyard_intents".to_owned()];
+    let (intents, uncaptured, on_follower) = tokio::join!(
+        old.missing_relations(&intents),
+        old.uncaptured_tables(&names),
+        new.missing_relations(&on_follower),
+    );
+    if let Some(rel) = intents.map_err(unreachable(old))?.into_iter().next() {
+        return Err(missing(old, rel));
+    }
+    if let Some(rel) = on_follower.map_err(unreachable(new))?.into_iter().next() {
+        let what = match tables
+            .iter()
+            .find(|t| t.keyed() && switchyard_store::keys_table(&t.name) == rel)
+        {
+            Some(t) => format!("{rel} (key records of {})", t.name),
+            None => rel,
+        };
+        return Err(missing(new, what));
+    }
+    let uncaptured = uncaptured.map_err(unreachable(old))?;
     if !uncaptured.is_empty() {
         return Err(missing(
             old,
             format!("the capture trigger of {}", uncaptured.join(", ")),
         ));
-    }
-    for t in tables.iter().filter(|t| t.keyed()) {
-        let rel = switchyard_store::keys_table(&t.name);
-        if !new.has_relation(&rel).await.map_err(unreachable(new))? {
-            return Err(missing(new, format!("{rel} (key records of {})", t.name)));
-        }
     }
     Ok(())
 }

@@ -25,6 +25,10 @@ use tokio::sync::{watch, Notify};
 use crate::shutdown::{Shutdown, ShutdownState};
 
 /// What sessions of one authority use.
+/// How long after a move of write authority the connections it left behind are closed: the
+/// replaced engine's pools, and each moved session's connection to the store it left.
+pub(crate) const RETIRE_AFTER: Duration = Duration::from_secs(1);
+
 pub(crate) struct Engine {
     /// Grows with every change of authority.
     pub(crate) generation: u64,
@@ -90,6 +94,9 @@ pub(crate) struct Authority {
     engine: RwLock<Arc<Engine>>,
     gate: Mutex<Gate>,
     opened: Notify,
+    /// Wakes [`follow`] when the last busy session goes quiet while the gate is closed, so the
+    /// proxy confirms a barrier at once instead of at its next check.
+    drained: Notify,
     /// This proxy's row in the control state's proxies table.
     pub(crate) proxy_id: String,
     /// The barrier this proxy confirmed (0: none).
@@ -108,6 +115,7 @@ impl Authority {
             engine: RwLock::new(Arc::new(engine)),
             gate: Mutex::default(),
             opened: Notify::new(),
+            drained: Notify::new(),
             proxy_id: format!(
                 "{}-{}-{:08x}",
                 hostname(),
@@ -155,6 +163,9 @@ impl Authority {
     pub(crate) fn quiet(&self) {
         let mut g = self.gate();
         g.busy = g.busy.saturating_sub(1);
+        if g.busy == 0 && g.closed_for.is_some() {
+            self.drained.notify_one();
+        }
     }
 
     /// Sessions busy now.
@@ -303,6 +314,7 @@ pub(crate) async fn follow(
         tokio::select! {
             r = updates.changed() => if r.is_err() { return },
             () = tokio::time::sleep(wait) => {}
+            () = authority.drained.notified() => {}
             _ = shutdown.changed_from(ShutdownState::Running) => {
                 let _ = leave(&follow.control_store, &authority.proxy_id).await;
                 return;
@@ -365,6 +377,7 @@ async fn step(authority: &Authority, follow: &Follow, state: &Arc<ControlState>,
             };
             let built = ahead.take();
             if roles != engine.roles || (follow.follow_authority && engine.outdated_by(state)) {
+                let swap_started = Instant::now();
                 let next = match built {
                     Some(a) if a.roles == roles && state.tables.iter().all(|t| t.phase == a.phase) => {
                         take_ahead(a, follow, state).await
@@ -380,6 +393,7 @@ async fn step(authority: &Authority, follow: &Follow, state: &Arc<ControlState>,
                         tracing::info!(
                             authoritative = roles.authoritative.name(),
                             generation = next.generation,
+                            ms = swap_started.elapsed().as_secs_f64() * 1e3,
                             "write authority moved; sessions follow at their next transaction"
                         );
                         let before = std::mem::replace(
@@ -387,9 +401,14 @@ async fn step(authority: &Authority, follow: &Follow, state: &Arc<ControlState>,
                             Arc::new(next),
                         );
                         // Its sessions move at their next transaction and never use its pools
-                        // again: their connections go now, not when the last session moved.
+                        // again: their connections go soon, not when the last session moved; not
+                        // at once either, as each is a backend exiting on a store, CPU the moved
+                        // sessions' first transactions need on a machine with few cores.
                         if let Some(m) = before.mirror.clone() {
-                            tokio::spawn(async move { m.close().await });
+                            tokio::spawn(async move {
+                                tokio::time::sleep(RETIRE_AFTER).await;
+                                m.close().await
+                            });
                         }
                     }
                     Err(e) => {

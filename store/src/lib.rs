@@ -190,6 +190,13 @@ impl Store {
         }
     }
 
+    /// Which of the relations `rels` (`schema.name`) do not exist, in one round trip.
+    pub async fn missing_relations(&self, rels: &[String]) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.missing_relations(rels).await,
+        }
+    }
+
     /// Every user function and procedure, for the statement analysis (which of them write a
     /// migrated table).
     pub async fn function_sources(&self) -> Result<Vec<FunctionSource>, StoreError> {

@@ -311,15 +311,26 @@ async fn run_session(
                 break Err(e);
             }
         };
-        let mut bye = BytesMut::with_capacity(5);
-        frontend::terminate(&mut bye);
-        let _ = up_wr.write_all(&bye).await;
-        let _ = up_wr.shutdown().await;
         if let (Some(key), Some(real)) = (client_key.clone(), next.cancel_key.clone()) {
             cancel_guard = Some(state.cancel.register(key, next.addr, real));
         }
-        (up_rd, up_wr) = crate::net::split_store(next.stream);
+        let (rd, wr) = crate::net::split_store(next.stream);
+        let left = (
+            std::mem::replace(&mut up_rd, rd),
+            std::mem::replace(&mut up_wr, wr),
+        );
         up_buf = next.buf;
+        // The connection left behind is idle (the move happens between transactions); it is
+        // ended a moment later, not while every session's first transaction on the new store
+        // needs the CPU (`authority::RETIRE_AFTER`).
+        tokio::spawn(async move {
+            let (_rd, mut wr) = left;
+            tokio::time::sleep(crate::authority::RETIRE_AFTER).await;
+            let mut bye = BytesMut::with_capacity(5);
+            frontend::terminate(&mut bye);
+            let _ = wr.write_all(&bye).await;
+            let _ = wr.shutdown().await;
+        });
         tracing::debug!(
             store = engine.upstream.store.name(),
             ms = moving.elapsed().as_secs_f64() * 1e3,

@@ -125,6 +125,17 @@ impl PgStore {
         Ok(found.is_some())
     }
 
+    /// Which of the relations `rels` (`schema.name`) do not exist, in one round trip.
+    pub async fn missing_relations(&self, rels: &[String]) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT r FROM unnest($1::text[]) WITH ORDINALITY AS u(r, n) WHERE to_regclass(r) IS NULL ORDER BY n",
+        )
+        .bind(rels)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.failed("looking up relations"))
+    }
+
     /// The stored secret of role `user` (as `pg_authid.rolpassword` holds it), by `auth_query`:
     /// a query taking the name as `$1` and returning the name and the secret, PgBouncer's
     /// convention. `None` when it returns no row or no secret. The secret is never logged.
