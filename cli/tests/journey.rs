@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{cli, temp_config, text};
-use switchyard_test_support::{DualEnv, DualTable, TestProxy};
+use switchyard_test_support::{DualEnv, DualTable, TestDb, TestProxy};
 
 const SCHEMA: &str = "CREATE TABLE items (id bigserial PRIMARY KEY, owner int NOT NULL, v int NOT NULL);";
 
@@ -162,6 +162,26 @@ async fn stop_clients(stop: &AtomicBool, clients: Vec<tokio::task::JoinHandle<()
 }
 
 /// Waits (20 s at most) until OLD and NEW hold the same rows of `items`.
+/// A write that changes nothing, made directly on `db` as an application or a stale proxy's
+/// session would: the SQLSTATE it is refused with, if it is.
+async fn direct_write(db: &TestDb) -> Option<String> {
+    let c = db.client().await.unwrap();
+    match c.batch_execute("UPDATE items SET v = v WHERE false").await {
+        Ok(()) => None,
+        Err(e) => {
+            if let Some(db_error) = e.as_db_error() {
+                assert!(
+                    db_error
+                        .message()
+                        .contains("Switchyard moved its write authority"),
+                    "{db_error:?}"
+                );
+            }
+            e.code().map(|c| c.code().to_owned())
+        }
+    }
+}
+
 async fn stores_equal(env: &DualEnv) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -363,6 +383,20 @@ async fn the_journey_through_cutover_rollback_cutover_again_and_done_loses_nothi
         let pause = authority(&a).await["last_pause_seconds"].as_f64().unwrap();
         assert!(pause > 0.0 && pause < 5.0, "pause {pause}");
         verified_equal(&cfg, to).await;
+        // The store that lost the writes refuses any other writer (a proxy that missed the
+        // barrier would write through a connection like this one); the other takes them.
+        let (lost, kept) = if store == "NEW" {
+            (&env.old, &env.new)
+        } else {
+            (&env.new, &env.old)
+        };
+        assert_eq!(
+            direct_write(lost).await.as_deref(),
+            Some("25006"),
+            "{} after {to}",
+            lost.name()
+        );
+        assert_eq!(direct_write(kept).await, None, "{} after {to}", kept.name());
     }
     stop_clients(&stop, clients, &tally).await;
     assert!(tally.commits.load(Relaxed) > 150);
@@ -432,10 +466,20 @@ async fn the_journey_through_cutover_rollback_cutover_again_and_done_loses_nothi
         last > last_old,
         "writes after done reach NEW only ({last} vs {last_old})"
     );
+    assert_eq!(
+        direct_write(&env.old).await.as_deref(),
+        Some("25006"),
+        "OLD after done"
+    );
     drop(a);
     drop(b);
     let out = cli(&cfg, &["cleanup"]).await;
     assert_eq!(out.status.code(), Some(0), "cleanup: {}", text(&out));
+    assert_eq!(
+        direct_write(&env.old).await,
+        None,
+        "OLD after cleanup: fence removed"
+    );
     for c in [&on_old, &on_new] {
         let left: i64 = c
             .query_one(
@@ -478,6 +522,26 @@ async fn ready_for_cutover(label: &str, barrier_ms: u64) -> (DualEnv, common::te
     (env, cfg)
 }
 
+/// One proxy of `env` following the control state every 200 ms.
+async fn polling_proxy(env: &DualEnv) -> TestProxy {
+    let mut proxy_cfg = env.proxy_config();
+    proxy_cfg
+        .extra_sections
+        .push("[control]\npoll_interval_ms = 200\n".to_owned());
+    env.start_proxy(&proxy_cfg).await.unwrap()
+}
+
+/// `switchyard phase --to cutover --force`, which must fail: what it said.
+async fn refused_cutover(cfg: &common::tempfile_path::TempPath) -> String {
+    let out = cli(
+        cfg,
+        &["phase", "--table", "public.items", "--to", "cutover", "--force"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    text(&out)
+}
+
 /// A client at `url` in a transaction that wrote row 1 and stays open.
 async fn hold_a_write(url: &str) -> tokio_postgres::Client {
     let (held, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
@@ -517,11 +581,7 @@ async fn heartbeats(env: &DualEnv) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_killed_during_the_barrier_does_not_hold_it_up() {
     let (env, cfg) = ready_for_cutover("journey_kill", 20_000).await;
-    let mut proxy_cfg = env.proxy_config();
-    proxy_cfg
-        .extra_sections
-        .push("[control]\npoll_interval_ms = 200\n".to_owned());
-    let a = env.start_proxy(&proxy_cfg).await.unwrap();
+    let a = polling_proxy(&env).await;
     // Proxy B is a process of its own, with a client holding a write transaction open: B
     // cannot confirm the barrier until it dies.
     let mut b = common::start_proxy_with(
@@ -604,20 +664,11 @@ async fn a_proxy_killed_during_the_barrier_does_not_hold_it_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_barrier_not_confirmed_in_time_is_aborted_and_writes_go_on_where_they_were() {
     let (env, cfg) = ready_for_cutover("journey_abort", 1_500).await;
-    let mut proxy_cfg = env.proxy_config();
-    proxy_cfg
-        .extra_sections
-        .push("[control]\npoll_interval_ms = 200\n".to_owned());
-    let a = env.start_proxy(&proxy_cfg).await.unwrap();
+    let a = polling_proxy(&env).await;
     let held = hold_a_write(&a.url("postgres")).await;
     wait_for_heartbeats(&env, 1).await;
-    let out = cli(
-        &cfg,
-        &["phase", "--table", "public.items", "--to", "cutover", "--force"],
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("did not confirm"), "{}", text(&out));
+    let out = refused_cutover(&cfg).await;
+    assert!(out.contains("did not confirm"), "{out}");
     // Nothing moved: the open transaction commits on OLD, new writes go to OLD, mirrored.
     held.batch_execute("COMMIT").await.unwrap();
     let status = authority(&a).await;
@@ -654,6 +705,42 @@ async fn a_barrier_not_confirmed_in_time_is_aborted_and_writes_go_on_where_they_
         .unwrap()
         .get(0);
     assert_eq!(barriers, 0);
+}
+
+/// A barrier that fails after the capture moved and OLD was fenced (here: NEW's sequence cannot
+/// go past OLD's) puts both back: OLD takes writes again, unfenced and capturing, NEW stays
+/// unfenced, and nothing diverges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_barrier_failing_after_the_fence_puts_capture_and_fence_back() {
+    let (env, cfg) = ready_for_cutover("journey_unfence", 5_000).await;
+    env.new
+        .client()
+        .await
+        .unwrap()
+        .batch_execute("ALTER SEQUENCE items_id_seq MAXVALUE 50")
+        .await
+        .unwrap();
+    let a = polling_proxy(&env).await;
+    wait_for_heartbeats(&env, 1).await;
+    let out = refused_cutover(&cfg).await;
+    assert!(out.contains("moving the sequences"), "{out}");
+    assert_eq!(direct_write(&env.old).await, None, "OLD is not left fenced");
+    assert_eq!(direct_write(&env.new).await, None, "NEW is not fenced");
+    // OLD still captures: a write through the proxy reaches NEW.
+    let (c, conn) = tokio_postgres::connect(&a.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c.batch_execute("INSERT INTO items (owner, v) VALUES (8, 8)")
+        .await
+        .unwrap();
+    let status = authority(&a).await;
+    assert_eq!(status["writes_to"], "OLD", "{status}");
+    let (only_old, only_new) = env.diff("public.items").await.unwrap();
+    assert!(
+        only_old.is_empty() && only_new.is_empty(),
+        "{only_old:?} {only_new:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

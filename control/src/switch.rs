@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use switchyard_config::{Config, Phase, TableSettings};
-use switchyard_store::prepare::{prepare_in, prepare_with, set_capture, Triggers};
+use switchyard_store::prepare::{prepare_in, prepare_with, set_capture, set_capture_and_fence, Triggers};
 use switchyard_store::sequences::{advance_sequences, SequenceMove, DEFAULT_MARGIN};
 use switchyard_store::PreparedTable;
 use switchyard_store::{Role, Roles, Store, StoreError};
@@ -339,26 +339,8 @@ async fn under_barrier(
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     steps.done("proxies confirmed");
-    // Every mirrored transaction is on both stores: the follower's WAL flushed and the intents
-    // it holds deleted at once; any other waits for its repair.
     let (source, target) = (store_of(from, old, new), store_of(to, old, new));
     let follower = store_of(if from == Role::Old { Role::New } else { Role::Old }, old, new);
-    loop {
-        let n = switchyard_store::mirror::settle_intents(source, follower)
-            .await
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "{n} intents on {} still wait for NEW's side or a repair",
-                from.name()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    steps.done("intents drained");
     let with_phase = |phase: Phase| -> Vec<TableSettings> {
         config
             .tables
@@ -367,7 +349,9 @@ async fn under_barrier(
             .collect()
     };
     if phase == Phase::Done {
-        // NEW stays authoritative and stops capturing: OLD is left behind.
+        settle(source, follower, from, deadline).await?;
+        steps.done("intents drained");
+        // NEW stays authoritative and stops capturing: OLD is left behind (still fenced).
         let Store::Postgres(pg_new) = new;
         set_capture(pg_new.pool(), Role::New, &with_phase(Phase::Done), prepared)
             .await
@@ -375,25 +359,31 @@ async fn under_barrier(
         steps.done("capture removed from NEW");
         return Ok((proxies, Vec::new(), steps.0));
     }
-    let tables: Vec<_> = config.tables.iter().map(|t| t.name.clone()).collect();
-    let sequences = advance_sequences(source, target, &tables, DEFAULT_MARGIN)
-        .await
-        .map_err(|e| format!("moving the sequences: {e}"))?;
-    steps.done("sequences moved");
-    // The capture moves: installed on the new authority and removed from the old one at once
-    // (no write runs under the barrier); if either fails, both go back to where they were.
+    // The capture moves: installed on the new authority and removed from the old one, which is
+    // fenced in the same transaction (its tables refuse every write but Switchyard's own:
+    // `store::capture::fence_sql`), both stores at once; if either fails, both go back. From
+    // here nothing can commit a write on the old authority, not even a proxy that missed the
+    // barrier (paused, or cut off from the control state, its heartbeat expired).
     let (Store::Postgres(src), Store::Postgres(dst)) = (source, target);
     let on_src: Vec<PreparedTable> = prepared.iter().map(switchyard_store::prepare::swapped).collect();
     let (captured, plain) = (with_phase(Phase::DualWrite), with_phase(Phase::Passthrough));
+    // The new authority's fence as it was, for putting things back (fenced if it lost the
+    // writes at an earlier barrier).
+    let dst_fenced = switchyard_store::prepare::is_fenced(dst.pool(), to, prepared)
+        .await
+        .map_err(|e| e.to_string())?;
+    let back = || async {
+        let _ = tokio::join!(
+            set_capture_and_fence(dst.pool(), to, &plain, prepared, Some(dst_fenced)),
+            set_capture_and_fence(src.pool(), from, &captured, &on_src, Some(false)),
+        );
+    };
     let (installed, removed) = tokio::join!(
-        set_capture(dst.pool(), to, &captured, prepared),
-        set_capture(src.pool(), from, &plain, &on_src),
+        set_capture_and_fence(dst.pool(), to, &captured, prepared, Some(false)),
+        set_capture_and_fence(src.pool(), from, &plain, &on_src, Some(true)),
     );
     if installed.is_err() || removed.is_err() {
-        let _ = tokio::join!(
-            set_capture(dst.pool(), to, &plain, prepared),
-            set_capture(src.pool(), from, &captured, &on_src),
-        );
+        back().await;
         let why = [
             installed
                 .err()
@@ -404,8 +394,45 @@ async fn under_barrier(
         ];
         return Err(why.into_iter().flatten().collect::<Vec<_>>().join("; "));
     }
-    steps.done("capture moved");
+    steps.done("capture moved, old authority fenced");
+    // Every mirrored transaction is on both stores, including any a proxy that missed the
+    // barrier committed before the fence: the follower's WAL flushed and the intents it holds
+    // deleted at once; any other waits for its repair.
+    if let Err(why) = settle(source, follower, from, deadline).await {
+        back().await;
+        return Err(why);
+    }
+    steps.done("intents drained");
+    let tables: Vec<_> = config.tables.iter().map(|t| t.name.clone()).collect();
+    let sequences = match advance_sequences(source, target, &tables, DEFAULT_MARGIN).await {
+        Ok(s) => s,
+        Err(e) => {
+            back().await;
+            return Err(format!("moving the sequences: {e}"));
+        }
+    };
+    steps.done("sequences moved");
     Ok((proxies, sequences, steps.0))
+}
+
+/// Waits until every intent on the authoritative store `source` is settled on `follower`, or
+/// fails at `deadline`.
+async fn settle(source: &Store, follower: &Store, from: Role, deadline: Instant) -> Result<(), String> {
+    loop {
+        let n = switchyard_store::mirror::settle_intents(source, follower)
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{n} intents on {} still wait for the follower's side or a repair",
+                from.name()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// What [`apply`] did.

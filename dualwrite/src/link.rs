@@ -281,13 +281,17 @@ impl FollowerLink {
             // lost.
             // <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-STATEMENT-TIMEOUT>
             // And no row-level security policy may filter what the mirror writes: with a login
-            // a policy applies to, NEW raises an error instead (`store::connect_options`).
+            // a policy applies to, NEW raises an error instead (`store::connect_options`). The
+            // mirror is Switchyard's own writer, which a fenced table lets through
+            // (`store::capture::fence_sql`).
             (
                 "options".to_owned(),
                 format!(
                     "-c idle_in_transaction_session_timeout=60000 -c synchronous_commit=off \
-                     -c statement_timeout={bound} -c lock_timeout={bound} -c row_security=off",
-                    bound = self.statement_bound.as_millis()
+                     -c statement_timeout={bound} -c lock_timeout={bound} -c row_security=off \
+                     -c {writer}=switchyard",
+                    bound = self.statement_bound.as_millis(),
+                    writer = switchyard_store::capture::WRITER_SETTING
                 ),
             ),
         ];

@@ -32,7 +32,10 @@ pub use postgres::catalog::{
     Column, Identity, Mismatch, TableSchema, SIDE_SCHEMA,
 };
 pub use postgres::{connect_options, wire, PgStore};
-pub use prepare::{prepare, prepare_in, prepare_with, set_capture, PrepareReport, PreparedTable, Triggers};
+pub use prepare::{
+    prepare, prepare_in, prepare_with, set_capture, set_capture_and_fence, PrepareReport, PreparedTable,
+    Triggers,
+};
 
 /// Which side of the migration a store is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

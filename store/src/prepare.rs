@@ -25,8 +25,8 @@ use sqlx::AssertSqlSafe;
 use switchyard_config::{Phase, TableName, TableSettings};
 
 use crate::postgres::catalog::{
-    column_list, compare_in, effective_key, keys_table_name, load_table, quote_ident, Mismatch, TableSchema,
-    SIDE_SCHEMA,
+    column_list, compare_in, effective_key, keys_table_name, load_table, quote_ident, quote_table, Mismatch,
+    TableSchema, SIDE_SCHEMA,
 };
 use crate::{Role, Roles, StoreError};
 
@@ -130,10 +130,31 @@ pub async fn set_capture(
     settings: &[TableSettings],
     tables: &[PreparedTable],
 ) -> Result<(), StoreError> {
+    set_capture_and_fence(pool, role, settings, tables, None).await
+}
+
+/// [`set_capture`], and in the same transaction every table of `tables` fenced (`Some(true)`:
+/// the store loses write authority) or its fence lifted (`Some(false)`: it gains it), as
+/// [`crate::capture::fence_sql`] describes.
+pub async fn set_capture_and_fence(
+    pool: &PgPool,
+    role: Role,
+    settings: &[TableSettings],
+    tables: &[PreparedTable],
+    fence: Option<bool>,
+) -> Result<(), StoreError> {
     let mut batch = String::from("SET TRANSACTION ISOLATION LEVEL READ COMMITTED;\n");
     for (sql, _) in capture_steps(settings, tables) {
         batch.push_str(&sql);
         batch.push_str(";\n");
+    }
+    if let Some(on) = fence {
+        for t in tables {
+            for sql in crate::capture::fence_sql(&t.name, on) {
+                batch.push_str(&sql);
+                batch.push_str(";\n");
+            }
+        }
     }
     let mut tx = pool
         .begin()
@@ -146,6 +167,21 @@ pub async fn set_capture(
     tx.commit()
         .await
         .map_err(failed(role, "committing the capture triggers"))
+}
+
+/// Whether any of `tables` carries the write fence on the store of `pool`
+/// ([`crate::capture::fence_sql`]).
+pub async fn is_fenced(pool: &PgPool, role: Role, tables: &[PreparedTable]) -> Result<bool, StoreError> {
+    let names: Vec<String> = tables.iter().map(|t| quote_table(&t.name)).collect();
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM unnest($1::text[]) AS t JOIN pg_catalog.pg_trigger g \
+         ON g.tgrelid = to_regclass(t) WHERE g.tgname = $2)",
+    )
+    .bind(&names)
+    .bind(crate::capture::FENCE_TRIGGER)
+    .fetch_one(pool)
+    .await
+    .map_err(failed(role, "looking for the write fence"))
 }
 
 /// `table` seen from the other store: its `old` and `new` definitions swapped (for

@@ -37,6 +37,9 @@ pub fn connect_options(url: &StoreUrl, application_name: &str) -> PgConnectOptio
         .options([
             ("default_transaction_isolation", "read committed"),
             ("row_security", "off"),
+            // Switchyard's own writer: a table fenced on a store that lost write authority lets
+            // it through (`capture::fence_sql`).
+            (crate::capture::WRITER_SETTING, "switchyard"),
         ]);
     let options = tls_options(options, url);
     match &url.password {
