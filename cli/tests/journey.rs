@@ -161,7 +161,6 @@ async fn stop_clients(stop: &AtomicBool, clients: Vec<tokio::task::JoinHandle<()
     );
 }
 
-/// Waits (20 s at most) until OLD and NEW hold the same rows of `items`.
 /// A write that changes nothing, made directly on `db` as an application or a stale proxy's
 /// session would: the SQLSTATE it is refused with, if it is.
 async fn direct_write(db: &TestDb) -> Option<String> {
@@ -182,6 +181,7 @@ async fn direct_write(db: &TestDb) -> Option<String> {
     }
 }
 
+/// Waits (20 s at most) until OLD and NEW hold the same rows of `items`.
 async fn stores_equal(env: &DualEnv) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -24,11 +24,11 @@ use tokio::sync::{watch, Notify};
 
 use crate::shutdown::{Shutdown, ShutdownState};
 
-/// What sessions of one authority use.
 /// How long after a move of write authority the connections it left behind are closed: the
 /// replaced engine's pools, and each moved session's connection to the store it left.
 pub(crate) const RETIRE_AFTER: Duration = Duration::from_secs(1);
 
+/// What sessions of one authority use.
 pub(crate) struct Engine {
     /// Grows with every change of authority.
     pub(crate) generation: u64,

@@ -64,26 +64,42 @@ pub const FENCE_TRIGGER: &str = "switchyard_fence";
 /// backfill, the drift checker): the only writers a fence lets through.
 pub const WRITER_SETTING: &str = "switchyard.writer";
 
-/// The statements that fence `table` (`on`) or lift its fence. A fenced table refuses every
-/// INSERT, UPDATE, DELETE and TRUNCATE (statement-level, so before any row is touched, and on
-/// FK cascades too) unless the session carries [`WRITER_SETTING`]: whatever still writes the
-/// store that lost write authority (a proxy that missed the barrier, paused or cut off from the
-/// control state; an application connected to it directly) fails instead of writing the old
-/// authority behind the new one's back. The store itself is the fence, so no clock or lease is
-/// involved.
-pub fn fence_sql(table: &TableName, on: bool) -> Vec<String> {
-    let qualified = quote_table(table);
+/// The statements that fence every table of `tables` (`on`) or lift their fences. A fenced
+/// table refuses every INSERT, UPDATE, DELETE and TRUNCATE (statement-level, so before any row is
+/// touched, and on FK cascades too) unless the session carries [`WRITER_SETTING`]: whatever still
+/// writes the store that lost write authority (a proxy that missed the barrier, paused or cut
+/// off from the control state; an application connected to it directly) fails instead of
+/// writing the old authority behind the new one's back. The store itself is the fence, so no
+/// clock or lease is involved. The trigger function is (re)created once, before the triggers.
+pub fn fence_sql<'a>(tables: impl IntoIterator<Item = &'a TableName>, on: bool) -> Vec<String> {
     let trigger = quote_ident(FENCE_TRIGGER);
     let schema = quote_ident(SIDE_SCHEMA);
-    let mut steps = vec![format!("DROP TRIGGER IF EXISTS {trigger} ON {qualified}")];
+    let mut steps = Vec::new();
     if on {
         steps.push(format!(
-            "CREATE OR REPLACE FUNCTION {schema}.{trigger}() RETURNS trigger LANGUAGE plpgsql AS $fence$              BEGIN                IF current_setting({setting}, true) IS DISTINCT FROM 'switchyard' THEN                  RAISE EXCEPTION 'table %.% is not written on this database: Switchyard moved its write authority to the other store',                    TG_TABLE_SCHEMA, TG_TABLE_NAME                    USING ERRCODE = '25006',                    HINT = 'Write through the Switchyard proxy; `switchyard phase` moves the authority back.';                END IF;                RETURN NULL;              END $fence$",
+            "CREATE OR REPLACE FUNCTION {schema}.{trigger}() RETURNS trigger LANGUAGE plpgsql AS $fence$ \
+             BEGIN \
+               IF current_setting({setting}, true) IS DISTINCT FROM 'switchyard' THEN \
+                 RAISE EXCEPTION 'table %.% is not written on this database: \
+                   Switchyard moved its write authority to the other store', \
+                   TG_TABLE_SCHEMA, TG_TABLE_NAME \
+                   USING ERRCODE = '25006', \
+                   HINT = 'Write through the Switchyard proxy; `switchyard phase` moves the authority back.'; \
+               END IF; \
+               RETURN NULL; \
+             END $fence$",
             setting = escape_literal(WRITER_SETTING),
         ));
-        steps.push(format!(
-            "CREATE TRIGGER {trigger} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {qualified}              FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{trigger}()"
-        ));
+    }
+    for table in tables {
+        let qualified = quote_table(table);
+        steps.push(format!("DROP TRIGGER IF EXISTS {trigger} ON {qualified}"));
+        if on {
+            steps.push(format!(
+                "CREATE TRIGGER {trigger} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {qualified} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{trigger}()"
+            ));
+        }
     }
     steps
 }

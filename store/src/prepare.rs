@@ -148,13 +148,10 @@ pub async fn set_capture_and_fence(
         batch.push_str(&sql);
         batch.push_str(";\n");
     }
-    if let Some(on) = fence {
-        for t in tables {
-            for sql in crate::capture::fence_sql(&t.name, on) {
-                batch.push_str(&sql);
-                batch.push_str(";\n");
-            }
-        }
+    let fences = fence.map(|on| crate::capture::fence_sql(tables.iter().map(|t| &t.name), on));
+    for sql in fences.iter().flatten() {
+        batch.push_str(sql);
+        batch.push_str(";\n");
     }
     let mut tx = pool
         .begin()
