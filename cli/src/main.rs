@@ -321,22 +321,44 @@ fn prepare(file: PathBuf, check: bool, json: bool) -> anyhow::Result<ExitCode> {
         // Phases changed since with `switchyard phase` win over the file's: prepare installs
         // and removes capture triggers by phase.
         let mut config = config.clone();
-        let mut roles = switchyard_store::Roles::OLD_AUTHORITATIVE;
+        // Each table is prepared for the store that takes its writes per the control state:
+        // after cutover the capture belongs on NEW, the key records on OLD; with table groups,
+        // each group where its own writes are.
+        let mut authority_of = std::collections::HashMap::new();
         if let Some(state) = switchyard_control::read(&old).await? {
             for (table, file, control) in switchyard_control::apply_to(&mut config, &state) {
                 eprintln!("{table}: the control state says {control} (the file says {file}); preparing for {control}");
             }
-            // After cutover the capture belongs on NEW, the key records on OLD.
-            if switchyard_control::authoritative(&state) == Role::New {
-                roles = switchyard_store::Roles::NEW_AUTHORITATIVE;
+            for t in &config.tables {
+                let name = t.name.to_string();
+                authority_of.insert(name.clone(), switchyard_control::authority_of(&state, &name));
             }
         }
         let (Store::Postgres(pg_old), Store::Postgres(pg_new)) = (&old, &new);
-        let (auth, follower) = match roles.authoritative {
-            Role::Old => (pg_old.pool(), pg_new.pool()),
-            Role::New => (pg_new.pool(), pg_old.pool()),
-        };
-        let report = switchyard_store::prepare_in(roles, auth, follower, &config.tables, !check).await?;
+        let mut report = PrepareReport::default();
+        for roles in [
+            switchyard_store::Roles::OLD_AUTHORITATIVE,
+            switchyard_store::Roles::NEW_AUTHORITATIVE,
+        ] {
+            let tables: Vec<_> = config
+                .tables
+                .iter()
+                .filter(|t| {
+                    authority_of.get(&t.name.to_string()).copied().unwrap_or(Role::Old) == roles.authoritative
+                })
+                .cloned()
+                .collect();
+            if tables.is_empty() {
+                continue;
+            }
+            let (auth, follower) = match roles.authoritative {
+                Role::Old => (pg_old.pool(), pg_new.pool()),
+                Role::New => (pg_new.pool(), pg_old.pool()),
+            };
+            let part = switchyard_store::prepare_in(roles, auth, follower, &tables, !check).await?;
+            report.tables.extend(part.tables);
+            report.mismatches.extend(part.mismatches);
+        }
         // The control state every proxy follows starts from the file's phases and read shares
         // (rows that exist are kept: they hold changes made since).
         if !check && report.is_ready() {

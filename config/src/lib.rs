@@ -40,7 +40,7 @@ pub use settings::{
 };
 pub use store_tls::{SslMode, StoreTls};
 pub use store_url::{Engine, RedactedStoreUrl, StoreUrl};
-pub use tables::{Phase, TableName, TableSettings, UncapturedPolicy, DEFAULT_SHADOW_SHARE};
+pub use tables::{Phase, TableName, TableSettings, UncapturedPolicy, DEFAULT_GROUP, DEFAULT_SHADOW_SHARE};
 pub use url::Url;
 pub use users::{UserCredential, UserEntry, UsersFile};
 
@@ -76,6 +76,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether `[[tables]]` names more than one table group: then write authority moves one
+    /// group at a time, and each transaction runs where its group's writes are.
+    pub fn has_groups(&self) -> bool {
+        self.tables
+            .first()
+            .is_some_and(|first| self.tables.iter().any(|t| t.group() != first.group()))
+    }
+
     /// Loads `path` with overrides from the process environment; a relative
     /// `users_file` is resolved against the current directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {

@@ -120,6 +120,7 @@ pub(crate) struct RawTable {
     pub shadow_share: Option<i64>,
     pub key: Option<Vec<String>>,
     pub on_uncaptured: Option<String>,
+    pub group: Option<String>,
 }
 
 /// The sections that may be set from the environment

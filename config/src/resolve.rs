@@ -664,15 +664,33 @@ impl<'a> Resolver<'a> {
                     None
                 }
             };
+            let group = match t.group {
+                Some(g) if g.trim().is_empty() || g.chars().any(char::is_control) || g.len() > 63 => {
+                    self.problem(
+                        &format!("{key}.group"),
+                        format!("{which}a group name is 1 to 63 characters, without control characters"),
+                    );
+                    None
+                }
+                g => Some(g),
+            };
             if let (
+                Some(group),
                 Some(name),
                 Some(phase),
                 Some(read_share),
                 Some(shadow_share),
                 Some(on_uncaptured),
                 true,
-            ) = (name, phase, read_share, shadow_share, on_uncaptured, key_ok)
-            {
+            ) = (
+                group,
+                name,
+                phase,
+                read_share,
+                shadow_share,
+                on_uncaptured,
+                key_ok,
+            ) {
                 tables.push(TableSettings {
                     name,
                     phase,
@@ -680,6 +698,7 @@ impl<'a> Resolver<'a> {
                     shadow_share,
                     key: key_cols,
                     on_uncaptured,
+                    group,
                 });
             }
         }

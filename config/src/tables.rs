@@ -41,6 +41,11 @@ impl Phase {
         Phase::Done,
     ];
 
+    /// Whether NEW takes the writes in this phase (`cutover` and `done`); OLD before.
+    pub fn new_takes_writes(self) -> bool {
+        matches!(self, Phase::Cutover | Phase::Done)
+    }
+
     /// The name used in configuration files: `passthrough`, `dual_write`, ...
     pub fn as_str(self) -> &'static str {
         match self {
@@ -172,6 +177,20 @@ pub struct TableSettings {
     pub key: Vec<String>,
     /// `on_uncaptured`: what happens to a write the proxy cannot capture as row images.
     pub on_uncaptured: UncapturedPolicy,
+    /// `group`: the table group whose write authority moves together at cutover and rollback.
+    /// Tables without one form one group ([`DEFAULT_GROUP`]); a configuration without groups
+    /// moves every table together.
+    pub group: Option<String>,
+}
+
+/// The group of the tables that name none.
+pub const DEFAULT_GROUP: &str = "default";
+
+impl TableSettings {
+    /// The table's group ([`DEFAULT_GROUP`] when it names none).
+    pub fn group(&self) -> &str {
+        self.group.as_deref().unwrap_or(DEFAULT_GROUP)
+    }
 }
 
 /// What to do with a write on a migrated table that cannot be mirrored as row images (TRUNCATE,

@@ -41,7 +41,8 @@ pub(crate) const DDL: &str = "CREATE TABLE IF NOT EXISTS switchyard.switchyard_b
        paused_for bigint, \
        seen_at timestamptz NOT NULL DEFAULT clock_timestamp()); \
      ALTER TABLE switchyard.switchyard_barrier ADD COLUMN IF NOT EXISTS holding boolean NOT NULL DEFAULT true; \
-     ALTER TABLE switchyard.switchyard_proxies ADD COLUMN IF NOT EXISTS built_for bigint";
+     ALTER TABLE switchyard.switchyard_proxies ADD COLUMN IF NOT EXISTS built_for bigint; \
+     ALTER TABLE switchyard.switchyard_barrier ADD COLUMN IF NOT EXISTS tables text[]";
 
 /// An open barrier: writes are moving to `authority`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -50,8 +51,10 @@ pub struct Barrier {
     /// The store that will take the writes.
     #[serde(serialize_with = "role_name")]
     pub authority: Role,
-    /// The phase every configured table moves to.
+    /// The phase the tables it moves move to.
     pub to_phase: Phase,
+    /// The tables it moves (`schema.table`): one table group's; `None`, every configured table.
+    pub tables: Option<Vec<String>>,
     /// Whether writes are held: `false` while the barrier is only announced (the proxies build
     /// the engine for the new roles meanwhile, and writes go on).
     pub holding: bool,
@@ -81,16 +84,18 @@ pub(crate) async fn open_barrier_in(
     if !exists {
         return Ok(None);
     }
-    let row = sqlx::query("SELECT epoch, authority, to_phase, holding FROM switchyard.switchyard_barrier")
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(failed(store, "reading the barrier"))?;
+    let row =
+        sqlx::query("SELECT epoch, authority, to_phase, holding, tables FROM switchyard.switchyard_barrier")
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(failed(store, "reading the barrier"))?;
     Ok(row.and_then(|r| {
         Some(Barrier {
             epoch: r.get(0),
             authority: role_of(r.get::<&str, _>(1)),
             to_phase: r.get::<&str, _>(2).parse().ok()?,
             holding: r.get(3),
+            tables: r.get(4),
         })
     }))
 }
@@ -141,13 +146,24 @@ pub async fn leave(store: &Store, proxy_id: &str) -> Result<(), StoreError> {
 /// Opens a barrier moving writes to `authority` and every table to `to_phase`, holding writes
 /// at once; fails when one is open already. Returns its epoch.
 pub async fn open(store: &Store, authority: Role, to_phase: Phase, by: &str) -> Result<i64, StoreError> {
-    open_with(store, authority, to_phase, by, true).await
+    open_with(store, authority, to_phase, None, by, true).await
 }
 
 /// Announces a barrier: like [`open`], but writes go on until [`hold`]; meanwhile every proxy
 /// builds the engine for the new roles and says so in its heartbeat ([`unbuilt`]).
 pub async fn announce(store: &Store, authority: Role, to_phase: Phase, by: &str) -> Result<i64, StoreError> {
-    open_with(store, authority, to_phase, by, false).await
+    open_with(store, authority, to_phase, None, by, false).await
+}
+
+/// [`announce`] for the tables of one table group only (`None`: every configured table).
+pub async fn announce_for(
+    store: &Store,
+    authority: Role,
+    to_phase: Phase,
+    tables: Option<&[String]>,
+    by: &str,
+) -> Result<i64, StoreError> {
+    open_with(store, authority, to_phase, tables, by, false).await
 }
 
 /// Makes the announced barrier `announced` hold writes, under a new epoch (the one the
@@ -194,6 +210,7 @@ async fn open_with(
     store: &Store,
     authority: Role,
     to_phase: Phase,
+    tables: Option<&[String]>,
     by: &str,
     holding: bool,
 ) -> Result<i64, StoreError> {
@@ -201,14 +218,15 @@ async fn open_with(
     lock(&mut tx, store).await?;
     let epoch = next_epoch(&mut tx, store).await?;
     sqlx::query(
-        "INSERT INTO switchyard.switchyard_barrier (epoch, authority, to_phase, started_by, holding) \
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO switchyard.switchyard_barrier (epoch, authority, to_phase, started_by, holding, tables) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(epoch)
     .bind(authority.as_str())
     .bind(to_phase.as_str())
     .bind(by)
     .bind(holding)
+    .bind(tables)
     .execute(&mut *tx)
     .await
     .map_err(failed(store, "opening the barrier (is another one open?)"))?;

@@ -112,7 +112,7 @@ pub async fn switch_authority<F, Fut>(
     old: &Store,
     new: &Store,
     config: &Config,
-    to: Phase,
+    (table, to): (&str, Phase),
     force: bool,
     by: &str,
     facts: F,
@@ -134,18 +134,24 @@ where
             ),
         ));
     }
-    let from_authority = authoritative(&state);
-    let to_authority = if matches!(to, Phase::Cutover | Phase::Done) {
-        Role::New
+    let grouped = crate::has_groups(config);
+    // The tables that move: the named table's group (every configured table without groups);
+    // `done` ends the whole migration, every table together.
+    let group = crate::group_of(config, table);
+    if group.is_empty() {
+        return Err(not_allowed(table, "not a configured table"));
+    }
+    let names: Vec<String> = if to == Phase::Done {
+        config.tables.iter().map(|t| t.name.to_string()).collect()
     } else {
-        Role::Old
+        group
     };
-    let mut names = Vec::new();
-    for t in &config.tables {
-        let name = t.name.to_string();
-        let Some(c) = state.table(&name) else {
+    let to_authority = crate::authority_in(to);
+    let mut from_authority = None;
+    for name in &names {
+        let Some(c) = state.table(name) else {
             return Err(not_allowed(
-                &name,
+                name,
                 "not in the control state; run `switchyard prepare`",
             ));
         };
@@ -158,23 +164,65 @@ where
             _ => false,
         };
         if !fits {
+            let unit = match (grouped, to) {
+                (_, Phase::Done) => "every configured table moves to done together, from cutover",
+                (true, _) => {
+                    "the tables of a group move together, from read_shift to cutover and from cutover back"
+                }
+                (false, _) => {
+                    "every configured table moves together, from read_shift to cutover and from cutover back"
+                }
+            };
             return Err(not_allowed(
-                &name,
+                name,
                 format!(
-                    "moving from {} to {to} is not a cutover or a rollback: every configured table moves together, \
-                     from read_shift to cutover and from cutover back",
+                    "moving from {} to {to} is not a cutover or a rollback: {unit}",
                     c.phase
                 ),
             ));
         }
-        names.push(name);
+        let authority = crate::authority_in(c.phase);
+        if from_authority.is_some_and(|a| a != authority) {
+            return Err(not_allowed(
+                name,
+                "the tables of its group are written on different stores; move them back to one first",
+            ));
+        }
+        from_authority = Some(authority);
     }
+    let from_authority = from_authority.unwrap_or(Role::Old);
     if from_authority == to_authority && to != Phase::Done {
         return Err(not_allowed(
             "*",
             format!("writes are already {}'s", to_authority.name()),
         ));
     }
+    if grouped && to == Phase::Cutover {
+        // Sessions move between the stores per transaction, through the dual-write relay: every
+        // other table must be mirrored (a table in passthrough is relayed plainly, on OLD only).
+        for t in &config.tables {
+            let name = t.name.to_string();
+            if names.contains(&name) {
+                continue;
+            }
+            let phase = state.table(&name).map_or(t.phase, |c| c.phase);
+            if !switchyard_store::prepare::captured_phase(phase) || phase == Phase::Done {
+                return Err(not_allowed(
+                    &name,
+                    format!(
+                        "is in {phase}: before one table group cuts over, every other configured table must be mirrored \
+                         (dual_write, shadow_read, read_shift or cutover)"
+                    ),
+                ));
+            }
+        }
+    }
+    let moving: Vec<TableSettings> = config
+        .tables
+        .iter()
+        .filter(|t| names.contains(&t.name.to_string()))
+        .cloned()
+        .collect();
     let mut overridden = Vec::new();
     if to == Phase::Cutover {
         for name in &names {
@@ -196,7 +244,8 @@ where
     // triggers (side objects, idempotent; the tables' definitions read), so that only the
     // triggers move while writes are held. `done` keeps the roles and creates nothing.
     let announced_at = Instant::now();
-    let announced = barrier::announce(old, to_authority, to, by).await?;
+    let announced =
+        barrier::announce_for(old, to_authority, to, grouped.then_some(names.as_slice()), by).await?;
     let live = config.control.poll_interval * 3 + Duration::from_secs(1);
     let ahead = async {
         let to_roles = Roles {
@@ -215,7 +264,7 @@ where
             to_roles,
             dst.pool(),
             src.pool(),
-            &config.tables,
+            &moving,
             to != Phase::Done,
             Triggers::Leave,
         )
@@ -227,6 +276,26 @@ where
                 to_authority.name(),
                 sides.mismatches
             ));
+        }
+        if grouped && to != Phase::Done {
+            // With groups each store takes some tables' writes: the other groups' tables are
+            // fenced on the store that does not take theirs, so that a write a transaction of
+            // one group makes to another group's table (in a function, a trigger) fails there
+            // instead of landing on one store only. Idempotent; NEW takes no direct writes
+            // before this, so it is done while writes go on.
+            for (store, role) in [(old, Role::Old), (new, Role::New)] {
+                let fenced: Vec<switchyard_config::TableName> = config
+                    .tables
+                    .iter()
+                    .filter(|t| !names.contains(&t.name.to_string()))
+                    .filter(|t| crate::authority_of(&state, &t.name.to_string()) != role)
+                    .map(|t| t.name.clone())
+                    .collect();
+                let Store::Postgres(pg) = store;
+                switchyard_store::prepare::set_fence(pg.pool(), role, &fenced, true)
+                    .await
+                    .map_err(|e| format!("fencing the other groups' tables on {}: {e}", role.name()))?;
+            }
         }
         // The proxies' engines: waited for a little (a proxy that cannot build one builds it
         // after the barrier, as a proxy that does not answer in time does).
@@ -272,6 +341,7 @@ where
         config,
         (from_authority, to_authority, to),
         epoch,
+        &moving,
         &sides.tables,
     )
     .await
@@ -315,6 +385,7 @@ async fn under_barrier(
     config: &Config,
     (from, to, phase): (Role, Role, Phase),
     epoch: i64,
+    moving: &[TableSettings],
     prepared: &[PreparedTable],
 ) -> Result<(usize, Vec<SequenceMove>, Vec<Step>), String> {
     let live = config.control.poll_interval * 3 + Duration::from_secs(1);
@@ -342,8 +413,7 @@ async fn under_barrier(
     let (source, target) = (store_of(from, old, new), store_of(to, old, new));
     let follower = store_of(if from == Role::Old { Role::New } else { Role::Old }, old, new);
     let with_phase = |phase: Phase| -> Vec<TableSettings> {
-        config
-            .tables
+        moving
             .iter()
             .map(|t| TableSettings { phase, ..t.clone() })
             .collect()
@@ -403,7 +473,7 @@ async fn under_barrier(
         return Err(why);
     }
     steps.done("intents drained");
-    let tables: Vec<_> = config.tables.iter().map(|t| t.name.clone()).collect();
+    let tables: Vec<_> = moving.iter().map(|t| t.name.clone()).collect();
     let sequences = match advance_sequences(source, target, &tables, DEFAULT_MARGIN).await {
         Ok(s) => s,
         Err(e) => {
@@ -462,7 +532,7 @@ pub async fn apply(
                 old,
                 new,
                 config,
-                to,
+                (&request.table.to_string(), to),
                 request.force,
                 request.by,
                 |name| async move { guard::gather(old, new, &name, config).await },

@@ -253,10 +253,21 @@ impl Mirror {
     /// [`Mirror::start`] without checking that the stores are prepared for `roles`: for an
     /// engine built while a cutover barrier still moves the capture to the new authority.
     pub async fn start_unchecked(config: &Config, roles: Roles) -> Result<Option<Arc<Mirror>>, StartError> {
+        // With table groups, this engine mirrors the tables whose writes its authoritative store
+        // takes; the others' are the other store's, and a statement naming one runs there.
+        let grouped = config.has_groups();
+        let ours =
+            |t: &TableSettings| !grouped || t.phase.new_takes_writes() == (roles.authoritative == Role::New);
         let mirrored: Vec<&TableSettings> = config
             .tables
             .iter()
-            .filter(|t| switchyard_store::prepare::captured_phase(t.phase))
+            .filter(|t| switchyard_store::prepare::captured_phase(t.phase) && ours(t))
+            .collect();
+        let foreign: Vec<switchyard_config::TableName> = config
+            .tables
+            .iter()
+            .filter(|t| !ours(t))
+            .map(|t| t.name.clone())
             .collect();
         if mirrored.is_empty() {
             return Ok(None);
@@ -391,7 +402,7 @@ impl Mirror {
             shift,
             capture_sql,
             by_name,
-            analyzer: Analyzer::new(MigratedTables::new(&names), writer_set(&writers)),
+            analyzer: Analyzer::new(MigratedTables::new(&names), writer_set(&writers)).with_foreign(&foreign),
             shapes: TableShapes::new(tables.clone()),
             tables,
             policies,

@@ -240,6 +240,14 @@ pub(crate) enum Stmt {
         table: usize,
         what: &'static str,
     },
+    /// Names a table of another table group, whose writes the other store takes
+    /// (`schema.table`): the statement must run there. A session moves there for a transaction
+    /// that begins with it, and refuses it inside a transaction running here.
+    Foreign {
+        table: Arc<str>,
+        /// It also names a table this store takes the writes of: it runs on neither.
+        mixed: bool,
+    },
 }
 
 impl Stmt {
@@ -274,6 +282,11 @@ impl Analysis {
 /// Parses and classifies statements, with a cache per statement text.
 pub(crate) struct Analyzer {
     tables: MigratedTables,
+    /// The configured tables whose writes the other store takes (table groups split between
+    /// the stores): `(schema, table)` to `schema.table`.
+    foreign: HashMap<(String, String), Arc<str>>,
+    /// Their lower-cased names, for the pre-filter.
+    foreign_needles: Vec<Vec<u8>>,
     /// Held shared while a statement is analysed and its analysis cached, exclusively while the
     /// set changes and the cache is emptied: no analysis made with an older set stays cached.
     writers: RwLock<Arc<Writers>>,
@@ -287,10 +300,59 @@ impl Analyzer {
     pub(crate) fn new(tables: MigratedTables, writers: Writers) -> Analyzer {
         Analyzer {
             tables,
+            foreign: HashMap::new(),
+            foreign_needles: Vec::new(),
             writers: RwLock::new(Arc::new(writers)),
             added: AtomicU64::new(0),
             cache: DashMap::new(),
         }
+    }
+
+    /// The configured tables whose writes the other store takes: statements naming one are
+    /// [`Stmt::Foreign`].
+    pub(crate) fn with_foreign(mut self, foreign: &[TableName]) -> Analyzer {
+        for name in foreign {
+            self.foreign.insert(
+                (name.schema.clone(), name.table.clone()),
+                Arc::from(name.to_string()),
+            );
+            let needle = name.table.to_ascii_lowercase().into_bytes();
+            if !self.foreign_needles.contains(&needle) {
+                self.foreign_needles.push(needle);
+            }
+        }
+        self
+    }
+
+    /// Whether some configured table's writes are the other store's.
+    pub(crate) fn has_foreign(&self) -> bool {
+        !self.foreign.is_empty()
+    }
+
+    /// The first table of another group `node` names, if any, and whether it also names one
+    /// of this store's.
+    fn foreign_in(&self, node: &NodeEnum) -> Option<(Arc<str>, bool)> {
+        if self.foreign.is_empty() {
+            return None;
+        }
+        let mut found = None;
+        let mut mixed = false;
+        for (inner, _, _, _) in node.nodes() {
+            if let NodeRef::RangeVar(r) = inner {
+                let schema = if r.schemaname.is_empty() {
+                    "public"
+                } else {
+                    r.schemaname.as_str()
+                };
+                match self.foreign.get(&(schema.to_owned(), r.relname.clone())) {
+                    Some(name) => {
+                        found.get_or_insert_with(|| Arc::clone(name));
+                    }
+                    None => mixed |= self.tables.lookup(r).is_some(),
+                }
+            }
+        }
+        found.map(|table| (table, mixed))
     }
 
     /// Taken before a refresh reads OLD's functions, and given back to [`Self::set_writers`].
@@ -385,7 +447,12 @@ impl Analyzer {
                 read: None,
             }],
         };
-        if !self.tables.might_matter(sql.as_bytes(), writers) {
+        let foreign = !self.foreign_needles.is_empty()
+            && self
+                .foreign_needles
+                .iter()
+                .any(|n| sql.as_bytes().windows(n.len()).any(|w| w.eq_ignore_ascii_case(n)));
+        if !foreign && !self.tables.might_matter(sql.as_bytes(), writers) {
             return plain();
         }
         let Ok(parsed) = pg_query::parse(sql, 0) else {
@@ -404,6 +471,9 @@ impl Analyzer {
                 Some(NodeEnum::CreateFunctionStmt(f)) => {
                     defined.extend(self.defines_writer(f, text));
                     Stmt::Plain
+                }
+                Some(node) if let Some((table, mixed)) = foreign.then(|| self.foreign_in(node)).flatten() => {
+                    Stmt::Foreign { table, mixed }
                 }
                 Some(node) => {
                     let stmt = self.classify(node, text, writers);

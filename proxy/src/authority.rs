@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use switchyard_config::{Config, Phase};
+use switchyard_control::barrier::Barrier;
 use switchyard_control::barrier::{heartbeat, leave, Heartbeat};
 use switchyard_control::ControlState;
 use switchyard_dualwrite::Mirror;
@@ -28,55 +29,175 @@ use crate::shutdown::{Shutdown, ShutdownState};
 /// replaced engine's pools, and each moved session's connection to the store it left.
 pub(crate) const RETIRE_AFTER: Duration = Duration::from_secs(1);
 
+/// What the engine is built for: each store that takes some configured table's writes, with
+/// the tables it mirrors (`schema.table`), the home store first (OLD while it takes any table's
+/// writes). One entry without table groups; two while groups are split between the stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Shape(pub(crate) Vec<(Role, Vec<String>)>);
+
+impl Shape {
+    /// The shape for the tables' phases as `phase_of` gives them (the control state's, or the
+    /// file's for a table it does not have).
+    pub(crate) fn of(config: &Config, phase_of: impl Fn(&str) -> Phase) -> Shape {
+        let tables: Vec<(String, Phase)> = config
+            .tables
+            .iter()
+            .map(|t| {
+                let name = t.name.to_string();
+                let phase = phase_of(&name);
+                (name, phase)
+            })
+            .collect();
+        let mirrored = |role: Option<Role>| -> Vec<String> {
+            tables
+                .iter()
+                .filter(|(_, p)| switchyard_store::prepare::captured_phase(*p))
+                .filter(|(_, p)| role.is_none_or(|r| (r == Role::New) == p.new_takes_writes()))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        if !config.has_groups() {
+            // Every table moves together: NEW once any has moved.
+            let role = match tables.iter().any(|(_, p)| p.new_takes_writes()) {
+                true => Role::New,
+                false => Role::Old,
+            };
+            return Shape(vec![(role, mirrored(None))]);
+        }
+        let mut shape = Vec::new();
+        for role in [Role::Old, Role::New] {
+            if tables
+                .iter()
+                .any(|(_, p)| (role == Role::New) == p.new_takes_writes())
+            {
+                shape.push((role, mirrored(Some(role))));
+            }
+        }
+        if shape.is_empty() {
+            shape.push((Role::Old, Vec::new()));
+        }
+        Shape(shape)
+    }
+
+    /// The shape of `state` (with, for the tables `barrier` moves, the phase it moves them to).
+    pub(crate) fn of_state(config: &Config, state: &ControlState, barrier: Option<&Barrier>) -> Shape {
+        Shape::of(config, |name| {
+            if let Some(b) = barrier {
+                if b.tables.as_ref().is_none_or(|t| t.iter().any(|t| t == name)) {
+                    return b.to_phase;
+                }
+            }
+            state.table(name).map_or_else(
+                || {
+                    config
+                        .tables
+                        .iter()
+                        .find(|t| t.name.to_string() == name)
+                        .map_or(Phase::Passthrough, |t| t.phase)
+                },
+                |c| c.phase,
+            )
+        })
+    }
+
+    /// The home store: sessions log in there.
+    pub(crate) fn home(&self) -> Role {
+        self.0.first().map_or(Role::Old, |(r, _)| *r)
+    }
+}
+
+pub(crate) fn roles_for(authoritative: Role) -> Roles {
+    match authoritative {
+        Role::New => Roles::NEW_AUTHORITATIVE,
+        Role::Old => Roles::OLD_AUTHORITATIVE,
+    }
+}
+
+/// The other store's side of an engine while table groups are split between the stores: a
+/// session runs a transaction there when its first statement names a table of a group whose
+/// writes that store takes.
+pub(crate) struct OtherRoute {
+    pub(crate) upstream: WireTarget,
+    pub(crate) mirror: Arc<Mirror>,
+}
+
 /// What sessions of one authority use.
 pub(crate) struct Engine {
     /// Grows with every change of authority.
     pub(crate) generation: u64,
+    /// The roles of the home store (the authoritative store sessions log in to).
     pub(crate) roles: Roles,
-    /// The authoritative store sessions log in to.
+    /// The home store sessions log in to.
     pub(crate) upstream: WireTarget,
-    /// The dual-write engine, when some table is mirrored.
+    /// The dual-write engine of the home store, when some table is mirrored.
     pub(crate) mirror: Option<Arc<Mirror>>,
-    /// The tables it mirrors (`schema.table`).
-    pub(crate) mirrored: Vec<String>,
-    /// The configured tables (`schema.table`).
-    configured: Vec<String>,
+    /// The other store's side, while table groups are split between the stores.
+    pub(crate) other: Option<OtherRoute>,
+    /// What it was built for.
+    pub(crate) shape: Shape,
 }
 
 impl Engine {
+    /// An engine with one store taking the writes (no table groups split between the stores).
     pub(crate) fn new(generation: u64, roles: Roles, config: &Config, mirror: Option<Arc<Mirror>>) -> Engine {
+        let mirrored = mirror
+            .as_ref()
+            .map(|m| m.tables.iter().map(|t| t.name.to_string()).collect())
+            .unwrap_or_default();
         Engine {
             generation,
             roles,
-            upstream: WireTarget {
-                url: roles.authoritative.settings(config).url.clone(),
-                store: roles.authoritative,
-            },
-            mirrored: mirror
-                .as_ref()
-                .map(|m| m.tables.iter().map(|t| t.name.to_string()).collect())
-                .unwrap_or_default(),
-            configured: config.tables.iter().map(|t| t.name.to_string()).collect(),
+            upstream: target(config, roles.authoritative),
             mirror,
+            other: None,
+            shape: Shape(vec![(roles.authoritative, mirrored)]),
         }
     }
 
-    /// Whether the control state moved a table this engine mirrors to `done` (the engine must
-    /// stop mirroring it), or a configured table it does not mirror into a mirrored phase
-    /// (dual writes started at run time).
-    fn outdated_by(&self, state: &ControlState) -> bool {
-        let done = self.mirrored.iter().any(|t| {
-            state
-                .table(t)
-                .is_some_and(|c| c.phase == switchyard_config::Phase::Done)
-        });
-        let started = self.configured.iter().any(|t| {
-            !self.mirrored.contains(t)
-                && state
-                    .table(t)
-                    .is_some_and(|c| switchyard_store::prepare::captured_phase(c.phase))
-        });
-        done || started
+    /// An engine for `shape`, with the dual-write engine of each of its stores (in its order).
+    pub(crate) fn with_shape(
+        generation: u64,
+        shape: Shape,
+        config: &Config,
+        mut mirrors: Vec<Option<Arc<Mirror>>>,
+    ) -> Engine {
+        let home = shape.home();
+        let other = match (shape.0.get(1), mirrors.get_mut(1).and_then(Option::take)) {
+            (Some((role, _)), Some(mirror)) => Some(OtherRoute {
+                upstream: target(config, *role),
+                mirror,
+            }),
+            _ => None,
+        };
+        Engine {
+            generation,
+            roles: roles_for(home),
+            upstream: target(config, home),
+            mirror: mirrors.into_iter().next().flatten(),
+            other,
+            shape,
+        }
+    }
+
+    /// The store sessions use and its dual-write engine, for a session on `store`: that store's
+    /// if it takes some table's writes, else the home store's.
+    pub(crate) fn route(&self, store: Role) -> (&WireTarget, Option<&Arc<Mirror>>) {
+        match &self.other {
+            Some(o) if o.upstream.store == store => (&o.upstream, Some(&o.mirror)),
+            _ => (&self.upstream, self.mirror.as_ref()),
+        }
+    }
+
+    /// Every dual-write engine it runs.
+    pub(crate) fn mirrors(&self) -> impl Iterator<Item = &Arc<Mirror>> {
+        self.mirror.iter().chain(self.other.as_ref().map(|o| &o.mirror))
+    }
+}
+
+fn target(config: &Config, store: Role) -> WireTarget {
+    WireTarget {
+        url: store.settings(config).url.clone(),
+        store,
     }
 }
 
@@ -212,14 +333,6 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "proxy".to_owned())
 }
 
-/// The roles the control state gives: NEW authoritative once the tables are in `cutover`.
-pub(crate) fn roles_of(state: &ControlState) -> Roles {
-    match switchyard_control::authoritative(state) {
-        Role::New => Roles::NEW_AUTHORITATIVE,
-        Role::Old => Roles::OLD_AUTHORITATIVE,
-    }
-}
-
 /// What [`follow`] needs besides the authority.
 pub(crate) struct Follow {
     pub(crate) control_store: Store,
@@ -230,23 +343,25 @@ pub(crate) struct Follow {
     pub(crate) ready: ReadyEngine,
     /// Whether the control state decides the roles (else they were fixed at start).
     pub(crate) follow_authority: bool,
+    /// The proxy's configuration (its tables and groups).
+    pub(crate) config: Arc<Config>,
 }
 
 type Boxed<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send>>;
 
-/// Builds the engine of `roles` with `generation`; with a phase, ahead of a barrier's end, for
-/// every configured table in that phase and without checking the stores' readiness yet.
-pub(crate) type BuildEngine = Box<dyn Fn(Roles, u64, Option<Phase>) -> Boxed<Engine> + Send + Sync>;
+/// Builds the engine for the control state with `generation`; with a barrier, ahead of its end,
+/// for the tables it moves in the phase it moves them to, without checking the stores'
+/// readiness yet.
+pub(crate) type BuildEngine = Box<dyn Fn(u64, Option<Barrier>) -> Boxed<Engine> + Send + Sync>;
 
 /// Checks an engine built ahead on the stores and applies the control state to it.
 pub(crate) type ReadyEngine = Box<dyn Fn(Arc<Mirror>, Arc<ControlState>) -> Boxed<()> + Send + Sync>;
 
-/// The engine being built for barrier `epoch` (as first seen: announced), for the roles and
-/// phase it moves to.
+/// The engine being built for barrier `epoch` (as first seen: announced), for the shape it
+/// leaves.
 struct Ahead {
     epoch: i64,
-    roles: Roles,
-    phase: Phase,
+    shape: Shape,
     task: tokio::task::JoinHandle<Result<Engine, String>>,
 }
 
@@ -334,21 +449,13 @@ async fn step(authority: &Authority, follow: &Follow, state: &Arc<ControlState>,
             // The engine for the roles the barrier moves to is built as soon as it is announced,
             // while writes go on (its catalog reads and logins take a good part of a second), so
             // the gate opens at once when the barrier ends.
-            let roles = match b.authority {
-                Role::New => Roles::NEW_AUTHORITATIVE,
-                Role::Old => Roles::OLD_AUTHORITATIVE,
-            };
-            if follow.follow_authority
-                && ahead
-                    .as_ref()
-                    .is_none_or(|a| a.roles != roles || a.phase != b.to_phase)
-            {
+            let shape = Shape::of_state(&follow.config, state, Some(b));
+            if follow.follow_authority && ahead.as_ref().is_none_or(|a| a.shape != shape) {
                 let generation = authority.engine().generation + 1;
                 *ahead = Some(Ahead {
                     epoch: b.epoch,
-                    roles,
-                    phase: b.to_phase,
-                    task: tokio::spawn((follow.build)(roles, generation, Some(b.to_phase))),
+                    shape,
+                    task: tokio::spawn((follow.build)(generation, Some(b.clone()))),
                 });
             }
             if !b.holding {
@@ -370,28 +477,27 @@ async fn step(authority: &Authority, follow: &Follow, state: &Arc<ControlState>,
                 return;
             }
             let engine = authority.engine();
-            let roles = if follow.follow_authority {
-                roles_of(state)
+            let shape = if follow.follow_authority {
+                Shape::of_state(&follow.config, state, None)
             } else {
-                engine.roles
+                engine.shape.clone()
             };
             let built = ahead.take();
-            if roles != engine.roles || (follow.follow_authority && engine.outdated_by(state)) {
+            if shape != engine.shape {
                 let swap_started = Instant::now();
                 let next = match built {
-                    Some(a) if a.roles == roles && state.tables.iter().all(|t| t.phase == a.phase) => {
-                        take_ahead(a, follow, state).await
-                    }
+                    Some(a) if a.shape == shape => take_ahead(a, follow, state).await,
                     _ => None,
                 };
                 let next = match next {
                     Some(n) => Ok(n),
-                    None => (follow.build)(roles, engine.generation + 1, None).await,
+                    None => (follow.build)(engine.generation + 1, None).await,
                 };
                 match next {
                     Ok(next) => {
                         tracing::info!(
-                            authoritative = roles.authoritative.name(),
+                            authoritative = next.roles.authoritative.name(),
+                            other = next.other.as_ref().map(|o| o.upstream.store.name()),
                             generation = next.generation,
                             ms = swap_started.elapsed().as_secs_f64() * 1e3,
                             "write authority moved; sessions follow at their next transaction"
@@ -404,7 +510,8 @@ async fn step(authority: &Authority, follow: &Follow, state: &Arc<ControlState>,
                         // again: their connections go soon, not when the last session moved; not
                         // at once either, as each is a backend exiting on a store, CPU the moved
                         // sessions' first transactions need on a machine with few cores.
-                        if let Some(m) = before.mirror.clone() {
+                        for m in before.mirrors() {
+                            let m = Arc::clone(m);
                             tokio::spawn(async move {
                                 tokio::time::sleep(RETIRE_AFTER).await;
                                 m.close().await
@@ -440,7 +547,7 @@ async fn take_ahead(mut a: Ahead, follow: &Follow, state: &Arc<ControlState>) ->
             return None;
         }
     };
-    if let Some(m) = &engine.mirror {
+    for m in engine.mirrors() {
         if let Err(e) = (follow.ready)(Arc::clone(m), Arc::clone(state)).await {
             tracing::warn!(error = %e, "the engine built during the barrier is not ready; building it again");
             return None;

@@ -157,6 +157,7 @@ async fn serve(
             control_store: state.old_store.clone(),
             poll: state.config.control.poll_interval,
             build: state.engine_builder(),
+            config: Arc::clone(&state.config),
             ready: state.engine_ready(),
             follow_authority: roles.is_none(),
         },

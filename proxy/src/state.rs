@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use switchyard_config::Config;
+use switchyard_config::{Config, Phase};
 use switchyard_dualwrite::Mirror;
 use switchyard_pgwire::frame::MessageLimits;
 use switchyard_store::wire::WireTarget;
@@ -17,7 +17,7 @@ use switchyard_store::{PoolSettings, Role, Roles, Store};
 use tokio::sync::Semaphore;
 
 use crate::auth::{AuthLookup, ClientAuth};
-use crate::authority::{Authority, Engine};
+use crate::authority::{roles_for, Authority, Engine, Shape};
 use crate::cancel::CancelRegistry;
 use crate::control_state::ControlFollower;
 use crate::drift_figures::DriftFigures;
@@ -123,14 +123,33 @@ impl ProxyState {
         .await
         .map_err(|e| StartError::Telemetry(e.to_string()))??;
         let (config, control) = with_control_state(config, &old_store).await;
-        // The control state says which store takes the writes (NEW once the tables cut over),
-        // unless the caller chose the roles (the engine's tests).
-        let roles = match (&control, roles) {
-            (_, Some(fixed)) => fixed,
-            (Some(c), None) => crate::authority::roles_of(c),
-            (None, None) => Roles::OLD_AUTHORITATIVE,
+        // The control state says which store takes the writes (NEW once the tables cut over;
+        // with table groups, each group's own), unless the caller chose the roles (the engine's
+        // tests).
+        let engine = match roles {
+            Some(fixed) => {
+                let mirror = Mirror::start(&config, fixed).await?;
+                Engine::new(0, fixed, &config, mirror)
+            }
+            None => {
+                let shape = match &control {
+                    Some(c) => Shape::of_state(&config, c, None),
+                    None => Shape::of(&config, |name| {
+                        config
+                            .tables
+                            .iter()
+                            .find(|t| t.name.to_string() == name)
+                            .map_or(Phase::Passthrough, |t| t.phase)
+                    }),
+                };
+                let mut mirrors = Vec::new();
+                for (role, _) in &shape.0 {
+                    mirrors.push(Mirror::start(&config, roles_for(*role)).await?);
+                }
+                Engine::with_shape(0, shape, &config, mirrors)
+            }
         };
-        let mirror = Mirror::start(&config, roles).await?;
+        let mirror = engine.mirror.clone();
         let drift = Arc::new(DriftFigures::default());
         metrics.register_drift(
             Arc::clone(&drift),
@@ -153,7 +172,7 @@ impl ProxyState {
                 m.follow_phase(&t.table, t.phase, share, t.read_share);
             })
         };
-        let authority = Arc::new(Authority::new(Engine::new(0, roles, &config, mirror)));
+        let authority = Arc::new(Authority::new(engine));
         metrics.register_authority(Arc::clone(&authority));
         let current = Arc::downgrade(&authority);
         metrics.register_engine(Arc::new(move || current.upgrade()?.engine().mirror.clone()));
@@ -162,7 +181,7 @@ impl ProxyState {
             let on_phase = Arc::clone(&on_phase);
             Arc::new(ControlFollower::new(Some(
                 Box::new(move |t: &switchyard_control::TableControl| {
-                    if let Some(m) = &authority.engine().mirror {
+                    for m in authority.engine().mirrors() {
                         on_phase(m, t);
                     }
                 }) as crate::control_state::OnChange,
@@ -235,45 +254,65 @@ impl ProxyState {
     /// control state applied, when the barrier ends ([`ProxyState::engine_ready`]).
     pub(crate) fn engine_builder(self: &Arc<Self>) -> crate::authority::BuildEngine {
         let me = Arc::downgrade(self);
-        Box::new(move |roles, generation, ahead| {
-            let me = me.clone();
-            Box::pin(async move {
-                let Some(state) = me.upgrade() else {
-                    return Err("the proxy is stopping".to_owned());
-                };
-                let started = std::time::Instant::now();
-                let (config, control) = with_control_state(Arc::clone(&state.config), &state.old_store).await;
-                let mirror = match ahead {
-                    Some(phase) => {
-                        let mut config = (*config).clone();
+        Box::new(
+            move |generation, barrier: Option<switchyard_control::barrier::Barrier>| {
+                let me = me.clone();
+                Box::pin(async move {
+                    let Some(state) = me.upgrade() else {
+                        return Err("the proxy is stopping".to_owned());
+                    };
+                    let started = std::time::Instant::now();
+                    let (config, control) =
+                        with_control_state(Arc::clone(&state.config), &state.old_store).await;
+                    let mut config = (*config).clone();
+                    if let Some(b) = &barrier {
                         for t in &mut config.tables {
-                            t.phase = phase;
+                            if b.tables
+                                .as_ref()
+                                .is_none_or(|moved| moved.contains(&t.name.to_string()))
+                            {
+                                t.phase = b.to_phase;
+                            }
                         }
-                        Mirror::start_unchecked(&config, roles).await
                     }
-                    None => Mirror::start(&config, roles).await,
-                }
-                .map_err(|e| e.to_string())?;
-                if let (Some(m), Some(_)) = (&mirror, ahead) {
-                    // As many link connections as sessions may need at once right after the
-                    // swap (bounded by the link's own size).
-                    let sessions = (config.proxy.max_connections as usize)
-                        .saturating_sub(state.connection_slots.available_permits());
-                    m.warm(sessions.min(8)).await;
-                }
-                if let (Some(m), Some(c), None) = (&mirror, &control, ahead) {
-                    for t in &c.tables {
-                        (state.on_phase)(m, t);
+                    let shape = Shape::of(&config, |name| {
+                        config
+                            .tables
+                            .iter()
+                            .find(|t| t.name.to_string() == name)
+                            .map_or(Phase::Passthrough, |t| t.phase)
+                    });
+                    let mut mirrors = Vec::new();
+                    for (role, _) in &shape.0 {
+                        let roles = roles_for(*role);
+                        let mirror = match barrier {
+                            Some(_) => Mirror::start_unchecked(&config, roles).await,
+                            None => Mirror::start(&config, roles).await,
+                        }
+                        .map_err(|e| e.to_string())?;
+                        if let (Some(m), Some(_)) = (&mirror, &barrier) {
+                            // As many link connections as sessions may need at once right after the
+                            // swap (bounded by the link's own size).
+                            let sessions = (config.proxy.max_connections as usize)
+                                .saturating_sub(state.connection_slots.available_permits());
+                            m.warm(sessions.min(8)).await;
+                        }
+                        if let (Some(m), Some(c), None) = (&mirror, &control, &barrier) {
+                            for t in &c.tables {
+                                (state.on_phase)(m, t);
+                            }
+                        }
+                        mirrors.push(mirror);
                     }
-                }
-                tracing::info!(
-                    ahead = ahead.is_some(),
-                    ms = started.elapsed().as_secs_f64() * 1e3,
-                    "engine for the new roles started"
-                );
-                Ok(Engine::new(generation, roles, &config, mirror))
-            })
-        })
+                    tracing::info!(
+                        ahead = barrier.is_some(),
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "engine for the new roles started"
+                    );
+                    Ok(Engine::with_shape(generation, shape, &config, mirrors))
+                })
+            },
+        )
     }
 
     /// Makes an engine built ahead of a barrier's end ready to take over: the stores checked

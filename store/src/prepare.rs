@@ -181,6 +181,25 @@ pub async fn is_fenced(pool: &PgPool, role: Role, tables: &[PreparedTable]) -> R
     .map_err(failed(role, "looking for the write fence"))
 }
 
+/// Fences `tables` on this store (`on`) or lifts their fence, in one transaction, capture left
+/// as it is: with table groups, a store that takes some groups' writes is fenced for the others'
+/// tables ([`crate::capture::fence_sql`]).
+pub async fn set_fence(pool: &PgPool, role: Role, tables: &[TableName], on: bool) -> Result<(), StoreError> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let batch = crate::capture::fence_sql(tables, on).join(";\n");
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(failed(role, "starting a transaction"))?;
+    sqlx::raw_sql(AssertSqlSafe(batch.as_str()))
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(role, "setting the write fence"))?;
+    tx.commit().await.map_err(failed(role, "setting the write fence"))
+}
+
 /// `table` seen from the other store: its `old` and `new` definitions swapped (for
 /// [`set_capture`] on the store that is the follower in the report's roles).
 pub fn swapped(table: &PreparedTable) -> PreparedTable {

@@ -200,6 +200,7 @@ impl DualEnv {
                     } else {
                         UncapturedPolicy::Refuse
                     },
+                    group: None,
                 })
             })
             .collect()

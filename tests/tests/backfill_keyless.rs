@@ -343,6 +343,7 @@ async fn the_capture_boundary_is_kept_by_prepare_and_dropped_with_the_triggers()
         shadow_share: 0,
         key: Vec::new(),
         on_uncaptured: switchyard_config::UncapturedPolicy::Refuse,
+        group: None,
     }];
     let report = switchyard_store::prepare(&old, &new, &settings, true)
         .await

@@ -17,6 +17,7 @@ fn settings(name: &str) -> TableSettings {
         shadow_share: 0,
         key: Vec::new(),
         on_uncaptured: UncapturedPolicy::Refuse,
+        group: None,
     }
 }
 

@@ -66,6 +66,7 @@ fn table_named(name: TableName, key: &[&str]) -> TableSettings {
         shadow_share: 0,
         key: key.iter().map(|k| k.to_string()).collect(),
         on_uncaptured: UncapturedPolicy::Refuse,
+        group: None,
     }
 }
 

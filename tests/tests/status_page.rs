@@ -57,6 +57,7 @@ async fn the_page_shows_what_status_says_with_a_chart_and_no_errors() {
         shadow_share: 100,
         key: Vec::new(),
         on_uncaptured: UncapturedPolicy::Refuse,
+        group: None,
     };
     let table = DriftTable::load(&old, &new, &settings).await.unwrap();
     for seed in [1, 2] {

@@ -244,6 +244,11 @@ where
                     self.refuse_extended(&msg);
                 }
             }
+            Stmt::Foreign { table, .. } => {
+                let (msg, hint) = self.foreign_refusal(table);
+                let sql = refusal_sql_with(&msg, &hint);
+                self.inject_statement(&sql, None, true, false);
+            }
             Stmt::Plain => {
                 let expect = Expect::Execute {
                     forward: true,
@@ -255,6 +260,22 @@ where
             }
         }
         Ok(())
+    }
+
+    /// The refusal of a statement naming `table`, whose writes the other store takes, inside a
+    /// transaction (or a batch) running here: message and hint.
+    pub(super) fn foreign_refusal(&self, table: &str) -> (String, String) {
+        let (here, there) = (self.mirror.roles.authoritative, self.mirror.roles.follower);
+        (
+            format!(
+                "table {table} is written on {} (its table group cut over separately), and this transaction runs on {}: \
+                 one transaction cannot use tables of groups written on different databases",
+                there.name(),
+                here.name()
+            ),
+            "Use the tables of one table group per transaction: its first statement decides the database it runs on."
+                .to_owned(),
+        )
     }
 
     /// Counts a refused statement and returns the message the client gets.
@@ -334,8 +355,13 @@ pub(super) const REFUSAL_HINT: &str = "Run it directly on both databases, or set
 
 /// A statement that makes the server raise the refusal (SQLSTATE 0A000).
 pub(super) fn refusal_sql(message: &str) -> String {
+    refusal_sql_with(message, REFUSAL_HINT)
+}
+
+/// [`refusal_sql`] with a hint of its own.
+pub(super) fn refusal_sql_with(message: &str, hint: &str) -> String {
     let msg = message.replace('\'', "''");
-    let hint = REFUSAL_HINT.replace('\'', "''");
+    let hint = hint.replace('\'', "''");
     format!(
         "DO $switchyard$ BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = '{msg}', HINT = '{hint}'; END $switchyard$",
         sqlstate::FEATURE_NOT_SUPPORTED.as_str()

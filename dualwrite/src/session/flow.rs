@@ -20,10 +20,41 @@ where
                     return Ok(SessionEnd::Reroute);
                 }
                 self.entered = true;
+                self.routed = false;
+            }
+            // With table groups split between the stores, the transaction starting runs where
+            // its first statement's tables are written (`route`).
+            let mut wait_for_more = false;
+            let mut tail: Option<BytesMut> = None;
+            if self.entered && !self.routed {
+                match self.route() {
+                    route::Route::Here => {
+                        self.routed = true;
+                        self.arrived = false;
+                        self.send_deferred();
+                    }
+                    // Moved here for this very transaction: it does not go back (a statement of
+                    // the other store's is then refused).
+                    route::Route::There if self.arrived => {
+                        self.routed = true;
+                        self.arrived = false;
+                        self.send_deferred();
+                    }
+                    route::Route::There => {
+                        self.moving_to = Some(self.mirror.roles.follower);
+                        return Ok(SessionEnd::Reroute);
+                    }
+                    route::Route::DeferBegin => self.defer_begin()?,
+                    route::Route::NeedMore => wait_for_more = true,
+                    route::Route::Prefix(len) => tail = Some(self.client_buf.split_off(len)),
+                }
             }
             // Process every complete client message already buffered.
-            while let Some((tag, frame)) = take_frame(&mut self.client_buf, self.params.limits)
+            while let Some((tag, frame)) = (!wait_for_more)
+                .then(|| take_frame(&mut self.client_buf, self.params.limits))
+                .transpose()
                 .map_err(SessionError::ClientProtocol)?
+                .flatten()
                 .map(|f| (f.tag, f.bytes))
             {
                 self.large_seen |= frame.len() >= LARGE_FRAME;
@@ -51,6 +82,10 @@ where
                 self.host.answered();
             }
             self.flush_client().await?;
+            let routed_rest = tail.is_some();
+            if let Some(rest) = tail.take() {
+                self.client_buf.unsplit(rest);
+            }
             // After a large message, give its buffers' memory back.
             if std::mem::take(&mut self.large_seen) {
                 for buf in [
@@ -66,7 +101,14 @@ where
                 self.host.quiet();
                 self.entered = false;
             }
-            let idle = self.status == TransactionStatus::Idle && self.expect.is_empty() && !self.txn.open();
+            if routed_rest {
+                // The rest of what the client sent is routed now, without waiting for more.
+                continue;
+            }
+            let idle = self.status == TransactionStatus::Idle
+                && self.expect.is_empty()
+                && !self.txn.open()
+                && self.deferred.is_none();
             match self.host.stop() {
                 Stop::Now => return Ok(SessionEnd::ShutdownNow),
                 Stop::Drain { .. } if idle => return Ok(SessionEnd::Drained),

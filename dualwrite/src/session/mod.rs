@@ -56,6 +56,7 @@ mod client;
 mod commit;
 mod copy;
 mod flow;
+mod route;
 mod served;
 mod server;
 mod shadowed;
@@ -159,6 +160,14 @@ pub struct Resume {
     settings: Option<SessionSettings>,
     parses: HashMap<Vec<u8>, Bytes>,
     shift_draw: u8,
+    /// The store the session moves to for its next transaction (table groups split between
+    /// the stores: its first statement names a table the other store takes); `None`: the
+    /// store write authority moved to.
+    pub to: Option<switchyard_store::Role>,
+    /// A BEGIN the client was answered for, not sent upstream yet (`route`).
+    deferred: Option<Bytes>,
+    /// The move is for the transaction the client starts (not a move of write authority).
+    routed: bool,
 }
 
 impl Resume {
@@ -371,6 +380,14 @@ struct MirrorSession<'a, R, W, H> {
     parses: HashMap<Vec<u8>, Bytes>,
     /// Counted busy by the host ([`SessionHost::enter`]).
     entered: bool,
+    /// The store of the transaction the client is starting is decided (`route`).
+    routed: bool,
+    /// A lone BEGIN answered to the client and not sent upstream yet (`route`).
+    deferred: Option<Bytes>,
+    /// Where the session moves on [`SessionEnd::Reroute`] (`None`: where write authority went).
+    moving_to: Option<switchyard_store::Role>,
+    /// The session just moved here for the transaction it starts: it does not move back for it.
+    arrived: bool,
 }
 
 /// Runs a session in dual-write mode until one side ends: `client` is the client's connection
@@ -396,6 +413,8 @@ where
     H: SessionHost,
 {
     let resumed = resume.take();
+    let deferred = resumed.as_ref().and_then(|r| r.deferred.clone());
+    let arrived = resumed.as_ref().is_some_and(|r| r.routed);
     let (client_buf, shadow_settings, parses, shift_draw) = match resumed {
         Some(r) => (r.client_buf, r.settings, r.parses, r.shift_draw),
         None => (
@@ -445,6 +464,10 @@ where
         no_hold: false,
         parses,
         entered: false,
+        routed: false,
+        deferred,
+        moving_to: None,
+        arrived,
     };
     // A session that moved here: what its prepared statements are (writes, reads) is known
     // again, so a Bind of one parsed on the other store is captured and served as before.
@@ -462,6 +485,9 @@ where
             settings: s.shadow_settings.take(),
             parses: std::mem::take(&mut s.parses),
             shift_draw: s.shift_draw,
+            to: s.moving_to,
+            routed: s.moving_to.is_some(),
+            deferred: s.deferred.take(),
         });
     }
     if let Some(p) = s.pending.take() {

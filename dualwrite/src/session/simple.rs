@@ -33,6 +33,20 @@ where
             self.flushed = true;
             return Ok(());
         }
+        if let Some(table) = analysis.stmts.iter().find_map(|s| match &s.stmt {
+            Stmt::Foreign { table, .. } => Some(table),
+            _ => None,
+        }) {
+            // A string that names a table whose writes the other store takes, where the session
+            // could not move for it (a transaction runs here, or the string uses tables of both):
+            // refused whole, as the server refuses a string whose statement fails first.
+            let (msg, hint) = self.foreign_refusal(table);
+            let mut out = BytesMut::new();
+            fe::query(&mut out, &client::refusal_sql_with(&msg, &hint));
+            self.send(&out, Some(Expect::query(true, true, None)));
+            self.flushed = true;
+            return Ok(());
+        }
         if let Some(refusal) = self.uncaptured(&analysis) {
             // The whole string is refused: the server raises the error, as for a statement
             // that failed before anything of the string ran.

@@ -187,6 +187,7 @@ async fn run_session(
     // The key the client knows is the first backend's; after a move to the other store it
     // still names this session.
     let client_key = upstream.cancel_key.clone();
+    let upstream_key = upstream.cancel_key.clone();
     let mut cancel_guard = client_key.clone().map(|key| {
         span.record("backend_pid", key.pid);
         state.cancel.register(key.clone(), upstream_addr, key)
@@ -212,6 +213,12 @@ async fn run_session(
     let mut up_buf = upstream.buf;
     let mut client_buf = buf;
     let mut resume: Option<switchyard_dualwrite::session::Resume> = None;
+    // The session's store, and its connection to the other one while table groups are split
+    // between the stores (kept between its transactions there).
+    let mut store = target.store;
+    let mut parked: Option<reroute::Parked> = None;
+    // The cancel key of the backend the session uses now (the client's key maps to it).
+    let mut current_key = upstream_key.clone();
     // A session of the migrated database logs in ahead to the store a barrier announces.
     let standby = Arc::new(reroute::Standby::default());
     let _follow = (!other_database && engine.mirror.is_some()).then(|| {
@@ -232,7 +239,12 @@ async fn run_session(
             metrics: &state.metrics,
             span,
         };
-        let end = match engine.mirror.as_ref().filter(|_| !other_database) {
+        let route_mirror = if other_database {
+            None
+        } else {
+            engine.route(store).1.cloned()
+        };
+        let end = match route_mirror.as_ref() {
             None => {
                 // A plain relay of the migrated database cannot move to another store, so it
                 // counts as busy for its whole life: a cutover barrier waits for it (and is
@@ -283,58 +295,83 @@ async fn run_session(
         if !matches!(end, Ok(SessionEnd::Reroute)) {
             break end;
         }
-        // Write authority moved: the session goes on with the new authoritative store.
-        let before = engine.upstream.store;
+        // Write authority moved, or the session's next transaction runs on the other store
+        // (table groups split between the stores): the session goes on there.
+        let before = store;
         engine = state.engine();
         let Some(r) = resume.as_mut() else {
             break Err(SessionError::Refused("rerouted without its state".into()));
         };
-        if engine.upstream.store == before {
+        let to = match r.to.take() {
+            Some(to) => to,
+            // Where write authority went: its store if it still takes some table's writes.
+            None => engine.route(before).0.store,
+        };
+        if to == before {
             // The same store (the engine changed, not the authority: `done`): the session goes
             // on with its connection; without a dual-write engine nothing else is carried.
             tracing::debug!(generation = engine.generation, "session stays on its store");
-            if engine.mirror.is_none() {
+            if engine.route(before).1.is_none() {
                 client_buf = std::mem::take(&mut r.client_buf);
                 resume = None;
             }
             continue;
         }
         let moving = std::time::Instant::now();
-        let ahead = standby.take(engine.upstream.store);
-        let moved = reroute::to(state, &who, &engine.upstream, r, ahead)
-            .instrument(span.clone())
-            .await;
+        let (target, _) = engine.route(to);
+        let target = target.clone();
+        let moved = match parked.take() {
+            Some(p) if p.store == to => reroute::replay(p.conn, r, true).await,
+            other => {
+                // A connection parked on a store that takes no writes any more is ended.
+                parked = other;
+                let ahead = standby.take(to);
+                reroute::to(state, &who, &target, r, ahead)
+                    .instrument(span.clone())
+                    .await
+            }
+        };
         let next = match moved {
             Ok(next) => next,
             Err(e) => {
-                tracing::warn!(error = %e, store = engine.upstream.store.name(), "cannot move the session to the new authoritative store");
+                tracing::warn!(error = %e, store = to.name(), "cannot move the session to the other store");
                 break Err(e);
             }
         };
         if let (Some(key), Some(real)) = (client_key.clone(), next.cancel_key.clone()) {
             cancel_guard = Some(state.cancel.register(key, next.addr, real));
         }
-        let (rd, wr) = crate::net::split_store(next.stream);
-        let left = (
-            std::mem::replace(&mut up_rd, rd),
-            std::mem::replace(&mut up_wr, wr),
-        );
-        up_buf = next.buf;
-        // The connection left behind is idle (the move happens between transactions); it is
-        // ended a moment later, not while every session's first transaction on the new store
-        // needs the CPU (`authority::RETIRE_AFTER`).
-        tokio::spawn(async move {
-            let (_rd, mut wr) = left;
-            tokio::time::sleep(crate::authority::RETIRE_AFTER).await;
-            let mut bye = BytesMut::with_capacity(5);
-            frontend::terminate(&mut bye);
-            let _ = wr.write_all(&bye).await;
-            let _ = wr.shutdown().await;
-        });
+        let left = reroute::Moved {
+            rd: std::mem::replace(&mut up_rd, next.rd),
+            wr: std::mem::replace(&mut up_wr, next.wr),
+            buf: std::mem::replace(&mut up_buf, next.buf),
+            cancel_key: None,
+            addr: next.addr,
+        };
+        store = to;
+        let keep = engine.other.is_some() && engine.route(before).0.store == before;
+        if keep {
+            // Table groups split between the stores: the session will be back.
+            let cancel_key = current_key.take();
+            parked = Some(reroute::Parked {
+                store: before,
+                conn: reroute::Moved { cancel_key, ..left },
+            });
+            current_key = next.cancel_key.clone();
+        } else {
+            // The connection left behind is idle (the move happens between transactions); it
+            // is ended a moment later, not while every session's first transaction on the new
+            // store needs the CPU (`authority::RETIRE_AFTER`).
+            retire(left.wr);
+            if let Some(p) = parked.take() {
+                retire(p.conn.wr);
+            }
+            current_key = next.cancel_key.clone();
+        }
         tracing::debug!(
-            store = engine.upstream.store.name(),
+            store = to.name(),
             ms = moving.elapsed().as_secs_f64() * 1e3,
-            "session moved to the new authoritative store"
+            "session moved to the other store"
         );
     };
     drop(cancel_guard);
@@ -361,6 +398,12 @@ async fn run_session(
     }
     let _ = client_wr.shutdown().await;
     let _ = up_wr.shutdown().await;
+    if let Some(mut p) = parked {
+        let mut bye = BytesMut::with_capacity(5);
+        frontend::terminate(&mut bye);
+        let _ = p.conn.wr.write_all(&bye).await;
+        let _ = p.conn.wr.shutdown().await;
+    }
     end
 }
 
@@ -576,6 +619,19 @@ fn asks_for_replication(value: &str) -> bool {
     let v = value.trim().to_ascii_lowercase();
     let prefix_of = |word: &str| !v.is_empty() && word.starts_with(v.as_str());
     v == "database" || v == "1" || v == "on" || prefix_of("true") || prefix_of("yes")
+}
+
+/// Ends a connection a session left (idle: moves happen between transactions) a moment later,
+/// not while the sessions' first transactions on the new store need the CPU
+/// (`authority::RETIRE_AFTER`).
+fn retire(mut wr: crate::net::NetWrite) {
+    tokio::spawn(async move {
+        tokio::time::sleep(crate::authority::RETIRE_AFTER).await;
+        let mut bye = BytesMut::with_capacity(5);
+        frontend::terminate(&mut bye);
+        let _ = wr.write_all(&bye).await;
+        let _ = wr.shutdown().await;
+    });
 }
 
 /// Aborts a task when dropped (a session's helper task ends with the session).

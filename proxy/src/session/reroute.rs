@@ -12,7 +12,9 @@ use switchyard_pgwire::frame::{take_frame, MessageLimits};
 use switchyard_pgwire::startup::{CancelKey, StartupMessage};
 use switchyard_pgwire::{backend, frontend};
 
-use switchyard_store::wire::{ClientLogin, Login, LoginOutcome, StoreStream, Upstream, WireTarget};
+use switchyard_store::wire::{ClientLogin, Login, LoginOutcome, Upstream, WireTarget};
+
+use crate::net::{NetRead, NetWrite};
 use switchyard_store::Role;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -150,12 +152,20 @@ pub(crate) fn follow_barriers(
     })
 }
 
-/// A session's new upstream connection.
+/// A session's new upstream connection, split for the relay.
 pub(crate) struct Moved {
-    pub(crate) stream: StoreStream,
+    pub(crate) rd: NetRead,
+    pub(crate) wr: NetWrite,
     pub(crate) buf: BytesMut,
     pub(crate) cancel_key: Option<CancelKey>,
     pub(crate) addr: std::net::SocketAddr,
+}
+
+/// A session's connection to the other store while table groups are split between the stores,
+/// kept between its transactions there.
+pub(crate) struct Parked {
+    pub(crate) store: Role,
+    pub(crate) conn: Moved,
 }
 
 /// Logs the session in to `target` and replays what it had: its settings, then its prepared
@@ -169,7 +179,7 @@ pub(crate) async fn to(
     standby: Option<Upstream>,
 ) -> Result<Moved, SessionError> {
     if let Some(ahead) = standby {
-        match replay(ahead, resume).await {
+        match replay(fresh(ahead)?, resume, false).await {
             Ok(moved) => return Ok(moved),
             // Opened ahead and lost since (a server restart): a fresh login.
             Err(e) => tracing::debug!(error = %e, "the connection opened ahead failed; logging in again"),
@@ -179,18 +189,36 @@ pub(crate) async fn to(
         LoginOutcome::Ready(u) => u,
         LoginOutcome::Refused(r) => return Err(SessionError::UpstreamLogin(r.message)),
     };
-    replay(upstream, resume).await
+    replay(fresh(upstream)?, resume, false).await
 }
 
-/// Gives the session's state to its new connection `upstream`.
-async fn replay(
-    upstream: Upstream,
-    resume: &mut switchyard_dualwrite::session::Resume,
-) -> Result<Moved, SessionError> {
+/// A connection just logged in, split.
+fn fresh(upstream: Upstream) -> Result<Moved, SessionError> {
     let addr = upstream.stream.peer_addr().map_err(SessionError::UpstreamIo)?;
-    let mut stream = upstream.stream;
-    let mut buf = upstream.buf;
+    let (rd, wr) = crate::net::split_store(upstream.stream);
+    Ok(Moved {
+        rd,
+        wr,
+        buf: upstream.buf,
+        cancel_key: upstream.cancel_key,
+        addr,
+    })
+}
+
+/// Gives the session's state to `conn`: its settings and its prepared statements. `reused`:
+/// the connection served the session before (a parked one), so the statements it prepared then
+/// are dropped first.
+pub(crate) async fn replay(
+    mut conn: Moved,
+    resume: &mut switchyard_dualwrite::session::Resume,
+    reused: bool,
+) -> Result<Moved, SessionError> {
     let (prelude, parses) = resume.replay();
+    let prelude = match (reused, prelude) {
+        (true, Some(p)) => Some(format!("DEALLOCATE ALL; {p}")),
+        (true, None) => Some("DEALLOCATE ALL".to_owned()),
+        (false, p) => p,
+    };
     let mut out = BytesMut::new();
     let mut answers = 0;
     if let Some(sql) = &prelude {
@@ -205,24 +233,19 @@ async fn replay(
         answers += 1;
     }
     if answers > 0 {
-        stream.write_all(&out).await.map_err(SessionError::UpstreamIo)?;
-        stream.flush().await.map_err(SessionError::UpstreamIo)?;
+        conn.wr.write_all(&out).await.map_err(SessionError::UpstreamIo)?;
+        conn.wr.flush().await.map_err(SessionError::UpstreamIo)?;
         for _ in 0..answers {
-            for error in until_ready(&mut stream, &mut buf).await? {
-                tracing::warn!(error = %error, "the new authoritative store refused part of the session's state");
+            for error in until_ready(&mut conn.rd, &mut conn.buf).await? {
+                tracing::warn!(error = %error, "the store refused part of the session's state");
             }
         }
     }
-    Ok(Moved {
-        stream,
-        buf,
-        cancel_key: upstream.cancel_key,
-        addr,
-    })
+    Ok(conn)
 }
 
 /// Reads up to ReadyForQuery; the errors seen on the way.
-async fn until_ready(stream: &mut StoreStream, buf: &mut BytesMut) -> Result<Vec<String>, SessionError> {
+async fn until_ready(stream: &mut NetRead, buf: &mut BytesMut) -> Result<Vec<String>, SessionError> {
     let mut errors = Vec::new();
     loop {
         while let Some(frame) =

@@ -1,0 +1,164 @@
+//! Table groups split between the stores (`docs/cutover.md`, "Table groups"): each transaction
+//! runs on the store that takes the writes of the tables its first statement names.
+//!
+//! When a quiet session's client sends something, the session looks at the first statement of
+//! what came (before any of it goes upstream): if it names a table of a group whose writes the
+//! other store takes ([`Stmt::Foreign`]), the session moves there first
+//! ([`SessionEnd::Reroute`] with [`Resume::to`]); the proxy keeps its connection to each store,
+//! so a move only gives the other connection the session's settings and prepared statements.
+//! Inside a transaction, a statement naming a table of the other store is refused (it would
+//! commit on two databases).
+//!
+//! A lone `BEGIN` says nothing of where the transaction will run, so the session answers it
+//! itself and sends it upstream just before the transaction's first statement, on the store that
+//! statement decides.
+
+use super::*;
+
+/// Where the transaction the client starts runs.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Route {
+    /// On this session's store.
+    Here,
+    /// On the other store: the session moves first.
+    There,
+    /// The client sent a lone BEGIN (simple Query) and waits for its answer: answered here,
+    /// sent with the next statement.
+    DeferBegin,
+    /// The first statement has not fully arrived.
+    NeedMore,
+    /// The buffer starts with this many bytes of a batch that runs no statement (Close or
+    /// Describe messages and their Sync, as drivers send when they drop statements): processed
+    /// first, here, then the rest is routed.
+    Prefix(usize),
+}
+
+impl<R, W, H> MirrorSession<'_, R, W, H>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+    H: SessionHost,
+{
+    /// Where the transaction in the client's buffered messages runs (the session is quiet).
+    pub(super) fn route(&self) -> Route {
+        if !self.mirror.analyzer.has_foreign() {
+            return Route::Here;
+        }
+        let decide = |stmt: &Stmt| match stmt {
+            Stmt::Txn(TxnOp::Begin) => None,
+            // Naming tables of both stores, it runs on neither: refused here.
+            Stmt::Foreign { mixed: true, .. } => Some(Route::Here),
+            Stmt::Foreign { .. } => Some(Route::There),
+            _ => Some(Route::Here),
+        };
+        let mut rest: &[u8] = &self.client_buf;
+        let mut begun = false;
+        let mut parsed: HashMap<&[u8], Stmt> = HashMap::new();
+        loop {
+            let Some(len) = rest
+                .get(1..5)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            else {
+                return Route::NeedMore;
+            };
+            if len < 4 || len > self.params.limits.max_message_bytes {
+                // Malformed or too large: the usual processing refuses it.
+                return Route::Here;
+            }
+            let Some(frame) = rest.get(..1 + len) else {
+                return Route::NeedMore;
+            };
+            let (tag, body) = (frame[0], &frame[5..]);
+            rest = &rest[1 + len..];
+            match (tag, fe::parse(tag, body).ok()) {
+                (b'Q', Some(ClientMessage::Query { sql })) => {
+                    let analysis = self.mirror.analyzer.analyze(&String::from_utf8_lossy(sql));
+                    if let Some(route) = analysis.stmts.iter().find_map(|s| decide(&s.stmt)) {
+                        // A string whose statements name tables of both stores runs on neither.
+                        let both = analysis
+                            .stmts
+                            .iter()
+                            .any(|s| matches!(s.stmt, Stmt::Foreign { .. }))
+                            && analysis
+                                .stmts
+                                .iter()
+                                .any(|s| matches!(s.stmt, Stmt::Write { .. } | Stmt::Uncaptured { .. }));
+                        return if both { Route::Here } else { route };
+                    }
+                    // Only BEGIN: alone, and the client waits for its answer.
+                    if rest.is_empty() && self.deferred.is_none() && !analysis.stmts.is_empty() && !begun {
+                        return Route::DeferBegin;
+                    }
+                    begun = true;
+                }
+                (b'P', Some(ClientMessage::Parse { statement, sql })) => {
+                    // A statement prepared ahead of its first use (a Parse, Describe and Sync
+                    // from drivers that prepare, then a Bind and Execute) decides too: the
+                    // client uses it next.
+                    let analysis = self.mirror.analyzer.analyze(&String::from_utf8_lossy(sql));
+                    let stmt = match analysis.stmts.as_slice() {
+                        [one] => one.stmt.clone(),
+                        _ => Stmt::Plain,
+                    };
+                    if let Some(route) = decide(&stmt) {
+                        return route;
+                    }
+                    begun = true;
+                    parsed.insert(statement, stmt);
+                }
+                (b'B', Some(ClientMessage::Bind { statement, .. })) => {
+                    let stmt = match parsed.get(statement) {
+                        Some(s) => Some(s),
+                        None => self.statements.get(statement).map(|s| &**s),
+                    };
+                    match stmt.map(decide) {
+                        Some(None) => {}
+                        Some(Some(route)) => return route,
+                        None => return Route::Here,
+                    }
+                }
+                // Describe and Close start nothing.
+                (b'D' | b'C', _) => {}
+                // A batch without statements, more behind it: it goes first.
+                (b'S' | b'H', _) if !begun && !rest.is_empty() => {
+                    return Route::Prefix(self.client_buf.len() - rest.len());
+                }
+                // Sync, Flush, a function call, COPY data, Terminate: the client waits for
+                // answers or ends; the batch runs here.
+                _ => return Route::Here,
+            }
+        }
+    }
+
+    /// Answers the client's lone BEGIN (the first frame of its buffer) as the server would, and
+    /// keeps it for [`Self::send_deferred`].
+    pub(super) fn defer_begin(&mut self) -> Result<(), SessionError> {
+        let Some(frame) =
+            take_frame(&mut self.client_buf, self.params.limits).map_err(SessionError::ClientProtocol)?
+        else {
+            return Ok(());
+        };
+        let sql = match fe::parse(frame.tag, frame.bytes.get(5..).unwrap_or_default()) {
+            Ok(ClientMessage::Query { sql }) => String::from_utf8_lossy(sql).to_ascii_lowercase(),
+            _ => String::new(),
+        };
+        let tag = if sql.trim_start().starts_with("start") {
+            "START TRANSACTION"
+        } else {
+            "BEGIN"
+        };
+        backend::command_complete(&mut self.to_client, tag);
+        backend::ready_for_query(&mut self.to_client, TransactionStatus::InTransaction);
+        self.deferred = Some(frame.bytes);
+        Ok(())
+    }
+
+    /// Sends the BEGIN answered by [`Self::defer_begin`] ahead of the transaction's first
+    /// statement; its answers were the client's already.
+    pub(super) fn send_deferred(&mut self) {
+        if let Some(frame) = self.deferred.take() {
+            self.send_frame(&frame, Some(Expect::query(false, false, None)));
+            self.flushed = true;
+        }
+    }
+}
