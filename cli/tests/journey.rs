@@ -960,3 +960,89 @@ async fn dual_writes_start_at_run_time_from_passthrough_and_converge() {
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+/// Sessions through a cutover with state on their server: one listening on a channel goes on
+/// listening on NEW; one holding a session-level advisory lock, and one holding a temporary
+/// table, are ended with a clear error at their next statement (their state cannot move, and
+/// going on without it would release the lock under the client's feet); a session without such
+/// state moves without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_follows_the_move_or_ends_the_session_with_a_clear_error() {
+    let (env, cfg) = ready_for_cutover("journey_state", 5_000).await;
+    let a = polling_proxy(&env).await;
+    wait_for_heartbeats(&env, 1).await;
+    let session = || async {
+        let (c, conn) = tokio_postgres::connect(&a.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    let (listener, locker, temp, plain) =
+        (session().await, session().await, session().await, session().await);
+    listener
+        .batch_execute("LISTEN switchyard_test_channel")
+        .await
+        .unwrap();
+    locker
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    temp.batch_execute("CREATE TEMP TABLE scratch (x int)")
+        .await
+        .unwrap();
+    plain
+        .batch_execute("INSERT INTO items (owner, v) VALUES (9, 9)")
+        .await
+        .unwrap();
+
+    let out = forced_cutover(&cfg).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    writes_to(&a, "NEW").await;
+
+    for (c, what) in [(&locker, "advisory lock"), (&temp, "temporary tables")] {
+        let e = c.batch_execute("SELECT 1").await.expect_err(what);
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{what}: {e}"));
+        assert_eq!(db.code().code(), "57P01", "{db:?}");
+        assert!(
+            db.message().contains(what) && db.message().contains("moved write authority to NEW"),
+            "{db:?}"
+        );
+    }
+    // The lock went with the connection that held it: anyone may take it now.
+    let old = env.old.client().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let took: bool = old
+            .query_one("SELECT pg_try_advisory_lock(4242)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if took {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the advisory lock is still held on OLD"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    plain
+        .batch_execute("INSERT INTO items (owner, v) VALUES (9, 10)")
+        .await
+        .unwrap();
+    let channels: Vec<String> = listener
+        .query("SELECT pg_listening_channels()::text", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(channels, ["switchyard_test_channel"]);
+    let on: String = listener
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on, env.new.name(), "the listener runs on NEW");
+}

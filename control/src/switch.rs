@@ -2,8 +2,9 @@
 //! writes, OLD follows) and back (`--to read_shift`, `shadow_read` or `dual_write` from
 //! `cutover`: a rollback), and `--to done` (NEW keeps the writes and stops mirroring them to
 //! OLD: under the barrier the capture is removed from NEW instead of moved). Every configured
-//! table moves together: a transaction cannot span two authorities. The steps, under the
-//! barrier (`crate::barrier`):
+//! table moves together, or, when the configuration names table groups, the named table's group
+//! (the proxies then run each transaction on its group's store; `done` still moves every table).
+//! The steps, under the barrier (`crate::barrier`):
 //!
 //! 1. the guard rails of cutover, per table (not for a rollback);
 //! 2. the barrier opens; every live proxy finishes its write transactions in flight, holds new

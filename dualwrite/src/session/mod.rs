@@ -171,6 +171,11 @@ pub struct Resume {
 }
 
 impl Resume {
+    /// The names of the session's prepared statements.
+    pub fn statement_names(&self) -> Vec<Vec<u8>> {
+        self.parses.keys().cloned().collect()
+    }
+
     /// The statement that gives a new connection the session's settings (`None`: none to
     /// give), and the Parse messages that prepare its statements there again.
     pub fn replay(&mut self) -> (Option<String>, Vec<Bytes>) {

@@ -302,11 +302,9 @@ async fn run_session(
         let Some(r) = resume.as_mut() else {
             break Err(SessionError::Refused("rerouted without its state".into()));
         };
-        let to = match r.to.take() {
-            Some(to) => to,
-            // Where write authority went: its store if it still takes some table's writes.
-            None => engine.route(before).0.store,
-        };
+        let routed = r.to.take();
+        // Where write authority went: its store if it still takes some table's writes.
+        let to = routed.unwrap_or_else(|| engine.route(before).0.store);
         if to == before {
             // The same store (the engine changed, not the authority: `done`): the session goes
             // on with its connection; without a dual-write engine nothing else is carried.
@@ -318,10 +316,35 @@ async fn run_session(
             continue;
         }
         let moving = std::time::Instant::now();
+        // A move of write authority leaves the connection for good: what the session holds
+        // there that cannot follow it ends the session with a clear error instead of being
+        // lost without a word (an advisory lock would be released under the client's feet).
+        let mut channels = Vec::new();
+        if routed.is_none() {
+            match reroute::held(&mut up_rd, &mut up_wr, &mut up_buf).await {
+                Ok(held) if !held.unmovable.is_empty() => {
+                    let what = held.unmovable.join(", ");
+                    let fatal = ErrorResponse::fatal(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        format!(
+                            "terminating connection because Switchyard moved write authority to {} and this session holds {what}, which cannot move with it",
+                            to.name()
+                        ),
+                    )
+                    .with_hint("Reconnect: a new session runs on the database that takes the writes now.");
+                    send_fatal(&mut client_wr, fatal).await;
+                    break Err(SessionError::Refused(format!(
+                        "session state cannot move: {what}"
+                    )));
+                }
+                Ok(held) => channels = held.channels,
+                Err(e) => break Err(e),
+            }
+        }
         let (target, _) = engine.route(to);
         let target = target.clone();
         let moved = match parked.take() {
-            Some(p) if p.store == to => reroute::replay(p.conn, r, true).await,
+            Some(p) if p.store == to => reroute::replay(p.conn, r, &p.names).await,
             other => {
                 // A connection parked on a store that takes no writes any more is ended.
                 parked = other;
@@ -330,6 +353,10 @@ async fn run_session(
                     .instrument(span.clone())
                     .await
             }
+        };
+        let moved = match moved {
+            Ok(mut next) => reroute::listen(&mut next, &channels).await.map(|()| next),
+            Err(e) => Err(e),
         };
         let next = match moved {
             Ok(next) => next,
@@ -356,6 +383,7 @@ async fn run_session(
             parked = Some(reroute::Parked {
                 store: before,
                 conn: reroute::Moved { cancel_key, ..left },
+                names: r.statement_names(),
             });
             current_key = next.cancel_key.clone();
         } else {

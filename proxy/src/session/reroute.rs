@@ -2,8 +2,11 @@
 //! (`docs/cutover.md`): a new connection to the new authoritative store, logged in as the
 //! session was, given the session's settings and its prepared statements again, before the
 //! client's next message goes there. The client sees nothing of it: its connection, its cancel
-//! key and its statements stay. What cannot move (temporary tables, `LISTEN`, session advisory
-//! locks, SQL-level `PREPARE`, `WITH HOLD` cursors) is lost; the documentation says so.
+//! key and its statements stay. The channels it listens on are listened on again; what cannot
+//! move (temporary tables, session advisory locks, SQL-level `PREPARE`, `WITH HOLD` cursors)
+//! ends the session with a clear error instead ([`held`]). With table groups split between the
+//! stores, a session also moves for a transaction on the other store, and keeps its connection
+//! to each ([`Parked`]).
 
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -166,6 +169,8 @@ pub(crate) struct Moved {
 pub(crate) struct Parked {
     pub(crate) store: Role,
     pub(crate) conn: Moved,
+    /// The session's prepared statements when it left that connection (they are still there).
+    pub(crate) names: Vec<Vec<u8>>,
 }
 
 /// Logs the session in to `target` and replays what it had: its settings, then its prepared
@@ -179,7 +184,7 @@ pub(crate) async fn to(
     standby: Option<Upstream>,
 ) -> Result<Moved, SessionError> {
     if let Some(ahead) = standby {
-        match replay(fresh(ahead)?, resume, false).await {
+        match replay(fresh(ahead)?, resume, &[]).await {
             Ok(moved) => return Ok(moved),
             // Opened ahead and lost since (a server restart): a fresh login.
             Err(e) => tracing::debug!(error = %e, "the connection opened ahead failed; logging in again"),
@@ -189,7 +194,7 @@ pub(crate) async fn to(
         LoginOutcome::Ready(u) => u,
         LoginOutcome::Refused(r) => return Err(SessionError::UpstreamLogin(r.message)),
     };
-    replay(fresh(upstream)?, resume, false).await
+    replay(fresh(upstream)?, resume, &[]).await
 }
 
 /// A connection just logged in, split.
@@ -205,27 +210,27 @@ fn fresh(upstream: Upstream) -> Result<Moved, SessionError> {
     })
 }
 
-/// Gives the session's state to `conn`: its settings and its prepared statements. `reused`:
-/// the connection served the session before (a parked one), so the statements it prepared then
-/// are dropped first.
+/// Gives the session's state to `conn`: its settings and its prepared statements. `held`: the
+/// statements the connection holds from an earlier visit of the session (a parked one), closed
+/// first.
 pub(crate) async fn replay(
     mut conn: Moved,
     resume: &mut switchyard_dualwrite::session::Resume,
-    reused: bool,
+    held: &[Vec<u8>],
 ) -> Result<Moved, SessionError> {
     let (prelude, parses) = resume.replay();
-    let prelude = match (reused, prelude) {
-        (true, Some(p)) => Some(format!("DEALLOCATE ALL; {p}")),
-        (true, None) => Some("DEALLOCATE ALL".to_owned()),
-        (false, p) => p,
-    };
     let mut out = BytesMut::new();
     let mut answers = 0;
     if let Some(sql) = &prelude {
         frontend::query(&mut out, sql);
         answers += 1;
     }
-    if !parses.is_empty() {
+    if !parses.is_empty() || !held.is_empty() {
+        // The statements the connection still holds from the session's last visit are closed
+        // (the session may have closed or redefined them since; its SQL-level PREPAREs stay).
+        for name in held {
+            frontend::close(&mut out, frontend::Target::Statement, name);
+        }
         for p in &parses {
             out.extend_from_slice(p);
         }
@@ -242,6 +247,118 @@ pub(crate) async fn replay(
         }
     }
     Ok(conn)
+}
+
+/// What a session holds on the server it leaves at a move of write authority, read there just
+/// before the move (the session is between transactions).
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    /// What cannot follow the session to another server (named for the client).
+    pub(crate) unmovable: Vec<&'static str>,
+    /// The channels it listens on (quoted): listened on again on the new connection.
+    pub(crate) channels: Vec<String>,
+}
+
+/// Session-level advisory locks, temporary relations, holdable cursors, SQL-level prepared
+/// statements, and the channels listened on, of the connection it runs on.
+const HELD_SQL: &str = "SELECT \
+    (SELECT count(*) FROM pg_catalog.pg_locks WHERE pid = pg_catalog.pg_backend_pid() AND locktype = 'advisory'), \
+    (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()), \
+    (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable), \
+    (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql), \
+    (SELECT coalesce(string_agg(pg_catalog.quote_ident(c), ' '), '') FROM pg_catalog.pg_listening_channels() c)";
+
+/// Reads [`Held`] on the connection a session is about to leave.
+pub(crate) async fn held(
+    rd: &mut NetRead,
+    wr: &mut NetWrite,
+    buf: &mut BytesMut,
+) -> Result<Held, SessionError> {
+    let mut out = BytesMut::new();
+    frontend::query(&mut out, HELD_SQL);
+    wr.write_all(&out).await.map_err(SessionError::UpstreamIo)?;
+    wr.flush().await.map_err(SessionError::UpstreamIo)?;
+    let mut row: Option<Vec<String>> = None;
+    let mut error = None;
+    loop {
+        while let Some(frame) =
+            take_frame(buf, MessageLimits::SERVER).map_err(SessionError::UpstreamProtocol)?
+        {
+            let body: Bytes = frame.bytes.slice(5..);
+            match frame.tag {
+                b'D' => row = data_row(&body),
+                b'E' => error = Some(backend::error_fields(&body).summary()),
+                b'Z' => {
+                    if let Some(e) = error {
+                        return Err(SessionError::Refused(format!("reading the session's state: {e}")));
+                    }
+                    let row = row.unwrap_or_default();
+                    let count = |i: usize| row.get(i).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+                    let mut held = Held::default();
+                    for (i, what) in [
+                        (0, "a session-level advisory lock"),
+                        (1, "temporary tables"),
+                        (2, "a cursor WITH HOLD"),
+                        (3, "statements prepared with SQL PREPARE"),
+                    ] {
+                        if count(i) > 0 {
+                            held.unmovable.push(what);
+                        }
+                    }
+                    held.channels = row
+                        .get(4)
+                        .map(|c| {
+                            c.split(' ')
+                                .filter(|c| !c.is_empty())
+                                .map(str::to_owned)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    return Ok(held);
+                }
+                _ => {}
+            }
+        }
+        buf.reserve(8192);
+        if rd.read_buf(buf).await.map_err(SessionError::UpstreamIo)? == 0 {
+            return Err(SessionError::UpstreamIo(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+/// The text values of a DataRow (a NULL as empty).
+fn data_row(body: &[u8]) -> Option<Vec<String>> {
+    let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
+    let mut at = 2;
+    let mut values = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if len < 0 {
+            values.push(String::new());
+            continue;
+        }
+        let end = at + len as usize;
+        values.push(String::from_utf8_lossy(body.get(at..end)?).into_owned());
+        at = end;
+    }
+    Some(values)
+}
+
+/// Listens on `channels` on the session's new connection (at a move of write authority).
+pub(crate) async fn listen(conn: &mut Moved, channels: &[String]) -> Result<(), SessionError> {
+    if channels.is_empty() {
+        return Ok(());
+    }
+    let sql: Vec<String> = channels.iter().map(|c| format!("LISTEN {c}")).collect();
+    let mut out = BytesMut::new();
+    frontend::query(&mut out, &sql.join("; "));
+    conn.wr.write_all(&out).await.map_err(SessionError::UpstreamIo)?;
+    conn.wr.flush().await.map_err(SessionError::UpstreamIo)?;
+    for error in until_ready(&mut conn.rd, &mut conn.buf).await? {
+        tracing::warn!(error = %error, "the store refused to listen on the session's channels");
+    }
+    Ok(())
 }
 
 /// Reads up to ReadyForQuery; the errors seen on the way.
