@@ -311,6 +311,24 @@ async fn two_table_groups_move_one_at_a_time_under_a_workload_and_lose_nothing()
             );
         }
         if label == "catalog to NEW" {
+            // Each proxy shows both stores taking writes, each for its group's tables.
+            for p in [&a, &b] {
+                let (_, body) = p.admin_get("/status").await.unwrap();
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let stores = &v["authority"]["stores"];
+                assert_eq!(stores[0]["store"], "OLD", "{stores}");
+                assert_eq!(
+                    stores[0]["mirrored_tables"],
+                    serde_json::json!(["public.orders"]),
+                    "{stores}"
+                );
+                assert_eq!(stores[1]["store"], "NEW", "{stores}");
+                assert_eq!(
+                    stores[1]["mirrored_tables"],
+                    serde_json::json!(["public.items"]),
+                    "{stores}"
+                );
+            }
             // A transaction that uses both groups' tables is refused with a clear error, in
             // either order and in one statement; the session goes on.
             for (first, then) in [

@@ -779,6 +779,13 @@ impl Mirror {
     /// loopback port) and the follower is marked down, so a commit takes the path that leaves
     /// its intent to the repair loop without waiting. No background loop runs.
     pub(crate) fn for_tests(tables: &[&str]) -> Arc<Mirror> {
+        Self::for_tests_grouped(tables, &[])
+    }
+
+    /// [`Mirror::for_tests`], with `foreign` the tables whose writes the other store takes (table
+    /// groups split between the stores).
+    #[cfg(test)]
+    pub(crate) fn for_tests_grouped(tables: &[&str], foreign: &[&str]) -> Arc<Mirror> {
         use switchyard_config::TableName;
         use switchyard_store::{Column, TableSchema};
 
@@ -815,7 +822,12 @@ impl Mirror {
                 .enumerate()
                 .map(|(i, t)| (t.name.to_string(), i))
                 .collect(),
-            analyzer: Analyzer::new(MigratedTables::new(&names), writer_set(&[])),
+            analyzer: Analyzer::new(MigratedTables::new(&names), writer_set(&[])).with_foreign(
+                &foreign
+                    .iter()
+                    .map(|t| t.parse::<TableName>().expect("table name"))
+                    .collect::<Vec<_>>(),
+            ),
             shapes: TableShapes::new(mirrored.clone()),
             policies: vec![UncapturedPolicy::Refuse; mirrored.len()],
             tables: mirrored,

@@ -199,6 +199,12 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
         },
         "authority": {
             "writes_to": engine.roles.authoritative.name(),
+            // Table groups split between the stores: the other store takes some groups' writes
+            // (each with the tables it takes), and sessions run their transactions there too.
+            "stores": engine.shape.0.iter().map(|(role, mirrored)| serde_json::json!({
+                "store": role.name(),
+                "mirrored_tables": mirrored,
+            })).collect::<Vec<_>>(),
             "generation": engine.generation,
             "proxy_id": state.authority.proxy_id,
             "held_for_barrier": state.authority.closed_for(),

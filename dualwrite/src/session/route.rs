@@ -117,8 +117,9 @@ where
                         None => return Route::Here,
                     }
                 }
-                // Describe and Close start nothing.
-                (b'D' | b'C', _) => {}
+                // Describe and Close start nothing; an Execute here is of a BEGIN's portal (a
+                // Bind of anything else decided already).
+                (b'D' | b'C' | b'E', _) => {}
                 // A batch without statements, more behind it: it goes first.
                 (b'S' | b'H', _) if !begun && !rest.is_empty() => {
                     return Route::Prefix(self.client_buf.len() - rest.len());

@@ -119,7 +119,17 @@ struct Harness {
 }
 
 fn start(idle_timeout: Option<Duration>) -> Harness {
-    let mirror = Mirror::for_tests(&[TABLE]);
+    start_grouped(idle_timeout, &[]).0
+}
+
+/// What a session that ended with [`SessionEnd::Reroute`] took along.
+type Taken = std::sync::Arc<std::sync::Mutex<Option<super::Resume>>>;
+
+/// A session whose engine sees `foreign` as tables of another group, written on the other store.
+fn start_grouped(idle_timeout: Option<Duration>, foreign: &[&str]) -> (Harness, Taken) {
+    let mirror = Mirror::for_tests_grouped(&[TABLE], foreign);
+    let taken: Taken = Taken::default();
+    let keep = std::sync::Arc::clone(&taken);
     let (client_side, client) = tokio::io::duplex(1 << 16);
     let (server_side, server) = tokio::io::duplex(1 << 16);
     let (stop, stop_rx) = watch::channel(Stop::Run);
@@ -137,6 +147,7 @@ fn start(idle_timeout: Option<Duration>) -> Harness {
             startup: Vec::new(),
             login: None,
         };
+        let mut resume = None;
         let end = relay(
             &engine,
             params,
@@ -145,12 +156,13 @@ fn start(idle_timeout: Option<Duration>) -> Harness {
             (&mut ur, &mut uw),
             BytesMut::new(),
             &mut host,
-            &mut None,
+            &mut resume,
         )
         .await;
+        *keep.lock().expect("not poisoned") = resume;
         (end, host.counts)
     });
-    Harness {
+    let h = Harness {
         client: Peer {
             io: client,
             buf: BytesMut::new(),
@@ -162,7 +174,8 @@ fn start(idle_timeout: Option<Duration>) -> Harness {
         stop,
         task,
         mirror,
-    }
+    };
+    (h, taken)
 }
 
 impl Harness {
@@ -590,4 +603,115 @@ async fn copy_data_is_relayed_until_copy_done() {
         .send(&Answers::default().done("COPY 2").ready(TransactionStatus::Idle).0)
         .await;
     assert_eq!(tags(&h.client.read_until(b'Z').await), "CZ");
+}
+
+// Table groups split between the stores (`route`): `public.o` is the other store's.
+
+const OTHER: &str = "public.o";
+
+/// A lone BEGIN is answered by the session and goes upstream only with the transaction's first
+/// statement, here when that statement's tables are this store's.
+#[tokio::test]
+async fn a_lone_begin_is_answered_and_sent_with_the_first_statement() {
+    let (mut h, _) = start_grouped(None, &[OTHER]);
+    h.client.send(&query("BEGIN")).await;
+    let got = h.client.read_until(b'Z').await;
+    assert_eq!(tags(&got), "CZ");
+    assert_eq!(
+        got[1].1.as_ref(),
+        b"T",
+        "in a transaction, as the client believes"
+    );
+    h.client.send(&query("SELECT * FROM t")).await;
+    let got = h.server.read_until(b'Q').await;
+    assert_eq!(sql_of(&got), ["BEGIN"]);
+    let got = h.server.read_until(b'Q').await;
+    assert_eq!(sql_of(&got), ["SELECT * FROM t"]);
+    let answer = Answers::default()
+        .done("BEGIN")
+        .ready(TransactionStatus::InTransaction)
+        .done("SELECT 0")
+        .ready(TransactionStatus::InTransaction);
+    h.server.send(&answer.0).await;
+    let got = h.client.read_until(b'Z').await;
+    assert_eq!(tags(&got), "CZ", "the BEGIN's answers are not sent twice");
+    h.client.io.shutdown().await.unwrap();
+    assert_eq!(h.end().await.0.unwrap(), SessionEnd::ClientClosed);
+}
+
+/// A transaction whose first statement names the other store's table moves there before
+/// anything of it goes upstream, with the BEGIN it was answered for and the statement.
+#[tokio::test]
+async fn a_transaction_on_the_other_groups_tables_moves_before_anything_is_sent() {
+    let (mut h, taken) = start_grouped(None, &[OTHER]);
+    h.client.send(&query("BEGIN")).await;
+    assert_eq!(tags(&h.client.read_until(b'Z').await), "CZ");
+    h.client.send(&query("UPDATE o SET v = 'x' WHERE id = '1'")).await;
+    let (end, _) = h.end().await;
+    assert_eq!(end.unwrap(), SessionEnd::Reroute);
+    let resume = taken
+        .lock()
+        .unwrap()
+        .take()
+        .expect("what the session takes along");
+    assert_eq!(resume.to, Some(switchyard_store::Role::New));
+    assert_eq!(
+        sql_of(&[(b'Q', resume.deferred.clone().unwrap().slice(5..))]),
+        ["BEGIN"]
+    );
+    assert_eq!(
+        sql_of(&[(b'Q', Bytes::copy_from_slice(&resume.client_buf[5..]))]),
+        ["UPDATE o SET v = 'x' WHERE id = '1'"]
+    );
+}
+
+/// A driver's batch that opens the transaction itself (BEGIN's Parse, Bind, Execute, then the
+/// statement's) moves too; so does a batch behind a statement-free one (a Close and its Sync,
+/// which runs here first).
+#[tokio::test]
+async fn extended_batches_move_by_their_first_statement() {
+    let (mut h, _) = start_grouped(None, &[OTHER]);
+    let mut batch = BytesMut::new();
+    fe::close(&mut batch, fe::Target::Statement, b"old");
+    fe::sync(&mut batch);
+    fe::parse_statement(&mut batch, b"", b"BEGIN", &[]);
+    fe::bind(&mut batch, b"", b"", &[], &[], &[]);
+    fe::execute(&mut batch, b"", 0);
+    fe::parse_statement(&mut batch, b"s1", b"SELECT v FROM o WHERE id = $1", &[]);
+    fe::bind(&mut batch, b"", b"s1", &[], &[], &[]);
+    fe::execute(&mut batch, b"", 0);
+    fe::sync(&mut batch);
+    h.client.send(&batch).await;
+    assert_eq!(
+        tags(&h.server.read_until(b'S').await),
+        "CS",
+        "the Close and its Sync run here"
+    );
+    h.server
+        .send(&Answers::default().empty(b'3').ready(TransactionStatus::Idle).0)
+        .await;
+    assert_eq!(tags(&h.client.read_until(b'Z').await), "3Z");
+    let (end, _) = h.end().await;
+    assert_eq!(end.unwrap(), SessionEnd::Reroute);
+}
+
+/// A statement naming tables of both stores does not move the session: the server itself
+/// refuses it (0A000), as it refuses one of the other store's inside a transaction running here.
+#[tokio::test]
+async fn a_statement_naming_both_groups_is_refused_where_the_session_is() {
+    let (mut h, _) = start_grouped(None, &[OTHER]);
+    h.client.send(&query("SELECT * FROM t JOIN o USING (id)")).await;
+    let got = h.server.read_until(b'Q').await;
+    let sql = sql_of(&got);
+    assert!(
+        sql[0].contains("RAISE EXCEPTION") && sql[0].contains("groups written on different databases"),
+        "{sql:?}"
+    );
+    let answer = Answers::default()
+        .error(sqlstate::FEATURE_NOT_SUPPORTED, "refused")
+        .ready(TransactionStatus::Idle);
+    h.server.send(&answer.0).await;
+    assert_eq!(tags(&h.client.read_until(b'Z').await), "EZ");
+    h.client.io.shutdown().await.unwrap();
+    assert_eq!(h.end().await.0.unwrap(), SessionEnd::ClientClosed);
 }
