@@ -51,6 +51,9 @@ where
             Stmt::Foreign { .. } => Some(Route::There),
             _ => Some(Route::Here),
         };
+        if self.deferred.is_none() && self.lone_extended_begin().is_some() {
+            return Route::DeferBegin;
+        }
         let mut rest: &[u8] = &self.client_buf;
         let mut begun = false;
         let mut parsed: HashMap<&[u8], Stmt> = HashMap::new();
@@ -131,35 +134,100 @@ where
         }
     }
 
-    /// Answers the client's lone BEGIN (the first frame of its buffer) as the server would, and
-    /// keeps it for [`Self::send_deferred`].
+    /// Whether the client's buffer is exactly a lone BEGIN in the extended protocol: a Bind of a
+    /// statement prepared as BEGIN, a Describe of its portal maybe, Execute and Sync (libpq's
+    /// `PQsendQueryPrepared`, pgbench's prepared mode, drivers that run BEGIN as a statement).
+    /// Returns the statement's text.
+    fn lone_extended_begin(&self) -> Option<String> {
+        let mut rest: &[u8] = &self.client_buf;
+        let mut tags = Vec::new();
+        let mut text = None;
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes(rest.get(1..5)?.try_into().ok()?) as usize;
+            let frame = rest.get(..1 + len.max(4))?;
+            let (tag, body) = (frame[0], &frame[5..]);
+            if tag == b'B' {
+                let Ok(ClientMessage::Bind { statement, .. }) = fe::parse(tag, body) else {
+                    return None;
+                };
+                if !matches!(
+                    self.statements.get(statement).map(|s| &**s),
+                    Some(Stmt::Txn(TxnOp::Begin))
+                ) {
+                    return None;
+                }
+                let parse = self.parses.get(statement)?;
+                text = match fe::parse(b'P', parse.get(5..)?) {
+                    Ok(ClientMessage::Parse { sql, .. }) => Some(String::from_utf8_lossy(sql).into_owned()),
+                    _ => None,
+                };
+            }
+            tags.push(tag);
+            rest = &rest[1 + len.max(4)..];
+        }
+        matches!(tags.as_slice(), [b'B', b'E', b'S'] | [b'B', b'D', b'E', b'S'])
+            .then_some(text)
+            .flatten()
+    }
+
+    /// Answers the client's lone BEGIN (a simple Query, or the extended messages of
+    /// [`Self::lone_extended_begin`]) as the server would, and keeps it for
+    /// [`Self::send_deferred`].
     pub(super) fn defer_begin(&mut self) -> Result<(), SessionError> {
-        let Some(frame) =
+        let extended = self.lone_extended_begin();
+        let mut kept = BytesMut::new();
+        let mut sql = extended.clone().unwrap_or_default();
+        while let Some(frame) =
             take_frame(&mut self.client_buf, self.params.limits).map_err(SessionError::ClientProtocol)?
-        else {
-            return Ok(());
-        };
-        let sql = match fe::parse(frame.tag, frame.bytes.get(5..).unwrap_or_default()) {
-            Ok(ClientMessage::Query { sql }) => String::from_utf8_lossy(sql).to_ascii_lowercase(),
-            _ => String::new(),
-        };
-        let tag = if sql.trim_start().starts_with("start") {
+        {
+            match frame.tag {
+                b'Q' => {
+                    if let Ok(ClientMessage::Query { sql: q }) =
+                        fe::parse(b'Q', frame.bytes.get(5..).unwrap_or_default())
+                    {
+                        sql = String::from_utf8_lossy(q).into_owned();
+                    }
+                    kept.extend_from_slice(&frame.bytes);
+                }
+                b'B' => {
+                    backend::empty_message(&mut self.to_client, b'2');
+                    kept.extend_from_slice(&frame.bytes);
+                }
+                // The portal of a BEGIN returns no rows; the Describe is not sent upstream.
+                b'D' => backend::empty_message(&mut self.to_client, b'n'),
+                b'E' | b'S' => kept.extend_from_slice(&frame.bytes),
+                _ => {}
+            }
+            if extended.is_none() {
+                break;
+            }
+        }
+        let tag = if sql.trim_start().to_ascii_lowercase().starts_with("start") {
             "START TRANSACTION"
         } else {
             "BEGIN"
         };
         backend::command_complete(&mut self.to_client, tag);
         backend::ready_for_query(&mut self.to_client, TransactionStatus::InTransaction);
-        self.deferred = Some(frame.bytes);
+        self.deferred = Some(kept.freeze());
         Ok(())
     }
 
     /// Sends the BEGIN answered by [`Self::defer_begin`] ahead of the transaction's first
     /// statement; its answers were the client's already.
     pub(super) fn send_deferred(&mut self) {
-        if let Some(frame) = self.deferred.take() {
-            self.send_frame(&frame, Some(Expect::query(false, false, None)));
-            self.flushed = true;
+        let Some(mut frames) = self.deferred.take().map(|b| BytesMut::from(&b[..])) else {
+            return;
+        };
+        while let Ok(Some(frame)) = take_frame(&mut frames, self.params.limits) {
+            let expect = match frame.tag {
+                b'Q' => Expect::query(false, false, None),
+                b'B' => Expect::Bind { forward: false },
+                b'E' => Expect::exec(false, None),
+                _ => Expect::Sync { forward: false },
+            };
+            self.send_frame(&frame.bytes, Some(expect));
         }
+        self.flushed = true;
     }
 }

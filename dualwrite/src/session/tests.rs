@@ -715,3 +715,46 @@ async fn a_statement_naming_both_groups_is_refused_where_the_session_is() {
     h.client.io.shutdown().await.unwrap();
     assert_eq!(h.end().await.0.unwrap(), SessionEnd::ClientClosed);
 }
+
+/// A lone BEGIN in the extended protocol (a statement prepared as BEGIN, then its Bind,
+/// Execute and Sync, as libpq's `PQsendQueryPrepared` sends it) is answered by the session too,
+/// and travels with the session when the transaction's first statement moves it.
+#[tokio::test]
+async fn a_lone_extended_begin_is_answered_and_travels_with_a_move() {
+    let (mut h, taken) = start_grouped(None, &[OTHER]);
+    let mut prepare = BytesMut::new();
+    fe::parse_statement(&mut prepare, b"b", b"BEGIN", &[]);
+    fe::sync(&mut prepare);
+    h.client.send(&prepare).await;
+    assert_eq!(
+        tags(&h.server.read_until(b'S').await),
+        "PS",
+        "preparing it starts nothing"
+    );
+    h.server
+        .send(&Answers::default().empty(b'1').ready(TransactionStatus::Idle).0)
+        .await;
+    assert_eq!(tags(&h.client.read_until(b'Z').await), "1Z");
+    let mut begin = BytesMut::new();
+    fe::bind(&mut begin, b"", b"b", &[], &[], &[]);
+    fe::execute(&mut begin, b"", 0);
+    fe::sync(&mut begin);
+    h.client.send(&begin).await;
+    let got = h.client.read_until(b'Z').await;
+    assert_eq!(tags(&got), "2CZ");
+    assert_eq!(got[2].1.as_ref(), b"T");
+    h.client.send(&query("DELETE FROM o WHERE id = '1'")).await;
+    let (end, _) = h.end().await;
+    assert_eq!(end.unwrap(), SessionEnd::Reroute);
+    let resume = taken
+        .lock()
+        .unwrap()
+        .take()
+        .expect("what the session takes along");
+    let mut deferred = BytesMut::from(&resume.deferred.clone().unwrap()[..]);
+    let mut kept = Vec::new();
+    while let Some(f) = take_frame(&mut deferred, MessageLimits::default()).unwrap() {
+        kept.push(f.tag);
+    }
+    assert_eq!(kept, b"BES");
+}
