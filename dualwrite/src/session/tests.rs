@@ -607,6 +607,18 @@ async fn copy_data_is_relayed_until_copy_done() {
 
 // Table groups split between the stores (`route`): `public.o` is the other store's.
 
+/// Sends `batch`, which reaches the server here as `upstream` (ending with a Sync); the server
+/// answers with one `answer` message and an idle ReadyForQuery, which reach the client.
+async fn runs_here(h: &mut Harness, batch: &[u8], upstream: &str, answer: u8) {
+    h.client.send(batch).await;
+    assert_eq!(tags(&h.server.read_until(b'S').await), upstream);
+    h.server
+        .send(&Answers::default().empty(answer).ready(TransactionStatus::Idle).0)
+        .await;
+    let back = format!("{}Z", answer as char);
+    assert_eq!(tags(&h.client.read_until(b'Z').await), back);
+}
+
 const OTHER: &str = "public.o";
 
 /// A lone BEGIN is answered by the session and goes upstream only with the transaction's first
@@ -681,16 +693,8 @@ async fn extended_batches_move_by_their_first_statement() {
     fe::bind(&mut batch, b"", b"s1", &[], &[], &[]);
     fe::execute(&mut batch, b"", 0);
     fe::sync(&mut batch);
-    h.client.send(&batch).await;
-    assert_eq!(
-        tags(&h.server.read_until(b'S').await),
-        "CS",
-        "the Close and its Sync run here"
-    );
-    h.server
-        .send(&Answers::default().empty(b'3').ready(TransactionStatus::Idle).0)
-        .await;
-    assert_eq!(tags(&h.client.read_until(b'Z').await), "3Z");
+    // The Close and its Sync run here.
+    runs_here(&mut h, &batch, "CS", b'3').await;
     let (end, _) = h.end().await;
     assert_eq!(end.unwrap(), SessionEnd::Reroute);
 }
@@ -725,16 +729,8 @@ async fn a_lone_extended_begin_is_answered_and_travels_with_a_move() {
     let mut prepare = BytesMut::new();
     fe::parse_statement(&mut prepare, b"b", b"BEGIN", &[]);
     fe::sync(&mut prepare);
-    h.client.send(&prepare).await;
-    assert_eq!(
-        tags(&h.server.read_until(b'S').await),
-        "PS",
-        "preparing it starts nothing"
-    );
-    h.server
-        .send(&Answers::default().empty(b'1').ready(TransactionStatus::Idle).0)
-        .await;
-    assert_eq!(tags(&h.client.read_until(b'Z').await), "1Z");
+    // Preparing it starts nothing.
+    runs_here(&mut h, &prepare, "PS", b'1').await;
     let mut begin = BytesMut::new();
     fe::bind(&mut begin, b"", b"b", &[], &[], &[]);
     fe::execute(&mut begin, b"", 0);
