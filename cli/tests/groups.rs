@@ -39,6 +39,10 @@ async fn client(url: String, owner: i32, stop: Arc<AtomicBool>, tally: Arc<Tally
         .await
         .unwrap();
     tokio::spawn(conn);
+    let bump = c
+        .prepare("UPDATE items SET v = $2 WHERE owner = $1 AND id = $3 RETURNING id")
+        .await
+        .unwrap();
     let mut mine: HashMap<&'static str, Vec<i64>> = HashMap::new();
     let mut n: i32 = 0;
     while !stop.load(Relaxed) && n < 3_000 {
@@ -57,11 +61,14 @@ async fn client(url: String, owner: i32, stop: Arc<AtomicBool>, tally: Arc<Tally
             };
             let got: i64 = if table == "items" {
                 let t = c.transaction().await.map_err(|e| format!("begin: {e}"))?;
-                let got = t
-                    .query_one(&sql, &[&owner, &n])
-                    .await
-                    .map_err(|e| format!("{table}: {}", db_error(&e)))?
-                    .get(0);
+                // An update bound from a statement prepared once (Bind, Execute, Sync right
+                // after the BEGIN), an insert prepared each time.
+                let got = match id {
+                    Some(id) => t.query_one(&bump, &[&owner, &n, &id]).await,
+                    None => t.query_one(&sql, &[&owner, &n]).await,
+                }
+                .map_err(|e| format!("{table}: {}", db_error(&e)))?
+                .get(0);
                 let back: i32 = t
                     .query_one(&format!("SELECT v FROM {table} WHERE id = $1"), &[&got])
                     .await
@@ -70,6 +77,17 @@ async fn client(url: String, owner: i32, stop: Arc<AtomicBool>, tally: Arc<Tally
                 if back != n {
                     return Err(format!(
                         "{table} row {got}: wrote {n}, read {back} in the transaction"
+                    ));
+                }
+                // Still the client's one transaction (not committed early by the proxy).
+                let xid: Option<String> = t
+                    .query_one("SELECT pg_current_xact_id_if_assigned()::text", &[])
+                    .await
+                    .map_err(|e| format!("xid: {e}"))?
+                    .get(0);
+                if xid.is_none() {
+                    return Err(format!(
+                        "{table} row {got}: the transaction ended before its COMMIT"
                     ));
                 }
                 t.commit().await.map_err(|e| format!("commit: {e}"))?;

@@ -229,5 +229,9 @@ where
             self.send_frame(&frame.bytes, Some(expect));
         }
         self.flushed = true;
+        // The block is the client's from here: a write that follows before the BEGIN's answer
+        // is read must not get a transaction of the proxy's around it (its commit would end the
+        // client's transaction early).
+        self.txn = self.txn.opened();
     }
 }

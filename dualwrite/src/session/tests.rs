@@ -754,3 +754,42 @@ async fn a_lone_extended_begin_is_answered_and_travels_with_a_move() {
     }
     assert_eq!(kept, b"BES");
 }
+
+/// A write bound from a statement prepared before, right after a deferred BEGIN, runs inside
+/// the client's transaction: the session adds no BEGIN or COMMIT of its own around it (which
+/// would commit the client's transaction early).
+#[tokio::test]
+async fn a_prepared_write_after_a_deferred_begin_stays_in_the_clients_transaction() {
+    let (mut h, _) = start_grouped(None, &[OTHER]);
+    let mut prepare = BytesMut::new();
+    fe::parse_statement(&mut prepare, b"b", b"BEGIN", &[]);
+    fe::parse_statement(&mut prepare, b"w", b"UPDATE t SET v = 'x' WHERE id = '1'", &[]);
+    fe::sync(&mut prepare);
+    h.client.send(&prepare).await;
+    assert_eq!(tags(&h.server.read_until(b'S').await), "PPS");
+    let answer = Answers::default()
+        .empty(b'1')
+        .empty(b'1')
+        .ready(TransactionStatus::Idle);
+    h.server.send(&answer.0).await;
+    assert_eq!(tags(&h.client.read_until(b'Z').await), "11Z");
+    let run = |name: &[u8]| {
+        let mut out = BytesMut::new();
+        fe::bind(&mut out, b"", name, &[], &[], &[]);
+        fe::execute(&mut out, b"", 0);
+        fe::sync(&mut out);
+        out
+    };
+    h.client.send(&run(b"b")).await;
+    assert_eq!(tags(&h.client.read_until(b'Z').await), "2CZ");
+    h.client.send(&run(b"w")).await;
+    // BEGIN's Bind, Execute, Sync, then the client's Bind, Execute, Sync: nothing in between.
+    let got = h.server.read_until(b'S').await;
+    assert_eq!(tags(&got), "BES");
+    let got = h.server.read_until(b'S').await;
+    assert_eq!(
+        tags(&got),
+        "BES",
+        "no statement of the session's own around the write"
+    );
+}
