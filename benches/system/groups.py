@@ -81,6 +81,8 @@ def main():
         px = Proxy("proxy", a, work, "read_shift", a.port, a.port + 1)
         # Only the two tables, each its own group.
         head = px.cfg.read_text().split("[[tables]]")[0]
+        # LOG_LEVEL: the proxy's log filter (its log is in the work directory; --keep keeps both).
+        head = head.replace('log_level = "warn"', f'log_level = "{env("LOG_LEVEL", "warn")}"')
         px.cfg.write_text(head + "[control]\npoll_interval_ms = 200\n\n"
                           "[[tables]]\nname = \"public.pgbench_accounts\"\nphase = \"read_shift\"\ngroup = \"accounts\"\n\n"
                           "[[tables]]\nname = \"public.pgbench_tellers\"\nphase = \"read_shift\"\ngroup = \"tellers\"\n")

@@ -38,6 +38,7 @@ where
                     Some(ClientMessage::Query { sql }) => String::from_utf8_lossy(sql),
                     _ => std::borrow::Cow::Borrowed(""),
                 };
+                self.note_state(sql.as_bytes());
                 self.simple_query(frame, &sql).await
             }
             b'P' => {
@@ -142,11 +143,23 @@ where
 
     /// What the session keeps of a Parse: the statement's kind, and whether it is a read
     /// shadow reads and NEW may serve.
+    /// Notes whether `sql` may leave state on the server connection (see
+    /// [`Resume::may_hold_state`]).
+    pub(super) fn note_state(&mut self, sql: &[u8]) {
+        const WORDS: &[&[u8]] = &[b"advisory", b"temp", b"listen", b"prepare", b"hold"];
+        if !self.may_hold_state {
+            self.may_hold_state = WORDS
+                .iter()
+                .any(|w| sql.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)));
+        }
+    }
+
     pub(super) fn note_parse(&mut self, msg: Option<ClientMessage<'_>>, frame: &Bytes) {
         // Malformed: the server answers it.
         let Some(ClientMessage::Parse { statement: name, sql }) = msg else {
             return;
         };
+        self.note_state(sql);
         self.parses.insert(name.to_vec(), frame.clone());
         let sql = String::from_utf8_lossy(sql);
         let analysis = self.mirror.analyzer.analyze(&sql);

@@ -168,9 +168,18 @@ pub struct Resume {
     deferred: Option<Bytes>,
     /// The move is for the transaction the client starts (not a move of write authority).
     routed: bool,
+    /// The session ran a statement that may leave state on its server connection.
+    may_hold_state: bool,
 }
 
 impl Resume {
+    /// Whether the session ran a statement that may have left state on its server connection
+    /// that a new connection would not have (an advisory lock, a temporary table, `LISTEN`,
+    /// SQL `PREPARE`, a cursor `WITH HOLD`): the words, in any statement text it sent.
+    pub fn may_hold_state(&self) -> bool {
+        self.may_hold_state
+    }
+
     /// The names of the session's prepared statements.
     pub fn statement_names(&self) -> Vec<Vec<u8>> {
         self.parses.keys().cloned().collect()
@@ -393,6 +402,8 @@ struct MirrorSession<'a, R, W, H> {
     moving_to: Option<switchyard_store::Role>,
     /// The session just moved here for the transaction it starts: it does not move back for it.
     arrived: bool,
+    /// See [`Resume::may_hold_state`].
+    may_hold_state: bool,
 }
 
 /// Runs a session in dual-write mode until one side ends: `client` is the client's connection
@@ -420,6 +431,7 @@ where
     let resumed = resume.take();
     let deferred = resumed.as_ref().and_then(|r| r.deferred.clone());
     let arrived = resumed.as_ref().is_some_and(|r| r.routed);
+    let may_hold_state = resumed.as_ref().is_some_and(|r| r.may_hold_state);
     let (client_buf, shadow_settings, parses, shift_draw) = match resumed {
         Some(r) => (r.client_buf, r.settings, r.parses, r.shift_draw),
         None => (
@@ -473,6 +485,7 @@ where
         deferred,
         moving_to: None,
         arrived,
+        may_hold_state,
     };
     // A session that moved here: what its prepared statements are (writes, reads) is known
     // again, so a Bind of one parsed on the other store is captured and served as before.
@@ -493,6 +506,7 @@ where
             to: s.moving_to,
             routed: s.moving_to.is_some(),
             deferred: s.deferred.take(),
+            may_hold_state: s.may_hold_state,
         });
     }
     if let Some(p) = s.pending.take() {

@@ -303,6 +303,7 @@ async fn run_session(
             break Err(SessionError::Refused("rerouted without its state".into()));
         };
         let routed = r.to.take();
+        let may_hold_state = r.may_hold_state();
         // Where write authority went: its store if it still takes some table's writes.
         let to = routed.unwrap_or_else(|| engine.route(before).0.store);
         if to == before {
@@ -319,40 +320,51 @@ async fn run_session(
         // A move of write authority leaves the connection for good: what the session holds
         // there that cannot follow it ends the session with a clear error instead of being
         // lost without a word (an advisory lock would be released under the client's feet).
-        let mut channels = Vec::new();
-        if routed.is_none() {
-            match reroute::held(&mut up_rd, &mut up_wr, &mut up_buf).await {
-                Ok(held) if !held.unmovable.is_empty() => {
-                    let what = held.unmovable.join(", ");
-                    let fatal = ErrorResponse::fatal(
-                        sqlstate::ADMIN_SHUTDOWN,
-                        format!(
-                            "terminating connection because Switchyard moved write authority to {} and this session holds {what}, which cannot move with it",
-                            to.name()
-                        ),
-                    )
-                    .with_hint("Reconnect: a new session runs on the database that takes the writes now.");
-                    send_fatal(&mut client_wr, fatal).await;
-                    break Err(SessionError::Refused(format!(
-                        "session state cannot move: {what}"
-                    )));
-                }
-                Ok(held) => channels = held.channels,
-                Err(e) => break Err(e),
+        // Read at the same time as the session moves (one round trip on each connection).
+        let check = async {
+            match routed {
+                None if may_hold_state => Some(reroute::held(&mut up_rd, &mut up_wr, &mut up_buf).await),
+                _ => None,
             }
-        }
+        };
         let (target, _) = engine.route(to);
         let target = target.clone();
-        let moved = match parked.take() {
-            Some(p) if p.store == to => reroute::replay(p.conn, r, &p.names).await,
-            other => {
-                // A connection parked on a store that takes no writes any more is ended.
-                parked = other;
-                let ahead = standby.take(to);
-                reroute::to(state, &who, &target, r, ahead)
-                    .instrument(span.clone())
-                    .await
+        let mover = async {
+            match parked.take() {
+                Some(p) if p.store == to => reroute::replay(p.conn, r, &p.names).await,
+                other => {
+                    // A connection parked on a store that takes no writes any more is ended.
+                    parked = other;
+                    let ahead = standby.take(to);
+                    reroute::to(state, &who, &target, r, ahead)
+                        .instrument(span.clone())
+                        .await
+                }
             }
+        };
+        let (held, moved) = tokio::join!(check, mover);
+        let channels = match held {
+            Some(Ok(held)) if !held.unmovable.is_empty() => {
+                if let Ok(next) = moved {
+                    retire(next.wr);
+                }
+                let what = held.unmovable.join(", ");
+                let fatal = ErrorResponse::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    format!(
+                        "terminating connection because Switchyard moved write authority to {} and this session holds {what}, which cannot move with it",
+                        to.name()
+                    ),
+                )
+                .with_hint("Reconnect: a new session runs on the database that takes the writes now.");
+                send_fatal(&mut client_wr, fatal).await;
+                break Err(SessionError::Refused(format!(
+                    "session state cannot move: {what}"
+                )));
+            }
+            Some(Ok(held)) => held.channels,
+            Some(Err(e)) => break Err(e),
+            None => Vec::new(),
         };
         let moved = match moved {
             Ok(mut next) => reroute::listen(&mut next, &channels).await.map(|()| next),
