@@ -60,6 +60,13 @@ pub struct Barrier {
     pub holding: bool,
 }
 
+impl Barrier {
+    /// Whether the barrier moves `table` (`schema.table`).
+    pub fn moves(&self, table: &str) -> bool {
+        self.tables.as_ref().is_none_or(|t| t.iter().any(|t| t == table))
+    }
+}
+
 fn role_name<S: serde::Serializer>(r: &Role, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(r.as_str())
 }

@@ -433,21 +433,6 @@ pub fn authoritative(state: &ControlState) -> Role {
     }
 }
 
-/// The store that takes a table's writes in `phase`: NEW from `cutover` on, OLD before.
-pub fn authority_in(phase: Phase) -> Role {
-    if phase.new_takes_writes() {
-        Role::New
-    } else {
-        Role::Old
-    }
-}
-
-/// Whether `config` names table groups (more than one): then write authority moves one group
-/// at a time, and the proxies route each transaction to its group's authority.
-pub fn has_groups(config: &Config) -> bool {
-    config.has_groups()
-}
-
 /// The configured tables of `table`'s group (`schema.table` names), in the file's order; every
 /// configured table when the file names no groups. Empty when `table` is not configured.
 pub fn group_of(config: &Config, table: &str) -> Vec<String> {
@@ -469,7 +454,9 @@ pub fn group_of(config: &Config, table: &str) -> Vec<String> {
 
 /// The store that takes `table`'s writes in `state` (OLD for a table the state does not have).
 pub fn authority_of(state: &ControlState, table: &str) -> Role {
-    state.table(table).map_or(Role::Old, |t| authority_in(t.phase))
+    state
+        .table(table)
+        .map_or(Role::Old, |t| Role::taking_writes_in(t.phase))
 }
 
 /// The configured tables that are not `done` in `state`, each with its phase, as reasons to

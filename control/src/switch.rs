@@ -135,7 +135,7 @@ where
             ),
         ));
     }
-    let grouped = crate::has_groups(config);
+    let grouped = config.has_groups();
     // The tables that move: the named table's group (every configured table without groups);
     // `done` ends the whole migration, every table together.
     let group = crate::group_of(config, table);
@@ -147,7 +147,7 @@ where
     } else {
         group
     };
-    let to_authority = crate::authority_in(to);
+    let to_authority = Role::taking_writes_in(to);
     let mut from_authority = None;
     for name in &names {
         let Some(c) = state.table(name) else {
@@ -182,7 +182,7 @@ where
                 ),
             ));
         }
-        let authority = crate::authority_in(c.phase);
+        let authority = Role::taking_writes_in(c.phase);
         if from_authority.is_some_and(|a| a != authority) {
             return Err(not_allowed(
                 name,
@@ -249,14 +249,7 @@ where
         barrier::announce_for(old, to_authority, to, grouped.then_some(names.as_slice()), by).await?;
     let live = config.control.poll_interval * 3 + Duration::from_secs(1);
     let ahead = async {
-        let to_roles = Roles {
-            authoritative: to_authority,
-            follower: if to_authority == Role::New {
-                Role::Old
-            } else {
-                Role::New
-            },
-        };
+        let to_roles = Roles::with_authoritative(to_authority);
         let (Store::Postgres(dst), Store::Postgres(src)) = (
             store_of(to_authority, old, new),
             store_of(to_roles.follower, old, new),

@@ -256,8 +256,7 @@ impl Mirror {
         // With table groups, this engine mirrors the tables whose writes its authoritative store
         // takes; the others' are the other store's, and a statement naming one runs there.
         let grouped = config.has_groups();
-        let ours =
-            |t: &TableSettings| !grouped || t.phase.new_takes_writes() == (roles.authoritative == Role::New);
+        let ours = |t: &TableSettings| !grouped || Role::taking_writes_in(t.phase) == roles.authoritative;
         let mirrored: Vec<&TableSettings> = config
             .tables
             .iter()

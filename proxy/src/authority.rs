@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use switchyard_config::{Config, Phase};
+use switchyard_config::{Config, Phase, TableSettings};
 use switchyard_control::barrier::Barrier;
 use switchyard_control::barrier::{heartbeat, leave, Heartbeat};
 use switchyard_control::ControlState;
@@ -36,29 +36,30 @@ pub(crate) const RETIRE_AFTER: Duration = Duration::from_secs(1);
 pub(crate) struct Shape(pub(crate) Vec<(Role, Vec<String>)>);
 
 impl Shape {
-    /// The shape for the tables' phases as `phase_of` gives them (the control state's, or the
-    /// file's for a table it does not have).
-    pub(crate) fn of(config: &Config, phase_of: impl Fn(&str) -> Phase) -> Shape {
-        let tables: Vec<(String, Phase)> = config
+    /// The shape for the tables' phases as `phase_of` gives them.
+    fn of(config: &Config, phase_of: impl Fn(&TableSettings) -> Phase) -> Shape {
+        let tables: Vec<(String, Role, bool)> = config
             .tables
             .iter()
             .map(|t| {
-                let name = t.name.to_string();
-                let phase = phase_of(&name);
-                (name, phase)
+                let phase = phase_of(t);
+                (
+                    t.name.to_string(),
+                    Role::taking_writes_in(phase),
+                    switchyard_store::prepare::captured_phase(phase),
+                )
             })
             .collect();
         let mirrored = |role: Option<Role>| -> Vec<String> {
             tables
                 .iter()
-                .filter(|(_, p)| switchyard_store::prepare::captured_phase(*p))
-                .filter(|(_, p)| role.is_none_or(|r| (r == Role::New) == p.new_takes_writes()))
-                .map(|(n, _)| n.clone())
+                .filter(|(_, r, captured)| *captured && role.is_none_or(|role| role == *r))
+                .map(|(n, _, _)| n.clone())
                 .collect()
         };
         if !config.has_groups() {
             // Every table moves together: NEW once any has moved.
-            let role = match tables.iter().any(|(_, p)| p.new_takes_writes()) {
+            let role = match tables.iter().any(|(_, r, _)| *r == Role::New) {
                 true => Role::New,
                 false => Role::Old,
             };
@@ -66,10 +67,7 @@ impl Shape {
         }
         let mut shape = Vec::new();
         for role in [Role::Old, Role::New] {
-            if tables
-                .iter()
-                .any(|(_, p)| (role == Role::New) == p.new_takes_writes())
-            {
+            if tables.iter().any(|(_, r, _)| *r == role) {
                 shape.push((role, mirrored(Some(role))));
             }
         }
@@ -79,37 +77,27 @@ impl Shape {
         Shape(shape)
     }
 
-    /// The shape of `state` (with, for the tables `barrier` moves, the phase it moves them to).
+    /// The shape for the phases `config` gives (a configuration the control state was applied
+    /// to, or the file's).
+    pub(crate) fn of_config(config: &Config) -> Shape {
+        Shape::of(config, |t| t.phase)
+    }
+
+    /// The shape of `state` (with, for the tables `barrier` moves, the phase it moves them to);
+    /// the file's phase for a table the state does not have.
     pub(crate) fn of_state(config: &Config, state: &ControlState, barrier: Option<&Barrier>) -> Shape {
-        Shape::of(config, |name| {
-            if let Some(b) = barrier {
-                if b.tables.as_ref().is_none_or(|t| t.iter().any(|t| t == name)) {
-                    return b.to_phase;
-                }
+        Shape::of(config, |t| {
+            let name = t.name.to_string();
+            match barrier {
+                Some(b) if b.moves(&name) => b.to_phase,
+                _ => state.table(&name).map_or(t.phase, |c| c.phase),
             }
-            state.table(name).map_or_else(
-                || {
-                    config
-                        .tables
-                        .iter()
-                        .find(|t| t.name.to_string() == name)
-                        .map_or(Phase::Passthrough, |t| t.phase)
-                },
-                |c| c.phase,
-            )
         })
     }
 
     /// The home store: sessions log in there.
     pub(crate) fn home(&self) -> Role {
         self.0.first().map_or(Role::Old, |(r, _)| *r)
-    }
-}
-
-pub(crate) fn roles_for(authoritative: Role) -> Roles {
-    match authoritative {
-        Role::New => Roles::NEW_AUTHORITATIVE,
-        Role::Old => Roles::OLD_AUTHORITATIVE,
     }
 }
 
@@ -171,7 +159,7 @@ impl Engine {
         };
         Engine {
             generation,
-            roles: roles_for(home),
+            roles: Roles::with_authoritative(home),
             upstream: target(config, home),
             mirror: mirrors.into_iter().next().flatten(),
             other,

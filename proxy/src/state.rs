@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use switchyard_config::{Config, Phase};
+use switchyard_config::Config;
 use switchyard_dualwrite::Mirror;
 use switchyard_pgwire::frame::MessageLimits;
 use switchyard_store::wire::WireTarget;
@@ -17,7 +17,7 @@ use switchyard_store::{PoolSettings, Role, Roles, Store};
 use tokio::sync::Semaphore;
 
 use crate::auth::{AuthLookup, ClientAuth};
-use crate::authority::{roles_for, Authority, Engine, Shape};
+use crate::authority::{Authority, Engine, Shape};
 use crate::cancel::CancelRegistry;
 use crate::control_state::ControlFollower;
 use crate::drift_figures::DriftFigures;
@@ -122,7 +122,7 @@ impl ProxyState {
         })
         .await
         .map_err(|e| StartError::Telemetry(e.to_string()))??;
-        let (config, control) = with_control_state(config, &old_store).await;
+        let (config, _) = with_control_state(config, &old_store).await;
         // The control state says which store takes the writes (NEW once the tables cut over;
         // with table groups, each group's own), unless the caller chose the roles (the engine's
         // tests).
@@ -132,19 +132,11 @@ impl ProxyState {
                 Engine::new(0, fixed, &config, mirror)
             }
             None => {
-                let shape = match &control {
-                    Some(c) => Shape::of_state(&config, c, None),
-                    None => Shape::of(&config, |name| {
-                        config
-                            .tables
-                            .iter()
-                            .find(|t| t.name.to_string() == name)
-                            .map_or(Phase::Passthrough, |t| t.phase)
-                    }),
-                };
+                // `config` carries the control state's phases where it has them.
+                let shape = Shape::of_config(&config);
                 let mut mirrors = Vec::new();
                 for (role, _) in &shape.0 {
-                    mirrors.push(Mirror::start(&config, roles_for(*role)).await?);
+                    mirrors.push(Mirror::start(&config, Roles::with_authoritative(*role)).await?);
                 }
                 Engine::with_shape(0, shape, &config, mirrors)
             }
@@ -267,24 +259,15 @@ impl ProxyState {
                     let mut config = (*config).clone();
                     if let Some(b) = &barrier {
                         for t in &mut config.tables {
-                            if b.tables
-                                .as_ref()
-                                .is_none_or(|moved| moved.contains(&t.name.to_string()))
-                            {
+                            if b.moves(&t.name.to_string()) {
                                 t.phase = b.to_phase;
                             }
                         }
                     }
-                    let shape = Shape::of(&config, |name| {
-                        config
-                            .tables
-                            .iter()
-                            .find(|t| t.name.to_string() == name)
-                            .map_or(Phase::Passthrough, |t| t.phase)
-                    });
+                    let shape = Shape::of_config(&config);
                     let mut mirrors = Vec::new();
                     for (role, _) in &shape.0 {
-                        let roles = roles_for(*role);
+                        let roles = Roles::with_authoritative(*role);
                         let mirror = match barrier {
                             Some(_) => Mirror::start_unchecked(&config, roles).await,
                             None => Mirror::start(&config, roles).await,

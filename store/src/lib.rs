@@ -63,6 +63,15 @@ impl Role {
         }
     }
 
+    /// The store that takes a table's writes in `phase`: NEW from `cutover` on, OLD before.
+    pub fn taking_writes_in(phase: switchyard_config::Phase) -> Role {
+        if phase.new_takes_writes() {
+            Role::New
+        } else {
+            Role::Old
+        }
+    }
+
     /// The store's settings in `config` (`[old]` or `[new]`).
     pub fn settings(self, config: &switchyard_config::Config) -> &switchyard_config::StoreSettings {
         match self {
@@ -97,6 +106,14 @@ impl Roles {
         authoritative: Role::New,
         follower: Role::Old,
     };
+
+    /// The roles with `authoritative` taking the writes and the other store following.
+    pub fn with_authoritative(authoritative: Role) -> Roles {
+        match authoritative {
+            Role::Old => Roles::OLD_AUTHORITATIVE,
+            Role::New => Roles::NEW_AUTHORITATIVE,
+        }
+    }
 }
 
 /// How a pool of connections to a store is set up (the defaults suit occasional queries).

@@ -153,17 +153,30 @@ pub async fn set_capture_and_fence(
         batch.push_str(sql);
         batch.push_str(";\n");
     }
+    let actions = (
+        "installing or removing the capture triggers",
+        "committing the capture triggers",
+    );
+    in_transaction(pool, role, &batch, actions).await
+}
+
+/// Runs `batch` (statements separated by `;`) in one transaction on the store of `pool`;
+/// `(running, committing)` name what failed.
+async fn in_transaction(
+    pool: &PgPool,
+    role: Role,
+    batch: &str,
+    (running, committing): (&'static str, &'static str),
+) -> Result<(), StoreError> {
     let mut tx = pool
         .begin()
         .await
         .map_err(failed(role, "starting a transaction"))?;
-    sqlx::raw_sql(AssertSqlSafe(batch.as_str()))
+    sqlx::raw_sql(AssertSqlSafe(batch))
         .execute(&mut *tx)
         .await
-        .map_err(failed(role, "installing or removing the capture triggers"))?;
-    tx.commit()
-        .await
-        .map_err(failed(role, "committing the capture triggers"))
+        .map_err(failed(role, running))?;
+    tx.commit().await.map_err(failed(role, committing))
 }
 
 /// Whether any of `tables` carries the write fence on the store of `pool`
@@ -189,15 +202,8 @@ pub async fn set_fence(pool: &PgPool, role: Role, tables: &[TableName], on: bool
         return Ok(());
     }
     let batch = crate::capture::fence_sql(tables, on).join(";\n");
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(failed(role, "starting a transaction"))?;
-    sqlx::raw_sql(AssertSqlSafe(batch.as_str()))
-        .execute(&mut *tx)
-        .await
-        .map_err(failed(role, "setting the write fence"))?;
-    tx.commit().await.map_err(failed(role, "setting the write fence"))
+    let actions = ("setting the write fence", "setting the write fence");
+    in_transaction(pool, role, &batch, actions).await
 }
 
 /// `table` seen from the other store: its `old` and `new` definitions swapped (for

@@ -14,6 +14,7 @@
 //! statement decides.
 
 use super::*;
+use switchyard_pgwire::frame::Frames;
 
 /// Where the transaction the client starts runs.
 #[derive(Debug, PartialEq, Eq)]
@@ -54,25 +55,16 @@ where
         if self.deferred.is_none() && self.lone_extended_begin().is_some() {
             return Route::DeferBegin;
         }
-        let mut rest: &[u8] = &self.client_buf;
+        let mut frames = Frames::new(&self.client_buf, self.params.limits);
         let mut begun = false;
         let mut parsed: HashMap<&[u8], Stmt> = HashMap::new();
-        loop {
-            let Some(len) = rest
-                .get(1..5)
-                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            else {
-                return Route::NeedMore;
-            };
-            if len < 4 || len > self.params.limits.max_message_bytes {
-                // Malformed or too large: the usual processing refuses it.
+        while let Some(next) = frames.next() {
+            // Malformed or too large: the usual processing refuses it.
+            let Ok((header, body)) = next else {
                 return Route::Here;
-            }
-            let Some(frame) = rest.get(..1 + len) else {
-                return Route::NeedMore;
             };
-            let (tag, body) = (frame[0], &frame[5..]);
-            rest = &rest[1 + len..];
+            let tag = header.tag;
+            let last = frames.consumed() == self.client_buf.len();
             match (tag, fe::parse(tag, body).ok()) {
                 (b'Q', Some(ClientMessage::Query { sql })) => {
                     let analysis = self.mirror.analyzer.analyze(&String::from_utf8_lossy(sql));
@@ -89,7 +81,7 @@ where
                         return if both { Route::Here } else { route };
                     }
                     // Only BEGIN: alone, and the client waits for its answer.
-                    if rest.is_empty() && self.deferred.is_none() && !analysis.stmts.is_empty() && !begun {
+                    if last && self.deferred.is_none() && !analysis.stmts.is_empty() && !begun {
                         return Route::DeferBegin;
                     }
                     begun = true;
@@ -124,14 +116,14 @@ where
                 // Bind of anything else decided already).
                 (b'D' | b'C' | b'E', _) => {}
                 // A batch without statements, more behind it: it goes first.
-                (b'S' | b'H', _) if !begun && !rest.is_empty() => {
-                    return Route::Prefix(self.client_buf.len() - rest.len());
-                }
+                (b'S' | b'H', _) if !begun && !last => return Route::Prefix(frames.consumed()),
                 // Sync, Flush, a function call, COPY data, Terminate: the client waits for
                 // answers or ends; the batch runs here.
                 _ => return Route::Here,
             }
         }
+        // The next frame has not fully arrived.
+        Route::NeedMore
     }
 
     /// Whether the client's buffer is exactly a lone BEGIN in the extended protocol: a Bind of a
@@ -139,15 +131,13 @@ where
     /// `PQsendQueryPrepared`, pgbench's prepared mode, drivers that run BEGIN as a statement).
     /// Returns the statement's text.
     fn lone_extended_begin(&self) -> Option<String> {
-        let mut rest: &[u8] = &self.client_buf;
+        let mut frames = Frames::new(&self.client_buf, self.params.limits);
         let mut tags = Vec::new();
         let mut text = None;
-        while !rest.is_empty() {
-            let len = u32::from_be_bytes(rest.get(1..5)?.try_into().ok()?) as usize;
-            let frame = rest.get(..1 + len.max(4))?;
-            let (tag, body) = (frame[0], &frame[5..]);
-            if tag == b'B' {
-                let Ok(ClientMessage::Bind { statement, .. }) = fe::parse(tag, body) else {
+        for next in frames.by_ref() {
+            let (header, body) = next.ok()?;
+            if header.tag == b'B' {
+                let Ok(ClientMessage::Bind { statement, .. }) = fe::parse(b'B', body) else {
                     return None;
                 };
                 if !matches!(
@@ -162,8 +152,11 @@ where
                     _ => None,
                 };
             }
-            tags.push(tag);
-            rest = &rest[1 + len.max(4)..];
+            tags.push(header.tag);
+        }
+        if frames.consumed() != self.client_buf.len() {
+            // A frame still arriving.
+            return None;
         }
         matches!(tags.as_slice(), [b'B', b'E', b'S'] | [b'B', b'D', b'E', b'S'])
             .then_some(text)

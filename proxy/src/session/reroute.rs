@@ -278,71 +278,41 @@ pub(crate) async fn held(
     frontend::query(&mut out, HELD_SQL);
     wr.write_all(&out).await.map_err(SessionError::UpstreamIo)?;
     wr.flush().await.map_err(SessionError::UpstreamIo)?;
-    let mut row: Option<Vec<String>> = None;
-    let mut error = None;
-    loop {
-        while let Some(frame) =
-            take_frame(buf, MessageLimits::SERVER).map_err(SessionError::UpstreamProtocol)?
-        {
-            let body: Bytes = frame.bytes.slice(5..);
-            match frame.tag {
-                b'D' => row = data_row(&body),
-                b'E' => error = Some(backend::error_fields(&body).summary()),
-                b'Z' => {
-                    if let Some(e) = error {
-                        return Err(SessionError::Refused(format!("reading the session's state: {e}")));
-                    }
-                    let row = row.unwrap_or_default();
-                    let count = |i: usize| row.get(i).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
-                    let mut held = Held::default();
-                    for (i, what) in [
-                        (0, "a session-level advisory lock"),
-                        (1, "temporary tables"),
-                        (2, "a cursor WITH HOLD"),
-                        (3, "statements prepared with SQL PREPARE"),
-                    ] {
-                        if count(i) > 0 {
-                            held.unmovable.push(what);
-                        }
-                    }
-                    held.channels = row
-                        .get(4)
-                        .map(|c| {
-                            c.split(' ')
-                                .filter(|c| !c.is_empty())
-                                .map(str::to_owned)
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    return Ok(held);
-                }
-                _ => {}
-            }
+    let mut row: Vec<String> = Vec::new();
+    let errors = until_ready_with(rd, buf, |tag, body| {
+        if let (b'D', Some(fields)) = (tag, backend::data_row_fields(body)) {
+            row = fields
+                .iter()
+                .map(|f| String::from_utf8_lossy(f.unwrap_or_default()).into_owned())
+                .collect();
         }
-        buf.reserve(8192);
-        if rd.read_buf(buf).await.map_err(SessionError::UpstreamIo)? == 0 {
-            return Err(SessionError::UpstreamIo(std::io::ErrorKind::UnexpectedEof.into()));
+    })
+    .await?;
+    if let Some(e) = errors.first() {
+        return Err(SessionError::Refused(format!("reading the session's state: {e}")));
+    }
+    let count = |i: usize| row.get(i).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let mut held = Held::default();
+    for (i, what) in [
+        (0, "a session-level advisory lock"),
+        (1, "temporary tables"),
+        (2, "a cursor WITH HOLD"),
+        (3, "statements prepared with SQL PREPARE"),
+    ] {
+        if count(i) > 0 {
+            held.unmovable.push(what);
         }
     }
-}
-
-/// The text values of a DataRow (a NULL as empty).
-fn data_row(body: &[u8]) -> Option<Vec<String>> {
-    let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-    let mut at = 2;
-    let mut values = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
-        at += 4;
-        if len < 0 {
-            values.push(String::new());
-            continue;
-        }
-        let end = at + len as usize;
-        values.push(String::from_utf8_lossy(body.get(at..end)?).into_owned());
-        at = end;
-    }
-    Some(values)
+    held.channels = row
+        .get(4)
+        .map(|c| {
+            c.split(' ')
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(held)
 }
 
 /// Listens on `channels` on the session's new connection (at a move of write authority).
@@ -363,6 +333,15 @@ pub(crate) async fn listen(conn: &mut Moved, channels: &[String]) -> Result<(), 
 
 /// Reads up to ReadyForQuery; the errors seen on the way.
 async fn until_ready(stream: &mut NetRead, buf: &mut BytesMut) -> Result<Vec<String>, SessionError> {
+    until_ready_with(stream, buf, |_, _| {}).await
+}
+
+/// [`until_ready`], showing every other message (tag, body) to `each`.
+async fn until_ready_with(
+    stream: &mut NetRead,
+    buf: &mut BytesMut,
+    mut each: impl FnMut(u8, &[u8]),
+) -> Result<Vec<String>, SessionError> {
     let mut errors = Vec::new();
     loop {
         while let Some(frame) =
@@ -372,7 +351,7 @@ async fn until_ready(stream: &mut NetRead, buf: &mut BytesMut) -> Result<Vec<Str
             match frame.tag {
                 b'E' => errors.push(backend::error_fields(&body).summary()),
                 b'Z' => return Ok(errors),
-                _ => {}
+                tag => each(tag, &body),
             }
         }
         buf.reserve(8192);
