@@ -187,7 +187,6 @@ async fn run_session(
     // The key the client knows is the first backend's; after a move to the other store it
     // still names this session.
     let client_key = upstream.cancel_key.clone();
-    let upstream_key = upstream.cancel_key.clone();
     let mut cancel_guard = client_key.clone().map(|key| {
         span.record("backend_pid", key.pid);
         state.cancel.register(key.clone(), upstream_addr, key)
@@ -217,8 +216,9 @@ async fn run_session(
     // between the stores (kept between its transactions there).
     let mut store = target.store;
     let mut parked: Option<reroute::Parked> = None;
-    // The cancel key of the backend the session uses now (the client's key maps to it).
-    let mut current_key = upstream_key.clone();
+    // The cancel key and address of the backend the session uses now (the client's key maps to
+    // it), which a connection it parks keeps.
+    let mut current = (upstream.cancel_key.clone(), upstream_addr);
     // A session of the migrated database logs in ahead to the store a barrier announces.
     let standby = Arc::new(reroute::Standby::default());
     let _follow = (!other_database && engine.mirror.is_some()).then(|| {
@@ -380,24 +380,23 @@ async fn run_session(
         if let (Some(key), Some(real)) = (client_key.clone(), next.cancel_key.clone()) {
             cancel_guard = Some(state.cancel.register(key, next.addr, real));
         }
+        let (cancel_key, addr) = std::mem::replace(&mut current, (next.cancel_key.clone(), next.addr));
         let left = reroute::Moved {
             rd: std::mem::replace(&mut up_rd, next.rd),
             wr: std::mem::replace(&mut up_wr, next.wr),
             buf: std::mem::replace(&mut up_buf, next.buf),
-            cancel_key: None,
-            addr: next.addr,
+            cancel_key,
+            addr,
         };
         store = to;
         let keep = engine.other.is_some() && engine.route(before).0.store == before;
         if keep {
             // Table groups split between the stores: the session will be back.
-            let cancel_key = current_key.take();
             parked = Some(reroute::Parked {
                 store: before,
-                conn: reroute::Moved { cancel_key, ..left },
+                conn: left,
                 names: r.statement_names(),
             });
-            current_key = next.cancel_key.clone();
         } else {
             // The connection left behind is idle (the move happens between transactions); it
             // is ended a moment later, not while every session's first transaction on the new
@@ -406,7 +405,6 @@ async fn run_session(
             if let Some(p) = parked.take() {
                 retire(p.conn.wr);
             }
-            current_key = next.cancel_key.clone();
         }
         tracing::debug!(
             store = to.name(),
