@@ -58,6 +58,18 @@ async fn chunk_totals(new: &TestDb) -> (i64, i64, i64, i64) {
     (row.get(0), row.get(1), row.get(2), row.get(3))
 }
 
+/// Chunks of `public.events` marked done on NEW (0 before the backfill made its tables).
+async fn done_chunks(new: &TestDb) -> i64 {
+    let made = new
+        .query_i64("SELECT count(*) FROM pg_tables WHERE schemaname = 'switchyard' AND tablename = 'switchyard_backfill_chunks'")
+        .await
+        .unwrap();
+    if made == 0 {
+        return 0;
+    }
+    chunk_totals(new).await.2
+}
+
 /// Appends until `stop`: single rows and batches of three identical rows (also identical to
 /// seeded rows), through `url` (a proxy, or OLD itself: then the trigger's net records them).
 async fn appender(url: String, label: &'static str, stop: Arc<AtomicBool>) -> u64 {
@@ -189,7 +201,16 @@ async fn a_stopped_keyless_backfill_resumes_without_copying_a_chunk_twice() {
         let config = config.clone();
         tokio::spawn(async move { switchyard_backfill::run(&config, &opts, stop).await })
     };
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Stop once some chunks are done (a fixed sleep raced a slow start on a loaded machine: the
+    // run had read nothing yet). At 10,000 rows/s the 24,000 rows take over two seconds.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while done_chunks(&env.new).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no chunk done in {LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     trigger.graceful();
     let first = tokio::time::timeout(LIMIT, run).await.unwrap().unwrap().unwrap();
     assert_eq!(first.status, RunStatus::Interrupted, "{first:?}");

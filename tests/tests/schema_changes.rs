@@ -19,11 +19,17 @@ async fn env(label: &str) -> DualEnv {
         .expect("dual env")
 }
 
-/// A proxy whose repair loop runs often.
+/// A proxy whose repair loop runs often. Its mirror timeout is long: the tests assert that a
+/// write reached NEW before the client heard COMMIT, which a mirror that timed out on a loaded
+/// machine (the default is 2 s, and the first write after a change prepares new statements on
+/// NEW) would leave to a repair instead.
 async fn proxy(env: &DualEnv) -> TestProxy {
-    TestProxy::start(&env.proxy_config_with_mirror(env.new.url(), &[("repair_interval_ms", 100)]))
-        .await
-        .expect("proxy")
+    TestProxy::start(&env.proxy_config_with_mirror(
+        env.new.url(),
+        &[("repair_interval_ms", 100), ("timeout_ms", 30_000)],
+    ))
+    .await
+    .expect("proxy")
 }
 
 const SETTLE: Duration = Duration::from_secs(30);
