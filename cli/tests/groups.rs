@@ -14,8 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{cli, temp_config, text};
-use switchyard_test_support::{DualEnv, DualTable, TestDb, TestProxy};
+use common::{cli, temp_config, text, wait_for_heartbeats};
+use switchyard_test_support::{
+    ClusterOptions, DualEnv, DualTable, ProxyConfig, TestCluster, TestDb, TestProxy,
+};
 
 const SCHEMA: &str = "CREATE TABLE items (id bigserial PRIMARY KEY, owner int NOT NULL, v int NOT NULL); \
                       CREATE TABLE orders (id bigserial PRIMARY KEY, owner int NOT NULL, v int NOT NULL);";
@@ -203,6 +205,50 @@ async fn wait_commits(tally: &Tally, more: u64, what: &str) {
     }
 }
 
+/// The CLI's config (each table in its group) and a proxy config to match, with `proxy_extra`
+/// sections added to the proxy's.
+fn grouped_configs(env: &DualEnv, proxy_extra: &str) -> (common::tempfile_path::TempPath, ProxyConfig) {
+    let tables = "[[tables]]\nname = \"public.items\"\nphase = \"dual_write\"\ngroup = \"catalog\"\n\
+                  [[tables]]\nname = \"public.orders\"\nphase = \"dual_write\"\ngroup = \"billing\"\n";
+    let cfg = temp_config(&format!(
+        "[old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n[auth]\nmethod = \"trust\"\n\
+         [control]\npoll_interval_ms = 200\n[telemetry]\nlog_level = \"warn\"\n{tables}",
+        env.old.url(),
+        env.new.url()
+    ));
+    let mut proxy_cfg = env.proxy_config();
+    for s in &mut proxy_cfg.extra_sections {
+        for (table, group) in [("items", "catalog"), ("orders", "billing")] {
+            if s.contains(&format!("name = \"public.{table}\"")) {
+                s.push_str(&format!("\ngroup = \"{group}\"\n"));
+            }
+        }
+    }
+    proxy_cfg.extra_sections.push(proxy_extra.to_owned());
+    (cfg, proxy_cfg)
+}
+
+/// `switchyard ARGS`, which must succeed.
+async fn cli_ok(cfg: &common::tempfile_path::TempPath, args: &[&str]) {
+    let out = cli(cfg, args).await;
+    assert_eq!(out.status.code(), Some(0), "switchyard {args:?}: {}", text(&out));
+}
+
+/// `switchyard phase --table TABLE --to TO --force --json`, which must succeed with `proxies`
+/// proxies confirming.
+async fn forced_phase(
+    cfg: &common::tempfile_path::TempPath,
+    table: &str,
+    to: &str,
+    proxies: u64,
+    label: &str,
+) {
+    let out = cli(cfg, &["phase", "--table", table, "--to", to, "--json", "--force"]).await;
+    assert_eq!(out.status.code(), Some(0), "{label}: {}", text(&out));
+    let switched: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(switched["proxies"], proxies, "{label}: {switched}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_table_groups_move_one_at_a_time_under_a_workload_and_lose_nothing() {
     let env = DualEnv::new(
@@ -218,40 +264,16 @@ async fn two_table_groups_move_one_at_a_time_under_a_workload_and_lose_nothing()
     )
     .await
     .unwrap();
-    let tables = "[[tables]]\nname = \"public.items\"\nphase = \"dual_write\"\ngroup = \"catalog\"\n\
-                  [[tables]]\nname = \"public.orders\"\nphase = \"dual_write\"\ngroup = \"billing\"\n";
-    let cfg = temp_config(&format!(
-        "[old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n[auth]\nmethod = \"trust\"\n\
-         [control]\npoll_interval_ms = 200\n[telemetry]\nlog_level = \"warn\"\n{tables}",
-        env.old.url(),
-        env.new.url()
-    ));
-    let run = |args: &'static [&'static str]| {
-        let cfg = &cfg;
-        async move {
-            let out = cli(cfg, args).await;
-            assert_eq!(out.status.code(), Some(0), "switchyard {args:?}: {}", text(&out));
-            text(&out)
-        }
-    };
-    run(&["prepare"]).await;
-    let mut proxy_cfg = env.proxy_config();
-    for s in &mut proxy_cfg.extra_sections {
-        for (table, group) in [("items", "catalog"), ("orders", "billing")] {
-            if s.contains(&format!("name = \"public.{table}\"")) {
-                s.push_str(&format!("\ngroup = \"{group}\"\n"));
-            }
-        }
-    }
-    proxy_cfg
-        .extra_sections
-        .push("[control]\npoll_interval_ms = 200\n[mirror]\nrepair_interval_ms = 100\n".to_owned());
+    let (cfg, proxy_cfg) = grouped_configs(
+        &env,
+        "[control]\npoll_interval_ms = 200\n[mirror]\nrepair_interval_ms = 100\n",
+    );
+    cli_ok(&cfg, &["prepare"]).await;
     let a = env.start_proxy(&proxy_cfg).await.unwrap();
     let b = env.start_proxy(&proxy_cfg).await.unwrap();
-    run(&["backfill"]).await;
+    cli_ok(&cfg, &["backfill"]).await;
     for table in ["public.items", "public.orders"] {
-        let out = cli(&cfg, &["phase", "--table", table, "--to", "read_shift"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        cli_ok(&cfg, &["phase", "--table", table, "--to", "read_shift"]).await;
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -305,14 +327,7 @@ async fn two_table_groups_move_one_at_a_time_under_a_workload_and_lose_nothing()
     ];
     for (table, to, label, owners) in steps {
         *tally.stage.lock().unwrap() = label;
-        let out = cli(
-            &cfg,
-            &["phase", "--table", table, "--to", to, "--json", "--force"],
-        )
-        .await;
-        assert_eq!(out.status.code(), Some(0), "{label}: {}", text(&out));
-        let switched: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(switched["proxies"], 2, "{switched}");
+        forced_phase(&cfg, table, to, 2, label).await;
         wait_commits(&tally, 100, label).await;
         verified_equal(&cfg, label).await;
         // Each store refuses direct writes to the tables whose writes the other takes.
@@ -416,4 +431,81 @@ async fn two_table_groups_move_one_at_a_time_under_a_workload_and_lose_nothing()
     )
     .await
     .expect("after done one store takes every write again");
+}
+
+/// A session that moved to NEW for a table of the group cut over and back to OLD for the other
+/// group's table: the client's cancel request (which names the session's first backend) stops the
+/// query on the backend that runs it, on OLD after moving back and on NEW after moving there
+/// again. NEW is a cluster of its own, so a cancel sent to the wrong server does nothing. Failed
+/// before this change: each move registered the client's key again and then dropped the guard of
+/// the earlier registration, which removed the key, so every cancel after a move (at any cutover,
+/// groups or not) was dropped as unknown. (Before 8cf8dab a connection parked and taken back also
+/// kept the other server's address.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_after_moves_between_groups_stops_the_query_where_it_runs() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await.unwrap();
+    let env = DualEnv::new_with_new_admin(
+        "groups_cancel",
+        SCHEMA,
+        vec![DualTable::new("public.items"), DualTable::new("public.orders")],
+        &cluster.url("postgres"),
+    )
+    .await
+    .unwrap();
+    let (cfg, proxy_cfg) = grouped_configs(&env, "[control]\npoll_interval_ms = 200\n");
+    cli_ok(&cfg, &["prepare"]).await;
+    cli_ok(&cfg, &["backfill"]).await;
+    for table in ["public.items", "public.orders"] {
+        cli_ok(
+            &cfg,
+            &["phase", "--table", table, "--to", "read_shift", "--force"],
+        )
+        .await;
+    }
+    let p = env.start_proxy(&proxy_cfg).await.unwrap();
+    wait_for_heartbeats(&env.old, 1).await;
+    forced_phase(&cfg, "public.items", "cutover", 1, "catalog to NEW").await;
+
+    let (c, conn) = tokio_postgres::connect(&p.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let old_port = env
+        .old
+        .query_i64("SELECT current_setting('port')::int8")
+        .await
+        .unwrap()
+        .to_string();
+    let new_port = cluster.port().to_string();
+    assert_ne!(old_port, new_port);
+    // OLD (the session's first backend), NEW, back to OLD: the connection parked there.
+    for (table, port) in [("orders", &old_port), ("items", &new_port), ("orders", &old_port)] {
+        let sql = format!("SELECT current_setting('port') FROM (SELECT count(*) FROM {table}) t");
+        let row = c.query_one(&sql, &[]).await.expect(&sql);
+        assert_eq!(&row.get::<_, String>(0), port, "{table}");
+    }
+    let token = c.cancel_token();
+    for (table, store) in [("orders", "OLD"), ("items", "NEW")] {
+        let sleeper = format!("SELECT pg_sleep(30) FROM (SELECT count(*) FROM {table}) t");
+        let canceller = {
+            let token = token.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                token.cancel_query(tokio_postgres::NoTls).await
+            })
+        };
+        let started = Instant::now();
+        let e = c.batch_execute(&sleeper).await.expect_err("cancelled");
+        canceller.await.unwrap().unwrap();
+        assert_eq!(
+            e.code().map(|c| c.code()),
+            Some("57014"),
+            "the query on {store} was not cancelled: {e}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }

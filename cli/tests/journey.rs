@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{cli, temp_config, text};
+use common::{cli, temp_config, text, wait_for_heartbeats};
 use switchyard_test_support::{DualEnv, DualTable, TestDb, TestProxy};
 
 const SCHEMA: &str = "CREATE TABLE items (id bigserial PRIMARY KEY, owner int NOT NULL, v int NOT NULL);";
@@ -586,32 +586,6 @@ async fn hold_a_write(url: &str) -> tokio_postgres::Client {
     held
 }
 
-/// Waits until `n` proxies renew their heartbeat in the control state.
-async fn wait_for_heartbeats(env: &DualEnv, n: i64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while heartbeats(env).await < n {
-        assert!(
-            Instant::now() < deadline,
-            "{n} proxies never showed up in the heartbeat table"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Live proxies in the control state's heartbeat table.
-async fn heartbeats(env: &DualEnv) -> i64 {
-    env.old
-        .client()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT count(*) FROM switchyard.switchyard_proxies WHERE seen_at > clock_timestamp() - interval '1 second'",
-            &[],
-        )
-        .await
-        .map_or(0, |r| r.get(0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_killed_during_the_barrier_does_not_hold_it_up() {
     let (env, cfg) = ready_for_cutover("journey_kill", 20_000).await;
@@ -620,7 +594,7 @@ async fn a_proxy_killed_during_the_barrier_does_not_hold_it_up() {
     // cannot confirm the barrier until it dies.
     let (mut b, b_url) = proxy_process(&env);
     let held = hold_a_write(&b_url).await;
-    wait_for_heartbeats(&env, 2).await;
+    wait_for_heartbeats(&env.old, 2).await;
 
     let started = Instant::now();
     let (out, ()) = tokio::join!(forced_cutover(&cfg), async {
@@ -673,7 +647,7 @@ async fn a_barrier_not_confirmed_in_time_is_aborted_and_writes_go_on_where_they_
     let (env, cfg) = ready_for_cutover("journey_abort", 1_500).await;
     let a = polling_proxy(&env).await;
     let held = hold_a_write(&a.url("postgres")).await;
-    wait_for_heartbeats(&env, 1).await;
+    wait_for_heartbeats(&env.old, 1).await;
     let out = refused_cutover(&cfg).await;
     assert!(out.contains("did not confirm"), "{out}");
     // Nothing moved: the open transaction commits on OLD, new writes go to OLD, mirrored.
@@ -754,7 +728,7 @@ async fn a_proxy_paused_through_the_barrier_cannot_write_behind_it() {
             .unwrap();
         rows.iter().map(|r| r.get(0)).collect()
     };
-    wait_for_heartbeats(&env, 2).await;
+    wait_for_heartbeats(&env.old, 2).await;
 
     common::signal(&b.child, "-STOP");
     let out = forced_cutover(&cfg).await;
@@ -821,7 +795,7 @@ async fn a_barrier_failing_after_the_fence_puts_capture_and_fence_back() {
         .await
         .unwrap();
     let a = polling_proxy(&env).await;
-    wait_for_heartbeats(&env, 1).await;
+    wait_for_heartbeats(&env.old, 1).await;
     let out = refused_cutover(&cfg).await;
     assert!(out.contains("moving the sequences"), "{out}");
     assert_eq!(direct_write(&env.old).await, None, "OLD is not left fenced");
@@ -970,7 +944,7 @@ async fn dual_writes_start_at_run_time_from_passthrough_and_converge() {
 async fn session_state_follows_the_move_or_ends_the_session_with_a_clear_error() {
     let (env, cfg) = ready_for_cutover("journey_state", 5_000).await;
     let a = polling_proxy(&env).await;
-    wait_for_heartbeats(&env, 1).await;
+    wait_for_heartbeats(&env.old, 1).await;
     let session = || async {
         let (c, conn) = tokio_postgres::connect(&a.url("postgres"), tokio_postgres::NoTls)
             .await

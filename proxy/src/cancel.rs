@@ -24,6 +24,15 @@ pub struct CancelGuard {
     key: CancelKey,
 }
 
+impl CancelGuard {
+    /// Points the session's key at another backend (`real`, at `upstream`): the session moved
+    /// to the other store. The key stays registered (a new guard for the same key would be
+    /// undone by the old one's drop).
+    pub fn retarget(&self, upstream: SocketAddr, real: CancelKey) {
+        self.registry.keys.insert(self.key.clone(), (upstream, real));
+    }
+}
+
 impl Drop for CancelGuard {
     fn drop(&mut self) {
         self.registry.keys.remove(&self.key);

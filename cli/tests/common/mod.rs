@@ -107,3 +107,29 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// Waits until `n` proxies renew their heartbeat in the control state.
+pub async fn wait_for_heartbeats(old: &TestDb, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while heartbeats(old).await < n {
+        assert!(
+            Instant::now() < deadline,
+            "{n} proxies never showed up in the heartbeat table"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Live proxies in the control state's heartbeat table.
+pub async fn heartbeats(old: &TestDb) -> i64 {
+    old
+        .client()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM switchyard.switchyard_proxies WHERE seen_at > clock_timestamp() - interval '1 second'",
+            &[],
+        )
+        .await
+        .map_or(0, |r| r.get(0))
+}

@@ -186,8 +186,7 @@ async fn run_session(
     let upstream_addr = upstream.stream.peer_addr().map_err(SessionError::UpstreamIo)?;
     // The key the client knows is the first backend's; after a move to the other store it
     // still names this session.
-    let client_key = upstream.cancel_key.clone();
-    let mut cancel_guard = client_key.clone().map(|key| {
+    let cancel_guard = upstream.cancel_key.clone().map(|key| {
         span.record("backend_pid", key.pid);
         state.cancel.register(key.clone(), upstream_addr, key)
     });
@@ -377,8 +376,8 @@ async fn run_session(
                 break Err(e);
             }
         };
-        if let (Some(key), Some(real)) = (client_key.clone(), next.cancel_key.clone()) {
-            cancel_guard = Some(state.cancel.register(key, next.addr, real));
+        if let (Some(guard), Some(real)) = (cancel_guard.as_ref(), next.cancel_key.clone()) {
+            guard.retarget(next.addr, real);
         }
         let (cancel_key, addr) = std::mem::replace(&mut current, (next.cancel_key.clone(), next.addr));
         let left = reroute::Moved {
