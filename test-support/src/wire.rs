@@ -13,7 +13,8 @@ use switchyard_pgwire::startup::{StartupMessage, PROTOCOL_3_0};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// How long a test waits for any single message.
+/// How long a test waits for any single message, unless it says otherwise
+/// ([`RawConn::set_read_timeout`]).
 const READ_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One server message.
@@ -52,6 +53,7 @@ impl Msg {
 pub struct RawConn {
     stream: TcpStream,
     buf: BytesMut,
+    read_timeout: Duration,
 }
 
 impl RawConn {
@@ -62,7 +64,13 @@ impl RawConn {
         Ok(RawConn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
+            read_timeout: READ_TIMEOUT,
         })
+    }
+
+    /// How long to wait for any single message from now on (default 20 s).
+    pub fn set_read_timeout(&mut self, timeout: Duration) {
+        self.read_timeout = timeout;
     }
 
     /// Opens a connection and logs in with trust auth; returns the startup replies.
@@ -120,7 +128,7 @@ impl RawConn {
                     body: frame.body(),
                 }));
             }
-            let n = tokio::time::timeout(READ_TIMEOUT, self.stream.read_buf(&mut self.buf))
+            let n = tokio::time::timeout(self.read_timeout, self.stream.read_buf(&mut self.buf))
                 .await
                 .context("timed out waiting for the server")??;
             if n == 0 {
@@ -146,7 +154,7 @@ impl RawConn {
     /// Reads a single byte (the answer to SSLRequest or GSSENCRequest).
     pub async fn read_byte(&mut self) -> anyhow::Result<Option<u8>> {
         if self.buf.is_empty() {
-            let n = tokio::time::timeout(READ_TIMEOUT, self.stream.read_buf(&mut self.buf)).await??;
+            let n = tokio::time::timeout(self.read_timeout, self.stream.read_buf(&mut self.buf)).await??;
             if n == 0 {
                 return Ok(None);
             }

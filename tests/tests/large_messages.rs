@@ -29,6 +29,9 @@ fn status_bytes(field: &str) -> anyhow::Result<u64> {
 /// returns the session, still open.
 async fn large_query(addr: SocketAddr, db: &str) -> anyhow::Result<RawConn> {
     let (mut conn, _) = RawConn::login(addr, "postgres", db).await?;
+    // The answer takes seconds in a debug build (the dual-write relay parses the statement), and
+    // several times that on a loaded machine: this test is about memory, not time.
+    conn.set_read_timeout(Duration::from_secs(120));
     let (head, tail) = (&b"SELECT length('"[..], &b"')\0"[..]);
     let len = 4 + head.len() + LARGE + tail.len();
     let mut start = vec![b'Q'];
