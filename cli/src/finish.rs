@@ -49,25 +49,44 @@ pub(crate) fn sequences(
         return Ok(ExitCode::from(EXIT_NOT_CHECKED));
     };
     let runtime = current_thread_runtime()?;
-    let tables: Vec<_> = config.tables.iter().map(|t| t.name.clone()).collect();
     let result = runtime.block_on(async {
         let (old, new) = stores(&config).await?;
-        // The authoritative store per the control state; OLD before it exists.
-        let source = match from {
-            Some(side) => Role::from(side),
-            None => match switchyard_control::locate(&old, &new).await? {
-                Some((_, state)) => switchyard_control::authoritative(&state),
-                None => Role::Old,
-            },
+        // Each table's source: the store that takes its writes per the control state (OLD
+        // before it exists); with table groups split between the stores, some are OLD's and
+        // some NEW's, and each set moves its own way.
+        let state = match from {
+            Some(_) => None,
+            None => switchyard_control::locate(&old, &new)
+                .await?
+                .map(|(_, state)| state),
         };
-        let (source, target) = match source {
-            Role::Old => (&old, &new),
-            Role::New => (&new, &old),
-        };
-        let moves = advance_sequences(source, target, &tables, margin).await?;
-        Ok::<_, SequenceError>((source.role(), target.role(), moves))
+        let mut runs: Vec<(Role, Vec<_>)> = Vec::new();
+        for t in &config.tables {
+            let source = match (from, &state) {
+                (Some(side), _) => Role::from(side),
+                (None, Some(state)) => switchyard_control::authority_of(state, &t.name.to_string()),
+                (None, None) => Role::Old,
+            };
+            match runs.iter_mut().find(|(r, _)| *r == source) {
+                Some((_, tables)) => tables.push(t.name.clone()),
+                None => runs.push((source, vec![t.name.clone()])),
+            }
+        }
+        if runs.is_empty() {
+            runs.push((from.map_or(Role::Old, Role::from), Vec::new()));
+        }
+        let mut done = Vec::new();
+        for (source, tables) in runs {
+            let (source, target) = match source {
+                Role::Old => (&old, &new),
+                Role::New => (&new, &old),
+            };
+            let moves = advance_sequences(source, target, &tables, margin).await?;
+            done.push((source.role(), target.role(), moves));
+        }
+        Ok::<_, SequenceError>(done)
     });
-    let (source, target, moves) = match result {
+    let runs = match result {
         Ok(done) => done,
         Err(SequenceError::Store(e)) => {
             eprintln!("switchyard sequences: {e}");
@@ -83,37 +102,52 @@ pub(crate) fn sequences(
         }
     };
     if json {
-        let v = serde_json::json!({
-            "from": source.as_str(),
-            "to": target.as_str(),
-            "margin": margin,
-            "sequences": moves,
-        });
+        let run = |(source, target, moves): &(Role, Role, Vec<_>)| serde_json::json!({"from": source.as_str(), "to": target.as_str(), "sequences": moves});
+        // One direction: its report as the top-level object. Two (table groups split): both
+        // under `runs`.
+        let v = match runs.as_slice() {
+            [one] => {
+                let mut v = run(one);
+                v["margin"] = margin.into();
+                v
+            }
+            _ => serde_json::json!({
+                "margin": margin,
+                "runs": runs.iter().map(run).collect::<Vec<_>>(),
+            }),
+        };
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    for m in &moves {
-        let change = if m.moved {
-            format!("{} -> {}", m.target_before, m.target_after)
-        } else {
-            format!("stays at {} (already past)", m.target_before)
-        };
+    for (source, target, moves) in &runs {
+        for m in moves {
+            let change = if m.moved {
+                format!("{} -> {}", m.target_before, m.target_after)
+            } else {
+                format!("stays at {} (already past)", m.target_before)
+            };
+            println!(
+                "{} ({}): {} at {}{}, {} {change}",
+                m.sequence,
+                m.tables.join(", "),
+                source.name(),
+                m.source_value,
+                if m.source_called { "" } else { " (not yet called)" },
+                target.name(),
+            );
+        }
         println!(
-            "{} ({}): {} at {}{}, {} {change}",
-            m.sequence,
-            m.tables.join(", "),
-            source.name(),
-            m.source_value,
-            if m.source_called { "" } else { " (not yet called)" },
+            "{} sequences of the configured tables {}on {} are past {}'s (margin {margin} increments)",
+            moves.len(),
+            if runs.len() > 1 {
+                format!("whose writes {} takes ", source.name())
+            } else {
+                String::new()
+            },
             target.name(),
+            source.name()
         );
     }
-    println!(
-        "{} sequences of the configured tables on {} are past {}'s (margin {margin} increments)",
-        moves.len(),
-        target.name(),
-        source.name()
-    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -146,8 +146,9 @@ enum Command {
         /// Configuration file (TOML); `SWITCHYARD_`-prefixed environment variables override it.
         #[arg(long, short)]
         config: PathBuf,
-        /// The store whose sequences are ahead. Default: the authoritative store per the
-        /// control state (NEW once a table is in cutover or done), else OLD.
+        /// The store whose sequences are ahead, for every table. Default, per table: the store
+        /// that takes its writes per the control state (NEW once it is in cutover or done),
+        /// else OLD.
         #[arg(long, value_enum)]
         from: Option<finish::Side>,
         /// Increments added to the source's value (values it may hand out meanwhile).

@@ -361,6 +361,29 @@ async fn two_table_groups_move_one_at_a_time_under_a_workload_and_lose_nothing()
                     serde_json::json!(["public.items"]),
                     "{stores}"
                 );
+                // Both engines' figures: in /status per store, in /metrics labelled `from`.
+                for (i, from, to) in [(0, "OLD", "NEW"), (1, "NEW", "OLD")] {
+                    let m = &stores[i]["mirror"];
+                    assert_eq!(
+                        (m["from"].as_str(), m["to"].as_str()),
+                        (Some(from), Some(to)),
+                        "{m}"
+                    );
+                    assert!(m["mirrored_transactions"].as_u64() > Some(0), "{m}");
+                    assert_eq!(m["mirror_failures"], 0, "{m}");
+                }
+                let (_, metrics) = p.admin_get("/metrics").await.unwrap();
+                for from in ["old", "new"] {
+                    let line = metrics
+                        .lines()
+                        .find(|l| {
+                            l.starts_with("switchyard_mirrored_transactions_total{")
+                                && l.contains(&format!("from=\"{from}\""))
+                        })
+                        .unwrap_or_else(|| panic!("no mirrored transactions from {from}:\n{metrics}"));
+                    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+                    assert!(n > 0.0, "{line}");
+                }
             }
             // A transaction that uses both groups' tables is refused with a clear error, in
             // either order and in one statement; the session goes on.
@@ -383,6 +406,42 @@ async fn two_table_groups_move_one_at_a_time_under_a_workload_and_lose_nothing()
                     "{message}"
                 );
             }
+            // `switchyard sequences` moves each group's sequences from the store that takes its
+            // writes: catalog's NEW to OLD (for a rollback), billing's OLD to NEW.
+            let out = cli(&cfg, &["sequences", "--json"]).await;
+            assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let runs: Vec<(String, String, Vec<String>)> = report["runs"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{report}"))
+                .iter()
+                .map(|r| {
+                    let seqs = r["sequences"].as_array().unwrap();
+                    (
+                        r["from"].as_str().unwrap().to_owned(),
+                        r["to"].as_str().unwrap().to_owned(),
+                        seqs.iter()
+                            .map(|m| m["sequence"].as_str().unwrap().to_owned())
+                            .collect(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                runs,
+                [
+                    (
+                        "new".to_owned(),
+                        "old".to_owned(),
+                        vec!["public.items_id_seq".to_owned()]
+                    ),
+                    (
+                        "old".to_owned(),
+                        "new".to_owned(),
+                        vec!["public.orders_id_seq".to_owned()]
+                    ),
+                ],
+                "{report}"
+            );
             // `done` ends the whole migration: refused while a group is not in cutover.
             let out = cli(&cfg, &["phase", "--table", "public.items", "--to", "done"]).await;
             assert_eq!(out.status.code(), Some(1), "{}", text(&out));

@@ -151,26 +151,7 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
             })
         })
         .collect();
-    let mirror = engine.mirror.as_ref().map(|m| {
-        use std::sync::atomic::Ordering::Relaxed;
-        let s = &m.stats;
-        let n = s.latency_count.load(Relaxed);
-        json!({
-            "new_available": m.follower_available(),
-            "mirrored_transactions": s.mirrored.load(Relaxed),
-            "mirror_failures": s.mirror_failures.load(Relaxed),
-            "repairs": s.repairs.load(Relaxed),
-            "repair_failures": s.repair_failures.load(Relaxed),
-            "pending_repairs": s.pending_intents.load(Relaxed),
-            "uncaptured_writes": s.uncaptured.load(Relaxed),
-            "mirror_latency_ms": {
-                "mean": if n > 0 { s.latency_us_sum.load(Relaxed) as f64 / n as f64 / 1000.0 } else { 0.0 },
-                "max": s.latency_us_max.load(Relaxed) as f64 / 1000.0,
-                "p50": s.latency.quantile_ms(0.5),
-                "p99": s.latency.quantile_ms(0.99),
-            },
-        })
-    });
+    let mirror = engine.mirror.as_deref().map(mirror_status);
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": state.started.elapsed().as_secs(),
@@ -201,9 +182,11 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
             "writes_to": engine.roles.authoritative.name(),
             // Table groups split between the stores: the other store takes some groups' writes
             // (each with the tables it takes), and sessions run their transactions there too.
+            // Each with its dual-write engine's figures (`mirror` below is the home store's).
             "stores": engine.shape.0.iter().map(|(role, mirrored)| serde_json::json!({
                 "store": role.name(),
                 "mirrored_tables": mirrored,
+                "mirror": engine.mirrors().find(|m| m.roles.authoritative == *role).map(|m| mirror_status(m)),
             })).collect::<Vec<_>>(),
             "generation": engine.generation,
             "proxy_id": state.authority.proxy_id,
@@ -214,6 +197,31 @@ async fn status(State(state): State<Arc<ProxyState>>) -> impl IntoResponse {
         "tables": tables,
         "mirror": mirror,
     }))
+}
+
+/// One dual-write engine's figures in `/status`.
+fn mirror_status(m: &switchyard_dualwrite::Mirror) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &m.stats;
+    let n = s.latency_count.load(Relaxed);
+    json!({
+        "from": m.roles.authoritative.name(),
+        "to": m.roles.follower.name(),
+        // The store it mirrors to (NEW before cutover; OLD after, under its old name).
+        "new_available": m.follower_available(),
+        "mirrored_transactions": s.mirrored.load(Relaxed),
+        "mirror_failures": s.mirror_failures.load(Relaxed),
+        "repairs": s.repairs.load(Relaxed),
+        "repair_failures": s.repair_failures.load(Relaxed),
+        "pending_repairs": s.pending_intents.load(Relaxed),
+        "uncaptured_writes": s.uncaptured.load(Relaxed),
+        "mirror_latency_ms": {
+            "mean": if n > 0 { s.latency_us_sum.load(Relaxed) as f64 / n as f64 / 1000.0 } else { 0.0 },
+            "max": s.latency_us_max.load(Relaxed) as f64 / 1000.0,
+            "p50": s.latency.quantile_ms(0.5),
+            "p99": s.latency.quantile_ms(0.99),
+        },
+    })
 }
 
 #[derive(Debug, serde::Deserialize)]

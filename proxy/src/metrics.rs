@@ -28,8 +28,16 @@ const SOURCES: [ErrorSource; 4] = [
     ErrorSource::Internal,
 ];
 
-/// The dual-write engine running now, if any (it changes when write authority moves).
-pub type CurrentMirror = Arc<dyn Fn() -> Option<Arc<switchyard_dualwrite::Mirror>> + Send + Sync>;
+/// The dual-write engines running now: none, one, or two while table groups are split between
+/// the stores (one per store taking some group's writes). They change when write authority moves.
+pub type CurrentMirrors = Arc<dyn Fn() -> Vec<Arc<switchyard_dualwrite::Mirror>> + Send + Sync>;
+
+/// The label naming a dual-write engine by the store whose writes it mirrors to the other:
+/// `from="old"` before cutover, `from="new"` after (reverse mirroring), both while table groups
+/// are split between the stores.
+fn from(m: &switchyard_dualwrite::Mirror) -> KeyValue {
+    KeyValue::new("from", m.roles.authoritative.as_str())
+}
 
 /// Counters shared by every session of one proxy instance.
 #[derive(Debug, Default)]
@@ -253,17 +261,18 @@ impl Metrics {
         out
     }
 
-    /// Adds the dual-write engine's instruments, read from the engine running when they are
-    /// observed (`current`; a cutover replaces it, and its counters start again from zero, which
-    /// Prometheus counts as a counter reset): mirrored transactions, failures, repairs, pending
-    /// intents, mirror latency, shadow reads and reads served per store.
-    pub fn register_engine(&self, current: CurrentMirror) {
+    /// Adds the dual-write engines' instruments, read from the engines running when they are
+    /// observed (`current`; a cutover replaces them, and their counters start again from zero,
+    /// which Prometheus counts as a counter reset): mirrored transactions, failures, repairs,
+    /// pending intents and mirror latency, each labelled `from` (the store the engine mirrors
+    /// from), shadow reads and reads served per store (per table: each table is one engine's).
+    pub fn register_engine(&self, current: CurrentMirrors) {
         self.register_mirror(&current);
         self.register_shadow(&current);
         self.register_read_shift(&current);
     }
 
-    fn register_mirror(&self, current: &CurrentMirror) {
+    fn register_mirror(&self, current: &CurrentMirrors) {
         let meter = self.provider.meter("switchyard");
         let counter =
             |name: &'static str, help: &'static str, read: fn(&switchyard_dualwrite::MirrorStats) -> u64| {
@@ -272,8 +281,8 @@ impl Metrics {
                     .u64_observable_counter(name)
                     .with_description(help)
                     .with_callback(move |o| {
-                        if let Some(m) = m() {
-                            o.observe(read(&m.stats), &[]);
+                        for m in m() {
+                            o.observe(read(&m.stats), &[from(&m)]);
                         }
                     })
                     .build();
@@ -308,8 +317,8 @@ impl Metrics {
             .i64_observable_gauge("switchyard_repairs_pending")
             .with_description("Intents on OLD not yet confirmed on NEW (pending repairs included)")
             .with_callback(move |o| {
-                if let Some(m) = m() {
-                    o.observe(m.stats.pending_intents.load(Relaxed), &[]);
+                for m in m() {
+                    o.observe(m.stats.pending_intents.load(Relaxed), &[from(&m)]);
                 }
             })
             .build();
@@ -318,11 +327,15 @@ impl Metrics {
             .f64_observable_gauge("switchyard_mirror_latency_mean_seconds")
             .with_description("Mean time from applying row images on NEW to NEW's commit")
             .with_callback(move |o| {
-                let Some(m) = m() else { return };
-                let s = &m.stats;
-                let n = s.latency_count.load(Relaxed);
-                if n > 0 {
-                    o.observe(s.latency_us_sum.load(Relaxed) as f64 / n as f64 / 1e6, &[]);
+                for m in m() {
+                    let s = &m.stats;
+                    let n = s.latency_count.load(Relaxed);
+                    if n > 0 {
+                        o.observe(
+                            s.latency_us_sum.load(Relaxed) as f64 / n as f64 / 1e6,
+                            &[from(&m)],
+                        );
+                    }
                 }
             })
             .build();
@@ -333,10 +346,11 @@ impl Metrics {
                 "Quantiles of the time from applying row images on NEW to NEW's commit, since start",
             )
             .with_callback(move |o| {
-                let Some(m) = m() else { return };
-                for (q, label) in [(0.5, "0.5"), (0.99, "0.99")] {
-                    if let Some(ms) = m.stats.latency.quantile_ms(q) {
-                        o.observe(ms / 1000.0, &[KeyValue::new("quantile", label)]);
+                for m in m() {
+                    for (q, label) in [(0.5, "0.5"), (0.99, "0.99")] {
+                        if let Some(ms) = m.stats.latency.quantile_ms(q) {
+                            o.observe(ms / 1000.0, &[KeyValue::new("quantile", label), from(&m)]);
+                        }
                     }
                 }
             })
@@ -345,7 +359,7 @@ impl Metrics {
 
     /// Shadow reads per table in phase `shadow_read` and outcome:
     /// `switchyard_shadow_reads_total{table,outcome}` (`match`, `mismatch`, `error`, `skipped`).
-    fn register_shadow(&self, current: &CurrentMirror) {
+    fn register_shadow(&self, current: &CurrentMirrors) {
         use switchyard_dualwrite::shadow::ShadowOutcome;
         let m = Arc::clone(current);
         self.provider
@@ -353,18 +367,19 @@ impl Metrics {
             .u64_observable_counter("switchyard_shadow_reads")
             .with_description("Reads also run on NEW and compared with OLD's answer, by outcome")
             .with_callback(move |o| {
-                let Some(m) = m() else { return };
-                let Some(shadow) = &m.shadow else { return };
-                for (i, name) in shadow.tables() {
-                    let Some(stats) = shadow.table(i) else { continue };
-                    for outcome in ShadowOutcome::ALL {
-                        o.observe(
-                            stats.count(outcome),
-                            &[
-                                KeyValue::new("table", name.to_owned()),
-                                KeyValue::new("outcome", outcome.as_str()),
-                            ],
-                        );
+                for m in m() {
+                    let Some(shadow) = &m.shadow else { continue };
+                    for (i, name) in shadow.tables() {
+                        let Some(stats) = shadow.table(i) else { continue };
+                        for outcome in ShadowOutcome::ALL {
+                            o.observe(
+                                stats.count(outcome),
+                                &[
+                                    KeyValue::new("table", name.to_owned()),
+                                    KeyValue::new("outcome", outcome.as_str()),
+                                ],
+                            );
+                        }
                     }
                 }
             })
@@ -376,7 +391,7 @@ impl Metrics {
     /// OLD served instead: `switchyard_read_fallbacks_total{table,reason}` (`error`,
     /// `unavailable`, `too_large`, `types`, `login`); `switchyard_read_lease_held` (1 while this proxy
     /// may serve reads from NEW).
-    fn register_read_shift(&self, current: &CurrentMirror) {
+    fn register_read_shift(&self, current: &CurrentMirrors) {
         use switchyard_dualwrite::shift::Fallback;
         let meter = self.provider.meter("switchyard");
         let m = Arc::clone(current);
@@ -384,16 +399,17 @@ impl Metrics {
             .u64_observable_counter("switchyard_reads")
             .with_description("Eligible reads of tables in read_shift, by the store that served them")
             .with_callback(move |o| {
-                let Some(m) = m() else { return };
-                for (name, counts) in m.shift.tables() {
-                    for (store, n) in [("old", &counts.old), ("new", &counts.new)] {
-                        o.observe(
-                            n.load(Relaxed),
-                            &[
-                                KeyValue::new("table", name.clone()),
-                                KeyValue::new("store", store),
-                            ],
-                        );
+                for m in m() {
+                    for (name, counts) in m.shift.tables() {
+                        for (store, n) in [("old", &counts.old), ("new", &counts.new)] {
+                            o.observe(
+                                n.load(Relaxed),
+                                &[
+                                    KeyValue::new("table", name.clone()),
+                                    KeyValue::new("store", store),
+                                ],
+                            );
+                        }
                     }
                 }
             })
@@ -403,16 +419,17 @@ impl Metrics {
             .u64_observable_counter("switchyard_read_fallbacks")
             .with_description("Reads NEW was to serve that OLD served instead, by reason")
             .with_callback(move |o| {
-                let Some(m) = m() else { return };
-                for (name, counts) in m.shift.tables() {
-                    for reason in Fallback::ALL {
-                        o.observe(
-                            counts.fallbacks(reason),
-                            &[
-                                KeyValue::new("table", name.clone()),
-                                KeyValue::new("reason", reason.as_str()),
-                            ],
-                        );
+                for m in m() {
+                    for (name, counts) in m.shift.tables() {
+                        for reason in Fallback::ALL {
+                            o.observe(
+                                counts.fallbacks(reason),
+                                &[
+                                    KeyValue::new("table", name.clone()),
+                                    KeyValue::new("reason", reason.as_str()),
+                                ],
+                            );
+                        }
                     }
                 }
             })
@@ -422,7 +439,11 @@ impl Metrics {
             .u64_observable_gauge("switchyard_read_lease_held")
             .with_description("1 while this proxy holds the read lease (may serve reads from NEW)")
             .with_callback(move |o| {
-                if let Some(m) = m() {
+                // Reads move to NEW only while OLD takes the writes: OLD's engine holds the lease.
+                if let Some(m) = m()
+                    .iter()
+                    .find(|m| m.roles.authoritative == switchyard_store::Role::Old)
+                {
                     o.observe(u64::from(m.shift.lease_held()), &[]);
                 }
             })

@@ -167,7 +167,12 @@ impl ProxyState {
         let authority = Arc::new(Authority::new(engine));
         metrics.register_authority(Arc::clone(&authority));
         let current = Arc::downgrade(&authority);
-        metrics.register_engine(Arc::new(move || current.upgrade()?.engine().mirror.clone()));
+        metrics.register_engine(Arc::new(move || {
+            current
+                .upgrade()
+                .map(|a| a.engine().mirrors().cloned().collect())
+                .unwrap_or_default()
+        }));
         let control = {
             let authority = Arc::clone(&authority);
             let on_phase = Arc::clone(&on_phase);
