@@ -917,6 +917,15 @@ async fn dual_writes_start_at_run_time_from_passthrough_and_converge() {
     plain.batch_execute("SELECT 1").await.unwrap();
     let out = cli(&cfg, &["phase", "--table", "public.items", "--to", "read_shift"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // Nor may reads move to NEW while it lasts: its writes reach NEW only by repair, so a read
+    // from NEW right after one could miss it. The refusal names the proxy and the count.
+    let out = cli(&cfg, &["shift", "--table", "public.items", "--reads", "10"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 sessions relay plainly since before dual writes started"),
+        "{}",
+        text(&out)
+    );
     let out = cli(
         &cfg,
         &["phase", "--table", "public.items", "--to", "cutover", "--force"],
@@ -927,6 +936,20 @@ async fn dual_writes_start_at_run_time_from_passthrough_and_converge() {
     drop(plain);
     let _ = plain_conn.await;
     drop(fresh);
+    // Once the proxy's next heartbeat says the session is gone, reads may move.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = cli(&cfg, &["shift", "--table", "public.items", "--reads", "10"]).await;
+        if out.status.code() == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && text(&out).contains("relay plainly"),
+            "{}",
+            text(&out)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let out = cli(
         &cfg,
         &["phase", "--table", "public.items", "--to", "cutover", "--force"],

@@ -42,7 +42,8 @@ pub(crate) const DDL: &str = "CREATE TABLE IF NOT EXISTS switchyard.switchyard_b
        seen_at timestamptz NOT NULL DEFAULT clock_timestamp()); \
      ALTER TABLE switchyard.switchyard_barrier ADD COLUMN IF NOT EXISTS holding boolean NOT NULL DEFAULT true; \
      ALTER TABLE switchyard.switchyard_proxies ADD COLUMN IF NOT EXISTS built_for bigint; \
-     ALTER TABLE switchyard.switchyard_barrier ADD COLUMN IF NOT EXISTS tables text[]";
+     ALTER TABLE switchyard.switchyard_barrier ADD COLUMN IF NOT EXISTS tables text[]; \
+     ALTER TABLE switchyard.switchyard_proxies ADD COLUMN IF NOT EXISTS plain_sessions bigint NOT NULL DEFAULT 0";
 
 /// An open barrier: writes are moving to `authority`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -117,22 +118,26 @@ pub struct Heartbeat<'a> {
     pub paused_for: Option<i64>,
     /// The announced barrier this proxy has built the new roles' engine for.
     pub built_for: Option<i64>,
+    /// Its sessions of the migrated database relaying plainly (started while no table was
+    /// mirrored).
+    pub plain_sessions: i64,
 }
 
 /// Renews `beat`'s row on `store`.
 pub async fn heartbeat(store: &Store, beat: &Heartbeat<'_>) -> Result<(), StoreError> {
     let Store::Postgres(pg) = store;
     sqlx::query(
-        "INSERT INTO switchyard.switchyard_proxies (proxy_id, epoch, authority, paused_for, built_for, seen_at) \
-         VALUES ($1, $2, $3, $4, $5, clock_timestamp()) ON CONFLICT (proxy_id) DO UPDATE SET \
+        "INSERT INTO switchyard.switchyard_proxies (proxy_id, epoch, authority, paused_for, built_for, plain_sessions, seen_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp()) ON CONFLICT (proxy_id) DO UPDATE SET \
          epoch = EXCLUDED.epoch, authority = EXCLUDED.authority, paused_for = EXCLUDED.paused_for, \
-         built_for = EXCLUDED.built_for, seen_at = EXCLUDED.seen_at",
+         built_for = EXCLUDED.built_for, plain_sessions = EXCLUDED.plain_sessions, seen_at = EXCLUDED.seen_at",
     )
     .bind(beat.proxy_id)
     .bind(beat.epoch)
     .bind(beat.authority.as_str())
     .bind(beat.paused_for)
     .bind(beat.built_for)
+    .bind(beat.plain_sessions)
     .execute(pg.pool())
     .await
     .map_err(failed(store, "renewing the proxy's heartbeat"))?;
@@ -294,6 +299,31 @@ pub async fn unconfirmed(
 /// many live proxies there are.
 pub async fn unbuilt(store: &Store, epoch: i64, live: Duration) -> Result<(Vec<String>, usize), StoreError> {
     waiting(store, "built_for", epoch, live).await
+}
+
+/// How recent a proxy's heartbeat must be for it to count as running: three poll intervals and
+/// a second.
+pub fn live_within(control: &switchyard_config::ControlSettings) -> Duration {
+    control.poll_interval * 3 + Duration::from_secs(1)
+}
+
+/// The live proxies (heartbeat younger than `live`) with sessions relaying plainly, and how
+/// many each has. Empty before any proxy ran.
+pub async fn plain_sessions(store: &Store, live: Duration) -> Result<Vec<(String, i64)>, StoreError> {
+    if !store.has_relation("switchyard.switchyard_proxies").await? {
+        return Ok(Vec::new());
+    }
+    let Store::Postgres(pg) = store;
+    let rows = sqlx::query(
+        "SELECT proxy_id, plain_sessions FROM switchyard.switchyard_proxies \
+         WHERE seen_at > clock_timestamp() - make_interval(secs => $1) AND plain_sessions > 0 \
+         ORDER BY proxy_id",
+    )
+    .bind(live.as_secs_f64())
+    .fetch_all(pg.pool())
+    .await
+    .map_err(failed(store, "reading the proxies' plain sessions"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 async fn waiting(

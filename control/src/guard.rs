@@ -32,6 +32,8 @@ pub struct Facts {
     /// Tables outside the configuration written recently on the authoritative store (for
     /// cutover); `None` when not read.
     pub unconfigured_writes: Option<UnconfiguredWrites>,
+    /// Live proxies with sessions relaying plainly (started before dual writes), and how many.
+    pub plain_sessions: Vec<(String, i64)>,
 }
 
 /// Why entering `cutover` may not happen now: every rail of [`refusals`], and
@@ -140,6 +142,20 @@ pub fn refusals(facts: &Facts, settings: &ControlSettings) -> Vec<String> {
             facts.pending_repairs
         ));
     }
+    if !facts.plain_sessions.is_empty() {
+        let total: i64 = facts.plain_sessions.iter().map(|(_, n)| n).sum();
+        let proxies: Vec<String> = facts
+            .plain_sessions
+            .iter()
+            .map(|(p, n)| format!("{p} ({n})"))
+            .collect();
+        out.push(format!(
+            "{total} sessions relay plainly since before dual writes started (proxies {}): their writes reach NEW \
+             only through the repair loop, so a read served by NEW could miss them, and a cutover would wait for \
+             them; have the application reconnect (a pool's maximum lifetime does it)",
+            proxies.join(", ")
+        ));
+    }
     if facts.marked_for_verify {
         out.push(
             "the table is marked for a full verify (a write the proxy could not capture ran on it); \
@@ -196,6 +212,7 @@ pub fn facts(
         pending_repairs: authoritative.pending_repairs,
         marked_for_verify: authoritative.marked_for_verify.iter().any(|t| t == table),
         unconfigured_writes: authoritative.unconfigured_writes.clone(),
+        plain_sessions: authoritative.plain_sessions.clone(),
     }
 }
 
@@ -210,6 +227,8 @@ pub struct AuthoritativeFacts {
     /// Tables outside the configuration written recently ([`unconfigured_writes`]); `None`
     /// when not read.
     pub unconfigured_writes: Option<UnconfiguredWrites>,
+    /// Live proxies with sessions relaying plainly ([`crate::barrier::plain_sessions`]).
+    pub plain_sessions: Vec<(String, i64)>,
 }
 
 /// The tables of `authoritative` outside `config`'s `[[tables]]` written within its
@@ -268,6 +287,7 @@ pub async fn authoritative_facts(
         pending_repairs,
         marked_for_verify,
         unconfigured_writes: None,
+        plain_sessions: Vec::new(),
     })
 }
 
@@ -285,6 +305,8 @@ pub async fn gather(
     let latest = switchyard_drift::latest(new).await?;
     let mut on_authoritative = authoritative_facts(authoritative, config.mirror.timeout).await?;
     on_authoritative.unconfigured_writes = Some(unconfigured_writes(authoritative, config).await?);
+    on_authoritative.plain_sessions =
+        crate::barrier::plain_sessions(authoritative, crate::barrier::live_within(&config.control)).await?;
     Ok(facts(table, &backfill, &latest, &on_authoritative))
 }
 
@@ -320,6 +342,7 @@ mod tests {
                 window_secs: 300.0,
                 tables: Vec::new(),
             }),
+            plain_sessions: Vec::new(),
         }
     }
 
@@ -351,6 +374,14 @@ mod tests {
             ..ready()
         });
         assert!(r.contains("no drift result"), "{r}");
+        let r = one(Facts {
+            plain_sessions: vec![("a".to_owned(), 2), ("b".to_owned(), 1)],
+            ..ready()
+        });
+        assert!(
+            r.starts_with("3 sessions relay plainly") && r.contains("proxies a (2), b (1)"),
+            "{r}"
+        );
         let r = one(Facts {
             drift: Some(sample(5000, 0, 7200.0)),
             ..ready()

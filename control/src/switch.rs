@@ -247,7 +247,7 @@ where
     let announced_at = Instant::now();
     let announced =
         barrier::announce_for(old, to_authority, to, grouped.then_some(names.as_slice()), by).await?;
-    let live = config.control.poll_interval * 3 + Duration::from_secs(1);
+    let live = barrier::live_within(&config.control);
     let ahead = async {
         let to_roles = Roles::with_authoritative(to_authority);
         let (Store::Postgres(dst), Store::Postgres(src)) = (
@@ -382,7 +382,7 @@ async fn under_barrier(
     moving: &[TableSettings],
     prepared: &[PreparedTable],
 ) -> Result<(usize, Vec<SequenceMove>, Vec<Step>), String> {
-    let live = config.control.poll_interval * 3 + Duration::from_secs(1);
+    let live = barrier::live_within(&config.control);
     let mut steps = Steps::default();
     let timeout = config.control.barrier_timeout;
     let deadline = Instant::now() + timeout;

@@ -216,9 +216,28 @@ pub(crate) struct Authority {
     /// The store an announced (or holding) barrier moves the writes to; `None` once there is
     /// none. Sessions log in there ahead of their move (`session::reroute::Standby`).
     pub(crate) announced: watch::Sender<Option<Role>>,
+    /// Sessions of the migrated database relaying plainly (they started while no table was
+    /// mirrored): reported in the heartbeat, so moving reads to NEW is refused while they last
+    /// (their writes reach NEW only through the repair loop).
+    pub(crate) plain_sessions: AtomicI64,
+}
+
+/// Counts one plain relay in [`Authority::plain_sessions`] for its life.
+pub(crate) struct PlainSession<'a>(&'a AtomicI64);
+
+impl Drop for PlainSession<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Authority {
+    /// Counts a plain relay of the migrated database until the guard drops.
+    pub(crate) fn plain_session(&self) -> PlainSession<'_> {
+        self.plain_sessions.fetch_add(1, Relaxed);
+        PlainSession(&self.plain_sessions)
+    }
+
     pub(crate) fn new(engine: Engine) -> Authority {
         Authority {
             engine: RwLock::new(Arc::new(engine)),
@@ -234,6 +253,7 @@ impl Authority {
             confirmed: AtomicI64::new(0),
             last_pause_us: AtomicU64::new(0),
             announced: watch::channel(None).0,
+            plain_sessions: AtomicI64::new(0),
         }
     }
 
@@ -391,6 +411,7 @@ pub(crate) async fn follow(
                     authority: engine.roles.authoritative,
                     paused_for: (confirmed != 0).then_some(confirmed),
                     built_for,
+                    plain_sessions: authority.plain_sessions.load(Relaxed),
                 };
                 match heartbeat(&follow.control_store, &beat).await {
                     Ok(()) => {

@@ -202,6 +202,11 @@ pub(crate) async fn poll_loop(figures: Arc<DriftFigures>, sources: Sources, mut 
                 Ok(w) => facts.unconfigured_writes = Some(w),
                 Err(e) => tracing::debug!(error = %e, "cannot read the write counters"),
             }
+            let live = switchyard_control::barrier::live_within(&sources.control);
+            match switchyard_control::barrier::plain_sessions(&sources.old, live).await {
+                Ok(p) => facts.plain_sessions = p,
+                Err(e) => tracing::debug!(error = %e, "cannot read the proxies' plain sessions"),
+            }
         }
         match (latest, backfill, on_old) {
             (Some(latest), Some(backfill), Ok(on_old)) => {

@@ -249,6 +249,7 @@ async fn run_session(
                 // counts as busy for its whole life: a cutover barrier waits for it (and is
                 // aborted if it stays). It exists while no table was mirrored when it started.
                 let counted = !other_database && !state.authority.enter(engine.generation).await;
+                let _plain = (!other_database).then(|| state.authority.plain_session());
                 let end = relay::relay(
                     params,
                     (&mut client_rd, &mut client_wr),
