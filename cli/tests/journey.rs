@@ -922,7 +922,7 @@ async fn dual_writes_start_at_run_time_from_passthrough_and_converge() {
     let out = cli(&cfg, &["shift", "--table", "public.items", "--reads", "10"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
-        text(&out).contains("1 sessions relay plainly since before dual writes started"),
+        text(&out).contains("1 session relays plainly since before dual writes started"),
         "{}",
         text(&out)
     );
@@ -944,7 +944,7 @@ async fn dual_writes_start_at_run_time_from_passthrough_and_converge() {
             break;
         }
         assert!(
-            Instant::now() < deadline && text(&out).contains("relay plainly"),
+            Instant::now() < deadline && text(&out).contains("plainly since before dual writes"),
             "{}",
             text(&out)
         );

@@ -149,8 +149,13 @@ pub fn refusals(facts: &Facts, settings: &ControlSettings) -> Vec<String> {
             .iter()
             .map(|(p, n)| format!("{p} ({n})"))
             .collect();
+        let sessions = if total == 1 {
+            "1 session relays"
+        } else {
+            &format!("{total} sessions relay")
+        };
         out.push(format!(
-            "{total} sessions relay plainly since before dual writes started (proxies {}): their writes reach NEW \
+            "{sessions} plainly since before dual writes started (proxies {}): their writes reach NEW \
              only through the repair loop, so a read served by NEW could miss them, and a cutover would wait for \
              them; have the application reconnect (a pool's maximum lifetime does it)",
             proxies.join(", ")
