@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::tempfile_path::TempPath;
-use common::{cli, temp_config, text};
+use common::{cli, temp_config, text, wait_for_heartbeats};
 use switchyard_test_support::{DualEnv, TestProxy};
 
 const TOKEN: &str = "a-test-token-of-some-length";
@@ -197,4 +197,26 @@ async fn phase_and_shift_reach_every_proxy_after_their_guard_rails() {
     assert_eq!(code, 200, "{body}");
     sees(&a, "read_shift", 30, Duration::from_secs(3)).await;
     sees(&b, "read_shift", 30, Duration::from_secs(3)).await;
+}
+
+/// A proxy of this version running against control tables seeded by an older one (a column its
+/// heartbeat writes is missing, and no command of this version has run since) adds the column
+/// and shows up in the heartbeat table at once, so a cutover barrier counts it. Fails without it:
+/// every heartbeat failed (logged at debug), and a barrier would have gone on without the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_newer_than_the_control_tables_adds_what_its_heartbeat_needs() {
+    let env = DualEnv::kv("cli_control_upgrade").await.unwrap();
+    let cfg = config_file(&env);
+    let out = cli(&cfg, &["prepare"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    env.old
+        .execute_batch("ALTER TABLE switchyard.switchyard_proxies DROP COLUMN plain_sessions")
+        .await
+        .unwrap();
+    let mut proxy_cfg = env.proxy_config();
+    proxy_cfg
+        .extra_sections
+        .push("[control]\npoll_interval_ms = 200\n".to_owned());
+    let _proxy = env.start_proxy(&proxy_cfg).await.unwrap();
+    wait_for_heartbeats(&env.old, 1).await;
 }

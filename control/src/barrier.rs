@@ -123,8 +123,30 @@ pub struct Heartbeat<'a> {
     pub plain_sessions: i64,
 }
 
-/// Renews `beat`'s row on `store`.
+/// Renews `beat`'s row on `store`. A proxy newer than the control tables (a column this version
+/// added is missing: the state was seeded by an older version and no command of this one has run
+/// since) adds what is missing and tries again, rather than staying out of the barrier's count.
 pub async fn heartbeat(store: &Store, beat: &Heartbeat<'_>) -> Result<(), StoreError> {
+    match renew(store, beat).await {
+        Err(StoreError::Query { source, .. })
+            if source
+                .as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|c| c == "42703") =>
+        {
+            let Store::Postgres(pg) = store;
+            tracing::info!("the control tables lack a column this version uses; adding it");
+            sqlx::raw_sql(DDL)
+                .execute(pg.pool())
+                .await
+                .map_err(failed(store, "adding the barrier tables' new columns"))?;
+            renew(store, beat).await
+        }
+        other => other,
+    }
+}
+
+async fn renew(store: &Store, beat: &Heartbeat<'_>) -> Result<(), StoreError> {
     let Store::Postgres(pg) = store;
     sqlx::query(
         "INSERT INTO switchyard.switchyard_proxies (proxy_id, epoch, authority, paused_for, built_for, plain_sessions, seen_at) \

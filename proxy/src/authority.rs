@@ -389,6 +389,9 @@ pub(crate) async fn follow(
     mut shutdown: Shutdown,
 ) {
     let mut last_beat: Option<(Instant, i64, i64, Option<i64>, Role)> = None;
+    // Whether the last heartbeat failed: the first failure after a success is a warning (a
+    // proxy whose heartbeat is old is not counted by a cutover barrier), the repeats are not.
+    let mut beat_failing = false;
     let mut ahead: Option<Ahead> = None;
     loop {
         let state = updates.borrow_and_update().clone();
@@ -415,6 +418,9 @@ pub(crate) async fn follow(
                 };
                 match heartbeat(&follow.control_store, &beat).await {
                     Ok(()) => {
+                        if std::mem::take(&mut beat_failing) {
+                            tracing::info!("the proxy's heartbeat is renewed again");
+                        }
                         last_beat = Some((
                             Instant::now(),
                             state.epoch,
@@ -422,6 +428,13 @@ pub(crate) async fn follow(
                             built_for,
                             engine.roles.authoritative,
                         ))
+                    }
+                    Err(e) if !beat_failing => {
+                        beat_failing = true;
+                        tracing::warn!(
+                            error = %e,
+                            "cannot renew the proxy's heartbeat; until it is renewed, a cutover barrier does not count this proxy"
+                        );
                     }
                     Err(e) => tracing::debug!(error = %e, "cannot renew the proxy's heartbeat"),
                 }
