@@ -249,6 +249,25 @@ async fn forced_phase(
     assert_eq!(switched["proxies"], proxies, "{label}: {switched}");
 }
 
+/// Empty tables, both groups in `read_shift`, one proxy (polling every 200 ms), and the catalog
+/// group (`items`) cut over: the config file and the proxy.
+async fn catalog_cut_over(env: &DualEnv) -> (common::tempfile_path::TempPath, TestProxy) {
+    let (cfg, proxy_cfg) = grouped_configs(env, "[control]\npoll_interval_ms = 200\n");
+    cli_ok(&cfg, &["prepare"]).await;
+    cli_ok(&cfg, &["backfill"]).await;
+    for table in ["public.items", "public.orders"] {
+        cli_ok(
+            &cfg,
+            &["phase", "--table", table, "--to", "read_shift", "--force"],
+        )
+        .await;
+    }
+    let p = env.start_proxy(&proxy_cfg).await.unwrap();
+    wait_for_heartbeats(&env.old, 1).await;
+    forced_phase(&cfg, "public.items", "cutover", 1, "catalog to NEW").await;
+    (cfg, p)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_table_groups_move_one_at_a_time_under_a_workload_and_lose_nothing() {
     let env = DualEnv::new(
@@ -511,19 +530,7 @@ async fn a_cancel_after_moves_between_groups_stops_the_query_where_it_runs() {
     )
     .await
     .unwrap();
-    let (cfg, proxy_cfg) = grouped_configs(&env, "[control]\npoll_interval_ms = 200\n");
-    cli_ok(&cfg, &["prepare"]).await;
-    cli_ok(&cfg, &["backfill"]).await;
-    for table in ["public.items", "public.orders"] {
-        cli_ok(
-            &cfg,
-            &["phase", "--table", table, "--to", "read_shift", "--force"],
-        )
-        .await;
-    }
-    let p = env.start_proxy(&proxy_cfg).await.unwrap();
-    wait_for_heartbeats(&env.old, 1).await;
-    forced_phase(&cfg, "public.items", "cutover", 1, "catalog to NEW").await;
+    let (_cfg, p) = catalog_cut_over(&env).await;
 
     let (c, conn) = tokio_postgres::connect(&p.url("postgres"), tokio_postgres::NoTls)
         .await
@@ -566,5 +573,89 @@ async fn a_cancel_after_moves_between_groups_stops_the_query_where_it_runs() {
             "{:?}",
             started.elapsed()
         );
+    }
+}
+
+/// A session that prepared statements and dropped them with `DEALLOCATE` (simple protocol, one
+/// name) and `DEALLOCATE ALL` (prepared and bound, as pgjdbc runs it) prepares the same names
+/// anew after moving to the other store, as it could on one server. Failed before this change:
+/// the move prepared the dropped statements again on the other store, and the client's Parse of
+/// the same name was refused there with 42P05 (prepared statement already exists).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_the_client_deallocated_are_not_prepared_again_by_a_move() {
+    use switchyard_test_support::wire::{Frontend, RawConn};
+    let env = DualEnv::new(
+        "groups_dealloc",
+        SCHEMA,
+        vec![DualTable::new("public.items"), DualTable::new("public.orders")],
+    )
+    .await
+    .unwrap();
+    let (_cfg, p) = catalog_cut_over(&env).await;
+
+    let (mut c, _) = RawConn::login(p.addr, "postgres", env.old.name()).await.unwrap();
+    // Each step: what it is, and its messages (answered with one ReadyForQuery).
+    let steps: Vec<(&str, Frontend)> = vec![
+        ("prepare two on OLD", {
+            let mut f = Frontend::new();
+            f.parse("S_1", "SELECT count(*) FROM orders", &[])
+                .parse("S_2", "SELECT count(*) FROM orders WHERE v > 0", &[])
+                .sync();
+            f
+        }),
+        ("DEALLOCATE one", {
+            let mut f = Frontend::new();
+            f.query(r#"DEALLOCATE "S_1""#);
+            f
+        }),
+        ("move to NEW", {
+            let mut f = Frontend::new();
+            f.query("SELECT count(*) FROM items");
+            f
+        }),
+        ("prepare S_1 again on NEW", {
+            let mut f = Frontend::new();
+            f.parse("S_1", "SELECT count(*) FROM items", &[]).sync();
+            f
+        }),
+        ("DEALLOCATE ALL, prepared and bound", {
+            let mut f = Frontend::new();
+            f.parse("S_3", "DEALLOCATE ALL", &[])
+                .bind("", "S_3", &[], &[], &[])
+                .execute("", 0)
+                .sync();
+            f
+        }),
+        ("move back to OLD", {
+            let mut f = Frontend::new();
+            f.query("SELECT count(*) FROM orders");
+            f
+        }),
+        ("prepare every name again on OLD", {
+            let mut f = Frontend::new();
+            f.parse("S_1", "SELECT 1 FROM orders", &[])
+                .parse("S_2", "SELECT 2 FROM orders", &[])
+                .parse("S_3", "SELECT 3 FROM orders", &[])
+                .sync();
+            f
+        }),
+        ("on to NEW", {
+            let mut f = Frontend::new();
+            f.parse("S_4", "SELECT 4 FROM items", &[])
+                .bind("", "S_4", &[], &[], &[])
+                .execute("", 0)
+                .sync();
+            f
+        }),
+    ];
+    for (what, f) in steps {
+        c.send(f.bytes()).await.unwrap();
+        let answer = c.read_until_ready(1).await.unwrap();
+        let errors: Vec<String> = answer
+            .iter()
+            .filter(|m| m.tag == b'E')
+            .map(|m| format!("{:?} {:?}", m.code(), m.field(b'M')))
+            .collect();
+        assert!(errors.is_empty(), "{what}: {errors:?}");
     }
 }

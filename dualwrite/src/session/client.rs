@@ -39,6 +39,9 @@ where
                     _ => std::borrow::Cow::Borrowed(""),
                 };
                 self.note_state(sql.as_bytes());
+                if let Some(d) = deallocation(&sql) {
+                    self.forget_statements(&d);
+                }
                 self.simple_query(frame, &sql).await
             }
             b'P' => {
@@ -58,6 +61,9 @@ where
                     .get(statement)
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Stmt::Plain));
+                if let Some(d) = self.deallocating.get(statement).cloned() {
+                    self.forget_statements(&d);
+                }
                 if let Stmt::Write { .. } = &*stmt {
                     self.begin_if_idle();
                 }
@@ -100,6 +106,7 @@ where
                     }) => {
                         self.shadow_close(Target::Statement, name);
                         self.parses.remove(name);
+                        self.deallocating.remove(name);
                         self.statements.remove(name)
                     }
                     Some(ClientMessage::Close { name, .. }) => {
@@ -154,6 +161,27 @@ where
         }
     }
 
+    /// Forgets the prepared statements a `DEALLOCATE` or `DISCARD ALL` the client ran drops on
+    /// the server, so a move to the other store does not prepare them there again (the client,
+    /// which believes them gone, may prepare the same names anew: PostgreSQL would refuse that
+    /// with 42P05). The unnamed statement is not dropped by them.
+    fn forget_statements(&mut self, d: &Deallocation) {
+        match d {
+            Deallocation::All => {
+                self.parses.retain(|name, _| name.is_empty());
+                self.statements.retain(|name, _| name.is_empty());
+                self.deallocating.retain(|name, _| name.is_empty());
+            }
+            Deallocation::Names(names) => {
+                for name in names {
+                    self.parses.remove(name);
+                    self.statements.remove(name);
+                    self.deallocating.remove(name);
+                }
+            }
+        }
+    }
+
     pub(super) fn note_parse(&mut self, msg: Option<ClientMessage<'_>>, frame: &Bytes) {
         // Malformed: the server answers it.
         let Some(ClientMessage::Parse { statement: name, sql }) = msg else {
@@ -162,6 +190,10 @@ where
         self.note_state(sql);
         self.parses.insert(name.to_vec(), frame.clone());
         let sql = String::from_utf8_lossy(sql);
+        match deallocation(&sql) {
+            Some(d) => self.deallocating.insert(name.to_vec(), d),
+            None => self.deallocating.remove(name),
+        };
         let analysis = self.mirror.analyzer.analyze(&sql);
         self.shadow_parse(name, &sql, &analysis, frame);
         let stmt = match analysis.stmts.as_slice() {
@@ -387,5 +419,66 @@ fn set_name(map: &mut HashMap<Vec<u8>, Arc<Stmt>>, name: &[u8], stmt: Arc<Stmt>)
         None => {
             map.insert(name.to_vec(), stmt);
         }
+    }
+}
+
+/// What a statement does to the session's prepared statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Deallocation {
+    /// `DEALLOCATE ALL`, `DISCARD ALL`.
+    All,
+    /// `DEALLOCATE name`, for each name.
+    Names(Vec<Vec<u8>>),
+}
+
+/// The prepared statements `sql` deallocates, if any (a cheap word check first: most
+/// statements are not parsed).
+pub(crate) fn deallocation(sql: &str) -> Option<Deallocation> {
+    use pg_query::protobuf::DiscardMode;
+    use pg_query::NodeEnum;
+    let words: [&[u8]; 2] = [b"deallocate", b"discard"];
+    if !words
+        .iter()
+        .any(|w| sql.as_bytes().windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
+    {
+        return None;
+    }
+    let parsed = pg_query::parse(sql, 0).ok()?;
+    let mut names = Vec::new();
+    for raw in &parsed.protobuf.stmts {
+        match raw.stmt.as_deref().and_then(|n| n.node.as_ref()) {
+            Some(NodeEnum::DeallocateStmt(d)) if d.isall || d.name.is_empty() => {
+                return Some(Deallocation::All)
+            }
+            Some(NodeEnum::DeallocateStmt(d)) => names.push(d.name.as_bytes().to_vec()),
+            Some(NodeEnum::DiscardStmt(d)) if d.target == DiscardMode::DiscardAll as i32 => {
+                return Some(Deallocation::All)
+            }
+            _ => {}
+        }
+    }
+    (!names.is_empty()).then_some(Deallocation::Names(names))
+}
+
+#[cfg(test)]
+mod deallocation_tests {
+    use super::{deallocation, Deallocation};
+
+    #[test]
+    fn deallocations_are_read_from_the_statements() {
+        assert_eq!(deallocation("SELECT 1"), None);
+        assert_eq!(deallocation("SELECT 'deallocate'"), None);
+        assert_eq!(deallocation("DEALLOCATE ALL"), Some(Deallocation::All));
+        assert_eq!(deallocation("deallocate prepare all"), Some(Deallocation::All));
+        assert_eq!(deallocation("DISCARD ALL"), Some(Deallocation::All));
+        assert_eq!(deallocation("DISCARD PLANS"), None);
+        assert_eq!(
+            deallocation(r#"DEALLOCATE "S_1"; SELECT 1; DEALLOCATE PREPARE q2"#),
+            Some(Deallocation::Names(vec![b"S_1".to_vec(), b"q2".to_vec()]))
+        );
+        assert_eq!(
+            deallocation("DEALLOCATE Mixed"),
+            Some(Deallocation::Names(vec![b"mixed".to_vec()]))
+        );
     }
 }

@@ -392,6 +392,9 @@ struct MirrorSession<'a, R, W, H> {
     /// Every prepared statement's Parse, by name, so a session moving to the other store can
     /// prepare them there again.
     parses: HashMap<Vec<u8>, Bytes>,
+    /// The prepared statements that deallocate prepared statements when run (`DEALLOCATE`,
+    /// `DISCARD ALL` prepared with Parse): a Bind of one forgets what it names.
+    deallocating: HashMap<Vec<u8>, client::Deallocation>,
     /// Counted busy by the host ([`SessionHost::enter`]).
     entered: bool,
     /// The store of the transaction the client is starting is decided (`route`).
@@ -480,6 +483,7 @@ where
         held: None,
         no_hold: false,
         parses,
+        deallocating: HashMap::new(),
         entered: false,
         routed: false,
         deferred,
