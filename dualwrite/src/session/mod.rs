@@ -180,9 +180,33 @@ impl Resume {
         self.may_hold_state
     }
 
-    /// The names of the session's prepared statements.
-    pub fn statement_names(&self) -> Vec<Vec<u8>> {
-        self.parses.keys().cloned().collect()
+    /// The session's prepared statements: name and Parse message.
+    pub fn statements(&self) -> Vec<(Vec<u8>, Bytes)> {
+        self.parses.iter().map(|(n, f)| (n.clone(), f.clone())).collect()
+    }
+
+    /// The statement that gives a connection the session's settings (`None`: none to give),
+    /// and the Parse messages that prepare there the statements it lacks, given the ones it
+    /// holds (`held`: name and Parse message) from the session's last visit: those the session
+    /// still has, unchanged, stay (the unnamed one excepted: a simple query drops it); the
+    /// others are returned by name, to be closed before the Parses.
+    pub fn replay_over(&mut self, held: &[(Vec<u8>, Bytes)]) -> (Option<String>, Vec<Vec<u8>>, Vec<Bytes>) {
+        let (prelude, _) = self.replay();
+        let kept = |name: &[u8], frame: &Bytes| {
+            !name.is_empty() && held.iter().any(|(n, f)| n.as_slice() == name && f == frame)
+        };
+        let close = held
+            .iter()
+            .filter(|(n, _)| self.parses.get(n).is_none_or(|f| !kept(n, f)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let parses = self
+            .parses
+            .iter()
+            .filter(|(n, f)| !kept(n, f))
+            .map(|(_, f)| f.clone())
+            .collect();
+        (prelude, close, parses)
     }
 
     /// The statement that gives a new connection the session's settings (`None`: none to

@@ -793,3 +793,55 @@ async fn a_prepared_write_after_a_deferred_begin_stays_in_the_clients_transactio
         "no statement of the session's own around the write"
     );
 }
+
+/// A parked connection keeps the statements the session still has unchanged; the others are
+/// closed, what it lacks is prepared, and the unnamed statement is always prepared again.
+#[test]
+fn replay_over_a_parked_connection_prepares_only_what_changed() {
+    let frame = |name: &str, sql: &str| {
+        let mut out = bytes::BytesMut::new();
+        fe::parse_statement(&mut out, name.as_bytes(), sql.as_bytes(), &[]);
+        out.freeze()
+    };
+    let parses: std::collections::HashMap<Vec<u8>, Bytes> = [
+        ("same", "SELECT 1"),
+        ("changed", "SELECT 2"),
+        ("new", "SELECT 3"),
+        ("", "SELECT 4"),
+    ]
+    .iter()
+    .map(|(n, q)| (n.as_bytes().to_vec(), frame(n, q)))
+    .collect();
+    let mut r = super::Resume {
+        client_buf: BytesMut::new(),
+        settings: None,
+        parses,
+        shift_draw: 0,
+        to: None,
+        deferred: None,
+        routed: false,
+        may_hold_state: false,
+    };
+    let held: Vec<(Vec<u8>, Bytes)> = [
+        ("same", "SELECT 1"),
+        ("changed", "SELECT 20"),
+        ("gone", "SELECT 5"),
+        ("", "SELECT 4"),
+    ]
+    .iter()
+    .map(|(n, q)| (n.as_bytes().to_vec(), frame(n, q)))
+    .collect();
+    let (prelude, mut close, parses) = r.replay_over(&held);
+    assert_eq!(prelude, None);
+    close.sort();
+    assert_eq!(close, [b"".to_vec(), b"changed".to_vec(), b"gone".to_vec()]);
+    let mut prepared: Vec<Bytes> = parses;
+    prepared.sort();
+    let mut expected = vec![
+        frame("changed", "SELECT 2"),
+        frame("new", "SELECT 3"),
+        frame("", "SELECT 4"),
+    ];
+    expected.sort();
+    assert_eq!(prepared, expected);
+}

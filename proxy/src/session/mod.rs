@@ -331,7 +331,7 @@ async fn run_session(
         let target = target.clone();
         let mover = async {
             match parked.take() {
-                Some(p) if p.store == to => reroute::replay(p.conn, r, &p.names).await,
+                Some(p) if p.store == to => reroute::replay(p.conn, r, &p.held).await,
                 other => {
                     // A connection parked on a store that takes no writes any more is ended.
                     parked = other;
@@ -395,7 +395,7 @@ async fn run_session(
             parked = Some(reroute::Parked {
                 store: before,
                 conn: left,
-                names: r.statement_names(),
+                held: r.statements(),
             });
         } else {
             // The connection left behind is idle (the move happens between transactions); it

@@ -169,8 +169,9 @@ pub(crate) struct Moved {
 pub(crate) struct Parked {
     pub(crate) store: Role,
     pub(crate) conn: Moved,
-    /// The session's prepared statements when it left that connection (they are still there).
-    pub(crate) names: Vec<Vec<u8>>,
+    /// The session's prepared statements (name, Parse message) when it left that connection:
+    /// they are still there.
+    pub(crate) held: Vec<(Vec<u8>, Bytes)>,
 }
 
 /// Logs the session in to `target` and replays what it had: its settings, then its prepared
@@ -216,19 +217,20 @@ fn fresh(upstream: Upstream) -> Result<Moved, SessionError> {
 pub(crate) async fn replay(
     mut conn: Moved,
     resume: &mut switchyard_dualwrite::session::Resume,
-    held: &[Vec<u8>],
+    held: &[(Vec<u8>, Bytes)],
 ) -> Result<Moved, SessionError> {
-    let (prelude, parses) = resume.replay();
+    // The statements the connection still holds from the session's last visit stay when the
+    // session still has them as they were; the others are closed (the session closed or
+    // redefined them since; its SQL-level PREPAREs stay) and what it lacks is prepared.
+    let (prelude, close, parses) = resume.replay_over(held);
     let mut out = BytesMut::new();
     let mut answers = 0;
     if let Some(sql) = &prelude {
         frontend::query(&mut out, sql);
         answers += 1;
     }
-    if !parses.is_empty() || !held.is_empty() {
-        // The statements the connection still holds from the session's last visit are closed
-        // (the session may have closed or redefined them since; its SQL-level PREPAREs stay).
-        for name in held {
+    if !parses.is_empty() || !close.is_empty() {
+        for name in &close {
             frontend::close(&mut out, frontend::Target::Statement, name);
         }
         for p in &parses {
