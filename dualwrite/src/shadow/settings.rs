@@ -184,7 +184,7 @@ enum Change {
 /// `SET LOCAL`, `SET TRANSACTION` or `SET CONSTRAINTS`, which last a transaction at most).
 fn setting_change(sql: &str) -> Option<Change> {
     let head = sql.trim_start().get(..6)?.to_ascii_lowercase();
-    if !head.starts_with("set ") && !head.starts_with("reset") {
+    if !head.starts_with("set ") && !head.starts_with("reset") && !head.starts_with("discar") {
         return None;
     }
     let text = sql.trim().trim_end_matches(';');
@@ -206,7 +206,9 @@ fn setting_change(sql: &str) -> Option<Change> {
         n => n,
     };
     match verb {
-        "reset" if name == "all" => Some(Change::ResetAll),
+        // DISCARD ALL runs RESET ALL (among others); DISCARD PLANS, TEMP, SEQUENCES keep them.
+        "reset" | "discard" if name == "all" => Some(Change::ResetAll),
+        "discard" => None,
         "reset" => Some(Change::Reset(name.to_owned())),
         "set" => Some(Change::Set(name.to_owned())),
         _ => None,
@@ -255,6 +257,11 @@ mod tests {
         );
         s.statement("SET statement_timeout = 0");
         s.statement("reset all");
+        assert!(!s.prelude().contains("; SET"), "{}", s.prelude());
+        s.statement("SET work_mem = '8MB'");
+        s.statement("DISCARD PLANS");
+        assert!(s.prelude().contains("; SET work_mem"), "{}", s.prelude());
+        s.statement("discard all;");
         assert!(!s.prelude().contains("; SET"), "{}", s.prelude());
     }
 }
