@@ -117,12 +117,7 @@ impl MigratedTables {
     fn might_matter(&self, sql: &[u8], writers: &Writers) -> bool {
         // The needles and words are lowercase; the statement is compared without a lowercase
         // copy of it (a statement may be hundreds of MB).
-        if self
-            .needles
-            .iter()
-            .chain(&writers.needles)
-            .any(|n| sql.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n)))
-        {
+        if mentions_any(sql, self.needles.iter().chain(&writers.needles)) {
             return true;
         }
         sql.split(|b| !b.is_ascii_alphabetic())
@@ -185,6 +180,16 @@ fn collect_calls(v: &serde_json::Value, out: &mut Vec<Vec<String>>) {
 
 /// Keywords of statements that change data, for recognising writer functions and DO blocks.
 pub(crate) const WRITE_WORDS: &[&str] = &["insert", "update", "delete", "truncate", "merge", "copy"];
+
+/// Whether any of `needles` (lower-case) occurs in `text`, ASCII case-insensitively, as a
+/// substring: the cheap look before a parse. No lower-case copy of `text` is made (a statement
+/// may be hundreds of MB).
+pub(crate) fn mentions_any<N: AsRef<[u8]>>(text: &[u8], needles: impl IntoIterator<Item = N>) -> bool {
+    needles.into_iter().any(|n| {
+        let n = n.as_ref();
+        text.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
+    })
+}
 
 /// Whether `word` occurs in `text` (both lower-case) as a whole identifier.
 pub(crate) fn contains_word(text: &str, word: &str) -> bool {
@@ -447,11 +452,7 @@ impl Analyzer {
                 read: None,
             }],
         };
-        let foreign = !self.foreign_needles.is_empty()
-            && self
-                .foreign_needles
-                .iter()
-                .any(|n| sql.as_bytes().windows(n.len()).any(|w| w.eq_ignore_ascii_case(n)));
+        let foreign = mentions_any(sql.as_bytes(), &self.foreign_needles);
         if !foreign && !self.tables.might_matter(sql.as_bytes(), writers) {
             return plain();
         }

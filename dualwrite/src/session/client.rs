@@ -3,6 +3,7 @@
 //! implicit BEGIN around an autocommit write, refusals raised by the server).
 
 use super::*;
+use crate::sql::mentions_any;
 
 impl<R, W, H> MirrorSession<'_, R, W, H>
 where
@@ -148,16 +149,12 @@ where
         }
     }
 
-    /// What the session keeps of a Parse: the statement's kind, and whether it is a read
-    /// shadow reads and NEW may serve.
     /// Notes whether `sql` may leave state on the server connection (see
     /// [`Resume::may_hold_state`]).
     pub(super) fn note_state(&mut self, sql: &[u8]) {
-        const WORDS: &[&[u8]] = &[b"advisory", b"temp", b"listen", b"prepare", b"hold"];
+        const WORDS: [&[u8]; 5] = [b"advisory", b"temp", b"listen", b"prepare", b"hold"];
         if !self.may_hold_state {
-            self.may_hold_state = WORDS
-                .iter()
-                .any(|w| sql.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)));
+            self.may_hold_state = mentions_any(sql, WORDS);
         }
     }
 
@@ -182,6 +179,8 @@ where
         }
     }
 
+    /// What the session keeps of a Parse: the statement's kind, and whether it is a read
+    /// shadow reads and NEW may serve.
     pub(super) fn note_parse(&mut self, msg: Option<ClientMessage<'_>>, frame: &Bytes) {
         // Malformed: the server answers it.
         let Some(ClientMessage::Parse { statement: name, sql }) = msg else {
@@ -436,11 +435,8 @@ pub(crate) enum Deallocation {
 pub(crate) fn deallocation(sql: &str) -> Option<Deallocation> {
     use pg_query::protobuf::DiscardMode;
     use pg_query::NodeEnum;
-    let words: [&[u8]; 2] = [b"deallocate", b"discard"];
-    if !words
-        .iter()
-        .any(|w| sql.as_bytes().windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
-    {
+    const WORDS: [&[u8]; 2] = [b"deallocate", b"discard"];
+    if !mentions_any(sql.as_bytes(), WORDS) {
         return None;
     }
     let parsed = pg_query::parse(sql, 0).ok()?;
