@@ -180,44 +180,41 @@ impl Resume {
         self.may_hold_state
     }
 
-    /// The session's prepared statements: name and Parse message.
-    pub fn statements(&self) -> Vec<(Vec<u8>, Bytes)> {
-        self.parses.iter().map(|(n, f)| (n.clone(), f.clone())).collect()
+    /// The session's prepared statements: Parse message by name.
+    pub fn statements(&self) -> HashMap<Vec<u8>, Bytes> {
+        self.parses.clone()
     }
 
     /// The statement that gives a connection the session's settings (`None`: none to give),
     /// and the Parse messages that prepare there the statements it lacks, given the ones it
-    /// holds (`held`: name and Parse message) from the session's last visit: those the session
-    /// still has, unchanged, stay (the unnamed one excepted: a simple query drops it); the
-    /// others are returned by name, to be closed before the Parses.
-    pub fn replay_over(&mut self, held: &[(Vec<u8>, Bytes)]) -> (Option<String>, Vec<Vec<u8>>, Vec<Bytes>) {
-        let (prelude, _) = self.replay();
-        let kept = |name: &[u8], frame: &Bytes| {
-            !name.is_empty() && held.iter().any(|(n, f)| n.as_slice() == name && f == frame)
-        };
-        let close = held
-            .iter()
-            .filter(|(n, _)| self.parses.get(n).is_none_or(|f| !kept(n, f)))
-            .map(|(n, _)| n.clone())
-            .collect();
-        let parses = self
-            .parses
-            .iter()
-            .filter(|(n, f)| !kept(n, f))
-            .map(|(_, f)| f.clone())
-            .collect();
-        (prelude, close, parses)
-    }
-
-    /// The statement that gives a new connection the session's settings (`None`: none to
-    /// give), and the Parse messages that prepare its statements there again.
-    pub fn replay(&mut self) -> (Option<String>, Vec<Bytes>) {
+    /// holds (`held`: Parse message by name) from the session's last visit (none for a new
+    /// connection): those the session still has, unchanged, stay (the unnamed one excepted: a
+    /// simple query drops it); the others are returned by name, to be closed before the Parses.
+    pub fn replay_over(
+        &mut self,
+        held: &HashMap<Vec<u8>, Bytes>,
+    ) -> (Option<String>, Vec<Vec<u8>>, Vec<Bytes>) {
         let prelude = self
             .settings
             .as_mut()
             .map(|s| s.prelude().to_string())
             .filter(|p| !p.is_empty());
-        (prelude, self.parses.values().cloned().collect())
+        // `f`, named `n`, is in `other` as it is: it stays on the connection.
+        let kept = |n: &Vec<u8>, f: &Bytes, other: &HashMap<Vec<u8>, Bytes>| {
+            !n.is_empty() && other.get(n) == Some(f)
+        };
+        let close = held
+            .iter()
+            .filter(|(n, f)| !kept(n, f, &self.parses))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let parses = self
+            .parses
+            .iter()
+            .filter(|(n, f)| !kept(n, f, held))
+            .map(|(_, f)| f.clone())
+            .collect();
+        (prelude, close, parses)
     }
 }
 

@@ -822,7 +822,7 @@ fn replay_over_a_parked_connection_prepares_only_what_changed() {
         routed: false,
         may_hold_state: false,
     };
-    let held: Vec<(Vec<u8>, Bytes)> = [
+    let held: std::collections::HashMap<Vec<u8>, Bytes> = [
         ("same", "SELECT 1"),
         ("changed", "SELECT 20"),
         ("gone", "SELECT 5"),

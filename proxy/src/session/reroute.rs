@@ -9,6 +9,7 @@
 //! to each ([`Parked`]).
 
 use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
 use std::sync::Arc;
 use switchyard_config::UpstreamLogin;
 use switchyard_pgwire::frame::{take_frame, MessageLimits};
@@ -169,9 +170,9 @@ pub(crate) struct Moved {
 pub(crate) struct Parked {
     pub(crate) store: Role,
     pub(crate) conn: Moved,
-    /// The session's prepared statements (name, Parse message) when it left that connection:
-    /// they are still there.
-    pub(crate) held: Vec<(Vec<u8>, Bytes)>,
+    /// The session's prepared statements (Parse message by name) when it left that
+    /// connection: they are still there.
+    pub(crate) held: HashMap<Vec<u8>, Bytes>,
 }
 
 /// Logs the session in to `target` and replays what it had: its settings, then its prepared
@@ -185,7 +186,7 @@ pub(crate) async fn to(
     standby: Option<Upstream>,
 ) -> Result<Moved, SessionError> {
     if let Some(ahead) = standby {
-        match replay(fresh(ahead)?, resume, &[]).await {
+        match replay(fresh(ahead)?, resume, &HashMap::new()).await {
             Ok(moved) => return Ok(moved),
             // Opened ahead and lost since (a server restart): a fresh login.
             Err(e) => tracing::debug!(error = %e, "the connection opened ahead failed; logging in again"),
@@ -195,7 +196,7 @@ pub(crate) async fn to(
         LoginOutcome::Ready(u) => u,
         LoginOutcome::Refused(r) => return Err(SessionError::UpstreamLogin(r.message)),
     };
-    replay(fresh(upstream)?, resume, &[]).await
+    replay(fresh(upstream)?, resume, &HashMap::new()).await
 }
 
 /// A connection just logged in, split.
@@ -212,12 +213,12 @@ fn fresh(upstream: Upstream) -> Result<Moved, SessionError> {
 }
 
 /// Gives the session's state to `conn`: its settings and its prepared statements. `held`: the
-/// statements the connection holds from an earlier visit of the session (a parked one), closed
-/// first.
+/// statements the connection holds from an earlier visit of the session (a parked one; empty
+/// for a new connection).
 pub(crate) async fn replay(
     mut conn: Moved,
     resume: &mut switchyard_dualwrite::session::Resume,
-    held: &[(Vec<u8>, Bytes)],
+    held: &HashMap<Vec<u8>, Bytes>,
 ) -> Result<Moved, SessionError> {
     // The statements the connection still holds from the session's last visit stay when the
     // session still has them as they were; the others are closed (the session closed or
