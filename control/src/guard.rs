@@ -251,11 +251,14 @@ pub async fn unconfigured_writes(
     .await
 }
 
-/// Reads [`AuthoritativeFacts`] on `authoritative`. `mirror_deadline` is the mirror's timeout:
-/// an intent older than that is a failed mirror waiting for its repair.
+/// Reads [`AuthoritativeFacts`] on `authoritative` (where the control state and the proxies'
+/// heartbeats are). `mirror_deadline` is the mirror's timeout: an intent older than that is a
+/// failed mirror waiting for its repair. `live`: how recent a proxy's heartbeat must be to
+/// count ([`crate::barrier::live_within`]).
 pub async fn authoritative_facts(
     authoritative: &Store,
     mirror_deadline: Duration,
+    live: Duration,
 ) -> Result<AuthoritativeFacts, StoreError> {
     let Store::Postgres(pg_auth) = authoritative;
     let failed = |action: &'static str| {
@@ -292,7 +295,7 @@ pub async fn authoritative_facts(
         pending_repairs,
         marked_for_verify,
         unconfigured_writes: None,
-        plain_sessions: Vec::new(),
+        plain_sessions: crate::barrier::plain_sessions(authoritative, live).await?,
     })
 }
 
@@ -308,10 +311,9 @@ pub async fn gather(
     let Store::Postgres(pg_new) = new;
     let backfill = switchyard_store::backfill_state::backfill_progress(pg_new.pool()).await?;
     let latest = switchyard_drift::latest(new).await?;
-    let mut on_authoritative = authoritative_facts(authoritative, config.mirror.timeout).await?;
+    let live = crate::barrier::live_within(&config.control);
+    let mut on_authoritative = authoritative_facts(authoritative, config.mirror.timeout, live).await?;
     on_authoritative.unconfigured_writes = Some(unconfigured_writes(authoritative, config).await?);
-    on_authoritative.plain_sessions =
-        crate::barrier::plain_sessions(authoritative, crate::barrier::live_within(&config.control)).await?;
     Ok(facts(table, &backfill, &latest, &on_authoritative))
 }
 

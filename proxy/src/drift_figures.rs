@@ -196,16 +196,12 @@ pub(crate) async fn poll_loop(figures: Arc<DriftFigures>, sources: Sources, mut 
         if let Err(e) = table_writes::record_table_writes(&sources.old, keep).await {
             tracing::debug!(error = %e, "cannot record the write counters");
         }
-        let mut on_old = guard::authoritative_facts(&sources.old, sources.mirror_deadline).await;
+        let live = switchyard_control::barrier::live_within(&sources.control);
+        let mut on_old = guard::authoritative_facts(&sources.old, sources.mirror_deadline, live).await;
         if let Ok(facts) = &mut on_old {
             match table_writes::unconfigured_writes(&sources.old, &sources.configured, window).await {
                 Ok(w) => facts.unconfigured_writes = Some(w),
                 Err(e) => tracing::debug!(error = %e, "cannot read the write counters"),
-            }
-            let live = switchyard_control::barrier::live_within(&sources.control);
-            match switchyard_control::barrier::plain_sessions(&sources.old, live).await {
-                Ok(p) => facts.plain_sessions = p,
-                Err(e) => tracing::debug!(error = %e, "cannot read the proxies' plain sessions"),
             }
         }
         match (latest, backfill, on_old) {
